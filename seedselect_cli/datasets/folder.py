@@ -1,0 +1,24 @@
+"""The `folder` layout: one directory of reference images of one concept.
+
+As in the authors' `main.py SeedSelect tiger_cat imgs/tiger_cat`: the class is named by
+`dataset.classes=[name]`, or else after the directory (underscores read as spaces in the prompt).
+"""
+
+from __future__ import annotations
+
+from seedselect_cli.config import DatasetConfig
+from seedselect_cli.datasets import ClassRecord, draw_shots, require_root
+from seedselect_cli.errors import UserError
+from seedselect_cli.images import list_images
+
+
+def load(cfg: DatasetConfig, seed: int) -> list[ClassRecord]:
+    root = require_root(cfg)
+    if cfg.classes is not None and len(cfg.classes) != 1:
+        raise UserError(f"dataset.classes={list(cfg.classes)}: the folder layout holds one concept; name one")
+    name = str(cfg.classes[0]) if cfg.classes else root.resolve().name
+    paths = list_images(root)
+    if not paths:
+        raise UserError(f"dataset.root={cfg.root} holds no image files (png, jpg, webp, ...)")
+    prompt = cfg.prompt_template.format(name.replace("_", " "))
+    return [ClassRecord(name=name, prompt=prompt, images=tuple(draw_shots(paths, cfg.shots, seed, name)))]

@@ -1,0 +1,87 @@
+"""Reading reference images robustly, whatever their mode, orientation or bit depth.
+
+Every image comes out as 8-bit RGB PIL, upright (EXIF orientation applied), transparency
+composited onto white. Broken files are reported by name and skipped, unless too few remain.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from seedselect_cli.errors import UserError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
+MIN_SIDE = 8  # pixels; smaller images carry nothing a model can use
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files directly inside `folder`, sorted by name (hidden files skipped)."""
+    return sorted(
+        p for p in folder.iterdir()
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+    )
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # 16- or 32-bit integer grey: scale to 8 bits instead of clipping at 255 as convert() does.
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    elif image.mode == "F":
+        array = np.asarray(image, dtype=np.float64)
+        span = max(array.max() - array.min(), 1e-12)
+        image = Image.fromarray(((array - array.min()) / span * 255.0).astype(np.uint8), mode="L")
+    if image.mode == "P" and "transparency" in image.info or image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_rgb(path: Path) -> Image.Image:
+    """Open one image as upright 8-bit RGB. Raises `UserError` saying what is wrong with it."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image = ImageOps.exif_transpose(image)
+                image.load()
+                rgb = _to_rgb(image)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise UserError(f"{path}: image is too large (over Pillow's decompression-bomb limit)") from None
+    except UnidentifiedImageError:
+        raise UserError(f"{path}: not an image Pillow can read") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise UserError(f"{path}: unreadable image ({str(exc).splitlines()[0] or type(exc).__name__})") from None
+    if min(rgb.size) < MIN_SIDE:
+        raise UserError(f"{path}: image is only {rgb.size[0]}x{rgb.size[1]} pixels (at least {MIN_SIDE} needed)")
+    return rgb
+
+
+def load_references(paths: list[Path], what: str, minimum: int = 1) -> tuple[list[Image.Image], list[Path]]:
+    """Load every readable image of `paths`; warn about and skip the others.
+
+    Returns the images and the paths they came from. Raises `UserError` if fewer than `minimum`
+    images can be read.
+    """
+    images, kept, broken = [], [], []
+    for path in paths:
+        try:
+            images.append(load_rgb(path))
+            kept.append(path)
+        except UserError as exc:
+            broken.append(str(exc))
+    for message in broken:
+        log.warning("skipping reference image %s", message)
+    if len(images) < minimum:
+        detail = f" ({len(broken)} unreadable: {broken[0]})" if broken else ""
+        raise UserError(f"{what} has {len(images)} readable images, {minimum} needed{detail}")
+    return images, kept

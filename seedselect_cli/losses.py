@@ -1,0 +1,54 @@
+"""The SeedSelect losses (DESIGN.md, section 1), per seed so that a batch of seeds stays independent.
+
+    L_sem = sum_j w_j dist(mu_v, v_j)        over the latents after each of the last k steps
+    L_app = mean((z_0 - mu_z)^2)
+    L     = lam * L_sem + (1 - lam) * L_app
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def semantic_distance(embeds: torch.Tensor, centroid: torch.Tensor, distance: str) -> torch.Tensor:
+    """dist(mu_v, v) for each row of `embeds` (B, D): cosine distance 1 - cos, or Euclidean ||v - mu_v||."""
+    if distance == "cosine":
+        return 1.0 - F.cosine_similarity(embeds, centroid.expand_as(embeds), dim=-1)
+    if distance == "euclidean":
+        return (embeds - centroid).norm(dim=-1)
+    raise ValueError(f"unknown distance {distance!r}")
+
+
+def kstep_semantic_loss(step_embeds: list[torch.Tensor], centroid: torch.Tensor, weights: list[float],
+                        distance: str) -> torch.Tensor:
+    """k-step semantic loss: sum_j w_j dist(mu_v, v_j), one per seed (B,)."""
+    if len(step_embeds) != len(weights):
+        raise ValueError(f"{len(step_embeds)} latents for {len(weights)} k-step weights")
+    return sum(w * semantic_distance(v, centroid, distance) for w, v in zip(weights, step_embeds))
+
+
+def appearance_loss(z_0: torch.Tensor, centroid: torch.Tensor) -> torch.Tensor:
+    """L_app = mean over elements of (z_0 - mu_z)^2, one per seed (B,)."""
+    return (z_0.float() - centroid).pow(2).flatten(1).mean(dim=1)
+
+
+@dataclass
+class LossTerms:
+    """Per-seed losses, each of shape (B,)."""
+
+    total: torch.Tensor
+    semantic: torch.Tensor
+    appearance: torch.Tensor
+
+
+def combine(semantic: torch.Tensor, appearance: torch.Tensor, lam: float) -> LossTerms:
+    """L = lam * L_sem + (1 - lam) * L_app; a zero weight drops its term from the graph entirely."""
+    total = 0.0
+    if lam > 0:
+        total = total + lam * semantic
+    if lam < 1:
+        total = total + (1.0 - lam) * appearance
+    return LossTerms(total=total, semantic=semantic, appearance=appearance)

@@ -1,0 +1,149 @@
+"""The frozen components: load them from a Hub id or a local folder, or build tiny random ones.
+
+Every component is frozen (`requires_grad_(False)`, eval mode); the seed is the only tensor the
+optimiser ever sees. `model.pretrained=tiny` selects the small random components of `tiny.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from transformers import AutoImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
+
+from seedselect_cli.config import ModelConfig
+from seedselect_cli.errors import UserError
+
+TINY = "tiny"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class FrozenModels:
+    """Everything SeedSelect needs from Stable Diffusion and CLIP, frozen and on one device."""
+
+    vae: AutoencoderKL
+    unet: UNet2DConditionModel
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    scheduler: DDIMScheduler
+    image_encoder: CLIPVisionModelWithProjection | None
+    image_processor: Any  # a transformers CLIP image processor
+    name: str  # model.pretrained, recorded in seed files
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """(C, H, W) of a seed z_T for images of `height` x `width` pixels."""
+        f = self.vae_scale_factor
+        if height % f or width % f:
+            raise UserError(f"sampler size {height}x{width} must be a multiple of the VAE factor {f}")
+        return (self.unet.config.in_channels, height // f, width // f)
+
+    def scheduler_json(self) -> str:
+        """The DDIM scheduler's config, enough to rebuild the exact same schedule."""
+        return json.dumps(dict(self.scheduler.config), sort_keys=True, default=str)
+
+
+def resolve_device(name: str) -> torch.device:
+    """`runtime.device`: auto picks CUDA when present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("runtime.device=cuda but no CUDA device is available; use runtime.device=cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("runtime.device=mps but MPS is not available; use runtime.device=cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`runtime.dtype`: auto is float32 on the CPU and bfloat16 on an accelerator."""
+    if name == "auto":
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    return DTYPES[name]
+
+
+def _freeze(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _not_available(what: str, source: str, exc: Exception) -> UserError:
+    if os.path.isdir(source):
+        return UserError(f"cannot load the {what} from folder {source}: {str(exc).splitlines()[0]}")
+    if source.startswith((".", "/", "~")) or source.count("/") > 1:  # a path, not an "org/name" id
+        return UserError(f"the {what} folder {source} does not exist; pass an existing folder")
+    hint = f"download it once with `hf download {source}` where there is internet"
+    return UserError(
+        f"cannot load the {what} '{source}' ({type(exc).__name__}): {hint}, "
+        f"or pass a local folder (model.pretrained=/path or model.image_encoder=/path)"
+    )
+
+
+def load_models(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, with_image_encoder: bool = True
+                ) -> FrozenModels:
+    """Load frozen Stable Diffusion components and the CLIP image encoder named by `cfg`."""
+    if cfg.pretrained == TINY:
+        from seedselect_cli.tiny import build_tiny_models
+
+        parts = build_tiny_models()
+    else:
+        parts = _load_diffusers(cfg)
+    if with_image_encoder:
+        if cfg.image_encoder == TINY:
+            from seedselect_cli.tiny import build_tiny_image_encoder
+
+            parts["image_encoder"], parts["image_processor"] = build_tiny_image_encoder()
+        else:
+            parts["image_encoder"], parts["image_processor"] = _load_image_encoder(cfg)
+    else:
+        parts["image_encoder"], parts["image_processor"] = None, None
+    for key in ("vae", "unet", "text_encoder", "image_encoder"):
+        if parts[key] is not None:
+            parts[key] = _freeze(parts[key], device, dtype)
+    return FrozenModels(**parts, name=cfg.pretrained, device=device, dtype=dtype)
+
+
+def _load_diffusers(cfg: ModelConfig) -> dict[str, Any]:
+    kwargs = {"revision": cfg.revision, "local_files_only": cfg.local_files_only or _offline()}
+    source = os.path.expanduser(cfg.pretrained)
+    try:
+        return {
+            "vae": AutoencoderKL.from_pretrained(source, subfolder="vae", variant=cfg.variant, **kwargs),
+            "unet": UNet2DConditionModel.from_pretrained(source, subfolder="unet", variant=cfg.variant,
+                                                         **kwargs),
+            "text_encoder": CLIPTextModel.from_pretrained(source, subfolder="text_encoder",
+                                                          variant=cfg.variant, **kwargs),
+            "tokenizer": CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kwargs),
+            # SeedSelect samples with DDIM (eta = 0) on the checkpoint's own noise schedule.
+            "scheduler": DDIMScheduler.from_pretrained(source, subfolder="scheduler", **kwargs),
+        }
+    except (OSError, ValueError) as exc:
+        raise _not_available("Stable Diffusion model", cfg.pretrained, exc) from None
+
+
+def _load_image_encoder(cfg: ModelConfig) -> tuple[CLIPVisionModelWithProjection, Any]:
+    kwargs = {"revision": None, "local_files_only": cfg.local_files_only or _offline()}
+    source = os.path.expanduser(cfg.image_encoder)
+    try:
+        encoder = CLIPVisionModelWithProjection.from_pretrained(source, **kwargs)
+        processor = AutoImageProcessor.from_pretrained(source, backend="pil", **kwargs)
+    except (OSError, ValueError) as exc:
+        raise _not_available("CLIP image encoder", cfg.image_encoder, exc) from None
+    return encoder, processor
+
+
+def scheduler_from_json(text: str) -> DDIMScheduler:
+    """Rebuild the DDIM scheduler recorded in a seed file."""
+    return DDIMScheduler.from_config(json.loads(text))

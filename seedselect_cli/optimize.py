@@ -1,0 +1,111 @@
+"""The SeedSelect loop: gradient descent on a batch of seeds z_T through the frozen sampler.
+
+The per-seed losses are summed before the backward pass, so each seed gets exactly the gradient
+it would get alone, and AdamW (element-wise) keeps a separate state for each. The best iterate of
+each seed is kept, with its losses, and the loss curve is recorded.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from hydra.utils import instantiate
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
+
+from seedselect_cli.config import Config
+from seedselect_cli.encoders import clip_embed, clip_pixels, vae_decode
+from seedselect_cli.losses import LossTerms, appearance_loss, combine, kstep_semantic_loss
+from seedselect_cli.models import FrozenModels
+from seedselect_cli.references import Centroids
+from seedselect_cli.sampling import ddim_rollout, set_timesteps
+
+
+@dataclass
+class SeedResult:
+    """One optimised seed: z_T before and after (best iterate), its losses, its loss curve."""
+
+    initial: torch.Tensor  # (C, h, w) float32, CPU
+    optimized: torch.Tensor  # (C, h, w) float32, CPU: the iterate with the lowest loss
+    loss: float
+    semantic_loss: float
+    appearance_loss: float
+    loss_history: list[float]
+    best_iteration: int
+    seconds: float  # wall time of the batch, divided by the batch size
+
+
+def semantic_embedding(models: FrozenModels, latents: torch.Tensor) -> torch.Tensor:
+    """v = normalize(CLIP(D(z / scaling_factor))) of latents, differentiably."""
+    return clip_embed(models, clip_pixels(vae_decode(models, latents), models.image_processor))
+
+
+def seed_objective(models: FrozenModels, z_T: torch.Tensor, centroids: Centroids, text_embeds: torch.Tensor,
+                   timesteps: torch.Tensor, config: Config) -> LossTerms:
+    """Roll out DDIM from z_T and evaluate the SeedSelect loss for each seed of the batch."""
+    lam, checkpoint = config.loss.lam, config.sampler.checkpointing
+    keep = config.kstep.k if lam > 0 else 1
+    latents = ddim_rollout(models, z_T, text_embeds, timesteps, config.sampler.guidance_scale,
+                           keep_last=keep, checkpoint=checkpoint)
+    if lam > 0:
+        if checkpoint and torch.is_grad_enabled():  # keep only the embedding of each decoded image
+            embeds = [activation_checkpoint(semantic_embedding, models, z, use_reentrant=False) for z in latents]
+        else:
+            embeds = [semantic_embedding(models, z) for z in latents]
+        semantic = kstep_semantic_loss(embeds, centroids.semantic, config.kstep.weights, config.loss.distance)
+    else:  # lam = 0: no decode, no CLIP
+        semantic = torch.zeros(z_T.shape[0], device=z_T.device)
+    appearance = appearance_loss(latents[-1], centroids.appearance.to(z_T.device))
+    return combine(semantic, appearance, lam)
+
+
+def optimize_seeds(models: FrozenModels, z_init: torch.Tensor, centroids: Centroids, text_embeds: torch.Tensor,
+                   config: Config, progress=None) -> list[SeedResult]:
+    """Optimise a batch of seeds `z_init` (B, C, h, w) for `optim.iterations` iterations."""
+    start = time.perf_counter()
+    timesteps = set_timesteps(models, config.sampler.steps)
+    centroids = Centroids(centroids.semantic.to(models.device) if centroids.semantic is not None else None,
+                          centroids.appearance.to(models.device), centroids.count)
+    z = z_init.detach().to(models.device, torch.float32).clone().requires_grad_(True)
+    optimizer = instantiate(config.optim.optimizer)([z], lr=config.optim.lr)
+    batch = z.shape[0]
+    best_loss = torch.full((batch,), float("inf"))
+    best_sem, best_app = torch.zeros(batch), torch.zeros(batch)
+    best_iter = torch.zeros(batch, dtype=torch.long)
+    best_z = z.detach().clone()
+    history: list[list[float]] = [[] for _ in range(batch)]
+
+    for it in range(config.optim.iterations):
+        if it == config.optim.lr_drop_at and it > 0:  # the authors' schedule: lr / 10 after 3 iterations
+            for group in optimizer.param_groups:
+                group["lr"] = config.optim.lr * config.optim.lr_drop_factor
+        optimizer.zero_grad(set_to_none=True)
+        terms = seed_objective(models, z, centroids, text_embeds, timesteps, config)
+        terms.total.sum().backward()
+
+        total = terms.total.detach().float().cpu()
+        improved = torch.isfinite(total) & (total < best_loss)
+        if improved.any():
+            best_z[improved.to(best_z.device)] = z.detach()[improved.to(z.device)]
+            best_loss = torch.where(improved, total, best_loss)
+            best_sem = torch.where(improved, terms.semantic.detach().float().cpu(), best_sem)
+            best_app = torch.where(improved, terms.appearance.detach().float().cpu(), best_app)
+            best_iter = torch.where(improved, torch.full_like(best_iter, it), best_iter)
+        for row, value in zip(history, total.tolist()):
+            row.append(value)
+        optimizer.step()
+        if progress is not None:
+            progress.set_postfix(loss=f"{total.mean().item():.4f}", best=f"{best_loss.mean().item():.4f}")
+            progress.update(1)
+
+    seconds = (time.perf_counter() - start) / batch
+    return [
+        SeedResult(
+            initial=z_init[i].detach().float().cpu().clone(),
+            optimized=best_z[i].detach().float().cpu().clone(),
+            loss=float(best_loss[i]), semantic_loss=float(best_sem[i]), appearance_loss=float(best_app[i]),
+            loss_history=history[i], best_iteration=int(best_iter[i]), seconds=seconds,
+        )
+        for i in range(batch)
+    ]

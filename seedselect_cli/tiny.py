@@ -1,0 +1,97 @@
+"""Tiny random Stable Diffusion and CLIP components, built in code for the demo and the tests.
+
+Same classes and formats as a real checkpoint (diffusers' `get_dummy_components` style), small
+enough to run 30 iterations on a CPU in seconds. Built under a fixed torch seed, so every build
+gives the same weights: a seed file made with them regenerates the same image.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from tokenizers.pre_tokenizers import ByteLevel
+from transformers import (
+    CLIPImageProcessorPil,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTokenizer,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+)
+
+IMAGE_SIZE = 32  # pixels; the VAE below halves it once, so seeds are 4 x 16 x 16
+
+
+def build_tiny_tokenizer(max_length: int = 16) -> CLIPTokenizer:
+    """A CLIP tokenizer over single bytes: the 256 byte symbols, their end-of-word forms, 2 specials."""
+    symbols = sorted(ByteLevel.alphabet())
+    vocab = symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]
+    return CLIPTokenizer(vocab={tok: i for i, tok in enumerate(vocab)}, merges=[], model_max_length=max_length)
+
+
+def build_tiny_models() -> dict[str, Any]:
+    """VAE, UNet, text encoder, tokenizer and DDIM scheduler with fixed random weights."""
+    tokenizer = build_tiny_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            sample_size=IMAGE_SIZE // 2,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=8,
+            norm_num_groups=16,
+        )
+        torch.manual_seed(1)
+        vae = AutoencoderKL(
+            block_out_channels=[16, 32],
+            in_channels=3,
+            out_channels=3,
+            down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+            up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+            latent_channels=4,
+            norm_num_groups=16,
+            sample_size=IMAGE_SIZE,
+        )
+        torch.manual_seed(2)
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+                hidden_size=32,
+                intermediate_size=37,
+                num_attention_heads=4,
+                num_hidden_layers=2,
+                max_position_embeddings=tokenizer.model_max_length,
+                vocab_size=len(tokenizer),
+            )
+        )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+    )
+    return {"vae": vae, "unet": unet, "text_encoder": text_encoder, "tokenizer": tokenizer,
+            "scheduler": scheduler}
+
+
+def build_tiny_image_encoder() -> tuple[CLIPVisionModelWithProjection, CLIPImageProcessorPil]:
+    """A small CLIP vision tower with projection, and its image processor (resize, crop, normalise)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        encoder = CLIPVisionModelWithProjection(
+            CLIPVisionConfig(
+                hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                image_size=IMAGE_SIZE, patch_size=4, projection_dim=16,
+            )
+        )
+    processor = CLIPImageProcessorPil(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    )
+    return encoder, processor

@@ -1,0 +1,154 @@
+"""The run directory: every file appears by atomic rename, and a re-run resumes.
+
+    RUN/config.yaml                          the resolved config
+    RUN/manifest.jsonl                       one JSON object per finished image, written last
+    RUN/images/<class>/<index:05d>.png
+    RUN/seeds/<class>/<index:05d>.safetensors
+
+An image counts as finished when its manifest line is there and its files exist; anything else is
+redone by the next run of the same command in the same directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import unicodedata
+from pathlib import Path
+from typing import Callable
+
+from omegaconf import OmegaConf
+from PIL import Image, PngImagePlugin
+
+from seedselect_cli.errors import UserError
+
+log = logging.getLogger(__name__)
+MANIFEST = "manifest.jsonl"
+CONFIG = "config.yaml"
+RESUMABLE_KEYS_IGNORED = ("runtime", "n_images")  # may change between a run and its resumption
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call `write(tmp)` on a temporary file beside `path`, fsync it, then rename it onto `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def slugify(name: str) -> str:
+    """A file-system-safe folder name for a class: ASCII letters, digits, `-`, `_`, `.`; never `..`."""
+    ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", ascii_name).strip("._")
+    if not slug:
+        slug = "class"
+    if slug != name.replace(" ", "_"):  # something was dropped or replaced: keep distinct names distinct
+        slug = f"{slug}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+    return slug[:120]
+
+
+class RunDirectory:
+    """Writes one run's images, seeds and manifest; knows what a previous run already finished."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def start(self, config_yaml: str) -> None:
+        """Create the directory, check it is writable and holds no run of another config, save the config."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.root / f".write-test-{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as exc:
+            raise UserError(f"run directory {self.root} is not writable ({exc.strerror}); "
+                            f"choose another with hydra.run.dir=DIR") from None
+        old = self.root / CONFIG
+        if old.exists():
+            before, after = _comparable(old.read_text()), _comparable(config_yaml)
+            if before != after:
+                key = next(k for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k))
+                raise UserError(
+                    f"{self.root} holds a run made with another config ({key}: {before.get(key)!r} there, "
+                    f"{after.get(key)!r} now); resume with the same settings or pass a new hydra.run.dir"
+                )
+        atomic_write(old, lambda tmp: tmp.write_text(config_yaml))
+        self._repair_manifest()
+
+    def image_path(self, slug: str, index: int) -> Path:
+        return self.root / "images" / slug / f"{index:05d}.png"
+
+    def seed_path(self, slug: str, index: int) -> Path:
+        return self.root / "seeds" / slug / f"{index:05d}.safetensors"
+
+    def finished(self) -> dict[tuple[str, int], dict]:
+        """Manifest entries whose image and seed file both exist, keyed by (class, index)."""
+        return {(e["class"], int(e["index"])): e for e in self._read_manifest() if self._complete(e)}
+
+    def save_image(self, path: Path, image: Image.Image, text: dict[str, str]) -> None:
+        info = PngImagePlugin.PngInfo()
+        for key, value in text.items():
+            info.add_text(key, value)
+        atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
+
+    def append_manifest(self, entry: dict) -> None:
+        """Add one finished image to the manifest: written last, after its files exist."""
+        with open(self.root / MANIFEST, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def _complete(self, entry: dict) -> bool:
+        return all((self.root / entry.get(k, "\0")).is_file() for k in ("image", "seed_file"))
+
+    def _read_manifest(self) -> list[dict]:
+        path = self.root / MANIFEST
+        if not path.exists():
+            return []
+        entries = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                entry = json.loads(line)
+                if isinstance(entry, dict) and {"class", "index", "image", "seed_file"} <= entry.keys():
+                    entries.append(entry)
+            except json.JSONDecodeError:
+                continue
+        return entries
+
+    def _repair_manifest(self) -> None:
+        """Drop lines a killed run left half-written, or whose files are gone, so appends stay clean."""
+        path = self.root / MANIFEST
+        if not path.exists():
+            return
+        text = path.read_text(encoding="utf-8")
+        good = [e for e in self._read_manifest() if self._complete(e)]
+        lines = "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in good)
+        if lines != text:
+            log.warning("manifest: dropping %d incomplete entries left by an interrupted run",
+                        len(text.splitlines()) - len(good))
+            atomic_write(path, lambda tmp: tmp.write_text(lines, encoding="utf-8"))
+
+
+def _comparable(config_yaml: str) -> dict:
+    """Flattened config without the keys that may differ when a run is resumed."""
+    data = OmegaConf.to_container(OmegaConf.create(config_yaml)) or {}
+    flat: dict = {}
+
+    def walk(prefix: str, node) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(f"{prefix}{key}.", value)
+        else:
+            flat[prefix[:-1]] = node
+
+    walk("", {k: v for k, v in data.items() if k not in RESUMABLE_KEYS_IGNORED})
+    return flat
