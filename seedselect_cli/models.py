@@ -72,7 +72,9 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def _freeze(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    if module.dtype != dtype:  # loaded checkpoints already come in `dtype` (torch_dtype=...)
+        module = module.to(dtype=dtype)
+    return module.to(device=device).eval().requires_grad_(False)
 
 
 def _offline() -> bool:
@@ -99,14 +101,14 @@ def load_models(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, with
 
         parts = build_tiny_models()
     else:
-        parts = _load_diffusers(cfg)
+        parts = _load_diffusers(cfg, dtype)
     if with_image_encoder:
         if cfg.image_encoder == TINY:
             from seedselect_cli.tiny import build_tiny_image_encoder
 
             parts["image_encoder"], parts["image_processor"] = build_tiny_image_encoder()
         else:
-            parts["image_encoder"], parts["image_processor"] = _load_image_encoder(cfg)
+            parts["image_encoder"], parts["image_processor"] = _load_image_encoder(cfg, dtype)
     else:
         parts["image_encoder"], parts["image_processor"] = None, None
     for key in ("vae", "unet", "text_encoder", "image_encoder"):
@@ -115,15 +117,15 @@ def load_models(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, with
     return FrozenModels(**parts, name=cfg.pretrained, device=device, dtype=dtype)
 
 
-def _load_diffusers(cfg: ModelConfig) -> dict[str, Any]:
+def _load_diffusers(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
     kwargs = {"revision": cfg.revision, "local_files_only": cfg.local_files_only or _offline()}
+    weights = {"variant": cfg.variant, "torch_dtype": dtype, **kwargs}
     source = os.path.expanduser(cfg.pretrained)
     try:
         return {
-            "vae": AutoencoderKL.from_pretrained(source, subfolder="vae", variant=cfg.variant, **kwargs),
-            "unet": UNet2DConditionModel.from_pretrained(source, subfolder="unet", variant=cfg.variant,
-                                                         **kwargs),
-            "text_encoder": CLIPTextModel.from_pretrained(source, subfolder="text_encoder",
+            "vae": AutoencoderKL.from_pretrained(source, subfolder="vae", **weights),
+            "unet": UNet2DConditionModel.from_pretrained(source, subfolder="unet", **weights),
+            "text_encoder": CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=dtype,
                                                           variant=cfg.variant, **kwargs),
             "tokenizer": CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kwargs),
             # SeedSelect samples with DDIM (eta = 0) on the checkpoint's own noise schedule.
@@ -133,11 +135,11 @@ def _load_diffusers(cfg: ModelConfig) -> dict[str, Any]:
         raise _not_available("Stable Diffusion model", cfg.pretrained, exc) from None
 
 
-def _load_image_encoder(cfg: ModelConfig) -> tuple[CLIPVisionModelWithProjection, Any]:
-    kwargs = {"revision": None, "local_files_only": cfg.local_files_only or _offline()}
+def _load_image_encoder(cfg: ModelConfig, dtype: torch.dtype) -> tuple[CLIPVisionModelWithProjection, Any]:
+    kwargs = {"local_files_only": cfg.local_files_only or _offline()}
     source = os.path.expanduser(cfg.image_encoder)
     try:
-        encoder = CLIPVisionModelWithProjection.from_pretrained(source, **kwargs)
+        encoder = CLIPVisionModelWithProjection.from_pretrained(source, dtype=dtype, **kwargs)
         processor = AutoImageProcessor.from_pretrained(source, backend="pil", **kwargs)
     except (OSError, ValueError) as exc:
         raise _not_available("CLIP image encoder", cfg.image_encoder, exc) from None

@@ -44,7 +44,7 @@ def ddim_step(models: FrozenModels, z: torch.Tensor, t: torch.Tensor, embeds: to
     guided = guidance_scale > 1.0
     model_in = torch.cat([z, z]) if guided else z
     model_in = models.scheduler.scale_model_input(model_in, t).to(models.dtype)
-    eps = models.unet(model_in, t, encoder_hidden_states=embeds).sample.float()
+    eps = models.unet(model_in, t, encoder_hidden_states=embeds).sample.to(z.dtype)
     if guided:
         eps_uncond, eps_cond = eps.chunk(2)
         eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)

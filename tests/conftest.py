@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny components (built once), composed configs, reference images on disk."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+from PIL import Image
+
+from seedselect_cli.config import Config, ModelConfig, load_config, register_resolvers
+from seedselect_cli.models import FrozenModels, load_models
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never touch the network
+
+
+def compose_raw(name: str = "demo", overrides: list[str] | None = None):
+    register_resolvers()
+    with initialize_config_module("seedselect_cli.configs", version_base="1.3"):
+        return compose(config_name=name, overrides=overrides or [])
+
+
+def make_config(overrides: list[str] | None = None, name: str = "demo") -> Config:
+    """A checked config; by default the demo with few steps and iterations, for speed."""
+    fast = ["sampler.steps=4", "optim.iterations=3", "runtime.progress=false"]
+    return load_config(compose_raw(name, fast + list(overrides or [])))
+
+
+@pytest.fixture(scope="session")
+def tiny_models() -> FrozenModels:
+    return load_models(ModelConfig(pretrained="tiny", image_encoder="tiny"), torch.device("cpu"), torch.float32)
+
+
+@pytest.fixture(scope="session")
+def tiny_models64() -> FrozenModels:
+    return load_models(ModelConfig(pretrained="tiny", image_encoder="tiny"), torch.device("cpu"), torch.float64)
+
+
+def random_image(rng: np.random.Generator, size=(40, 48), mode="RGB") -> Image.Image:
+    array = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    return Image.fromarray(array).convert(mode)
+
+
+@pytest.fixture
+def reference_folder(tmp_path: Path) -> Path:
+    """Four random RGB reference images of odd sizes in `tmp_path/refs/blue_thing`."""
+    folder = tmp_path / "refs" / "blue_thing"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(1234)
+    for i, size in enumerate([(40, 48), (33, 31), (64, 64), (50, 20)]):
+        random_image(rng, size).save(folder / f"ref_{i}.png")
+    return folder

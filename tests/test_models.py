@@ -1,0 +1,49 @@
+"""Model loading: tiny components, a local diffusers folder, and the errors when weights are missing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from seedselect_cli.config import ModelConfig
+from seedselect_cli.errors import UserError
+from seedselect_cli.models import load_models, resolve_device
+from seedselect_cli.sampling import encode_prompt
+
+
+def test_tiny_components_are_frozen_and_reproducible(tiny_models):
+    again = load_models(ModelConfig(pretrained="tiny", image_encoder="tiny"), torch.device("cpu"), torch.float32)
+    for a, b in zip(tiny_models.unet.parameters(), again.unet.parameters()):
+        assert torch.equal(a, b)
+    assert not any(p.requires_grad for p in tiny_models.unet.parameters())
+    assert tiny_models.latent_shape(32, 32) == (4, 16, 16)
+
+
+def test_loads_a_local_folder_saved_in_the_diffusers_layout(tmp_path, tiny_models):
+    sd, clip = tmp_path / "sd", tmp_path / "clip"
+    for name in ("vae", "unet", "text_encoder", "tokenizer", "scheduler"):
+        getattr(tiny_models, name).save_pretrained(sd / name)
+    tiny_models.image_encoder.save_pretrained(clip)
+    tiny_models.image_processor.save_pretrained(clip)
+    loaded = load_models(ModelConfig(pretrained=str(sd), image_encoder=str(clip)), torch.device("cpu"),
+                         torch.float32)
+    torch.testing.assert_close(encode_prompt(loaded, "a pine warbler"), encode_prompt(tiny_models, "a pine warbler"))
+    pixels = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(loaded.image_encoder(pixels).image_embeds, tiny_models.image_encoder(pixels).image_embeds)
+    assert loaded.image_processor.crop_size == tiny_models.image_processor.crop_size
+
+
+def test_missing_weights_offline_say_how_to_get_them(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match=r"hf download no-such-org/no-such-model.*local folder"):
+        load_models(ModelConfig(pretrained="no-such-org/no-such-model", image_encoder="tiny"),
+                    torch.device("cpu"), torch.float32)
+    with pytest.raises(UserError, match="does not exist"):
+        load_models(ModelConfig(pretrained=str(tmp_path / "missing" / "sd"), image_encoder="tiny"),
+                    torch.device("cpu"), torch.float32)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_requested_without_cuda_is_a_user_error():
+    with pytest.raises(UserError, match="runtime.device=cpu"):
+        resolve_device("cuda")
