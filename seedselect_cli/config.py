@@ -14,7 +14,7 @@ from importlib.resources import files
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+from omegaconf.errors import OmegaConfBaseException
 
 from seedselect_cli.errors import UserError
 
@@ -120,12 +120,14 @@ def load_structured(schema: type, cfg: DictConfig | dict):
     wrong types and required values left unset (`???`)."""
     register_resolvers()
     try:
+        # Before the merge: merging `???` onto the schema's default would keep the default.
+        missing = sorted(OmegaConf.missing_keys(cfg)) if isinstance(cfg, DictConfig) else []
+        if missing:
+            raise UserError(f"{missing[0]} is required: pass {missing[0]}=...")
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), cfg))
-    except MissingMandatoryValue as exc:
-        key = getattr(exc, "full_key", "") or _first_line(exc)
-        raise UserError(f"{key} is required: pass {key}=...") from None
     except OmegaConfBaseException as exc:
-        raise UserError(f"invalid config: {_first_line(exc)}") from None
+        key = getattr(exc, "full_key", None)
+        raise UserError(f"invalid config{f' key {key}' if key else ''}: {_first_line(exc)}") from None
 
 
 def load_config(cfg: DictConfig | dict) -> Config:

@@ -1,0 +1,135 @@
+"""The `seedselect` command as a user runs it: from another directory, through the console script."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors import safe_open
+
+from seedselect_cli.cli import main
+
+FAST = ["sampler.steps=3", "optim.iterations=2", "runtime.progress=false"]
+MANIFEST_KEYS = {"class", "prompt", "image", "seed_file", "index", "init_seed", "iterations", "loss",
+                 "loss_history", "semantic_loss", "appearance_loss", "seconds"}
+
+
+def seedselect(*args, cwd):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "seedselect_cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    run_dir = elsewhere / "run"
+    done = seedselect("optimize", f"hydra.run.dir={run_dir}", "n_images=2", *FAST, cwd=elsewhere)
+    assert done.returncode == 0, done.stderr
+    return run_dir, elsewhere
+
+
+def manifest(run_dir):
+    return [json.loads(line) for line in (run_dir / "manifest.jsonl").read_text().splitlines()]
+
+
+def test_optimize_writes_the_run_directory_of_the_contract(demo_run):
+    run_dir, _ = demo_run
+    assert (run_dir / "config.yaml").is_file()
+    entries = manifest(run_dir)
+    assert [e["index"] for e in entries] == [0, 1]
+    for entry in entries:
+        assert MANIFEST_KEYS <= entry.keys() and entry["class"] == "red_disc"
+        assert entry["image"] == f"images/red_disc/{entry['index']:05d}.png"
+        assert entry["seed_file"] == f"seeds/red_disc/{entry['index']:05d}.safetensors"
+        assert len(entry["loss_history"]) == entry["iterations"] == 2
+        image = Image.open(run_dir / entry["image"])
+        assert image.size == (32, 32) and "a photo of a red disc" in image.text["parameters"]
+        assert json.loads(image.text["seedselect"])["init_seed"] == str(entry["init_seed"])
+        with safe_open(str(run_dir / entry["seed_file"]), framework="pt") as handle:
+            meta = handle.metadata()
+            for key in ("initial", "optimized"):
+                tensor = handle.get_tensor(key)
+                assert tensor.dtype.is_floating_point and tensor.dtype.itemsize == 4 and tuple(tensor.shape) == (4, 16, 16)
+        for key in ("prompt", "model", "steps", "guidance_scale", "height", "width", "scheduler", "dtype"):
+            assert meta[key], key
+    assert entries[0]["init_seed"] != entries[1]["init_seed"]
+
+
+def test_generate_reproduces_the_image_pixel_for_pixel(demo_run):
+    run_dir, elsewhere = demo_run
+    entry = manifest(run_dir)[1]
+    done = seedselect("generate", f"seed_file={run_dir / entry['seed_file']}", "out=again.png", cwd=elsewhere)
+    assert done.returncode == 0, done.stderr
+    again = np.asarray(Image.open(elsewhere / "again.png"))
+    assert np.array_equal(again, np.asarray(Image.open(run_dir / entry["image"])))
+    done = seedselect("generate", f"seed_file={run_dir / entry['seed_file']}", "out=plain.png", "tensor=initial",
+                      cwd=elsewhere)
+    assert done.returncode == 0, done.stderr
+    assert not np.array_equal(np.asarray(Image.open(elsewhere / "plain.png")), again)
+    assert not (elsewhere / ".hydra").exists()
+
+
+def test_rerun_resumes_and_completes(demo_run):
+    run_dir, elsewhere = demo_run
+    first = [(run_dir / e["image"]).read_bytes() for e in manifest(run_dir)]
+    done = seedselect("optimize", f"hydra.run.dir={run_dir}", "n_images=3", *FAST, cwd=elsewhere)
+    assert done.returncode == 0, done.stderr
+    entries = manifest(run_dir)
+    assert [e["index"] for e in entries] == [0, 1, 2]
+    assert [(run_dir / e["image"]).read_bytes() for e in entries[:2]] == first
+
+
+def test_bad_value_through_the_console_script(tmp_path):
+    done = seedselect("optimize", "loss.lam=2", cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: loss.lam=2.0 is invalid") and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "outputs").exists()
+
+
+def test_help(capsys):
+    assert main(["--help"]) == 0
+    assert "optimize" in capsys.readouterr().out
+    done = seedselect("optimize", "--help", cwd=os.getcwd())
+    assert done.returncode == 0 and "seedselect optimize" in done.stdout and "dataset: cub, folder" in done.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["optimize", "no_such_key=1"], "no_such_key"),
+    (["optimize", "--config-name", "no_such_config"], "no_such_config"),
+    (["optimize", "loss=no_such_option"], "no_such_option"),
+    (["optimize", "kstep.weights=[0.5,0.5]"], "kstep.weights"),
+    (["optimize", "--config-name", "folder"], "dataset.root is required"),
+    (["optimize", "dataset.root=/no/such/folder"], "/no/such/folder"),
+    (["generate", "out=x.png"], "seed_file is required"),
+    (["frobnicate"], "unknown command"),
+])
+def test_user_errors_exit_2_with_one_line(args, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(args + ["runtime.progress=false"] * (args[0] == "optimize")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and message in err and len(err.splitlines()) == 1, err
+
+
+def test_generate_rejects_a_file_that_is_not_a_seed_file(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "fake.safetensors").write_bytes(b"not safetensors at all")
+    assert main(["generate", "seed_file=fake.safetensors", "out=x.png"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: seed_file=fake.safetensors is not a safetensors seed file")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_folder_of_non_images_is_a_user_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "refs").mkdir()
+    (tmp_path / "refs" / "a.png").write_text("not a png")
+    assert main(["optimize", "dataset.root=refs", "hydra.run.dir=run", *FAST]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: class 'refs' has 0 readable images") and "a.png" in err
+    assert not (tmp_path / "run" / "manifest.jsonl").exists()

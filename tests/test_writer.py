@@ -1,0 +1,72 @@
+"""The run directory: safe class folders, atomic files, a manifest that survives interruption."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from seedselect_cli.errors import UserError
+from seedselect_cli.writer import RunDirectory, atomic_write, slugify
+
+
+@pytest.mark.parametrize("name", ["Pine Warbler", "a/b", "..", "../../etc", "Mésange bleue", "鳥", "", "x" * 300])
+def test_slugs_are_safe_single_path_components(name, tmp_path):
+    slug = slugify(name)
+    assert slug and "/" not in slug and slug not in (".", "..") and not slug.startswith(".")
+    assert len(slug) <= 120 and slug.isascii()
+    assert (tmp_path / slug).resolve().parent == tmp_path.resolve()
+
+
+def test_slugs_stay_readable_and_distinct():
+    assert slugify("Pine Warbler") == "Pine_Warbler"
+    assert slugify("a/b") != slugify("a_b") and slugify("鳥") != slugify("猫")
+
+
+def test_atomic_write_leaves_nothing_behind_on_failure(tmp_path):
+    target = tmp_path / "file.txt"
+    atomic_write(target, lambda tmp: tmp.write_text("first"))
+
+    def broken(tmp):
+        tmp.write_text("half")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(target, broken)
+    assert target.read_text() == "first" and os.listdir(tmp_path) == ["file.txt"]
+
+
+def test_manifest_drops_half_written_and_orphaned_lines(tmp_path):
+    run = RunDirectory(tmp_path)
+    run.start("seed: 0\n")
+    for index in range(2):
+        for path in (run.image_path("c", index), run.seed_path("c", index)):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("x")
+        run.append_manifest({"class": "c", "index": index, "image": f"images/c/{index:05d}.png",
+                             "seed_file": f"seeds/c/{index:05d}.safetensors"})
+    run.image_path("c", 1).unlink()  # its file is gone: not finished
+    with open(tmp_path / "manifest.jsonl", "a") as handle:
+        handle.write('{"class": "c", "index": 2, "ima')  # killed mid-line
+    RunDirectory(tmp_path).start("seed: 0\n")
+    lines = (tmp_path / "manifest.jsonl").read_text().splitlines()
+    assert [json.loads(line)["index"] for line in lines] == [0]
+    assert set(RunDirectory(tmp_path).finished()) == {("c", 0)}
+
+
+def test_a_run_directory_of_another_config_is_refused(tmp_path):
+    RunDirectory(tmp_path).start("seed: 0\nn_images: 1\nloss:\n  lam: 0.5\nruntime:\n  batch_size: 1\n")
+    RunDirectory(tmp_path).start("seed: 0\nn_images: 3\nloss:\n  lam: 0.5\nruntime:\n  batch_size: 4\n")
+    with pytest.raises(UserError, match=r"another config \(loss.lam"):
+        RunDirectory(tmp_path).start("seed: 0\nn_images: 3\nloss:\n  lam: 0.9\n")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_unwritable_run_directory_is_a_user_error(tmp_path):
+    tmp_path.chmod(0o500)
+    try:
+        with pytest.raises(UserError, match="not writable"):
+            RunDirectory(tmp_path / "run").start("seed: 0\n")
+    finally:
+        tmp_path.chmod(0o700)
