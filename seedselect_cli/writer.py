@@ -17,8 +17,8 @@ import logging
 import os
 import re
 import unicodedata
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from omegaconf import OmegaConf
 from PIL import Image, PngImagePlugin

@@ -22,7 +22,7 @@ MANIFEST_KEYS = {"class", "prompt", "image", "seed_file", "index", "init_seed", 
 def seedselect(*args, cwd):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, "-m", "seedselect_cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+                          check=False, capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")

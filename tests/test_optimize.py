@@ -38,7 +38,7 @@ def objective_grad(models, config, target, z0):
 
 def test_gradient_reaches_the_seed_and_only_the_seed(tiny_models):
     config = make_config()
-    terms, grad = objective_grad(tiny_models, config, random_target(0), seeds(2))
+    _terms, grad = objective_grad(tiny_models, config, random_target(0), seeds(2))
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
     for module in (tiny_models.unet, tiny_models.vae, tiny_models.text_encoder, tiny_models.image_encoder):
         assert all(p.grad is None and not p.requires_grad for p in module.parameters())

@@ -26,12 +26,15 @@ def plain_ddim(models, z, text_embeds, timesteps, w):
     return latents
 
 
+def inputs(models, seed: int, batch: int, steps: int, prompt: str):
+    """Fresh random seeds in the models' dtype, the prompt's embeddings, and the timesteps."""
+    z = torch.randn(batch, 4, 16, 16, generator=torch.Generator().manual_seed(seed)).to(models.dtype)
+    return z, encode_prompt(models, prompt), set_timesteps(models, steps)
+
+
 def test_rollout_matches_plain_ddim_in_float64(tiny_models64):
     m = tiny_models64
-    torch.manual_seed(0)
-    z = torch.randn(1, 4, 16, 16, dtype=torch.float64)
-    embeds = encode_prompt(m, "a photo of a pine warbler")
-    timesteps = set_timesteps(m, 5)
+    z, embeds, timesteps = inputs(m, 0, 1, 5, "a photo of a pine warbler")
     with torch.no_grad():
         ours = ddim_rollout(m, z, embeds, timesteps, guidance_scale=7.5, keep_last=5)
         plain = plain_ddim(m, z, embeds, timesteps, 7.5)
@@ -43,10 +46,7 @@ def test_rollout_matches_plain_ddim_in_float64(tiny_models64):
 
 def test_guidance_off_uses_the_conditional_pass_only(tiny_models64):
     m = tiny_models64
-    torch.manual_seed(1)
-    z = torch.randn(2, 4, 16, 16, dtype=torch.float64)
-    embeds = encode_prompt(m, "a red disc")
-    timesteps = set_timesteps(m, 3)
+    z, embeds, timesteps = inputs(m, 1, 2, 3, "a red disc")
     with torch.no_grad():
         ours = ddim_step(m, z, timesteps[0], guided_embeddings(embeds, 2, 1.0), 1.0)
         plain_w1 = plain_ddim(m, z, embeds, timesteps, 1.0)[0]
@@ -55,11 +55,8 @@ def test_guidance_off_uses_the_conditional_pass_only(tiny_models64):
 
 def test_checkpointed_rollout_gives_same_latents_and_gradients(tiny_models):
     m = tiny_models
-    torch.manual_seed(2)
-    z0 = torch.randn(2, 4, 16, 16)
-    embeds = encode_prompt(m, "a photo of a hand")
-    timesteps = set_timesteps(m, 6)
-    target = torch.randn(2, 4, 16, 16)
+    z0, embeds, timesteps = inputs(m, 2, 2, 6, "a photo of a hand")
+    target = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(20))
     results = []
     for checkpoint in (True, False):
         z = z0.clone().requires_grad_(True)
@@ -76,10 +73,7 @@ def test_checkpointed_rollout_gives_same_latents_and_gradients(tiny_models):
 
 def test_keep_last_returns_the_last_k_latents_in_order(tiny_models):
     m = tiny_models
-    torch.manual_seed(3)
-    z = torch.randn(1, 4, 16, 16)
-    embeds = encode_prompt(m, "a tiger cat")
-    timesteps = set_timesteps(m, 5)
+    z, embeds, timesteps = inputs(m, 3, 1, 5, "a tiger cat")
     with torch.no_grad():
         every = ddim_rollout(m, z, embeds, timesteps, 3.0, keep_last=5)
         last3 = ddim_rollout(m, z, embeds, timesteps, 3.0, keep_last=3)
