@@ -1,0 +1,52 @@
+"""Memory of the differentiable DDIM rollout against the number of sampling steps, on the CPU.
+
+    python scripts/memory_vs_steps.py [--size 192] [--steps 10 50]
+
+For each step count, with and without per-step checkpointing: the bytes autograd keeps for the
+backward pass (what checkpointing is meant to bound) on the tiny components. Run it under
+`MALLOC_TRIM_THRESHOLD_=0 MALLOC_MMAP_THRESHOLD_=65536` and `/usr/bin/time -v` to see peak RSS too
+(without them glibc keeps freed memory and RSS grows with every recomputation).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from seedselect_cli.config import ModelConfig
+from seedselect_cli.models import load_models
+from seedselect_cli.sampling import ddim_rollout, encode_prompt, set_timesteps
+
+
+def saved_bytes(models, steps: int, size: int, checkpoint: bool) -> int:
+    """Bytes of the tensors autograd saves in one rollout (distinct tensors, counted once)."""
+    held: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        held[id(tensor)] = tensor.numel() * tensor.element_size()
+        return tensor
+
+    shape = models.latent_shape(size, size)
+    z = torch.randn(1, *shape, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    embeds = encode_prompt(models, "a red disc")
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        ddim_rollout(models, z, embeds, set_timesteps(models, steps), 7.5, keep_last=3, checkpoint=checkpoint)
+    return sum(held.values())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=192, help="image side in pixels")
+    parser.add_argument("--steps", type=int, nargs="+", default=[10, 50])
+    args = parser.parse_args()
+    models = load_models(ModelConfig(pretrained="tiny", image_encoder="tiny"), torch.device("cpu"), torch.float32)
+    print(f"{'steps':>5} | {'checkpointing':>13} | saved for backward")
+    for checkpoint in (True, False):
+        for steps in args.steps:
+            mib = saved_bytes(models, steps, args.size, checkpoint) / 2**20
+            print(f"{steps:>5} | {checkpoint!s:>13} | {mib:10.1f} MiB")
+
+
+if __name__ == "__main__":
+    main()
