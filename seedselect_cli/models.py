@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,15 +123,17 @@ def _load_diffusers(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
     weights = {"variant": cfg.variant, "torch_dtype": dtype, **kwargs}
     source = os.path.expanduser(cfg.pretrained)
     try:
-        return {
-            "vae": AutoencoderKL.from_pretrained(source, subfolder="vae", **weights),
-            "unet": UNet2DConditionModel.from_pretrained(source, subfolder="unet", **weights),
-            "text_encoder": CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=dtype,
-                                                          variant=cfg.variant, **kwargs),
-            "tokenizer": CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kwargs),
-            # SeedSelect samples with DDIM (eta = 0) on the checkpoint's own noise schedule.
-            "scheduler": DDIMScheduler.from_pretrained(source, subfolder="scheduler", **kwargs),
-        }
+        with warnings.catch_warnings():  # huggingface_hub warns about arguments diffusers passes
+            warnings.simplefilter("ignore", UserWarning)
+            return {
+                "vae": AutoencoderKL.from_pretrained(source, subfolder="vae", **weights),
+                "unet": UNet2DConditionModel.from_pretrained(source, subfolder="unet", **weights),
+                "text_encoder": CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=dtype,
+                                                              variant=cfg.variant, **kwargs),
+                "tokenizer": CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kwargs),
+                # SeedSelect samples with DDIM (eta = 0) on the checkpoint's own noise schedule.
+                "scheduler": DDIMScheduler.from_pretrained(source, subfolder="scheduler", **kwargs),
+            }
     except (OSError, ValueError) as exc:
         raise _not_available("Stable Diffusion model", cfg.pretrained, exc) from None
 

@@ -133,3 +133,11 @@ def test_folder_of_non_images_is_a_user_error(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert err.startswith("error: class 'refs' has 0 readable images") and "a.png" in err
     assert not (tmp_path / "run" / "manifest.jsonl").exists()
+
+
+def test_real_model_offline_without_weights_is_one_line(tmp_path, reference_folder):
+    done = seedselect("optimize", "--config-name", "folder", f"dataset.root={reference_folder}",
+                      "model.pretrained=no-such-org/no-such-model", "runtime.progress=false", cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()], done.stderr
+    assert done.stderr.startswith("error: cannot load the Stable Diffusion model 'no-such-org/no-such-model'")
