@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from seedselect_cli.config import DatasetConfig
 from seedselect_cli.datasets import load_classes
 from seedselect_cli.errors import UserError
-from tests.conftest import random_image
+from tests.layouts import make_cifar_fs, make_cub, make_imagefolder, make_imagenet_lt, make_mini_imagenet
 
 
 def test_folder_is_named_after_the_directory_or_the_given_class(reference_folder):
@@ -33,26 +32,6 @@ def test_folder_errors(tmp_path):
         load_classes(DatasetConfig(name="folder", root=str(tmp_path / "empty")), 0)
 
 
-def make_cub(root, classes=("001.Black_footed_Albatross", "094.Pine_Warbler"), per_class=4):
-    rng = np.random.default_rng(0)
-    images, labels, split = [], [], []
-    image_id = 0
-    for class_id, class_dir in enumerate(classes, 1):
-        (root / "images" / class_dir).mkdir(parents=True)
-        for i in range(per_class):
-            image_id += 1
-            relative = f"{class_dir}/{class_dir.split('.')[1]}_{i}.jpg"
-            random_image(rng).save(root / "images" / relative)
-            images.append(f"{image_id} {relative}")
-            labels.append(f"{image_id} {class_id}")
-            split.append(f"{image_id} {int(i < per_class - 1)}")
-    (root / "images.txt").write_text("\n".join(images) + "\n")
-    (root / "classes.txt").write_text("\n".join(f"{i} {c}" for i, c in enumerate(classes, 1)) + "\n")
-    (root / "image_class_labels.txt").write_text("\n".join(labels) + "\n")
-    (root / "train_test_split.txt").write_text("\n".join(split) + "\n")
-    return root
-
-
 def test_cub_layout(tmp_path):
     root = make_cub(tmp_path / "CUB_200_2011")
     cfg = DatasetConfig(name="cub", root=str(root), shots=2, prompt_template="a photo of a {}, a type of bird.")
@@ -68,3 +47,54 @@ def test_cub_layout(tmp_path):
     (root / "classes.txt").unlink()
     with pytest.raises(UserError, match="classes.txt missing"):
         load_classes(DatasetConfig(name="cub", root=str(root)), 0)
+
+
+def test_mini_imagenet_layout(tmp_path):
+    root = make_mini_imagenet(tmp_path / "mini")
+    records = load_classes(DatasetConfig(name="mini_imagenet", root=str(root), shots=2), 0)
+    assert [r.name for r in records] == ["house finch", "American robin"]  # n01532829, n01558993: the train csv
+    assert all(len(r.images) == 2 and all(p.is_file() for p in r.images) for r in records)
+    novel = load_classes(DatasetConfig(name="mini_imagenet", root=str(root), split="test"), 0)
+    assert [r.name for r in novel] == ["nematode", "red king crab"] and all(len(r.images) == 3 for r in novel)
+    [by_id] = load_classes(DatasetConfig(name="mini_imagenet", root=str(root), classes=["n01558993"]), 0)
+    assert by_id.name == "American robin" and by_id.prompt == "a photo of a American robin"
+    (root / "val.csv").write_text("file,class\nx.jpg,n01855672\n")
+    with pytest.raises(UserError, match="header 'filename,label'"):
+        load_classes(DatasetConfig(name="mini_imagenet", root=str(root), split="val"), 0)
+    with pytest.raises(UserError, match="dataset.split='novel'"):
+        load_classes(DatasetConfig(name="mini_imagenet", root=str(root), split="novel"), 0)
+
+
+def test_cifar_fs_layout(tmp_path):
+    root = make_cifar_fs(tmp_path / "cifar100")
+    records = load_classes(DatasetConfig(name="cifar_fs", root=str(root), shots=2), 0)
+    assert [r.name for r in records] == ["apple", "aquarium fish"]
+    assert records[1].prompt == "a photo of a aquarium fish" and all(len(r.images) == 2 for r in records)
+    [pepper] = load_classes(DatasetConfig(name="cifar_fs", root=str(root), split="test",
+                                          classes=["sweet_pepper"]), 0)
+    assert pepper.name == "sweet pepper" and all("sweet_pepper" in p.parent.name for p in pepper.images)
+    with pytest.raises(UserError, match="splits/bertinetto/train.txt missing"):
+        load_classes(DatasetConfig(name="cifar_fs", root=str(tmp_path)), 0)
+
+
+def test_imagenet_lt_layout(tmp_path):
+    root = make_imagenet_lt(tmp_path / "imagenet")
+    records = load_classes(DatasetConfig(name="imagenet_lt", root=str(root), shots=3), 0)
+    assert [(r.name, len(r.images)) for r in records] == [("tench", 3), ("house finch", 2), ("toilet paper", 1)]
+    [finch] = load_classes(DatasetConfig(name="imagenet_lt", root=str(root), classes=["n01532829"]), 0)
+    assert finch.name == "house finch" and all(p.parent.name == "n01532829" for p in finch.images)
+    (root / "ImageNet_LT_train.txt").write_text("train/x.JPEG 1000\n")
+    with pytest.raises(UserError, match="not an ImageNet-1k index"):
+        load_classes(DatasetConfig(name="imagenet_lt", root=str(root)), 0)
+
+
+def test_imagefolder_layout(tmp_path):
+    root = make_imagefolder(tmp_path / "classes")
+    (root / "empty_class").mkdir()
+    records = load_classes(DatasetConfig(name="imagefolder", root=str(root)), 0)
+    assert [r.name for r in records] == ["red fox", "snow leopard"]  # the empty folder is passed over
+    assert all(len(r.images) == 3 for r in records)
+    with pytest.raises(UserError, match="'empty class' has no images"):
+        load_classes(DatasetConfig(name="imagefolder", root=str(root), classes=["empty_class"]), 0)
+    with pytest.raises(UserError, match="no class sub-folders"):
+        load_classes(DatasetConfig(name="imagefolder", root=str(root / "red_fox")), 0)

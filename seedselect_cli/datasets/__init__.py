@@ -1,18 +1,23 @@
 """Dataset adapters: each reads one on-disk layout and returns the same record per class.
 
 A record is a class name, its prompt, and the paths of its reference images (`dataset.shots` of
-them, drawn reproducibly from the chosen split). `load_classes` picks the adapter by `dataset.name`.
+them, drawn reproducibly from the chosen split). `load_classes` picks the adapter by `dataset.name`;
+each adapter only finds its classes' images and hands them to `build_records`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import random
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from seedselect_cli.config import DatasetConfig
 from seedselect_cli.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -57,11 +62,52 @@ def require_root(cfg: DatasetConfig) -> Path:
     return root
 
 
+def require_split(cfg: DatasetConfig, splits: Sequence[str], dataset: str) -> str:
+    if cfg.split not in splits:
+        raise UserError(f"dataset.split={cfg.split!r}: choose one of {', '.join(splits)} for {dataset}")
+    return cfg.split
+
+
+def require_files(root: Path, names: Sequence[str], dataset: str) -> None:
+    missing = [name for name in names if not (root / name).exists()]
+    if missing:
+        raise UserError(f"dataset.root={root} is not a {dataset} folder: {', '.join(missing)} missing")
+
+
+def build_records(cfg: DatasetConfig, seed: int, images: Mapping[str, Sequence[Path]], names: Sequence[str],
+                  aliases: Mapping[str, str] | None = None, dataset: str = "dataset") -> list[ClassRecord]:
+    """Records of the classes `dataset.classes` picks from `names` (all by default), in that order,
+    each with its prompt and `dataset.shots` of its `images`."""
+    records = []
+    for name in select_classes(list(names), cfg.classes, aliases):
+        if not images.get(name):
+            if cfg.classes is None:  # every class by default: pass over an empty one, say so
+                log.warning("%s class %r has no images (dataset.split=%s); skipping it", dataset, name, cfg.split)
+                continue
+            raise UserError(f"{dataset} class {name!r} has no images (dataset.split={cfg.split})")
+        paths = draw_shots(list(images[name]), cfg.shots, seed, name)
+        records.append(ClassRecord(name=name, prompt=cfg.prompt_template.format(name), images=tuple(paths)))
+    return records
+
+
+def read_table(path: Path, columns: int = 2) -> list[list[str]]:
+    """Rows of a whitespace-separated text file (the last column may hold spaces); blank lines skipped."""
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            parts = line.split(maxsplit=columns - 1)
+            if len(parts) != columns:
+                raise UserError(f"{path}:{number}: expected {columns} columns, got {line!r}")
+            rows.append([part.strip() for part in parts])
+    return rows
+
+
 def load_classes(cfg: DatasetConfig, seed: int) -> list[ClassRecord]:
     """The classes of the configured dataset, each with its prompt and reference image paths."""
-    from seedselect_cli.datasets import cub, folder
+    from seedselect_cli.datasets import cifar_fs, cub, folder, imagefolder, imagenet_lt, mini_imagenet
 
-    adapters = {"folder": folder.load, "cub": cub.load}
+    adapters = {"folder": folder.load, "imagefolder": imagefolder.load, "cub": cub.load,
+                "mini_imagenet": mini_imagenet.load, "cifar_fs": cifar_fs.load, "imagenet_lt": imagenet_lt.load}
     if cfg.name not in adapters:
         raise UserError(f"dataset.name={cfg.name!r} is unknown: choose one of {', '.join(adapters)}")
     return adapters[cfg.name](cfg, seed)

@@ -1,0 +1,26 @@
+"""CIFAR-FS (Bertinetto et al.): one folder of images per CIFAR-100 class, in `data/` or in the root,
+and the class splits `splits/bertinetto/{train,val,test}.txt` (one class folder name per line).
+
+Classes are shown with spaces for underscores ("aquarium fish"). `dataset.split` picks the classes:
+`test` holds the few-shot novel classes.
+"""
+
+from __future__ import annotations
+
+from seedselect_cli.config import DatasetConfig
+from seedselect_cli.datasets import ClassRecord, build_records, require_files, require_root, require_split
+from seedselect_cli.images import list_images
+
+SPLITS = ("train", "val", "test")
+
+
+def load(cfg: DatasetConfig, seed: int) -> list[ClassRecord]:
+    root = require_root(cfg)
+    split = require_split(cfg, SPLITS, "CIFAR-FS")
+    split_file = f"splits/bertinetto/{split}.txt"
+    require_files(root, (split_file,), "CIFAR-FS")
+    data = root / "data" if (root / "data").is_dir() else root
+    folders = [line.strip() for line in (root / split_file).read_text().splitlines() if line.strip()]
+    names = {folder: folder.replace("_", " ") for folder in folders}
+    images = {names[f]: list_images(data / f) if (data / f).is_dir() else [] for f in folders}
+    return build_records(cfg, seed, images, list(names.values()), names, "CIFAR-FS")

@@ -1,0 +1,22 @@
+"""The ImageFolder layout: `dataset.root/<class>/<image>`, one sub-folder of images per class.
+
+Classes are the sub-folders, shown with spaces for underscores; `dataset.classes` takes either form.
+Point `dataset.root` at the split you want (e.g. `.../train`).
+"""
+
+from __future__ import annotations
+
+from seedselect_cli.config import DatasetConfig
+from seedselect_cli.datasets import ClassRecord, build_records, require_root
+from seedselect_cli.errors import UserError
+from seedselect_cli.images import list_images
+
+
+def load(cfg: DatasetConfig, seed: int) -> list[ClassRecord]:
+    root = require_root(cfg)
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise UserError(f"dataset.root={cfg.root} has no class sub-folders (expected ROOT/<class>/<image>)")
+    names = {f.name: f.name.replace("_", " ") for f in folders}
+    images = {names[f.name]: list_images(f) for f in folders}
+    return build_records(cfg, seed, images, list(names.values()), names, "imagefolder")
