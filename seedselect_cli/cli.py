@@ -1,7 +1,8 @@
 """The `seedselect` command: subcommands, each a thin `@hydra.main` around a plain `run_*` function.
 
-    seedselect optimize [--config-name NAME] [key=value ...]
-    seedselect generate seed_file=PATH out=IMAGE.png
+    seedselect optimize  [--config-name NAME] [key=value ...]
+    seedselect bootstrap [--config-name NAME] [key=value ...]
+    seedselect generate  seed_file=PATH out=IMAGE.png
 
 A `UserError` (bad input or environment) ends the command with exit code 2 and one `error:` line on
 stderr. Hydra's own composition errors (unknown config name or key, bad override) are caught the
@@ -24,6 +25,7 @@ from seedselect_cli.errors import UserError
 
 COMMANDS = {
     "optimize": ("SeedSelect: n_images fully optimised seeds per class", "demo"),
+    "bootstrap": ("bulk image sets: bootstrap.n_images per class, seconds per image", "demo"),
     "generate": ("redraw the image of a saved seed file, pixel for pixel", "generate"),
 }
 
@@ -38,6 +40,7 @@ examples:
   seedselect optimize                                   the demo: tiny model, CPU, offline, seconds
   seedselect optimize --config-name folder dataset.root=imgs/tiger_cat
   seedselect optimize --config-name cub_tail dataset.root=CUB_200_2011 dataset.classes="[Pine Warbler]"
+  seedselect bootstrap --config-name cub_tail dataset.root=CUB_200_2011 bootstrap.n_images=100
   seedselect generate seed_file=outputs/.../seeds/red_disc/00000.safetensors out=red_disc.png
 
 `seedselect COMMAND --help` lists a command's config groups and keys; Hydra's options
@@ -63,6 +66,14 @@ def optimize_main(cfg: DictConfig) -> None:
         run_optimize(load_config(cfg), Path(HydraConfig.get().runtime.output_dir))
 
 
+@hydra.main(version_base="1.3", config_path="configs", config_name="demo")
+def bootstrap_main(cfg: DictConfig) -> None:
+    from seedselect_cli.pipeline import run_bootstrap
+
+    with user_errors():
+        run_bootstrap(load_config(cfg), Path(HydraConfig.get().runtime.output_dir))
+
+
 @hydra.main(version_base="1.3", config_path="configs", config_name="generate")
 def generate_main(cfg: DictConfig) -> None:
     from seedselect_cli.generate import GenerateConfig, run_generate
@@ -72,7 +83,7 @@ def generate_main(cfg: DictConfig) -> None:
         print(f"wrote {out}")
 
 
-MAINS = {"optimize": optimize_main, "generate": generate_main}
+MAINS = {"optimize": optimize_main, "bootstrap": bootstrap_main, "generate": generate_main}
 
 
 def preflight(command: str, args: list[str]) -> None:

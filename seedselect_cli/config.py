@@ -8,7 +8,9 @@ range. Both raise `UserError` naming the key and the bad value.
 from __future__ import annotations
 
 import math
+import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib.resources import files
 from typing import Any
@@ -21,6 +23,7 @@ from seedselect_cli.errors import UserError
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DISTANCES = ("cosine", "euclidean")
+SEMANTIC_LOSSES = ("centroid", "contrastive")
 RESIZE_MODES = ("default", "crop", "fill")
 
 
@@ -49,6 +52,8 @@ class LossConfig:
     # L = lam * L_sem + (1 - lam) * L_app; the authors' 10 * L_sem + L_app is lam = 10/11.
     lam: float = 10 / 11
     distance: str = "cosine"
+    semantic: str = "centroid"  # centroid: dist(mu_v, v); contrastive: against every class of the run
+    temperature: float = 0.05  # tau of the contrastive loss
 
 
 @dataclass
@@ -90,12 +95,26 @@ class DatasetConfig:
 
 
 @dataclass
+class BootstrapConfig:
+    """`seedselect bootstrap`: one seed z_T^G per class on all references, then each image from it."""
+
+    n_images: int = 10  # images per class
+    subset_size: int = 3  # references drawn, with replacement, for each image's centroids
+    iterations: int = 5  # per image, starting from z_T^G
+    global_iterations: int = 10  # for z_T^G, on all references
+
+
+@dataclass
 class RuntimeConfig:
     device: str = "auto"
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
     batch_size: int = 1  # seeds optimised together
-    shard: str = "0/1"  # I/N: this process takes classes I, I+N, I+2N, ... (I counts from 0)
+    # I/N: this process takes classes I, I+N, I+2N, ... (I counts from 0). Left at 0/1 under torchrun,
+    # the rank and world size it sets are used instead.
+    shard: str = "0/1"
     progress: bool = True
+    cache: bool = True  # keep reference encodings on disk
+    cache_dir: str | None = None  # null: $SEEDSELECT_CACHE_DIR, else $XDG_CACHE_HOME/seedselect, else ~/.cache/seedselect
 
 
 @dataclass
@@ -108,6 +127,7 @@ class Config:
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 
@@ -149,6 +169,15 @@ def parse_shard(shard: str) -> tuple[int, int]:
     return int(match[1]), int(match[2])
 
 
+def resolve_shard(shard: str, environ: Mapping[str, str] = os.environ) -> tuple[int, int]:
+    """This process's shard: `runtime.shard`, or under `torchrun` (shard left at 0/1) its RANK/WORLD_SIZE."""
+    index, count = parse_shard(shard)
+    world = environ.get("WORLD_SIZE", "1")
+    if (index, count) == (0, 1) and world.isdigit() and int(world) > 1:
+        return parse_shard(f"{environ.get('RANK', '0')}/{world}")
+    return index, count
+
+
 def check_config(c: Config) -> None:
     """Range checks, one `UserError` naming the first bad key and value."""
     if c.n_images < 1:
@@ -157,6 +186,10 @@ def check_config(c: Config) -> None:
         raise _bad("loss.lam", c.loss.lam, "must be between 0 and 1")
     if c.loss.distance not in DISTANCES:
         raise _bad("loss.distance", c.loss.distance, f"choose one of {', '.join(DISTANCES)}")
+    if c.loss.semantic not in SEMANTIC_LOSSES:
+        raise _bad("loss.semantic", c.loss.semantic, f"choose one of {', '.join(SEMANTIC_LOSSES)}")
+    if not (math.isfinite(c.loss.temperature) and c.loss.temperature > 0):
+        raise _bad("loss.temperature", c.loss.temperature, "must be a positive number")
     if c.sampler.steps < 1:
         raise _bad("sampler.steps", c.sampler.steps, "must be at least 1")
     if not 1 <= c.kstep.k <= c.sampler.steps:
@@ -189,6 +222,9 @@ def check_config(c: Config) -> None:
         raise _bad("dataset.classes", c.dataset.classes, "name at least one class (or null for all)")
     if "{}" not in c.dataset.prompt_template:
         raise _bad("dataset.prompt_template", c.dataset.prompt_template, "must contain {} for the class name")
+    for key in ("n_images", "subset_size", "iterations", "global_iterations"):
+        if getattr(c.bootstrap, key) < 1:
+            raise _bad(f"bootstrap.{key}", getattr(c.bootstrap, key), "must be at least 1")
     if c.runtime.device not in DEVICES:
         raise _bad("runtime.device", c.runtime.device, f"choose one of {', '.join(DEVICES)}")
     if c.runtime.dtype not in DTYPES:

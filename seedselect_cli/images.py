@@ -1,7 +1,7 @@
 """Reading reference images robustly, whatever their mode, orientation or bit depth.
 
 Every image comes out as 8-bit RGB PIL, upright (EXIF orientation applied), transparency
-composited onto white. Broken files are reported by name and skipped, unless too few remain.
+composited onto white. A broken file raises `UserError` naming it.
 """
 
 from __future__ import annotations
@@ -64,24 +64,3 @@ def load_rgb(path: Path) -> Image.Image:
     if min(rgb.size) < MIN_SIDE:
         raise UserError(f"{path}: image is only {rgb.size[0]}x{rgb.size[1]} pixels (at least {MIN_SIDE} needed)")
     return rgb
-
-
-def load_references(paths: list[Path], what: str, minimum: int = 1) -> tuple[list[Image.Image], list[Path]]:
-    """Load every readable image of `paths`; warn about and skip the others.
-
-    Returns the images and the paths they came from. Raises `UserError` if fewer than `minimum`
-    images can be read.
-    """
-    images, kept, broken = [], [], []
-    for path in paths:
-        try:
-            images.append(load_rgb(path))
-            kept.append(path)
-        except UserError as exc:
-            broken.append(str(exc))
-    for message in broken:
-        log.warning("skipping reference image %s", message)
-    if len(images) < minimum:
-        detail = f" ({len(broken)} unreadable: {broken[0]})" if broken else ""
-        raise UserError(f"{what} has {len(images)} readable images, {minimum} needed{detail}")
-    return images, kept

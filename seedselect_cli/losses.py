@@ -3,6 +3,9 @@
     L_sem = sum_j w_j dist(mu_v, v_j)        over the latents after each of the last k steps
     L_app = mean((z_0 - mu_z)^2)
     L     = lam * L_sem + (1 - lam) * L_app
+
+With `loss.semantic=contrastive` each dist(mu_v, v_j) becomes the contrastive loss over the classes
+of the run, -log softmax_c(-dist(mu_v^c, v_j) / tau) at the seed's own class.
 """
 
 from __future__ import annotations
@@ -22,12 +25,42 @@ def semantic_distance(embeds: torch.Tensor, centroid: torch.Tensor, distance: st
     raise ValueError(f"unknown distance {distance!r}")
 
 
+def pairwise_distance(embeds: torch.Tensor, centroids: torch.Tensor, distance: str) -> torch.Tensor:
+    """dist(mu_v^c, v) for every row of `embeds` (B, D) and every centroid (N, D): (B, N)."""
+    if distance == "cosine":
+        return 1.0 - F.normalize(embeds, dim=-1) @ F.normalize(centroids, dim=-1).T
+    if distance == "euclidean":
+        return torch.cdist(embeds, centroids)
+    raise ValueError(f"unknown distance {distance!r}")
+
+
+def contrastive_semantic_loss(embeds: torch.Tensor, centroid: torch.Tensor, classes: torch.Tensor,
+                              class_index: int, distance: str, temperature: float) -> torch.Tensor:
+    """-log( exp(-d(mu_v^c, v)/tau) / sum_c' exp(-d(mu_v^c', v)/tau) ), one per seed (B,).
+
+    `classes` (N, D) holds every class's mu_v; row `class_index` is replaced by this seed's own
+    target `centroid` ((D,) or (B, D), e.g. a bootstrap subset's centroid).
+    """
+    own = semantic_distance(embeds, centroid, distance)  # (B,)
+    others = pairwise_distance(embeds, classes.to(embeds.dtype), distance)  # (B, N)
+    column = torch.arange(classes.shape[0], device=embeds.device) == class_index
+    dist = torch.where(column, own[:, None], others)
+    return -torch.log_softmax(-dist / temperature, dim=-1)[:, class_index]
+
+
 def kstep_semantic_loss(step_embeds: list[torch.Tensor], centroid: torch.Tensor, weights: list[float],
-                        distance: str) -> torch.Tensor:
-    """k-step semantic loss: sum_j w_j dist(mu_v, v_j), one per seed (B,)."""
+                        distance: str, contrast: tuple[torch.Tensor, int, float] | None = None) -> torch.Tensor:
+    """k-step semantic loss: sum_j w_j dist(mu_v, v_j), one per seed (B,).
+
+    With `contrast=(classes, class_index, temperature)` each term is the contrastive loss instead.
+    """
     if len(step_embeds) != len(weights):
         raise ValueError(f"{len(step_embeds)} latents for {len(weights)} k-step weights")
-    return sum(w * semantic_distance(v, centroid, distance) for w, v in zip(weights, step_embeds))
+    if contrast is None:
+        return sum(w * semantic_distance(v, centroid, distance) for w, v in zip(weights, step_embeds))
+    classes, class_index, temperature = contrast
+    return sum(w * contrastive_semantic_loss(v, centroid, classes, class_index, distance, temperature)
+               for w, v in zip(weights, step_embeds))
 
 
 def appearance_loss(z_0: torch.Tensor, centroid: torch.Tensor) -> torch.Tensor:

@@ -55,13 +55,18 @@ class FrozenModels:
 
 
 def resolve_device(name: str) -> torch.device:
-    """`runtime.device`: auto picks CUDA when present, else the CPU."""
+    """`runtime.device`: auto picks CUDA when present, else the CPU. Under `torchrun` (LOCAL_RANK set)
+    each process takes its own GPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("runtime.device=cuda but no CUDA device is available; use runtime.device=cpu")
     if name == "mps" and not torch.backends.mps.is_available():
         raise UserError("runtime.device=mps but MPS is not available; use runtime.device=cpu")
+    if name == "cuda" and os.environ.get("LOCAL_RANK", "").isdigit():
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        return device
     return torch.device(name)
 
 

@@ -53,7 +53,13 @@ def seed_objective(models: FrozenModels, z_T: torch.Tensor, centroids: Centroids
             embeds = [activation_checkpoint(semantic_embedding, models, z, use_reentrant=False) for z in latents]
         else:
             embeds = [semantic_embedding(models, z) for z in latents]
-        semantic = kstep_semantic_loss(embeds, centroids.semantic, config.kstep.weights, config.loss.distance)
+        contrast = None
+        if config.loss.semantic == "contrastive":
+            if centroids.classes is None:
+                raise ValueError("the contrastive loss needs the centroids of every class (Centroids.classes)")
+            contrast = (centroids.classes, centroids.class_index, config.loss.temperature)
+        semantic = kstep_semantic_loss(embeds, centroids.semantic, config.kstep.weights, config.loss.distance,
+                                       contrast)
     else:  # lam = 0: no decode, no CLIP
         semantic = torch.zeros(z_T.shape[0], device=z_T.device)
     appearance = appearance_loss(latents[-1], centroids.appearance.to(z_T.device))
@@ -61,12 +67,15 @@ def seed_objective(models: FrozenModels, z_T: torch.Tensor, centroids: Centroids
 
 
 def optimize_seeds(models: FrozenModels, z_init: torch.Tensor, centroids: Centroids, text_embeds: torch.Tensor,
-                   config: Config, progress=None) -> list[SeedResult]:
-    """Optimise a batch of seeds `z_init` (B, C, h, w) for `optim.iterations` iterations."""
+                   config: Config, iterations: int | None = None, progress=None) -> list[SeedResult]:
+    """Optimise a batch of seeds `z_init` (B, C, h, w) for `iterations` (default `optim.iterations`).
+
+    `centroids` are shared by the batch ((D,), (C, h, w)) or per seed ((B, D), (B, C, h, w)).
+    """
     start = time.perf_counter()
+    iterations = config.optim.iterations if iterations is None else iterations
     timesteps = set_timesteps(models, config.sampler.steps)
-    centroids = Centroids(centroids.semantic.to(models.device) if centroids.semantic is not None else None,
-                          centroids.appearance.to(models.device), centroids.count)
+    centroids = centroids.to(models.device)
     z = z_init.detach().to(models.device, torch.float32).clone().requires_grad_(True)
     optimizer = instantiate(config.optim.optimizer)([z], lr=config.optim.lr)
     batch = z.shape[0]
@@ -76,7 +85,7 @@ def optimize_seeds(models: FrozenModels, z_init: torch.Tensor, centroids: Centro
     best_z = z.detach().clone()
     history: list[list[float]] = [[] for _ in range(batch)]
 
-    for it in range(config.optim.iterations):
+    for it in range(iterations):
         if it == config.optim.lr_drop_at and it > 0:  # the authors' schedule: lr / 10 after 3 iterations
             for group in optimizer.param_groups:
                 group["lr"] = config.optim.lr * config.optim.lr_drop_factor

@@ -1,38 +1,47 @@
-"""`seedselect optimize` as a plain function: config -> models -> references -> seeds -> run directory.
+"""`seedselect optimize` and `seedselect bootstrap` as plain functions:
+config -> models -> references -> seeds -> run directory.
 
-`run_optimize(config, run_dir)` is what the command runs and what tests call. Each image's seed
-z_T is drawn from an integer that depends only on (`seed`, class, index), never on batch size,
-shard or resumption, and the image is rendered from the best seed exactly as `generate` does.
+`run_optimize(config, run_dir)` and `run_bootstrap(config, run_dir)` are what the commands run and
+what tests call; they differ only in the batches of seeds they optimise. Each image's seed z_T is
+drawn from an integer that depends only on (`seed`, class, index), never on batch size, shard or
+resumption, and the image is rendered from the best seed exactly as `generate` does.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from rich.console import Console
-from rich.table import Table
-from tqdm.auto import tqdm
 
 from seedselect_cli import __version__
-from seedselect_cli.config import Config, parse_shard, to_yaml
+from seedselect_cli.bootstrap import Batch, bootstrap_batches, optimize_global_seed
+from seedselect_cli.config import Config, resolve_shard, to_yaml
 from seedselect_cli.datasets import ClassRecord, load_classes
 from seedselect_cli.errors import UserError
-from seedselect_cli.images import load_references
 from seedselect_cli.models import FrozenModels, load_models, resolve_device, resolve_dtype
 from seedselect_cli.optimize import SeedResult, optimize_seeds
-from seedselect_cli.references import encode_references
+from seedselect_cli.progress import RunProgress, print_summary, run_progress
+from seedselect_cli.references import (
+    Centroids,
+    ReferenceCache,
+    ReferenceEncodings,
+    default_cache_dir,
+    encoder_fingerprint,
+    load_encodings,
+)
 from seedselect_cli.sampling import encode_prompt, sample_images
-from seedselect_cli.seed_files import save_seed_file
+from seedselect_cli.seed_files import load_seed_file, save_seed_file
 from seedselect_cli.writer import RunDirectory, slugify
 
 log = logging.getLogger(__name__)
 
 
-def init_seed_for(seed: int, class_name: str, index: int) -> int:
+def init_seed_for(seed: int, class_name: str, index: int | str) -> int:
     """The integer that draws z_T for image `index` of `class_name` (63 bits of a SHA-256)."""
     digest = hashlib.sha256(f"{seed}/{class_name}/{index}".encode()).digest()
     return int.from_bytes(digest[:8], "big") >> 1
@@ -45,7 +54,8 @@ def initial_noise(models: FrozenModels, shape: tuple[int, ...], init_seed: int) 
 
 
 def shard_classes(records: list[ClassRecord], shard: str) -> list[ClassRecord]:
-    index, count = parse_shard(shard)
+    """This process's classes: every N-th from the I-th, for `runtime.shard=I/N` (or torchrun's rank)."""
+    index, count = resolve_shard(shard)
     return records[index::count]
 
 
@@ -75,61 +85,128 @@ def png_text(metadata: dict, result: SeedResult) -> dict[str, str]:
 
 
 def run_optimize(config: Config, run_dir: Path) -> list[dict]:
-    """Optimise `n_images` seeds per class and write them to `run_dir`. Returns the new manifest entries."""
+    """Optimise `n_images` seeds per class from fresh noise. Returns the new manifest entries."""
+    return run(config, run_dir, "optimize")
+
+
+def run_bootstrap(config: Config, run_dir: Path) -> list[dict]:
+    """`bootstrap.n_images` images per class, each seed optimised from the class's z_T^G."""
+    return run(config, run_dir, "bootstrap")
+
+
+def run(config: Config, run_dir: Path, method: str) -> list[dict]:
+    """Make the missing images of this process's classes in `run_dir`. Returns the new manifest entries."""
     # 1. Device and precision.
     device = resolve_device(config.runtime.device)
     dtype = resolve_dtype(config.runtime.dtype, device)
 
-    # 2. The classes this process takes, with their prompts and reference image paths.
-    records = shard_classes(load_classes(config.dataset, config.seed), config.runtime.shard)
-    slugs = {r.name: slugify(r.name) for r in records}
+    # 2. The classes of the run with their prompts and reference image paths, and those this process takes.
+    all_records = load_classes(config.dataset, config.seed)
+    records = shard_classes(all_records, config.runtime.shard)
+    slugs = {r.name: slugify(r.name) for r in all_records}
     if len(set(slugs.values())) != len(slugs):
         raise UserError("two classes map to the same folder name; rename one of them")
+    contrastive = config.loss.semantic == "contrastive" and config.loss.lam > 0
+    if contrastive and len(all_records) < 2:
+        raise UserError("loss=contrastive needs at least 2 classes in the run; add some to dataset.classes "
+                        "or use loss=default")
 
     # 3. The run directory: its config, and what an earlier run of it already finished.
+    n_images = config.n_images if method == "optimize" else config.bootstrap.n_images
     out = RunDirectory(run_dir)
-    out.start(to_yaml(config))
+    out.start(to_yaml(config), method, ignored=("bootstrap",) if method == "optimize" else ("optim.iterations",))
     done = out.finished()
-    todo = {r.name: [i for i in range(config.n_images) if (r.name, i) not in done] for r in records}
+    todo = {r.name: [i for i in range(n_images) if (r.name, i) not in done] for r in records}
     if not any(todo.values()):
-        log.info("nothing to do: all %d images of %d classes are in %s", config.n_images * len(records),
-                 len(records), run_dir)
+        log.info("nothing to do: all %d images of %d classes are in %s", n_images * len(records), len(records),
+                 run_dir)
         return []
 
-    # 4. The frozen models.
+    # 4. The frozen models, and the cache of reference encodings.
     models = load_models(config.model, device, dtype)
     shape = models.latent_shape(config.sampler.height, config.sampler.width)
+    h, w, mode = config.sampler.height, config.sampler.width, config.dataset.resize_mode
+    cache_dir = (Path(config.runtime.cache_dir).expanduser() if config.runtime.cache_dir else default_cache_dir())
+    cache = ReferenceCache(cache_dir if config.runtime.cache else None, encoder_fingerprint(models, h, w, mode))
 
+    def encode(record: ClassRecord) -> ReferenceEncodings:
+        return load_encodings(models, record.images, h, w, mode, cache, f"class {record.name!r}")
+
+    # 5. For the contrastive loss: the semantic centroid mu_v of every class of the run.
+    class_semantic = (torch.stack([encode(r).centroids().semantic for r in all_records]) if contrastive else None)
+    class_index = {r.name: i for i, r in enumerate(all_records)}
+
+    # 6. Each class: its targets and prompt, then its seeds a batch at a time, each image written when done.
     entries: list[dict] = []
-    for record in records:
-        indices = todo[record.name]
-        if not indices:
-            continue
-        # 5. This class's targets: reference centroids mu_v and mu_z, and the prompt embeddings.
-        images, used = load_references(list(record.images), f"class {record.name!r}")
-        centroids = encode_references(models, images, config.sampler.height, config.sampler.width,
-                                      config.dataset.resize_mode)
-        text_embeds = encode_prompt(models, record.prompt, config.sampler.negative_prompt)
-        log.info("class %r: %d references, prompt %r, %d images to make", record.name, len(used),
-                 record.prompt, len(indices))
-
-        # 6. Optimise the seeds, a batch at a time, and write each image as soon as it is done.
-        for start in range(0, len(indices), config.runtime.batch_size):
-            batch = indices[start:start + config.runtime.batch_size]
-            init_seeds = [init_seed_for(config.seed, record.name, i) for i in batch]
-            z_init = torch.stack([initial_noise(models, shape, s) for s in init_seeds])
-            with tqdm(total=config.optim.iterations, disable=not config.runtime.progress, leave=False,
-                      desc=f"{record.name} [{batch[0] + 1}-{batch[-1] + 1}/{config.n_images}]") as bar:
-                results = optimize_seeds(models, z_init, centroids, text_embeds, config, progress=bar)
-            for index, init_seed, result in zip(batch, init_seeds, results):
-                entries.append(_write_image(out, models, config, record, slugs[record.name], index, init_seed,
-                                            result, text_embeds))
-    _print_summary(entries, run_dir)
+    with run_progress(len(records), sum(map(len, todo.values())), config.runtime.progress) as progress:
+        for record in records:
+            indices, slug = todo[record.name], slugs[record.name]
+            progress.start_class(record.name)
+            if not indices:
+                progress.class_done(record.name, [], n_images, n_images)
+                continue
+            encodings = encode(record)
+            text_embeds = encode_prompt(models, record.prompt, config.sampler.negative_prompt)
+            log.info("class %r: %d references, prompt %r, %d images to make", record.name, len(encodings.paths),
+                     record.prompt, len(indices))
+            if method == "optimize":
+                batches = optimize_batches(models, config, record.name, indices, encodings.centroids(), shape)
+            else:
+                z_global, global_init = global_seed(out, models, config, record, slug, encodings, text_embeds,
+                                                    shape, progress)
+                batches = bootstrap_batches(config, record.name, indices, encodings, z_global, global_init)
+            made: list[dict] = []
+            for batch in batches:
+                centroids = batch.centroids
+                if class_semantic is not None:
+                    centroids = dataclasses.replace(centroids, classes=class_semantic,
+                                                    class_index=class_index[record.name])
+                what = f"{record.name} [{batch.indices[0] + 1}-{batch.indices[-1] + 1}/{n_images}]"
+                with progress.iterations(batch.iterations, what) as bar:
+                    results = optimize_seeds(models, batch.z_init, centroids, text_embeds, config,
+                                             iterations=batch.iterations, progress=bar)
+                for i, (index, init_seed, result) in enumerate(zip(batch.indices, batch.init_seeds, results)):
+                    extra = {"method": method, **(batch.extra[i] if batch.extra else {})}
+                    made.append(_write_image(out, models, config, record, slug, index, init_seed, result,
+                                             text_embeds, extra))
+                progress.images_done(len(results), sum(r.loss for r in results) / len(results))
+            progress.class_done(record.name, made, n_images - len(indices), n_images)
+            entries += made
+    print_summary(entries, run_dir)
     return entries
 
 
+def optimize_batches(models: FrozenModels, config: Config, class_name: str, indices: list[int],
+                     centroids: Centroids, shape: tuple[int, ...]) -> Iterator[Batch]:
+    """`seedselect optimize`: batches of fresh seeds, each drawn from its own init seed."""
+    for start in range(0, len(indices), config.runtime.batch_size):
+        chunk = indices[start:start + config.runtime.batch_size]
+        init_seeds = [init_seed_for(config.seed, class_name, i) for i in chunk]
+        z_init = torch.stack([initial_noise(models, shape, s) for s in init_seeds])
+        yield Batch(chunk, init_seeds, z_init, centroids, config.optim.iterations)
+
+
+def global_seed(out: RunDirectory, models: FrozenModels, config: Config, record: ClassRecord, slug: str,
+                encodings: ReferenceEncodings, text_embeds: torch.Tensor, shape: tuple[int, ...],
+                progress: RunProgress) -> tuple[torch.Tensor, int]:
+    """The class's z_T^G and its init seed: read from the run directory, or optimised and saved there."""
+    path = out.bootstrap_seed_path(slug)
+    if path.is_file():
+        saved = load_seed_file(path)
+        return saved.optimized, int(saved.metadata["init_seed"])
+    init_seed = init_seed_for(config.seed, record.name, "bootstrap")
+    with progress.iterations(config.bootstrap.global_iterations, f"{record.name} z_T^G") as bar:
+        result = optimize_global_seed(models, config, initial_noise(models, shape, init_seed),
+                                      encodings.centroids(), text_embeds, progress=bar)
+    metadata = seed_metadata(models, config, record, -1, init_seed) | {"bootstrap_loss": repr(result.loss)}
+    save_seed_file(path, result.initial, result.optimized, metadata)
+    log.info("%s: z_T^G after %d iterations, loss %.4f -> %.4f", record.name, len(result.loss_history),
+             result.loss_history[0], result.loss)
+    return result.optimized, init_seed
+
+
 def _write_image(out: RunDirectory, models: FrozenModels, config: Config, record: ClassRecord, slug: str,
-                 index: int, init_seed: int, result: SeedResult, text_embeds: torch.Tensor) -> dict:
+                 index: int, init_seed: int, result: SeedResult, text_embeds: torch.Tensor, extra: dict) -> dict:
     """Render the best seed, then write seed file, image, and last the manifest line."""
     image = sample_images(models, result.optimized[None], text_embeds, config.sampler.steps,
                           config.sampler.guidance_scale)[0]
@@ -144,22 +221,7 @@ def _write_image(out: RunDirectory, models: FrozenModels, config: Config, record
         "index": index, "init_seed": init_seed, "iterations": len(result.loss_history),
         "loss": result.loss, "loss_history": result.loss_history,
         "semantic_loss": result.semantic_loss, "appearance_loss": result.appearance_loss,
-        "best_iteration": result.best_iteration, "seconds": round(result.seconds, 4),
+        "best_iteration": result.best_iteration, "seconds": round(result.seconds, 4), **extra,
     }
     out.append_manifest(entry)
     return entry
-
-
-def _print_summary(entries: list[dict], run_dir: Path) -> None:
-    table = Table(title=f"seedselect: {len(entries)} new images in {run_dir}")
-    for column in ("class", "images", "first loss", "best loss", "s / image"):
-        table.add_column(column, justify="left" if column == "class" else "right")
-    by_class: dict[str, list[dict]] = {}
-    for entry in entries:
-        by_class.setdefault(entry["class"], []).append(entry)
-    for name, rows in by_class.items():
-        first = sum(r["loss_history"][0] for r in rows) / len(rows)
-        best = sum(r["loss"] for r in rows) / len(rows)
-        seconds = sum(r["seconds"] for r in rows) / len(rows)
-        table.add_row(name, str(len(rows)), f"{first:.4f}", f"{best:.4f}", f"{seconds:.2f}")
-    Console().print(table)

@@ -1,30 +1,168 @@
-"""The two targets SeedSelect steers towards, computed once per class from its reference images.
+"""The targets SeedSelect steers towards, from a class's reference images, with an on-disk cache.
 
     mu_v = mean_i normalize(CLIP(I_i))         semantic centroid (DESIGN.md, section 1)
     mu_z = mean_i E(I_i) * scaling_factor      appearance centroid, at the sampler's size
+
+Each reference is encoded on its own (so its encoding never depends on which images it was
+batched with) and kept per image, so that bootstrap subsets can be averaged without encoding again.
+Encodings are cached as safetensors files keyed by the weights of the VAE and the CLIP image
+encoder, the preprocessing, and the image file's bytes: a loop over classes, or another shard,
+reads them back instead of encoding again.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from PIL import Image
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from seedselect_cli.encoders import clip_embed_pil, vae_encode
+from seedselect_cli.errors import UserError
+from seedselect_cli.images import load_rgb
 from seedselect_cli.models import FrozenModels
+from seedselect_cli.writer import atomic_write
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class Centroids:
-    semantic: torch.Tensor  # mu_v, (D,), the mean of unit CLIP embeddings
-    appearance: torch.Tensor  # mu_z, (C, h, w)
+    """What one seed, or each seed of a batch, is steered towards."""
+
+    semantic: torch.Tensor | None  # mu_v, (D,) or (B, D): the mean of unit CLIP embeddings
+    appearance: torch.Tensor  # mu_z, (C, h, w) or (B, C, h, w)
     count: int  # number of references behind them
+    # For the contrastive semantic loss: every class's mu_v (N, D), and which row is this class.
+    classes: torch.Tensor | None = None
+    class_index: int = 0
+
+    def to(self, device: torch.device) -> Centroids:
+        move = (lambda t: t.to(device) if t is not None else None)
+        return Centroids(move(self.semantic), move(self.appearance), self.count, move(self.classes),
+                         self.class_index)
 
 
-def encode_references(models: FrozenModels, images: list[Image.Image], height: int, width: int,
-                      resize_mode: str = "default") -> Centroids:
-    """Encode the references with CLIP and the VAE and average them."""
-    semantic = clip_embed_pil(models, images).mean(dim=0) if models.image_encoder is not None else None
-    appearance = vae_encode(models, images, height, width, resize_mode).mean(dim=0)
-    return Centroids(semantic=semantic, appearance=appearance, count=len(images))
+def stack_centroids(items: Sequence[Centroids]) -> Centroids:
+    """One batch of per-seed centroids (B, ...) from centroids of single seeds."""
+    first = items[0]
+    semantic = torch.stack([c.semantic for c in items]) if first.semantic is not None else None
+    return Centroids(semantic, torch.stack([c.appearance for c in items]), first.count, first.classes,
+                     first.class_index)
+
+
+@dataclass
+class ReferenceEncodings:
+    """Every reference of a class, encoded: unit CLIP embeddings and VAE latents, one row per image."""
+
+    semantic: torch.Tensor | None  # (n, D)
+    appearance: torch.Tensor  # (n, C, h, w)
+    paths: tuple[Path, ...]
+
+    def centroids(self, subset: Sequence[int] | None = None) -> Centroids:
+        """The centroids of all references, or of `subset` (indices, repeats counted as often as drawn)."""
+        rows = torch.as_tensor(list(subset) if subset is not None else range(len(self.paths)), dtype=torch.long)
+        semantic = self.semantic[rows].mean(dim=0) if self.semantic is not None else None
+        return Centroids(semantic=semantic, appearance=self.appearance[rows].mean(dim=0), count=len(rows))
+
+
+def encode_images(models: FrozenModels, images: list[Image.Image], height: int, width: int,
+                  resize_mode: str = "default") -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(unit CLIP embeddings (n, D) or None, VAE latents (n, C, h, w)), one image at a time."""
+    semantic = (torch.cat([clip_embed_pil(models, [im]) for im in images]).cpu()
+                if models.image_encoder is not None else None)
+    appearance = torch.cat([vae_encode(models, [im], height, width, resize_mode) for im in images]).cpu()
+    return semantic, appearance
+
+
+def default_cache_dir() -> Path:
+    """`$SEEDSELECT_CACHE_DIR`, else `$XDG_CACHE_HOME/seedselect`, else `~/.cache/seedselect`."""
+    if os.environ.get("SEEDSELECT_CACHE_DIR"):
+        return Path(os.environ["SEEDSELECT_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "seedselect"
+
+
+def encoder_fingerprint(models: FrozenModels, height: int, width: int, resize_mode: str) -> str:
+    """A key that changes whenever an encoding of the same image could: weights, preprocessing, dtype."""
+    digest = hashlib.sha256()
+    for module in (models.vae, models.image_encoder):
+        if module is None:
+            digest.update(b"none")
+            continue
+        for name, tensor in module.state_dict().items():  # names, shapes, and a sample of every tensor
+            sample = tensor.detach().flatten()[:64].float().cpu().numpy().tobytes()
+            digest.update(f"{name}{tuple(tensor.shape)}".encode() + sample)
+    processor = models.image_processor.to_json_string() if models.image_processor is not None else ""
+    digest.update(json.dumps([processor, height, width, resize_mode, str(models.dtype), models.device.type,
+                              models.vae.config.scaling_factor]).encode())
+    return digest.hexdigest()[:16]
+
+
+class ReferenceCache:
+    """Per-image encodings in `root/<fingerprint>/<ab>/<sha256 of the file>.safetensors`."""
+
+    def __init__(self, root: Path | None, fingerprint: str):
+        self.folder = Path(root) / fingerprint if root is not None else None
+
+    def _path(self, file_hash: str) -> Path:
+        return self.folder / file_hash[:2] / f"{file_hash}.safetensors"
+
+    def get(self, file_hash: str) -> dict[str, torch.Tensor] | None:
+        if self.folder is None or not self._path(file_hash).is_file():
+            return None
+        try:
+            return load_file(self._path(file_hash))
+        except (SafetensorError, OSError) as exc:  # a damaged entry is encoded again
+            log.warning("reference cache: ignoring unreadable %s (%s)", self._path(file_hash), exc)
+            return None
+
+    def put(self, file_hash: str, tensors: dict[str, torch.Tensor]) -> None:
+        if self.folder is None:
+            return
+        try:
+            atomic_write(self._path(file_hash), lambda tmp: save_file(
+                {k: v.contiguous() for k, v in tensors.items()}, tmp))
+        except OSError as exc:  # a read-only or full cache only costs time
+            log.warning("reference cache: cannot write %s (%s)", self._path(file_hash), exc.strerror)
+
+
+def load_encodings(models: FrozenModels, paths: Sequence[Path], height: int, width: int, resize_mode: str,
+                   cache: ReferenceCache, what: str, minimum: int = 1) -> ReferenceEncodings:
+    """Encode every readable reference of `paths` (from the cache where it can); skip broken ones
+    with a warning. Raises `UserError` when fewer than `minimum` can be read."""
+    semantic, appearance, kept, broken = [], [], [], []
+    for path in paths:
+        try:
+            file_hash = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        except OSError as exc:
+            broken.append(f"{path}: cannot read ({exc.strerror})")
+            continue
+        entry = cache.get(file_hash)
+        if entry is None:
+            try:
+                image = load_rgb(Path(path))
+            except UserError as exc:
+                broken.append(str(exc))
+                continue
+            sem, app = encode_images(models, [image], height, width, resize_mode)
+            entry = {"appearance": app[0]} | ({"semantic": sem[0]} if sem is not None else {})
+            cache.put(file_hash, entry)
+        if models.image_encoder is not None:
+            semantic.append(entry["semantic"])
+        appearance.append(entry["appearance"])
+        kept.append(Path(path))
+    for message in broken:
+        log.warning("skipping reference image %s", message)
+    if len(kept) < minimum:
+        detail = f" ({len(broken)} unreadable: {broken[0]})" if broken else ""
+        raise UserError(f"{what} has {len(kept)} readable images, {minimum} needed{detail}")
+    return ReferenceEncodings(torch.stack(semantic) if semantic else None, torch.stack(appearance), tuple(kept))

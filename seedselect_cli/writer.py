@@ -2,22 +2,27 @@
 
     RUN/config.yaml                          the resolved config
     RUN/manifest.jsonl                       one JSON object per finished image, written last
-    RUN/images/<class>/<index:05d>.png
+    RUN/images/<class>/<index:05d>.png       an ImageFolder: training code reads RUN/images directly
+    RUN/images/metadata.jsonl                the same images for Hugging Face `imagefolder` (file_name, label, ...)
     RUN/seeds/<class>/<index:05d>.safetensors
+    RUN/bootstrap/<class>.safetensors        `seedselect bootstrap`: the class's seed z_T^G
 
 An image counts as finished when its manifest line is there and its files exist; anything else is
-redone by the next run of the same command in the same directory.
+redone by the next run of the same command in the same directory. Several processes (shards) may
+write to one run directory: manifest and metadata lines are appended under a file lock.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -27,8 +32,12 @@ from seedselect_cli.errors import UserError
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.jsonl"
+METADATA = "images/metadata.jsonl"
 CONFIG = "config.yaml"
-RESUMABLE_KEYS_IGNORED = ("runtime", "n_images")  # may change between a run and its resumption
+LOCK = ".lock"
+# May change between a run and its resumption: how it runs, how many images, which classes (a loop
+# over classes may fill one run directory).
+RESUMABLE_KEYS = ("runtime", "n_images", "bootstrap.n_images", "dataset.classes")
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -62,8 +71,19 @@ class RunDirectory:
     def __init__(self, root: Path):
         self.root = Path(root)
 
-    def start(self, config_yaml: str) -> None:
-        """Create the directory, check it is writable and holds no run of another config, save the config."""
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the run directory's lock: one process at a time edits the manifest and metadata."""
+        with open(self.root / LOCK, "a") as handle:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+    def start(self, config_yaml: str, method: str = "optimize", ignored: Sequence[str] = ()) -> None:
+        """Create the directory, check it is writable and holds no run of another config or method, save
+        the config. Keys in `ignored` (besides the resumable ones) may differ from the earlier run's."""
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             probe = self.root / f".write-test-{os.getpid()}"
@@ -74,21 +94,30 @@ class RunDirectory:
                             f"choose another with hydra.run.dir=DIR") from None
         old = self.root / CONFIG
         if old.exists():
-            before, after = _comparable(old.read_text()), _comparable(config_yaml)
+            skip = (*RESUMABLE_KEYS, *ignored)
+            before, after = _comparable(old.read_text(), skip), _comparable(config_yaml, skip)
             if before != after:
                 key = next(k for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k))
                 raise UserError(
                     f"{self.root} holds a run made with another config ({key}: {before.get(key)!r} there, "
                     f"{after.get(key)!r} now); resume with the same settings or pass a new hydra.run.dir"
                 )
-        atomic_write(old, lambda tmp: tmp.write_text(config_yaml))
-        self._repair_manifest()
+        with self.locked():
+            others = {e.get("method", "optimize") for e in self._read_manifest()} - {method}
+            if others:
+                raise UserError(f"{self.root} holds images of `seedselect {others.pop()}`; "
+                                f"`seedselect {method}` needs a new hydra.run.dir")
+            atomic_write(old, lambda tmp: tmp.write_text(config_yaml))
+            self._repair_manifest()
 
     def image_path(self, slug: str, index: int) -> Path:
         return self.root / "images" / slug / f"{index:05d}.png"
 
     def seed_path(self, slug: str, index: int) -> Path:
         return self.root / "seeds" / slug / f"{index:05d}.safetensors"
+
+    def bootstrap_seed_path(self, slug: str) -> Path:
+        return self.root / "bootstrap" / f"{slug}.safetensors"
 
     def finished(self) -> dict[tuple[str, int], dict]:
         """Manifest entries whose image and seed file both exist, keyed by (class, index)."""
@@ -101,11 +130,10 @@ class RunDirectory:
         atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
 
     def append_manifest(self, entry: dict) -> None:
-        """Add one finished image to the manifest: written last, after its files exist."""
-        with open(self.root / MANIFEST, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+        """Add one finished image to the manifest, and to the metadata: written last, after its files."""
+        with self.locked():
+            _append_line(self.root / MANIFEST, entry)
+            _append_line(self.root / METADATA, metadata_row(entry))
 
     def _complete(self, entry: dict) -> bool:
         return all((self.root / entry.get(k, "\0")).is_file() for k in ("image", "seed_file"))
@@ -125,21 +153,38 @@ class RunDirectory:
         return entries
 
     def _repair_manifest(self) -> None:
-        """Drop lines a killed run left half-written, or whose files are gone, so appends stay clean."""
+        """Drop lines a killed run left half-written, whose files are gone, or repeated, so appends stay
+        clean; rewrite the metadata from the manifest. Call with the lock held."""
         path = self.root / MANIFEST
-        if not path.exists():
-            return
-        text = path.read_text(encoding="utf-8")
-        good = [e for e in self._read_manifest() if self._complete(e)]
+        text = path.read_text(encoding="utf-8") if path.exists() else ""
+        good = list({(e["class"], int(e["index"])): e for e in self._read_manifest() if self._complete(e)}.values())
         lines = "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in good)
         if lines != text:
             log.warning("manifest: dropping %d incomplete entries left by an interrupted run",
                         len(text.splitlines()) - len(good))
             atomic_write(path, lambda tmp: tmp.write_text(lines, encoding="utf-8"))
+        metadata = "".join(json.dumps(metadata_row(e), ensure_ascii=False) + "\n" for e in good)
+        atomic_write(self.root / METADATA, lambda tmp: tmp.write_text(metadata, encoding="utf-8"))
 
 
-def _comparable(config_yaml: str) -> dict:
-    """Flattened config without the keys that may differ when a run is resumed."""
+def metadata_row(entry: dict) -> dict:
+    """A manifest entry as a line of Hugging Face `imagefolder` metadata (paths relative to RUN/images)."""
+    row = {"file_name": Path(entry["image"]).relative_to("images").as_posix(), "label": entry["class"]}
+    row.update({k: entry[k] for k in ("prompt", "index", "init_seed", "loss", "method") if k in entry})
+    row["seed_file"] = f"../{entry['seed_file']}"
+    return row
+
+
+def _append_line(path: Path, entry: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _comparable(config_yaml: str, skip: Sequence[str]) -> dict:
+    """Flattened config without the keys (or sections) in `skip`."""
     data = OmegaConf.to_container(OmegaConf.create(config_yaml)) or {}
     flat: dict = {}
 
@@ -150,5 +195,5 @@ def _comparable(config_yaml: str) -> dict:
         else:
             flat[prefix[:-1]] = node
 
-    walk("", {k: v for k, v in data.items() if k not in RESUMABLE_KEYS_IGNORED})
-    return flat
+    walk("", data)
+    return {k: v for k, v in flat.items() if not any(k == s or k.startswith(f"{s}.") for s in skip)}

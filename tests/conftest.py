@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,8 @@ from seedselect_cli.config import Config, ModelConfig, load_config, register_res
 from seedselect_cli.models import FrozenModels, load_models
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never touch the network
+# Reference encodings are cached here, not in the user's ~/.cache (subprocesses inherit it).
+os.environ["SEEDSELECT_CACHE_DIR"] = tempfile.mkdtemp(prefix="seedselect-test-cache-")
 
 
 def compose_raw(name: str = "demo", overrides: list[str] | None = None):

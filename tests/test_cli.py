@@ -96,7 +96,7 @@ def test_help(capsys):
     assert main(["--help"]) == 0
     assert "optimize" in capsys.readouterr().out
     done = seedselect("optimize", "--help", cwd=os.getcwd())
-    assert done.returncode == 0 and "seedselect optimize" in done.stdout and "dataset: cub, folder" in done.stdout
+    assert done.returncode == 0 and "seedselect optimize" in done.stdout and "dataset: cifar_fs, cub, folder, imagefolder, imagenet_lt, mini_imagenet" in done.stdout
 
 
 @pytest.mark.parametrize("args, message", [

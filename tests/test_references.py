@@ -1,4 +1,4 @@
-"""Reference images: robust loading, CLIP preprocessing as the processor does it, centroids."""
+"""Reference images: robust loading, CLIP preprocessing as the processor does it, centroids, the cache."""
 
 from __future__ import annotations
 
@@ -9,10 +9,18 @@ import pytest
 import torch
 from PIL import Image
 
+from seedselect_cli import references
 from seedselect_cli.encoders import clip_embed_pil, clip_pixels, vae_encode
 from seedselect_cli.errors import UserError
-from seedselect_cli.images import load_references, load_rgb
-from seedselect_cli.references import encode_references
+from seedselect_cli.images import load_rgb
+from seedselect_cli.references import (
+    ReferenceCache,
+    ReferenceEncodings,
+    encode_images,
+    encoder_fingerprint,
+    load_encodings,
+    stack_centroids,
+)
 from tests.conftest import random_image
 
 
@@ -43,17 +51,17 @@ def test_transparent_pixels_become_white_and_exif_rotation_is_applied(tmp_path):
     assert load_rgb(tmp_path / "rotated.jpg").size == (20, 40)
 
 
-def test_broken_files_are_skipped_with_a_warning_unless_too_few_remain(tmp_path, caplog):
+def test_broken_files_are_skipped_with_a_warning_unless_too_few_remain(tiny_models, tmp_path, caplog):
     random_image(np.random.default_rng(1)).save(tmp_path / "good.png")
     (tmp_path / "empty.png").write_bytes(b"")
     (tmp_path / "notes.jpg").write_text("not an image")
     paths = sorted(tmp_path.iterdir())
     with caplog.at_level(logging.WARNING):
-        images, kept = load_references(paths, "class 'x'")
-    assert [p.name for p in kept] == ["good.png"] and len(images) == 1
+        encodings = load_encodings(tiny_models, paths, 32, 32, "default", ReferenceCache(None, "x"), "class 'x'")
+    assert [p.name for p in encodings.paths] == ["good.png"] and encodings.appearance.shape == (1, 4, 16, 16)
     assert "empty.png" in caplog.text and "notes.jpg" in caplog.text
     with pytest.raises(UserError, match="1 readable images, 2 needed"):
-        load_references(paths, "class 'x'", minimum=2)
+        load_encodings(tiny_models, paths, 32, 32, "default", ReferenceCache(None, "x"), "class 'x'", minimum=2)
 
 
 def test_clip_pixels_matches_the_image_processor(tiny_models):
@@ -71,11 +79,60 @@ def test_clip_pixels_matches_the_image_processor(tiny_models):
 def test_centroids_are_the_means_of_the_encodings(tiny_models):
     rng = np.random.default_rng(3)
     images = [random_image(rng, size) for size in [(40, 40), (50, 30), (32, 64)]]
-    centroids = encode_references(tiny_models, images, 32, 32)
-    embeds = clip_embed_pil(tiny_models, images)
+    semantic, appearance = encode_images(tiny_models, images, 32, 32)
+    centroids = ReferenceEncodings(semantic, appearance, ("a", "b", "c")).centroids()
+    embeds = clip_embed_pil(tiny_models, images)  # all three in one batch
     assert torch.allclose(embeds.norm(dim=-1), torch.ones(3))
-    torch.testing.assert_close(centroids.semantic, embeds.mean(0))
-    torch.testing.assert_close(centroids.appearance, vae_encode(tiny_models, images, 32, 32).mean(0))
+    torch.testing.assert_close(centroids.semantic, embeds.mean(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(centroids.appearance, vae_encode(tiny_models, images, 32, 32).mean(0),
+                               rtol=1e-5, atol=1e-5)
     assert centroids.appearance.shape == (4, 16, 16) and centroids.count == 3
-    single = [clip_embed_pil(tiny_models, [im])[0] for im in images]  # batching does not change encodings
-    torch.testing.assert_close(torch.stack(single), embeds, rtol=1e-5, atol=1e-6)
+
+
+def test_subset_centroids_count_repeats(tiny_models):
+    g = torch.Generator().manual_seed(5)
+    encodings = ReferenceEncodings(torch.randn(4, 16, generator=g), torch.randn(4, 4, 16, 16, generator=g),
+                                   tuple("abcd"))
+    subset = encodings.centroids([1, 1, 3])
+    torch.testing.assert_close(subset.semantic, (2 * encodings.semantic[1] + encodings.semantic[3]) / 3)
+    torch.testing.assert_close(subset.appearance, (2 * encodings.appearance[1] + encodings.appearance[3]) / 3)
+    batch = stack_centroids([subset, encodings.centroids([0]), encodings.centroids()])
+    assert batch.semantic.shape == (3, 16) and batch.appearance.shape == (3, 4, 16, 16)
+    torch.testing.assert_close(batch.semantic[1], encodings.semantic[0])
+
+
+def test_the_cache_returns_what_was_encoded_without_encoding_again(tiny_models, reference_folder, tmp_path,
+                                                                    monkeypatch):
+    paths = sorted(reference_folder.iterdir())
+    cache = ReferenceCache(tmp_path / "cache", encoder_fingerprint(tiny_models, 32, 32, "default"))
+    fresh = load_encodings(tiny_models, paths, 32, 32, "default", cache, "refs")
+    assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == len(paths)
+
+    calls = []
+    monkeypatch.setattr(references, "encode_images", lambda *a, **k: calls.append(a) or encode_images(*a, **k))
+    cached = load_encodings(tiny_models, paths, 32, 32, "default", cache, "refs")
+    assert calls == []
+    torch.testing.assert_close(cached.semantic, fresh.semantic, rtol=0, atol=0)
+    torch.testing.assert_close(cached.appearance, fresh.appearance, rtol=0, atol=0)
+
+    # A changed image, or a damaged cache entry, is encoded again.
+    random_image(np.random.default_rng(9), (30, 30)).save(paths[0])
+    next((tmp_path / "cache").rglob("*.safetensors")).write_bytes(b"garbage")
+    again = load_encodings(tiny_models, paths, 32, 32, "default", cache, "refs")
+    assert len(calls) == 2
+    assert not torch.equal(again.appearance[0], fresh.appearance[0])
+
+
+def test_the_cache_key_follows_weights_and_preprocessing(tiny_models, tiny_models64):
+    key = encoder_fingerprint(tiny_models, 32, 32, "default")
+    assert key == encoder_fingerprint(tiny_models, 32, 32, "default")
+    assert key != encoder_fingerprint(tiny_models, 64, 32, "default")
+    assert key != encoder_fingerprint(tiny_models, 32, 32, "crop")
+    assert key != encoder_fingerprint(tiny_models64, 32, 32, "default")
+    with torch.no_grad():
+        weight = next(tiny_models.vae.parameters())
+        weight.view(-1)[0] += 1.0
+        try:
+            assert key != encoder_fingerprint(tiny_models, 32, 32, "default")
+        finally:
+            weight.view(-1)[0] -= 1.0

@@ -1,0 +1,67 @@
+"""Bulk image sets: the paper's bootstrap scheme (DESIGN.md, section 1), one class at a time.
+
+    1. z_T^G: optimise one seed on the centroids of all references, `bootstrap.global_iterations`.
+    2. For each image: draw `bootstrap.subset_size` references with replacement and optimise a seed
+       from z_T^G towards that subset's centroids for `bootstrap.iterations`.
+
+A batch of images shares z_T^G as its start but each seed has its own subset, so the batch carries
+per-seed centroids; the summed loss keeps every seed's gradient and AdamW state its own. The subset
+of image `index` depends only on (`seed`, class, index), and z_T^G is saved in the run directory,
+so a resumed run, another batch size or another shard draws exactly the same images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from seedselect_cli.config import Config
+from seedselect_cli.optimize import SeedResult, optimize_seeds
+from seedselect_cli.references import Centroids, ReferenceEncodings, stack_centroids
+
+
+@dataclass
+class Batch:
+    """Seeds to optimise together: their image indices, starting seeds, targets and iteration count."""
+
+    indices: list[int]
+    init_seeds: list[int]
+    z_init: torch.Tensor  # (B, C, h, w)
+    centroids: Centroids  # shared, or per seed
+    iterations: int
+    extra: list[dict] = field(default_factory=list)  # per seed: what the manifest records besides
+
+
+def draw_subset(seed: int, class_name: str, index: int, n_references: int, size: int) -> list[int]:
+    """`size` reference indices drawn with replacement, the same for the same (seed, class, index)."""
+    key = int.from_bytes(hashlib.sha256(f"{seed}/{class_name}/subset/{index}".encode()).digest()[:8], "big")
+    rng = random.Random(key)
+    return sorted(rng.randrange(n_references) for _ in range(size))
+
+
+def bootstrap_batches(config: Config, class_name: str, indices: list[int], encodings: ReferenceEncodings,
+                      z_global: torch.Tensor, global_init_seed: int) -> Iterator[Batch]:
+    """Stage 2: batches of seeds starting from z_T^G, each steered towards its own reference subset."""
+    n_refs, size = len(encodings.paths), config.bootstrap.subset_size
+    for start in range(0, len(indices), config.runtime.batch_size):
+        chunk = indices[start:start + config.runtime.batch_size]
+        subsets = [draw_subset(config.seed, class_name, i, n_refs, size) for i in chunk]
+        yield Batch(
+            indices=chunk, init_seeds=[global_init_seed] * len(chunk),
+            z_init=z_global[None].expand(len(chunk), *z_global.shape).clone(),
+            centroids=stack_centroids([encodings.centroids(s) for s in subsets]),
+            iterations=config.bootstrap.iterations,
+            extra=[{"subset": [str(encodings.paths[j]) for j in s]} for s in subsets],
+        )
+
+
+def optimize_global_seed(models, config: Config, z_init: torch.Tensor, centroids: Centroids,
+                         text_embeds: torch.Tensor, progress=None) -> SeedResult:
+    """Stage 1: z_T^G, one seed optimised on the centroids of all references."""
+    [result] = optimize_seeds(models, z_init[None], centroids, text_embeds, config,
+                              iterations=config.bootstrap.global_iterations, progress=progress)
+    return result
