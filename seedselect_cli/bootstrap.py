@@ -43,12 +43,12 @@ def draw_subset(seed: int, class_name: str, index: int, n_references: int, size:
     return sorted(rng.randrange(n_references) for _ in range(size))
 
 
-def bootstrap_batches(config: Config, class_name: str, indices: list[int], encodings: ReferenceEncodings,
+def bootstrap_batches(config: Config, class_name: str, blocks: list[list[int]], encodings: ReferenceEncodings,
                       z_global: torch.Tensor, global_init_seed: int) -> Iterator[Batch]:
-    """Stage 2: batches of seeds starting from z_T^G, each steered towards its own reference subset."""
+    """Stage 2: a batch per block of image indices, seeds starting from z_T^G, each steered towards its
+    own reference subset."""
     n_refs, size = len(encodings.paths), config.bootstrap.subset_size
-    for start in range(0, len(indices), config.runtime.batch_size):
-        chunk = indices[start:start + config.runtime.batch_size]
+    for chunk in blocks:
         subsets = [draw_subset(config.seed, class_name, i, n_refs, size) for i in chunk]
         yield Batch(
             indices=chunk, init_seeds=[global_init_seed] * len(chunk),

@@ -57,6 +57,7 @@ class FrozenModels:
 def resolve_device(name: str) -> torch.device:
     """`runtime.device`: auto picks CUDA when present, else the CPU. Under `torchrun` (LOCAL_RANK set)
     each process takes its own GPU."""
+    fit_cpu_threads()
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
@@ -68,6 +69,14 @@ def resolve_device(name: str) -> torch.device:
         torch.cuda.set_device(device)
         return device
     return torch.device(name)
+
+
+def fit_cpu_threads() -> None:
+    """Use no more CPU threads than this process may run on: a job given 1 core (Slurm, submitit,
+    taskset) that starts one OpenMP thread per core of the machine runs many times slower."""
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if torch.get_num_threads() > allowed:
+        torch.set_num_threads(allowed)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -13,7 +13,7 @@ import dataclasses
 import hashlib
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -56,6 +56,8 @@ def initial_noise(models: FrozenModels, shape: tuple[int, ...], init_seed: int) 
 def shard_classes(records: list[ClassRecord], shard: str) -> list[ClassRecord]:
     """This process's classes: every N-th from the I-th, for `runtime.shard=I/N` (or torchrun's rank)."""
     index, count = resolve_shard(shard)
+    if count > 1:
+        log.info("shard %d/%d: %d of the run's %d classes", index, count, len(records[index::count]), len(records))
     return records[index::count]
 
 
@@ -99,6 +101,7 @@ def run(config: Config, run_dir: Path, method: str) -> list[dict]:
     # 1. Device and precision.
     device = resolve_device(config.runtime.device)
     dtype = resolve_dtype(config.runtime.dtype, device)
+    log.info("device %s, %s, %d CPU threads", device, str(dtype).removeprefix("torch."), torch.get_num_threads())
 
     # 2. The classes of the run with their prompts and reference image paths, and those this process takes.
     all_records = load_classes(config.dataset, config.seed)
@@ -149,38 +152,54 @@ def run(config: Config, run_dir: Path, method: str) -> list[dict]:
             text_embeds = encode_prompt(models, record.prompt, config.sampler.negative_prompt)
             log.info("class %r: %d references, prompt %r, %d images to make", record.name, len(encodings.paths),
                      record.prompt, len(indices))
+            def contrast(centroids: Centroids, name: str = record.name) -> Centroids:
+                if class_semantic is None:
+                    return centroids
+                return dataclasses.replace(centroids, classes=class_semantic, class_index=class_index[name])
+
+            blocks = batch_blocks(indices, n_images, config.runtime.batch_size)
             if method == "optimize":
-                batches = optimize_batches(models, config, record.name, indices, encodings.centroids(), shape)
+                batches = optimize_batches(models, config, record.name, blocks, encodings.centroids(), shape)
             else:
                 z_global, global_init = global_seed(out, models, config, record, slug, encodings, text_embeds,
-                                                    shape, progress)
-                batches = bootstrap_batches(config, record.name, indices, encodings, z_global, global_init)
+                                                   shape, progress, contrast)
+                batches = bootstrap_batches(config, record.name, blocks, encodings, z_global, global_init)
             made: list[dict] = []
             for batch in batches:
-                centroids = batch.centroids
-                if class_semantic is not None:
-                    centroids = dataclasses.replace(centroids, classes=class_semantic,
-                                                    class_index=class_index[record.name])
                 what = f"{record.name} [{batch.indices[0] + 1}-{batch.indices[-1] + 1}/{n_images}]"
                 with progress.iterations(batch.iterations, what) as bar:
-                    results = optimize_seeds(models, batch.z_init, centroids, text_embeds, config,
+                    results = optimize_seeds(models, batch.z_init, contrast(batch.centroids), text_embeds, config,
                                              iterations=batch.iterations, progress=bar)
+                written = []
                 for i, (index, init_seed, result) in enumerate(zip(batch.indices, batch.init_seeds, results)):
-                    extra = {"method": method, **(batch.extra[i] if batch.extra else {})}
-                    made.append(_write_image(out, models, config, record, slug, index, init_seed, result,
-                                             text_embeds, extra))
-                progress.images_done(len(results), sum(r.loss for r in results) / len(results))
+                    if index not in indices:  # finished earlier; optimised again only to keep the batch whole
+                        continue
+                    extra = {"method": method, "batch": batch.indices, **(batch.extra[i] if batch.extra else {})}
+                    written.append(_write_image(out, models, config, record, slug, index, init_seed, result,
+                                                text_embeds, extra))
+                progress.images_done(len(written), sum(e["loss"] for e in written) / len(written))
+                made += written
             progress.class_done(record.name, made, n_images - len(indices), n_images)
             entries += made
     print_summary(entries, run_dir)
     return entries
 
 
-def optimize_batches(models: FrozenModels, config: Config, class_name: str, indices: list[int],
+def batch_blocks(missing: list[int], n_images: int, batch_size: int) -> list[list[int]]:
+    """The batches that make the `missing` images: always the same blocks of indices, [0, B), [B, 2B), ...
+
+    Batched kernels round differently from one batch size or composition to another, so an image is
+    always optimised together with the same neighbours: a resumed run redoes a missing image in its
+    original block (recomputing, not rewriting, the finished ones) and gets bit-for-bit the same seed.
+    """
+    blocks = sorted({i // batch_size for i in missing})
+    return [list(range(b * batch_size, min((b + 1) * batch_size, n_images))) for b in blocks]
+
+
+def optimize_batches(models: FrozenModels, config: Config, class_name: str, blocks: list[list[int]],
                      centroids: Centroids, shape: tuple[int, ...]) -> Iterator[Batch]:
-    """`seedselect optimize`: batches of fresh seeds, each drawn from its own init seed."""
-    for start in range(0, len(indices), config.runtime.batch_size):
-        chunk = indices[start:start + config.runtime.batch_size]
+    """`seedselect optimize`: a batch of fresh seeds per block, each drawn from its own init seed."""
+    for chunk in blocks:
         init_seeds = [init_seed_for(config.seed, class_name, i) for i in chunk]
         z_init = torch.stack([initial_noise(models, shape, s) for s in init_seeds])
         yield Batch(chunk, init_seeds, z_init, centroids, config.optim.iterations)
@@ -188,7 +207,7 @@ def optimize_batches(models: FrozenModels, config: Config, class_name: str, indi
 
 def global_seed(out: RunDirectory, models: FrozenModels, config: Config, record: ClassRecord, slug: str,
                 encodings: ReferenceEncodings, text_embeds: torch.Tensor, shape: tuple[int, ...],
-                progress: RunProgress) -> tuple[torch.Tensor, int]:
+                progress: RunProgress, contrast: Callable[[Centroids], Centroids]) -> tuple[torch.Tensor, int]:
     """The class's z_T^G and its init seed: read from the run directory, or optimised and saved there."""
     path = out.bootstrap_seed_path(slug)
     if path.is_file():
@@ -197,7 +216,7 @@ def global_seed(out: RunDirectory, models: FrozenModels, config: Config, record:
     init_seed = init_seed_for(config.seed, record.name, "bootstrap")
     with progress.iterations(config.bootstrap.global_iterations, f"{record.name} z_T^G") as bar:
         result = optimize_global_seed(models, config, initial_noise(models, shape, init_seed),
-                                      encodings.centroids(), text_embeds, progress=bar)
+                                      contrast(encodings.centroids()), text_embeds, progress=bar)
     metadata = seed_metadata(models, config, record, -1, init_seed) | {"bootstrap_loss": repr(result.loss)}
     save_seed_file(path, result.initial, result.optimized, metadata)
     log.info("%s: z_T^G after %d iterations, loss %.4f -> %.4f", record.name, len(result.loss_history),

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 
-from seedselect_cli.losses import appearance_loss, combine, kstep_semantic_loss, semantic_distance
+from seedselect_cli.losses import (
+    appearance_loss,
+    combine,
+    contrastive_semantic_loss,
+    kstep_semantic_loss,
+    semantic_distance,
+)
 
 
 def unit(x):
@@ -42,3 +51,44 @@ def test_lambda_weights_the_two_terms():
     torch.testing.assert_close(combine(sem, app, 0.0).total, app)
     torch.testing.assert_close(combine(sem, app, 1.0).total, sem)
     torch.testing.assert_close(combine(sem, app, 0.3).total, 0.3 * sem + 0.7 * app)
+
+
+def plain_contrastive(v, target, classes, c, distance, tau):
+    """The DESIGN.md formula, one seed and one class at a time, in Python floats."""
+    def dist(a, b):
+        if distance == "cosine":
+            return 1 - float(a @ b) / (float(a.norm()) * float(b.norm()))
+        return float((a - b).norm())
+    out = []
+    for i in range(v.shape[0]):
+        mu = [target[i] if j == c else classes[j] for j in range(classes.shape[0])]
+        logits = [math.exp(-dist(mu_j, v[i]) / tau) for mu_j in mu]
+        out.append(-math.log(logits[c] / sum(logits)))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("distance", ["cosine", "euclidean"])
+def test_contrastive_loss_matches_the_formula(distance):
+    g = torch.Generator().manual_seed(4)
+    v = unit(torch.randn(3, 10, generator=g, dtype=torch.float64))
+    classes = unit(torch.randn(5, 10, generator=g, dtype=torch.float64))
+    target = unit(torch.randn(3, 10, generator=g, dtype=torch.float64))  # per-seed (bootstrap subsets)
+    for tau in (0.05, 1.0):
+        got = contrastive_semantic_loss(v, target, classes, 2, distance, tau)
+        torch.testing.assert_close(got, plain_contrastive(v, target, classes, 2, distance, tau))
+    shared = contrastive_semantic_loss(v, classes[1], classes, 1, distance, 0.1)  # one centroid for all
+    torch.testing.assert_close(shared, plain_contrastive(v, classes[1].expand(3, -1), classes, 1, distance, 0.1))
+
+
+def test_contrastive_loss_prefers_the_own_class_and_enters_the_kstep_sum():
+    g = torch.Generator().manual_seed(5)
+    classes = unit(torch.randn(4, 8, generator=g, dtype=torch.float64))
+    near_own, near_other = unit(classes[0] + 0.05), unit(classes[3] + 0.05)
+    loss = contrastive_semantic_loss(torch.stack([near_own, near_other]), classes[0], classes, 0, "cosine", 0.05)
+    assert loss[0] < math.log(4) < loss[1]  # log N: the loss of an embedding equally far from all classes
+    embeds = [unit(torch.randn(2, 8, generator=g, dtype=torch.float64)) for _ in range(2)]
+    weights = [0.3, 0.7]
+    expected = sum(w * contrastive_semantic_loss(e, classes[2], classes, 2, "cosine", 0.1)
+                   for w, e in zip(weights, embeds))
+    got = kstep_semantic_loss(embeds, classes[2], weights, "cosine", contrast=(classes, 2, 0.1))
+    torch.testing.assert_close(got, expected)

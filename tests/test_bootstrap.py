@@ -1,0 +1,155 @@
+"""`seedselect bootstrap` as a function: subsets, batching, shards, resumption, the contrastive loss."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from seedselect_cli.bootstrap import bootstrap_batches, draw_subset
+from seedselect_cli.config import resolve_shard
+from seedselect_cli.errors import UserError
+from seedselect_cli.optimize import optimize_seeds
+from seedselect_cli.pipeline import run_bootstrap
+from seedselect_cli.references import ReferenceEncodings
+from seedselect_cli.sampling import encode_prompt
+from tests.conftest import make_config
+from tests.layouts import make_cub
+
+CLASSES = ("001.Black_footed_Albatross", "094.Pine_Warbler", "095.Cerulean_Warbler")
+
+
+def test_subsets_are_drawn_with_replacement_and_reproducibly():
+    subsets = [draw_subset(0, "Pine Warbler", i, 5, 4) for i in range(200)]
+    assert all(len(s) == 4 and all(0 <= j < 5 for j in s) for s in subsets)
+    assert any(len(set(s)) < len(s) for s in subsets)  # some index drawn twice
+    assert len({tuple(s) for s in subsets}) > 20
+    assert draw_subset(0, "Pine Warbler", 7, 5, 4) == subsets[7]
+    assert draw_subset(1, "Pine Warbler", 7, 5, 4) != subsets[7] or draw_subset(2, "Pine Warbler", 7, 5, 4) != \
+        subsets[7]
+
+
+def random_encodings(n: int, seed: int) -> ReferenceEncodings:
+    g = torch.Generator().manual_seed(seed)
+    semantic = torch.nn.functional.normalize(torch.randn(n, 16, generator=g), dim=-1)
+    return ReferenceEncodings(semantic, torch.randn(n, 4, 16, 16, generator=g), tuple(f"ref{i}.png" for i in range(n)))
+
+
+def test_a_batch_of_bootstrap_seeds_matches_each_seed_optimised_alone(tiny_models):
+    """Per-seed subsets in one batch: every seed gets the result it would get in a batch of its own."""
+    encodings = random_encodings(5, 0)
+    z_global = torch.randn(4, 16, 16, generator=torch.Generator().manual_seed(1))
+    embeds = encode_prompt(tiny_models, "a photo of a Pine Warbler")
+    config = make_config(["bootstrap.iterations=3", "bootstrap.subset_size=2"])
+    [batch] = list(bootstrap_batches(config, "Pine Warbler", [[0, 1, 2]], encodings, z_global, 42))
+    singles = list(bootstrap_batches(config, "Pine Warbler", [[0], [1], [2]], encodings, z_global, 42))
+    assert [s.extra[0] for s in singles] == batch.extra and len({str(e) for e in batch.extra}) > 1
+    assert batch.centroids.semantic.shape == (3, 16) and torch.equal(batch.z_init[2], z_global)
+
+    together = optimize_seeds(tiny_models, batch.z_init, batch.centroids, embeds, config, batch.iterations)
+    for i, single in enumerate(singles):
+        torch.testing.assert_close(single.centroids.semantic[0], batch.centroids.semantic[i], rtol=0, atol=0)
+        [alone] = optimize_seeds(tiny_models, single.z_init, single.centroids, embeds, config, single.iterations)
+        # As in test_optimize: float32 rounding of batched kernels, amplified by Adam where v ~ 0.
+        torch.testing.assert_close(together[i].optimized, alone.optimized, rtol=1e-3, atol=2e-4)
+        assert together[i].loss_history == pytest.approx(alone.loss_history, rel=1e-4)
+
+
+FAST = ["sampler.steps=3", "bootstrap.global_iterations=2", "bootstrap.iterations=2", "runtime.progress=false",
+        "model=tiny", "sampler=tiny", "runtime.device=cpu"]
+
+
+def bootstrap_config(root, *overrides):
+    return make_config([f"dataset.root={root}", *FAST, *overrides], name="cub_tail")
+
+
+@pytest.fixture(scope="module")
+def cub(tmp_path_factory):
+    return make_cub(tmp_path_factory.mktemp("data") / "CUB_200_2011", classes=CLASSES)
+
+
+def read_manifest(run_dir):
+    return [json.loads(line) for line in (run_dir / "manifest.jsonl").read_text().splitlines()]
+
+
+def seeds_of(run_dir):
+    return {p.relative_to(run_dir).as_posix(): load_file(p)["optimized"] for p in run_dir.glob("seeds/*/*")}
+
+
+def test_bootstrap_run_writes_an_imagefolder_and_resumes(cub, tmp_path):
+    config = bootstrap_config(cub, "bootstrap.n_images=3", "runtime.batch_size=2")
+    entries = run_bootstrap(config, tmp_path)
+    assert len(entries) == 9
+    for slug in ("Black_footed_Albatross", "Pine_Warbler", "Cerulean_Warbler"):
+        assert sorted(p.name for p in (tmp_path / "images" / slug).iterdir()) == ["00000.png", "00001.png",
+                                                                                    "00002.png"]
+        assert (tmp_path / "bootstrap" / f"{slug}.safetensors").is_file()
+    entries = read_manifest(tmp_path)
+    assert {e["method"] for e in entries} == {"bootstrap"} and all(len(e["subset"]) == 3 for e in entries)
+    assert all(len(e["loss_history"]) == 2 for e in entries)
+    metadata = [json.loads(line) for line in (tmp_path / "images" / "metadata.jsonl").read_text().splitlines()]
+    assert sorted(m["file_name"] for m in metadata) == sorted(e["image"].removeprefix("images/") for e in entries)
+    assert {m["label"] for m in metadata} == {"Black footed Albatross", "Pine Warbler", "Cerulean Warbler"}
+
+    # The images of one class all start from that class's z_T^G.
+    z_global = load_file(tmp_path / "bootstrap" / "Pine_Warbler.safetensors")["optimized"]
+    for index in range(3):
+        assert torch.equal(load_file(tmp_path / "seeds" / "Pine_Warbler" / f"{index:05d}.safetensors")["initial"],
+                           z_global)
+
+    # Lose an image and ask for more: only the missing and the new ones are made.
+    before = seeds_of(tmp_path)
+    (tmp_path / "images" / "Pine_Warbler" / "00001.png").unlink()
+    more = run_bootstrap(bootstrap_config(cub, "bootstrap.n_images=4", "runtime.batch_size=2"), tmp_path)
+    assert sorted((e["class"], e["index"]) for e in more) == [
+        ("Black footed Albatross", 3), ("Cerulean Warbler", 3), ("Pine Warbler", 1), ("Pine Warbler", 3)]
+    assert len(read_manifest(tmp_path)) == 12
+    after = seeds_of(tmp_path)
+    assert all(torch.equal(after[k], v) for k, v in before.items())  # the redone image is the same image
+    with pytest.raises(UserError, match="seedselect bootstrap"):
+        from seedselect_cli.pipeline import run_optimize
+
+        run_optimize(bootstrap_config(cub), tmp_path)
+
+
+def test_shards_split_the_classes_and_together_make_the_same_images(cub, tmp_path):
+    config = bootstrap_config(cub, "bootstrap.n_images=2", "runtime.batch_size=2")
+    whole = tmp_path / "whole"
+    run_bootstrap(config, whole)
+    sharded = tmp_path / "sharded"
+    first = run_bootstrap(bootstrap_config(cub, "bootstrap.n_images=2", "runtime.batch_size=2",
+                                           "runtime.shard=0/2"), sharded)
+    second = run_bootstrap(bootstrap_config(cub, "bootstrap.n_images=2", "runtime.batch_size=2",
+                                            "runtime.shard=1/2"), sharded)
+    assert {e["class"] for e in first} == {"Black footed Albatross", "Cerulean Warbler"}
+    assert {e["class"] for e in second} == {"Pine Warbler"}
+    a, b = seeds_of(whole), seeds_of(sharded)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_batches_are_fixed_blocks_so_a_resumed_image_has_its_old_neighbours():
+    from seedselect_cli.pipeline import batch_blocks
+
+    assert batch_blocks(list(range(10)), 10, 4) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert batch_blocks([5, 9], 10, 4) == [[4, 5, 6, 7], [8, 9]]
+    assert batch_blocks([10, 11], 12, 4) == [[8, 9, 10, 11]]  # more images asked for: the last block grows
+
+
+def test_torchrun_rank_and_world_size_pick_the_shard():
+    assert resolve_shard("0/1", {}) == (0, 1)
+    assert resolve_shard("0/1", {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}) == (3, 4)
+    assert resolve_shard("1/2", {"RANK": "3", "WORLD_SIZE": "4"}) == (1, 2)  # an explicit shard wins
+
+
+def test_contrastive_loss_runs_over_the_classes_of_the_run(cub, tmp_path):
+    config = bootstrap_config(cub, "loss=contrastive", "bootstrap.n_images=1", "dataset.classes=[Pine Warbler,"
+                              "Cerulean Warbler]")
+    entries = run_bootstrap(config, tmp_path / "run")
+    assert len(entries) == 2 and all(0 < e["semantic_loss"] < float("inf") for e in entries)
+    plain = run_bootstrap(bootstrap_config(cub, "bootstrap.n_images=1", "dataset.classes=[Pine Warbler,"
+                                           "Cerulean Warbler]"), tmp_path / "plain")
+    assert [e["semantic_loss"] for e in plain] != pytest.approx([e["semantic_loss"] for e in entries])
+    with pytest.raises(UserError, match="at least 2 classes"):
+        run_bootstrap(bootstrap_config(cub, "loss=contrastive", "dataset.classes=[Pine Warbler]"), tmp_path / "x")
