@@ -24,6 +24,7 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DISTANCES = ("cosine", "euclidean")
 SEMANTIC_LOSSES = ("centroid", "contrastive")
+DATASETS = ("folder", "imagefolder", "cub", "mini_imagenet", "cifar_fs", "imagenet_lt")  # datasets/ adapters
 RESIZE_MODES = ("default", "crop", "fill")
 
 
@@ -85,7 +86,7 @@ class OptimConfig:
 
 @dataclass
 class DatasetConfig:
-    name: str = "folder"  # adapter: folder, cub
+    name: str = "folder"  # the adapter: one of DATASETS
     root: str | None = None
     classes: list[str] | None = None  # None: every class the adapter finds
     shots: int | None = None  # references per class; None: all of them
@@ -214,6 +215,8 @@ def check_config(c: Config) -> None:
         raise _bad("optim.lr_drop_factor", c.optim.lr_drop_factor, "must be positive")
     if "_target_" not in c.optim.optimizer:
         raise _bad("optim.optimizer", c.optim.optimizer, "needs a _target_, e.g. torch.optim.AdamW")
+    if c.dataset.name not in DATASETS:
+        raise _bad("dataset.name", c.dataset.name, f"choose one of {', '.join(DATASETS)}")
     if c.dataset.shots is not None and c.dataset.shots < 1:
         raise _bad("dataset.shots", c.dataset.shots, "must be at least 1 (or null for all images)")
     if c.dataset.resize_mode not in RESIZE_MODES:

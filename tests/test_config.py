@@ -54,9 +54,20 @@ def test_required_root_is_named(tmp_path):
     ("sampler.guidance_scale=-1", "sampler.guidance_scale"), ("runtime.device=tpu", "runtime.device"),
     ("runtime.dtype=int8", "runtime.dtype"), ("runtime.shard=4/4", "runtime.shard"),
     ("runtime.batch_size=0", "runtime.batch_size"), ("dataset.prompt_template=bird", "dataset.prompt_template"),
-    ("optim.lr=fast", "optim.lr"),
+    ("optim.lr=fast", "optim.lr"), ("loss.semantic=triplet", "loss.semantic"),
+    ("loss.temperature=0", "loss.temperature"), ("bootstrap.n_images=0", "bootstrap.n_images"),
+    ("bootstrap.subset_size=0", "bootstrap.subset_size"), ("bootstrap.iterations=0", "bootstrap.iterations"),
+    ("bootstrap.global_iterations=0", "bootstrap.global_iterations"), ("dataset.name=coco", "dataset.name"),
 ])
 def test_bad_values_are_rejected_naming_the_key(override, key):
     with pytest.raises(UserError) as info:
         make_config([override])
     assert key in str(info.value) and "\n" not in str(info.value)
+
+
+def test_every_group_option_composes(tmp_path):
+    config = make_config(["loss=contrastive"])
+    assert config.loss.semantic == "contrastive" and config.loss.temperature > 0
+    for dataset in ("folder", "imagefolder", "cub", "mini_imagenet", "cifar_fs", "imagenet_lt"):
+        assert load_config(compose_raw("cub_tail", [f"dataset={dataset}", f"dataset.root={tmp_path}"])).dataset.name \
+            == dataset

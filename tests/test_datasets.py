@@ -98,3 +98,15 @@ def test_imagefolder_layout(tmp_path):
         load_classes(DatasetConfig(name="imagefolder", root=str(root), classes=["empty_class"]), 0)
     with pytest.raises(UserError, match="no class sub-folders"):
         load_classes(DatasetConfig(name="imagefolder", root=str(root / "red_fox")), 0)
+
+
+def test_every_adapter_is_known_to_the_config_check():
+    from seedselect_cli import datasets
+    from seedselect_cli.config import DATASETS
+
+    for name in DATASETS:  # each name reaches its adapter: an empty root is an error of that adapter, not 'unknown'
+        with pytest.raises(UserError) as info:
+            datasets.load_classes(DatasetConfig(name=name, root=None), 0)
+        assert "dataset.root is not set" in str(info.value)
+    with pytest.raises(UserError, match="unknown"):
+        datasets.load_classes(DatasetConfig(name="coco", root=None), 0)
