@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import hydra
@@ -20,8 +21,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from seedselect_cli import __version__
-from seedselect_cli.config import load_config, load_structured, register_resolvers
-from seedselect_cli.errors import UserError
+from seedselect_cli.config import Config, load_config, load_structured, register_resolvers
+from seedselect_cli.errors import Interrupted, UserError
+from seedselect_cli.writer import is_fresh_run_dir, remove_fresh_run_dir
 
 COMMANDS = {
     "optimize": ("SeedSelect: n_images fully optimised seeds per class", "demo"),
@@ -50,28 +52,45 @@ examples:
 
 @contextlib.contextmanager
 def user_errors():
-    """Turn a `UserError` into one `error:` line on stderr and exit code 2."""
+    """Turn a `UserError` into one `error:` line on stderr and exit code 2, and a stop on Ctrl-C or
+    SIGTERM into a line saying what was kept and exit code 128 + the signal's number."""
     try:
         yield
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    except Interrupted as exc:
+        print(f"seedselect: {exc}", file=sys.stderr)
+        raise SystemExit(128 + exc.signum) from None
+
+
+def run_in_job_dir(run: Callable[[Config, Path], object], cfg: DictConfig) -> None:
+    """Run `optimize` or `bootstrap` in Hydra's job directory. If it fails before writing an image into
+    a directory that held nothing but Hydra's own files, that directory goes again: a bad input
+    leaves nothing behind."""
+    out = Path(HydraConfig.get().runtime.output_dir)
+    fresh = is_fresh_run_dir(out)
+    try:
+        with user_errors():
+            run(load_config(cfg), out)
+    except SystemExit as exc:
+        if exc.code == 2 and fresh:
+            remove_fresh_run_dir(out)
+        raise
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="demo")
 def optimize_main(cfg: DictConfig) -> None:
     from seedselect_cli.pipeline import run_optimize
 
-    with user_errors():
-        run_optimize(load_config(cfg), Path(HydraConfig.get().runtime.output_dir))
+    run_in_job_dir(run_optimize, cfg)
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="demo")
 def bootstrap_main(cfg: DictConfig) -> None:
     from seedselect_cli.pipeline import run_bootstrap
 
-    with user_errors():
-        run_bootstrap(load_config(cfg), Path(HydraConfig.get().runtime.output_dir))
+    run_in_job_dir(run_bootstrap, cfg)
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="generate")

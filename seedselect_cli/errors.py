@@ -1,9 +1,18 @@
-"""The one exception type for problems with the user's input or environment.
+"""The exceptions that end a command on purpose, and how the command line reports them.
 
 Anything raised as `UserError` ends the command with exit code 2 and a single `error:` line on
-stderr (see `cli.py`); every other exception is a bug and keeps its traceback.
+stderr (see `cli.py`); `Interrupted` (Ctrl-C, SIGTERM) ends it with 128 + the signal's number after
+the current step. Every other exception is a bug and keeps its traceback.
 """
 
 
 class UserError(Exception):
     """A problem the user can fix: a bad value, a missing folder, weights not available offline."""
+
+
+class Interrupted(Exception):
+    """The run was asked to stop (SIGINT or SIGTERM) and did, keeping everything finished."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum

@@ -134,7 +134,8 @@ def load_models(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, with
 
 def _load_diffusers(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
     kwargs = {"revision": cfg.revision, "local_files_only": cfg.local_files_only or _offline()}
-    weights = {"variant": cfg.variant, "torch_dtype": dtype, **kwargs}
+    # Weights only ever from safetensors files: a pickled checkpoint can run code when loaded.
+    weights = {"variant": cfg.variant, "torch_dtype": dtype, "use_safetensors": True, **kwargs}
     source = os.path.expanduser(cfg.pretrained)
     try:
         with warnings.catch_warnings():  # huggingface_hub warns about arguments diffusers passes
@@ -143,7 +144,7 @@ def _load_diffusers(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
                 "vae": AutoencoderKL.from_pretrained(source, subfolder="vae", **weights),
                 "unet": UNet2DConditionModel.from_pretrained(source, subfolder="unet", **weights),
                 "text_encoder": CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=dtype,
-                                                              variant=cfg.variant, **kwargs),
+                                                              variant=cfg.variant, use_safetensors=True, **kwargs),
                 "tokenizer": CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kwargs),
                 # SeedSelect samples with DDIM (eta = 0) on the checkpoint's own noise schedule.
                 "scheduler": DDIMScheduler.from_pretrained(source, subfolder="scheduler", **kwargs),
@@ -156,7 +157,7 @@ def _load_image_encoder(cfg: ModelConfig, dtype: torch.dtype) -> tuple[CLIPVisio
     kwargs = {"local_files_only": cfg.local_files_only or _offline()}
     source = os.path.expanduser(cfg.image_encoder)
     try:
-        encoder = CLIPVisionModelWithProjection.from_pretrained(source, dtype=dtype, **kwargs)
+        encoder = CLIPVisionModelWithProjection.from_pretrained(source, dtype=dtype, use_safetensors=True, **kwargs)
         processor = AutoImageProcessor.from_pretrained(source, backend="pil", **kwargs)
     except (OSError, ValueError) as exc:
         raise _not_available("CLIP image encoder", cfg.image_encoder, exc) from None

@@ -2,12 +2,17 @@
 
 The per-seed losses are summed before the backward pass, so each seed gets exactly the gradient
 it would get alone, and AdamW (element-wise) keeps a separate state for each. The best iterate of
-each seed is kept, with its losses, and the loss curve is recorded.
+each seed is kept, with its losses, and the loss curve is recorded. A seed whose loss or gradient
+stops being finite is frozen at its best iterate and the others go on; `should_stop` ends the loop
+after the current step (Ctrl-C, SIGTERM).
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +25,8 @@ from seedselect_cli.losses import LossTerms, appearance_loss, combine, kstep_sem
 from seedselect_cli.models import FrozenModels
 from seedselect_cli.references import Centroids
 from seedselect_cli.sampling import ddim_rollout, set_timesteps
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -34,6 +41,12 @@ class SeedResult:
     loss_history: list[float]
     best_iteration: int
     seconds: float  # wall time of the batch, divided by the batch size
+    stopped: str | None = None  # why this seed stopped early (a non-finite loss or gradient), if it did
+
+    @property
+    def usable(self) -> bool:
+        """Whether some iterate had a finite loss (the one kept)."""
+        return math.isfinite(self.loss)
 
 
 def semantic_embedding(models: FrozenModels, latents: torch.Tensor) -> torch.Tensor:
@@ -67,7 +80,8 @@ def seed_objective(models: FrozenModels, z_T: torch.Tensor, centroids: Centroids
 
 
 def optimize_seeds(models: FrozenModels, z_init: torch.Tensor, centroids: Centroids, text_embeds: torch.Tensor,
-                   config: Config, iterations: int | None = None, progress=None) -> list[SeedResult]:
+                   config: Config, iterations: int | None = None, progress=None,
+                   should_stop: Callable[[], bool] | None = None) -> list[SeedResult]:
     """Optimise a batch of seeds `z_init` (B, C, h, w) for `iterations` (default `optim.iterations`).
 
     `centroids` are shared by the batch ((D,), (C, h, w)) or per seed ((B, D), (B, C, h, w)).
@@ -84,6 +98,7 @@ def optimize_seeds(models: FrozenModels, z_init: torch.Tensor, centroids: Centro
     best_iter = torch.zeros(batch, dtype=torch.long)
     best_z = z.detach().clone()
     history: list[list[float]] = [[] for _ in range(batch)]
+    stopped: list[str | None] = [None] * batch
 
     for it in range(iterations):
         if it == config.optim.lr_drop_at and it > 0:  # the authors' schedule: lr / 10 after 3 iterations
@@ -91,22 +106,43 @@ def optimize_seeds(models: FrozenModels, z_init: torch.Tensor, centroids: Centro
                 group["lr"] = config.optim.lr * config.optim.lr_drop_factor
         optimizer.zero_grad(set_to_none=True)
         terms = seed_objective(models, z, centroids, text_embeds, timesteps, config)
-        terms.total.sum().backward()
-
         total = terms.total.detach().float().cpu()
-        improved = torch.isfinite(total) & (total < best_loss)
+        frozen = torch.tensor([reason is not None for reason in stopped])
+        # A seed already stopped, or whose loss is not finite, takes no part in the backward pass.
+        live = torch.isfinite(total) & ~frozen
+        torch.where(live.to(z.device), terms.total, torch.zeros_like(terms.total)).sum().backward()
+        grad_ok = torch.isfinite(z.grad).flatten(1).all(dim=1).cpu()
+        for i in range(batch):
+            if stopped[i] is None and not (live[i] and grad_ok[i]):
+                what = "loss" if not live[i] else "gradient"
+                stopped[i] = f"its {what} became {_non_finite(total[i]) if what == 'loss' else 'non-finite'} " \
+                             f"at iteration {it}"
+                log.warning("seed %d of the batch stopped: %s; keeping its best iterate", i, stopped[i])
+        frozen = torch.tensor([reason is not None for reason in stopped])
+
+        improved = ~frozen & (total < best_loss)
         if improved.any():
             best_z[improved.to(best_z.device)] = z.detach()[improved.to(z.device)]
             best_loss = torch.where(improved, total, best_loss)
             best_sem = torch.where(improved, terms.semantic.detach().float().cpu(), best_sem)
             best_app = torch.where(improved, terms.appearance.detach().float().cpu(), best_app)
             best_iter = torch.where(improved, torch.full_like(best_iter, it), best_iter)
-        for row, value in zip(history, total.tolist()):
-            row.append(value)
+        for i, value in enumerate(total.tolist()):
+            if not frozen[i]:
+                history[i].append(value)
+        if frozen.all():
+            break
+        if frozen.any():
+            z.grad[frozen.to(z.device)] = 0.0
         optimizer.step()
+        if frozen.any():  # AdamW's momentum and weight decay move a seed even without gradient
+            with torch.no_grad():
+                z[frozen.to(z.device)] = best_z[frozen.to(z.device)]
         if progress is not None:
-            progress.set_postfix(loss=f"{total.mean().item():.4f}", best=f"{best_loss.mean().item():.4f}")
+            progress.set_postfix(loss=f"{total[~frozen].mean().item():.4f}", best=f"{best_loss.mean().item():.4f}")
             progress.update(1)
+        if should_stop is not None and should_stop():
+            break
 
     seconds = (time.perf_counter() - start) / batch
     return [
@@ -114,7 +150,11 @@ def optimize_seeds(models: FrozenModels, z_init: torch.Tensor, centroids: Centro
             initial=z_init[i].detach().float().cpu().clone(),
             optimized=best_z[i].detach().float().cpu().clone(),
             loss=float(best_loss[i]), semantic_loss=float(best_sem[i]), appearance_loss=float(best_app[i]),
-            loss_history=history[i], best_iteration=int(best_iter[i]), seconds=seconds,
+            loss_history=history[i], best_iteration=int(best_iter[i]), seconds=seconds, stopped=stopped[i],
         )
         for i in range(batch)
     ]
+
+
+def _non_finite(value: torch.Tensor) -> str:
+    return "nan" if torch.isnan(value) else "infinite"

@@ -13,7 +13,9 @@ import dataclasses
 import hashlib
 import json
 import logging
+import signal
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,7 +24,8 @@ from seedselect_cli import __version__
 from seedselect_cli.bootstrap import Batch, bootstrap_batches, optimize_global_seed
 from seedselect_cli.config import Config, resolve_shard, to_yaml
 from seedselect_cli.datasets import ClassRecord, load_classes
-from seedselect_cli.errors import UserError
+from seedselect_cli.errors import Interrupted, UserError
+from seedselect_cli.interrupt import GracefulStop
 from seedselect_cli.models import FrozenModels, load_models, resolve_device, resolve_dtype
 from seedselect_cli.optimize import SeedResult, optimize_seeds
 from seedselect_cli.progress import RunProgress, print_summary, run_progress
@@ -137,52 +140,109 @@ def run(config: Config, run_dir: Path, method: str) -> list[dict]:
 
     # 5. For the contrastive loss: the semantic centroid mu_v of every class of the run.
     class_semantic = (torch.stack([encode(r).centroids().semantic for r in all_records]) if contrastive else None)
-    class_index = {r.name: i for i, r in enumerate(all_records)}
 
-    # 6. Each class: its targets and prompt, then its seeds a batch at a time, each image written when done.
+    # 6. Each class: its targets and prompt, then its seeds a batch at a time, each image written when
+    #    done. Ctrl-C or SIGTERM stop after the current step; what is written stays.
     entries: list[dict] = []
-    with run_progress(len(records), sum(map(len, todo.values())), config.runtime.progress) as progress:
-        for record in records:
-            indices, slug = todo[record.name], slugs[record.name]
-            progress.start_class(record.name)
-            if not indices:
-                progress.class_done(record.name, [], n_images, n_images)
-                continue
-            encodings = encode(record)
-            text_embeds = encode_prompt(models, record.prompt, config.sampler.negative_prompt)
-            log.info("class %r: %d references, prompt %r, %d images to make", record.name, len(encodings.paths),
-                     record.prompt, len(indices))
-            def contrast(centroids: Centroids, name: str = record.name) -> Centroids:
-                if class_semantic is None:
-                    return centroids
-                return dataclasses.replace(centroids, classes=class_semantic, class_index=class_index[name])
-
-            blocks = batch_blocks(indices, n_images, config.runtime.batch_size)
-            if method == "optimize":
-                batches = optimize_batches(models, config, record.name, blocks, encodings.centroids(), shape)
-            else:
-                z_global, global_init = global_seed(out, models, config, record, slug, encodings, text_embeds,
-                                                   shape, progress, contrast)
-                batches = bootstrap_batches(config, record.name, blocks, encodings, z_global, global_init)
-            made: list[dict] = []
-            for batch in batches:
-                what = f"{record.name} [{batch.indices[0] + 1}-{batch.indices[-1] + 1}/{n_images}]"
-                with progress.iterations(batch.iterations, what) as bar:
-                    results = optimize_seeds(models, batch.z_init, contrast(batch.centroids), text_embeds, config,
-                                             iterations=batch.iterations, progress=bar)
-                written = []
-                for i, (index, init_seed, result) in enumerate(zip(batch.indices, batch.init_seeds, results)):
-                    if index not in indices:  # finished earlier; optimised again only to keep the batch whole
-                        continue
-                    extra = {"method": method, "batch": batch.indices, **(batch.extra[i] if batch.extra else {})}
-                    written.append(_write_image(out, models, config, record, slug, index, init_seed, result,
-                                                text_embeds, extra))
-                progress.images_done(len(written), sum(e["loss"] for e in written) / len(written))
-                made += written
-            progress.class_done(record.name, made, n_images - len(indices), n_images)
-            entries += made
+    failed: list[str] = []
+    with GracefulStop() as stop, run_progress(len(records), sum(map(len, todo.values())),
+                                              config.runtime.progress) as progress:
+        run = ClassRun(config, method, n_images, out, models, shape, progress, stop)
+        try:
+            for record in records:
+                contrast = (None if class_semantic is None
+                            else (class_semantic, [r.name for r in all_records].index(record.name)))
+                made = run.make(record, todo[record.name], slugs[record.name], encode, contrast, failed)
+                entries += made
+                if stop.requested:
+                    break
+        except torch.OutOfMemoryError:
+            raise UserError(
+                f"out of GPU memory with runtime.batch_size={config.runtime.batch_size} at "
+                f"{config.sampler.width}x{config.sampler.height}: lower runtime.batch_size (1 needs least), keep "
+                f"sampler.checkpointing=true, or use runtime.dtype=bfloat16; {len(entries)} finished images are kept"
+            ) from None
     print_summary(entries, run_dir)
+    if stop.requested:
+        name = signal.Signals(stop.signum).name
+        raise Interrupted(stop.signum, f"stopped by {name}: {len(entries)} new images kept in {run_dir}; run the "
+                                       f"same command again to resume")
+    if failed:
+        raise UserError(f"{len(failed)} images could not be made ({failed[0]}): their loss was never finite; "
+                        f"lower optim.lr or use runtime.dtype=float32")
     return entries
+
+
+@dataclass
+class ClassRun:
+    """Makes the missing images of one class after another, with what every class shares."""
+
+    config: Config
+    method: str
+    n_images: int
+    out: RunDirectory
+    models: FrozenModels
+    shape: tuple[int, ...]
+    progress: RunProgress
+    stop: GracefulStop
+
+    def make(self, record: ClassRecord, indices: list[int], slug: str,
+             encode: Callable[[ClassRecord], ReferenceEncodings], contrast: tuple[torch.Tensor, int] | None,
+             failed: list[str]) -> list[dict]:
+        """The class's missing images `indices`; appends to `failed` those that could not be made."""
+        config, n_images = self.config, self.n_images
+        self.progress.start_class(record.name)
+        if not indices:
+            self.progress.class_done(record.name, [], n_images, n_images)
+            return []
+        encodings = encode(record)
+        text_embeds = encode_prompt(self.models, record.prompt, config.sampler.negative_prompt)
+        log.info("class %r: %d references, prompt %r, %d images to make", record.name, len(encodings.paths),
+                 record.prompt, len(indices))
+
+        def targets(centroids: Centroids) -> Centroids:
+            if contrast is None:
+                return centroids
+            return dataclasses.replace(centroids, classes=contrast[0], class_index=contrast[1])
+
+        blocks = batch_blocks(indices, n_images, config.runtime.batch_size)
+        if self.method == "optimize":
+            batches = optimize_batches(self.models, config, record.name, blocks, encodings.centroids(), self.shape)
+        else:
+            z_global, global_init = global_seed(self.out, self.models, config, record, slug, encodings,
+                                                text_embeds, self.shape, self.progress, targets)
+            batches = bootstrap_batches(config, record.name, blocks, encodings, z_global, global_init)
+        made: list[dict] = []
+        for batch in batches:
+            if self.stop.requested:
+                break
+            what = f"{record.name} [{batch.indices[0] + 1}-{batch.indices[-1] + 1}/{n_images}]"
+            with self.progress.iterations(batch.iterations, what) as bar:
+                results = optimize_seeds(self.models, batch.z_init, targets(batch.centroids), text_embeds, config,
+                                         iterations=batch.iterations, progress=bar,
+                                         should_stop=lambda: self.stop.requested)
+            if self.stop.requested:  # the batch did not run all its iterations: the next run redoes it
+                break
+            written = []
+            for i, (index, init_seed, result) in enumerate(zip(batch.indices, batch.init_seeds, results)):
+                if index not in indices:  # finished earlier; optimised again only to keep the batch whole
+                    continue
+                if not result.usable:
+                    failed.append(f"{record.name} #{index}")
+                    log.error("%s #%d: not written, %s before any finite iterate", record.name, index, result.stopped)
+                    continue
+                extra = {"method": self.method, "batch": batch.indices, **(batch.extra[i] if batch.extra else {})}
+                if result.stopped:
+                    extra["stopped"] = result.stopped
+                    log.warning("%s #%d: %s; written from its best iterate (%d)", record.name, index,
+                                result.stopped, result.best_iteration)
+                written.append(_write_image(self.out, self.models, config, record, slug, index, init_seed, result,
+                                            text_embeds, extra))
+            if written:
+                self.progress.images_done(len(written), sum(e["loss"] for e in written) / len(written))
+            made += written
+        self.progress.class_done(record.name, made, n_images - len(indices), n_images)
+        return made
 
 
 def batch_blocks(missing: list[int], n_images: int, batch_size: int) -> list[list[int]]:
@@ -217,6 +277,9 @@ def global_seed(out: RunDirectory, models: FrozenModels, config: Config, record:
     with progress.iterations(config.bootstrap.global_iterations, f"{record.name} z_T^G") as bar:
         result = optimize_global_seed(models, config, initial_noise(models, shape, init_seed),
                                       contrast(encodings.centroids()), text_embeds, progress=bar)
+    if not result.usable:
+        raise UserError(f"class {record.name!r}: the loss of z_T^G was never finite ({result.stopped}); lower "
+                        f"optim.lr or use runtime.dtype=float32")
     metadata = seed_metadata(models, config, record, -1, init_seed) | {"bootstrap_loss": repr(result.loss)}
     save_seed_file(path, result.initial, result.optimized, metadata)
     log.info("%s: z_T^G after %d iterations, loss %.4f -> %.4f", record.name, len(result.loss_history),

@@ -21,6 +21,8 @@ import json
 import logging
 import os
 import re
+import socket
+import time
 import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -43,7 +45,7 @@ RESUMABLE_KEYS = ("runtime", "n_images", "bootstrap.n_images", "dataset.classes"
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Call `write(tmp)` on a temporary file beside `path`, fsync it, then rename it onto `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{HOST}.{os.getpid()}.tmp")
     try:
         write(tmp)
         with open(tmp, "rb+") as handle:
@@ -52,6 +54,24 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:60] or "host"
+STALE_SECONDS = 3600  # no single file takes an hour to write: an older temporary file is abandoned
+
+
+def _abandoned(tmp: Path, now: float) -> bool:
+    """A temporary file of `atomic_write` that no live process will rename: its writer was killed."""
+    parts = tmp.name.rsplit(".", 3)  # .<name>.<host>.<pid>.tmp
+    try:
+        if len(parts) == 4 and parts[1] == HOST and parts[2].isdigit():
+            os.kill(int(parts[2]), 0)  # raises if no such process on this host
+            return False
+        return now - tmp.stat().st_mtime > STALE_SECONDS
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
 
 
 def slugify(name: str) -> str:
@@ -109,6 +129,7 @@ class RunDirectory:
                                 f"`seedselect {method}` needs a new hydra.run.dir")
             atomic_write(old, lambda tmp: tmp.write_text(config_yaml))
             self._repair_manifest()
+            self._remove_abandoned_temporaries()
 
     def image_path(self, slug: str, index: int) -> Path:
         return self.root / "images" / slug / f"{index:05d}.png"
@@ -151,6 +172,13 @@ class RunDirectory:
             except json.JSONDecodeError:
                 continue
         return entries
+
+    def _remove_abandoned_temporaries(self) -> None:
+        """Delete the temporary files of writers that were killed (never of a live shard's writer)."""
+        now = time.time()
+        for tmp in self.root.rglob(".*.tmp"):
+            if _abandoned(tmp, now):
+                tmp.unlink(missing_ok=True)
 
     def _repair_manifest(self) -> None:
         """Drop lines a killed run left half-written, whose files are gone, or repeated, so appends stay
@@ -197,3 +225,32 @@ def _comparable(config_yaml: str, skip: Sequence[str]) -> dict:
 
     walk("", data)
     return {k: v for k, v in flat.items() if not any(k == s or k.startswith(f"{s}.") for s in skip)}
+
+
+HYDRA_TRACES = (".hydra",)  # and `<job name>.log`
+
+
+def is_fresh_run_dir(root: Path) -> bool:
+    """Whether `root` holds nothing but what Hydra writes when a job starts (`.hydra/`, `<job>.log`)."""
+    return root.is_dir() and all(p.name in HYDRA_TRACES or p.suffix == ".log" for p in root.iterdir())
+
+
+def remove_fresh_run_dir(root: Path) -> None:
+    """Remove a run directory that a failed command created and wrote no image to, then its parents
+    while they are empty (`outputs/<config>/`), never leaving the working directory."""
+    import shutil
+
+    work = [p for name in ("images", "seeds", "bootstrap") for p in (root / name).rglob("*")
+            if p.is_file() and p.name != Path(METADATA).name]
+    if work or ((root / MANIFEST).exists() and (root / MANIFEST).stat().st_size):
+        return  # it made something (an image, a bootstrap seed): keep everything
+    for name in (*HYDRA_TRACES, "images", "seeds", "bootstrap"):
+        shutil.rmtree(root / name, ignore_errors=True)
+    for path in list(root.iterdir()):
+        if path.name in (CONFIG, MANIFEST, LOCK) or path.suffix == ".log" or path.name.startswith(".write-test"):
+            path.unlink(missing_ok=True)
+    cwd = Path.cwd().resolve()
+    for directory in (root.resolve(), *root.resolve().parents):
+        if directory == cwd or cwd not in directory.parents or any(directory.iterdir()):
+            break
+        directory.rmdir()

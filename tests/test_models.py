@@ -33,6 +33,18 @@ def test_loads_a_local_folder_saved_in_the_diffusers_layout(tmp_path, tiny_model
     assert loaded.image_processor.crop_size == tiny_models.image_processor.crop_size
 
 
+def test_pickled_weights_are_refused(tmp_path, tiny_models):
+    """A folder whose weights are only pickles (.bin) is not loaded: unpickling can run code."""
+    sd = tmp_path / "sd"
+    for name in ("vae", "unet", "text_encoder"):
+        getattr(tiny_models, name).save_pretrained(sd / name, safe_serialization=False)
+    for name in ("tokenizer", "scheduler"):
+        getattr(tiny_models, name).save_pretrained(sd / name)
+    assert {p.parent.name for p in sd.rglob("*.bin")} == {"vae", "unet"}  # transformers 5 writes safetensors only
+    with pytest.raises(UserError, match=f"cannot load the Stable Diffusion model from folder {sd}"):
+        load_models(ModelConfig(pretrained=str(sd), image_encoder="tiny"), torch.device("cpu"), torch.float32)
+
+
 def test_missing_weights_offline_say_how_to_get_them(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserError, match=r"hf download no-such-org/no-such-model.*local folder"):
