@@ -12,13 +12,14 @@ same way by composing the config once before Hydra runs the job.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from seedselect_cli import __version__
 from seedselect_cli.config import Config, load_config, load_structured, register_resolvers
@@ -120,16 +121,32 @@ def preflight(command: str, args: list[str]) -> None:
     config_name = parsed.config_name or COMMANDS[command][1]
     try:
         with initialize_config_module("seedselect_cli.configs", version_base="1.3"):
-            cfg = compose(config_name=config_name, overrides=parsed.overrides)
+            cfg = compose(config_name=config_name, overrides=parsed.overrides, return_hydra_config=True)
+            run_dir = str(cfg.hydra.run.dir)
     except (HydraException, OmegaConfBaseException, ValueError) as exc:
         message = " ".join(str(exc).split("\n")[0].split())
         raise UserError(f"{message} (see `seedselect {command} --help`)") from None
+    with open_dict(cfg):
+        del cfg["hydra"]
     if command == "generate":
         from seedselect_cli.generate import GenerateConfig
 
         load_structured(GenerateConfig, cfg)
     else:
         load_config(cfg)
+        check_run_dir(Path(run_dir))
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """The run directory can be made and written to (Hydra makes it before the job runs)."""
+    existing = run_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"hydra.run.dir={run_dir} cannot be made: {existing} is a file; choose another directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"hydra.run.dir={run_dir} is not writable ({existing}); choose another with "
+                        f"hydra.run.dir=DIR")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,143 @@
+"""Bad input, answered by the error contract: exit code 2, one `error:` line that says what to do, no
+traceback, nothing written. Odd but valid input works. Inputs live outside the working directory,
+which must stay empty."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from seedselect_cli.cli import main
+from tests.conftest import random_image
+
+FAST = ["sampler.steps=3", "optim.iterations=2", "runtime.progress=false", "n_images=1", "runtime.batch_size=1"]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Path:
+    """One folder per kind of reference set, and a few files."""
+    root = tmp_path_factory.mktemp("inputs")
+    rng = np.random.default_rng(0)
+
+    def folder(name: str) -> Path:
+        (root / name).mkdir()
+        return root / name
+
+    folder("empty")
+    (folder("text") / "notes.png").write_text("these are notes, not an image")
+    good = random_image(rng, (64, 48))
+    good.save(root / "good.png")
+    jpeg, png = (root / "good.jpg"), (root / "good.png")
+    good.save(jpeg, quality=90)
+    truncated = folder("truncated")
+    (truncated / "cut.jpg").write_bytes(jpeg.read_bytes()[: jpeg.stat().st_size // 2])
+    (truncated / "cut.png").write_bytes(png.read_bytes()[: png.stat().st_size // 2])
+    (folder("zero_bytes") / "empty.png").write_bytes(b"")
+    Image.new("RGB", (1, 1), (255, 0, 0)).save(folder("one_pixel") / "dot.png")
+    Image.new("1", (10_000, 10_000)).save(folder("bomb") / "bomb.png")  # 1e8 pixels > Pillow's limit, 12 kB
+    # A seed file of the wrong shape for the tiny model: valid metadata, (4, 8, 8) seeds instead of (4, 16, 16).
+    metadata = {"prompt": "x", "model": "tiny", "steps": "2", "guidance_scale": "7.5", "height": "32", "width": "32",
+                "scheduler_config": "{}", "dtype": "float32", "format": "seedselect-seed/1"}
+    save_file({"initial": torch.randn(4, 8, 8), "optimized": torch.randn(4, 8, 8)}, root / "small.safetensors",
+              metadata=metadata)
+    (root / "pickle.safetensors").write_bytes(b"\x80\x04\x95not safetensors")
+    return root
+
+
+CASES = {
+    "missing folder": (["optimize", "dataset.root={inputs}/nope"], "is not an existing folder"),
+    "empty folder": (["optimize", "dataset.root={inputs}/empty"], "holds no image files"),
+    "non-images": (["optimize", "dataset.root={inputs}/text"], "0 readable images"),
+    "truncated jpeg and png": (["optimize", "dataset.root={inputs}/truncated"], "0 readable images"),
+    "zero bytes": (["optimize", "dataset.root={inputs}/zero_bytes"], "not an image Pillow can read"),
+    "1x1 pixels": (["optimize", "dataset.root={inputs}/one_pixel"], "only 1x1 pixels"),
+    "decompression bomb": (["optimize", "dataset.root={inputs}/bomb"], "decompression-bomb limit"),
+    "lambda": (["optimize", "loss.lam=1.5"], "loss.lam=1.5 is invalid"),
+    "k": (["optimize", "kstep.k=0"], "kstep.k=0 is invalid"),
+    "k above steps": (["optimize", "kstep.k=11"], "kstep.k=11 is invalid"),
+    "steps": (["optimize", "sampler.steps=0"], "sampler.steps=0 is invalid"),
+    "lr": (["optimize", "optim.lr=-1"], "optim.lr=-1.0 is invalid"),
+    "shots": (["optimize", "dataset.shots=0"], "dataset.shots=0 is invalid"),
+    "n_images": (["optimize", "n_images=0"], "n_images=0 is invalid"),
+    "bootstrap n_images": (["bootstrap", "bootstrap.n_images=0"], "bootstrap.n_images=0 is invalid"),
+    "weights of the wrong length": (["optimize", "kstep.weights=[0.5,0.5]"], "needs exactly kstep.k=3 weights"),
+    "not a number": (["optimize", "optim.lr=fast"], "optim.lr"),
+    "unknown config name": (["optimize", "--config-name", "cub_tial"], "cub_tial"),
+    "unknown key": (["optimize", "optim.learning_rate=0.1"], "optim.learning_rate"),
+    "unknown group option": (["optimize", "loss=focal"], "focal"),
+    "unknown dataset layout": (["optimize", "dataset.name=coco"], "dataset.name='coco' is invalid"),
+    "model path that does not exist": (
+        ["optimize", "model.pretrained={inputs}/no/such/model"], "folder {inputs}/no/such/model does not exist"),
+    "image encoder path that does not exist": (
+        ["optimize", "model.image_encoder=./no_such_clip"], "folder ./no_such_clip does not exist"),
+    "cuda without cuda": (["optimize", "runtime.device=cuda"], "no CUDA device is available; use runtime.device=cpu"),
+    "run directory under a file": (["optimize", "hydra.run.dir={inputs}/good.png/run"], "is a file"),
+    "seed file that is not safetensors": (
+        ["generate", "seed_file={inputs}/pickle.safetensors", "out=x.png"], "is not a safetensors seed file"),
+    "seed file of the wrong shape": (
+        ["generate", "seed_file={inputs}/small.safetensors", "out=x.png"], "does not fit model tiny"),
+    "seed file that does not exist": (["generate", "seed_file=nope.safetensors", "out=x.png"], "does not exist"),
+    "output that is not an image": (["generate", "seed_file={inputs}/small.safetensors", "out=x.txt"], "out=x.txt"),
+    "unknown command": (["optimise"], "unknown command 'optimise'"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, inputs, tmp_path, monkeypatch, capsys):
+    if case == "cuda without cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    args, expected = CASES[case]
+    args = [a.format(inputs=inputs) for a in args]
+    if args[0] in ("optimize", "bootstrap"):
+        args = [args[0], *FAST, *args[1:]]  # the case's own value last, so that it wins
+    monkeypatch.chdir(tmp_path)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert expected.format(inputs=inputs) in lines[0] and "Traceback" not in err
+    assert os.listdir(tmp_path) == [], "a failed command left files behind"
+
+
+def test_odd_images_work_and_broken_ones_are_skipped_by_name(inputs, tmp_path, monkeypatch, caplog):
+    """CMYK, 16-bit, palette and RGBA references work; a truncated file beside them is skipped, named."""
+    refs = tmp_path / "refs" / "odd_modes"
+    refs.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    random_image(rng, (40, 30), "CMYK").save(refs / "cmyk.jpg")
+    Image.fromarray(rng.integers(0, 65536, size=(30, 40), dtype=np.uint16)).save(refs / "grey16.png")
+    random_image(rng, (40, 30), "P").save(refs / "palette.png")
+    random_image(rng, (40, 30), "RGBA").save(refs / "alpha.png")
+    (refs / "cut.jpg").write_bytes((inputs / "truncated" / "cut.jpg").read_bytes())
+    monkeypatch.chdir(tmp_path)
+    assert main(["optimize", f"dataset.root={refs}", "hydra.run.dir=run", *FAST]) == 0
+    [entry] = [json.loads(line) for line in (tmp_path / "run" / "manifest.jsonl").read_text().splitlines()]
+    assert (tmp_path / "run" / entry["image"]).is_file()
+    log = (tmp_path / "run" / "optimize.log").read_text()
+    assert "skipping reference image" in log and "cut.jpg" in log
+    assert not any(name in log for name in ("cmyk.jpg", "grey16.png", "palette.png", "alpha.png"))
+
+
+@pytest.mark.parametrize("name", ["../../escape", "a/b", "Mésange bleue", "..", "鳥"])
+def test_any_class_name_stays_inside_the_run_directory(name, inputs, tmp_path, monkeypatch):
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    (refs / "ref.png").write_bytes((inputs / "good.png").read_bytes())
+    monkeypatch.chdir(tmp_path)
+    assert main(["optimize", f"dataset.root={refs}", f"dataset.classes=[{json.dumps(name, ensure_ascii=False)}]", "hydra.run.dir=run",
+                 *FAST]) == 0
+    run = (tmp_path / "run").resolve()
+    [entry] = [json.loads(line) for line in (run / "manifest.jsonl").read_text().splitlines()]
+    assert entry["class"] == name
+    for key in ("image", "seed_file"):
+        path = (run / entry[key]).resolve()
+        assert path.is_file() and run in path.parents
+    outside = {p for p in tmp_path.rglob("*") if p.is_file()} - set(run.rglob("*")) - {refs / "ref.png"}
+    assert outside == set()
