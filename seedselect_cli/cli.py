@@ -3,6 +3,7 @@
     seedselect optimize  [--config-name NAME] [key=value ...]
     seedselect bootstrap [--config-name NAME] [key=value ...]
     seedselect generate  seed_file=PATH out=IMAGE.png
+    seedselect evaluate  run_dir=PATH
 
 A `UserError` (bad input or environment) ends the command with exit code 2 and one `error:` line on
 stderr. Hydra's own composition errors (unknown config name or key, bad override) are caught the
@@ -30,6 +31,7 @@ COMMANDS = {
     "optimize": ("SeedSelect: n_images fully optimised seeds per class", "demo"),
     "bootstrap": ("bulk image sets: bootstrap.n_images per class, seconds per image", "demo"),
     "generate": ("redraw the image of a saved seed file, pixel for pixel", "generate"),
+    "evaluate": ("metrics of a run beside plain Stable Diffusion, and a report in RUN/report", "evaluate"),
 }
 
 USAGE = f"""usage: seedselect COMMAND [--config-name NAME] [key=value ...] [hydra options]
@@ -45,6 +47,7 @@ examples:
   seedselect optimize --config-name cub_tail dataset.root=CUB_200_2011 dataset.classes="[Pine Warbler]"
   seedselect bootstrap --config-name cub_tail dataset.root=CUB_200_2011 bootstrap.n_images=100
   seedselect generate seed_file=outputs/.../seeds/red_disc/00000.safetensors out=red_disc.png
+  seedselect evaluate run_dir=outputs/demo/<time>
 
 `seedselect COMMAND --help` lists a command's config groups and keys; Hydra's options
 (-m/--multirun, hydra.run.dir=DIR, --cfg job, --hydra-help) work after the command.
@@ -103,7 +106,16 @@ def generate_main(cfg: DictConfig) -> None:
         print(f"wrote {out}")
 
 
-MAINS = {"optimize": optimize_main, "bootstrap": bootstrap_main, "generate": generate_main}
+@hydra.main(version_base="1.3", config_path="configs", config_name="evaluate")
+def evaluate_main(cfg: DictConfig) -> None:
+    from seedselect_cli.evaluate import EvaluateConfig, run_evaluate
+
+    with user_errors():
+        run_evaluate(load_structured(EvaluateConfig, cfg))
+
+
+MAINS = {"optimize": optimize_main, "bootstrap": bootstrap_main, "generate": generate_main,
+         "evaluate": evaluate_main}
 
 
 def preflight(command: str, args: list[str]) -> None:
@@ -132,6 +144,10 @@ def preflight(command: str, args: list[str]) -> None:
         from seedselect_cli.generate import GenerateConfig
 
         load_structured(GenerateConfig, cfg)
+    elif command == "evaluate":
+        from seedselect_cli.evaluate import EvaluateConfig
+
+        load_structured(EvaluateConfig, cfg)
     else:
         load_config(cfg)
         check_run_dir(Path(run_dir))

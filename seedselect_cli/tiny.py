@@ -13,7 +13,9 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import (
+    CLIPConfig,
     CLIPImageProcessorPil,
+    CLIPModel,
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTokenizer,
@@ -95,3 +97,22 @@ def build_tiny_image_encoder() -> tuple[CLIPVisionModelWithProjection, CLIPImage
         size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
     )
     return encoder, processor
+
+
+def build_tiny_clip() -> tuple[CLIPModel, CLIPTokenizer, CLIPImageProcessorPil]:
+    """A small two-tower CLIP for `evaluate`, whose image tower is the tiny image encoder's (so its
+    image embeddings are those the optimisation used) and whose text tower is random."""
+    encoder, processor = build_tiny_image_encoder()
+    tokenizer = build_tiny_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(4)
+        clip = CLIPModel(CLIPConfig(
+            text_config={"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4,
+                         "num_hidden_layers": 2, "max_position_embeddings": tokenizer.model_max_length,
+                         "vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+                         "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id},
+            vision_config=encoder.config.to_dict(), projection_dim=16,
+        ))
+    clip.vision_model.load_state_dict(encoder.vision_model.state_dict())
+    clip.visual_projection.load_state_dict(encoder.visual_projection.state_dict())
+    return clip, tokenizer, processor

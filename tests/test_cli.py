@@ -141,3 +141,14 @@ def test_real_model_offline_without_weights_is_one_line(tmp_path, reference_fold
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [done.stderr.strip()], done.stderr
     assert done.stderr.startswith("error: cannot load the Stable Diffusion model 'no-such-org/no-such-model'")
+
+
+def test_evaluate_writes_the_report_of_a_demo_run(demo_run):
+    run_dir, elsewhere = demo_run
+    done = seedselect("evaluate", f"run_dir={run_dir}", cwd=elsewhere)
+    assert done.returncode == 0, done.stderr
+    assert "plain SD" in done.stdout and "SeedSelect" in done.stdout
+    for name in ("metrics.json", "index.html", "loss.png", "sheets/red_disc.png"):
+        assert (run_dir / "report" / name).is_file(), name
+    done = seedselect("evaluate", f"run_dir={elsewhere / 'nothing'}", cwd=elsewhere)
+    assert done.returncode == 2 and done.stderr.startswith("error: run_dir=") and "Traceback" not in done.stderr

@@ -1,0 +1,144 @@
+"""The report of `seedselect evaluate`, in RUN/report/: what scripts read and what people look at.
+
+    report/metrics.json           the metrics, per class and overall (the contract for scripts)
+    report/sheets/<class>.png     references | plain Stable Diffusion | SeedSelect, one row each
+    report/loss.png               the mean loss curve of each class
+    report/index.html             all of it, offline, relative links only
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont, ImageOps
+from rich.console import Console
+from rich.table import Table
+
+from seedselect_cli.images import load_rgb
+from seedselect_cli.writer import atomic_write, slugify
+
+THUMB = 128
+PER_ROW = 8
+LABEL_WIDTH = 120
+ROW_NAMES = {"seedselect": "SeedSelect", "plain": "plain SD"}
+
+
+def contact_sheet(rows: list[tuple[str, list[Image.Image]]]) -> Image.Image:
+    """One labelled row of thumbnails per (label, images), at most `PER_ROW` images a row."""
+    width = LABEL_WIDTH + PER_ROW * THUMB
+    sheet = Image.new("RGB", (width, THUMB * len(rows)), "white")
+    draw, font = ImageDraw.Draw(sheet), ImageFont.load_default()
+    for r, (label, images) in enumerate(rows):
+        draw.text((8, r * THUMB + THUMB // 2 - 6), label, fill="black", font=font)
+        for c, image in enumerate(images[:PER_ROW]):
+            thumb = ImageOps.contain(image, (THUMB - 4, THUMB - 4))  # small images are scaled up too
+            x = LABEL_WIDTH + c * THUMB + (THUMB - thumb.width) // 2
+            sheet.paste(thumb, (x, r * THUMB + (THUMB - thumb.height) // 2))
+    return sheet
+
+
+def loss_plot(entries: list[dict], path: Path) -> None:
+    """The mean loss against iteration, one line per class (the first 20 classes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_class: dict[str, list[list[float]]] = {}
+    for entry in entries:
+        by_class.setdefault(entry["class"], []).append(entry["loss_history"])
+    figure, axes = plt.subplots(figsize=(7, 4), dpi=100)
+    for name, curves in list(by_class.items())[:20]:
+        length = max(len(c) for c in curves)
+        mean = [sum(c[i] for c in curves if i < len(c)) / sum(i < len(c) for c in curves) for i in range(length)]
+        axes.plot(range(length), mean, marker="o", markersize=3, label=f"{name} ({len(curves)})")
+    axes.set_xlabel("iteration")
+    axes.set_ylabel("loss (mean over the class's images)")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7, loc="upper right")
+    figure.tight_layout()
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png"))
+    plt.close(figure)
+
+
+def _cell(value) -> str:
+    return "" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def _table(rows: list[list], header: list[str]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(v))}</td>" for v in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def metric_keys(metrics: dict) -> list[str]:
+    return [k for k in next(iter(metrics["overall"].values())) if k != "n_images"]
+
+
+def index_html(metrics: dict, sheets: dict[str, str]) -> str:
+    keys, methods = metric_keys(metrics), list(metrics["overall"])
+    overall = _table([[ROW_NAMES[m], metrics["overall"][m]["n_images"], *(metrics["overall"][m][k] for k in keys)]
+                      for m in methods], ["images", "n", *keys])
+    per_class = _table(
+        [[name, ROW_NAMES[m], c[m]["n_images"], *(c[m][k] for k in keys)]
+         for name, c in metrics["classes"].items() for m in methods],
+        ["class", "images", "n", *keys])
+    refs = _table([[name, c["references"]["n_images"], c["references"]["diversity"]]
+                   for name, c in metrics["classes"].items()], ["class", "references", "diversity"])
+    figures = "".join(f'<h3>{html.escape(name)}</h3><img src="{html.escape(src)}" alt="{html.escape(name)}">'
+                      for name, src in sheets.items())
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>seedselect report</title>
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;margin:1em 0}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:first-child{{text-align:left}}
+img{{max-width:100%}}</style></head><body>
+<h1>seedselect report</h1>
+<p>{metrics['n_images']} images; zero-shot CLIP ({html.escape(str(metrics['clip']))}) among
+{metrics['classified_among']} classes; fidelity: cosine similarity to the class's reference centroid;
+diversity: mean pairwise CLIP distance. Baseline: {html.escape(str(metrics['baseline'] or 'skipped'))}.
+Numbers: <a href="metrics.json">metrics.json</a>.</p>
+<h2>Overall</h2>{overall}
+<h2>Per class</h2>{per_class}
+<h2>References</h2>{refs}
+<h2>Loss</h2><img src="loss.png" alt="loss curves">
+<h2>Images (references | plain Stable Diffusion | SeedSelect)</h2>{figures}
+</body></html>
+"""
+
+
+def write_report(run_dir: Path, metrics: dict, entries: list[dict], references: dict[str, list[Image.Image]],
+                 sets: dict[str, list[Path]]) -> Path:
+    """Write RUN/report/ and return it."""
+    report = run_dir / "report"
+    sheets = {}
+    for name, refs in references.items():
+        rows = [("references", refs)]
+        for method in ("plain", "seedselect"):
+            if method in sets:
+                paths = [p for p, e in zip(sets[method], entries) if e["class"] == name]
+                rows.append((ROW_NAMES[method], [load_rgb(p) for p in paths[:PER_ROW]]))
+        relative = f"sheets/{slugify(name)}.png"
+        sheet = contact_sheet(rows)
+        atomic_write(report / relative, lambda tmp, sheet=sheet: sheet.save(tmp, format="PNG"))
+        sheets[name] = relative
+    loss_plot(entries, report / "loss.png")
+    atomic_write(report / "metrics.json", lambda tmp: tmp.write_text(json.dumps(metrics, indent=2, ensure_ascii=False)))
+    atomic_write(report / "index.html", lambda tmp: tmp.write_text(index_html(metrics, sheets), encoding="utf-8"))
+    return report
+
+
+def print_table(metrics: dict) -> None:
+    """One row per class and kind of image (SeedSelect, plain Stable Diffusion), one column per metric."""
+    keys = metric_keys(metrics)
+    table = Table(title=f"seedselect evaluate: {metrics['n_images']} images; report in {metrics['run_dir']}/report")
+    for column in ("class", "images", "n", *keys):
+        table.add_column(column, justify="left" if column in ("class", "images") else "right")
+    rows = [*metrics["classes"].items(), ("overall", metrics["overall"])]
+    for r, (name, c) in enumerate(rows):
+        for i, method in enumerate(metrics["overall"]):
+            table.add_row(name if i == 0 else "", ROW_NAMES[method], str(c[method]["n_images"]),
+                          *(_cell(c[method][k]) for k in keys), end_section=i == len(metrics["overall"]) - 1
+                          and r < len(rows) - 1)
+    Console().print(table)

@@ -1,0 +1,113 @@
+"""`seedselect evaluate`: metrics against plain formulas, a constructed case with a known answer, the
+baseline, the report and the judge."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import seedselect_cli.evaluate as evaluate_module
+from seedselect_cli.errors import UserError
+from seedselect_cli.evaluate import EvaluateConfig, JudgeConfig, mean_pairwise_distance, run_evaluate, topk_correct
+from seedselect_cli.pipeline import run_bootstrap, run_optimize
+from tests.conftest import make_config, random_image
+
+
+def test_topk_and_diversity_match_plain_loops():
+    g = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(50, 7, generator=g), torch.randint(0, 7, (50,), generator=g)
+    for k in (1, 3, 9):
+        expected = [labels[i].item() in sorted(range(7), key=lambda c: -logits[i, c].item())[:k] for i in range(50)]
+        assert topk_correct(logits, labels, k).tolist() == expected
+    embeds = torch.nn.functional.normalize(torch.randn(6, 16, generator=g, dtype=torch.float64), dim=-1)
+    pairs = [1 - float(embeds[i] @ embeds[j]) for i in range(6) for j in range(i + 1, 6)]
+    assert mean_pairwise_distance(embeds) == pytest.approx(sum(pairs) / len(pairs))
+    assert mean_pairwise_distance(embeds[:1]) is None
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("evaluate") / "run"
+    run_optimize(make_config(["n_images=3", "runtime.batch_size=3"]), run_dir)
+    return run_dir
+
+
+def test_copies_of_the_references_score_fidelity_one_and_diversity_zero(tmp_path):
+    """The constructed case: every reference and every 'generated' image is the same picture."""
+    refs = tmp_path / "refs" / "copy_cat"
+    refs.mkdir(parents=True)
+    random_image(np.random.default_rng(5), (48, 40)).save(refs / "a.png")
+    for name in ("b.png", "c.png"):
+        shutil.copy(refs / "a.png", refs / name)
+    run_dir = tmp_path / "run"
+    run_optimize(make_config([f"dataset.root={refs}", "n_images=2", "runtime.batch_size=2"]), run_dir)
+    for image in (run_dir / "images" / "copy_cat").glob("*.png"):
+        shutil.copy(refs / "a.png", image)
+    metrics = run_evaluate(EvaluateConfig(run_dir=str(run_dir), baseline=False))
+    result = metrics["classes"]["copy_cat"]
+    assert result["seedselect"]["fidelity"] == pytest.approx(1.0, abs=1e-5)
+    assert result["seedselect"]["diversity"] == pytest.approx(0.0, abs=1e-5)
+    assert result["references"] == {"n_images": 3, "diversity": pytest.approx(0.0, abs=1e-5)}
+    assert result["seedselect"]["top1"] == 1.0  # the only class
+    assert "plain" not in result and metrics["baseline"] is None
+
+
+def test_report_with_the_baseline_beside_the_result(demo_run, monkeypatch):
+    metrics = run_evaluate(EvaluateConfig(run_dir=str(demo_run)))
+    report = demo_run / "report"
+    assert json.loads((report / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
+    red = metrics["classes"]["red_disc"]
+    for method in ("seedselect", "plain"):
+        assert red[method]["n_images"] == 3 and -1 <= red[method]["fidelity"] <= 1
+        assert set(red[method]) == {"n_images", "top1", "top5", "fidelity", "diversity"}
+        assert metrics["overall"][method]["fidelity"] == pytest.approx(red[method]["fidelity"])
+    baseline = sorted(p.name for p in (demo_run / "baseline" / "images" / "red_disc").iterdir())
+    assert baseline == ["00000.png", "00001.png", "00002.png"]
+    page = (report / "index.html").read_text()
+    links = re.findall(r'(?:src|href)="([^"]+)"', page)
+    assert {"loss.png", "metrics.json", "sheets/red_disc.png"} <= set(links)
+    assert all(not link.startswith(("/", "http")) and (report / link).is_file() for link in links)
+
+    calls = []
+    monkeypatch.setattr(evaluate_module, "sample_images", lambda *a, **k: calls.append(1))
+    again = run_evaluate(EvaluateConfig(run_dir=str(demo_run)))
+    assert calls == [] and again["classes"] == metrics["classes"]  # the baseline is cached
+
+
+def test_the_plain_baseline_of_a_bootstrap_run_starts_from_independent_seeds(tmp_path):
+    run_dir = tmp_path / "run"
+    run_bootstrap(make_config(["bootstrap.n_images=2", "bootstrap.global_iterations=2", "bootstrap.iterations=2",
+                               "runtime.batch_size=2"]), run_dir)
+    plain = run_evaluate(EvaluateConfig(run_dir=str(run_dir)))["classes"]["red_disc"]["plain"]
+    assert plain["diversity"] > 0  # not the same z_T^G twice
+
+
+def test_a_judge_with_mapped_labels(demo_run, tmp_path):
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    torch.manual_seed(0)
+    judge = ViTForImageClassification(ViTConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37, image_size=32,
+        patch_size=8, num_labels=3, id2label={0: "disc", 1: "square", 2: "triangle"},
+        label2id={"disc": 0, "square": 1, "triangle": 2}))
+    judge.save_pretrained(tmp_path / "judge")
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "judge")
+    metrics = run_evaluate(EvaluateConfig(run_dir=str(demo_run), baseline=False, top_k=2, judge=JudgeConfig(
+        model=str(tmp_path / "judge"), label_map={"disc": "red_disc"})))
+    red = metrics["classes"]["red_disc"]["seedselect"]
+    assert 0 <= red["judge_top1"] <= red["judge_top2"] <= 1 and metrics["judge"] == str(tmp_path / "judge")
+    with pytest.raises(UserError, match="none of its labels is a class of the run"):
+        run_evaluate(EvaluateConfig(run_dir=str(demo_run), baseline=False,
+                                    judge=JudgeConfig(model=str(tmp_path / "judge"))))
+
+
+def test_bad_run_directories_are_user_errors(tmp_path, demo_run):
+    with pytest.raises(UserError, match="not a seedselect run directory"):
+        run_evaluate(EvaluateConfig(run_dir=str(tmp_path)))
+    with pytest.raises(UserError, match="not in the list to classify among"):
+        run_evaluate(EvaluateConfig(run_dir=str(demo_run), classes=["cat", "dog"], baseline=False))
