@@ -13,7 +13,13 @@ import torch
 
 import seedselect_cli.evaluate as evaluate_module
 from seedselect_cli.errors import UserError
-from seedselect_cli.evaluate import EvaluateConfig, JudgeConfig, mean_pairwise_distance, run_evaluate, topk_correct
+from seedselect_cli.evaluate import (
+    EvaluateConfig,
+    JudgeConfig,
+    mean_pairwise_distance,
+    run_evaluate,
+    topk_correct,
+)
 from seedselect_cli.pipeline import run_bootstrap, run_optimize
 from tests.conftest import make_config, random_image
 
