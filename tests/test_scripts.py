@@ -1,0 +1,33 @@
+"""The example scripts run on the tiny components and the tiny data set layouts."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from seedselect_cli.pipeline import run_bootstrap
+from tests.conftest import make_config
+from tests.layouts import make_cub
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_linear_probe_with_and_without_the_generated_set(tmp_path):
+    root = make_cub(tmp_path / "CUB_200_2011", per_class=5)  # 4 train, 1 test image per class
+    run_dir = tmp_path / "run"
+    run_bootstrap(make_config([f"dataset.root={root}", "model=tiny", "sampler=tiny", "runtime.device=cpu",
+                               "bootstrap.n_images=3", "bootstrap.global_iterations=2", "bootstrap.iterations=2",
+                               "sampler.steps=3", "runtime.progress=false", "runtime.batch_size=3"],
+                              name="cub_tail"), run_dir)
+    results = load_script("linear_probe").main(["--dataset", "cub", "--root", str(root), "--run", str(run_dir),
+                                                "--shots", "2"])
+    assert results["classes"] == 2 and results["test_images"] == 2  # the one test-split image of each class
+    assert results["real only"]["train_images"] == 4 and results["real + generated"]["train_images"] == 10
+    assert all(0 <= results[k]["top1"] <= 1 for k in ("real only", "real + generated"))
