@@ -8,6 +8,7 @@ import pytest
 
 from seedselect_cli.config import load_config, load_structured
 from seedselect_cli.errors import UserError
+from seedselect_cli.evaluate import EvaluateConfig
 from seedselect_cli.generate import GenerateConfig
 from tests.conftest import compose_raw, make_config
 
@@ -24,6 +25,10 @@ def test_every_named_config_composes_and_validates(name, tmp_path):
     if name == "generate":
         cfg = load_structured(GenerateConfig, compose_raw(name, ["seed_file=a.safetensors", "out=a.png"]))
         assert cfg.tensor == "optimized"
+        return
+    if name == "evaluate":
+        cfg = load_structured(EvaluateConfig, compose_raw(name, ["run_dir=runs/x"]))
+        assert cfg.baseline and cfg.top_k == 5 and cfg.judge.model is None
         return
     overrides = [] if name == "demo" else [f"dataset.root={tmp_path}"]
     config = load_config(compose_raw(name, overrides))
