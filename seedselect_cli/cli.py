@@ -185,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if not any(a.startswith("hydra.job.name=") for a in args):
-        args.append(f"hydra.job.name={command}")
+        # Beside the user's overrides: Hydra's parser takes them as one group, before or after its options.
+        overrides = [i for i, a in enumerate(args) if "=" in a and not a.startswith("-")]
+        args.insert(overrides[0] + 1 if overrides else len(args), f"hydra.job.name={command}")
     saved = sys.argv
     sys.argv = [f"seedselect {command}", *args]
     try:

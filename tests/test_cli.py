@@ -152,3 +152,12 @@ def test_evaluate_writes_the_report_of_a_demo_run(demo_run):
         assert (run_dir / "report" / name).is_file(), name
     done = seedselect("evaluate", f"run_dir={elsewhere / 'nothing'}", cwd=elsewhere)
     assert done.returncode == 2 and done.stderr.startswith("error: run_dir=") and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("args", [["optimize", "loss.lam=0.5", "--cfg", "job"],
+                                  ["optimize", "--cfg", "job", "loss.lam=0.5"],
+                                  ["evaluate", "run_dir=x", "--cfg", "job"]])
+def test_hydra_options_before_or_after_the_overrides(args, capsys):
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "lam: 0.5" in out or "run_dir: x" in out
