@@ -155,6 +155,8 @@ def load_config(cfg: DictConfig | dict) -> Config:
     """The typed, checked config of `optimize` from a composed config."""
     config = load_structured(Config, cfg)
     check_config(config)
+    if config.dataset.root:  # RUN/config.yaml then names the references wherever `evaluate` runs from
+        config.dataset.root = os.path.abspath(os.path.expanduser(config.dataset.root))
     return config
 
 
