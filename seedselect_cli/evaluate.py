@@ -49,7 +49,8 @@ class EvaluateRuntime:
 @dataclass
 class EvaluateConfig:
     run_dir: str = "???"
-    classes: list[str] | None = None  # zero-shot among these (e.g. the whole data set); None: the run's classes
+    classes: list[str] | None = None  # zero-shot among these class names; None: the run's classes
+    dataset_classes: bool = False  # zero-shot among every class of the run's data set (e.g. all 200 of CUB)
     prompt_template: str | None = None  # None: the run's dataset.prompt_template
     clip: str | None = None  # the two-tower CLIP that judges; None: the run's model.image_encoder
     judge: JudgeConfig = field(default_factory=JudgeConfig)
@@ -227,7 +228,11 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     config, entries = read_run(run_dir)
     run_classes = list(dict.fromkeys(e["class"] for e in entries))
     records = {r.name: r for r in load_classes(dataclasses.replace(config.dataset, classes=run_classes), config.seed)}
-    candidates = list(cfg.classes) if cfg.classes else run_classes
+    if cfg.dataset_classes:
+        every = dataclasses.replace(config.dataset, classes=None, shots=1)
+        candidates = list(dict.fromkeys([*run_classes, *(r.name for r in load_classes(every, config.seed))]))
+    else:
+        candidates = list(cfg.classes) if cfg.classes else run_classes
     absent = [c for c in run_classes if c not in candidates]
     if absent:
         raise UserError(f"classes: the run's class {absent[0]!r} is not in the list to classify among; add it")

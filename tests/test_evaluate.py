@@ -117,3 +117,18 @@ def test_bad_run_directories_are_user_errors(tmp_path, demo_run):
         run_evaluate(EvaluateConfig(run_dir=str(tmp_path)))
     with pytest.raises(UserError, match="not in the list to classify among"):
         run_evaluate(EvaluateConfig(run_dir=str(demo_run), classes=["cat", "dog"], baseline=False))
+
+
+def test_zero_shot_among_every_class_of_the_data_set(tmp_path):
+    from tests.layouts import make_cub
+
+    root = make_cub(tmp_path / "CUB_200_2011", classes=("001.Black_footed_Albatross", "094.Pine_Warbler",
+                                                        "095.Cerulean_Warbler"))
+    run_dir = tmp_path / "run"
+    run_optimize(make_config([f"dataset.root={root}", "model=tiny", "sampler=tiny", "runtime.device=cpu",
+                              "dataset.classes=[Pine Warbler]", "runtime.progress=false"], name="cub_tail"), run_dir)
+    among_run = run_evaluate(EvaluateConfig(run_dir=str(run_dir), baseline=False))
+    among_all = run_evaluate(EvaluateConfig(run_dir=str(run_dir), baseline=False, dataset_classes=True, top_k=2))
+    assert among_run["classified_among"] == 1 and among_all["classified_among"] == 3
+    assert among_run["classes"]["Pine Warbler"]["seedselect"]["top1"] == 1.0
+    assert set(among_all["classes"]) == {"Pine Warbler"}
