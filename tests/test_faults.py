@@ -196,9 +196,16 @@ def test_sigkill_at_random_moments_then_resume_ends_with_exactly_the_wanted_imag
     run_dir, n_images = tmp_path / "run", 8
     rng = random.Random(1234)
     kills, done_at_kills = 0, []
-    for _ in range(8):
+    for _ in range(10):
         process = start(command(cub, run_dir, n_images), tmp_path)
-        time.sleep(rng.uniform(0.5, 7.0))  # start-up takes ~4 s, then ~0.3 s per image: early and late kills
+        before = len(manifest_lines(run_dir))
+        if rng.random() < 0.3:  # during start-up, model building or the first batch
+            time.sleep(rng.uniform(0.2, 4.0))
+        else:  # after 1 to 3 more images, at a random moment of the next one: whatever the machine's speed
+            target, deadline = before + rng.randint(1, 3), time.monotonic() + 120
+            while len(manifest_lines(run_dir)) < target and process.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0.0, 0.3))
         if process.poll() is not None:  # it finished before its kill
             break
         process.send_signal(signal.SIGKILL)
