@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers.utils import logging as diffusers_logging
 from transformers import AutoImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
 from seedselect_cli.config import ModelConfig
@@ -87,8 +88,13 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def _freeze(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    if module.dtype != dtype:  # loaded checkpoints already come in `dtype` (torch_dtype=...)
-        module = module.to(dtype=dtype)
+    if module.dtype != dtype:  # loaded checkpoints already come in `dtype`; this is the tiny components
+        level = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity_error()  # its advice on .to(dtype) is for checkpoints, not these
+        try:
+            module = module.to(dtype=dtype)
+        finally:
+            diffusers_logging.set_verbosity(level)
     return module.to(device=device).eval().requires_grad_(False)
 
 
