@@ -31,3 +31,11 @@ def test_linear_probe_with_and_without_the_generated_set(tmp_path):
     assert results["classes"] == 2 and results["test_images"] == 2  # the one test-split image of each class
     assert results["real only"]["train_images"] == 4 and results["real + generated"]["train_images"] == 10
     assert all(0 <= results[k]["top1"] <= 1 for k in ("real only", "real + generated"))
+
+
+def test_bench_runs_both_modes_on_the_tiny_components():
+    rows = load_script("bench").main(["--tiny", "--steps", "3", "--batch", "1", "2", "--warmup", "0",
+                                      "--iterations", "1"])
+    assert [(r["mode"], r["batch"]) for r in rows] == [("fast", 1), ("fast", 2), ("plain", 1), ("plain", 2)]
+    assert all(r["s_per_iteration"] > 0 and r["tflop_per_iteration"] > 0 and r["dtype"] == "float32" for r in rows)
+    assert rows[1]["tflop_per_iteration"] > rows[0]["tflop_per_iteration"]  # twice the seeds, more work

@@ -1,0 +1,212 @@
+"""Speed and memory of seed optimisation: our fast path against a plain one, in one table.
+
+Builds the paper's architectures from their configs with random weights (Stable Diffusion 2.1-base
+UNet and VAE, the CLIP ViT-H-14 vision tower), so it needs no download: speed and memory do not
+depend on the weights' values. For each mode and batch size it measures seconds per iteration
+(median after warm-up; CUDA events on a GPU), peak memory, the FLOPs of one iteration
+(`torch.utils.flop_counter`, recomputation included) and the rate achieved, and seconds per
+bootstrapped image (`--bootstrap-iterations` iterations at that batch size, plus the render).
+On the CPU, peak memory is the process's high-water mark of resident memory.
+
+    fast   our path: networks in --dtype, seed and loss in float32, one checkpoint per denoising step
+    plain  what the authors' code does: float32, every UNet block checkpointed, the same loss
+
+    python scripts/bench.py                       # the paper's setting, batch 1 and 8, on the GPU
+    python scripts/bench.py --tiny                # the tiny components on the CPU, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import resource
+import statistics
+import time
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from seedselect_cli.config import Config, ModelConfig, load_config, register_resolvers
+from seedselect_cli.models import DTYPES, FrozenModels, load_models, resolve_device, resolve_dtype
+from seedselect_cli.optimize import seed_objective
+from seedselect_cli.references import Centroids
+from seedselect_cli.sampling import sample_images, set_timesteps
+
+SD21_BASE_UNET = {
+    "sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2, "cross_attention_dim": 1024,
+    "block_out_channels": (320, 640, 1280, 1280), "attention_head_dim": (5, 10, 20, 20), "use_linear_projection": True,
+    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+}
+SD21_BASE_VAE = {
+    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2, "block_out_channels": (128, 256, 512, 512),
+    "down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4, "sample_size": 512,
+}
+CLIP_VIT_H_14 = {"hidden_size": 1280, "intermediate_size": 5120, "num_attention_heads": 16, "num_hidden_layers": 32,
+                     "patch_size": 14, "image_size": 224, "projection_dim": 1024, "hidden_act": "gelu"}
+
+
+def bench_config(overrides: list[str]) -> Config:
+    """The demo config (its loss and optimiser) with the benchmark's sampler settings."""
+    from hydra import compose, initialize_config_module
+
+    register_resolvers()
+    with initialize_config_module("seedselect_cli.configs", version_base="1.3"):
+        return load_config(compose(config_name="demo", overrides=overrides))
+
+
+def real_models(device: torch.device, dtype: torch.dtype) -> FrozenModels:
+    """The paper's architectures with random weights, built on `device` (no text encoder: the
+    prompt's embeddings are a fixed random tensor, computed once per class in real runs)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        unet = UNet2DConditionModel(**SD21_BASE_UNET)
+        vae = AutoencoderKL(**SD21_BASE_VAE)
+        encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**CLIP_VIT_H_14))
+    freeze = (lambda m: m.to(dtype=dtype).eval().requires_grad_(False))
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    processor = CLIPImageProcessorPil(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
+    return FrozenModels(vae=freeze(vae), unet=freeze(unet), text_encoder=None, tokenizer=None, scheduler=scheduler,
+                        image_encoder=freeze(encoder), image_processor=processor, name="sd21-base (random)",
+                        device=device, dtype=dtype)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(device: torch.device, fn) -> float:
+    """Seconds that `fn()` takes (CUDA events on a GPU)."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end) / 1000
+    begin = time.perf_counter()
+    fn()
+    return time.perf_counter() - begin
+
+
+def measure(models: FrozenModels, config, batch: int, args) -> dict:
+    """One mode at one batch size: s/iteration, peak memory, FLOPs per iteration, s per bootstrap image."""
+    device = models.device
+    g = torch.Generator().manual_seed(1)
+    shape = models.latent_shape(args.height, args.height)
+    z = torch.randn(batch, *shape, generator=g).to(device).requires_grad_(True)
+    dim = models.image_encoder.config.projection_dim
+    target = Centroids(torch.nn.functional.normalize(torch.randn(dim, generator=g), dim=0).to(device),
+                       torch.randn(*shape, generator=g).to(device), count=5)
+    context = models.unet.config.cross_attention_dim
+    text = torch.randn(2, 77, context, generator=g).to(device, models.dtype)
+    timesteps = set_timesteps(models, args.steps)
+    optimizer = torch.optim.AdamW([z], lr=0.1)
+
+    def iteration() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        seed_objective(models, z, target, text, timesteps, config).total.sum().backward()
+        optimizer.step()
+
+    for _ in range(args.warmup):
+        iteration()
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = statistics.median(timed(device, iteration) for _ in range(args.iterations))
+    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        iteration()
+    render = timed(device, lambda: sample_images(models, z.detach()[:1], text, args.steps,
+                                                 config.sampler.guidance_scale))
+    flops = counter.get_total_flops()
+    return {"batch": batch, "s_per_iteration": seconds, "peak_memory_gb": peak / 2**30, "tflop_per_iteration":
+            flops / 1e12, "tflops": flops / 1e12 / seconds,
+            "s_per_bootstrap_image": args.bootstrap_iterations * seconds / batch + render}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="the tiny components on the CPU")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                        help="of the fast mode; auto: bfloat16 on a GPU, float32 on the CPU")
+    parser.add_argument("--height", type=int, default=None, help="image size (default 512, tiny 32)")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--k", type=int, default=3)
+    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--modes", nargs="+", default=["fast", "plain"], choices=["fast", "plain"])
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--iterations", type=int, default=5, help="timed iterations (the median is reported)")
+    parser.add_argument("--bootstrap-iterations", type=int, default=5)
+    parser.add_argument("--peak-tflops", type=float, default=790.0, help="the device's dense rate for --dtype")
+    parser.add_argument("--json", default=None, help="also write the rows to this file")
+    args = parser.parse_args(argv)
+    device = torch.device("cpu") if args.tiny else resolve_device(args.device)
+    args.height = args.height or (32 if args.tiny else 512)
+    weights = [0.05, 0.25, 0.7] if args.k == 3 else [1 / args.k] * args.k  # the authors' weights for k = 3
+    config = bench_config([f"sampler.steps={args.steps}", f"kstep.k={args.k}", f"kstep.weights={weights}",
+                          f"sampler.guidance_scale={args.guidance}", f"sampler.height={args.height}",
+                          f"sampler.width={args.height}"])
+
+    rows = []
+    fast_dtype = resolve_dtype(args.dtype, device)
+    for mode in args.modes:
+        dtype = fast_dtype if mode == "fast" else torch.float32
+        models = (load_models(ModelConfig(pretrained="tiny", image_encoder="tiny"), device, dtype) if args.tiny
+                  else real_models(device, dtype))
+        mode_config = dataclasses.replace(config, sampler=dataclasses.replace(
+            config.sampler, checkpointing=mode == "fast"))
+        if mode == "plain":
+            models.unet.enable_gradient_checkpointing()
+            models.unet.train(False)
+        for batch in args.batch:
+            row = {"mode": mode, "dtype": str(dtype).removeprefix("torch."), "batch": batch}
+            try:
+                row |= measure(models, mode_config, batch, args)
+                row["fraction_of_peak"] = row["tflops"] / args.peak_tflops
+            except torch.OutOfMemoryError:  # the plain mode may not fit at large batches: say so, go on
+                row["out_of_memory"] = True
+                torch.cuda.empty_cache()
+            rows.append(row)
+        del models
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    table = Table(title=f"seedselect bench: {'tiny' if args.tiny else 'SD 2.1-base + CLIP ViT-H-14'}, "
+                        f"{args.height} px, {args.steps} steps, k={args.k}, CFG {args.guidance}, on {name}")
+    for column in ("mode", "dtype", "batch", "s/it", "peak GB", "TFLOP/it", "TFLOP/s", "of peak", "s/img boot",
+                   "plain/fast"):
+        table.add_column(column, justify="left" if column in ("mode", "dtype") else "right")
+    fast = {r["batch"]: r["s_per_iteration"] for r in rows if r["mode"] == "fast" and "s_per_iteration" in r}
+    short = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+    for r in rows:
+        if r.get("out_of_memory"):
+            table.add_row(r["mode"], short[r["dtype"]], str(r["batch"]), "out of memory", *[""] * 6)
+            continue
+        ratio = r["s_per_iteration"] / fast[r["batch"]] if r["mode"] == "plain" and r["batch"] in fast else None
+        table.add_row(r["mode"], short[r["dtype"]], str(r["batch"]), f"{r['s_per_iteration']:.3f}",
+                      f"{r['peak_memory_gb']:.2f}", f"{r['tflop_per_iteration']:.3f}", f"{r['tflops']:.2f}",
+                      f"{r['fraction_of_peak']:.1%}", f"{r['s_per_bootstrap_image']:.3f}",
+                      f"{ratio:.1f}x" if ratio else "")
+    Console().print(table)
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"device": name, "args": vars(args), "rows": rows}, handle, indent=2)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
