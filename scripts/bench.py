@@ -61,8 +61,10 @@ def real_models(device: torch.device, dtype: torch.dtype) -> FrozenModels:
     """The paper's architectures with random weights, built on `device` (no text encoder: the
     prompt's embeddings are a fixed random tensor, computed once per class in real runs)."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers.utils import logging as diffusers_logging
     from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModelWithProjection
 
+    diffusers_logging.set_verbosity_error()  # its advice on .to(dtype) is for checkpoints
     torch.manual_seed(0)
     with torch.device(device):
         unet = UNet2DConditionModel(**SD21_BASE_UNET)
@@ -75,6 +77,35 @@ def real_models(device: torch.device, dtype: torch.dtype) -> FrozenModels:
     return FrozenModels(vae=freeze(vae), unet=freeze(unet), text_encoder=None, tokenizer=None, scheduler=scheduler,
                         image_encoder=freeze(encoder), image_processor=processor, name="sd21-base (random)",
                         device=device, dtype=dtype)
+
+
+def count_flops(config, args) -> list[tuple[str, float]]:
+    """TFLOP of each network call and of one optimisation iteration, on meta tensors."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    meta = torch.device("meta")
+    models = real_models(meta, DTYPES["bfloat16"])
+    shape = models.latent_shape(args.height, args.height)
+    text = torch.randn(2, 77, models.unet.config.cross_attention_dim, device=meta, dtype=models.dtype)
+    latents = torch.randn(1, *shape, device=meta, dtype=models.dtype)
+    calls = {
+        "UNet, CFG batch 2": lambda: models.unet(torch.cat([latents] * 2), 500, encoder_hidden_states=text),
+        "VAE decode": lambda: models.vae.decode(latents),
+        "CLIP image": lambda: models.image_encoder(pixel_values=torch.randn(1, 3, 224, 224, device=meta,
+                                                                            dtype=models.dtype)),
+    }
+    z = torch.randn(1, *shape, device=meta).requires_grad_(True)
+    target = Centroids(torch.randn(models.image_encoder.config.projection_dim, device=meta),
+                       torch.randn(*shape, device=meta), count=5)
+    timesteps = set_timesteps(models, args.steps)
+    calls["one iteration, batch 1"] = lambda: seed_objective(models, z, target, text, timesteps,
+                                                             config).total.sum().backward()
+    out = []
+    for name, call in calls.items():
+        with FlopCounterMode(display=False) as counter:
+            call()
+        out.append((name, counter.get_total_flops() / 1e12))
+    return out
 
 
 def synchronize(device: torch.device) -> None:
@@ -152,6 +183,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--bootstrap-iterations", type=int, default=5)
     parser.add_argument("--peak-tflops", type=float, default=790.0, help="the device's dense rate for --dtype")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
+    parser.add_argument("--flops", action="store_true", help="only count FLOPs of the paper's setting (meta device)")
     args = parser.parse_args(argv)
     device = torch.device("cpu") if args.tiny else resolve_device(args.device)
     args.height = args.height or (32 if args.tiny else 512)
@@ -159,6 +191,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     config = bench_config([f"sampler.steps={args.steps}", f"kstep.k={args.k}", f"kstep.weights={weights}",
                           f"sampler.guidance_scale={args.guidance}", f"sampler.height={args.height}",
                           f"sampler.width={args.height}"])
+
+    if args.flops:
+        counts = count_flops(config, args)
+        table = Table(title=f"FLOPs: SD 2.1-base + CLIP ViT-H-14, {args.height} px, {args.steps} steps, k={args.k}")
+        for column in ("call", "TFLOP", f"floor at {args.peak_tflops:g} TFLOP/s"):
+            table.add_column(column, justify="left" if column == "call" else "right")
+        for name, tflop in counts:
+            table.add_row(name, f"{tflop:.3f}", f"{tflop / args.peak_tflops * 1000:.1f} ms")
+        Console().print(table)
+        return [{"call": name, "tflop": tflop} for name, tflop in counts]
 
     rows = []
     fast_dtype = resolve_dtype(args.dtype, device)

@@ -39,3 +39,9 @@ def test_bench_runs_both_modes_on_the_tiny_components():
     assert [(r["mode"], r["batch"]) for r in rows] == [("fast", 1), ("fast", 2), ("plain", 1), ("plain", 2)]
     assert all(r["s_per_iteration"] > 0 and r["tflop_per_iteration"] > 0 and r["dtype"] == "float32" for r in rows)
     assert rows[1]["tflop_per_iteration"] > rows[0]["tflop_per_iteration"]  # twice the seeds, more work
+
+
+def test_bench_counts_flops_without_a_gpu():
+    counts = {row["call"]: row["tflop"] for row in load_script("bench").main(["--flops", "--steps", "2", "--k", "1"])}
+    assert abs(counts["UNet, CFG batch 2"] - 1.609) < 0.01  # SD 2.1-base at 512 px, as in the issue
+    assert abs(counts["VAE decode"] - 2.515) < 0.01 and abs(counts["CLIP image"] - 0.335) < 0.01
