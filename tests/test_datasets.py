@@ -44,6 +44,8 @@ def test_cub_layout(tmp_path):
     assert warbler.name == "Pine Warbler" and len(warbler.images) == 3
     with pytest.raises(UserError, match="no class named 'Pine Warblr'"):
         load_classes(DatasetConfig(name="cub", root=str(root), classes=["Pine Warblr"]), 0)
+    one_level_up = load_classes(DatasetConfig(name="cub", root=str(root.parent), classes=["Pine Warbler"]), 0)
+    assert one_level_up[0].images == warbler.images
     (root / "classes.txt").unlink()
     with pytest.raises(UserError, match="classes.txt missing"):
         load_classes(DatasetConfig(name="cub", root=str(root)), 0)

@@ -31,6 +31,8 @@ def display_name(class_dir: str) -> str:
 
 def load(cfg: DatasetConfig, seed: int) -> list[ClassRecord]:
     root = require_root(cfg)
+    if not (root / "images.txt").exists() and (root / "CUB_200_2011" / "images.txt").exists():
+        root = root / "CUB_200_2011"  # the folder the archive unpacks into, given one level up
     require_files(root, FILES, "CUB_200_2011")
     wanted = SPLITS[require_split(cfg, list(SPLITS), "CUB")]
     images, classes = (dict(read_table(root / name)) for name in ("images.txt", "classes.txt"))
