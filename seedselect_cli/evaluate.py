@@ -194,23 +194,31 @@ def render_baseline(run_dir: Path, config: Config, entries: list[dict], cfg: Eva
     return paths
 
 
-def score(clip: EvalClip, images: list[Image.Image], labels: list[int], text: torch.Tensor,
-          centroids: torch.Tensor, class_index: dict[str, int], judge: Judge | None, names: list[str],
-          cfg: EvaluateConfig) -> dict[str, dict]:
-    """Per-class metrics of one set of images (all classes together), keyed by class name."""
-    embeds = clip.images(images, cfg.batch_size)
+def score(clip: EvalClip, paths: list[Path], labels: list[int], text: torch.Tensor, centroids: torch.Tensor,
+          class_index: dict[str, int], judge: Judge | None, names: list[str], cfg: EvaluateConfig,
+          what: str) -> dict[str, dict]:
+    """Per-class metrics of one set of images (all classes together), keyed by class name. Images are
+    read a batch at a time: only their embeddings and verdicts are kept."""
+    embeds, verdicts = [], []
+    for start in tqdm(range(0, len(paths), cfg.batch_size), desc=what, unit="batch"):
+        images = [load_rgb(p) for p in paths[start:start + cfg.batch_size]]
+        embeds.append(clip.images(images, cfg.batch_size))
+        if judge is not None:
+            verdicts += judge.top(images, cfg.top_k, cfg.batch_size)
+    embeds = torch.cat(embeds)
     label_tensor = torch.tensor(labels)
     logits = embeds @ text.T
     top1, topk = topk_correct(logits, label_tensor, 1), topk_correct(logits, label_tensor, cfg.top_k)
-    verdicts = judge.top(images, cfg.top_k, cfg.batch_size) if judge is not None else None
+    rows_of: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        rows_of.setdefault(name, []).append(i)
     result = {}
-    for name in dict.fromkeys(names):
-        rows = [i for i, n in enumerate(names) if n == name]
+    for name, rows in rows_of.items():
         fidelity = F.cosine_similarity(embeds[rows], centroids[class_index[name]][None], dim=-1)
         metrics = {"n_images": len(rows), "top1": float(top1[rows].float().mean()),
                    f"top{cfg.top_k}": float(topk[rows].float().mean()), "fidelity": float(fidelity.mean()),
                    "diversity": mean_pairwise_distance(embeds[rows])}
-        if verdicts is not None:
+        if judge is not None:
             metrics["judge_top1"] = sum(verdicts[i][0] == name for i in rows) / len(rows)
             metrics[f"judge_top{cfg.top_k}"] = sum(name in verdicts[i] for i in rows) / len(rows)
         result[name] = metrics
@@ -257,8 +265,8 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     if cfg.baseline:
         baseline = render_baseline(run_dir, config, entries, cfg)
         sets["plain"] = [baseline[(e["class"], e["index"])] for e in entries]
-    scores = {method: score(clip, [load_rgb(p) for p in paths], labels, text, centroids, class_index, judge, names,
-                            cfg) for method, paths in sets.items()}
+    scores = {method: score(clip, paths, labels, text, centroids, class_index, judge, names, cfg, f"scoring {method}")
+              for method, paths in sets.items()}
 
     # 4. metrics.json, contact sheets, loss curves, index.html; a table in the terminal.
     metrics = {
