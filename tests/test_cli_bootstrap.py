@@ -93,6 +93,8 @@ def test_submitit_local_sweep_over_shards_fills_one_run_directory(cub, uninterru
     run([*args, "hydra/launcher=local", "hydra.launcher.cpus_per_task=1", "runtime.shard=0/2,1/2",
          f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path, OMP_NUM_THREADS="1")  # 2 jobs, 2 cores
     [run_dir] = [p.parent for p in (tmp_path / "sweep").glob("*/manifest.jsonl")]  # both shards, one directory
+    assert "=" not in run_dir.name and "," not in run_dir.name  # passable back as run_dir=... unquoted
+    assert "bootstrap.iterations-3" in run_dir.name.split("+")
     entries = manifest(run_dir)
     assert sorted((e["class"], e["index"]) for e in entries) == sorted(
         (e["class"], e["index"]) for e in manifest(uninterrupted))
