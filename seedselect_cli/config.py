@@ -55,6 +55,7 @@ class LossConfig:
     distance: str = "cosine"
     semantic: str = "centroid"  # centroid: dist(mu_v, v); contrastive: against every class of the run
     temperature: float = 0.05  # tau of the contrastive loss
+    norm_weight: float = 0.0  # weight of the seed-norm prior (chi NLL of ||z_T||); 0: off
 
 
 @dataclass
@@ -193,6 +194,8 @@ def check_config(c: Config) -> None:
         raise _bad("loss.semantic", c.loss.semantic, f"choose one of {', '.join(SEMANTIC_LOSSES)}")
     if not (math.isfinite(c.loss.temperature) and c.loss.temperature > 0):
         raise _bad("loss.temperature", c.loss.temperature, "must be a positive number")
+    if not (math.isfinite(c.loss.norm_weight) and c.loss.norm_weight >= 0):
+        raise _bad("loss.norm_weight", c.loss.norm_weight, "must be a number >= 0 (0 turns the prior off)")
     if c.sampler.steps < 1:
         raise _bad("sampler.steps", c.sampler.steps, "must be at least 1")
     if not 1 <= c.kstep.k <= c.sampler.steps:

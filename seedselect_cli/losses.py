@@ -5,11 +5,14 @@
     L     = lam * L_sem + (1 - lam) * L_app
 
 With `loss.semantic=contrastive` each dist(mu_v, v_j) becomes the contrastive loss over the classes
-of the run, -log softmax_c(-dist(mu_v^c, v_j) / tau) at the seed's own class.
+of the run, -log softmax_c(-dist(mu_v^c, v_j) / tau) at the seed's own class. With
+`loss.norm_weight` > 0 the seed-norm prior is added: the negative log-likelihood of ||z_T|| under
+the chi distribution of a d-dimensional standard normal seed (NAO, arXiv 2306.08687).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -68,6 +71,23 @@ def appearance_loss(z_0: torch.Tensor, centroid: torch.Tensor) -> torch.Tensor:
     return (z_0.float() - centroid).pow(2).flatten(1).mean(dim=1)
 
 
+def seed_norm_prior(z_T: torch.Tensor) -> torch.Tensor:
+    """-log chi_d(||z_T||) + log chi_d(sqrt(d - 1)), one per seed (B,): 0 at the chi mode, about
+    (r - sqrt(d - 1))^2 near it. In float32 whatever the seed's dtype (r^(d-1) overflows float16).
+
+        chi_d(r) = r^(d-1) exp(-r^2 / 2) / (2^(d/2 - 1) Gamma(d/2)),   d = C * H * W
+    """
+    z = z_T.float().flatten(1)
+    d = z.shape[1]
+    r = z.norm(dim=1)
+    mode = math.sqrt(d - 1)
+
+    def nll(radius):  # the normalising constant cancels in the difference
+        return -(d - 1) * torch.log(radius) + radius ** 2 / 2
+
+    return nll(r) - nll(torch.tensor(mode, dtype=torch.float32, device=r.device))
+
+
 @dataclass
 class LossTerms:
     """Per-seed losses, each of shape (B,)."""
@@ -77,11 +97,15 @@ class LossTerms:
     appearance: torch.Tensor
 
 
-def combine(semantic: torch.Tensor, appearance: torch.Tensor, lam: float) -> LossTerms:
-    """L = lam * L_sem + (1 - lam) * L_app; a zero weight drops its term from the graph entirely."""
+def combine(semantic: torch.Tensor, appearance: torch.Tensor, lam: float, norm: torch.Tensor | None = None,
+            norm_weight: float = 0.0) -> LossTerms:
+    """L = lam * L_sem + (1 - lam) * L_app [+ norm_weight * L_norm]; a zero weight drops its term from
+    the graph entirely."""
     total = 0.0
     if lam > 0:
         total = total + lam * semantic
     if lam < 1:
         total = total + (1.0 - lam) * appearance
+    if norm is not None and norm_weight > 0:
+        total = total + norm_weight * norm
     return LossTerms(total=total, semantic=semantic, appearance=appearance)

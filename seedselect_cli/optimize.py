@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from seedselect_cli.config import Config
 from seedselect_cli.encoders import clip_embed, clip_pixels, vae_decode
-from seedselect_cli.losses import LossTerms, appearance_loss, combine, kstep_semantic_loss
+from seedselect_cli.losses import LossTerms, appearance_loss, combine, kstep_semantic_loss, seed_norm_prior
 from seedselect_cli.models import FrozenModels
 from seedselect_cli.references import Centroids
 from seedselect_cli.sampling import ddim_rollout, set_timesteps
@@ -76,7 +76,8 @@ def seed_objective(models: FrozenModels, z_T: torch.Tensor, centroids: Centroids
     else:  # lam = 0: no decode, no CLIP
         semantic = torch.zeros(z_T.shape[0], device=z_T.device)
     appearance = appearance_loss(latents[-1], centroids.appearance.to(z_T.device))
-    return combine(semantic, appearance, lam)
+    norm = seed_norm_prior(z_T) if config.loss.norm_weight > 0 else None
+    return combine(semantic, appearance, lam, norm, config.loss.norm_weight)
 
 
 def optimize_seeds(models: FrozenModels, z_init: torch.Tensor, centroids: Centroids, text_embeds: torch.Tensor,

@@ -12,6 +12,7 @@ from seedselect_cli.losses import (
     combine,
     contrastive_semantic_loss,
     kstep_semantic_loss,
+    seed_norm_prior,
     semantic_distance,
 )
 
@@ -92,3 +93,37 @@ def test_contrastive_loss_prefers_the_own_class_and_enters_the_kstep_sum():
                    for w, e in zip(weights, embeds))
     got = kstep_semantic_loss(embeds, classes[2], weights, "cosine", contrast=(classes, 2, 0.1))
     torch.testing.assert_close(got, expected)
+
+
+def chi_nll(r: float, d: int) -> float:
+    """-log chi_d(r), the textbook density, in Python floats."""
+    return -((d - 1) * math.log(r) - r * r / 2 - (d / 2 - 1) * math.log(2) - math.lgamma(d / 2))
+
+
+def test_seed_norm_prior_is_the_chi_negative_log_likelihood_from_its_mode():
+    g = torch.Generator().manual_seed(6)
+    z = torch.randn(3, 4, 8, 8, generator=g, dtype=torch.float64) * torch.tensor([0.8, 1.0, 1.3]).view(3, 1, 1, 1)
+    d = 4 * 8 * 8
+    expected = [chi_nll(float(z[i].norm()), d) - chi_nll(math.sqrt(d - 1), d) for i in range(3)]
+    torch.testing.assert_close(seed_norm_prior(z).double(), torch.tensor(expected, dtype=torch.float64),
+                               rtol=1e-4, atol=1e-3)
+    at_mode = z[1:2] / z[1].norm() * math.sqrt(d - 1)
+    assert abs(seed_norm_prior(at_mode).item()) < 1e-3 and (seed_norm_prior(z) > 0).all()
+
+
+def test_seed_norm_prior_in_float16_does_not_overflow_and_pulls_towards_the_mode():
+    g = torch.Generator().manual_seed(7)
+    z = (torch.randn(2, 4, 64, 64, generator=g) * 1.2).half()  # the SD 2.1 seed at 512 px: d = 16384
+    prior = seed_norm_prior(z)
+    assert prior.dtype == torch.float32 and torch.isfinite(prior).all()
+    torch.testing.assert_close(prior, seed_norm_prior(z.double()).float(), rtol=1e-2, atol=0.5)
+    z32 = z.float().requires_grad_(True)
+    seed_norm_prior(z32).sum().backward()
+    assert ((z32.grad * z32).flatten(1).sum(1) > 0).all()  # descending shrinks a seed that is too long
+
+
+def test_the_prior_enters_the_total_with_its_weight():
+    g = torch.Generator().manual_seed(8)
+    sem, app, norm = torch.rand(3, generator=g), torch.rand(3, generator=g), torch.rand(3, generator=g)
+    torch.testing.assert_close(combine(sem, app, 0.3, norm, 0.5).total, 0.3 * sem + 0.7 * app + 0.5 * norm)
+    torch.testing.assert_close(combine(sem, app, 0.3, norm, 0.0).total, 0.3 * sem + 0.7 * app)

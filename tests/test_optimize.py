@@ -117,3 +117,15 @@ def test_batched_seeds_match_seeds_optimised_alone(tiny_models):
         # where a gradient is near zero, so the seeds after 3 steps agree to 1e-4, not to 1e-7.
         torch.testing.assert_close(together[i].optimized, alone.optimized, rtol=1e-3, atol=2e-4)
         assert together[i].loss_history == pytest.approx(alone.loss_history, rel=1e-4)
+
+
+def test_the_seed_norm_prior_adds_exactly_its_weighted_term(tiny_models):
+    from seedselect_cli.losses import seed_norm_prior
+
+    z = seeds(2, 40) * 1.3
+    with torch.no_grad():
+        plain = seed_objective(tiny_models, z, random_target(41), encode_prompt(tiny_models, "a red disc"),
+                               set_timesteps(tiny_models, 4), make_config())
+        prior = seed_objective(tiny_models, z, random_target(41), encode_prompt(tiny_models, "a red disc"),
+                               set_timesteps(tiny_models, 4), make_config(["loss.norm_weight=0.5"]))
+    torch.testing.assert_close(prior.total - plain.total, 0.5 * seed_norm_prior(z))
