@@ -140,6 +140,7 @@ def run(config: Config, run_dir: Path, method: str) -> list[dict]:
 
     # 5. For the contrastive loss: the semantic centroid mu_v of every class of the run.
     class_semantic = (torch.stack([encode(r).centroids().semantic for r in all_records]) if contrastive else None)
+    class_rows = {r.name: i for i, r in enumerate(all_records)}
 
     # 6. Each class: its targets and prompt, then its seeds a batch at a time, each image written when
     #    done. Ctrl-C or SIGTERM stop after the current step; what is written stays.
@@ -150,8 +151,7 @@ def run(config: Config, run_dir: Path, method: str) -> list[dict]:
         run = ClassRun(config, method, n_images, out, models, shape, progress, stop)
         try:
             for record in records:
-                contrast = (None if class_semantic is None
-                            else (class_semantic, [r.name for r in all_records].index(record.name)))
+                contrast = None if class_semantic is None else (class_semantic, class_rows[record.name])
                 made = run.make(record, todo[record.name], slugs[record.name], encode, contrast, failed)
                 entries += made
                 if stop.requested:

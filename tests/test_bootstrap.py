@@ -17,6 +17,7 @@ from seedselect_cli.references import ReferenceEncodings
 from seedselect_cli.sampling import encode_prompt
 from tests.conftest import make_config
 from tests.layouts import make_cub
+from tests.runs import read_manifest
 
 CLASSES = ("001.Black_footed_Albatross", "094.Pine_Warbler", "095.Cerulean_Warbler")
 
@@ -68,10 +69,6 @@ def bootstrap_config(root, *overrides):
 @pytest.fixture(scope="module")
 def cub(tmp_path_factory):
     return make_cub(tmp_path_factory.mktemp("data") / "CUB_200_2011", classes=CLASSES)
-
-
-def read_manifest(run_dir):
-    return [json.loads(line) for line in (run_dir / "manifest.jsonl").read_text().splitlines()]
 
 
 def seeds_of(run_dir):

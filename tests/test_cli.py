@@ -13,6 +13,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from seedselect_cli.cli import main
+from tests.runs import read_manifest
 
 FAST = ["sampler.steps=3", "optim.iterations=2", "runtime.progress=false"]
 MANIFEST_KEYS = {"class", "prompt", "image", "seed_file", "index", "init_seed", "iterations", "loss",
@@ -34,14 +35,10 @@ def demo_run(tmp_path_factory):
     return run_dir, elsewhere
 
 
-def manifest(run_dir):
-    return [json.loads(line) for line in (run_dir / "manifest.jsonl").read_text().splitlines()]
-
-
 def test_optimize_writes_the_run_directory_of_the_contract(demo_run):
     run_dir, _ = demo_run
     assert (run_dir / "config.yaml").is_file()
-    entries = manifest(run_dir)
+    entries = read_manifest(run_dir)
     assert [e["index"] for e in entries] == [0, 1]
     for entry in entries:
         assert MANIFEST_KEYS <= entry.keys() and entry["class"] == "red_disc"
@@ -63,7 +60,7 @@ def test_optimize_writes_the_run_directory_of_the_contract(demo_run):
 
 def test_generate_reproduces_the_image_pixel_for_pixel(demo_run):
     run_dir, elsewhere = demo_run
-    entry = manifest(run_dir)[1]
+    entry = read_manifest(run_dir)[1]
     done = seedselect("generate", f"seed_file={run_dir / entry['seed_file']}", "out=again.png", cwd=elsewhere)
     assert done.returncode == 0, done.stderr
     again = np.asarray(Image.open(elsewhere / "again.png"))
@@ -77,10 +74,10 @@ def test_generate_reproduces_the_image_pixel_for_pixel(demo_run):
 
 def test_rerun_resumes_and_completes(demo_run):
     run_dir, elsewhere = demo_run
-    first = [(run_dir / e["image"]).read_bytes() for e in manifest(run_dir)]
+    first = [(run_dir / e["image"]).read_bytes() for e in read_manifest(run_dir)]
     done = seedselect("optimize", f"hydra.run.dir={run_dir}", "n_images=3", *FAST, cwd=elsewhere)
     assert done.returncode == 0, done.stderr
-    entries = manifest(run_dir)
+    entries = read_manifest(run_dir)
     assert [e["index"] for e in entries] == [0, 1, 2]
     assert [(run_dir / e["image"]).read_bytes() for e in entries[:2]] == first
 

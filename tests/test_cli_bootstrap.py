@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -15,16 +14,14 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from tests.layouts import make_cub
+from tests.runs import bootstrap_command, read_manifest
 
 CLASSES = ("001.Black_footed_Albatross", "094.Pine_Warbler")
 SLUGS = ("Black_footed_Albatross", "Pine_Warbler")
 
 
 def command(root, run_dir, *extra):
-    return [sys.executable, "-m", "seedselect_cli", "bootstrap", "--config-name", "cub_tail", "model=tiny",
-            "sampler=tiny", "runtime.device=cpu", f"dataset.root={root}", "bootstrap.n_images=3",
-            "sampler.steps=3", "bootstrap.global_iterations=2", "bootstrap.iterations=3", "runtime.batch_size=2",
-            "runtime.progress=false", f"hydra.run.dir={run_dir}", *extra]
+    return [*bootstrap_command(root, run_dir, 3, iterations=3), *extra]
 
 
 def run(args, cwd, **env):
@@ -32,11 +29,6 @@ def run(args, cwd, **env):
                           text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr
     return done
-
-
-def manifest(run_dir):
-    path = run_dir / "manifest.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 @pytest.fixture(scope="module")
@@ -56,15 +48,15 @@ def test_a_killed_run_resumes_to_exactly_n_images_per_class(cub, uninterrupted, 
     process = subprocess.Popen(command(cub, run_dir), cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"},
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while len(manifest(run_dir)) < 2 and process.poll() is None and time.monotonic() < deadline:
+    while len(read_manifest(run_dir)) < 2 and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    killed_with = len(manifest(run_dir))
+    killed_with = len(read_manifest(run_dir))
     assert 2 <= killed_with < 6, "the run should be killed part-way"
 
     done = run(command(cub, run_dir), tmp_path)
-    entries = manifest(run_dir)
+    entries = read_manifest(run_dir)
     assert sorted((e["class"], e["index"]) for e in entries) == [(c, i) for c in ("Black footed Albatross",
                                                                                   "Pine Warbler") for i in range(3)]
     assert f"{6 - killed_with} new images" in done.stdout
@@ -79,7 +71,7 @@ def test_a_killed_run_resumes_to_exactly_n_images_per_class(cub, uninterrupted, 
 
 
 def test_generate_redraws_a_bootstrap_image(uninterrupted, tmp_path):
-    entry = manifest(uninterrupted)[-1]
+    entry = read_manifest(uninterrupted)[-1]
     run([sys.executable, "-m", "seedselect_cli", "generate", f"seed_file={uninterrupted / entry['seed_file']}",
          "out=again.png"], tmp_path)
     assert np.array_equal(np.asarray(Image.open(tmp_path / "again.png")),
@@ -95,9 +87,9 @@ def test_submitit_local_sweep_over_shards_fills_one_run_directory(cub, uninterru
     [run_dir] = [p.parent for p in (tmp_path / "sweep").glob("*/manifest.jsonl")]  # both shards, one directory
     assert "=" not in run_dir.name and "," not in run_dir.name  # passable back as run_dir=... unquoted
     assert "bootstrap.iterations-3" in run_dir.name.split("+")
-    entries = manifest(run_dir)
+    entries = read_manifest(run_dir)
     assert sorted((e["class"], e["index"]) for e in entries) == sorted(
-        (e["class"], e["index"]) for e in manifest(uninterrupted))
+        (e["class"], e["index"]) for e in read_manifest(uninterrupted))
     for entry in entries:  # one CPU thread here, two there: float sums round differently
         np.testing.assert_allclose(load_file(run_dir / entry["seed_file"])["optimized"].numpy(),
                                    load_file(uninterrupted / entry["seed_file"])["optimized"].numpy(),

@@ -9,7 +9,6 @@ import random
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from seedselect_cli.sampling import encode_prompt
 from seedselect_cli.writer import RunDirectory, atomic_write
 from tests.conftest import make_config
 from tests.layouts import make_cub
+from tests.runs import bootstrap_command, read_manifest
 from tests.test_optimize import random_target, seeds
 
 # --- non-finite losses -------------------------------------------------------------------------
@@ -136,26 +136,6 @@ def test_sigterm_mid_run_keeps_the_finished_images_and_a_consistent_manifest(tmp
     assert len(run_optimize(config, tmp_path)) == 3
 
 
-def command(root, run_dir, n_images):
-    return [sys.executable, "-m", "seedselect_cli", "bootstrap", "--config-name", "cub_tail", "model=tiny",
-            "sampler=tiny", "runtime.device=cpu", f"dataset.root={root}", f"bootstrap.n_images={n_images}",
-            "sampler.steps=3", "bootstrap.global_iterations=2", "bootstrap.iterations=2", "runtime.batch_size=2",
-            "runtime.progress=false", f"hydra.run.dir={run_dir}"]
-
-
-def manifest_lines(run_dir: Path) -> list[dict]:
-    path = run_dir / "manifest.jsonl"
-    if not path.exists():
-        return []
-    entries = []
-    for line in path.read_text().splitlines():
-        try:
-            entries.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut by SIGKILL: the next run drops it
-            pass
-    return entries
-
-
 @pytest.fixture(scope="module")
 def cub(tmp_path_factory):
     return make_cub(tmp_path_factory.mktemp("data") / "CUB_200_2011",
@@ -169,9 +149,9 @@ def start(args, cwd):
 
 def test_sigterm_to_the_command_stops_it_with_exit_143(cub, tmp_path):
     run_dir = tmp_path / "run"
-    process = start(command(cub, run_dir, 4), tmp_path)
+    process = start(bootstrap_command(cub, run_dir, 4), tmp_path)
     deadline = time.monotonic() + 120
-    while not manifest_lines(run_dir) and process.poll() is None and time.monotonic() < deadline:
+    while not read_manifest(run_dir) and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=60)
@@ -183,7 +163,7 @@ def test_sigterm_to_the_command_stops_it_with_exit_143(cub, tmp_path):
 def assert_trustworthy(run_dir: Path) -> None:
     """Whatever a killed run left: every manifest entry's files exist and load; every image and seed
     file on disk is whole (atomic rename), whether or not its manifest line made it."""
-    for entry in manifest_lines(run_dir):
+    for entry in read_manifest(run_dir):
         assert (run_dir / entry["image"]).is_file() and (run_dir / entry["seed_file"]).is_file()
     for png in run_dir.glob("images/*/*.png"):
         with Image.open(png) as image:
@@ -197,13 +177,13 @@ def test_sigkill_at_random_moments_then_resume_ends_with_exactly_the_wanted_imag
     rng = random.Random(1234)
     kills, done_at_kills = 0, []
     for _ in range(10):
-        process = start(command(cub, run_dir, n_images), tmp_path)
-        before = len(manifest_lines(run_dir))
+        process = start(bootstrap_command(cub, run_dir, n_images), tmp_path)
+        before = len(read_manifest(run_dir))
         if rng.random() < 0.3:  # during start-up, model building or the first batch
             time.sleep(rng.uniform(0.2, 4.0))
         else:  # after 1 to 3 more images, at a random moment of the next one: whatever the machine's speed
             target, deadline = before + rng.randint(1, 3), time.monotonic() + 120
-            while len(manifest_lines(run_dir)) < target and process.poll() is None and time.monotonic() < deadline:
+            while len(read_manifest(run_dir)) < target and process.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.01)
             time.sleep(rng.uniform(0.0, 0.3))
         if process.poll() is not None:  # it finished before its kill
@@ -212,12 +192,12 @@ def test_sigkill_at_random_moments_then_resume_ends_with_exactly_the_wanted_imag
         process.wait()
         kills += 1
         assert_trustworthy(run_dir)
-        done_at_kills.append(len(manifest_lines(run_dir)))
+        done_at_kills.append(len(read_manifest(run_dir)))
     assert kills >= 4 and any(0 < done < 3 * n_images for done in done_at_kills), done_at_kills
-    final = start(command(cub, run_dir, n_images), tmp_path)
+    final = start(bootstrap_command(cub, run_dir, n_images), tmp_path)
     _, err = final.communicate(timeout=300)
     assert final.returncode == 0, err
-    entries = manifest_lines(run_dir)
+    entries = read_manifest(run_dir)
     keys = [(e["class"], e["index"]) for e in entries]
     assert len(keys) == len(set(keys)) == 3 * n_images  # no duplicates, nothing missing
     for slug in ("Black_footed_Albatross", "Pine_Warbler", "Cerulean_Warbler"):
