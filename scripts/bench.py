@@ -8,8 +8,9 @@ depend on the weights' values. For each mode and batch size it measures seconds 
 bootstrapped image (`--bootstrap-iterations` iterations at that batch size, plus the render).
 On the CPU, peak memory is the process's high-water mark of resident memory.
 
-    fast   our path: networks in --dtype, seed and loss in float32, one checkpoint per denoising step
-    plain  what the authors' code does: float32, every UNet block checkpointed, the same loss
+    fast      our path: networks in --dtype, seed and loss in float32, one checkpoint per denoising step
+    compiled  the fast path with torch.compile (runtime.compile; the first calls, which compile, are warm-up)
+    plain     what the authors' code does: float32, every UNet block checkpointed, the same loss
 
     python scripts/bench.py                       # the paper's setting, batch 1 and 8, on the GPU
     python scripts/bench.py --tiny                # the tiny components on the CPU, seconds
@@ -23,13 +24,22 @@ import json
 import resource
 import statistics
 import time
+import traceback
+from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
 from seedselect_cli.config import Config, ModelConfig, load_config, register_resolvers
-from seedselect_cli.models import DTYPES, FrozenModels, load_models, resolve_device, resolve_dtype
+from seedselect_cli.models import (
+    DTYPES,
+    FrozenModels,
+    compile_models,
+    load_models,
+    resolve_device,
+    resolve_dtype,
+)
 from seedselect_cli.optimize import seed_objective
 from seedselect_cli.references import Centroids
 from seedselect_cli.sampling import sample_images, set_timesteps
@@ -108,6 +118,19 @@ def count_flops(config, args) -> list[tuple[str, float]]:
     return out
 
 
+def attention_backends(names: list[str] | None):
+    """A context allowing only these scaled-dot-product attention backends (None: PyTorch's choice)."""
+    import contextlib
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if not names:
+        return contextlib.nullcontext()
+    backends = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+    return sdpa_kernel([backends[n] for n in names])
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -125,6 +148,29 @@ def timed(device: torch.device, fn) -> float:
     begin = time.perf_counter()
     fn()
     return time.perf_counter() - begin
+
+
+def profile(device: torch.device, iteration) -> None:
+    """Where one iteration's time goes: the host's and the device's busiest operations, and the
+    wall time against the device's busy time (far apart means the host cannot launch fast enough)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    synchronize(device)
+    begin = time.perf_counter()
+    with torch_profile(activities=activities) as prof:
+        iteration()
+        synchronize(device)
+    wall = time.perf_counter() - begin
+    events = prof.key_averages()
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(events.table(sort_by=sort, row_limit=20, max_name_column_width=60))
+    if device.type == "cuda":
+        print(events.table(sort_by="cpu_time_total", row_limit=12, max_name_column_width=60))
+    busy = sum(e.self_device_time_total for e in events) / 1e6 if device.type == "cuda" else float("nan")
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+    print(f"profile: wall {wall:.3f} s (with the profiler), device busy {busy:.3f} s, {launches} kernel launches")
 
 
 def measure(models: FrozenModels, config, batch: int, args) -> dict:
@@ -146,9 +192,11 @@ def measure(models: FrozenModels, config, batch: int, args) -> dict:
         seed_objective(models, z, target, text, timesteps, config).total.sum().backward()
         optimizer.step()
 
+    begin = time.perf_counter()
     for _ in range(args.warmup):
         iteration()
     synchronize(device)
+    warmup = time.perf_counter() - begin  # with torch.compile: the compilation
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     seconds = statistics.median(timed(device, iteration) for _ in range(args.iterations))
@@ -158,12 +206,15 @@ def measure(models: FrozenModels, config, batch: int, args) -> dict:
 
     with FlopCounterMode(display=False) as counter:
         iteration()
+    if args.profile:
+        profile(device, iteration)
     render = timed(device, lambda: sample_images(models, z.detach()[:1], text, args.steps,
                                                  config.sampler.guidance_scale))
     flops = counter.get_total_flops()
     return {"batch": batch, "s_per_iteration": seconds, "peak_memory_gb": peak / 2**30, "tflop_per_iteration":
             flops / 1e12, "tflops": flops / 1e12 / seconds,
-            "s_per_bootstrap_image": args.bootstrap_iterations * seconds / batch + render}
+            "s_per_bootstrap_image": args.bootstrap_iterations * seconds / batch + render, "warmup_s": warmup,
+            "render_s": render}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -177,12 +228,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--k", type=int, default=3)
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--modes", nargs="+", default=["fast", "plain"], choices=["fast", "plain"])
+    parser.add_argument("--modes", nargs="+", default=["fast", "plain"],
+                        choices=["fast", "compiled", "plain"])
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iterations", type=int, default=5, help="timed iterations (the median is reported)")
     parser.add_argument("--bootstrap-iterations", type=int, default=5)
     parser.add_argument("--peak-tflops", type=float, default=790.0, help="the device's dense rate for --dtype")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
+    parser.add_argument("--compile-mode", default=None, help="torch.compile's mode for the compiled rows")
+    parser.add_argument("--channels-last", action="store_true", help="UNet and VAE in channels-last memory format")
+    parser.add_argument("--sdpa", nargs="+", default=None, choices=["flash", "efficient", "cudnn", "math"],
+                        help="the attention backends allowed (default: PyTorch's choice)")
+    parser.add_argument("--profile", action="store_true",
+                        help="print torch.profiler's busiest operations for one iteration of each row")
     parser.add_argument("--flops", action="store_true", help="only count FLOPs of the paper's setting (meta device)")
     args = parser.parse_args(argv)
     device = torch.device("cpu") if args.tiny else resolve_device(args.device)
@@ -205,21 +263,30 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     fast_dtype = resolve_dtype(args.dtype, device)
     for mode in args.modes:
-        dtype = fast_dtype if mode == "fast" else torch.float32
+        dtype = torch.float32 if mode == "plain" else fast_dtype
         models = (load_models(ModelConfig(pretrained="tiny", image_encoder="tiny"), device, dtype) if args.tiny
                   else real_models(device, dtype))
         mode_config = dataclasses.replace(config, sampler=dataclasses.replace(
-            config.sampler, checkpointing=mode == "fast"))
+            config.sampler, checkpointing=mode != "plain"))
+        if args.channels_last:
+            for module in (models.unet, models.vae):
+                module.to(memory_format=torch.channels_last)
+        if mode == "compiled":
+            compile_models(models, args.compile_mode)
         if mode == "plain":
             models.unet.enable_gradient_checkpointing()
             models.unet.train(False)
         for batch in args.batch:
             row = {"mode": mode, "dtype": str(dtype).removeprefix("torch."), "batch": batch}
             try:
-                row |= measure(models, mode_config, batch, args)
+                with attention_backends(args.sdpa):
+                    row |= measure(models, mode_config, batch, args)
                 row["fraction_of_peak"] = row["tflops"] / args.peak_tflops
-            except torch.OutOfMemoryError:  # the plain mode may not fit at large batches: say so, go on
-                row["out_of_memory"] = True
+            except torch.OutOfMemoryError as exc:  # the plain mode may not fit at large batches: say so, go on
+                frames = [f for f in traceback.extract_tb(exc.__traceback__) if "seedselect" in f.filename]
+                where = f"{Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else "?"
+                row["out_of_memory"] = f"{where}: {str(exc).splitlines()[0][:160]}"
+                Console(stderr=True).print(f"[red]{mode} batch {batch}: out of memory at {row['out_of_memory']}")
                 torch.cuda.empty_cache()
             rows.append(row)
         del models
@@ -230,9 +297,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     table = Table(title=f"seedselect bench: {'tiny' if args.tiny else 'SD 2.1-base + CLIP ViT-H-14'}, "
                         f"{args.height} px, {args.steps} steps, k={args.k}, CFG {args.guidance}, on {name}")
     for column in ("mode", "dtype", "batch", "s/it", "peak GB", "TFLOP/it", "TFLOP/s", "of peak", "s/img boot",
-                   "plain/fast"):
+                   "plain/best"):
         table.add_column(column, justify="left" if column in ("mode", "dtype") else "right")
     fast = {r["batch"]: r["s_per_iteration"] for r in rows if r["mode"] == "fast" and "s_per_iteration" in r}
+    fast |= {r["batch"]: r["s_per_iteration"] for r in rows if r["mode"] == "compiled" and "s_per_iteration" in r
+             and r["s_per_iteration"] < fast.get(r["batch"], float("inf"))}
     short = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
     for r in rows:
         if r.get("out_of_memory"):

@@ -117,6 +117,7 @@ class RuntimeConfig:
     progress: bool = True
     cache: bool = True  # keep reference encodings on disk
     cache_dir: str | None = None  # null: $SEEDSELECT_CACHE_DIR, else $XDG_CACHE_HOME/seedselect, else ~/.cache/seedselect
+    compile: bool = False  # torch.compile the UNet, VAE decoder and image encoder (pays on GPUs for long runs)
 
 
 @dataclass

@@ -87,6 +87,15 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def compile_models(models: FrozenModels, mode: str | None = None) -> FrozenModels:
+    """`torch.compile` the networks the optimisation runs through, in place (their types and configs
+    stay; the first call of each new batch shape compiles). `mode` is torch.compile's."""
+    for module in (models.unet, models.vae.decoder, models.image_encoder):  # vae.decode() calls its decoder
+        if module is not None:
+            module.compile(mode=mode)
+    return models
+
+
 def _freeze(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     if module.dtype != dtype:  # loaded checkpoints already come in `dtype`; this is the tiny components
         level = diffusers_logging.get_verbosity()

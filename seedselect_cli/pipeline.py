@@ -26,7 +26,13 @@ from seedselect_cli.config import Config, resolve_shard, to_yaml
 from seedselect_cli.datasets import ClassRecord, load_classes
 from seedselect_cli.errors import Interrupted, UserError
 from seedselect_cli.interrupt import GracefulStop
-from seedselect_cli.models import FrozenModels, load_models, resolve_device, resolve_dtype
+from seedselect_cli.models import (
+    FrozenModels,
+    compile_models,
+    load_models,
+    resolve_device,
+    resolve_dtype,
+)
 from seedselect_cli.optimize import SeedResult, optimize_seeds
 from seedselect_cli.progress import RunProgress, print_summary, run_progress
 from seedselect_cli.references import (
@@ -130,6 +136,8 @@ def run(config: Config, run_dir: Path, method: str) -> list[dict]:
 
     # 4. The frozen models, and the cache of reference encodings.
     models = load_models(config.model, device, dtype)
+    if config.runtime.compile:
+        compile_models(models)
     shape = models.latent_shape(config.sampler.height, config.sampler.width)
     h, w, mode = config.sampler.height, config.sampler.width, config.dataset.resize_mode
     cache_dir = (Path(config.runtime.cache_dir).expanduser() if config.runtime.cache_dir else default_cache_dir())
