@@ -95,7 +95,7 @@ def load_clip(name: str, device: torch.device) -> EvalClip:
 
         source = os.path.expanduser(name)
         try:
-            model = CLIPModel.from_pretrained(source, use_safetensors=True)
+            model = CLIPModel.from_pretrained(source, use_safetensors=True, dtype=torch.float32)
             tokenizer = AutoTokenizer.from_pretrained(source)
             processor = AutoImageProcessor.from_pretrained(source, backend="pil")
         except (OSError, ValueError) as exc:
@@ -127,7 +127,8 @@ class Judge:
 
         source = os.path.expanduser(cfg.model)
         try:
-            self.model = AutoModelForImageClassification.from_pretrained(source, use_safetensors=True).to(device).eval()
+            self.model = AutoModelForImageClassification.from_pretrained(
+                source, use_safetensors=True, dtype=torch.float32).to(device).eval()
             self.processor = AutoImageProcessor.from_pretrained(source)
         except (OSError, ValueError) as exc:
             raise UserError(f"cannot load the judge {cfg.model!r} ({type(exc).__name__}): pass judge.model=<Hub id or "
