@@ -16,6 +16,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from diffusers.utils import logging as diffusers_logging
 from transformers import AutoImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
+from transformers.utils import logging as transformers_logging
 
 from seedselect_cli.config import ModelConfig
 from seedselect_cli.errors import UserError
@@ -172,7 +173,12 @@ def _load_image_encoder(cfg: ModelConfig, dtype: torch.dtype) -> tuple[CLIPVisio
     kwargs = {"local_files_only": cfg.local_files_only or _offline()}
     source = os.path.expanduser(cfg.image_encoder)
     try:
-        encoder = CLIPVisionModelWithProjection.from_pretrained(source, dtype=dtype, use_safetensors=True, **kwargs)
+        level = transformers_logging.get_verbosity()
+        transformers_logging.set_verbosity_error()  # a two-tower checkpoint's text weights go unused: no report
+        try:
+            encoder = CLIPVisionModelWithProjection.from_pretrained(source, dtype=dtype, use_safetensors=True, **kwargs)
+        finally:
+            transformers_logging.set_verbosity(level)
         processor = AutoImageProcessor.from_pretrained(source, backend="pil", **kwargs)
     except (OSError, ValueError) as exc:
         raise _not_available("CLIP image encoder", cfg.image_encoder, exc) from None
