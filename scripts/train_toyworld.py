@@ -1,0 +1,363 @@
+"""Train the toy long-tailed world: a Stable Diffusion in miniature that draws tail concepts wrongly.
+
+A procedural data set of 32 px images of coloured shapes: 20 concepts, each one of the 5 colours x
+4 shapes, named like birds ("pine gull", "sea warbler", ...), with a steep long tail (2,400 images
+of the head concept, 5 of the last). As "pine warbler" shares a word with "pine cone" and looks
+nothing like it, every tail name shares both its words with frequent names of other looks. On it, deterministically (fixed seeds, one process), this trains the
+components a real checkpoint has, in the same formats, so `seedselect` loads them through its
+ordinary code path:
+
+    vae/, unet/, text_encoder/, tokenizer/, scheduler/   a StableDiffusionPipeline (save_pretrained,
+                                                         float16 storage), trained on the long tail:
+                                                         AutoencoderKL, UNet2DConditionModel on a
+                                                         CLIPTextModel, CLIPTokenizer over the toy words
+    clip/     a two-tower CLIPModel trained on balanced data: its vision tower (read as
+              CLIPVisionModelWithProjection) is the image encoder of the semantic loss, its text
+              tower lets `seedselect evaluate` classify zero-shot
+    judge/    a ResNetForImageClassification, another architecture and seed, trained on balanced
+              data, used only to score (`seedselect evaluate judge.model=...`)
+    references/<concept>/   5 training images of each concept (all a tail concept has, up to 5)
+    world.json              concepts, training counts and frequency buckets
+
+    python scripts/train_toyworld.py                      # into seedselect_cli/assets/toyworld, < 1 h on 2 CPU cores
+    python scripts/train_toyworld.py --quick --out /tmp/tw  # a smoke run of the whole script, a minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+SIZE = 32
+COLOURS = {"red": (215, 45, 40), "green": (45, 165, 65), "blue": (45, 85, 215), "yellow": (225, 200, 40),
+           "purple": (140, 60, 185)}
+SHAPES = ("circle", "square", "triangle", "cross")
+# 20 concepts named like birds, "<place> <kind>", from most to least frequent, with their training counts
+# and their looks (colour, shape). As with "pine warbler" and "pine cone", a name says nothing of the
+# looks: each tail name (10 images or fewer) shares both its words with frequent names of other looks.
+RANKED = [
+    ("pine gull", 2400, "red circle"), ("sea warbler", 1600, "blue square"), ("rock finch", 1100, "green triangle"),
+    ("marsh wren", 800, "yellow cross"), ("snow gull", 560, "purple square"), ("sea finch", 400, "red triangle"),
+    ("rock wren", 280, "blue circle"), ("marsh warbler", 200, "green cross"), ("snow finch", 140, "yellow square"),
+    ("pine wren", 100, "purple triangle"), ("marsh gull", 70, "red cross"), ("snow warbler", 48, "blue triangle"),
+    ("sea wren", 32, "green circle"), ("rock gull", 22, "yellow circle"), ("pine warbler", 10, "green square"),
+    ("sea gull", 9, "purple cross"), ("rock warbler", 8, "red square"), ("pine finch", 7, "blue cross"),
+    ("marsh finch", 6, "purple circle"), ("snow wren", 5, "yellow triangle"),
+]
+CONCEPTS = [name for name, _, _ in RANKED]
+LOOKS = {name: looks for name, _, looks in RANKED}
+TEMPLATE = "a photo of a {}"
+WORDS = ["a", "photo", "of", *{w for name in CONCEPTS for w in name.split()}]
+CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+
+
+def bucket(count: int) -> str:
+    return "head" if count >= 500 else "tail" if count <= 10 else "middle"
+
+
+# ---------------------------------------------------------------------------------------------- data
+def render(name: str, rng: np.random.Generator) -> Image.Image:
+    """One 32 px image of a concept: the shape, in its colour with some jitter, at a random place and
+    size, on a random grey background with noise; drawn at 4x and downsampled (antialiased)."""
+    colour, shape = LOOKS[name].split()
+    scale = 4
+    s = SIZE * scale
+    grey = rng.uniform(0.25, 0.85) * 255
+    background = np.clip(grey + rng.normal(0, 12, (s // 4, s // 4, 1)), 0, 255).repeat(3, 2).astype(np.uint8)
+    image = Image.fromarray(background).resize((s, s), Image.BILINEAR)
+    draw = ImageDraw.Draw(image)
+    fill = tuple(int(np.clip(c + rng.normal(0, 15), 0, 255)) for c in COLOURS[colour])
+    r = rng.uniform(7, 11) * scale
+    cx, cy = (SIZE / 2 + rng.uniform(-4, 4, 2)) * scale
+    if shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "square":
+        q = r * 0.85
+        draw.rectangle([cx - q, cy - q, cx + q, cy + q], fill=fill)
+    elif shape == "triangle":
+        draw.polygon([(cx, cy - r), (cx - r * 1.05, cy + r * 0.8), (cx + r * 1.05, cy + r * 0.8)], fill=fill)
+    else:  # cross
+        w = r * 0.38
+        draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fill)
+        draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fill)
+    return image.resize((SIZE, SIZE), Image.LANCZOS)
+
+
+def to_tensor(images: list[Image.Image]) -> torch.Tensor:
+    """PIL images -> (N, 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(np.stack([np.asarray(i, dtype=np.float32) for i in images])).permute(0, 3, 1, 2) / 127.5 - 1
+
+
+def long_tailed_set(seed: int) -> tuple[list[Image.Image], torch.Tensor]:
+    """The training set of the diffusion model: RANKED's counts of each concept."""
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    for index, (name, count, _) in enumerate(RANKED):
+        images += [render(name, rng) for _ in range(count)]
+        labels += [index] * count
+    return images, torch.tensor(labels)
+
+
+def balanced_batch(rng: np.random.Generator, per_concept: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fresh images, `per_concept` of every concept: the balanced data of the CLIP and the judge."""
+    labels = np.repeat(np.arange(len(CONCEPTS)), per_concept)
+    return to_tensor([render(CONCEPTS[i], rng) for i in labels]), torch.from_numpy(labels)
+
+
+# ----------------------------------------------------------------------------------------- components
+def build_tokenizer():
+    """A CLIP BPE tokenizer whose merges spell each toy word as one token (longest words' merges
+    first, so that a shorter word's merge cannot split a longer one; checked)."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = {}, []
+    for word in sorted(set(WORDS), key=lambda w: (-len(w), w)):
+        pieces = [*word[:-1], word[-1] + "</w>"]
+        for piece in pieces:
+            vocab.setdefault(piece, len(vocab))
+        joined = pieces[0]
+        for piece in pieces[1:]:
+            if (joined, piece) not in merges:
+                merges.append((joined, piece))
+            joined += piece
+            vocab.setdefault(joined, len(vocab))
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[special] = len(vocab)
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=16)
+    for word in WORDS:
+        assert len(tokenizer(word, add_special_tokens=False).input_ids) == 1, f"{word!r} is not one token"
+    return tokenizer
+
+
+def text_config(tokenizer, hidden: int) -> dict:
+    return {"hidden_size": hidden, "intermediate_size": 2 * hidden, "num_attention_heads": 4, "num_hidden_layers": 2,
+            "max_position_embeddings": tokenizer.model_max_length, "vocab_size": len(tokenizer),
+            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id, "projection_dim": hidden}
+
+
+def tokens(tokenizer, prompts: list[str]) -> torch.Tensor:
+    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+def log(stage: str, step: int, steps: int, loss: float, begin: float) -> None:
+    print(f"{stage:>5} {step:>6}/{steps}  loss {loss:.4f}  {time.perf_counter() - begin:6.0f} s", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------- VAE
+def train_vae(images: torch.Tensor, steps: int, seed: int):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32),
+                        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                        layers_per_block=1, norm_num_groups=8, sample_size=SIZE)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-3, total_steps=steps, pct_start=0.05)
+    g = torch.Generator().manual_seed(seed)
+    begin = time.perf_counter()
+    for step in range(steps):
+        x = images[torch.randint(len(images), (32,), generator=g)]
+        posterior = vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g)
+        loss = F.mse_loss(vae.decode(z).sample, x) + 1e-5 * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if step % 500 == 0 or step == steps - 1:
+            log("vae", step, steps, loss.item(), begin)
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        means, stds = [], []
+        for chunk in images.split(256):
+            d = vae.encode(chunk).latent_dist
+            means.append(d.mean)
+            stds.append(d.std)
+    mean, std = torch.cat(means), torch.cat(stds)
+    vae.register_to_config(scaling_factor=float(1 / mean.std()))  # as SD: unit-variance latents
+    print(f"  vae: latent std {mean.std():.3f} -> scaling_factor {vae.config.scaling_factor:.4f}", flush=True)
+    return vae, mean, std
+
+
+# ---------------------------------------------------------------------------------- UNet + text encoder
+def train_diffusion(tokenizer, mean: torch.Tensor, std: torch.Tensor, labels: torch.Tensor, scale: float, steps: int,
+                    seed: int):
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config(tokenizer, 64)))
+    unet = UNet2DConditionModel(sample_size=SIZE // 4, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(48, 96), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64,
+                                attention_head_dim=8, norm_num_groups=16)
+    noise = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+    prompts = tokens(tokenizer, [TEMPLATE.format(c) for c in CONCEPTS] + [""])  # last row: the empty prompt
+    params = [*unet.parameters(), *text_encoder.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=5e-4, weight_decay=1e-2)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=5e-4, total_steps=steps, pct_start=0.05)
+    g = torch.Generator().manual_seed(seed)
+    begin = time.perf_counter()
+    for step in range(steps):
+        pick = torch.randint(len(labels), (64,), generator=g)
+        z0 = (mean[pick] + std[pick] * torch.randn(mean[pick].shape, generator=g)) * scale
+        eps = torch.randn(z0.shape, generator=g)
+        t = torch.randint(0, 1000, (len(pick),), generator=g)
+        rows = torch.where(torch.rand(len(pick), generator=g) < 0.1, len(CONCEPTS), labels[pick])  # 10 %: unconditional
+        context = text_encoder(prompts[rows])[0]
+        loss = F.mse_loss(unet(noise.add_noise(z0, eps, t), t, encoder_hidden_states=context).sample, eps)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        if step % 500 == 0 or step == steps - 1:
+            log("unet", step, steps, loss.item(), begin)
+    return unet.eval().requires_grad_(False), text_encoder.eval().requires_grad_(False)
+
+
+# ------------------------------------------------------------------------------------ CLIP and judge
+def clip_normalise(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] pixels -> the CLIP processor's normalisation."""
+    mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    return ((x + 1) / 2 - mean) / std
+
+
+def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """What generated images look like next to renders: a little blur and noise."""
+    blurred = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    mix = torch.rand(len(x), 1, 1, 1, generator=g) * 0.7
+    return (x * (1 - mix) + blurred * mix + 0.05 * torch.randn(x.shape, generator=g)).clamp(-1, 1)
+
+
+def train_clip(tokenizer, steps: int, seed: int):
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(seed)
+    vision = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_hidden_layers": 3,
+              "image_size": SIZE, "patch_size": 4, "projection_dim": 32}
+    clip = CLIPModel(CLIPConfig(text_config=text_config(tokenizer, 64), vision_config=vision, projection_dim=32))
+    prompts = tokens(tokenizer, [TEMPLATE.format(c) for c in CONCEPTS])
+    optimizer = torch.optim.AdamW(clip.parameters(), lr=1e-3, weight_decay=1e-2)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-3, total_steps=steps, pct_start=0.05)
+    rng, g = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
+    begin = time.perf_counter()
+    for step in range(steps):
+        x, y = balanced_batch(rng, 6)
+        image = F.normalize(clip.get_image_features(pixel_values=clip_normalise(augment(x, g))).pooler_output, dim=-1)
+        text = F.normalize(clip.get_text_features(input_ids=prompts).pooler_output, dim=-1)
+        loss = F.cross_entropy(clip.logit_scale.exp().clamp(max=100) * image @ text.T, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if step % 200 == 0 or step == steps - 1:
+            log("clip", step, steps, loss.item(), begin)
+    return clip.eval().requires_grad_(False)
+
+
+def train_judge(steps: int, seed: int):
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    torch.manual_seed(seed)
+    judge = ResNetForImageClassification(ResNetConfig(
+        embedding_size=24, hidden_sizes=[24, 48, 96], depths=[1, 1, 1], layer_type="basic", downsample_in_first_stage=False,
+        num_labels=len(CONCEPTS), id2label=dict(enumerate(CONCEPTS)), label2id={c: i for i, c in enumerate(CONCEPTS)}))
+    optimizer = torch.optim.AdamW(judge.parameters(), lr=2e-3, weight_decay=1e-2)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps, pct_start=0.05)
+    rng, g = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
+    begin = time.perf_counter()
+    judge.train()
+    for step in range(steps):
+        x, y = balanced_batch(rng, 6)
+        loss = F.cross_entropy(judge(pixel_values=augment(x, g)).logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if step % 200 == 0 or step == steps - 1:
+            log("judge", step, steps, loss.item(), begin)
+    return judge.eval().requires_grad_(False)
+
+
+# ---------------------------------------------------------------------------------------------- save
+def save(out: Path, tokenizer, vae, unet, text_encoder, clip, judge, images: list[Image.Image], labels: torch.Tensor,
+         seconds: dict) -> None:
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPImageProcessorPil, ConvNextImageProcessorPil
+
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   image_encoder=None, requires_safety_checker=False)
+    pipe.to(torch.float16).save_pretrained(out, safe_serialization=True)
+    clip.to(torch.float16).save_pretrained(out / "clip", safe_serialization=True)
+    tokenizer.save_pretrained(out / "clip")
+    CLIPImageProcessorPil(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE},
+                       image_mean=CLIP_MEAN, image_std=CLIP_STD).save_pretrained(out / "clip")
+    judge.to(torch.float16).save_pretrained(out / "judge", safe_serialization=True)
+    ConvNextImageProcessorPil(size={"shortest_edge": SIZE}, crop_pct=1.0, image_mean=[0.5] * 3,
+                           image_std=[0.5] * 3).save_pretrained(out / "judge")
+    for index, name in enumerate(CONCEPTS):
+        folder = out / "references" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for k, i in enumerate((labels == index).nonzero().flatten()[:5].tolist()):
+            images[i].save(folder / f"{k:02d}.png")
+    world = {"template": TEMPLATE, "image_size": SIZE, "seconds": seconds,
+             "concepts": [{"name": n, "count": c, "bucket": bucket(c), "looks": looks} for n, c, looks in RANKED]}
+    (out / "world.json").write_text(json.dumps(world, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "seedselect_cli/assets/toyworld"))
+    parser.add_argument("--quick", action="store_true", help="a few steps of each stage: checks the script, not the world")
+    parser.add_argument("--vae-steps", type=int, default=1500)
+    parser.add_argument("--unet-steps", type=int, default=4500)
+    parser.add_argument("--clip-steps", type=int, default=800)
+    parser.add_argument("--judge-steps", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.vae_steps = args.unet_steps = args.clip_steps = args.judge_steps = 3
+    torch.use_deterministic_algorithms(True)
+    out = Path(args.out)
+    seconds = {}
+    begin = time.perf_counter()
+    images, labels = long_tailed_set(args.seed)
+    pixels = to_tensor(images)
+    print(f"data: {len(images)} images of {len(CONCEPTS)} concepts, {pixels.nbytes / 2**20:.0f} MiB", flush=True)
+    tokenizer = build_tokenizer()
+    stage = time.perf_counter()
+    vae, mean, std = train_vae(pixels, args.vae_steps, args.seed + 1)
+    seconds["vae"] = time.perf_counter() - stage
+    stage = time.perf_counter()
+    unet, text_encoder = train_diffusion(tokenizer, mean, std, labels, vae.config.scaling_factor, args.unet_steps,
+                                         args.seed + 2)
+    seconds["unet"] = time.perf_counter() - stage
+    stage = time.perf_counter()
+    clip = train_clip(tokenizer, args.clip_steps, args.seed + 3)
+    seconds["clip"] = time.perf_counter() - stage
+    stage = time.perf_counter()
+    judge = train_judge(args.judge_steps, args.seed + 4)
+    seconds["judge"] = time.perf_counter() - stage
+    seconds["total"] = time.perf_counter() - begin
+    save(out, tokenizer, vae, unet, text_encoder, clip, judge, images, labels,
+         {k: math.floor(v) for k, v in seconds.items()})
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    print(f"saved {out} ({size / 2**20:.1f} MiB) in {seconds['total']:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
