@@ -20,14 +20,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never touch the networ
 os.environ["SEEDSELECT_CACHE_DIR"] = tempfile.mkdtemp(prefix="seedselect-test-cache-")
 
 
-def compose_raw(name: str = "demo", overrides: list[str] | None = None):
+def compose_raw(name: str = "tiny", overrides: list[str] | None = None):
     register_resolvers()
     with initialize_config_module("seedselect_cli.configs", version_base="1.3"):
         return compose(config_name=name, overrides=overrides or [])
 
 
-def make_config(overrides: list[str] | None = None, name: str = "demo") -> Config:
-    """A checked config; by default the demo with few steps and iterations, for speed."""
+def make_config(overrides: list[str] | None = None, name: str = "tiny") -> Config:
+    """A checked config; by default the tiny model with few steps and iterations, for speed."""
     fast = ["sampler.steps=4", "optim.iterations=3", "runtime.progress=false"]
     return load_config(compose_raw(name, fast + list(overrides or [])))
 

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from seedselect_cli.cli import main
 from tests.conftest import random_image
 
-FAST = ["sampler.steps=3", "optim.iterations=2", "runtime.progress=false", "n_images=1", "runtime.batch_size=1"]
+FAST = ["--config-name=tiny", "sampler.steps=3", "optim.iterations=2", "runtime.progress=false", "n_images=1", "runtime.batch_size=1"]
 
 
 @pytest.fixture(scope="module")

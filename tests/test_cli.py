@@ -15,7 +15,7 @@ from safetensors import safe_open
 from seedselect_cli.cli import main
 from tests.runs import read_manifest
 
-FAST = ["sampler.steps=3", "optim.iterations=2", "runtime.progress=false"]
+FAST = ["--config-name=tiny", "sampler.steps=3", "optim.iterations=2", "runtime.progress=false"]
 MANIFEST_KEYS = {"class", "prompt", "image", "seed_file", "index", "init_seed", "iterations", "loss",
                  "loss_history", "semantic_loss", "appearance_loss", "seconds"}
 

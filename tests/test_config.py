@@ -30,7 +30,7 @@ def test_every_named_config_composes_and_validates(name, tmp_path):
         cfg = load_structured(EvaluateConfig, compose_raw(name, ["run_dir=runs/x"]))
         assert cfg.baseline and cfg.top_k == 5 and cfg.judge.model is None
         return
-    overrides = [] if name == "demo" else [f"dataset.root={tmp_path}"]
+    overrides = [] if name in ("demo", "tiny", "toyworld") else [f"dataset.root={tmp_path}"]
     config = load_config(compose_raw(name, overrides))
     assert len(config.kstep.weights) == config.kstep.k <= config.sampler.steps
 
