@@ -17,7 +17,8 @@ from safetensors.torch import save_file
 from seedselect_cli.cli import main
 from tests.conftest import random_image
 
-FAST = ["--config-name=tiny", "sampler.steps=3", "optim.iterations=2", "runtime.progress=false", "n_images=1", "runtime.batch_size=1"]
+TINY = "--config-name=tiny"  # the random tiny components: the default config is the toy world
+FAST = ["sampler.steps=3", "optim.iterations=2", "runtime.progress=false", "n_images=1", "runtime.batch_size=1"]
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +97,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, inputs, tmp_pa
     args, expected = CASES[case]
     args = [a.format(inputs=inputs) for a in args]
     if args[0] in ("optimize", "bootstrap"):
-        args = [args[0], *FAST, *args[1:]]  # the case's own value last, so that it wins
+        args = [args[0], TINY, *FAST, *args[1:]]  # the case's own value last, so that it wins
     monkeypatch.chdir(tmp_path)
     assert main(args) == 2
     err = capsys.readouterr().err
@@ -117,7 +118,7 @@ def test_odd_images_work_and_broken_ones_are_skipped_by_name(inputs, tmp_path, m
     random_image(rng, (40, 30), "RGBA").save(refs / "alpha.png")
     (refs / "cut.jpg").write_bytes((inputs / "truncated" / "cut.jpg").read_bytes())
     monkeypatch.chdir(tmp_path)
-    assert main(["optimize", f"dataset.root={refs}", "hydra.run.dir=run", *FAST]) == 0
+    assert main(["optimize", TINY, f"dataset.root={refs}", "hydra.run.dir=run", *FAST]) == 0
     [entry] = [json.loads(line) for line in (tmp_path / "run" / "manifest.jsonl").read_text().splitlines()]
     assert (tmp_path / "run" / entry["image"]).is_file()
     log = (tmp_path / "run" / "optimize.log").read_text()
@@ -131,7 +132,7 @@ def test_any_class_name_stays_inside_the_run_directory(name, inputs, tmp_path, m
     refs.mkdir()
     (refs / "ref.png").write_bytes((inputs / "good.png").read_bytes())
     monkeypatch.chdir(tmp_path)
-    assert main(["optimize", f"dataset.root={refs}", f"dataset.classes=[{json.dumps(name, ensure_ascii=False)}]", "hydra.run.dir=run",
+    assert main(["optimize", TINY, f"dataset.root={refs}", f"dataset.classes=[{json.dumps(name, ensure_ascii=False)}]", "hydra.run.dir=run",
                  *FAST]) == 0
     run = (tmp_path / "run").resolve()
     [entry] = [json.loads(line) for line in (run / "manifest.jsonl").read_text().splitlines()]

@@ -15,7 +15,8 @@ from safetensors import safe_open
 from seedselect_cli.cli import main
 from tests.runs import read_manifest
 
-FAST = ["--config-name=tiny", "sampler.steps=3", "optim.iterations=2", "runtime.progress=false"]
+TINY = "--config-name=tiny"  # the random tiny components: the default config is the toy world
+FAST = ["sampler.steps=3", "optim.iterations=2", "runtime.progress=false"]
 MANIFEST_KEYS = {"class", "prompt", "image", "seed_file", "index", "init_seed", "iterations", "loss",
                  "loss_history", "semantic_loss", "appearance_loss", "seconds"}
 
@@ -30,7 +31,7 @@ def seedselect(*args, cwd):
 def demo_run(tmp_path_factory):
     elsewhere = tmp_path_factory.mktemp("elsewhere")
     run_dir = elsewhere / "run"
-    done = seedselect("optimize", f"hydra.run.dir={run_dir}", "n_images=2", *FAST, cwd=elsewhere)
+    done = seedselect("optimize", TINY, f"hydra.run.dir={run_dir}", "n_images=2", *FAST, cwd=elsewhere)
     assert done.returncode == 0, done.stderr
     return run_dir, elsewhere
 
@@ -75,7 +76,7 @@ def test_generate_reproduces_the_image_pixel_for_pixel(demo_run):
 def test_rerun_resumes_and_completes(demo_run):
     run_dir, elsewhere = demo_run
     first = [(run_dir / e["image"]).read_bytes() for e in read_manifest(run_dir)]
-    done = seedselect("optimize", f"hydra.run.dir={run_dir}", "n_images=3", *FAST, cwd=elsewhere)
+    done = seedselect("optimize", TINY, f"hydra.run.dir={run_dir}", "n_images=3", *FAST, cwd=elsewhere)
     assert done.returncode == 0, done.stderr
     entries = read_manifest(run_dir)
     assert [e["index"] for e in entries] == [0, 1, 2]
@@ -126,7 +127,7 @@ def test_folder_of_non_images_is_a_user_error(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "refs").mkdir()
     (tmp_path / "refs" / "a.png").write_text("not a png")
-    assert main(["optimize", "dataset.root=refs", "hydra.run.dir=run", *FAST]) == 2
+    assert main(["optimize", TINY, "dataset.root=refs", "hydra.run.dir=run", *FAST]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: class 'refs' has 0 readable images") and "a.png" in err
     assert not (tmp_path / "run" / "manifest.jsonl").exists()
