@@ -149,8 +149,22 @@ def tokens(tokenizer, prompts: list[str]) -> torch.Tensor:
                      return_tensors="pt").input_ids
 
 
-def log(stage: str, step: int, steps: int, loss: float, begin: float) -> None:
-    print(f"{stage:>5} {step:>6}/{steps}  loss {loss:.4f}  {time.perf_counter() - begin:6.0f} s", flush=True)
+def fit(stage: str, params: list, loss_of_step, steps: int, lr: float, weight_decay: float, every: int,
+        clip_norm: float | None = None) -> None:
+    """The training loop of every stage: AdamW with a one-cycle schedule, a log line every `every` steps."""
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
+    begin = time.perf_counter()
+    for step in range(steps):
+        loss = loss_of_step()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, clip_norm)
+        optimizer.step()
+        schedule.step()
+        if step % every == 0 or step == steps - 1:
+            print(f"{stage:>5} {step:>6}/{steps}  loss {loss.item():.4f}  {time.perf_counter() - begin:6.0f} s", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------- VAE
@@ -161,21 +175,15 @@ def train_vae(images: torch.Tensor, steps: int, seed: int):
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32),
                         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
                         layers_per_block=1, norm_num_groups=8, sample_size=SIZE)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-3, total_steps=steps, pct_start=0.05)
     g = torch.Generator().manual_seed(seed)
-    begin = time.perf_counter()
-    for step in range(steps):
+
+    def loss_of_step() -> torch.Tensor:
         x = images[torch.randint(len(images), (32,), generator=g)]
         posterior = vae.encode(x).latent_dist
         z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g)
-        loss = F.mse_loss(vae.decode(z).sample, x) + 1e-5 * posterior.kl().mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        if step % 500 == 0 or step == steps - 1:
-            log("vae", step, steps, loss.item(), begin)
+        return F.mse_loss(vae.decode(z).sample, x) + 1e-5 * posterior.kl().mean()
+
+    fit("vae", list(vae.parameters()), loss_of_step, steps, lr=1e-3, weight_decay=0.0, every=500)
     vae.eval().requires_grad_(False)
     with torch.no_grad():
         means, stds = [], []
@@ -203,26 +211,19 @@ def train_diffusion(tokenizer, mean: torch.Tensor, std: torch.Tensor, labels: to
                                 attention_head_dim=8, norm_num_groups=16)
     noise = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
     prompts = tokens(tokenizer, [TEMPLATE.format(c) for c in CONCEPTS] + [""])  # last row: the empty prompt
-    params = [*unet.parameters(), *text_encoder.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=5e-4, weight_decay=1e-2)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=5e-4, total_steps=steps, pct_start=0.05)
     g = torch.Generator().manual_seed(seed)
-    begin = time.perf_counter()
-    for step in range(steps):
+
+    def loss_of_step() -> torch.Tensor:
         pick = torch.randint(len(labels), (64,), generator=g)
         z0 = (mean[pick] + std[pick] * torch.randn(mean[pick].shape, generator=g)) * scale
         eps = torch.randn(z0.shape, generator=g)
         t = torch.randint(0, 1000, (len(pick),), generator=g)
         rows = torch.where(torch.rand(len(pick), generator=g) < 0.1, len(CONCEPTS), labels[pick])  # 10 %: unconditional
         context = text_encoder(prompts[rows])[0]
-        loss = F.mse_loss(unet(noise.add_noise(z0, eps, t), t, encoder_hidden_states=context).sample, eps)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        if step % 500 == 0 or step == steps - 1:
-            log("unet", step, steps, loss.item(), begin)
+        return F.mse_loss(unet(noise.add_noise(z0, eps, t), t, encoder_hidden_states=context).sample, eps)
+
+    fit("unet", [*unet.parameters(), *text_encoder.parameters()], loss_of_step, steps, lr=5e-4, weight_decay=1e-2,
+        every=500, clip_norm=1.0)
     return unet.eval().requires_grad_(False), text_encoder.eval().requires_grad_(False)
 
 
@@ -248,21 +249,15 @@ def train_clip(tokenizer, steps: int, seed: int):
               "image_size": SIZE, "patch_size": 4, "projection_dim": 32}
     clip = CLIPModel(CLIPConfig(text_config=text_config(tokenizer, 64), vision_config=vision, projection_dim=32))
     prompts = tokens(tokenizer, [TEMPLATE.format(c) for c in CONCEPTS])
-    optimizer = torch.optim.AdamW(clip.parameters(), lr=1e-3, weight_decay=1e-2)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-3, total_steps=steps, pct_start=0.05)
     rng, g = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
-    begin = time.perf_counter()
-    for step in range(steps):
+
+    def loss_of_step() -> torch.Tensor:
         x, y = balanced_batch(rng, 6)
         image = F.normalize(clip.get_image_features(pixel_values=clip_normalise(augment(x, g))).pooler_output, dim=-1)
         text = F.normalize(clip.get_text_features(input_ids=prompts).pooler_output, dim=-1)
-        loss = F.cross_entropy(clip.logit_scale.exp().clamp(max=100) * image @ text.T, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        if step % 200 == 0 or step == steps - 1:
-            log("clip", step, steps, loss.item(), begin)
+        return F.cross_entropy(clip.logit_scale.exp().clamp(max=100) * image @ text.T, y)
+
+    fit("clip", list(clip.parameters()), loss_of_step, steps, lr=1e-3, weight_decay=1e-2, every=200)
     return clip.eval().requires_grad_(False)
 
 
@@ -273,20 +268,14 @@ def train_judge(steps: int, seed: int):
     judge = ResNetForImageClassification(ResNetConfig(
         embedding_size=24, hidden_sizes=[24, 48, 96], depths=[1, 1, 1], layer_type="basic", downsample_in_first_stage=False,
         num_labels=len(CONCEPTS), id2label=dict(enumerate(CONCEPTS)), label2id={c: i for i, c in enumerate(CONCEPTS)}))
-    optimizer = torch.optim.AdamW(judge.parameters(), lr=2e-3, weight_decay=1e-2)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps, pct_start=0.05)
     rng, g = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
-    begin = time.perf_counter()
     judge.train()
-    for step in range(steps):
+
+    def loss_of_step() -> torch.Tensor:
         x, y = balanced_batch(rng, 6)
-        loss = F.cross_entropy(judge(pixel_values=augment(x, g)).logits, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        if step % 200 == 0 or step == steps - 1:
-            log("judge", step, steps, loss.item(), begin)
+        return F.cross_entropy(judge(pixel_values=augment(x, g)).logits, y)
+
+    fit("judge", list(judge.parameters()), loss_of_step, steps, lr=2e-3, weight_decay=1e-2, every=200)
     return judge.eval().requires_grad_(False)
 
 
