@@ -8,6 +8,7 @@ memory does not grow with the number of steps (the step is recomputed in the bac
 from __future__ import annotations
 
 import torch
+from diffusers import DDIMInverseScheduler
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from seedselect_cli.encoders import to_pil, vae_decode
@@ -37,10 +38,10 @@ def guided_embeddings(text_embeds: torch.Tensor, batch: int, guidance_scale: flo
     return text_embeds[1:].expand(batch, -1, -1)
 
 
-def ddim_step(models: FrozenModels, z: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor,
-              guidance_scale: float) -> torch.Tensor:
-    """One DDIM step, eta = 0 (Song et al. 2021, eq. 12), with classifier-free guidance
-    eps = eps_u + w (eps_c - eps_u) (Ho & Salimans 2022, eq. 6) batched with the conditional pass."""
+def guided_noise(models: FrozenModels, z: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor,
+                 guidance_scale: float) -> torch.Tensor:
+    """eps(z, t) with classifier-free guidance eps = eps_u + w (eps_c - eps_u) (Ho & Salimans 2022, eq. 6),
+    the unconditional pass batched with the conditional one."""
     guided = guidance_scale > 1.0
     model_in = torch.cat([z, z]) if guided else z
     model_in = models.scheduler.scale_model_input(model_in, t).to(models.dtype)
@@ -48,6 +49,13 @@ def ddim_step(models: FrozenModels, z: torch.Tensor, t: torch.Tensor, embeds: to
     if guided:
         eps_uncond, eps_cond = eps.chunk(2)
         eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+    return eps
+
+
+def ddim_step(models: FrozenModels, z: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor,
+              guidance_scale: float) -> torch.Tensor:
+    """One DDIM step, eta = 0 (Song et al. 2021, eq. 12), with classifier-free guidance."""
+    eps = guided_noise(models, z, t, embeds, guidance_scale)
     return models.scheduler.step(eps, t, z, eta=0.0).prev_sample
 
 
@@ -66,6 +74,26 @@ def ddim_rollout(models: FrozenModels, z_T: torch.Tensor, text_embeds: torch.Ten
         if i >= len(timesteps) - keep_last:
             kept.append(z)
     return kept
+
+
+@torch.no_grad()
+def ddim_invert(models: FrozenModels, z_0: torch.Tensor, text_embeds: torch.Tensor, steps: int,
+                guidance_scale: float = 1.0) -> torch.Tensor:
+    """DDIM inversion (Song et al. 2021, eq. 13 run backwards; Dhariwal & Nichol 2021, eq. 55): the seed
+    z_T from which `steps` DDIM steps lead back to the latents z_0 (float32, (B, C, h, w)).
+
+    Each step reuses eps at the next timestep, the usual approximation, so the round trip is exact only
+    as the step count grows. diffusers' `DDIMInverseScheduler`, built from the sampler's own config,
+    ends at the sampler's first timestep.
+    """
+    inverse = DDIMInverseScheduler.from_config(models.scheduler.config)
+    inverse.set_timesteps(steps)
+    embeds = guided_embeddings(text_embeds, z_0.shape[0], guidance_scale)
+    z = z_0.to(models.device, torch.float32)
+    for t in inverse.timesteps:
+        eps = guided_noise(models, z, t, embeds, guidance_scale)
+        z = inverse.step(eps, t, z).prev_sample
+    return z
 
 
 @torch.no_grad()
