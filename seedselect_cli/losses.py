@@ -71,13 +71,14 @@ def appearance_loss(z_0: torch.Tensor, centroid: torch.Tensor) -> torch.Tensor:
     return (z_0.float() - centroid).pow(2).flatten(1).mean(dim=1)
 
 
-def seed_norm_prior(z_T: torch.Tensor) -> torch.Tensor:
+def seed_norm_prior(z_T: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """-log chi_d(||z_T||) + log chi_d(sqrt(d - 1)), one per seed (B,): 0 at the chi mode, about
-    (r - sqrt(d - 1))^2 near it. In float32 whatever the seed's dtype (r^(d-1) overflows float16).
+    (r - sqrt(d - 1))^2 near it. In float32 (or `dtype`) whatever the seed's dtype: r^(d-1) overflows
+    float16.
 
         chi_d(r) = r^(d-1) exp(-r^2 / 2) / (2^(d/2 - 1) Gamma(d/2)),   d = C * H * W
     """
-    z = z_T.float().flatten(1)
+    z = z_T.to(dtype).flatten(1)
     d = z.shape[1]
     r = z.norm(dim=1)
     mode = math.sqrt(d - 1)
@@ -85,7 +86,7 @@ def seed_norm_prior(z_T: torch.Tensor) -> torch.Tensor:
     def nll(radius):  # the normalising constant cancels in the difference
         return -(d - 1) * torch.log(radius) + radius ** 2 / 2
 
-    return nll(r) - nll(torch.tensor(mode, dtype=torch.float32, device=r.device))
+    return nll(r) - nll(torch.tensor(mode, dtype=dtype, device=r.device))
 
 
 @dataclass
