@@ -26,6 +26,7 @@ DISTANCES = ("cosine", "euclidean")
 SEMANTIC_LOSSES = ("centroid", "contrastive")
 DATASETS = ("folder", "imagefolder", "cub", "mini_imagenet", "cifar_fs", "imagenet_lt")  # datasets/ adapters
 RESIZE_MODES = ("default", "crop", "fill")
+INIT_METHODS = ("random", "inversion", "nao")
 
 
 def asset_path(relative: str) -> str:
@@ -107,6 +108,22 @@ class BootstrapConfig:
 
 
 @dataclass
+class InitConfig:
+    """Where seeds start: fresh noise, or a centroid of the references' DDIM inversions mixed with noise."""
+
+    # random | inversion (their mean) | nao (their norm-aware centroid, NAO). The named configs choose nao;
+    # the schema keeps random, what a run directory written before `init` existed was made with.
+    method: str = "random"
+    noise: float = 0.5  # share of fresh noise's variance in a centroid start; 0: every image starts alike
+    inversion_steps: int | None = None  # DDIM steps of the inversion; null: sampler.steps
+    inversion_guidance: float = 1.0  # CFG scale of the inversion; 1: the class prompt alone
+    nao_paths: bool = True  # NAO's path optimisation; false: the mean of the inverted seeds moved to the chi mode
+    nao_points: int = 8  # inner points on each path
+    nao_length_weight: float = 0.01  # weight of the paths' squared length against their chi NLL
+    nao_iterations: int = 100  # L-BFGS iterations
+
+
+@dataclass
 class RuntimeConfig:
     device: str = "auto"
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
@@ -131,6 +148,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
+    init: InitConfig = field(default_factory=InitConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 
@@ -234,6 +252,20 @@ def check_config(c: Config) -> None:
     for key in ("n_images", "subset_size", "iterations", "global_iterations"):
         if getattr(c.bootstrap, key) < 1:
             raise _bad(f"bootstrap.{key}", getattr(c.bootstrap, key), "must be at least 1")
+    if c.init.method not in INIT_METHODS:
+        raise _bad("init.method", c.init.method, f"choose one of {', '.join(INIT_METHODS)} (or init=NAME)")
+    if not (math.isfinite(c.init.noise) and 0.0 <= c.init.noise <= 1.0):
+        raise _bad("init.noise", c.init.noise, "must be between 0 (the centroid alone) and 1 (fresh noise alone)")
+    if c.init.inversion_steps is not None and not 1 <= c.init.inversion_steps < 1000:
+        raise _bad("init.inversion_steps", c.init.inversion_steps, "must be between 1 and 999 (or null for "
+                                                                   "sampler.steps)")
+    if not math.isfinite(c.init.inversion_guidance) or c.init.inversion_guidance < 0:
+        raise _bad("init.inversion_guidance", c.init.inversion_guidance, "must be a finite number >= 0")
+    for key in ("nao_points", "nao_iterations"):
+        if getattr(c.init, key) < 1:
+            raise _bad(f"init.{key}", getattr(c.init, key), "must be at least 1")
+    if not (math.isfinite(c.init.nao_length_weight) and c.init.nao_length_weight > 0):
+        raise _bad("init.nao_length_weight", c.init.nao_length_weight, "must be a positive number")
     if c.runtime.device not in DEVICES:
         raise _bad("runtime.device", c.runtime.device, f"choose one of {', '.join(DEVICES)}")
     if c.runtime.dtype not in DTYPES:

@@ -5,7 +5,8 @@ top-1 and top-k; optionally a judge's accuracy (any `transformers` image classif
 the cosine similarity of each image to its class's reference centroid; diversity, the mean
 pairwise CLIP distance among a class's images (and among its references). The baseline is plain
 Stable Diffusion from the seeds before optimisation (for `bootstrap` runs, whose images share one
-start, from the seeds `optimize` would have drawn), rendered once and cached in RUN/baseline/.
+start, and `init=inversion` or `nao` runs, whose starts carry the references, from the noise
+`optimize` would have drawn), rendered once and cached in RUN/baseline/.
 """
 
 from __future__ import annotations
@@ -168,7 +169,7 @@ def read_run(run_dir: Path) -> tuple[Config, list[dict]]:
 
 def render_baseline(run_dir: Path, config: Config, entries: list[dict], cfg: EvaluateConfig) -> dict[tuple, Path]:
     """Plain Stable Diffusion for every entry, from its seed before optimisation; rendered once."""
-    from seedselect_cli.pipeline import init_seed_for, initial_noise
+    from seedselect_cli.initial_seeds import init_seed_for, initial_noise
 
     paths = {(e["class"], e["index"]): run_dir / "baseline" / "images" / slugify(e["class"]) / f"{e['index']:05d}.png"
              for e in entries}
@@ -182,9 +183,10 @@ def render_baseline(run_dir: Path, config: Config, entries: list[dict], cfg: Eva
         shape = models.latent_shape(config.sampler.height, config.sampler.width)
         prompts: dict[str, torch.Tensor] = {}
         for entry in tqdm(missing, desc="plain Stable Diffusion", unit="img"):
-            if entry.get("method", "optimize") == "optimize":
+            if entry.get("method", "optimize") == "optimize" and entry.get("init", "random") == "random":
                 z_T = load_seed_file(run_dir / entry["seed_file"]).initial
-            else:  # a bootstrap image starts from the class's shared z_T^G: draw the seed optimize would use
+            else:  # a bootstrap image starts from z_T^G, an init=nao one from the references' centroid: draw
+                # the noise plain sampling would start from
                 z_T = initial_noise(models, shape, init_seed_for(config.seed, entry["class"], entry["index"]))
             if entry["prompt"] not in prompts:
                 prompts[entry["prompt"]] = encode_prompt(models, entry["prompt"], config.sampler.negative_prompt)

@@ -82,10 +82,12 @@ def seed_objective(models: FrozenModels, z_T: torch.Tensor, centroids: Centroids
 
 def optimize_seeds(models: FrozenModels, z_init: torch.Tensor, centroids: Centroids, text_embeds: torch.Tensor,
                    config: Config, iterations: int | None = None, progress=None,
-                   should_stop: Callable[[], bool] | None = None) -> list[SeedResult]:
+                   should_stop: Callable[[], bool] | None = None,
+                   on_iteration: Callable[[int, torch.Tensor], None] | None = None) -> list[SeedResult]:
     """Optimise a batch of seeds `z_init` (B, C, h, w) for `iterations` (default `optim.iterations`).
 
     `centroids` are shared by the batch ((D,), (C, h, w)) or per seed ((B, D), (B, C, h, w)).
+    `on_iteration(it, best)` sees the best iterates (B, C, h, w) after each iteration's loss.
     """
     start = time.perf_counter()
     iterations = config.optim.iterations if iterations is None else iterations
@@ -131,6 +133,8 @@ def optimize_seeds(models: FrozenModels, z_init: torch.Tensor, centroids: Centro
         for i, value in enumerate(total.tolist()):
             if not frozen[i]:
                 history[i].append(value)
+        if on_iteration is not None:
+            on_iteration(it, best_z.detach())
         if frozen.all():
             break
         if frozen.any():

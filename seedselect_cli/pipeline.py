@@ -10,7 +10,6 @@ resumption, and the image is rendered from the best seed exactly as `generate` d
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import signal
@@ -25,6 +24,7 @@ from seedselect_cli.bootstrap import Batch, bootstrap_batches, optimize_global_s
 from seedselect_cli.config import Config, resolve_shard, to_yaml
 from seedselect_cli.datasets import ClassRecord, load_classes
 from seedselect_cli.errors import Interrupted, UserError
+from seedselect_cli.initial_seeds import SeedStarts, init_seed_for
 from seedselect_cli.interrupt import GracefulStop
 from seedselect_cli.models import (
     FrozenModels,
@@ -48,18 +48,6 @@ from seedselect_cli.seed_files import load_seed_file, save_seed_file
 from seedselect_cli.writer import RunDirectory, slugify
 
 log = logging.getLogger(__name__)
-
-
-def init_seed_for(seed: int, class_name: str, index: int | str) -> int:
-    """The integer that draws z_T for image `index` of `class_name` (63 bits of a SHA-256)."""
-    digest = hashlib.sha256(f"{seed}/{class_name}/{index}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
-
-
-def initial_noise(models: FrozenModels, shape: tuple[int, ...], init_seed: int) -> torch.Tensor:
-    """z_T ~ N(0, I) * init_noise_sigma, drawn on the CPU so every device gets the same seed."""
-    noise = torch.randn(shape, generator=torch.Generator().manual_seed(init_seed), dtype=torch.float32)
-    return noise * models.scheduler.init_noise_sigma
 
 
 def shard_classes(records: list[ClassRecord], shard: str) -> list[ClassRecord]:
@@ -126,7 +114,8 @@ def run(config: Config, run_dir: Path, method: str) -> list[dict]:
     # 3. The run directory: its config, and what an earlier run of it already finished.
     n_images = config.n_images if method == "optimize" else config.bootstrap.n_images
     out = RunDirectory(run_dir)
-    out.start(to_yaml(config), method, ignored=("bootstrap",) if method == "optimize" else ("optim.iterations",))
+    out.start(to_yaml(config), method, ignored=("bootstrap",) if method == "optimize" else ("optim.iterations",),
+              defaults_yaml=to_yaml(Config()))
     done = out.finished()
     todo = {r.name: [i for i in range(n_images) if (r.name, i) not in done] for r in records}
     if not any(todo.values()):
@@ -141,7 +130,9 @@ def run(config: Config, run_dir: Path, method: str) -> list[dict]:
     shape = models.latent_shape(config.sampler.height, config.sampler.width)
     h, w, mode = config.sampler.height, config.sampler.width, config.dataset.resize_mode
     cache_dir = (Path(config.runtime.cache_dir).expanduser() if config.runtime.cache_dir else default_cache_dir())
-    cache = ReferenceCache(cache_dir if config.runtime.cache else None, encoder_fingerprint(models, h, w, mode))
+    cache_root = cache_dir if config.runtime.cache else None
+    cache = ReferenceCache(cache_root, encoder_fingerprint(models, h, w, mode))
+    starts = SeedStarts(models, config, shape, cache_root)
 
     def encode(record: ClassRecord) -> ReferenceEncodings:
         return load_encodings(models, record.images, h, w, mode, cache, f"class {record.name!r}")
@@ -156,7 +147,7 @@ def run(config: Config, run_dir: Path, method: str) -> list[dict]:
     failed: list[str] = []
     with GracefulStop() as stop, run_progress(len(records), sum(map(len, todo.values())),
                                               config.runtime.progress) as progress:
-        run = ClassRun(config, method, n_images, out, models, shape, progress, stop)
+        run = ClassRun(config, method, n_images, out, models, starts, progress, stop)
         try:
             for record in records:
                 contrast = None if class_semantic is None else (class_semantic, class_rows[record.name])
@@ -190,7 +181,7 @@ class ClassRun:
     n_images: int
     out: RunDirectory
     models: FrozenModels
-    shape: tuple[int, ...]
+    starts: SeedStarts
     progress: RunProgress
     stop: GracefulStop
 
@@ -214,11 +205,15 @@ class ClassRun:
             return dataclasses.replace(centroids, classes=contrast[0], class_index=contrast[1])
 
         blocks = batch_blocks(indices, n_images, config.runtime.batch_size)
+        # Where the class's seeds start (a centroid of inverted references, or None for fresh noise); a
+        # bootstrap run that already saved z_T^G needs none.
+        saved_global = self.method == "bootstrap" and self.out.bootstrap_seed_path(slug).is_file()
+        centre = None if saved_global else self.starts.centre(encodings, record.prompt, text_embeds)
         if self.method == "optimize":
-            batches = optimize_batches(self.models, config, record.name, blocks, encodings.centroids(), self.shape)
+            batches = optimize_batches(self.starts, config, record.name, blocks, encodings.centroids(), centre)
         else:
-            z_global, global_init = global_seed(self.out, self.models, config, record, slug, encodings,
-                                                text_embeds, self.shape, self.progress, targets)
+            z_global, global_init = global_seed(self.out, self.models, self.starts, config, record, slug, encodings,
+                                                text_embeds, centre, self.progress, targets)
             batches = bootstrap_batches(config, record.name, blocks, encodings, z_global, global_init)
         made: list[dict] = []
         for batch in batches:
@@ -239,7 +234,8 @@ class ClassRun:
                     failed.append(f"{record.name} #{index}")
                     log.error("%s #%d: not written, %s before any finite iterate", record.name, index, result.stopped)
                     continue
-                extra = {"method": self.method, "batch": batch.indices, **(batch.extra[i] if batch.extra else {})}
+                extra = {"method": self.method, "init": config.init.method, "batch": batch.indices,
+                         **(batch.extra[i] if batch.extra else {})}
                 if result.stopped:
                     extra["stopped"] = result.stopped
                     log.warning("%s #%d: %s; written from its best iterate (%d)", record.name, index,
@@ -264,17 +260,17 @@ def batch_blocks(missing: list[int], n_images: int, batch_size: int) -> list[lis
     return [list(range(b * batch_size, min((b + 1) * batch_size, n_images))) for b in blocks]
 
 
-def optimize_batches(models: FrozenModels, config: Config, class_name: str, blocks: list[list[int]],
-                     centroids: Centroids, shape: tuple[int, ...]) -> Iterator[Batch]:
-    """`seedselect optimize`: a batch of fresh seeds per block, each drawn from its own init seed."""
+def optimize_batches(starts: SeedStarts, config: Config, class_name: str, blocks: list[list[int]],
+                     centroids: Centroids, centre: torch.Tensor | None) -> Iterator[Batch]:
+    """`seedselect optimize`: a batch of seeds per block, each started from its own init seed (and the
+    class's `centre`, for init=inversion or nao)."""
     for chunk in blocks:
         init_seeds = [init_seed_for(config.seed, class_name, i) for i in chunk]
-        z_init = torch.stack([initial_noise(models, shape, s) for s in init_seeds])
-        yield Batch(chunk, init_seeds, z_init, centroids, config.optim.iterations)
+        yield Batch(chunk, init_seeds, starts.seeds(centre, init_seeds), centroids, config.optim.iterations)
 
 
-def global_seed(out: RunDirectory, models: FrozenModels, config: Config, record: ClassRecord, slug: str,
-                encodings: ReferenceEncodings, text_embeds: torch.Tensor, shape: tuple[int, ...],
+def global_seed(out: RunDirectory, models: FrozenModels, starts: SeedStarts, config: Config, record: ClassRecord,
+                slug: str, encodings: ReferenceEncodings, text_embeds: torch.Tensor, centre: torch.Tensor | None,
                 progress: RunProgress, contrast: Callable[[Centroids], Centroids]) -> tuple[torch.Tensor, int]:
     """The class's z_T^G and its init seed: read from the run directory, or optimised and saved there."""
     path = out.bootstrap_seed_path(slug)
@@ -283,7 +279,7 @@ def global_seed(out: RunDirectory, models: FrozenModels, config: Config, record:
         return saved.optimized, int(saved.metadata["init_seed"])
     init_seed = init_seed_for(config.seed, record.name, "bootstrap")
     with progress.iterations(config.bootstrap.global_iterations, f"{record.name} z_T^G") as bar:
-        result = optimize_global_seed(models, config, initial_noise(models, shape, init_seed),
+        result = optimize_global_seed(models, config, starts.seeds(centre, [init_seed])[0],
                                       contrast(encodings.centroids()), text_embeds, progress=bar)
     if not result.usable:
         raise UserError(f"class {record.name!r}: the loss of z_T^G was never finite ({result.stopped}); lower "

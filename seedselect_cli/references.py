@@ -66,6 +66,7 @@ class ReferenceEncodings:
     semantic: torch.Tensor | None  # (n, D)
     appearance: torch.Tensor  # (n, C, h, w)
     paths: tuple[Path, ...]
+    hashes: tuple[str, ...] = ()  # SHA-256 of each file's bytes: the key of its cache entries
 
     def centroids(self, subset: Sequence[int] | None = None) -> Centroids:
         """The centroids of all references, or of `subset` (indices, repeats counted as often as drawn)."""
@@ -91,24 +92,32 @@ def default_cache_dir() -> Path:
     return Path(base).expanduser() / "seedselect"
 
 
-def encoder_fingerprint(models: FrozenModels, height: int, width: int, resize_mode: str) -> str:
-    """A key that changes whenever an encoding of the same image could: weights, preprocessing, dtype."""
+def weights_fingerprint(modules: Sequence[torch.nn.Module | None], settings: list) -> str:
+    """A key that changes with the modules' weights (names, shapes and a sample of every tensor) or
+    with `settings` (JSON-serialisable)."""
     digest = hashlib.sha256()
-    for module in (models.vae, models.image_encoder):
+    for module in modules:
         if module is None:
             digest.update(b"none")
             continue
-        for name, tensor in module.state_dict().items():  # names, shapes, and a sample of every tensor
+        for name, tensor in module.state_dict().items():
             sample = tensor.detach().flatten()[:64].float().cpu().numpy().tobytes()
             digest.update(f"{name}{tuple(tensor.shape)}".encode() + sample)
-    processor = models.image_processor.to_json_string() if models.image_processor is not None else ""
-    digest.update(json.dumps([processor, height, width, resize_mode, str(models.dtype), models.device.type,
-                              models.vae.config.scaling_factor]).encode())
+    digest.update(json.dumps(settings).encode())
     return digest.hexdigest()[:16]
 
 
+def encoder_fingerprint(models: FrozenModels, height: int, width: int, resize_mode: str) -> str:
+    """A key that changes whenever an encoding of the same image could: weights, preprocessing, dtype."""
+    processor = models.image_processor.to_json_string() if models.image_processor is not None else ""
+    return weights_fingerprint((models.vae, models.image_encoder), [
+        processor, height, width, resize_mode, str(models.dtype), models.device.type,
+        models.vae.config.scaling_factor])
+
+
 class ReferenceCache:
-    """Per-image encodings in `root/<fingerprint>/<ab>/<sha256 of the file>.safetensors`."""
+    """Per-image tensors in `root/<fingerprint>/<ab>/<key>.safetensors`; the key is the SHA-256 of the
+    image file (for an inversion, of the file's hash with the prompt and settings)."""
 
     def __init__(self, root: Path | None, fingerprint: str):
         self.folder = Path(root) / fingerprint if root is not None else None
@@ -139,7 +148,7 @@ def load_encodings(models: FrozenModels, paths: Sequence[Path], height: int, wid
                    cache: ReferenceCache, what: str, minimum: int = 1) -> ReferenceEncodings:
     """Encode every readable reference of `paths` (from the cache where it can); skip broken ones
     with a warning. Raises `UserError` when fewer than `minimum` can be read."""
-    semantic, appearance, kept, broken = [], [], [], []
+    semantic, appearance, kept, hashes, broken = [], [], [], [], []
     for path in paths:
         try:
             file_hash = hashlib.sha256(Path(path).read_bytes()).hexdigest()
@@ -160,9 +169,11 @@ def load_encodings(models: FrozenModels, paths: Sequence[Path], height: int, wid
             semantic.append(entry["semantic"])
         appearance.append(entry["appearance"])
         kept.append(Path(path))
+        hashes.append(file_hash)
     for message in broken:
         log.warning("skipping reference image %s", message)
     if len(kept) < minimum:
         detail = f" ({len(broken)} unreadable: {broken[0]})" if broken else ""
         raise UserError(f"{what} has {len(kept)} readable images, {minimum} needed{detail}")
-    return ReferenceEncodings(torch.stack(semantic) if semantic else None, torch.stack(appearance), tuple(kept))
+    return ReferenceEncodings(torch.stack(semantic) if semantic else None, torch.stack(appearance), tuple(kept),
+                              tuple(hashes))

@@ -101,9 +101,11 @@ class RunDirectory:
             finally:
                 fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
-    def start(self, config_yaml: str, method: str = "optimize", ignored: Sequence[str] = ()) -> None:
+    def start(self, config_yaml: str, method: str = "optimize", ignored: Sequence[str] = (),
+              defaults_yaml: str | None = None) -> None:
         """Create the directory, check it is writable and holds no run of another config or method, save
-        the config. Keys in `ignored` (besides the resumable ones) may differ from the earlier run's."""
+        the config. Keys in `ignored` (besides the resumable ones) may differ from the earlier run's; a
+        key the earlier run's config lacks (made by an older version) counts as its `defaults_yaml` value."""
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             probe = self.root / f".write-test-{os.getpid()}"
@@ -116,6 +118,8 @@ class RunDirectory:
         if old.exists():
             skip = (*RESUMABLE_KEYS, *ignored)
             before, after = _comparable(old.read_text(), skip), _comparable(config_yaml, skip)
+            if defaults_yaml is not None:
+                before = _comparable(defaults_yaml, skip) | before
             if before != after:
                 key = next(k for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k))
                 raise UserError(

@@ -19,7 +19,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import seedselect_cli.optimize as optimize_module
-from seedselect_cli import pipeline
+from seedselect_cli import initial_seeds, pipeline
 from seedselect_cli.errors import Interrupted, UserError
 from seedselect_cli.interrupt import GracefulStop
 from seedselect_cli.optimize import optimize_seeds
@@ -72,15 +72,15 @@ def test_a_seed_that_turns_non_finite_keeps_its_best_iterate(tiny_models, monkey
 
 
 def test_the_run_writes_the_others_and_then_says_what_failed(tmp_path, monkeypatch):
-    real = pipeline.initial_noise
+    real = initial_seeds.initial_noise
 
     def nan_for_one(models, shape, init_seed):
         noise = real(models, shape, init_seed)
-        if init_seed == pipeline.init_seed_for(0, "red_disc", 1):
+        if init_seed == initial_seeds.init_seed_for(0, "red_disc", 1):
             noise[0, 0, 0] = float("nan")
         return noise
 
-    monkeypatch.setattr(pipeline, "initial_noise", nan_for_one)
+    monkeypatch.setattr(initial_seeds, "initial_noise", nan_for_one)
     with pytest.raises(UserError, match=r"1 images could not be made \(red_disc #1\).*optim.lr"):
         run_optimize(make_config(["n_images=3", "runtime.batch_size=3"]), tmp_path)
     assert sorted(RunDirectory(tmp_path).finished()) == [("red_disc", 0), ("red_disc", 2)]

@@ -62,6 +62,16 @@ def test_a_run_directory_of_another_config_is_refused(tmp_path):
         RunDirectory(tmp_path).start("seed: 0\nn_images: 3\nloss:\n  lam: 0.9\n")
 
 
+def test_a_run_of_an_older_version_resumes_when_a_new_key_keeps_its_default(tmp_path):
+    old = "seed: 0\nloss:\n  lam: 0.5\n"  # written before `init` existed
+    defaults = "seed: 0\nloss:\n  lam: 0.9\ninit:\n  method: random\n  noise: 0.2\n"
+    RunDirectory(tmp_path).start(old)
+    RunDirectory(tmp_path).start(old + "init:\n  method: random\n  noise: 0.2\n", defaults_yaml=defaults)
+    (tmp_path / "config.yaml").write_text(old)
+    with pytest.raises(UserError, match=r"another config \(init.method: 'random' there, 'nao' now"):
+        RunDirectory(tmp_path).start(old + "init:\n  method: nao\n  noise: 0.2\n", defaults_yaml=defaults)
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
 def test_unwritable_run_directory_is_a_user_error(tmp_path):
     tmp_path.chmod(0o500)

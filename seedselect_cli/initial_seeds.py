@@ -1,0 +1,107 @@
+"""Where each seed starts (`init`): fresh noise, or a centroid of the references' DDIM inversions.
+
+    random     z_T = eps                                       eps ~ N(0, I), drawn from the image's init seed
+    inversion  c = mean_i invert(E(I_i))                       DDIM inversion with the class prompt
+    nao        c = NAO centroid of the inverted seeds          on the chi shell (`nao.py`)
+               z_T = sqrt(1 - a) c + sqrt(a) eps               a = `init.noise`, so images of a class differ
+
+Mixing variances keeps a seed at the chi mode on the chi shell: ||z_T||^2 ~ (1 - a) ||c||^2 + a d.
+Inversions are cached per reference like its encodings, keyed by the UNet, text encoder, VAE,
+scheduler, prompt, step count and guidance. The noise of image `index` depends only on (`seed`,
+class, index), so a resumed run, another batch size or another shard starts every seed the same.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from seedselect_cli.config import Config
+from seedselect_cli.models import FrozenModels
+from seedselect_cli.nao import nao_centroid, rescaled_centroid
+from seedselect_cli.references import ReferenceCache, ReferenceEncodings, weights_fingerprint
+from seedselect_cli.sampling import ddim_invert
+
+log = logging.getLogger(__name__)
+
+
+def init_seed_for(seed: int, class_name: str, index: int | str) -> int:
+    """The integer that draws z_T for image `index` of `class_name` (63 bits of a SHA-256)."""
+    digest = hashlib.sha256(f"{seed}/{class_name}/{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def initial_noise(models: FrozenModels, shape: tuple[int, ...], init_seed: int) -> torch.Tensor:
+    """z_T ~ N(0, I) * init_noise_sigma, drawn on the CPU so every device gets the same seed."""
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(init_seed), dtype=torch.float32)
+    return noise * models.scheduler.init_noise_sigma
+
+
+def mix(centre: torch.Tensor | None, noise: torch.Tensor, share: float) -> torch.Tensor:
+    """sqrt(1 - a) c + sqrt(a) eps: the start of a seed, with a = `share` of fresh noise's variance."""
+    if centre is None:
+        return noise
+    return (1.0 - share) ** 0.5 * centre + share ** 0.5 * noise
+
+
+def inversion_fingerprint(models: FrozenModels, height: int, width: int, resize_mode: str) -> str:
+    """A key that changes whenever the inversion of the same image could (weights, scheduler, size)."""
+    return weights_fingerprint((models.vae, models.unet, models.text_encoder), [
+        "ddim-inversion", models.scheduler_json(), len(models.tokenizer), height, width, resize_mode,
+        str(models.dtype), models.device.type, models.vae.config.scaling_factor])
+
+
+class SeedStarts:
+    """The starting seeds of a run: `centre` once per class, then `seeds` for each batch of images."""
+
+    def __init__(self, models: FrozenModels, config: Config, shape: tuple[int, ...], cache_root: Path | None):
+        self.models, self.config, self.shape = models, config, shape
+        h, w = config.sampler.height, config.sampler.width
+        self.cache = (ReferenceCache(cache_root / "inversions" if cache_root is not None else None,
+                                     inversion_fingerprint(models, h, w, config.dataset.resize_mode))
+                      if config.init.method != "random" else None)
+
+    def invert(self, encodings: ReferenceEncodings, prompt: str, text_embeds: torch.Tensor) -> torch.Tensor:
+        """Each reference's DDIM-inverted seed (n, C, h, w), one at a time, from the cache where it can."""
+        init = self.config.init
+        steps = init.inversion_steps or self.config.sampler.steps
+        settings = json.dumps([prompt, self.config.sampler.negative_prompt, steps, init.inversion_guidance])
+        seeds = []
+        for i, latent in enumerate(encodings.appearance):
+            key = (hashlib.sha256(f"{encodings.hashes[i]}/{settings}".encode()).hexdigest()
+                   if encodings.hashes else None)
+            entry = self.cache.get(key) if key else None
+            if entry is None:
+                entry = {"inverted": ddim_invert(self.models, latent[None], text_embeds, steps,
+                                                 init.inversion_guidance)[0].float().cpu()}
+                if key:
+                    self.cache.put(key, entry)
+            seeds.append(entry["inverted"])
+        return torch.stack(seeds)
+
+    def centre(self, encodings: ReferenceEncodings, prompt: str, text_embeds: torch.Tensor) -> torch.Tensor | None:
+        """The class's centroid start c (C, h, w) float32, or None for `init.method=random`."""
+        init = self.config.init
+        if init.method == "random":
+            return None
+        inverted = self.invert(encodings, prompt, text_embeds)
+        if init.method == "inversion":
+            centre = inverted.mean(dim=0)
+        elif init.nao_paths:
+            centre = nao_centroid(inverted, init.nao_points, init.nao_length_weight, init.nao_iterations)
+        else:
+            centre = rescaled_centroid(inverted)
+        d = centre.numel()
+        log.info("init %s: %d inverted references (norm %.1f on average), centroid norm %.1f; the chi mode is "
+                 "%.1f", init.method, len(inverted), inverted.flatten(1).norm(dim=1).mean(), centre.norm(),
+                 (d - 1) ** 0.5)
+        return centre
+
+    def seeds(self, centre: torch.Tensor | None, init_seeds: list[int]) -> torch.Tensor:
+        """The starting seeds (B, C, h, w) of the images with these init seeds."""
+        return torch.stack([mix(centre, initial_noise(self.models, self.shape, s), self.config.init.noise)
+                            for s in init_seeds])
