@@ -1,0 +1,139 @@
+"""Where should a seed start? Each `init` option, with and without the seed-norm prior, on the toy world.
+
+For each tail concept of the shipped toy world (the six it saw 10 times or fewer) it optimises
+N seeds per setting and, after n iterations for each n of --checkpoints, renders the image of each
+seed's best iterate so far (what `optim.iterations=n` would write) and asks the toy world's judge
+(a ResNet trained on balanced data, used only to score) what it shows. Settings: init=random,
+inversion and nao, each with loss.norm_weight=0 and with the prior; and, without it, nao with the
+rescaled mean instead of paths and nao with more noise. Prints, and writes to OUT/init_results.md and .json, the judge's top-1 accuracy
+over the tail concepts after n iterations, the first n at which it reaches --target, and the
+images' diversity after the last checkpoint (mean pairwise cosine distance of the toy world's CLIP
+image embeddings, averaged over the concepts).
+
+    python scripts/init_experiment.py --out init_experiment        # about 20 min on 2 CPU cores
+    python scripts/init_experiment.py --concepts "marsh finch" --n-images 4 --checkpoints 1 5   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_module
+
+from seedselect_cli.config import asset_path, load_config, register_resolvers
+from seedselect_cli.encoders import clip_embed_pil
+from seedselect_cli.evaluate import Judge, JudgeConfig
+from seedselect_cli.initial_seeds import SeedStarts, init_seed_for
+from seedselect_cli.models import load_models
+from seedselect_cli.optimize import optimize_seeds
+from seedselect_cli.references import ReferenceCache, load_encodings
+from seedselect_cli.sampling import encode_prompt, sample_images
+
+SETTINGS = {  # name: overrides of the toyworld config; init.noise is the default 0.5 unless said
+    "random": ["init=random"],
+    "inversion": ["init=inversion"],
+    "nao": ["init=nao"],
+}
+VARIANTS = {  # without the prior only
+    "nao, rescaled mean": ["init=nao", "init.nao_paths=false"],
+    "nao, noise 0.2": ["init=nao", "init.noise=0.2"],
+}
+
+
+def world() -> dict:
+    return json.loads(Path(asset_path("toyworld/world.json")).read_text())
+
+
+def make_config(overrides: list[str]):
+    register_resolvers()
+    with initialize_config_module("seedselect_cli.configs", version_base="1.3"):
+        return load_config(compose(config_name="toyworld", overrides=overrides))
+
+
+def run_setting(models, judge, config, concepts, n_images: int, checkpoints: list[int]) -> dict:
+    """{concept: {n: correct images after n iterations}} for one setting."""
+    shape = models.latent_shape(config.sampler.height, config.sampler.width)
+    starts = SeedStarts(models, config, shape, None)
+    h, w = config.sampler.height, config.sampler.width
+    out = {}
+    for concept in concepts:
+        refs = sorted(Path(asset_path(f"toyworld/references/{concept}")).iterdir())
+        encodings = load_encodings(models, refs, h, w, config.dataset.resize_mode, ReferenceCache(None, ""), concept)
+        prompt = config.dataset.prompt_template.format(concept)
+        text_embeds = encode_prompt(models, prompt, config.sampler.negative_prompt)
+        centre = starts.centre(encodings, prompt, text_embeds)
+        z_init = starts.seeds(centre, [init_seed_for(config.seed, concept, i) for i in range(n_images)])
+        seen: dict = {}
+
+        def look(it: int, best: torch.Tensor, concept=concept, text_embeds=text_embeds, seen=seen) -> None:
+            if it + 1 in checkpoints:  # the best of iterates 0..it: what optim.iterations=it+1 writes
+                images = sample_images(models, best, text_embeds, config.sampler.steps, config.sampler.guidance_scale)
+                seen[it + 1] = sum(top[0] == concept for top in judge.top(images, 1))
+                if it + 1 == max(checkpoints):  # diversity: mean pairwise cosine distance of CLIP embeddings
+                    embeds = clip_embed_pil(models, images)
+                    n = len(images)
+                    seen["diversity"] = float((1 - embeds @ embeds.T).sum() / (n * (n - 1)))
+
+        optimize_seeds(models, z_init, encodings.centroids(), text_embeds, config, iterations=max(checkpoints),
+                       on_iteration=look)
+        out[concept] = seen
+        print(f"  {concept}: " + ", ".join(f"{n} it {seen[n]}/{n_images}" for n in checkpoints)
+              + f", diversity {seen['diversity']:.3f}", flush=True)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("init_experiment"))
+    parser.add_argument("--concepts", nargs="*", default=None, help="default: the tail concepts")
+    parser.add_argument("--n-images", type=int, default=8)
+    parser.add_argument("--checkpoints", type=int, nargs="*", default=[1, 2, 3, 5, 10])
+    parser.add_argument("--norm-weight", type=float, default=0.1, help="loss.norm_weight of the runs with the prior")
+    parser.add_argument("--target", type=float, default=0.5, help="the tail accuracy to reach")
+    parser.add_argument("--settings", nargs="*", default=list(SETTINGS) + list(VARIANTS))
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    concepts = args.concepts or [c["name"] for c in world()["concepts"] if c["bucket"] == "tail"]
+    checkpoints = sorted(set(args.checkpoints))
+    base = make_config([f"seed={args.seed}", "runtime.progress=false", f"runtime.batch_size={args.n_images}"])
+    models = load_models(base.model, torch.device("cpu"), torch.float32)
+    judge = Judge(JudgeConfig(model=asset_path("toyworld/judge")), concepts, torch.device("cpu"))
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in args.settings:
+        for weight in (0.0, args.norm_weight) if name in SETTINGS else (0.0,):
+            overrides = {**SETTINGS, **VARIANTS}[name] + [f"loss.norm_weight={weight}", f"seed={args.seed}"]
+            print(f"{name}, norm prior {weight}: " + " ".join(overrides), flush=True)
+            start = time.perf_counter()
+            counts = run_setting(models, judge, make_config(overrides), concepts, args.n_images, checkpoints)
+            accuracy = {n: sum(c[n] for c in counts.values()) / (args.n_images * len(concepts)) for n in checkpoints}
+            reached = next((n for n in checkpoints if accuracy[n] >= args.target), None)
+            diversity = sum(c["diversity"] for c in counts.values()) / len(counts)
+            rows.append({"init": name, "norm_weight": weight, "accuracy": accuracy, "reached": reached,
+                         "diversity": diversity,
+                         "per_concept": counts, "seconds": round(time.perf_counter() - start, 1)})
+            print("  tail accuracy: " + ", ".join(f"{n} it {a:.2f}" for n, a in accuracy.items()), flush=True)
+    (args.out / "init_results.json").write_text(json.dumps(
+        {"concepts": concepts, "n_images": args.n_images, "checkpoints": checkpoints, "target": args.target,
+         "rows": rows}, indent=1))
+    head = ("| init | norm prior | " + " | ".join(f"{n} it" for n in checkpoints)
+            + f" | iterations to {args.target:.2f} | diversity |")
+    lines = [head, "|" + "---|" * (len(checkpoints) + 4)]
+    for r in rows:
+        reached = str(r["reached"]) if r["reached"] else f"> {checkpoints[-1]}"
+        lines.append(f"| {r['init']} | {r['norm_weight']:g} | "
+                     + " | ".join(f"{r['accuracy'][n]:.2f}" for n in checkpoints) + f" | {reached} | "
+                     f"{r['diversity']:.3f} |")
+    table = "\n".join(lines)
+    (args.out / "init_results.md").write_text(
+        f"Judge top-1 accuracy over {len(concepts)} tail concepts x {args.n_images} images, after n iterations\n\n"
+        f"{table}\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
