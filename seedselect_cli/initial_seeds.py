@@ -70,14 +70,17 @@ class SeedStarts:
         init = self.config.init
         steps = init.inversion_steps or self.config.sampler.steps
         settings = json.dumps([prompt, self.config.sampler.negative_prompt, steps, init.inversion_guidance])
-        seeds = []
+        seeds, inverted = [], 0
         for i, latent in enumerate(encodings.appearance):
             key = (hashlib.sha256(f"{encodings.hashes[i]}/{settings}".encode()).hexdigest()
                    if encodings.hashes else None)
             entry = self.cache.get(key) if key else None
             if entry is None:
+                if not inverted:
+                    log.info("DDIM-inverting the references with %r, %d steps each", prompt, steps)
                 entry = {"inverted": ddim_invert(self.models, latent[None], text_embeds, steps,
                                                  init.inversion_guidance)[0].float().cpu()}
+                inverted += 1
                 if key:
                     self.cache.put(key, entry)
             seeds.append(entry["inverted"])
