@@ -86,7 +86,7 @@ def run_setting(models, judge, config, concepts, n_images: int, checkpoints: lis
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("init_experiment"))
     parser.add_argument("--concepts", nargs="*", default=None, help="default: the tail concepts")
@@ -96,7 +96,7 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=0.5, help="the tail accuracy to reach")
     parser.add_argument("--settings", nargs="*", default=list(SETTINGS) + list(VARIANTS))
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     concepts = args.concepts or [c["name"] for c in world()["concepts"] if c["bucket"] == "tail"]
     checkpoints = sorted(set(args.checkpoints))
     base = make_config([f"seed={args.seed}", "runtime.progress=false", f"runtime.batch_size={args.n_images}"])
@@ -133,6 +133,7 @@ def main() -> None:
         f"Judge top-1 accuracy over {len(concepts)} tail concepts x {args.n_images} images, after n iterations\n\n"
         f"{table}\n")
     print(table)
+    return rows
 
 
 if __name__ == "__main__":

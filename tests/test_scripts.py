@@ -45,3 +45,14 @@ def test_bench_counts_flops_without_a_gpu():
     counts = {row["call"]: row["tflop"] for row in load_script("bench").main(["--flops", "--steps", "2", "--k", "1"])}
     assert abs(counts["UNet, CFG batch 2"] - 1.609) < 0.01  # SD 2.1-base at 512 px, as in the issue
     assert abs(counts["VAE decode"] - 2.515) < 0.01 and abs(counts["CLIP image"] - 0.335) < 0.01
+
+
+def test_init_experiment_scores_each_start_on_the_toy_world(tmp_path):
+    rows = load_script("init_experiment").main(["--out", str(tmp_path), "--concepts", "marsh finch", "--n-images", "2",
+                                                "--checkpoints", "1", "2", "--settings", "random", "nao"])
+    assert [(r["init"], r["norm_weight"]) for r in rows] == [("random", 0.0), ("random", 0.1), ("nao", 0.0),
+                                                             ("nao", 0.1)]
+    assert all(set(r["accuracy"]) == {1, 2} and all(0 <= a <= 1 for a in r["accuracy"].values()) for r in rows)
+    assert all(0 <= r["diversity"] <= 2 for r in rows)
+    table = (tmp_path / "init_results.md").read_text()
+    assert "| nao | 0.1 |" in table and "iterations to 0.50" in table
