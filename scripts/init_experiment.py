@@ -5,12 +5,13 @@ N seeds per setting and, after n iterations for each n of --checkpoints, renders
 seed's best iterate so far (what `optim.iterations=n` would write) and asks the toy world's judge
 (a ResNet trained on balanced data, used only to score) what it shows. Settings: init=random,
 inversion and nao, each with loss.norm_weight=0 and with the prior; and, without it, nao with the
-rescaled mean instead of paths and nao with more noise. Prints, and writes to OUT/init_results.md and .json, the judge's top-1 accuracy
-over the tail concepts after n iterations, the first n at which it reaches --target, and the
-images' diversity after the last checkpoint (mean pairwise cosine distance of the toy world's CLIP
-image embeddings, averaged over the concepts).
+rescaled mean instead of paths and nao with less and more noise. Prints, and writes to
+OUT/init_results.md and .json, the judge's top-1 accuracy over the tail concepts after n
+iterations, the first n at which it reaches --target, and the images' diversity after the last
+checkpoint (mean pairwise cosine distance of the toy world's CLIP image embeddings, averaged over
+the concepts).
 
-    python scripts/init_experiment.py --out init_experiment        # about 20 min on 2 CPU cores
+    python scripts/init_experiment.py --out init_experiment        # about 12 min on 2 CPU cores
     python scripts/init_experiment.py --concepts "marsh finch" --n-images 4 --checkpoints 1 5   # a quick look
 """
 
@@ -41,6 +42,7 @@ SETTINGS = {  # name: overrides of the toyworld config; init.noise is the defaul
 VARIANTS = {  # without the prior only
     "nao, rescaled mean": ["init=nao", "init.nao_paths=false"],
     "nao, noise 0.2": ["init=nao", "init.noise=0.2"],
+    "nao, noise 0.8": ["init=nao", "init.noise=0.8"],
 }
 
 
