@@ -45,8 +45,6 @@ def nao_centroid(seeds: torch.Tensor, points: int = 8, length_weight: float = 0.
     n, shape = seeds.shape[0], seeds.shape[1:]
     x = seeds.detach().double().flatten(1).cpu()
     d = x.shape[1]
-    if n == 1:
-        return seeds[0].clone()
     mean = x.mean(dim=0)
     t = torch.linspace(0, 1, points + 2, dtype=torch.float64)[1:-1, None]  # inner points of each path
     inner = (x[:, None] * (1 - t) + mean * t).clone().requires_grad_(True)  # (n, m, d)
