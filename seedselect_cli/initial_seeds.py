@@ -5,7 +5,7 @@
     nao        c = NAO centroid of the inverted seeds          on the chi shell (`nao.py`)
                z_T = sqrt(1 - a) c + sqrt(a) eps               a = `init.noise`, so images of a class differ
 
-Mixing variances keeps a seed at the chi mode on the chi shell: ||z_T||^2 ~ (1 - a) ||c||^2 + a d.
+Mixing variances keeps a centroid that lies on the chi shell there: ||z_T||^2 ~ (1 - a) ||c||^2 + a d.
 Inversions are cached per reference like its encodings, keyed by the UNet, text encoder, VAE,
 scheduler, prompt, step count and guidance. The noise of image `index` depends only on (`seed`,
 class, index), so a resumed run, another batch size or another shard starts every seed the same.
