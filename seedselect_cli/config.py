@@ -135,6 +135,7 @@ class RuntimeConfig:
     cache: bool = True  # keep reference encodings on disk
     cache_dir: str | None = None  # null: $SEEDSELECT_CACHE_DIR, else $XDG_CACHE_HOME/seedselect, else ~/.cache/seedselect
     compile: bool = False  # torch.compile the UNet, VAE decoder and image encoder (pays on GPUs for long runs)
+    cuda_graphs: bool = False  # each denoising step's forward and backward as CUDA graphs (step_graphs.py)
 
 
 @dataclass
@@ -272,6 +273,9 @@ def check_config(c: Config) -> None:
         raise _bad("runtime.dtype", c.runtime.dtype, f"choose one of {', '.join(DTYPES)}")
     if c.runtime.batch_size < 1:
         raise _bad("runtime.batch_size", c.runtime.batch_size, "must be at least 1")
+    if c.runtime.cuda_graphs and not c.sampler.checkpointing:
+        raise _bad("runtime.cuda_graphs", True, "the graphs are the checkpointed denoising steps: keep "
+                                                "sampler.checkpointing=true")
     parse_shard(c.runtime.shard)
 
 

@@ -3,6 +3,7 @@
 Small functions in the k-diffusion manner; gradient mode is the caller's. With `checkpoint=True`
 each denoising step is one activation checkpoint, so only the latents between steps are kept and
 memory does not grow with the number of steps (the step is recomputed in the backward pass).
+With `runtime.cuda_graphs` the same checkpointed rollout runs through `step_graphs.py` instead.
 """
 
 from __future__ import annotations
@@ -38,21 +39,23 @@ def guided_embeddings(text_embeds: torch.Tensor, batch: int, guidance_scale: flo
     return text_embeds[1:].expand(batch, -1, -1)
 
 
-def guided_noise(models: FrozenModels, z: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor,
+def guided_noise(models: FrozenModels, z: torch.Tensor, t: torch.Tensor | int, embeds: torch.Tensor,
                  guidance_scale: float) -> torch.Tensor:
     """eps(z, t) with classifier-free guidance eps = eps_u + w (eps_c - eps_u) (Ho & Salimans 2022, eq. 6),
-    the unconditional pass batched with the conditional one."""
+    the unconditional pass batched with the conditional one. A Python int `t` becomes a tensor on z's
+    device by a fill, not a copy from the host, so that the step can be captured in a CUDA graph."""
     guided = guidance_scale > 1.0
     model_in = torch.cat([z, z]) if guided else z
     model_in = models.scheduler.scale_model_input(model_in, t).to(models.dtype)
-    eps = models.unet(model_in, t, encoder_hidden_states=embeds).sample.to(z.dtype)
+    t_model = t if torch.is_tensor(t) else torch.full((), t, dtype=torch.long, device=z.device)
+    eps = models.unet(model_in, t_model, encoder_hidden_states=embeds).sample.to(z.dtype)
     if guided:
         eps_uncond, eps_cond = eps.chunk(2)
         eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
     return eps
 
 
-def ddim_step(models: FrozenModels, z: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor,
+def ddim_step(models: FrozenModels, z: torch.Tensor, t: torch.Tensor | int, embeds: torch.Tensor,
               guidance_scale: float) -> torch.Tensor:
     """One DDIM step, eta = 0 (Song et al. 2021, eq. 12), with classifier-free guidance."""
     eps = guided_noise(models, z, t, embeds, guidance_scale)
@@ -65,6 +68,8 @@ def ddim_rollout(models: FrozenModels, z_T: torch.Tensor, text_embeds: torch.Ten
     `keep_last` steps, oldest first: the last one is z_0."""
     embeds = guided_embeddings(text_embeds, z_T.shape[0], guidance_scale)
     use_checkpoint = checkpoint and torch.is_grad_enabled()
+    if use_checkpoint and models.step_graphs is not None:  # the same checkpointing, as CUDA graphs
+        return models.step_graphs.rollout(z_T, embeds, timesteps, guidance_scale, keep_last)
     z, kept = z_T, []
     for i, t in enumerate(timesteps):
         if use_checkpoint:

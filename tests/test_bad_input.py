@@ -79,6 +79,10 @@ CASES = {
     "image encoder path that does not exist": (
         ["optimize", "model.image_encoder=./no_such_clip"], "folder ./no_such_clip does not exist"),
     "cuda without cuda": (["optimize", "runtime.device=cuda"], "no CUDA device is available; use runtime.device=cpu"),
+    "cuda graphs on the cpu": (["optimize", "runtime.device=cpu", "runtime.cuda_graphs=true"],
+                               "runtime.cuda_graphs=true needs a CUDA device, not cpu"),
+    "cuda graphs without checkpoints": (["optimize", "runtime.cuda_graphs=true", "sampler.checkpointing=false"],
+                                        "keep sampler.checkpointing=true"),
     "run directory under a file": (["optimize", "hydra.run.dir={inputs}/good.png/run"], "is a file"),
     "seed file that is not safetensors": (
         ["generate", "seed_file={inputs}/pickle.safetensors", "out=x.png"], "is not a safetensors seed file"),
