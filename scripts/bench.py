@@ -10,6 +10,9 @@ On the CPU, peak memory is the process's high-water mark of resident memory.
 
     fast      our path: networks in --dtype, seed and loss in float32, one checkpoint per denoising step
     compiled  the fast path with torch.compile (runtime.compile; the first calls, which compile, are warm-up)
+    graphed   the fast path with each denoising step captured as CUDA graphs (runtime.cuda_graphs; the
+              capture is warm-up). On the CPU the same steps run eagerly: a check, not a speed-up
+    compiled-graphed  both
     plain     what the authors' code does: float32, every UNet block checkpointed, the same loss
 
     python scripts/bench.py                       # the paper's setting, batch 1 and 8, on the GPU
@@ -21,8 +24,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import resource
 import statistics
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -43,6 +48,7 @@ from seedselect_cli.models import (
 from seedselect_cli.optimize import seed_objective
 from seedselect_cli.references import Centroids
 from seedselect_cli.sampling import sample_images, set_timesteps
+from seedselect_cli.step_graphs import enable_cuda_graphs
 
 SD21_BASE_UNET = {
     "sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2, "cross_attention_dim": 1024,
@@ -196,7 +202,7 @@ def measure(models: FrozenModels, config, batch: int, args) -> dict:
     for _ in range(args.warmup):
         iteration()
     synchronize(device)
-    warmup = time.perf_counter() - begin  # with torch.compile: the compilation
+    warmup = time.perf_counter() - begin  # with torch.compile or CUDA graphs: the compilation or capture
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     seconds = statistics.median(timed(device, iteration) for _ in range(args.iterations))
@@ -204,8 +210,10 @@ def measure(models: FrozenModels, config, batch: int, args) -> dict:
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     from torch.utils.flop_counter import FlopCounterMode
 
+    graphs, models.step_graphs = models.step_graphs, None  # a replayed graph dispatches no operation to count
     with FlopCounterMode(display=False) as counter:
         iteration()
+    models.step_graphs = graphs
     if args.profile:
         profile(device, iteration)
     render = timed(device, lambda: sample_images(models, z.detach()[:1], text, args.steps,
@@ -229,7 +237,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--modes", nargs="+", default=["fast", "plain"],
-                        choices=["fast", "compiled", "plain"])
+                        choices=["fast", "compiled", "graphed", "compiled-graphed", "plain"])
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iterations", type=int, default=5, help="timed iterations (the median is reported)")
     parser.add_argument("--bootstrap-iterations", type=int, default=5)
@@ -239,10 +247,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--channels-last", action="store_true", help="UNet and VAE in channels-last memory format")
     parser.add_argument("--sdpa", nargs="+", default=None, choices=["flash", "efficient", "cudnn", "math"],
                         help="the attention backends allowed (default: PyTorch's choice)")
+    parser.add_argument("--cudnn-benchmark", action="store_true",
+                        help="torch.backends.cudnn.benchmark: time the convolution algorithms, pick among those that fit")
+    parser.add_argument("--cudnn-workspace-mb", type=int, default=None,
+                        help="cap cuDNN's workspace per convolution (CUDNN_CONV_WSCAP_DBG), for the batch-size OOM")
     parser.add_argument("--profile", action="store_true",
                         help="print torch.profiler's busiest operations for one iteration of each row")
     parser.add_argument("--flops", action="store_true", help="only count FLOPs of the paper's setting (meta device)")
     args = parser.parse_args(argv)
+    if args.cudnn_workspace_mb is not None:  # read when cuDNN first runs a convolution
+        os.environ["CUDNN_CONV_WSCAP_DBG"] = str(args.cudnn_workspace_mb)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     device = torch.device("cpu") if args.tiny else resolve_device(args.device)
     args.height = args.height or (32 if args.tiny else 512)
     weights = [0.05, 0.25, 0.7] if args.k == 3 else [1 / args.k] * args.k  # the authors' weights for k = 3
@@ -271,8 +286,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if args.channels_last:
             for module in (models.unet, models.vae):
                 module.to(memory_format=torch.channels_last)
-        if mode == "compiled":
+        if mode in ("compiled", "compiled-graphed"):
             compile_models(models, args.compile_mode)
+        if mode in ("graphed", "compiled-graphed"):
+            enable_cuda_graphs(models)
         if mode == "plain":
             models.unet.enable_gradient_checkpointing()
             models.unet.train(False)
@@ -297,23 +314,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
     table = Table(title=f"seedselect bench: {'tiny' if args.tiny else 'SD 2.1-base + CLIP ViT-H-14'}, "
                         f"{args.height} px, {args.steps} steps, k={args.k}, CFG {args.guidance}, on {name}")
     for column in ("mode", "dtype", "batch", "s/it", "peak GB", "TFLOP/it", "TFLOP/s", "of peak", "s/img boot",
-                   "plain/best"):
+                   "plain/best", "warm-up s"):
         table.add_column(column, justify="left" if column in ("mode", "dtype") else "right")
-    best: dict[int, float] = {}  # the faster of fast and compiled, per batch size: plain's ratio is against it
+    best: dict[int, float] = {}  # the fastest of our modes, per batch size: plain's ratio is against it
     for r in rows:
         if r["mode"] != "plain" and "s_per_iteration" in r:
             best[r["batch"]] = min(r["s_per_iteration"], best.get(r["batch"], float("inf")))
     short = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
     for r in rows:
         if r.get("out_of_memory"):
-            table.add_row(r["mode"], short[r["dtype"]], str(r["batch"]), "out of memory", *[""] * 6)
+            table.add_row(r["mode"], short[r["dtype"]], str(r["batch"]), "out of memory", *[""] * 7)
             continue
         ratio = r["s_per_iteration"] / best[r["batch"]] if r["mode"] == "plain" and r["batch"] in best else None
         table.add_row(r["mode"], short[r["dtype"]], str(r["batch"]), f"{r['s_per_iteration']:.3f}",
                       f"{r['peak_memory_gb']:.2f}", f"{r['tflop_per_iteration']:.3f}", f"{r['tflops']:.2f}",
                       f"{r['fraction_of_peak']:.1%}", f"{r['s_per_bootstrap_image']:.3f}",
-                      f"{ratio:.1f}x" if ratio else "")
-    Console().print(table)
+                      f"{ratio:.1f}x" if ratio else "", f"{r['warmup_s']:.1f}")
+    Console(width=None if sys.stdout.isatty() else 160).print(table)  # a log file gets the whole table
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"device": name, "args": vars(args), "rows": rows}, handle, indent=2)
