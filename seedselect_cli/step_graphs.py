@@ -48,8 +48,8 @@ class StepGraphs:
         self.embeds = embeds.detach().clone()
         n = len(self.timesteps)
         self.latents = [torch.empty_like(self.z_T) for _ in range(n)]  # z after step i
-        self.grad_out = [torch.randn_like(self.z_T) for _ in range(n)]  # dL/d(output of step i)
-        self.grad_in = [torch.empty_like(self.z_T) for _ in range(n)]  # dL/d(input of step i)
+        # dL/d(output) and dL/d(input) of the step being differentiated: the steps take turns, so they share
+        self.grad_out, self.grad_in = torch.randn_like(self.z_T), torch.empty_like(self.z_T)
         self.generation = 0  # rollouts so far; a backward pass checks that its rollout is still the last
         forward = [functools.partial(self._forward, i) for i in range(n)]
         backward = [functools.partial(self._backward, i) for i in range(n)]
@@ -68,8 +68,8 @@ class StepGraphs:
     def _backward(self, i: int) -> None:
         with torch.enable_grad():
             z = self._input(i).detach().requires_grad_(True)
-            (grad,) = torch.autograd.grad(self._step(i, z), z, self.grad_out[i])
-        self.grad_in[i].copy_(grad)
+            (grad,) = torch.autograd.grad(self._step(i, z), z, self.grad_out)
+        self.grad_in.copy_(grad)
 
     def _capture(self, forward: list[Callable[[], None]], backward: list[Callable[[], None]]
                  ) -> tuple[list[Callable[[], None]], list[Callable[[], None]]]:
@@ -107,18 +107,18 @@ class StepGraphs:
 
     def backward(self, grads: dict[int, torch.Tensor]) -> torch.Tensor:
         """dL/dz_T, from dL/dz_i for the latents i in `grads` (those the loss saw), step by step backwards."""
-        carry = None  # dL/d(input of step i + 1), through the later steps
-        for i in reversed(range(len(self.latents))):
-            direct, out = grads.get(i), self.grad_out[i]
-            if carry is None and direct is None:
-                out.zero_()
-            elif carry is None or direct is None:
-                out.copy_(direct if carry is None else carry)
+        last = len(self.latents) - 1
+        for i in range(last, -1, -1):
+            direct = grads.get(i)  # from the loss, if it saw this latent
+            later = None if i == last else self.grad_in  # through the later steps: dL/d(input of step i + 1)
+            if later is None and direct is None:
+                self.grad_out.zero_()
+            elif later is None or direct is None:
+                self.grad_out.copy_(direct if later is None else later)
             else:
-                torch.add(carry, direct, out=out)
+                torch.add(later, direct, out=self.grad_out)
             self.backward_calls[i]()
-            carry = self.grad_in[i]
-        return carry.clone()
+        return self.grad_in.clone()
 
 
 class _Rollout(torch.autograd.Function):
