@@ -17,6 +17,9 @@ from seedselect_cli.references import Centroids
 from seedselect_cli.sampling import ddim_rollout, encode_prompt, set_timesteps
 from seedselect_cli.step_graphs import CACHED_SHAPES, StepGraphCache, enable_cuda_graphs
 from tests.conftest import make_config
+from tests.layouts import make_cub
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="captures CUDA graphs: needs a CUDA device")
 
 
 def graphed(models):
@@ -111,7 +114,7 @@ def test_no_gradients_no_graphs_and_one_cache_entry_per_batch_shape(tiny_models)
     assert len(cache.entries) == CACHED_SHAPES and first not in cache.entries.values()  # the oldest went
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="captures CUDA graphs: needs a CUDA device")
+@needs_cuda
 def test_captured_step_graphs_match_eager_autograd_on_cuda():
     from seedselect_cli.config import ModelConfig
     from seedselect_cli.models import load_models
@@ -128,3 +131,29 @@ def test_captured_step_graphs_match_eager_autograd_on_cuda():
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(grad_b, grad_a, rtol=1e-4, atol=1e-6)
     assert len(steps.step_graphs.entries) == 1
+
+
+@needs_cuda
+def test_optimize_and_bootstrap_with_cuda_graphs_find_the_same_seeds(tmp_path):
+    """The commands as users run them, with a full batch and a smaller last one (two batch shapes)."""
+    from safetensors.torch import load_file
+
+    from seedselect_cli.pipeline import run_bootstrap, run_optimize
+
+    root = make_cub(tmp_path / "CUB_200_2011")
+    seeds = {}
+    for graphs in (False, True):
+        config = make_config(["model=tiny", "sampler=tiny", f"dataset.root={root}", "runtime.device=cuda",
+                              "runtime.dtype=float32", "n_images=3", "runtime.batch_size=2", "bootstrap.n_images=3",
+                              "bootstrap.global_iterations=2", "bootstrap.iterations=2",
+                              f"runtime.cuda_graphs={graphs}"], name="cub_tail")
+        for run in (run_optimize, run_bootstrap):
+            run_dir = tmp_path / f"{run.__name__}-{graphs}"
+            assert len(run(config, run_dir)) == 6
+            seeds[run.__name__, graphs] = {p.name + p.parent.name: load_file(p)["optimized"]
+                                          for p in run_dir.glob("seeds/*/*")}
+    for run in ("run_optimize", "run_bootstrap"):
+        eager, graphed = seeds[run, False], seeds[run, True]
+        assert eager.keys() == graphed.keys() and len(eager) == 6
+        for name in eager:
+            torch.testing.assert_close(graphed[name], eager[name], rtol=0, atol=1e-3)
