@@ -76,7 +76,7 @@ class StepGraphs:
         """Each call as a CUDA graph, all in one memory pool. They are captured in the order a rollout
         and its backward pass replay them (steps 0..n-1, then n-1..0), which sharing a pool requires."""
         device = self.models.device
-        stream = torch.cuda.Stream(device)  # warm-up and capture on one stream, as make_graphed_callables does
+        stream = torch.cuda.Stream(device)  # warm-up and capture on one stream: no handle is first made mid-capture
         stream.wait_stream(torch.cuda.current_stream(device))
         begin = time.perf_counter()
         with torch.cuda.stream(stream):
