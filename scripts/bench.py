@@ -95,9 +95,26 @@ def real_models(device: torch.device, dtype: torch.dtype) -> FrozenModels:
                         device=device, dtype=dtype)
 
 
-def count_flops(config, args) -> list[tuple[str, float]]:
-    """TFLOP of each network call and of one optimisation iteration, on meta tensors."""
+class ReplayedRollout:
+    """Stands in for `runtime.cuda_graphs`' step graphs when counting: a replayed graph dispatches no
+    operation, so what is left is the loss's own work (the rollout's latents are copies of the seed)."""
+
+    def rollout(self, z_T, embeds, timesteps, guidance_scale, keep_last):
+        return [z_T.clone() for _ in range(keep_last)]
+
+
+def count_flops(config, args) -> list[tuple[str, float, int]]:
+    """TFLOP and operations (aten operations that are not views: roughly the kernels launched from
+    Python) of each network call and of one optimisation iteration, on meta tensors."""
+    from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils.flop_counter import FlopCounterMode
+
+    class OperationCounter(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += not (func.is_view or func is torch.ops.aten._unsafe_view.default)
+            return func(*args, **(kwargs or {}))
 
     meta = torch.device("meta")
     models = real_models(meta, DTYPES["bfloat16"])
@@ -114,13 +131,19 @@ def count_flops(config, args) -> list[tuple[str, float]]:
     target = Centroids(torch.randn(models.image_encoder.config.projection_dim, device=meta),
                        torch.randn(*shape, device=meta), count=5)
     timesteps = set_timesteps(models, args.steps)
-    calls["one iteration, batch 1"] = lambda: seed_objective(models, z, target, text, timesteps,
-                                                             config).total.sum().backward()
+
+    def iteration(graphs=None) -> None:
+        models.step_graphs = graphs
+        seed_objective(models, z, target, text, timesteps, config).total.sum().backward()
+        models.step_graphs = None
+
+    calls["one iteration, batch 1 (forward, backward, recomputation)"] = iteration
+    calls["  of which eager with runtime.cuda_graphs (the loss)"] = lambda: iteration(ReplayedRollout())
     out = []
     for name, call in calls.items():
-        with FlopCounterMode(display=False) as counter:
+        with FlopCounterMode(display=False) as flops, OperationCounter() as operations:
             call()
-        out.append((name, counter.get_total_flops() / 1e12))
+        out.append((name, flops.get_total_flops() / 1e12, operations.count))
     return out
 
 
@@ -253,7 +276,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="cap cuDNN's workspace per convolution (CUDNN_CONV_WSCAP_DBG), for the batch-size OOM")
     parser.add_argument("--profile", action="store_true",
                         help="print torch.profiler's busiest operations for one iteration of each row")
-    parser.add_argument("--flops", action="store_true", help="only count FLOPs of the paper's setting (meta device)")
+    parser.add_argument("--flops", action="store_true",
+                        help="only count the FLOPs and operations of the paper's setting (meta device)")
     args = parser.parse_args(argv)
     if args.cudnn_workspace_mb is not None:  # read when cuDNN first runs a convolution
         os.environ["CUDNN_CONV_WSCAP_DBG"] = str(args.cudnn_workspace_mb)
@@ -268,12 +292,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.flops:
         counts = count_flops(config, args)
         table = Table(title=f"FLOPs: SD 2.1-base + CLIP ViT-H-14, {args.height} px, {args.steps} steps, k={args.k}")
-        for column in ("call", "TFLOP", f"floor at {args.peak_tflops:g} TFLOP/s"):
+        for column in ("call", "TFLOP", f"floor at {args.peak_tflops:g} TFLOP/s", "operations"):
             table.add_column(column, justify="left" if column == "call" else "right")
-        for name, tflop in counts:
-            table.add_row(name, f"{tflop:.3f}", f"{tflop / args.peak_tflops * 1000:.1f} ms")
-        Console().print(table)
-        return [{"call": name, "tflop": tflop} for name, tflop in counts]
+        for name, tflop, operations in counts:
+            table.add_row(name, f"{tflop:.3f}", f"{tflop / args.peak_tflops * 1000:.1f} ms", f"{operations:,}")
+        Console(width=None if sys.stdout.isatty() else 160).print(table)
+        return [{"call": name, "tflop": tflop, "operations": operations} for name, tflop, operations in counts]
 
     rows = []
     fast_dtype = resolve_dtype(args.dtype, device)

@@ -45,10 +45,15 @@ def test_bench_runs_its_modes_on_the_tiny_components():
     assert [r["tflop_per_iteration"] for r in rows[2:4]] == pytest.approx([r["tflop_per_iteration"] for r in rows[:2]])
 
 
-def test_bench_counts_flops_without_a_gpu():
-    counts = {row["call"]: row["tflop"] for row in load_script("bench").main(["--flops", "--steps", "2", "--k", "1"])}
+def test_bench_counts_flops_and_operations_without_a_gpu():
+    rows = load_script("bench").main(["--flops", "--steps", "2", "--k", "1"])
+    counts = {row["call"]: row["tflop"] for row in rows}
     assert abs(counts["UNet, CFG batch 2"] - 1.609) < 0.01  # SD 2.1-base at 512 px, as in the issue
     assert abs(counts["VAE decode"] - 2.515) < 0.01 and abs(counts["CLIP image"] - 0.335) < 0.01
+    unet, vae, clip, iteration, loss_only = (row["operations"] for row in rows)
+    # 2 steps: forward, recomputation and backward of 2 UNet calls, which step graphs replay instead
+    assert loss_only > vae + clip and iteration - loss_only > 4 * unet
+    assert counts["one iteration, batch 1 (forward, backward, recomputation)"] > 2 * 3 * 1.609
 
 
 def test_init_experiment_scores_each_start_on_the_toy_world(tmp_path):
