@@ -28,6 +28,7 @@ from collections.abc import Callable
 import torch
 from torch.autograd.function import once_differentiable
 
+from seedselect_cli.errors import UserError
 from seedselect_cli.models import FrozenModels
 from seedselect_cli.sampling import ddim_step
 
@@ -35,6 +36,14 @@ log = logging.getLogger(__name__)
 
 WARMUP_ROUNDS = 2  # eager rounds of every step before capture: cuDNN, cuBLAS and autograd set up outside it
 CACHED_SHAPES = 2  # a run meets at most two batch shapes: runtime.batch_size and a class's last, smaller batch
+
+
+def capture(call: Callable[[], None], pool, stream: torch.cuda.Stream) -> Callable[[], None]:
+    """`call`'s CUDA work as a graph in memory pool `pool`: returns what replays it."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool, stream=stream):
+        call()
+    return graph.replay
 
 
 class StepGraphs:
@@ -85,16 +94,16 @@ class StepGraphs:
                     call()
         torch.cuda.synchronize(device)
         pool = torch.cuda.graph_pool_handle()
-        graphs = []
-        for call in [*forward, *reversed(backward)]:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, stream=stream):
-                call()
-            graphs.append(graph)
+        try:
+            replays = [capture(call, pool, stream) for call in [*forward, *reversed(backward)]]
+        except RuntimeError as exc:  # an operation that cannot be captured, e.g. one that syncs with the host
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"runtime.cuda_graphs: capturing the denoising steps failed ({first}); "
+                            f"use runtime.cuda_graphs=false") from exc
         n = len(forward)
         log.info("captured %d denoising steps for batch shape %s in %.1f s", n, tuple(self.z_T.shape),
                  time.perf_counter() - begin)
-        return [g.replay for g in graphs[:n]], [g.replay for g in reversed(graphs[n:])]
+        return replays[:n], replays[n:][::-1]
 
     def forward(self, z_T: torch.Tensor, embeds: torch.Tensor) -> list[torch.Tensor]:
         """Roll out from z_T: the latents after every step (static buffers, valid until the next call)."""

@@ -2,16 +2,20 @@
 
 On the CPU the step graphs run eagerly on their static buffers, which is everything but the capture:
 the backward pass step by step, the gradients of the k kept latents added on the way, the buffers
-that each call overwrites. The last test captures them, where there is a CUDA device.
+that each call overwrites. With torch.cuda's streams and graphs faked, the capture's own bookkeeping
+(its order, and a failed capture's error) runs too. The last two tests capture for real, on CUDA.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import pytest
 import torch
 
+import seedselect_cli.step_graphs as step_graphs_module
+from seedselect_cli.errors import UserError
 from seedselect_cli.optimize import optimize_seeds, seed_objective
 from seedselect_cli.references import Centroids
 from seedselect_cli.sampling import ddim_rollout, encode_prompt, set_timesteps
@@ -112,6 +116,65 @@ def test_no_gradients_no_graphs_and_one_cache_entry_per_batch_shape(tiny_models)
     for batch in range(2, CACHED_SHAPES + 2):
         rollout(batch)
     assert len(cache.entries) == CACHED_SHAPES and first not in cache.entries.values()  # the oldest went
+
+
+@pytest.fixture
+def fake_capture(monkeypatch) -> list:
+    """torch.cuda's streams and graphs faked, so that the capture's own bookkeeping runs on the CPU:
+    a "captured" call is recorded, and "replayed" by calling it again. Returns the recorded calls."""
+    class Stream:
+        def __init__(self, device=None):
+            pass
+
+        def wait_stream(self, other):
+            pass
+
+    for name, fake in [("Stream", Stream), ("current_stream", lambda device=None: Stream()),
+                       ("stream", lambda stream: contextlib.nullcontext()), ("synchronize", lambda device=None: None),
+                       ("graph_pool_handle", lambda: "pool")]:
+        monkeypatch.setattr(torch.cuda, name, fake)
+    captured = []
+
+    def capture(call, pool, stream):
+        captured.append(call)
+        return call
+
+    monkeypatch.setattr(step_graphs_module, "capture", capture)
+    return captured
+
+
+def captured_copy(models):
+    copy = dataclasses.replace(models, step_graphs=None)
+    copy.step_graphs = StepGraphCache(copy, capture=True)
+    return copy
+
+
+def test_the_capture_replays_each_step_in_its_place(tiny_models64, fake_capture):
+    """Captured in replay order (forward 0..n-1, then backward n-1..0), and handed back in step order."""
+    plain, steps = tiny_models64, captured_copy(tiny_models64)
+    z0 = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+    embeds, timesteps = encode_prompt(plain, "a sea gull"), set_timesteps(plain, 5)
+    lat_plain, grad_plain = rollout_and_gradient(plain, z0, embeds, timesteps, checkpoint=False)
+    lat_graph, grad_graph = rollout_and_gradient(steps, z0, embeds, timesteps)
+    for a, b in zip(lat_graph, lat_plain):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad_graph, grad_plain, rtol=1e-10, atol=1e-12)
+    order = [(call.func.__name__, call.args[0]) for call in fake_capture]
+    assert order == [("_forward", i) for i in range(5)] + [("_backward", i) for i in reversed(range(5))]
+    (graphs,) = steps.step_graphs.entries.values()
+    assert [c.args[0] for c in graphs.forward_calls] == [c.args[0] for c in graphs.backward_calls] == list(range(5))
+
+
+def test_a_failed_capture_is_one_clear_error(tiny_models, fake_capture, monkeypatch):
+    def cannot_capture(call, pool, stream):
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore detail")
+
+    monkeypatch.setattr(step_graphs_module, "capture", cannot_capture)
+    steps = captured_copy(tiny_models)
+    z = torch.randn(1, 4, 16, 16, requires_grad=True)
+    with pytest.raises(UserError, match=r"capturing the denoising steps failed \(CUDA error: operation not "
+                                        r"permitted when stream is capturing\); use runtime.cuda_graphs=false$"):
+        ddim_rollout(steps, z, encode_prompt(tiny_models, "a hand"), set_timesteps(tiny_models, 2), 5.0)
 
 
 @needs_cuda
