@@ -38,7 +38,7 @@ WARMUP_ROUNDS = 2  # eager rounds of every step before capture: cuDNN, cuBLAS an
 CACHED_SHAPES = 2  # a run meets at most two batch shapes: runtime.batch_size and a class's last, smaller batch
 
 
-def capture(call: Callable[[], None], pool, stream: torch.cuda.Stream) -> Callable[[], None]:
+def capture_graph(call: Callable[[], None], pool, stream: torch.cuda.Stream) -> Callable[[], None]:
     """`call`'s CUDA work as a graph in memory pool `pool`: returns what replays it."""
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, pool=pool, stream=stream):
@@ -95,7 +95,7 @@ class StepGraphs:
         torch.cuda.synchronize(device)
         pool = torch.cuda.graph_pool_handle()
         try:
-            replays = [capture(call, pool, stream) for call in [*forward, *reversed(backward)]]
+            replays = [capture_graph(call, pool, stream) for call in [*forward, *reversed(backward)]]
         except RuntimeError as exc:  # an operation that cannot be captured, e.g. one that syncs with the host
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UserError(f"runtime.cuda_graphs: capturing the denoising steps failed ({first}); "

@@ -135,11 +135,11 @@ def fake_capture(monkeypatch) -> list:
         monkeypatch.setattr(torch.cuda, name, fake)
     captured = []
 
-    def capture(call, pool, stream):
+    def capture_graph(call, pool, stream):
         captured.append(call)
         return call
 
-    monkeypatch.setattr(step_graphs_module, "capture", capture)
+    monkeypatch.setattr(step_graphs_module, "capture_graph", capture_graph)
     return captured
 
 
@@ -169,7 +169,7 @@ def test_a_failed_capture_is_one_clear_error(tiny_models, fake_capture, monkeypa
     def cannot_capture(call, pool, stream):
         raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore detail")
 
-    monkeypatch.setattr(step_graphs_module, "capture", cannot_capture)
+    monkeypatch.setattr(step_graphs_module, "capture_graph", cannot_capture)
     steps = captured_copy(tiny_models)
     z = torch.randn(1, 4, 16, 16, requires_grad=True)
     with pytest.raises(UserError, match=r"capturing the denoising steps failed \(CUDA error: operation not "
