@@ -160,6 +160,11 @@ def attention_backends(names: list[str] | None):
     return sdpa_kernel([backends[n] for n in names])
 
 
+def print_table(table: Table) -> None:
+    """On a terminal at its width; into a log file at 160 columns, so that no column is cut."""
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -296,7 +301,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             table.add_column(column, justify="left" if column == "call" else "right")
         for name, tflop, operations in counts:
             table.add_row(name, f"{tflop:.3f}", f"{tflop / args.peak_tflops * 1000:.1f} ms", f"{operations:,}")
-        Console(width=None if sys.stdout.isatty() else 160).print(table)
+        print_table(table)
         return [{"call": name, "tflop": tflop, "operations": operations} for name, tflop, operations in counts]
 
     rows = []
@@ -354,7 +359,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                       f"{r['peak_memory_gb']:.2f}", f"{r['tflop_per_iteration']:.3f}", f"{r['tflops']:.2f}",
                       f"{r['fraction_of_peak']:.1%}", f"{r['s_per_bootstrap_image']:.3f}",
                       f"{ratio:.1f}x" if ratio else "", f"{r['warmup_s']:.1f}")
-    Console(width=None if sys.stdout.isatty() else 160).print(table)  # a log file gets the whole table
+    print_table(table)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"device": name, "args": vars(args), "rows": rows}, handle, indent=2)

@@ -18,7 +18,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from seedselect_cli.errors import UserError
+from seedselect_cli.errors import UserError, first_line
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -153,10 +153,6 @@ class Config:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 
-def _first_line(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-
-
 def load_structured(schema: type, cfg: DictConfig | dict):
     """Merge a composed config into a dataclass schema and resolve it; `UserError` on unknown keys,
     wrong types and required values left unset (`???`)."""
@@ -169,7 +165,7 @@ def load_structured(schema: type, cfg: DictConfig | dict):
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), cfg))
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None)
-        raise UserError(f"invalid config{f' key {key}' if key else ''}: {_first_line(exc)}") from None
+        raise UserError(f"invalid config{f' key {key}' if key else ''}: {first_line(exc)}") from None
 
 
 def load_config(cfg: DictConfig | dict) -> Config:

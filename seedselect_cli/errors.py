@@ -6,6 +6,11 @@ the current step. Every other exception is a bug and keeps its traceback.
 """
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's message cut to its first line (its type's name if it has none): for `error:` lines."""
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
 class UserError(Exception):
     """A problem the user can fix: a bad value, a missing folder, weights not available offline."""
 

@@ -28,7 +28,7 @@ from collections.abc import Callable
 import torch
 from torch.autograd.function import once_differentiable
 
-from seedselect_cli.errors import UserError
+from seedselect_cli.errors import UserError, first_line
 from seedselect_cli.models import FrozenModels
 from seedselect_cli.sampling import ddim_step
 
@@ -97,8 +97,7 @@ class StepGraphs:
         try:
             replays = [capture_graph(call, pool, stream) for call in [*forward, *reversed(backward)]]
         except RuntimeError as exc:  # an operation that cannot be captured, e.g. one that syncs with the host
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UserError(f"runtime.cuda_graphs: capturing the denoising steps failed ({first}); "
+            raise UserError(f"runtime.cuda_graphs: capturing the denoising steps failed ({first_line(exc)}); "
                             f"use runtime.cuda_graphs=false") from exc
         n = len(forward)
         log.info("captured %d denoising steps for batch shape %s in %.1f s", n, tuple(self.z_T.shape),
