@@ -34,7 +34,7 @@ def graphed(models):
 def rollout_and_gradient(models, z0, embeds, timesteps, checkpoint=True, keep=3, seed=0):
     """The kept latents and dL/dz_T of a loss that weighs each kept latent differently and non-linearly."""
     g = torch.Generator().manual_seed(seed)
-    targets = [torch.randn(z0.shape, generator=g).to(z0.dtype) for _ in range(keep)]
+    targets = [torch.randn(z0.shape, generator=g).to(z0.device, z0.dtype) for _ in range(keep)]
     z = z0.clone().requires_grad_(True)
     kept = ddim_rollout(models, z, embeds, timesteps, 5.0, keep_last=keep, checkpoint=checkpoint)
     loss = sum((j + 1) * (k - t).pow(2).mean() + (k * t).sum().tanh() for j, (k, t) in enumerate(zip(kept, targets)))
@@ -179,20 +179,23 @@ def test_a_failed_capture_is_one_clear_error(tiny_models, fake_capture, monkeypa
 
 @needs_cuda
 def test_captured_step_graphs_match_eager_autograd_on_cuda():
+    """Captured graphs against eager autograd without checkpointing, in float64 so that different
+    kernels (eager, captured) cannot hide a wrong gradient behind rounding."""
     from seedselect_cli.config import ModelConfig
     from seedselect_cli.models import load_models
 
-    models = load_models(ModelConfig(pretrained="tiny", image_encoder="tiny"), torch.device("cuda"), torch.float32)
+    models = load_models(ModelConfig(pretrained="tiny", image_encoder="tiny"), torch.device("cuda"), torch.float64)
     steps = graphed(models)
     assert steps.step_graphs.capture
     embeds, timesteps = encode_prompt(models, "a pine warbler"), set_timesteps(models, 4)
     for seed in (0, 1):  # the second replay reads new inputs from the static buffers
-        z0 = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(seed)).cuda()
-        lat_a, grad_a = rollout_and_gradient(models, z0, embeds, timesteps, seed=seed)
+        z0 = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).cuda()
+        lat_a, grad_a = rollout_and_gradient(models, z0, embeds, timesteps, checkpoint=False, seed=seed)
         lat_b, grad_b = rollout_and_gradient(steps, z0, embeds, timesteps, seed=seed)
         for a, b in zip(lat_b, lat_a):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(grad_b, grad_a, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        assert grad_a.abs().min() > 0
+        torch.testing.assert_close(grad_b, grad_a, rtol=1e-8, atol=1e-12)
     assert len(steps.step_graphs.entries) == 1
 
 
@@ -212,11 +215,17 @@ def test_optimize_and_bootstrap_with_cuda_graphs_find_the_same_seeds(tmp_path):
                               f"runtime.cuda_graphs={graphs}"], name="cub_tail")
         for run in (run_optimize, run_bootstrap):
             run_dir = tmp_path / f"{run.__name__}-{graphs}"
-            assert len(run(config, run_dir)) == 6
+            with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):  # float32 convolutions, not TF32
+                assert len(run(config, run_dir)) == 6
             seeds[run.__name__, graphs] = {p.name + p.parent.name: load_file(p)["optimized"]
                                           for p in run_dir.glob("seeds/*/*")}
     for run in ("run_optimize", "run_bootstrap"):
         eager, graphed = seeds[run, False], seeds[run, True]
         assert eager.keys() == graphed.keys() and len(eager) == 6
         for name in eager:
-            torch.testing.assert_close(graphed[name], eager[name], rtol=0, atol=1e-3)
+            # Captured and eager kernels round differently, and AdamW's first steps move each element by
+            # about lr whatever its gradient's size: elements whose gradient is near zero may part by
+            # up to lr. So the seeds are compared as wholes, not element by element.
+            moved = (graphed[name] - eager[name]).norm() / eager[name].norm()
+            print(f"{run} {name}: seeds differ by {float(moved):.2e} of their norm")
+            assert moved < 1e-3, (run, name, float(moved))
