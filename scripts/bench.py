@@ -103,6 +103,20 @@ class ReplayedRollout:
         return [z_T.clone() for _ in range(keep_last)]
 
 
+def iteration_inputs(models: FrozenModels, batch: int, args):
+    """Seeds, centroids and text embeddings for `batch` seeds on the models' device (meta too)."""
+    device = models.device
+    g = torch.Generator().manual_seed(1)
+    shape = models.latent_shape(args.height, args.height)
+    z = torch.randn(batch, *shape, generator=g).to(device).requires_grad_(True)
+    dim = models.image_encoder.config.projection_dim
+    target = Centroids(torch.nn.functional.normalize(torch.randn(dim, generator=g), dim=0).to(device),
+                       torch.randn(*shape, generator=g).to(device), count=5)
+    context = models.unet.config.cross_attention_dim
+    text = torch.randn(2, 77, context, generator=g).to(device, models.dtype)
+    return z, target, text
+
+
 def count_flops(config, args) -> list[tuple[str, float, int]]:
     """TFLOP and operations (aten operations that are not views: roughly the kernels launched from
     Python) of each network call and of one optimisation iteration, on meta tensors."""
@@ -118,18 +132,14 @@ def count_flops(config, args) -> list[tuple[str, float, int]]:
 
     meta = torch.device("meta")
     models = real_models(meta, DTYPES["bfloat16"])
-    shape = models.latent_shape(args.height, args.height)
-    text = torch.randn(2, 77, models.unet.config.cross_attention_dim, device=meta, dtype=models.dtype)
-    latents = torch.randn(1, *shape, device=meta, dtype=models.dtype)
+    z, target, text = iteration_inputs(models, 1, args)
+    latents = torch.randn(z.shape, device=meta, dtype=models.dtype)
     calls = {
         "UNet, CFG batch 2": lambda: models.unet(torch.cat([latents] * 2), 500, encoder_hidden_states=text),
         "VAE decode": lambda: models.vae.decode(latents),
         "CLIP image": lambda: models.image_encoder(pixel_values=torch.randn(1, 3, 224, 224, device=meta,
                                                                             dtype=models.dtype)),
     }
-    z = torch.randn(1, *shape, device=meta).requires_grad_(True)
-    target = Centroids(torch.randn(models.image_encoder.config.projection_dim, device=meta),
-                       torch.randn(*shape, device=meta), count=5)
     timesteps = set_timesteps(models, args.steps)
 
     def iteration(graphs=None) -> None:
@@ -163,6 +173,19 @@ def attention_backends(names: list[str] | None):
 def print_table(table: Table) -> None:
     """On a terminal at its width; into a log file at 160 columns, so that no column is cut."""
     Console(width=None if sys.stdout.isatty() else 160).print(table)
+
+
+def largest_blocks(count: int = 12) -> None:
+    """The largest live GPU allocations and the Python lines that made them (needs --memory-history)."""
+    blocks = [block for segment in torch.cuda.memory._snapshot()["segments"] for block in segment["blocks"]
+              if block["state"] == "active_allocated"]
+    blocks.sort(key=lambda block: -block["size"])
+    total = sum(block["size"] for block in blocks)
+    print(f"{len(blocks)} live blocks, {total / 2**30:.2f} GiB; the largest:")
+    for block in blocks[:count]:
+        frames = [f for f in block.get("frames", []) if f["filename"].endswith(".py")][:4]
+        where = " <- ".join(f"{Path(f['filename']).name}:{f['line']} {f['name']}" for f in frames)
+        print(f"  {block['size'] / 2**20:10.1f} MiB  {where}")
 
 
 def synchronize(device: torch.device) -> None:
@@ -207,17 +230,41 @@ def profile(device: torch.device, iteration) -> None:
     print(f"profile: wall {wall:.3f} s (with the profiler), device busy {busy:.3f} s, {launches} kernel launches")
 
 
-def measure(models: FrozenModels, config, batch: int, args) -> dict:
+def iteration_flops(models: FrozenModels, config, batch: int, args) -> float:
+    """FLOPs of one iteration (forward, backward, recomputation) at this batch size. `models` run it
+    eagerly: a replayed CUDA graph dispatches no operation to count. The real architectures are
+    counted on the meta device, which allocates nothing (counting on the GPU itself ran out of memory
+    at batch 4: FlopCounterMode there held 139 GB)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    z, target, text = iteration_inputs(models, batch, args)
+    with FlopCounterMode(display=False) as counter:
+        seed_objective(models, z, target, text, set_timesteps(models, args.steps), config).total.sum().backward()
+    return counter.get_total_flops()
+
+
+COUNTED: dict[tuple, float] = {}  # FLOPs per iteration of the real architectures, by what changes them
+
+
+def prepare(models: FrozenModels, mode: str, args, accelerate: bool = True) -> FrozenModels:
+    """`models` set up for `mode`, in place; without `accelerate`, not compiled and without graphs."""
+    if args.channels_last and mode != "plain":  # plain is the authors' path as it is
+        for module in (models.unet, models.vae):
+            module.to(memory_format=torch.channels_last)
+    if mode == "plain":
+        models.unet.enable_gradient_checkpointing()
+        models.unet.train(False)
+    if accelerate and mode in ("compiled", "compiled-graphed"):
+        compile_models(models, args.compile_mode)
+    if accelerate and mode in ("graphed", "compiled-graphed"):
+        enable_cuda_graphs(models)
+    return models
+
+
+def measure(models: FrozenModels, mode: str, config, batch: int, args) -> dict:
     """One mode at one batch size: s/iteration, peak memory, FLOPs per iteration, s per bootstrap image."""
     device = models.device
-    g = torch.Generator().manual_seed(1)
-    shape = models.latent_shape(args.height, args.height)
-    z = torch.randn(batch, *shape, generator=g).to(device).requires_grad_(True)
-    dim = models.image_encoder.config.projection_dim
-    target = Centroids(torch.nn.functional.normalize(torch.randn(dim, generator=g), dim=0).to(device),
-                       torch.randn(*shape, generator=g).to(device), count=5)
-    context = models.unet.config.cross_attention_dim
-    text = torch.randn(2, 77, context, generator=g).to(device, models.dtype)
+    z, target, text = iteration_inputs(models, batch, args)
     timesteps = set_timesteps(models, args.steps)
     optimizer = torch.optim.AdamW([z], lr=0.1)
 
@@ -236,21 +283,25 @@ def measure(models: FrozenModels, config, batch: int, args) -> dict:
     seconds = statistics.median(timed(device, iteration) for _ in range(args.iterations))
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    from torch.utils.flop_counter import FlopCounterMode
-
-    graphs, models.step_graphs = models.step_graphs, None  # a replayed graph dispatches no operation to count
-    with FlopCounterMode(display=False) as counter:
-        iteration()
-    models.step_graphs = graphs
     if args.profile:
         profile(device, iteration)
-    render = timed(device, lambda: sample_images(models, z.detach()[:1], text, args.steps,
-                                                 config.sampler.guidance_scale))
-    flops = counter.get_total_flops()
+    def render() -> None:  # one image at batch 1, as bootstrap renders each image it writes
+        sample_images(models, z.detach()[:1], text, args.steps, config.sampler.guidance_scale)
+
+    render()  # untimed: with torch.compile the first render compiles, once per run
+    render_s = timed(device, render)
+    if args.tiny:
+        flops = iteration_flops(dataclasses.replace(models, step_graphs=None), config, batch, args)
+    else:  # the same work in every mode of one dtype and layout: counted once (tens of seconds each)
+        key = (mode == "plain", models.dtype, args.channels_last, batch)
+        if key not in COUNTED:
+            meta = prepare(real_models(torch.device("meta"), models.dtype), mode, args, accelerate=False)
+            COUNTED[key] = iteration_flops(meta, config, batch, args)
+        flops = COUNTED[key]
     return {"batch": batch, "s_per_iteration": seconds, "peak_memory_gb": peak / 2**30, "tflop_per_iteration":
             flops / 1e12, "tflops": flops / 1e12 / seconds,
-            "s_per_bootstrap_image": args.bootstrap_iterations * seconds / batch + render, "warmup_s": warmup,
-            "render_s": render}
+            "s_per_bootstrap_image": args.bootstrap_iterations * seconds / batch + render_s, "warmup_s": warmup,
+            "render_s": render_s}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -279,6 +330,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="torch.backends.cudnn.benchmark: time the convolution algorithms, pick among those that fit")
     parser.add_argument("--cudnn-workspace-mb", type=int, default=None,
                         help="cap cuDNN's workspace per convolution (CUDNN_CONV_WSCAP_DBG), for the batch-size OOM")
+    parser.add_argument("--memory-history", action="store_true",
+                        help="record where GPU memory is allocated; on out of memory, print the largest live blocks")
     parser.add_argument("--profile", action="store_true",
                         help="print torch.profiler's busiest operations for one iteration of each row")
     parser.add_argument("--flops", action="store_true",
@@ -287,6 +340,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.cudnn_workspace_mb is not None:  # read when cuDNN first runs a convolution
         os.environ["CUDNN_CONV_WSCAP_DBG"] = str(args.cudnn_workspace_mb)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    if args.memory_history and torch.cuda.is_available():
+        torch.cuda.memory._record_memory_history(max_entries=200_000, stacks="python")
     device = torch.device("cpu") if args.tiny else resolve_device(args.device)
     args.height = args.height or (32 if args.tiny else 512)
     weights = [0.05, 0.25, 0.7] if args.k == 3 else [1 / args.k] * args.k  # the authors' weights for k = 3
@@ -312,27 +367,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
                   else real_models(device, dtype))
         mode_config = dataclasses.replace(config, sampler=dataclasses.replace(
             config.sampler, checkpointing=mode != "plain"))
-        if args.channels_last:
-            for module in (models.unet, models.vae):
-                module.to(memory_format=torch.channels_last)
-        if mode in ("compiled", "compiled-graphed"):
-            compile_models(models, args.compile_mode)
-        if mode in ("graphed", "compiled-graphed"):
-            enable_cuda_graphs(models)
-        if mode == "plain":
-            models.unet.enable_gradient_checkpointing()
-            models.unet.train(False)
+        prepare(models, mode, args)
         for batch in args.batch:
             row = {"mode": mode, "dtype": str(dtype).removeprefix("torch."), "batch": batch}
             try:
                 with attention_backends(args.sdpa):
-                    row |= measure(models, mode_config, batch, args)
+                    row |= measure(models, mode, mode_config, batch, args)
                 row["fraction_of_peak"] = row["tflops"] / args.peak_tflops
             except torch.OutOfMemoryError as exc:  # a large batch may not fit: say where, go on
                 frames = [f for f in traceback.extract_tb(exc.__traceback__) if "seedselect" in f.filename]
                 where = f"{Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else "?"
                 row["out_of_memory"] = f"{where}: {str(exc).splitlines()[0][:160]}"
                 Console(stderr=True).print(f"[red]{mode} batch {batch}: out of memory at {row['out_of_memory']}")
+                if args.memory_history:
+                    print(str(exc))
+                    largest_blocks()
                 torch.cuda.empty_cache()
             rows.append(row)
         del models
