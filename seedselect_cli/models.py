@@ -91,7 +91,10 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def compile_models(models: FrozenModels, mode: str | None = None) -> FrozenModels:
     """`torch.compile` the networks the optimisation runs through, in place (their types and configs
-    stay; the first call of each new batch shape compiles). `mode` is torch.compile's."""
+    stay; the first call of each new batch shape compiles). `mode` is torch.compile's. The UNet and
+    the VAE go to channels-last memory, the layout this was measured with (BENCHMARKS.md)."""
+    for module in (models.unet, models.vae):
+        module.to(memory_format=torch.channels_last)
     for module in (models.unet, models.vae.decoder, models.image_encoder):  # vae.decode() calls its decoder
         if module is not None:
             module.compile(mode=mode)

@@ -59,3 +59,32 @@ def test_missing_weights_offline_say_how_to_get_them(monkeypatch, tmp_path):
 def test_cuda_requested_without_cuda_is_a_user_error():
     with pytest.raises(UserError, match="runtime.device=cpu"):
         resolve_device("cuda")
+
+
+def test_compile_models_compiles_the_three_networks_in_channels_last_without_changing_them(monkeypatch,
+                                                                                           tiny_models64):
+    """runtime.compile: torch.compile itself is recorded, not run (it takes minutes on 2 cores); the
+    channels-last layout it brings must give the same noise prediction and decode, in float64."""
+    import copy
+    import dataclasses
+
+    from seedselect_cli.models import compile_models
+
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, mode=None: compiled.append((self, mode)))
+    models = dataclasses.replace(tiny_models64, unet=copy.deepcopy(tiny_models64.unet),
+                                 vae=copy.deepcopy(tiny_models64.vae))
+    compile_models(models, "max-autotune-no-cudagraphs")
+    assert [m for m, _ in compiled] == [models.unet, models.vae.decoder, models.image_encoder]
+    assert {mode for _, mode in compiled} == {"max-autotune-no-cudagraphs"}
+    conv = models.unet.conv_in.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(2, 4, 16, 16, generator=g, dtype=torch.float64)
+    text = encode_prompt(tiny_models64, "a pine warbler").repeat_interleave(2, dim=0)  # [uncond x 2, cond x 2]
+    for net in ("unet", "vae"):
+        run = {"unet": lambda m: m.unet(torch.cat([z, z]), 500, encoder_hidden_states=text).sample,
+               "vae": lambda m: m.vae.decode(z).sample}[net]
+        with torch.no_grad():
+            torch.testing.assert_close(run(models), run(tiny_models64), rtol=1e-10, atol=1e-12)
