@@ -22,6 +22,7 @@ from seedselect_cli.errors import UserError, first_line
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+CUDA_GRAPHS = ("auto", "true", "false")
 DISTANCES = ("cosine", "euclidean")
 SEMANTIC_LOSSES = ("centroid", "contrastive")
 DATASETS = ("folder", "imagefolder", "cub", "mini_imagenet", "cifar_fs", "imagenet_lt")  # datasets/ adapters
@@ -135,7 +136,9 @@ class RuntimeConfig:
     cache: bool = True  # keep reference encodings on disk
     cache_dir: str | None = None  # null: $SEEDSELECT_CACHE_DIR, else $XDG_CACHE_HOME/seedselect, else ~/.cache/seedselect
     compile: bool = False  # torch.compile the UNet, VAE decoder and image encoder (pays on GPUs for long runs)
-    cuda_graphs: bool = False  # each denoising step's forward and backward as CUDA graphs (step_graphs.py)
+    # each denoising step's forward and backward as CUDA graphs (step_graphs.py); auto: on CUDA devices
+    # with sampler.checkpointing (a YAML true or false arrives here as "True" or "False")
+    cuda_graphs: str = "auto"
 
 
 @dataclass
@@ -269,7 +272,10 @@ def check_config(c: Config) -> None:
         raise _bad("runtime.dtype", c.runtime.dtype, f"choose one of {', '.join(DTYPES)}")
     if c.runtime.batch_size < 1:
         raise _bad("runtime.batch_size", c.runtime.batch_size, "must be at least 1")
-    if c.runtime.cuda_graphs and not c.sampler.checkpointing:
+    graphs = str(c.runtime.cuda_graphs).lower()
+    if graphs not in CUDA_GRAPHS:
+        raise _bad("runtime.cuda_graphs", c.runtime.cuda_graphs, f"choose one of {', '.join(CUDA_GRAPHS)}")
+    if graphs == "true" and not c.sampler.checkpointing:
         raise _bad("runtime.cuda_graphs", True, "the graphs are the checkpointed denoising steps: keep "
                                                 "sampler.checkpointing=true")
     parse_shard(c.runtime.shard)

@@ -45,7 +45,7 @@ from seedselect_cli.references import (
 )
 from seedselect_cli.sampling import encode_prompt, sample_images
 from seedselect_cli.seed_files import load_seed_file, save_seed_file
-from seedselect_cli.step_graphs import enable_cuda_graphs
+from seedselect_cli.step_graphs import enable_cuda_graphs, resolve_cuda_graphs
 from seedselect_cli.writer import RunDirectory, slugify
 
 log = logging.getLogger(__name__)
@@ -100,9 +100,7 @@ def run(config: Config, run_dir: Path, method: str) -> list[dict]:
     device = resolve_device(config.runtime.device)
     dtype = resolve_dtype(config.runtime.dtype, device)
     log.info("device %s, %s, %d CPU threads", device, str(dtype).removeprefix("torch."), torch.get_num_threads())
-    if config.runtime.cuda_graphs and device.type != "cuda":
-        raise UserError(f"runtime.cuda_graphs=true needs a CUDA device, not {device.type}; "
-                        f"use runtime.cuda_graphs=false")
+    cuda_graphs = resolve_cuda_graphs(config.runtime.cuda_graphs, device, config.sampler.checkpointing)
 
     # 2. The classes of the run with their prompts and reference image paths, and those this process takes.
     all_records = load_classes(config.dataset, config.seed)
@@ -131,7 +129,7 @@ def run(config: Config, run_dir: Path, method: str) -> list[dict]:
     models = load_models(config.model, device, dtype)
     if config.runtime.compile:
         compile_models(models)
-    if config.runtime.cuda_graphs:
+    if cuda_graphs:
         enable_cuda_graphs(models)
     shape = models.latent_shape(config.sampler.height, config.sampler.width)
     h, w, mode = config.sampler.height, config.sampler.width, config.dataset.resize_mode

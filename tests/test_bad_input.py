@@ -81,6 +81,8 @@ CASES = {
     "cuda without cuda": (["optimize", "runtime.device=cuda"], "no CUDA device is available; use runtime.device=cpu"),
     "cuda graphs on the cpu": (["optimize", "runtime.device=cpu", "runtime.cuda_graphs=true"],
                                "runtime.cuda_graphs=true needs a CUDA device, not cpu"),
+    "cuda graphs neither on nor off": (["optimize", "runtime.cuda_graphs=sometimes"],
+                                       "runtime.cuda_graphs='sometimes' is invalid: choose one of auto, true, false"),
     "cuda graphs without checkpoints": (["optimize", "runtime.cuda_graphs=true", "sampler.checkpointing=false"],
                                         "keep sampler.checkpointing=true"),
     "run directory under a file": (["optimize", "hydra.run.dir={inputs}/good.png/run"], "is a file"),

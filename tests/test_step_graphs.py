@@ -229,3 +229,23 @@ def test_optimize_and_bootstrap_with_cuda_graphs_find_the_same_seeds(tmp_path):
             moved = (graphed[name] - eager[name]).norm() / eager[name].norm()
             print(f"{run} {name}: seeds differ by {float(moved):.2e} of their norm")
             assert moved < 1e-3, (run, name, float(moved))
+
+
+@pytest.mark.parametrize("setting, device, checkpointing, wanted", [
+    ("auto", "cuda", True, True), ("auto", "cuda", False, False), ("auto", "cpu", True, False),
+    ("auto", "mps", True, False), ("True", "cuda", True, True), ("False", "cuda", True, False),
+    ("false", "cpu", True, False),
+])
+def test_cuda_graphs_are_captured_by_default_wherever_they_can_run(setting, device, checkpointing, wanted):
+    from seedselect_cli.step_graphs import resolve_cuda_graphs
+
+    assert resolve_cuda_graphs(setting, torch.device(device), checkpointing) is wanted
+
+
+def test_cuda_graphs_asked_for_off_cuda_are_an_error():
+    from seedselect_cli.errors import UserError
+    from seedselect_cli.step_graphs import resolve_cuda_graphs
+
+    with pytest.raises(UserError, match=r"^runtime.cuda_graphs=true needs a CUDA device, not cpu; use "
+                                        r"runtime.cuda_graphs=auto or false$"):
+        resolve_cuda_graphs("True", torch.device("cpu"), True)
