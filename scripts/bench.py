@@ -286,6 +286,7 @@ def measure(models: FrozenModels, mode: str, config, batch: int, args) -> dict:
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     if args.profile:
         profile(device, iteration)
+
     def render() -> None:  # one image at batch 1, as bootstrap renders each image it writes
         sample_images(models, z.detach()[:1], text, args.steps, config.sampler.guidance_scale)
 
@@ -330,7 +331,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--cudnn-benchmark", action="store_true",
                         help="torch.backends.cudnn.benchmark: time the convolution algorithms, pick among those that fit")
     parser.add_argument("--cudnn-workspace-mb", type=int, default=None,
-                        help="cap cuDNN's workspace per convolution (CUDNN_CONV_WSCAP_DBG), for the batch-size OOM")
+                        help="cap cuDNN's workspace per convolution (CUDNN_CONV_WSCAP_DBG)")
     parser.add_argument("--memory-history", action="store_true",
                         help="record where GPU memory is allocated; on out of memory, print the largest live blocks")
     parser.add_argument("--profile", action="store_true",
