@@ -10,8 +10,9 @@ On the CPU, peak memory is the process's high-water mark of resident memory.
 
     fast      networks in --dtype, seed and loss in float32, one checkpoint per denoising step, eager
               (runtime.cuda_graphs=false)
-    graphed   the fast path with each denoising step captured as CUDA graphs: the default path on a GPU
-              (runtime.cuda_graphs=auto; the capture is warm-up). On the CPU the same steps run eagerly
+    graphed   the fast path with its checkpointed calls (the denoising steps, the decodes and CLIP) as
+              CUDA graphs: the default path on a GPU (runtime.cuda_graphs=auto; the capture is warm-up).
+              On the CPU the same calls run eagerly
     compiled  the fast path with torch.compile (runtime.compile; the first calls, which compile, are warm-up)
     compiled-graphed  both
     plain     what the authors' code does: float32, every UNet block checkpointed, the same loss
@@ -38,6 +39,7 @@ from rich.console import Console
 from rich.table import Table
 
 from seedselect_cli.config import Config, ModelConfig, load_config, register_resolvers
+from seedselect_cli.cuda_graphs import enable_cuda_graphs
 from seedselect_cli.models import (
     DTYPES,
     FrozenModels,
@@ -49,7 +51,6 @@ from seedselect_cli.models import (
 from seedselect_cli.optimize import seed_objective
 from seedselect_cli.references import Centroids
 from seedselect_cli.sampling import sample_images, set_timesteps
-from seedselect_cli.step_graphs import enable_cuda_graphs
 
 SD21_BASE_UNET = {
     "sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2, "cross_attention_dim": 1024,
@@ -96,12 +97,33 @@ def real_models(device: torch.device, dtype: torch.dtype) -> FrozenModels:
                         device=device, dtype=dtype)
 
 
-class ReplayedRollout:
-    """Stands in for `runtime.cuda_graphs`' step graphs when counting: a replayed graph dispatches no
-    operation, so what is left is the loss's own work (the rollout's latents are copies of the seed)."""
+class _Replay(torch.autograd.Function):
+    """A replayed graph pair as the counter sees it: one operation forward (its output, `y` made
+    beforehand), one backward (the gradient, of x's shape)."""
 
-    def rollout(self, z_T, embeds, timesteps, guidance_scale, keep_last):
-        return [z_T.clone() for _ in range(keep_last)]
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, y: torch.Tensor):
+        ctx.like = x
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        return torch.ones_like(ctx.like), None
+
+
+class ReplayedCalls:
+    """Stands in for `runtime.cuda_graphs`' cache when counting: a replayed graph dispatches no
+    operation, so each checkpointed call counts as one and what is left is what stays eager. The first
+    iteration through it records each call's output (call it once before counting)."""
+
+    def __init__(self):
+        self.outputs: dict = {}
+
+    def call(self, key, fn, x, *context):
+        if key not in self.outputs:
+            with torch.no_grad():
+                self.outputs[key] = fn(x, *context)
+        return _Replay.apply(x, self.outputs[key])
 
 
 def iteration_inputs(models: FrozenModels, batch: int, args):
@@ -144,12 +166,14 @@ def count_flops(config, args) -> list[tuple[str, float, int]]:
     timesteps = set_timesteps(models, args.steps)
 
     def iteration(graphs=None) -> None:
-        models.step_graphs = graphs
+        models.cuda_graphs = graphs
         seed_objective(models, z, target, text, timesteps, config).total.sum().backward()
-        models.step_graphs = None
+        models.cuda_graphs = None
 
+    replayed = ReplayedCalls()
+    iteration(replayed)  # records the calls' outputs
     calls["one iteration, batch 1 (forward, backward, recomputation)"] = iteration
-    calls["  of which eager with runtime.cuda_graphs (the loss)"] = lambda: iteration(ReplayedRollout())
+    calls["  of which eager with runtime.cuda_graphs (graph launches count 1)"] = lambda: iteration(replayed)
     out = []
     for name, call in calls.items():
         with FlopCounterMode(display=False) as flops, OperationCounter() as operations:
@@ -293,7 +317,7 @@ def measure(models: FrozenModels, mode: str, config, batch: int, args) -> dict:
     render()  # untimed: with torch.compile the first render compiles, once per run
     render_s = timed(device, render)
     if args.tiny:
-        flops = iteration_flops(dataclasses.replace(models, step_graphs=None), config, batch, args)
+        flops = iteration_flops(dataclasses.replace(models, cuda_graphs=None), config, batch, args)
     else:  # the same work in every mode of one dtype and layout: counted once (tens of seconds each)
         key = (mode == "plain", models.dtype, args.channels_last, batch)
         if key not in COUNTED:

@@ -3,8 +3,8 @@
     python scripts/memory_vs_steps.py [--size 192] [--steps 10 50]
 
 For each step count, with and without per-step checkpointing: the bytes autograd keeps for the
-backward pass (what checkpointing is meant to bound) on the tiny components. The step graphs of
-`runtime.cuda_graphs` keep theirs in static buffers instead (run eagerly here, as on any CPU). Run it under
+backward pass (what checkpointing is meant to bound) on the tiny components. The graphed steps of
+`runtime.cuda_graphs` keep the same latents, plus static buffers (run eagerly here, as on any CPU). Run it under
 `MALLOC_TRIM_THRESHOLD_=0 MALLOC_MMAP_THRESHOLD_=65536` and `/usr/bin/time -v` to see peak RSS too
 (without them glibc keeps freed memory and RSS grows with every recomputation).
 """
@@ -17,9 +17,9 @@ import dataclasses
 import torch
 
 from seedselect_cli.config import ModelConfig
+from seedselect_cli.cuda_graphs import enable_cuda_graphs
 from seedselect_cli.models import load_models
 from seedselect_cli.sampling import ddim_rollout, encode_prompt, set_timesteps
-from seedselect_cli.step_graphs import enable_cuda_graphs
 
 
 def saved_bytes(models, steps: int, size: int, checkpoint: bool) -> int:
@@ -38,16 +38,13 @@ def saved_bytes(models, steps: int, size: int, checkpoint: bool) -> int:
     return sum(held.values())
 
 
-def step_graph_bytes(models, steps: int, size: int) -> int:
-    """Bytes of the static buffers the step graphs keep for one rollout and its backward pass."""
-    graphed = enable_cuda_graphs(dataclasses.replace(models, step_graphs=None))
-    z = torch.randn(1, *models.latent_shape(size, size), generator=torch.Generator().manual_seed(0))
-    kept = ddim_rollout(graphed, z.requires_grad_(True), encode_prompt(models, "a red disc"),
-                        set_timesteps(models, steps), 7.5, keep_last=3)
-    sum(k.sum() for k in kept).backward()
-    (graphs,) = graphed.step_graphs.entries.values()
-    buffers = [graphs.z_T, graphs.embeds, *graphs.latents, graphs.grad_out, graphs.grad_in]
-    return sum(t.numel() * t.element_size() for t in buffers)
+def graphed_bytes(models, steps: int, size: int) -> int:
+    """Bytes autograd saves in one graphed rollout, plus the static buffers of its graphed steps."""
+    graphed = enable_cuda_graphs(dataclasses.replace(models, cuda_graphs=None))
+    held = saved_bytes(graphed, steps, size, checkpoint=True)
+    (calls,) = graphed.cuda_graphs.batches.values()
+    buffers = [t for call in calls.values() for t in (call.x, *call.context, call.y, call.grad_y, call.grad_x)]
+    return held + sum(t.numel() * t.element_size() for t in buffers)
 
 
 def main() -> None:
@@ -57,9 +54,9 @@ def main() -> None:
     args = parser.parse_args()
     models = load_models(ModelConfig(pretrained="tiny", image_encoder="tiny"), torch.device("cpu"), torch.float32)
     print(f"{'steps':>5} | {'rollout':>15} | kept for backward")
-    for name in ("checkpointed", "not checkpointed", "step graphs"):
+    for name in ("checkpointed", "not checkpointed", "graphed"):
         for steps in args.steps:
-            held = (step_graph_bytes(models, steps, args.size) if name == "step graphs"
+            held = (graphed_bytes(models, steps, args.size) if name == "graphed"
                     else saved_bytes(models, steps, args.size, checkpoint=name == "checkpointed"))
             print(f"{steps:>5} | {name:>15} | {held / 2**20:10.1f} MiB")
 

@@ -136,7 +136,7 @@ class RuntimeConfig:
     cache: bool = True  # keep reference encodings on disk
     cache_dir: str | None = None  # null: $SEEDSELECT_CACHE_DIR, else $XDG_CACHE_HOME/seedselect, else ~/.cache/seedselect
     compile: bool = False  # torch.compile the UNet, VAE decoder and image encoder (pays on GPUs for long runs)
-    # each denoising step's forward and backward as CUDA graphs (step_graphs.py); auto: on CUDA devices
+    # the checkpointed calls (denoising steps, decode and embed) as CUDA graphs (cuda_graphs.py); auto: on CUDA devices
     # with sampler.checkpointing (a YAML true or false arrives here as "True" or "False")
     cuda_graphs: str = "auto"
 

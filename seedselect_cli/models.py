@@ -39,7 +39,7 @@ class FrozenModels:
     name: str  # model.pretrained, recorded in seed files
     device: torch.device
     dtype: torch.dtype
-    step_graphs: Any = None  # a step_graphs.StepGraphCache once runtime.cuda_graphs turns them on
+    cuda_graphs: Any = None  # a cuda_graphs.GraphCache once runtime.cuda_graphs turns them on
 
     @property
     def vae_scale_factor(self) -> int:

@@ -9,6 +9,7 @@ after the current step (Ctrl-C, SIGTERM).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -17,9 +18,9 @@ from dataclasses import dataclass
 
 import torch
 from hydra.utils import instantiate
-from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from seedselect_cli.config import Config
+from seedselect_cli.cuda_graphs import checkpointed
 from seedselect_cli.encoders import clip_embed, clip_pixels, vae_decode
 from seedselect_cli.losses import LossTerms, appearance_loss, combine, kstep_semantic_loss, seed_norm_prior
 from seedselect_cli.models import FrozenModels
@@ -63,7 +64,8 @@ def seed_objective(models: FrozenModels, z_T: torch.Tensor, centroids: Centroids
                            keep_last=keep, checkpoint=checkpoint)
     if lam > 0:
         if checkpoint and torch.is_grad_enabled():  # keep only the embedding of each decoded image
-            embeds = [activation_checkpoint(semantic_embedding, models, z, use_reentrant=False) for z in latents]
+            embed = functools.partial(semantic_embedding, models)
+            embeds = [checkpointed(models, ("semantic_embedding",), embed, z) for z in latents]
         else:
             embeds = [semantic_embedding(models, z) for z in latents]
         contrast = None

@@ -22,6 +22,7 @@ import torch
 from seedselect_cli import __version__
 from seedselect_cli.bootstrap import Batch, bootstrap_batches, optimize_global_seed
 from seedselect_cli.config import Config, resolve_shard, to_yaml
+from seedselect_cli.cuda_graphs import enable_cuda_graphs, resolve_cuda_graphs
 from seedselect_cli.datasets import ClassRecord, load_classes
 from seedselect_cli.errors import Interrupted, UserError
 from seedselect_cli.initial_seeds import SeedStarts, init_seed_for
@@ -45,7 +46,6 @@ from seedselect_cli.references import (
 )
 from seedselect_cli.sampling import encode_prompt, sample_images
 from seedselect_cli.seed_files import load_seed_file, save_seed_file
-from seedselect_cli.step_graphs import enable_cuda_graphs, resolve_cuda_graphs
 from seedselect_cli.writer import RunDirectory, slugify
 
 log = logging.getLogger(__name__)

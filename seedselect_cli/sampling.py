@@ -3,15 +3,15 @@
 Small functions in the k-diffusion manner; gradient mode is the caller's. With `checkpoint=True`
 each denoising step is one activation checkpoint, so only the latents between steps are kept and
 memory does not grow with the number of steps (the step is recomputed in the backward pass).
-With `runtime.cuda_graphs` the same checkpointed rollout runs through `step_graphs.py` instead.
+With `runtime.cuda_graphs` each checkpointed step is a pair of CUDA graphs (`cuda_graphs.py`).
 """
 
 from __future__ import annotations
 
 import torch
 from diffusers import DDIMInverseScheduler
-from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
+from seedselect_cli.cuda_graphs import checkpointed
 from seedselect_cli.encoders import to_pil, vae_decode
 from seedselect_cli.models import FrozenModels
 
@@ -68,17 +68,24 @@ def ddim_rollout(models: FrozenModels, z_T: torch.Tensor, text_embeds: torch.Ten
     `keep_last` steps, oldest first: the last one is z_0."""
     embeds = guided_embeddings(text_embeds, z_T.shape[0], guidance_scale)
     use_checkpoint = checkpoint and torch.is_grad_enabled()
-    if use_checkpoint and models.step_graphs is not None:  # the same checkpointing, as CUDA graphs
-        return models.step_graphs.rollout(z_T, embeds, timesteps, guidance_scale, keep_last)
     z, kept = z_T, []
     for i, t in enumerate(timesteps):
         if use_checkpoint:
-            z = activation_checkpoint(ddim_step, models, z, t, embeds, guidance_scale, use_reentrant=False)
+            step = _step_at(models, int(t), guidance_scale)
+            z = checkpointed(models, ("ddim_step", int(t), float(guidance_scale)), step, z, embeds)
         else:
             z = ddim_step(models, z, t, embeds, guidance_scale)
         if i >= len(timesteps) - keep_last:
             kept.append(z)
     return kept
+
+
+def _step_at(models: FrozenModels, t: int, guidance_scale: float):
+    """z, embeds -> the DDIM step at timestep t. A Python int t keeps the scheduler's arithmetic on the
+    host and fills the UNet's timestep on the device, so that the step can be captured in a CUDA graph."""
+    def step(z: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        return ddim_step(models, z, t, embeds, guidance_scale)
+    return step
 
 
 @torch.no_grad()

@@ -1,9 +1,9 @@
-"""The denoising steps as CUDA graphs (`runtime.cuda_graphs`): their bookkeeping against autograd.
+"""The checkpointed calls as CUDA graphs (`runtime.cuda_graphs`): their bookkeeping against autograd.
 
-On the CPU the step graphs run eagerly on their static buffers, which is everything but the capture:
-the backward pass step by step, the gradients of the k kept latents added on the way, the buffers
+On the CPU the graphed calls run eagerly on their static buffers, which is everything but the capture:
+the backward pass call by call, the gradients of the k kept latents added on the way, the buffers
 that each call overwrites. With torch.cuda's streams and graphs faked, the capture's own bookkeeping
-(its order, and a failed capture's error) runs too. The last two tests capture for real, on CUDA.
+(its order, and a failed capture's error) runs too. The last tests capture for real, on CUDA.
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ import dataclasses
 import pytest
 import torch
 
-import seedselect_cli.step_graphs as step_graphs_module
+import seedselect_cli.cuda_graphs as cuda_graphs_module
+from seedselect_cli.cuda_graphs import CACHED_SHAPES, GraphCache, enable_cuda_graphs, resolve_cuda_graphs
 from seedselect_cli.errors import UserError
 from seedselect_cli.optimize import optimize_seeds, seed_objective
 from seedselect_cli.references import Centroids
 from seedselect_cli.sampling import ddim_rollout, encode_prompt, set_timesteps
-from seedselect_cli.step_graphs import CACHED_SHAPES, StepGraphCache, enable_cuda_graphs
 from tests.conftest import make_config
 from tests.layouts import make_cub
 
@@ -27,8 +27,8 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="captures 
 
 
 def graphed(models):
-    """A copy of the shared tiny models whose checkpointed rollouts go through step graphs."""
-    return enable_cuda_graphs(dataclasses.replace(models, step_graphs=None))
+    """A copy of the shared tiny models whose checkpointed calls go through CUDA graphs."""
+    return enable_cuda_graphs(dataclasses.replace(models, cuda_graphs=None))
 
 
 def rollout_and_gradient(models, z0, embeds, timesteps, checkpoint=True, keep=3, seed=0):
@@ -42,8 +42,21 @@ def rollout_and_gradient(models, z0, embeds, timesteps, checkpoint=True, keep=3,
     return [k.detach() for k in kept], z.grad
 
 
+def objective_and_gradient(models, z0, centroids, embeds, timesteps, config):
+    z = z0.clone().requires_grad_(True)
+    terms = seed_objective(models, z, centroids, embeds, timesteps, config)
+    terms.total.sum().backward()
+    return terms.total.detach(), z.grad
+
+
+def random_centroids(models, g, dtype=torch.float32):
+    dim = models.image_encoder.config.projection_dim
+    return Centroids(torch.nn.functional.normalize(torch.randn(dim, generator=g, dtype=dtype), dim=0),
+                     torch.randn(4, 16, 16, generator=g, dtype=dtype), count=3)
+
+
 @pytest.mark.parametrize("keep", [1, 3])
-def test_step_graphs_match_autograd_through_the_whole_rollout_in_float64(tiny_models64, keep):
+def test_graphed_steps_match_autograd_through_the_whole_rollout_in_float64(tiny_models64, keep):
     plain, steps = tiny_models64, graphed(tiny_models64)
     z0 = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
     embeds, timesteps = encode_prompt(plain, "a photo of a pine warbler"), set_timesteps(plain, 6)
@@ -55,15 +68,13 @@ def test_step_graphs_match_autograd_through_the_whole_rollout_in_float64(tiny_mo
     torch.testing.assert_close(grad_graph, grad_plain, rtol=1e-10, atol=1e-12)
 
 
-def test_step_graphs_give_the_checkpointed_losses_and_optimised_seeds(tiny_models):
+def test_graphed_calls_give_the_checkpointed_losses_and_optimised_seeds(tiny_models):
     """Through the loss and the optimiser, in float32: the same as per-step activation checkpoints."""
     config = make_config(["sampler.steps=5", "kstep.k=3", "kstep.weights=[0.2,0.3,0.5]", "loss.lam=0.5"])
     steps = graphed(tiny_models)
     g = torch.Generator().manual_seed(5)
     z0 = torch.randn(2, 4, 16, 16, generator=g)
-    dim = tiny_models.image_encoder.config.projection_dim
-    centroids = Centroids(torch.nn.functional.normalize(torch.randn(dim, generator=g), dim=0),
-                          torch.randn(4, 16, 16, generator=g), count=3)
+    centroids = random_centroids(tiny_models, g)
     embeds, timesteps = encode_prompt(tiny_models, "a snow wren"), set_timesteps(tiny_models, 5)
     results = []
     for models in (tiny_models, steps):
@@ -85,37 +96,63 @@ def test_step_graphs_give_the_checkpointed_losses_and_optimised_seeds(tiny_model
         torch.testing.assert_close(b.optimized, a.optimized, rtol=0, atol=1e-4)
 
 
-def test_a_second_rollout_before_the_backward_pass_is_refused(tiny_models):
-    steps = graphed(tiny_models)
-    embeds, timesteps = encode_prompt(tiny_models, "a hand"), set_timesteps(tiny_models, 3)
-    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(2)).requires_grad_(True)
-    first = ddim_rollout(steps, z, embeds, timesteps, 5.0)[-1]
-    second = ddim_rollout(steps, z * 2, embeds, timesteps, 5.0)[-1]  # overwrites the buffers of the first
-    with pytest.raises(RuntimeError, match="another rollout before"):
-        first.sum().backward()
-    second.sum().backward()  # the last one is fine
-    assert torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
+def test_the_loss_through_graphed_decodes_and_steps_matches_autograd_in_float64(tiny_models64):
+    """The whole objective, its decodes and CLIP calls graphed as well, against autograd without any
+    checkpoint: float64, so that a wrong gradient cannot hide behind rounding."""
+    config = make_config(["sampler.steps=4", "kstep.k=3", "kstep.weights=[0.2,0.3,0.5]", "loss.lam=0.7"])
+    plain, calls = tiny_models64, graphed(tiny_models64)
+    g = torch.Generator().manual_seed(21)
+    z0 = torch.randn(2, 4, 16, 16, generator=g, dtype=torch.float64)
+    centroids = random_centroids(plain, g, torch.float64)
+    embeds, timesteps = encode_prompt(plain, "a rock warbler"), set_timesteps(plain, 4)
+    loss_a, grad_a = objective_and_gradient(plain, z0, centroids, embeds, timesteps,
+                                            dataclasses.replace(config, sampler=dataclasses.replace(
+                                                config.sampler, checkpointing=False)))
+    loss_b, grad_b = objective_and_gradient(calls, z0, centroids, embeds, timesteps, config)
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-12, atol=0)
+    assert grad_a.abs().min() > 0
+    torch.testing.assert_close(grad_b, grad_a, rtol=1e-10, atol=1e-13)
+    (cached,) = calls.cuda_graphs.batches.values()
+    assert sorted(key[0][0] for key in cached) == ["ddim_step"] * 4 + ["semantic_embedding"]
+
+
+def test_rollouts_and_backward_passes_may_come_in_any_order(tiny_models64):
+    """Each call keeps its own input, so a later rollout does not spoil an earlier one's gradient."""
+    plain, calls = tiny_models64, graphed(tiny_models64)
+    embeds, timesteps = encode_prompt(plain, "a hand"), set_timesteps(plain, 3)
+    g = torch.Generator().manual_seed(2)
+    seeds = [torch.randn(1, 4, 16, 16, generator=g, dtype=torch.float64) for _ in range(2)]
+    leaves = [z.clone().requires_grad_(True) for z in seeds]
+    outputs = [ddim_rollout(calls, z, embeds, timesteps, 5.0)[-1] for z in leaves]  # both rollouts first
+    for j in (1, 0):  # then the second one's backward pass before the first one's
+        outputs[j].pow(2).mean().backward()
+    for leaf, z in zip(leaves, seeds):
+        z = z.clone().requires_grad_(True)
+        ddim_rollout(plain, z, embeds, timesteps, 5.0, checkpoint=False)[-1].pow(2).mean().backward()
+        assert z.grad.abs().min() > 0
+        torch.testing.assert_close(leaf.grad, z.grad, rtol=1e-10, atol=1e-13)
 
 
 def test_no_gradients_no_graphs_and_one_cache_entry_per_batch_shape(tiny_models):
     steps = graphed(tiny_models)
-    cache: StepGraphCache = steps.step_graphs
+    cache: GraphCache = steps.cuda_graphs
     embeds, timesteps = encode_prompt(tiny_models, "a hand"), set_timesteps(tiny_models, 3)
     with torch.no_grad():  # rendering: the plain rollout
         ddim_rollout(steps, torch.randn(1, 4, 16, 16), embeds, timesteps, 5.0)
-    assert not cache.entries
+    assert not cache.batches
 
     def rollout(batch: int):
         z = torch.randn(batch, 4, 16, 16, requires_grad=True)
         ddim_rollout(steps, z, embeds, timesteps, 5.0)[-1].sum().backward()
 
     rollout(1)
-    first = next(iter(cache.entries.values()))
+    first = dict(cache.batches[1])
+    assert len(first) == 3  # one graphed call per step
     rollout(1)
-    assert list(cache.entries.values()) == [first]  # the same graphs again
+    assert cache.batches[1] == first  # the same calls again
     for batch in range(2, CACHED_SHAPES + 2):
         rollout(batch)
-    assert len(cache.entries) == CACHED_SHAPES and first not in cache.entries.values()  # the oldest went
+    assert len(cache.batches) == CACHED_SHAPES and 1 not in cache.batches  # the oldest went
 
 
 @pytest.fixture
@@ -131,45 +168,49 @@ def fake_capture(monkeypatch) -> list:
 
     for name, fake in [("Stream", Stream), ("current_stream", lambda device=None: Stream()),
                        ("stream", lambda stream: contextlib.nullcontext()), ("synchronize", lambda device=None: None),
-                       ("graph_pool_handle", lambda: "pool")]:
+                       ("graph_pool_handle", lambda: object())]:
         monkeypatch.setattr(torch.cuda, name, fake)
     captured = []
 
     def capture_graph(call, pool, stream):
-        captured.append(call)
+        captured.append((call, pool))
         return call
 
-    monkeypatch.setattr(step_graphs_module, "capture_graph", capture_graph)
+    monkeypatch.setattr(cuda_graphs_module, "capture_graph", capture_graph)
     return captured
 
 
 def captured_copy(models):
-    copy = dataclasses.replace(models, step_graphs=None)
-    copy.step_graphs = StepGraphCache(copy, capture=True)
+    copy = dataclasses.replace(models, cuda_graphs=None)
+    copy.cuda_graphs = GraphCache(capture=True)
     return copy
 
 
-def test_the_capture_replays_each_step_in_its_place(tiny_models64, fake_capture):
-    """Captured in replay order (forward 0..n-1, then backward n-1..0), and handed back in step order."""
-    plain, steps = tiny_models64, captured_copy(tiny_models64)
+def test_each_call_is_captured_once_forward_then_backward_in_its_batch_pool(tiny_models64, fake_capture):
+    plain, calls = tiny_models64, captured_copy(tiny_models64)
     z0 = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
     embeds, timesteps = encode_prompt(plain, "a sea gull"), set_timesteps(plain, 5)
     lat_plain, grad_plain = rollout_and_gradient(plain, z0, embeds, timesteps, checkpoint=False)
-    lat_graph, grad_graph = rollout_and_gradient(steps, z0, embeds, timesteps)
-    for a, b in zip(lat_graph, lat_plain):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(grad_graph, grad_plain, rtol=1e-10, atol=1e-12)
-    order = [(call.func.__name__, call.args[0]) for call in fake_capture]
-    assert order == [("_forward", i) for i in range(5)] + [("_backward", i) for i in reversed(range(5))]
-    (graphs,) = steps.step_graphs.entries.values()
-    assert [c.args[0] for c in graphs.forward_calls] == [c.args[0] for c in graphs.backward_calls] == list(range(5))
+    for _ in range(2):  # the second time replays what the first captured
+        lat_graph, grad_graph = rollout_and_gradient(calls, z0, embeds, timesteps)
+        for a, b in zip(lat_graph, lat_plain):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(grad_graph, grad_plain, rtol=1e-10, atol=1e-12)
+    (cached,) = calls.cuda_graphs.batches.values()
+    in_order = [cached[key] for key in cached]  # first use first: the steps in sampling order
+    assert [key[0][1] for key in cached] == [int(t) for t in timesteps]
+    assert [(call.__self__, call.__name__) for call, _ in fake_capture] == [
+        (graphed_call, half) for graphed_call in in_order for half in ("_forward", "_backward")]
+    assert len({id(pool) for _, pool in fake_capture}) == 1  # one memory pool for the batch size
+    rollout_and_gradient(calls, z0[:1], embeds, timesteps)
+    assert len({id(pool) for _, pool in fake_capture}) == 2  # another for another batch size
 
 
 def test_a_failed_capture_is_one_clear_error(tiny_models, fake_capture, monkeypatch):
     def cannot_capture(call, pool, stream):
         raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore detail")
 
-    monkeypatch.setattr(step_graphs_module, "capture_graph", cannot_capture)
+    monkeypatch.setattr(cuda_graphs_module, "capture_graph", cannot_capture)
     steps = captured_copy(tiny_models)
     z = torch.randn(1, 4, 16, 16, requires_grad=True)
     with pytest.raises(UserError, match=r"capturing the denoising steps failed \(CUDA error: operation not "
@@ -178,7 +219,7 @@ def test_a_failed_capture_is_one_clear_error(tiny_models, fake_capture, monkeypa
 
 
 @needs_cuda
-def test_captured_step_graphs_match_eager_autograd_on_cuda():
+def test_captured_graphs_match_eager_autograd_on_cuda():
     """Captured graphs against eager autograd without checkpointing, in float64 so that different
     kernels (eager, captured) cannot hide a wrong gradient behind rounding."""
     from seedselect_cli.config import ModelConfig
@@ -186,7 +227,7 @@ def test_captured_step_graphs_match_eager_autograd_on_cuda():
 
     models = load_models(ModelConfig(pretrained="tiny", image_encoder="tiny"), torch.device("cuda"), torch.float64)
     steps = graphed(models)
-    assert steps.step_graphs.capture
+    assert steps.cuda_graphs.capture
     embeds, timesteps = encode_prompt(models, "a pine warbler"), set_timesteps(models, 4)
     for seed in (0, 1):  # the second replay reads new inputs from the static buffers
         z0 = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).cuda()
@@ -196,7 +237,19 @@ def test_captured_step_graphs_match_eager_autograd_on_cuda():
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
         assert grad_a.abs().min() > 0
         torch.testing.assert_close(grad_b, grad_a, rtol=1e-8, atol=1e-12)
-    assert len(steps.step_graphs.entries) == 1
+    assert list(steps.cuda_graphs.batches) == [2]
+
+    # the whole objective, the decodes and CLIP captured as well
+    config = make_config(["sampler.steps=4", "kstep.k=3", "kstep.weights=[0.2,0.3,0.5]", "loss.lam=0.7"])
+    eager = dataclasses.replace(config, sampler=dataclasses.replace(config.sampler, checkpointing=False))
+    g = torch.Generator().manual_seed(3)
+    centroids = random_centroids(models, g, torch.float64).to(models.device)
+    for seed in (0, 1):
+        z0 = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).cuda()
+        loss_a, grad_a = objective_and_gradient(models, z0, centroids, embeds, timesteps, eager)
+        loss_b, grad_b = objective_and_gradient(steps, z0, centroids, embeds, timesteps, config)
+        torch.testing.assert_close(loss_b, loss_a, rtol=1e-10, atol=0)
+        torch.testing.assert_close(grad_b, grad_a, rtol=1e-8, atol=1e-12)
 
 
 @needs_cuda
@@ -237,15 +290,10 @@ def test_optimize_and_bootstrap_with_cuda_graphs_find_the_same_seeds(tmp_path):
     ("false", "cpu", True, False),
 ])
 def test_cuda_graphs_are_captured_by_default_wherever_they_can_run(setting, device, checkpointing, wanted):
-    from seedselect_cli.step_graphs import resolve_cuda_graphs
-
     assert resolve_cuda_graphs(setting, torch.device(device), checkpointing) is wanted
 
 
 def test_cuda_graphs_asked_for_off_cuda_are_an_error():
-    from seedselect_cli.errors import UserError
-    from seedselect_cli.step_graphs import resolve_cuda_graphs
-
     with pytest.raises(UserError, match=r"^runtime.cuda_graphs=true needs a CUDA device, not cpu; use "
                                         r"runtime.cuda_graphs=auto or false$"):
         resolve_cuda_graphs("True", torch.device("cpu"), True)
