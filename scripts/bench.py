@@ -6,7 +6,9 @@ depend on the weights' values. For each mode and batch size it measures seconds 
 (median after warm-up; CUDA events on a GPU), peak memory, the FLOPs of one iteration
 (`torch.utils.flop_counter`, recomputation included) and the rate achieved, and seconds per
 bootstrapped image (`--bootstrap-iterations` iterations at that batch size, plus the render).
-On the CPU, peak memory is the process's high-water mark of resident memory.
+On a GPU, peak memory is the most PyTorch held on the device while timing (reserved memory, with
+the CUDA graphs' pools: their working memory is never "allocated" during a replay); on the CPU, the
+process's high-water mark of resident memory.
 
     fast      networks in --dtype, seed and loss in float32, one checkpoint per denoising step, eager
               (runtime.cuda_graphs=false)
@@ -250,7 +252,11 @@ def profile(device: torch.device, iteration) -> None:
     print(events.table(sort_by=sort, row_limit=20, max_name_column_width=60))
     if device.type == "cuda":
         print(events.table(sort_by="cpu_time_total", row_limit=12, max_name_column_width=60))
-    busy = sum(e.self_device_time_total for e in events) / 1e6 if device.type == "cuda" else float("nan")
+    # the device's own events (kernels, copies), as the table's total counts them: the host's operations
+    # and annotations repeat their kernels' time
+    busy = (sum(e.self_device_time_total for e in events
+                if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation) / 1e6
+            if device.type == "cuda" else float("nan"))
     launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
     print(f"profile: wall {wall:.3f} s (with the profiler), device busy {busy:.3f} s, {launches} kernel launches")
 
@@ -303,11 +309,15 @@ def measure(models: FrozenModels, mode: str, config, batch: int, args) -> dict:
         iteration()
     synchronize(device)
     warmup = time.perf_counter() - begin  # with torch.compile or CUDA graphs: the compilation or capture
-    if device.type == "cuda":
+    if device.type == "cuda":  # the warm-up's cached blocks go back; the CUDA graphs' memory pools stay
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     seconds = statistics.median(timed(device, iteration) for _ in range(args.iterations))
-    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+    # What the process holds on the device: PyTorch's reserved memory, which includes the graphs' pools
+    # (a replayed graph allocates nothing, so their working memory never shows as allocated).
+    peak = (torch.cuda.max_memory_reserved(device) if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    allocated = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak
     if args.profile:
         profile(device, iteration)
 
@@ -324,7 +334,8 @@ def measure(models: FrozenModels, mode: str, config, batch: int, args) -> dict:
             meta = prepare(real_models(torch.device("meta"), models.dtype), mode, args, accelerate=False)
             COUNTED[key] = iteration_flops(meta, config, batch, args)
         flops = COUNTED[key]
-    return {"batch": batch, "s_per_iteration": seconds, "peak_memory_gb": peak / 2**30, "tflop_per_iteration":
+    return {"batch": batch, "s_per_iteration": seconds, "peak_memory_gb": peak / 2**30,
+            "peak_allocated_gb": allocated / 2**30, "tflop_per_iteration":
             flops / 1e12, "tflops": flops / 1e12 / seconds,
             "s_per_bootstrap_image": args.bootstrap_iterations * seconds / batch + render_s, "warmup_s": warmup,
             "render_s": render_s}
