@@ -133,6 +133,9 @@ class GraphCache:
                 oldest, _ = self.batches.popitem(last=False)
                 self.pools.pop(oldest, None)
             calls = {}
+            if self.capture:
+                log.info("capturing CUDA graphs for batch size %d as each call is first met (once per batch size)",
+                         batch)
         self.batches[batch] = calls
         full_key = (key, *((tuple(t.shape), t.dtype) for t in (x, *context)))
         graphed = calls.get(full_key)
