@@ -125,7 +125,8 @@ class GraphCache:
 
     def call(self, key: Hashable, fn: Callable[..., torch.Tensor], x: torch.Tensor, *context: torch.Tensor
              ) -> torch.Tensor:
-        """fn(x, *context), differentiable in x, for the call named `key` (fn must not change for a key)."""
+        """fn(x, *context), differentiable in x, for the call named `key` (fn must not change for a key;
+        a tuple key's first item says what the call is, in errors)."""
         batch = x.shape[0]
         calls = self.batches.pop(batch, None)
         if calls is None:
@@ -151,15 +152,9 @@ class GraphCache:
                 self.pools[batch] = torch.cuda.graph_pool_handle()
             if self.stream is None:
                 self.stream = torch.cuda.Stream(x.device)
-            graphed.capture(self.pools[batch], self.stream, _describe(key))
+            graphed.capture(self.pools[batch], self.stream, key[0] if isinstance(key, tuple) else str(key))
             log.debug("captured %s at batch %d in %.2f s", key, batch, time.perf_counter() - begin)
         return graphed
-
-
-def _describe(key: Hashable) -> str:
-    name = key[0] if isinstance(key, tuple) and key else key
-    return {"ddim_step": "the denoising steps", "semantic_embedding": "the decode and CLIP embedding"}.get(
-        name, str(name))
 
 
 def checkpointed(models: FrozenModels, key: Hashable, fn: Callable[..., torch.Tensor], x: torch.Tensor,

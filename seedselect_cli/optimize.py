@@ -65,7 +65,7 @@ def seed_objective(models: FrozenModels, z_T: torch.Tensor, centroids: Centroids
     if lam > 0:
         if checkpoint and torch.is_grad_enabled():  # keep only the embedding of each decoded image
             embed = functools.partial(semantic_embedding, models)
-            embeds = [checkpointed(models, ("semantic_embedding",), embed, z) for z in latents]
+            embeds = [checkpointed(models, ("the decodes and CLIP embeddings",), embed, z) for z in latents]
         else:
             embeds = [semantic_embedding(models, z) for z in latents]
         contrast = None

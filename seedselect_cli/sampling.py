@@ -72,7 +72,7 @@ def ddim_rollout(models: FrozenModels, z_T: torch.Tensor, text_embeds: torch.Ten
     for i, t in enumerate(timesteps):
         if use_checkpoint:
             step = _step_at(models, int(t), guidance_scale)
-            z = checkpointed(models, ("ddim_step", int(t), float(guidance_scale)), step, z, embeds)
+            z = checkpointed(models, ("the denoising steps", int(t), float(guidance_scale)), step, z, embeds)
         else:
             z = ddim_step(models, z, t, embeds, guidance_scale)
         if i >= len(timesteps) - keep_last:

@@ -113,7 +113,7 @@ def test_the_loss_through_graphed_decodes_and_steps_matches_autograd_in_float64(
     assert grad_a.abs().min() > 0
     torch.testing.assert_close(grad_b, grad_a, rtol=1e-10, atol=1e-13)
     (cached,) = calls.cuda_graphs.batches.values()
-    assert sorted(key[0][0] for key in cached) == ["ddim_step"] * 4 + ["semantic_embedding"]
+    assert sorted(key[0][0] for key in cached) == ["the decodes and CLIP embeddings"] + ["the denoising steps"] * 4
 
 
 def test_rollouts_and_backward_passes_may_come_in_any_order(tiny_models64):
