@@ -274,14 +274,45 @@ def iteration_flops(models: FrozenModels, config, batch: int, args) -> float:
     return counter.get_total_flops()
 
 
+class ReducedGroupNorm(torch.nn.GroupNorm):
+    """Group norm from `var_mean` and one `addcmul`, in float32 (or wider): it keeps the input's memory
+    format. PyTorch's CUDA group norm makes its input contiguous (NCHW), so in a channels-last network
+    every norm transposes in and out; its statistics kernel also gives each group one block, 32 blocks
+    at batch 1, however large the group."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        groups = x.unflatten(1, (self.num_groups, -1))  # (B, G, C/G, *spatial): a view in any layout
+        wide = torch.promote_types(x.dtype, torch.float32)
+        var, mean = torch.var_mean(groups.to(wide), dim=tuple(range(2, groups.dim())), correction=0, keepdim=True)
+
+        def per_channel(t: torch.Tensor) -> torch.Tensor:  # (B, G, 1, ...) -> (B, C, 1, ...)
+            return t.expand(*groups.shape[:3], *t.shape[3:]).flatten(1, 2)
+
+        scale = per_channel(torch.rsqrt(var + self.eps))
+        shift = per_channel(-mean) * scale
+        if self.affine:
+            weight = self.weight.to(wide).view(-1, *[1] * (x.dim() - 2))
+            scale, shift = scale * weight, shift * weight + self.bias.to(wide).view_as(weight)
+        return torch.addcmul(shift, x, scale).to(x.dtype)  # the (B, C, 1, ...) factors broadcast: x's layout
+
+
+def use_reduced_group_norm(module: torch.nn.Module) -> None:
+    for child in module.modules():
+        if type(child) is torch.nn.GroupNorm:
+            child.__class__ = ReducedGroupNorm
+
+
 COUNTED: dict[tuple, float] = {}  # FLOPs per iteration of the real architectures, by what changes them
 
 
 def prepare(models: FrozenModels, mode: str, args, accelerate: bool = True) -> FrozenModels:
     """`models` set up for `mode`, in place; without `accelerate`, not compiled and without graphs."""
     if args.channels_last and mode != "plain":  # plain is the authors' path as it is
-        for module in (models.unet, models.vae):
+        for module in (models.unet, models.vae) if args.channels_last == "all" else (models.unet,):
             module.to(memory_format=torch.channels_last)
+    if args.group_norm == "reduced" and mode != "plain":
+        for module in (models.unet, models.vae):
+            use_reduced_group_norm(module)
     if mode == "plain":
         models.unet.enable_gradient_checkpointing()
         models.unet.train(False)
@@ -360,7 +391,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--peak-tflops", type=float, default=790.0, help="the device's dense rate for --dtype")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     parser.add_argument("--compile-mode", default=None, help="torch.compile's mode for the compiled rows")
-    parser.add_argument("--channels-last", action="store_true", help="UNet and VAE in channels-last memory format")
+    parser.add_argument("--channels-last", nargs="?", const="all", default=None, choices=["all", "unet"],
+                        help="channels-last memory format for the UNet and VAE (all) or the UNet alone (unet); "
+                             "compiled modes put both in it anyway")
+    parser.add_argument("--group-norm", default="native", choices=["native", "reduced"],
+                        help="the UNet's and VAE's group norms: PyTorch's, or from reductions that keep "
+                             "channels-last (ReducedGroupNorm)")
     parser.add_argument("--sdpa", nargs="+", default=None, choices=["flash", "efficient", "cudnn", "math"],
                         help="the attention backends allowed (default: PyTorch's choice)")
     parser.add_argument("--cudnn-benchmark", action="store_true",
@@ -427,7 +463,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     table = Table(title=f"seedselect bench: {'tiny' if args.tiny else 'SD 2.1-base + CLIP ViT-H-14'}, "
-                        f"{args.height} px, {args.steps} steps, k={args.k}, CFG {args.guidance}, on {name}")
+                        f"{args.height} px, {args.steps} steps, k={args.k}, CFG {args.guidance}, on {name}"
+                        + (f", channels-last: {args.channels_last}" if args.channels_last else "")
+                        + (f", {args.group_norm} group norm" if args.group_norm != "native" else ""))
     for column in ("mode", "dtype", "batch", "s/it", "peak GB", "TFLOP/it", "TFLOP/s", "of peak", "s/img boot",
                    "plain/best", "warm-up s"):
         table.add_column(column, justify="left" if column in ("mode", "dtype") else "right")

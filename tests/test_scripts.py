@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
 
+from seedselect_cli.config import ModelConfig
+from seedselect_cli.models import load_models
 from seedselect_cli.pipeline import run_bootstrap
 from tests.conftest import make_config
 from tests.layouts import make_cub
@@ -43,6 +47,69 @@ def test_bench_runs_its_modes_on_the_tiny_components():
     assert rows[1]["tflop_per_iteration"] > rows[0]["tflop_per_iteration"]  # twice the seeds, more work
     # the graphed calls do the fast path's work (their FLOPs are counted with the graphs set aside)
     assert [r["tflop_per_iteration"] for r in rows[2:4]] == pytest.approx([r["tflop_per_iteration"] for r in rows[:2]])
+
+
+def tiny_models():
+    return load_models(ModelConfig(pretrained="tiny", image_encoder="tiny"), torch.device("cpu"), torch.float32)
+
+
+@pytest.mark.parametrize("layout", ["all", "unet"])
+def test_bench_puts_the_networks_it_is_told_in_channels_last(layout):
+    bench = load_script("bench")
+    args = argparse.Namespace(channels_last=layout, group_norm="native")
+    models = bench.prepare(tiny_models(), "graphed", args, accelerate=False)
+    unet_conv, vae_conv = models.unet.conv_in.weight, models.vae.decoder.conv_in.weight
+    assert unet_conv.is_contiguous(memory_format=torch.channels_last) and not unet_conv.is_contiguous()
+    assert vae_conv.is_contiguous(memory_format=torch.channels_last) == (layout == "all")
+    plain = bench.prepare(tiny_models(), "plain", args, accelerate=False)
+    assert plain.unet.conv_in.weight.is_contiguous()  # the authors' path keeps its layout
+
+
+@pytest.mark.parametrize("shape", [(2, 12, 5, 7), (2, 12, 5, 7, "channels_last"), (3, 12, 35)])
+def test_reduced_group_norm_is_group_norm_in_float64_and_keeps_the_layout(shape):
+    bench = load_script("bench")
+    g = torch.Generator().manual_seed(len(shape))
+    x = torch.randn(shape[:4] if shape[-1] == "channels_last" else shape, generator=g, dtype=torch.float64) * 3 + 2
+    if shape[-1] == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    norm = bench.ReducedGroupNorm(4, 12, eps=1e-6).double()
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(12, generator=g, dtype=torch.float64))
+        norm.bias.copy_(torch.randn(12, generator=g, dtype=torch.float64))
+    y = norm(x)
+    expected = torch.nn.functional.group_norm(x, 4, norm.weight, norm.bias, 1e-6)
+    assert y.stride() == x.stride()  # the input's memory format, channels-last included
+    torch.testing.assert_close(y, expected, rtol=0, atol=1e-12)
+    grad_y = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    ours = torch.autograd.grad(y, (x, norm.weight, norm.bias), grad_y)
+    theirs = torch.autograd.grad(expected, (x, norm.weight, norm.bias), grad_y)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-11)
+    # bfloat16 in, bfloat16 out, statistics in float32: within bfloat16's rounding of the float32 result
+    low = norm.to(torch.bfloat16)(x.detach().to(torch.bfloat16))
+    reference = torch.nn.functional.group_norm(x.detach().to(torch.bfloat16).float(), 4, norm.weight.float(),
+                                               norm.bias.float(), 1e-6)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), reference, rtol=2**-7, atol=2**-7)
+
+
+def test_bench_swaps_every_group_norm_and_the_networks_compute_the_same():
+    bench = load_script("bench")
+    args = argparse.Namespace(channels_last="all", group_norm="reduced")
+    native, reduced = tiny_models(), bench.prepare(tiny_models(), "graphed", args, accelerate=False)
+    norms = [m for net in (reduced.unet, reduced.vae) for m in net.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(type(m) is bench.ReducedGroupNorm for m in norms)
+    g = torch.Generator().manual_seed(3)
+    latents = torch.randn(2, *native.latent_shape(32, 32), generator=g)
+    text = torch.randn(2, 77, native.unet.config.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        outputs = [(models.unet(latents, 500, encoder_hidden_states=text).sample, models.vae.decode(latents).sample)
+                   for models in (native, reduced)]
+    for a, b in zip(*outputs):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    assert not any(type(m) is bench.ReducedGroupNorm  # the authors' path keeps PyTorch's
+                   for m in bench.prepare(tiny_models(), "plain", args, accelerate=False).unet.modules())
 
 
 def test_bench_counts_flops_and_operations_without_a_gpu():
