@@ -276,9 +276,9 @@ def iteration_flops(models: FrozenModels, config, batch: int, args) -> float:
 
 class ReducedGroupNorm(torch.nn.GroupNorm):
     """Group norm from `var_mean` and one `addcmul`, in float32 (or wider): it keeps the input's memory
-    format. PyTorch's CUDA group norm makes its input contiguous (NCHW), so in a channels-last network
-    every norm transposes in and out; its statistics kernel also gives each group one block, 32 blocks
-    at batch 1, however large the group."""
+    format. PyTorch's CUDA group norm (before the NHWC kernels of pytorch#191945, in 2.11 say) makes its
+    input contiguous (NCHW), so in a channels-last network every norm transposes in and out; its
+    statistics kernel also gives each group one block, 32 blocks at batch 1, however large the group."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         groups = x.unflatten(1, (self.num_groups, -1))  # (B, G, C/G, *spatial): a view in any layout
