@@ -7,6 +7,7 @@ optimiser ever sees. `model.pretrained=tiny` selects the small random components
 from __future__ import annotations
 
 import json
+import logging
 import os
 import warnings
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from transformers.utils import logging as transformers_logging
 
 from seedselect_cli.config import ModelConfig
 from seedselect_cli.errors import UserError
+
+log = logging.getLogger(__name__)
 
 TINY = "tiny"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -92,7 +95,11 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 def compile_models(models: FrozenModels, mode: str | None = None) -> FrozenModels:
     """`torch.compile` the networks the optimisation runs through, in place (their types and configs
     stay; the first call of each new batch shape compiles). `mode` is torch.compile's. The UNet and
-    the VAE go to channels-last memory, the layout this was measured with (BENCHMARKS.md)."""
+    the VAE go to channels-last memory, the layout this was measured with (BENCHMARKS.md). Inductor
+    keeps what it compiled in `$TORCHINDUCTOR_CACHE_DIR` for later processes to reuse."""
+    log.info("torch.compile: the networks compile on their first calls (minutes on a GPU without cached kernels); "
+             "Inductor's kernel cache: %s (TORCHINDUCTOR_CACHE_DIR)",
+             os.environ.get("TORCHINDUCTOR_CACHE_DIR", "its default folder"))
     for module in (models.unet, models.vae):
         module.to(memory_format=torch.channels_last)
     for module in (models.unet, models.vae.decoder, models.image_encoder):  # vae.decode() calls its decoder
