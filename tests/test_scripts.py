@@ -49,7 +49,8 @@ def test_bench_runs_its_modes_on_the_tiny_components():
     assert [r["tflop_per_iteration"] for r in rows[2:4]] == pytest.approx([r["tflop_per_iteration"] for r in rows[:2]])
 
 
-def tiny_models():
+def fresh_tiny_models():
+    """New tiny components: `bench.prepare` changes them in place, so not conftest's shared fixture."""
     return load_models(ModelConfig(pretrained="tiny", image_encoder="tiny"), torch.device("cpu"), torch.float32)
 
 
@@ -57,11 +58,11 @@ def tiny_models():
 def test_bench_puts_the_networks_it_is_told_in_channels_last(layout):
     bench = load_script("bench")
     args = argparse.Namespace(channels_last=layout, group_norm="native")
-    models = bench.prepare(tiny_models(), "graphed", args, accelerate=False)
+    models = bench.prepare(fresh_tiny_models(), "graphed", args, accelerate=False)
     unet_conv, vae_conv = models.unet.conv_in.weight, models.vae.decoder.conv_in.weight
     assert unet_conv.is_contiguous(memory_format=torch.channels_last) and not unet_conv.is_contiguous()
     assert vae_conv.is_contiguous(memory_format=torch.channels_last) == (layout == "all")
-    plain = bench.prepare(tiny_models(), "plain", args, accelerate=False)
+    plain = bench.prepare(fresh_tiny_models(), "plain", args, accelerate=False)
     assert plain.unet.conv_in.weight.is_contiguous()  # the authors' path keeps its layout
 
 
@@ -97,7 +98,7 @@ def test_reduced_group_norm_is_group_norm_in_float64_and_keeps_the_layout(shape)
 def test_bench_swaps_every_group_norm_and_the_networks_compute_the_same():
     bench = load_script("bench")
     args = argparse.Namespace(channels_last="all", group_norm="reduced")
-    native, reduced = tiny_models(), bench.prepare(tiny_models(), "graphed", args, accelerate=False)
+    native, reduced = fresh_tiny_models(), bench.prepare(fresh_tiny_models(), "graphed", args, accelerate=False)
     norms = [m for net in (reduced.unet, reduced.vae) for m in net.modules() if isinstance(m, torch.nn.GroupNorm)]
     assert norms and all(type(m) is bench.ReducedGroupNorm for m in norms)
     g = torch.Generator().manual_seed(3)
@@ -109,7 +110,7 @@ def test_bench_swaps_every_group_norm_and_the_networks_compute_the_same():
     for a, b in zip(*outputs):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
     assert not any(type(m) is bench.ReducedGroupNorm  # the authors' path keeps PyTorch's
-                   for m in bench.prepare(tiny_models(), "plain", args, accelerate=False).unet.modules())
+                   for m in bench.prepare(fresh_tiny_models(), "plain", args, accelerate=False).unet.modules())
 
 
 def test_bench_counts_flops_and_operations_without_a_gpu():
