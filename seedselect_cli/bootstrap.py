@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -60,8 +60,11 @@ def bootstrap_batches(config: Config, class_name: str, blocks: list[list[int]], 
 
 
 def optimize_global_seed(models, config: Config, z_init: torch.Tensor, centroids: Centroids,
-                         text_embeds: torch.Tensor, progress=None) -> SeedResult:
-    """Stage 1: z_T^G, one seed optimised on the centroids of all references."""
+                         text_embeds: torch.Tensor, progress=None,
+                         should_stop: Callable[[], bool] | None = None) -> SeedResult:
+    """Stage 1: z_T^G, one seed optimised on the centroids of all references (`should_stop`: as
+    `optimize_seeds`)."""
     [result] = optimize_seeds(models, z_init[None], centroids, text_embeds, config,
-                              iterations=config.bootstrap.global_iterations, progress=progress)
+                              iterations=config.bootstrap.global_iterations, progress=progress,
+                              should_stop=should_stop)
     return result

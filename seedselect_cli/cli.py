@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +26,8 @@ from omegaconf import DictConfig, open_dict
 from seedselect_cli import __version__
 from seedselect_cli.config import Config, load_config, load_structured, register_resolvers
 from seedselect_cli.errors import Interrupted, UserError
-from seedselect_cli.writer import is_fresh_run_dir, remove_fresh_run_dir
+from seedselect_cli.interrupt import StopNow, catching_signals
+from seedselect_cli.job_dir import ActiveMark, JobDirSnapshot, take_snapshot, undo_failed_start
 
 COMMANDS = {
     "optimize": ("SeedSelect: n_images fully optimised seeds per class", "demo"),
@@ -61,25 +63,40 @@ def user_errors():
     try:
         yield
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         raise SystemExit(2) from None
     except Interrupted as exc:
-        print(f"seedselect: {exc}", file=sys.stderr)
+        print(f"seedselect: {one_line(exc)}", file=sys.stderr)
         raise SystemExit(128 + exc.signum) from None
 
 
+def one_line(exc: BaseException) -> str:
+    """The message on one line, whatever it quotes (a file name may hold a newline)."""
+    return str(exc).replace("\r", "\\r").replace("\n", "\\n")
+
+
+# The run directory of this command as it was before Hydra made or wrote into it (None in a multirun,
+# where Hydra picks each job's directory itself), and this process's mark of working in it.
+_before: JobDirSnapshot | None = None
+_active = ActiveMark()
+
+
 def run_in_job_dir(run: Callable[[Config, Path], object], cfg: DictConfig) -> None:
-    """Run `optimize` or `bootstrap` in Hydra's job directory. If it fails before writing an image into
-    a directory that held nothing but Hydra's own files, that directory goes again: a bad input
-    leaves nothing behind."""
-    out = Path(HydraConfig.get().runtime.output_dir)
-    fresh = is_fresh_run_dir(out)
+    """Run `optimize` or `bootstrap` in Hydra's job directory. If it fails or is stopped before making
+    anything, what this process added to the directory goes again, and only that (`job_dir.py`)."""
+    hydra_cfg = HydraConfig.get()
+    out = Path(hydra_cfg.runtime.output_dir)
+    _active.hold(out)
     try:
         with user_errors():
             run(load_config(cfg), out)
-    except SystemExit as exc:
-        if exc.code == 2 and fresh:
-            remove_fresh_run_dir(out)
+    except (SystemExit, StopNow) as exc:
+        failed = isinstance(exc, StopNow) or exc.code not in (0, None)
+        if failed and _before is not None and _before.root == out.absolute():
+            _active.release()
+            restored = undo_failed_start(_before, hydra_cfg.job.name)
+            if isinstance(exc, StopNow) and restored:
+                exc.nothing_kept = True
         raise
 
 
@@ -118,18 +135,20 @@ MAINS = {"optimize": optimize_main, "bootstrap": bootstrap_main, "generate": gen
          "evaluate": evaluate_main}
 
 
-def preflight(command: str, args: list[str]) -> None:
+def preflight(command: str, args: list[str]) -> Path | None:
     """Compose and validate the config as Hydra will, so that composition errors follow the error
-    contract. Skipped where Hydra does something else than run one job (help, multirun, --cfg, ...)."""
+    contract. Skipped where Hydra does something else than run one job (help, multirun, --cfg, ...).
+    Returns the run directory of `optimize` and `bootstrap` (absolute), else None."""
     from hydra import compose, initialize_config_module
     from hydra._internal.utils import get_args_parser
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     parsed = get_args_parser().parse_args(args)
+    check_override_syntax(parsed.overrides)
     if (parsed.help or parsed.hydra_help or parsed.multirun or parsed.cfg or parsed.info
             or parsed.shell_completion or parsed.config_path or parsed.config_dir or parsed.experimental_rerun):
-        return
+        return None
     config_name = parsed.config_name or COMMANDS[command][1]
     try:
         with initialize_config_module("seedselect_cli.configs", version_base="1.3"):
@@ -141,22 +160,75 @@ def preflight(command: str, args: list[str]) -> None:
     with open_dict(cfg):
         del cfg["hydra"]
     if command == "generate":
-        from seedselect_cli.generate import GenerateConfig
+        from seedselect_cli.generate import GenerateConfig, check_output
 
-        load_structured(GenerateConfig, cfg)
-    elif command == "evaluate":
-        from seedselect_cli.evaluate import EvaluateConfig
+        generate = load_structured(GenerateConfig, cfg)
+        if generate.tensor not in ("optimized", "initial"):
+            raise UserError(f"tensor={generate.tensor!r} is invalid: choose optimized or initial")
+        check_output(generate.out)
+        return None
+    if command == "evaluate":
+        from seedselect_cli.evaluate import EvaluateConfig, check_evaluate
 
-        load_structured(EvaluateConfig, cfg)
-    else:
-        load_config(cfg)
-        check_run_dir(Path(run_dir))
+        check_evaluate(load_structured(EvaluateConfig, cfg))
+        return None
+    load_config(cfg)
+    path = Path(os.path.abspath(os.path.expanduser(run_dir)))
+    check_run_dir(path)
+    return path
+
+
+def check_override_syntax(overrides: list[str]) -> None:
+    """Each override parses in Hydra's grammar; if not, say how to write it (quoting is the usual fix)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    for override in overrides:
+        try:
+            parser.parse_override(override)
+        except HydraException:
+            key, _, value = override.partition("=")
+            if value.startswith("[") and value.endswith("]"):
+                items = ",".join('"' + v.strip().strip("'\"").replace('"', '\\"') + '"'
+                                 for v in value[1:-1].split(","))
+                hint = f"'{key}=[{items}]'"
+            else:
+                hint = "'" + key + '="' + value.replace('"', '\\"') + "\"'"
+            raise UserError(f"cannot read the override {override!r}: values with spaces, non-ASCII letters, ~ or "
+                            f"other special characters must be quoted, e.g. {hint} (with the outer single quotes "
+                            f"for the shell)") from None
+
+
+def pin_run_dir(args: list[str], run_dir: Path) -> list[str]:
+    """`args` with `hydra.run.dir` set to the directory preflight resolved, so that Hydra uses the very
+    directory whose state was recorded (a `${now:...}` in it would otherwise be read again)."""
+    text = str(run_dir)
+    if "\\" in text or "${" in text:  # beyond what a quoted override can say plainly: leave Hydra's own
+        return args
+    quoted = "'" + text.replace("'", "\\'") + "'"
+    return add_override([a for a in args if not a.startswith("hydra.run.dir=")], f"hydra.run.dir={quoted}")
+
+
+def add_override(args: list[str], override: str) -> list[str]:
+    """`args` with one more override, beside the user's: Hydra's parser takes them as one group, before
+    or after its options."""
+    overrides = [i for i, a in enumerate(args) if "=" in a and not a.startswith("-")]
+    at = overrides[0] + 1 if overrides else len(args)
+    return [*args[:at], override, *args[at:]]
 
 
 def check_run_dir(run_dir: Path) -> None:
     """The run directory can be made and written to (Hydra makes it before the job runs)."""
+    for part in run_dir.parts:
+        if len(part.encode()) > 255:
+            raise UserError(f"hydra.run.dir={run_dir}: the folder name {part[:40]}... is {len(part.encode())} bytes "
+                            f"long, over the 255 a file system allows; choose a shorter one")
     existing = run_dir
     while not existing.exists() and existing != existing.parent:
+        if existing.is_symlink():
+            raise UserError(f"hydra.run.dir={run_dir}: {existing} is a symbolic link to {os.readlink(existing)}, which "
+                            f"does not exist; create its target or choose another directory")
         existing = existing.parent
     if not existing.is_dir():
         raise UserError(f"hydra.run.dir={run_dir} cannot be made: {existing} is a file; choose another directory")
@@ -178,16 +250,33 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown command {command!r}: choose one of {', '.join(MAINS)} "
               f"(see `seedselect --help`)", file=sys.stderr)
         return 2
+    with catching_signals():  # from here on a signal ends the command with one line, never a traceback
+        try:
+            return _main(command, args)
+        except StopNow as stop:
+            name = signal.Signals(stop.signum).name
+            kept = ("nothing was written" if getattr(stop, "nothing_kept", False)
+                    else "finished images are kept; run the same command again to resume")
+            print(f"seedselect: stopped by {name}; {kept}", file=sys.stderr)
+            return 128 + stop.signum
+
+
+def _main(command: str, args: list[str]) -> int:
+    global _before
     register_resolvers()
     try:
-        preflight(command, args)
+        run_dir = preflight(command, args)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
+    _before = None
+    if run_dir is not None:
+        args = pin_run_dir(args, run_dir)
+        if any(a.startswith("hydra.run.dir=") and str(run_dir) in a for a in args):
+            _before = take_snapshot(run_dir)
+            _active.hold(run_dir)
     if not any(a.startswith("hydra.job.name=") for a in args):
-        # Beside the user's overrides: Hydra's parser takes them as one group, before or after its options.
-        overrides = [i for i, a in enumerate(args) if "=" in a and not a.startswith("-")]
-        args.insert(overrides[0] + 1 if overrides else len(args), f"hydra.job.name={command}")
+        args = add_override(args, f"hydra.job.name={command}")
     saved = sys.argv
     sys.argv = [f"seedselect {command}", *args]
     try:
@@ -196,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     finally:
         sys.argv = saved
+        _active.release()
     return 0
 
 

@@ -28,6 +28,12 @@ SEMANTIC_LOSSES = ("centroid", "contrastive")
 DATASETS = ("folder", "imagefolder", "cub", "mini_imagenet", "cifar_fs", "imagenet_lt")  # datasets/ adapters
 RESIZE_MODES = ("default", "crop", "fill")
 INIT_METHODS = ("random", "inversion", "nao")
+# Beyond these a value is a slip (10**12 images, a 65536-pixel side), refused before anything is allocated.
+MAX_IMAGES = 100_000  # per class and run
+MAX_SIDE = 4096  # pixels
+MAX_STEPS = 1000  # a scheduler's training timesteps
+MAX_ITERATIONS = 100_000
+MAX_BATCH = 1024
 
 
 def asset_path(relative: str) -> str:
@@ -195,16 +201,25 @@ def parse_shard(shard: str) -> tuple[int, int]:
 def resolve_shard(shard: str, environ: Mapping[str, str] = os.environ) -> tuple[int, int]:
     """This process's shard: `runtime.shard`, or under `torchrun` (shard left at 0/1) its RANK/WORLD_SIZE."""
     index, count = parse_shard(shard)
-    world = environ.get("WORLD_SIZE", "1")
-    if (index, count) == (0, 1) and world.isdigit() and int(world) > 1:
-        return parse_shard(f"{environ.get('RANK', '0')}/{world}")
+    world = environ.get("WORLD_SIZE", "1").strip()
+    if (index, count) == (0, 1) and world != "1" and "WORLD_SIZE" in environ:
+        rank = environ.get("RANK", "0").strip()
+        if not (world.isdigit() and rank.isdigit() and int(rank) < int(world)):
+            raise UserError(f"the environment's RANK={rank!r} and WORLD_SIZE={world!r} (set by torchrun or by you) do "
+                            f"not name a process: RANK must be from 0 to WORLD_SIZE - 1; fix or unset them")
+        return int(rank), int(world)
     return index, count
+
+
+def _check_range(key: str, value: int, low: int, high: int, what: str = "") -> None:
+    if not low <= value <= high:
+        raise _bad(key, value, f"must be between {low} and {high}{what}")
 
 
 def check_config(c: Config) -> None:
     """Range checks, one `UserError` naming the first bad key and value."""
-    if c.n_images < 1:
-        raise _bad("n_images", c.n_images, "must be at least 1")
+    _check_range("n_images", c.n_images, 1, MAX_IMAGES, " per class: split a larger set over runs")
+    _check_range("bootstrap.n_images", c.bootstrap.n_images, 1, MAX_IMAGES, " per class: split a larger set over runs")
     if not 0.0 <= c.loss.lam <= 1.0:
         raise _bad("loss.lam", c.loss.lam, "must be between 0 and 1")
     if c.loss.distance not in DISTANCES:
@@ -215,8 +230,7 @@ def check_config(c: Config) -> None:
         raise _bad("loss.temperature", c.loss.temperature, "must be a positive number")
     if not (math.isfinite(c.loss.norm_weight) and c.loss.norm_weight >= 0):
         raise _bad("loss.norm_weight", c.loss.norm_weight, "must be a number >= 0 (0 turns the prior off)")
-    if c.sampler.steps < 1:
-        raise _bad("sampler.steps", c.sampler.steps, "must be at least 1")
+    _check_range("sampler.steps", c.sampler.steps, 1, MAX_STEPS)
     if not 1 <= c.kstep.k <= c.sampler.steps:
         raise _bad("kstep.k", c.kstep.k, f"must be between 1 and sampler.steps={c.sampler.steps}")
     if len(c.kstep.weights) != c.kstep.k:
@@ -229,10 +243,10 @@ def check_config(c: Config) -> None:
         value = getattr(c.sampler, key)
         if value < 8 or value % 8:
             raise _bad(f"sampler.{key}", value, "must be a positive multiple of 8")
+        _check_range(f"sampler.{key}", value, 8, MAX_SIDE, " pixels")
     if not (math.isfinite(c.optim.lr) and c.optim.lr > 0):
         raise _bad("optim.lr", c.optim.lr, "must be a positive number")
-    if c.optim.iterations < 1:
-        raise _bad("optim.iterations", c.optim.iterations, "must be at least 1")
+    _check_range("optim.iterations", c.optim.iterations, 1, MAX_ITERATIONS)
     if c.optim.lr_drop_at < 0:
         raise _bad("optim.lr_drop_at", c.optim.lr_drop_at, "must be >= 0")
     if not c.optim.lr_drop_factor > 0:
@@ -247,11 +261,9 @@ def check_config(c: Config) -> None:
         raise _bad("dataset.resize_mode", c.dataset.resize_mode, f"choose one of {', '.join(RESIZE_MODES)}")
     if c.dataset.classes is not None and not c.dataset.classes:
         raise _bad("dataset.classes", c.dataset.classes, "name at least one class (or null for all)")
-    if "{}" not in c.dataset.prompt_template:
-        raise _bad("dataset.prompt_template", c.dataset.prompt_template, "must contain {} for the class name")
-    for key in ("n_images", "subset_size", "iterations", "global_iterations"):
-        if getattr(c.bootstrap, key) < 1:
-            raise _bad(f"bootstrap.{key}", getattr(c.bootstrap, key), "must be at least 1")
+    check_template("dataset.prompt_template", c.dataset.prompt_template)
+    for key in ("subset_size", "iterations", "global_iterations"):
+        _check_range(f"bootstrap.{key}", getattr(c.bootstrap, key), 1, MAX_ITERATIONS)
     if c.init.method not in INIT_METHODS:
         raise _bad("init.method", c.init.method, f"choose one of {', '.join(INIT_METHODS)} (or init=NAME)")
     if not (math.isfinite(c.init.noise) and 0.0 <= c.init.noise <= 1.0):
@@ -262,23 +274,32 @@ def check_config(c: Config) -> None:
     if not math.isfinite(c.init.inversion_guidance) or c.init.inversion_guidance < 0:
         raise _bad("init.inversion_guidance", c.init.inversion_guidance, "must be a finite number >= 0")
     for key in ("nao_points", "nao_iterations"):
-        if getattr(c.init, key) < 1:
-            raise _bad(f"init.{key}", getattr(c.init, key), "must be at least 1")
+        _check_range(f"init.{key}", getattr(c.init, key), 1, 10_000)
     if not (math.isfinite(c.init.nao_length_weight) and c.init.nao_length_weight > 0):
         raise _bad("init.nao_length_weight", c.init.nao_length_weight, "must be a positive number")
     if c.runtime.device not in DEVICES:
         raise _bad("runtime.device", c.runtime.device, f"choose one of {', '.join(DEVICES)}")
     if c.runtime.dtype not in DTYPES:
         raise _bad("runtime.dtype", c.runtime.dtype, f"choose one of {', '.join(DTYPES)}")
-    if c.runtime.batch_size < 1:
-        raise _bad("runtime.batch_size", c.runtime.batch_size, "must be at least 1")
+    _check_range("runtime.batch_size", c.runtime.batch_size, 1, MAX_BATCH)
     graphs = str(c.runtime.cuda_graphs).lower()
     if graphs not in CUDA_GRAPHS:
         raise _bad("runtime.cuda_graphs", c.runtime.cuda_graphs, f"choose one of {', '.join(CUDA_GRAPHS)}")
     if graphs == "true" and not c.sampler.checkpointing:
         raise _bad("runtime.cuda_graphs", True, "the graphs are the checkpointed denoising steps: keep "
                                                 "sampler.checkpointing=true")
-    parse_shard(c.runtime.shard)
+    resolve_shard(c.runtime.shard)
+
+
+def check_template(key: str, template: str) -> None:
+    """A prompt template holds `{}` once, where the class name goes, and nothing else `format` reads."""
+    try:
+        ok = template.count("{}") == 1 and template.format("x") is not None
+    except (IndexError, KeyError, ValueError):
+        ok = False
+    if not ok:
+        raise _bad(key, template, "write {} once where the class name goes, e.g. 'a photo of a {}' (a literal "
+                                  "brace is {{ or }})")
 
 
 def to_yaml(config: Config) -> str:

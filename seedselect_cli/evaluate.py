@@ -13,19 +13,23 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import yaml
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from PIL import Image
 from tqdm.auto import tqdm
 
-from seedselect_cli.config import Config, load_structured
+from seedselect_cli.config import DEVICES, Config, check_config, check_template, load_structured
 from seedselect_cli.datasets import load_classes
-from seedselect_cli.errors import UserError
+from seedselect_cli.errors import UserError, first_line
+from seedselect_cli.generate import seed_dtype
 from seedselect_cli.images import load_rgb
 from seedselect_cli.models import DTYPES, load_models, resolve_device, scheduler_from_json
 from seedselect_cli.sampling import encode_prompt, sample_images
@@ -141,6 +145,9 @@ class Judge:
             target = mapping.get(str(label).lower(), label)
             self.to_class[int(index)] = lookup.get(str(target).lower())
         if not any(self.to_class.values()):
+            if cfg.label_map:
+                raise UserError(f"judge.label_map maps the labels of judge.model={cfg.model} to no class of the run "
+                                f"({', '.join(class_names[:5])}); map them to those names")
             raise UserError(f"judge.model={cfg.model}: none of its labels is a class of the run; map them with "
                             f"judge.label_map={{judge label: class}}")
         self.device = device
@@ -156,15 +163,58 @@ class Judge:
         return out
 
 
+def check_evaluate(cfg: EvaluateConfig) -> None:
+    """Every value of `seedselect evaluate`, before anything is read or loaded."""
+    if cfg.top_k < 1:
+        raise UserError(f"top_k={cfg.top_k} is invalid: must be at least 1")
+    if not 1 <= cfg.batch_size <= 1024:
+        raise UserError(f"batch_size={cfg.batch_size} is invalid: must be between 1 and 1024")
+    if cfg.prompt_template is not None:
+        check_template("prompt_template", cfg.prompt_template)
+    if cfg.runtime.dtype is not None and cfg.runtime.dtype not in ("auto", *DTYPES):
+        raise UserError(f"runtime.dtype={cfg.runtime.dtype!r} is invalid: choose one of auto, {', '.join(DTYPES)} "
+                        f"(or leave it unset for the dtype the run's seeds were made in)")
+    if cfg.runtime.device not in DEVICES:
+        raise UserError(f"runtime.device={cfg.runtime.device!r} is invalid: choose one of {', '.join(DEVICES)}")
+
+
 def read_run(run_dir: Path) -> tuple[Config, list[dict]]:
-    """The run's config and finished manifest entries, in manifest order."""
+    """The run's config and finished manifest entries, in manifest order (both read back: checked)."""
+    if run_dir.is_file():
+        raise UserError(f"run_dir={run_dir} is a file; pass the run's folder (the one holding {CONFIG} and images/)")
     if not (run_dir / CONFIG).is_file():
-        raise UserError(f"run_dir={run_dir} is not a seedselect run directory (no {CONFIG})")
-    config = load_structured(Config, OmegaConf.load(run_dir / CONFIG))
-    entries = sorted(RunDirectory(run_dir).finished().values(), key=lambda e: (e["class"], int(e["index"])))
+        raise UserError(f"run_dir={run_dir} is not a seedselect run directory (no {CONFIG}); pass the folder a "
+                        f"`seedselect optimize` or `bootstrap` run wrote")
+    try:
+        config = load_structured(Config, OmegaConf.load(run_dir / CONFIG))
+        check_config(config)
+    except (UserError, OmegaConfBaseException, yaml.YAMLError, OSError) as exc:
+        raise UserError(f"run_dir={run_dir}: its {CONFIG} is damaged ({first_line(exc)}); evaluate a run that "
+                        f"seedselect wrote") from None
+    entries = sorted((e for e in RunDirectory(run_dir).finished().values() if _usable_entry(e)),
+                     key=lambda e: (e["class"], int(e["index"])))
     if not entries:
-        raise UserError(f"run_dir={run_dir} holds no finished images yet")
+        raise UserError(f"run_dir={run_dir} holds no finished images yet; run `seedselect optimize` or `bootstrap` "
+                        f"in it first (same hydra.run.dir) and evaluate then")
     return config, entries
+
+
+def _usable_entry(entry: dict) -> bool:
+    """What evaluate reads of a manifest entry besides its files: a prompt and a finite loss curve."""
+    history = entry.get("loss_history")
+    return (isinstance(entry.get("prompt"), str) and isinstance(history, list) and len(history) > 0
+            and all(isinstance(v, (int, float)) and math.isfinite(v) for v in history))
+
+
+def check_writable(run_dir: Path) -> None:
+    """evaluate writes RUN/report/ and RUN/baseline/: the run directory must take new files."""
+    probe = run_dir / f".write-test-{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"run_dir={run_dir} is not writable ({exc.strerror}); evaluate writes its report there: "
+                        f"copy the run to a writable folder and evaluate the copy") from None
 
 
 def render_baseline(run_dir: Path, config: Config, entries: list[dict], cfg: EvaluateConfig) -> dict[tuple, Path]:
@@ -176,9 +226,9 @@ def render_baseline(run_dir: Path, config: Config, entries: list[dict], cfg: Eva
     missing = [e for e in entries if not paths[(e["class"], e["index"])].is_file()]
     if missing:
         first = load_seed_file(run_dir / missing[0]["seed_file"]).metadata
-        dtype = DTYPES[cfg.runtime.dtype or first["dtype"]]
-        models = load_models(dataclasses.replace(config.model, pretrained=first["model"]),
-                             resolve_device(cfg.runtime.device), dtype, with_image_encoder=False)
+        device = resolve_device(cfg.runtime.device)
+        models = load_models(dataclasses.replace(config.model, pretrained=first["model"]), device,
+                             seed_dtype(cfg.runtime.dtype, first["dtype"], device), with_image_encoder=False)
         models.scheduler = scheduler_from_json(first["scheduler_config"])
         shape = models.latent_shape(config.sampler.height, config.sampler.width)
         prompts: dict[str, torch.Tensor] = {}
@@ -228,15 +278,29 @@ def score(clip: EvalClip, paths: list[Path], labels: list[int], text: torch.Tens
     return result
 
 
+def readable_references(record) -> list[Image.Image]:
+    """A class's reference images; a broken one is skipped with a warning, as `optimize` skipped it."""
+    images = []
+    for path in record.images:
+        try:
+            images.append(load_rgb(path))
+        except UserError as exc:
+            log.warning("skipping reference image %s", str(exc).replace("\n", "\\n"))
+    if not images:
+        raise UserError(f"class {record.name!r} has no readable reference images any more; restore them under "
+                        f"the run's dataset.root")
+    return images
+
+
 def run_evaluate(cfg: EvaluateConfig) -> dict:
     """Score the run in `cfg.run_dir` and its baseline; write RUN/report/. Returns metrics.json's content."""
     from seedselect_cli.report import print_table, write_report
 
-    if cfg.top_k < 1:
-        raise UserError(f"top_k={cfg.top_k} is invalid: must be at least 1")
+    check_evaluate(cfg)
     run_dir = Path(cfg.run_dir).expanduser()
     # 1. The run: its config, finished images, classes, and each class's references.
     config, entries = read_run(run_dir)
+    check_writable(run_dir)
     run_classes = list(dict.fromkeys(e["class"] for e in entries))
     records = {r.name: r for r in load_classes(dataclasses.replace(config.dataset, classes=run_classes), config.seed)}
     if cfg.dataset_classes:
@@ -255,7 +319,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     judge = Judge(cfg.judge, candidates, device) if cfg.judge.model else None
     text = clip.texts([template.format(c) for c in candidates])
     class_index = {c: i for i, c in enumerate(candidates)}
-    references = {c: [load_rgb(p) for p in records[c].images] for c in run_classes}
+    references = {c: readable_references(records[c]) for c in run_classes}
     ref_embeds = {c: clip.images(images, cfg.batch_size) for c, images in references.items()}
     centroids = torch.zeros(len(candidates), text.shape[1])
     for c in run_classes:
@@ -265,8 +329,10 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     names = [e["class"] for e in entries]
     labels = [class_index[n] for n in names]
     sets = {"seedselect": [run_dir / e["image"] for e in entries]}
+    out = RunDirectory(run_dir)
     if cfg.baseline:
-        baseline = render_baseline(run_dir, config, entries, cfg)
+        with out.writing(run_dir / "baseline"):
+            baseline = render_baseline(run_dir, config, entries, cfg)
         sets["plain"] = [baseline[(e["class"], e["index"])] for e in entries]
     scores = {method: score(clip, paths, labels, text, centroids, class_index, judge, names, cfg, f"scoring {method}")
               for method, paths in sets.items()}
@@ -281,7 +347,8 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
                                        "diversity": mean_pairwise_distance(ref_embeds[c])},
                         **{method: scores[method][c] for method in scores}} for c in run_classes},
     }
-    write_report(run_dir, metrics, entries, references, sets)
+    with out.writing(run_dir / "report"):
+        write_report(run_dir, metrics, entries, references, sets)
     print_table(metrics)
     return metrics
 

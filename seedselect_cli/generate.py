@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from PIL import PngImagePlugin
 
 from seedselect_cli.config import ModelConfig
 from seedselect_cli.errors import UserError
-from seedselect_cli.models import DTYPES, load_models, resolve_device, scheduler_from_json
+from seedselect_cli.models import DTYPES, load_models, resolve_device, resolve_dtype, scheduler_from_json
 from seedselect_cli.sampling import encode_prompt, sample_images
 from seedselect_cli.seed_files import load_seed_file
 from seedselect_cli.writer import atomic_write
@@ -33,29 +35,55 @@ class GenerateConfig:
     runtime: GenerateRuntime = field(default_factory=GenerateRuntime)
 
 
+def check_output(out_arg: str) -> Path:
+    """`out=`: an image file name with a known suffix, in a folder that exists and takes a new file."""
+    out = Path(out_arg).expanduser()
+    if out.suffix.lower() not in SUFFIXES:
+        raise UserError(f"out={out_arg}: name an image file ending in {', '.join(SUFFIXES)}")
+    if out.is_dir():
+        raise UserError(f"out={out_arg} is a folder; name an image file in it, e.g. out={out / 'image.png'}")
+    if not out.parent.is_dir():
+        raise UserError(f"out={out_arg}: the folder {out.parent} does not exist; create it or choose another")
+    probe = out.parent / f".{out.name}.probe-{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"out={out_arg} cannot be written ({exc.strerror or exc}); choose another place") from None
+    return out
+
+
+def seed_dtype(name: str | None, recorded: str, device: torch.device) -> torch.dtype:
+    """`runtime.dtype` of generate and evaluate: null for the seed file's own, auto as for a run."""
+    if name is None:
+        name = recorded
+    if name == "auto":
+        return resolve_dtype("auto", device)
+    if name not in DTYPES:
+        raise UserError(f"runtime.dtype={name!r} is invalid: choose one of auto, {', '.join(DTYPES)} (or leave it "
+                        f"unset for the dtype the seed was made in)")
+    return DTYPES[name]
+
+
 def run_generate(cfg: GenerateConfig) -> Path:
     """Load the seed file, rebuild its sampler, draw the image, write it atomically to `cfg.out`."""
     if cfg.tensor not in ("optimized", "initial"):
         raise UserError(f"tensor={cfg.tensor!r} is invalid: choose optimized or initial")
-    out = Path(cfg.out).expanduser()
-    if out.suffix.lower() not in SUFFIXES:
-        raise UserError(f"out={cfg.out}: name an image file ending in {', '.join(SUFFIXES)}")
+    out = check_output(cfg.out)
     seed = load_seed_file(cfg.seed_file)
     meta = seed.metadata
-    dtype_name = cfg.runtime.dtype or meta["dtype"]
-    if dtype_name not in DTYPES:
-        raise UserError(f"runtime.dtype={dtype_name!r} is invalid: choose one of {', '.join(DTYPES)}")
     device = resolve_device(cfg.runtime.device)
+    dtype = seed_dtype(cfg.runtime.dtype, meta["dtype"], device)
     model_cfg = ModelConfig(pretrained=cfg.model or meta["model"], revision=meta.get("model_revision") or None,
                             variant=meta.get("model_variant") or None)
-    models = load_models(model_cfg, device, DTYPES[dtype_name], with_image_encoder=False)
+    models = load_models(model_cfg, device, dtype, with_image_encoder=False)
     models.scheduler = scheduler_from_json(meta["scheduler_config"])
 
     z_T = seed.optimized if cfg.tensor == "optimized" else seed.initial
-    expected = models.latent_shape(int(meta["height"]), int(meta["width"]))
+    expected = models.latent_shape(seed.height, seed.width)
     if tuple(z_T.shape) != expected:
         raise UserError(f"seed_file={cfg.seed_file}: seed shape {tuple(z_T.shape)} does not fit model "
-                        f"{model_cfg.pretrained} at {meta['width']}x{meta['height']} (expected {expected})")
+                        f"{model_cfg.pretrained} at {seed.width}x{seed.height} (expected {expected})")
     text_embeds = encode_prompt(models, meta["prompt"], meta.get("negative_prompt", ""))
     image = sample_images(models, z_T[None], text_embeds, seed.steps, seed.guidance_scale)[0]
 
@@ -63,5 +91,8 @@ def run_generate(cfg: GenerateConfig) -> Path:
     info = PngImagePlugin.PngInfo()
     info.add_text("seedselect", json.dumps({**meta, "tensor": cfg.tensor}, sort_keys=True))
     save_kwargs = {"pnginfo": info} if fmt == "PNG" else {"quality": 95}
-    atomic_write(out, lambda tmp: image.save(tmp, format=fmt, **save_kwargs))
+    try:
+        atomic_write(out, lambda tmp: image.save(tmp, format=fmt, **save_kwargs))
+    except OSError as exc:
+        raise UserError(f"out={cfg.out} cannot be written ({exc.strerror or exc}); choose another place") from None
     return out

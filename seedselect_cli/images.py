@@ -6,6 +6,7 @@ composited onto white. A broken file raises `UserError` naming it.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import warnings
 from pathlib import Path
@@ -19,6 +20,24 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
 MIN_SIDE = 8  # pixels; smaller images carry nothing a model can use
+MAX_BYTES = 1 << 30  # a reference image file larger than 1 GiB is refused before it is read
+CHUNK = 1 << 20
+
+
+VECTOR_SUFFIXES = {".svg", ".svgz", ".eps", ".pdf", ".ai"}
+
+
+def no_images_hint(folder: Path) -> str:
+    """What to do about a folder without usable image files, from what it does hold."""
+    try:
+        names = [p for p in folder.iterdir() if not p.name.startswith(".")]
+    except OSError:
+        names = []
+    if any(p.suffix.lower() in VECTOR_SUFFIXES for p in names):
+        return "render vector images (SVG, EPS, PDF) to PNG first"
+    if names and all(p.is_dir() for p in names):
+        return "it holds only folders: for one folder per class use --config-name imagefolder"
+    return f"add reference images ({', '.join(sorted(s.lstrip('.') for s in IMAGE_SUFFIXES)[:6])}, ...) to it"
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -27,6 +46,23 @@ def list_images(folder: Path) -> list[Path]:
         p for p in folder.iterdir()
         if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
     )
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a reference image file, read in chunks. `UserError` for an unreadable or absurdly
+    large file."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_BYTES:
+            raise UserError(f"{path}: the file is {size / 2**30:.1f} GiB, over the {MAX_BYTES >> 30} GiB a reference "
+                            f"image may have; remove it or make it smaller")
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            while chunk := handle.read(CHUNK):
+                digest.update(chunk)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    return digest.hexdigest()
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -56,11 +92,13 @@ def load_rgb(path: Path) -> Image.Image:
                 image.load()
                 rgb = _to_rgb(image)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise UserError(f"{path}: image is too large (over Pillow's decompression-bomb limit)") from None
+        raise UserError(f"{path}: image is too large (over Pillow's decompression-bomb limit); resize it") from None
     except UnidentifiedImageError:
-        raise UserError(f"{path}: not an image Pillow can read") from None
+        raise UserError(f"{path}: not an image Pillow can read; remove it or convert it to PNG or JPEG") from None
     except (OSError, ValueError, SyntaxError) as exc:
-        raise UserError(f"{path}: unreadable image ({str(exc).splitlines()[0] or type(exc).__name__})") from None
+        raise UserError(f"{path}: unreadable image ({str(exc).splitlines()[0] or type(exc).__name__}); remove it or "
+                        f"save it again") from None
     if min(rgb.size) < MIN_SIDE:
-        raise UserError(f"{path}: image is only {rgb.size[0]}x{rgb.size[1]} pixels (at least {MIN_SIDE} needed)")
+        raise UserError(f"{path}: image is only {rgb.size[0]}x{rgb.size[1]} pixels (at least {MIN_SIDE} needed); use a "
+                        f"larger reference")
     return rgb

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from seedselect_cli.config import Config
+from seedselect_cli.interrupt import GracefulStop
 from seedselect_cli.models import FrozenModels
 from seedselect_cli.nao import nao_centroid, rescaled_centroid
 from seedselect_cli.references import ReferenceCache, ReferenceEncodings, weights_fingerprint
@@ -58,8 +59,9 @@ def inversion_fingerprint(models: FrozenModels, height: int, width: int, resize_
 class SeedStarts:
     """The starting seeds of a run: `centre` once per class, then `seeds` for each batch of images."""
 
-    def __init__(self, models: FrozenModels, config: Config, shape: tuple[int, ...], cache_root: Path | None):
-        self.models, self.config, self.shape = models, config, shape
+    def __init__(self, models: FrozenModels, config: Config, shape: tuple[int, ...], cache_root: Path | None,
+                 stop: GracefulStop | None = None):
+        self.models, self.config, self.shape, self.stop = models, config, shape, stop
         h, w = config.sampler.height, config.sampler.width
         self.cache = (ReferenceCache(cache_root / "inversions" if cache_root is not None else None,
                                      inversion_fingerprint(models, h, w, config.dataset.resize_mode))
@@ -72,9 +74,11 @@ class SeedStarts:
         settings = json.dumps([prompt, self.config.sampler.negative_prompt, steps, init.inversion_guidance])
         seeds, inverted = [], 0
         for i, latent in enumerate(encodings.appearance):
+            if self.stop is not None:
+                self.stop.check(f"the DDIM inversion of the references of {prompt!r}")
             key = (hashlib.sha256(f"{encodings.hashes[i]}/{settings}".encode()).hexdigest()
                    if encodings.hashes else None)
-            entry = self.cache.get(key) if key else None
+            entry = self.cache.get(key, {"inverted": self.shape}) if key else None
             if entry is None:
                 if not inverted:
                     log.info("DDIM-inverting the references with %r, %d steps each", prompt, steps)

@@ -6,11 +6,14 @@ optimiser ever sees. `model.pretrained=tiny` selects the small random components
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -125,7 +128,13 @@ def _offline() -> bool:
 
 def _not_available(what: str, source: str, exc: Exception) -> UserError:
     if os.path.isdir(source):
-        return UserError(f"cannot load the {what} from folder {source}: {str(exc).splitlines()[0]}")
+        pickled = [str(p) for p in Path(source).rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+        if pickled:
+            return UserError(f"cannot load the {what} from folder {source}: it holds pickled weights ({pickled[0]}), "
+                             f"which can run code when loaded; seedselect reads only .safetensors: convert the folder "
+                             f"(save_pretrained(..., safe_serialization=True)) or pass another")
+        return UserError(f"cannot load the {what} from folder {source}: {str(exc).splitlines()[0]}; pass a folder in "
+                         f"the diffusers layout with .safetensors weights")
     if source.startswith((".", "/", "~")) or source.count("/") > 1:  # a path, not an "org/name" id
         return UserError(f"the {what} folder {source} does not exist; pass an existing folder")
     hint = f"download it once with `hf download {source}` where there is internet"
@@ -165,7 +174,7 @@ def _load_diffusers(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
     weights = {"variant": cfg.variant, "torch_dtype": dtype, "use_safetensors": True, **kwargs}
     source = os.path.expanduser(cfg.pretrained)
     try:
-        with warnings.catch_warnings():  # huggingface_hub warns about arguments diffusers passes
+        with warnings.catch_warnings(), quiet_libraries():  # their failures come back as one UserError
             warnings.simplefilter("ignore", UserWarning)
             return {
                 "vae": AutoencoderKL.from_pretrained(source, subfolder="vae", **weights),
@@ -180,22 +189,48 @@ def _load_diffusers(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
         raise _not_available("Stable Diffusion model", cfg.pretrained, exc) from None
 
 
+@contextlib.contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """diffusers and transformers log only critical messages inside: what they would say about a failed
+    load comes back as the exception this module turns into one `error:` line."""
+    levels = diffusers_logging.get_verbosity(), transformers_logging.get_verbosity()
+    diffusers_logging.set_verbosity(logging.CRITICAL)
+    transformers_logging.set_verbosity(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(levels[0])
+        transformers_logging.set_verbosity(levels[1])
+
+
 def _load_image_encoder(cfg: ModelConfig, dtype: torch.dtype) -> tuple[CLIPVisionModelWithProjection, Any]:
     kwargs = {"local_files_only": cfg.local_files_only or _offline()}
     source = os.path.expanduser(cfg.image_encoder)
     try:
-        level = transformers_logging.get_verbosity()
-        transformers_logging.set_verbosity_error()  # a two-tower checkpoint's text weights go unused: no report
-        try:
+        with quiet_libraries():  # a two-tower checkpoint's text weights go unused: no report
             encoder = CLIPVisionModelWithProjection.from_pretrained(source, dtype=dtype, use_safetensors=True, **kwargs)
-        finally:
-            transformers_logging.set_verbosity(level)
-        processor = AutoImageProcessor.from_pretrained(source, backend="pil", **kwargs)
+            processor = AutoImageProcessor.from_pretrained(source, backend="pil", **kwargs)
     except (OSError, ValueError) as exc:
         raise _not_available("CLIP image encoder", cfg.image_encoder, exc) from None
     return encoder, processor
 
 
 def scheduler_from_json(text: str) -> DDIMScheduler:
-    """Rebuild the DDIM scheduler recorded in a seed file."""
-    return DDIMScheduler.from_config(json.loads(text))
+    """Rebuild the DDIM scheduler recorded in a seed file (checked by `seed_files.metadata_problem`)."""
+    try:
+        scheduler = DDIMScheduler.from_config(json.loads(text))
+        alphas = scheduler.alphas_cumprod
+    except (ValueError, TypeError, KeyError, ZeroDivisionError, RuntimeError) as exc:
+        raise UserError(f"the seed file's scheduler_config cannot be used ({str(exc).splitlines()[0]}); the file is "
+                        f"damaged") from None
+    if not (torch.isfinite(alphas).all() and (alphas > 0).all() and (alphas <= 1).all()):
+        raise UserError("the seed file's scheduler_config gives a noise schedule outside (0, 1]; the file is damaged")
+    return scheduler
+
+
+def check_steps(scheduler: DDIMScheduler, steps: int, key: str) -> None:
+    """`steps` sampling steps fit the scheduler's training timesteps."""
+    trained = scheduler.config.num_train_timesteps
+    if steps > trained:
+        raise UserError(f"{key}={steps} is invalid: the model's scheduler was trained with {trained} timesteps; "
+                        f"use at most {trained}")

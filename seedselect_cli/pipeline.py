@@ -26,9 +26,10 @@ from seedselect_cli.cuda_graphs import enable_cuda_graphs, resolve_cuda_graphs
 from seedselect_cli.datasets import ClassRecord, load_classes
 from seedselect_cli.errors import Interrupted, UserError
 from seedselect_cli.initial_seeds import SeedStarts, init_seed_for
-from seedselect_cli.interrupt import GracefulStop
+from seedselect_cli.interrupt import GracefulStop, catching_signals
 from seedselect_cli.models import (
     FrozenModels,
+    check_steps,
     compile_models,
     load_models,
     resolve_device,
@@ -96,6 +97,11 @@ def run_bootstrap(config: Config, run_dir: Path) -> list[dict]:
 
 def run(config: Config, run_dir: Path, method: str) -> list[dict]:
     """Make the missing images of this process's classes in `run_dir`. Returns the new manifest entries."""
+    with catching_signals() as stop:
+        return _run(config, run_dir, method, stop)
+
+
+def _run(config: Config, run_dir: Path, method: str, stop: GracefulStop) -> list[dict]:
     # 1. Device and precision.
     device = resolve_device(config.runtime.device)
     dtype = resolve_dtype(config.runtime.dtype, device)
@@ -125,8 +131,11 @@ def run(config: Config, run_dir: Path, method: str) -> list[dict]:
                  run_dir)
         return []
 
-    # 4. The frozen models, and the cache of reference encodings.
+    # 4. The frozen models, and the cache of reference encodings. A signal stops this at once.
     models = load_models(config.model, device, dtype)
+    check_steps(models.scheduler, config.sampler.steps, "sampler.steps")
+    if config.init.inversion_steps:
+        check_steps(models.scheduler, config.init.inversion_steps, "init.inversion_steps")
     if config.runtime.compile:
         compile_models(models)
     if cuda_graphs:
@@ -136,29 +145,42 @@ def run(config: Config, run_dir: Path, method: str) -> list[dict]:
     cache_dir = (Path(config.runtime.cache_dir).expanduser() if config.runtime.cache_dir else default_cache_dir())
     cache_root = cache_dir if config.runtime.cache else None
     cache = ReferenceCache(cache_root, encoder_fingerprint(models, h, w, mode))
-    starts = SeedStarts(models, config, shape, cache_root)
+    starts = SeedStarts(models, config, shape, cache_root, stop)
 
     def encode(record: ClassRecord) -> ReferenceEncodings:
-        return load_encodings(models, record.images, h, w, mode, cache, f"class {record.name!r}")
+        return load_encodings(models, record.images, h, w, mode, cache, f"class {record.name!r}",
+                              should_stop=lambda: stop.check(f"the encoding of class {record.name!r}'s references"))
 
-    # 5. For the contrastive loss: the semantic centroid mu_v of every class of the run.
-    class_semantic = (torch.stack([encode(r).centroids().semantic for r in all_records]) if contrastive else None)
-    class_rows = {r.name: i for i, r in enumerate(all_records)}
-
-    # 6. Each class: its targets and prompt, then its seeds a batch at a time, each image written when
-    #    done. Ctrl-C or SIGTERM stop after the current step; what is written stays.
+    # 5-6. From here a signal stops the work after its current step (a reference's encoding or
+    #    inversion, an optimisation step); what is written stays.
     entries: list[dict] = []
     failed: list[str] = []
-    with GracefulStop() as stop, run_progress(len(records), sum(map(len, todo.values())),
-                                              config.runtime.progress) as progress:
-        run = ClassRun(config, method, n_images, out, models, starts, progress, stop)
+    busy: list[str] = []
+    with stop.steps(), run_progress(len(records), sum(map(len, todo.values())), config.runtime.progress) as progress:
         try:
+            # 5. For the contrastive loss: the semantic centroid mu_v of every class of the run.
+            class_semantic = (torch.stack([encode(r).centroids().semantic for r in all_records])
+                              if contrastive else None)
+            class_rows = {r.name: i for i, r in enumerate(all_records)}
+            # 6. Each class that no other process is making: its targets and prompt, then its seeds a batch
+            #    at a time, each image written when done.
+            run = ClassRun(config, method, n_images, out, models, starts, progress, stop)
             for record in records:
-                contrast = None if class_semantic is None else (class_semantic, class_rows[record.name])
-                made = run.make(record, todo[record.name], slugs[record.name], encode, contrast, failed)
-                entries += made
+                with out.claim(slugs[record.name]) as claimed:
+                    if not claimed:
+                        busy.append(record.name)
+                        log.warning("class %r is being made by another process in %s; leaving it to that one",
+                                    record.name, run_dir)
+                        progress.class_done(record.name, [], n_images, n_images, skipped=True)
+                        continue
+                    finished = out.finished()  # again: another process may have finished some meanwhile
+                    indices = [i for i in todo[record.name] if (record.name, i) not in finished]
+                    contrast = None if class_semantic is None else (class_semantic, class_rows[record.name])
+                    entries += run.make(record, indices, slugs[record.name], encode, contrast, failed)
                 if stop.requested:
                     break
+        except Interrupted:
+            pass  # a stop between steps before the class's first batch: said below
         except torch.OutOfMemoryError:
             raise UserError(
                 f"out of GPU memory with runtime.batch_size={config.runtime.batch_size} at "
@@ -170,6 +192,9 @@ def run(config: Config, run_dir: Path, method: str) -> list[dict]:
         name = signal.Signals(stop.signum).name
         raise Interrupted(stop.signum, f"stopped by {name}: {len(entries)} new images kept in {run_dir}; run the "
                                        f"same command again to resume")
+    if busy:
+        log.warning("%d classes were left to the other process working in %s (%s); run the command again when it "
+                    "has ended to check that nothing is missing", len(busy), run_dir, ", ".join(busy[:5]))
     if failed:
         raise UserError(f"{len(failed)} images could not be made ({failed[0]}): their loss was never finite; "
                         f"lower optim.lr or use runtime.dtype=float32")
@@ -209,15 +234,16 @@ class ClassRun:
             return dataclasses.replace(centroids, classes=contrast[0], class_index=contrast[1])
 
         blocks = batch_blocks(indices, n_images, config.runtime.batch_size)
-        # Where the class's seeds start (a centroid of inverted references, or None for fresh noise); a
-        # bootstrap run that already saved z_T^G needs none.
-        saved_global = self.method == "bootstrap" and self.out.bootstrap_seed_path(slug).is_file()
-        centre = None if saved_global else self.starts.centre(encodings, record.prompt, text_embeds)
+        # Where the class's seeds start: a centroid of inverted references, or None for fresh noise (a
+        # bootstrap run that already saved z_T^G needs none, so it is found only when asked for).
+        def centre() -> torch.Tensor | None:
+            return self.starts.centre(encodings, record.prompt, text_embeds)
+
         if self.method == "optimize":
-            batches = optimize_batches(self.starts, config, record.name, blocks, encodings.centroids(), centre)
+            batches = optimize_batches(self.starts, config, record.name, blocks, encodings.centroids(), centre())
         else:
             z_global, global_init = global_seed(self.out, self.models, self.starts, config, record, slug, encodings,
-                                                text_embeds, centre, self.progress, targets)
+                                                text_embeds, centre, self.progress, targets, self.stop)
             batches = bootstrap_batches(config, record.name, blocks, encodings, z_global, global_init)
         made: list[dict] = []
         for batch in batches:
@@ -274,25 +300,52 @@ def optimize_batches(starts: SeedStarts, config: Config, class_name: str, blocks
 
 
 def global_seed(out: RunDirectory, models: FrozenModels, starts: SeedStarts, config: Config, record: ClassRecord,
-                slug: str, encodings: ReferenceEncodings, text_embeds: torch.Tensor, centre: torch.Tensor | None,
-                progress: RunProgress, contrast: Callable[[Centroids], Centroids]) -> tuple[torch.Tensor, int]:
+                slug: str, encodings: ReferenceEncodings, text_embeds: torch.Tensor,
+                centre: Callable[[], torch.Tensor | None],
+                progress: RunProgress, contrast: Callable[[Centroids], Centroids], stop: GracefulStop
+                ) -> tuple[torch.Tensor, int]:
     """The class's z_T^G and its init seed: read from the run directory, or optimised and saved there."""
     path = out.bootstrap_seed_path(slug)
-    if path.is_file():
-        saved = load_seed_file(path)
-        return saved.optimized, int(saved.metadata["init_seed"])
     init_seed = init_seed_for(config.seed, record.name, "bootstrap")
+    if path.is_file():
+        saved = check_global_seed(path, models.latent_shape(config.sampler.height, config.sampler.width), init_seed)
+        if saved is not None:
+            return saved, init_seed
     with progress.iterations(config.bootstrap.global_iterations, f"{record.name} z_T^G") as bar:
-        result = optimize_global_seed(models, config, starts.seeds(centre, [init_seed])[0],
-                                      contrast(encodings.centroids()), text_embeds, progress=bar)
+        result = optimize_global_seed(models, config, starts.seeds(centre(), [init_seed])[0],
+                                      contrast(encodings.centroids()), text_embeds, progress=bar,
+                                      should_stop=lambda: stop.requested)
+    stop.check(f"the optimisation of class {record.name!r}'s z_T^G")  # not saved: the next run redoes it
     if not result.usable:
         raise UserError(f"class {record.name!r}: the loss of z_T^G was never finite ({result.stopped}); lower "
                         f"optim.lr or use runtime.dtype=float32")
     metadata = seed_metadata(models, config, record, -1, init_seed) | {"bootstrap_loss": repr(result.loss)}
-    save_seed_file(path, result.initial, result.optimized, metadata)
+    with out.writing(path):
+        save_seed_file(path, result.initial, result.optimized, metadata)
     log.info("%s: z_T^G after %d iterations, loss %.4f -> %.4f", record.name, len(result.loss_history),
              result.loss_history[0], result.loss)
     return result.optimized, init_seed
+
+
+def check_global_seed(path: Path, shape: tuple[int, ...], init_seed: int) -> torch.Tensor | None:
+    """A saved z_T^G, if it is one this run would have made: a seed file of the run's latent shape, finite,
+    from the class's own init seed. Anything else is made again, and the log says why."""
+    try:
+        saved = load_seed_file(path)
+    except UserError as exc:
+        log.warning("%s is damaged (%s); optimising z_T^G again", path, exc)
+        return None
+    problem = None
+    if tuple(saved.optimized.shape) != tuple(shape):
+        problem = f"its shape {tuple(saved.optimized.shape)} is not the run's {tuple(shape)}"
+    elif not torch.isfinite(saved.optimized).all():
+        problem = "it holds values that are not finite"
+    elif saved.metadata.get("init_seed") != str(init_seed):
+        problem = "it was drawn from another init seed"
+    if problem:
+        log.warning("%s does not fit this run (%s); optimising z_T^G again", path, problem)
+        return None
+    return saved.optimized
 
 
 def _write_image(out: RunDirectory, models: FrozenModels, config: Config, record: ClassRecord, slug: str,
@@ -302,7 +355,8 @@ def _write_image(out: RunDirectory, models: FrozenModels, config: Config, record
                           config.sampler.guidance_scale)[0]
     metadata = seed_metadata(models, config, record, index, init_seed)
     seed_path, image_path = out.seed_path(slug, index), out.image_path(slug, index)
-    save_seed_file(seed_path, result.initial, result.optimized, metadata)
+    with out.writing(seed_path):
+        save_seed_file(seed_path, result.initial, result.optimized, metadata)
     out.save_image(image_path, image, png_text(metadata, result))
     entry = {
         "class": record.name, "prompt": record.prompt,

@@ -45,11 +45,14 @@ class RunProgress:
         self.images.update(count)
         self.images.set_postfix(loss=f"{loss:.4f}")
 
-    def class_done(self, name: str, entries: list[dict], already: int, wanted: int) -> None:
+    def class_done(self, name: str, entries: list[dict], already: int, wanted: int, skipped: bool = False) -> None:
         """One log line: images made and kept, time per image, loss before and after."""
         self.classes.update(1)
+        if skipped:
+            return
         if not entries:
-            log.info("%s: all %d images already there", name, wanted)
+            if already == wanted:
+                log.info("%s: all %d images already there", name, wanted)
             return
         first = sum(e["loss_history"][0] for e in entries) / len(entries)
         best = sum(e["loss"] for e in entries) / len(entries)

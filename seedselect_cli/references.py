@@ -16,7 +16,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,8 +26,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from seedselect_cli.encoders import clip_embed_pil, vae_encode
-from seedselect_cli.errors import UserError
-from seedselect_cli.images import load_rgb
+from seedselect_cli.errors import UserError, first_line
+from seedselect_cli.images import file_sha256, load_rgb
 from seedselect_cli.models import FrozenModels
 from seedselect_cli.writer import atomic_write
 
@@ -117,45 +117,78 @@ def encoder_fingerprint(models: FrozenModels, height: int, width: int, resize_mo
 
 class ReferenceCache:
     """Per-image tensors in `root/<fingerprint>/<ab>/<key>.safetensors`; the key is the SHA-256 of the
-    image file (for an inversion, of the file's hash with the prompt and settings)."""
+    image file (for an inversion, of the file's hash with the prompt and settings).
+
+    What is read back is checked: an entry that cannot be read, lacks a tensor, or holds one of another
+    shape or dtype, or values that are not finite, is a miss (computed again and rewritten), and the
+    log says so once."""
 
     def __init__(self, root: Path | None, fingerprint: str):
         self.folder = Path(root) / fingerprint if root is not None else None
+        self._warned = False
 
-    def _path(self, file_hash: str) -> Path:
-        return self.folder / file_hash[:2] / f"{file_hash}.safetensors"
+    def _path(self, key: str) -> Path:
+        return self.folder / key[:2] / f"{key}.safetensors"
 
-    def get(self, file_hash: str) -> dict[str, torch.Tensor] | None:
-        if self.folder is None or not self._path(file_hash).is_file():
+    def get(self, key: str, expected: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor] | None:
+        """The entry under `key` if it holds exactly the float32 tensors of the shapes in `expected`."""
+        if self.folder is None or not self._path(key).is_file():
             return None
         try:
-            return load_file(self._path(file_hash))
-        except (SafetensorError, OSError) as exc:  # a damaged entry is encoded again
-            log.warning("reference cache: ignoring unreadable %s (%s)", self._path(file_hash), exc)
-            return None
+            entry = load_file(self._path(key))
+        except (SafetensorError, OSError, ValueError) as exc:
+            return self._miss(f"{self._path(key)} is unreadable ({first_line(exc)})")
+        for name, shape in expected.items():
+            tensor = entry.get(name)
+            if tensor is None:
+                return self._miss(f"{self._path(key)} has no {name!r} tensor")
+            if tensor.dtype != torch.float32 or tuple(tensor.shape) != tuple(shape):
+                return self._miss(f"{self._path(key)} holds {name!r} as {str(tensor.dtype).removeprefix('torch.')} "
+                                  f"{tuple(tensor.shape)}, not float32 {tuple(shape)}")
+            if not torch.isfinite(tensor).all():
+                return self._miss(f"{self._path(key)} holds values of {name!r} that are not finite")
+        return {name: entry[name] for name in expected}
 
-    def put(self, file_hash: str, tensors: dict[str, torch.Tensor]) -> None:
+    def _miss(self, why: str) -> None:
+        if not self._warned:
+            log.warning("cache: %s; computing it again (any other damaged entries too)", why)
+            self._warned = True
+
+    def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
         if self.folder is None:
             return
         try:
-            atomic_write(self._path(file_hash), lambda tmp: save_file(
-                {k: v.contiguous() for k, v in tensors.items()}, tmp))
+            atomic_write(self._path(key), lambda tmp: save_file(
+                {k: v.float().contiguous() for k, v in tensors.items()}, tmp))
         except OSError as exc:  # a read-only or full cache only costs time
-            log.warning("reference cache: cannot write %s (%s)", self._path(file_hash), exc.strerror)
+            log.warning("cache: cannot write %s (%s)", self._path(key), exc.strerror)
+
+
+def expected_entry(models: FrozenModels, height: int, width: int) -> dict[str, tuple[int, ...]]:
+    """The tensors, with their shapes, of a reference's cache entry for these models and size."""
+    f = models.vae_scale_factor
+    shapes = {"appearance": (models.vae.config.latent_channels, height // f, width // f)}
+    if models.image_encoder is not None:
+        shapes["semantic"] = (models.image_encoder.config.projection_dim,)
+    return shapes
 
 
 def load_encodings(models: FrozenModels, paths: Sequence[Path], height: int, width: int, resize_mode: str,
-                   cache: ReferenceCache, what: str, minimum: int = 1) -> ReferenceEncodings:
+                   cache: ReferenceCache, what: str, minimum: int = 1,
+                   should_stop: Callable[[], None] | None = None) -> ReferenceEncodings:
     """Encode every readable reference of `paths` (from the cache where it can); skip broken ones
-    with a warning. Raises `UserError` when fewer than `minimum` can be read."""
+    with a warning. Raises `UserError` when fewer than `minimum` can be read. `should_stop()` is called
+    before each reference and may raise to stop."""
     semantic, appearance, kept, hashes, broken = [], [], [], [], []
     for path in paths:
+        if should_stop is not None:
+            should_stop()
         try:
-            file_hash = hashlib.sha256(Path(path).read_bytes()).hexdigest()
-        except OSError as exc:
-            broken.append(f"{path}: cannot read ({exc.strerror})")
+            file_hash = file_sha256(Path(path))
+        except UserError as exc:
+            broken.append(str(exc))
             continue
-        entry = cache.get(file_hash)
+        entry = cache.get(file_hash, expected_entry(models, height, width))
         if entry is None:
             try:
                 image = load_rgb(Path(path))
@@ -171,9 +204,10 @@ def load_encodings(models: FrozenModels, paths: Sequence[Path], height: int, wid
         kept.append(Path(path))
         hashes.append(file_hash)
     for message in broken:
-        log.warning("skipping reference image %s", message)
+        log.warning("skipping reference image %s", message.replace("\n", "\\n"))
     if len(kept) < minimum:
         detail = f" ({len(broken)} unreadable: {broken[0]})" if broken else ""
-        raise UserError(f"{what} has {len(kept)} readable images, {minimum} needed{detail}")
+        raise UserError(f"{what} has {len(kept)} readable images, {minimum} needed{detail}; add readable images "
+                        f"(png, jpg, webp, ...) or point dataset.root elsewhere")
     return ReferenceEncodings(torch.stack(semantic) if semantic else None, torch.stack(appearance), tuple(kept),
                               tuple(hashes))

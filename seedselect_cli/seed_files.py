@@ -7,6 +7,7 @@ metadata: prompt, model, steps, guidance scale, size, scheduler (with its full c
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from seedselect_cli.errors import UserError
+from seedselect_cli.errors import UserError, first_line
 from seedselect_cli.writer import atomic_write
 
 FORMAT = "seedselect-seed/1"
@@ -35,6 +36,18 @@ class SeedFile:
     def guidance_scale(self) -> float:
         return float(self.metadata["guidance_scale"])
 
+    @property
+    def height(self) -> int:
+        return int(self.metadata["height"])
+
+    @property
+    def width(self) -> int:
+        return int(self.metadata["width"])
+
+    @property
+    def scheduler_config(self) -> dict:
+        return json.loads(self.metadata["scheduler_config"])
+
 
 def save_seed_file(path: Path, initial: torch.Tensor, optimized: torch.Tensor, metadata: dict) -> None:
     """Write a seed file atomically (it appears whole or not at all)."""
@@ -45,21 +58,68 @@ def save_seed_file(path: Path, initial: torch.Tensor, optimized: torch.Tensor, m
 
 
 def load_seed_file(path: str | Path) -> SeedFile:
-    """Read and check a seed file; `UserError` if it is missing, not safetensors, or malformed."""
+    """Read and check a seed file; `UserError` if it is missing, not safetensors, or malformed: tensors
+    of another dtype or shape or with values that are not finite, metadata out of range."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise UserError(f"seed_file={path} does not exist")
+        raise UserError(f"seed_file={path} does not exist; pass RUN/seeds/<class>/<index>.safetensors")
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise UserError(f"seed_file={path} is not a safetensors seed file ({str(exc).splitlines()[0]})") from None
+        raise UserError(f"seed_file={path} is not a safetensors seed file ({first_line(exc)}); pass a seed file "
+                        f"that seedselect wrote") from None
     missing = [k for k in ("initial", "optimized") if k not in tensors] + [k for k in REQUIRED if k not in metadata]
     if missing:
         raise UserError(f"seed_file={path} is not a seedselect seed file: {', '.join(missing)} missing")
     initial, optimized = tensors["initial"], tensors["optimized"]
+    for name, tensor in (("initial", initial), ("optimized", optimized)):
+        if tensor.dtype != torch.float32:
+            raise UserError(f"seed_file={path}: {name} is {str(tensor.dtype).removeprefix('torch.')}, not float32; "
+                            f"the file is damaged")
+        if not torch.isfinite(tensor).all():
+            raise UserError(f"seed_file={path}: {name} holds values that are not finite; the file is damaged")
     if initial.ndim != 3 or initial.shape != optimized.shape:
         raise UserError(f"seed_file={path}: seeds must be two tensors of one shape (C, H, W), "
                         f"got {tuple(initial.shape)} and {tuple(optimized.shape)}")
-    return SeedFile(initial=initial.float(), optimized=optimized.float(), metadata=metadata)
+    problem = metadata_problem(metadata)
+    if problem:
+        raise UserError(f"seed_file={path}: its metadata {problem}; the file is damaged or not seedselect's")
+    return SeedFile(initial=initial, optimized=optimized, metadata=metadata)
+
+
+def metadata_problem(metadata: dict[str, str]) -> str | None:
+    """What is wrong with a seed file's metadata (read back from disk: untrusted), or None."""
+    from seedselect_cli.config import DTYPES, MAX_SIDE, MAX_STEPS
+
+    def integer(key: str, low: int, high: int) -> str | None:
+        text = metadata[key]
+        if not text.strip().isdigit() or not low <= int(text) <= high:
+            return f"{key}={text!r} is not a whole number between {low} and {high}"
+        return None
+
+    for key, low, high in (("steps", 1, MAX_STEPS), ("height", 8, MAX_SIDE), ("width", 8, MAX_SIDE)):
+        if problem := integer(key, low, high):
+            return problem
+    try:
+        guidance = float(metadata["guidance_scale"])
+    except ValueError:
+        guidance = math.nan
+    if not (math.isfinite(guidance) and 0 <= guidance <= 100):
+        return f"guidance_scale={metadata['guidance_scale']!r} is not a number between 0 and 100"
+    if metadata["dtype"] not in DTYPES or metadata["dtype"] == "auto":
+        return f"dtype={metadata['dtype']!r} is not one of {', '.join(d for d in DTYPES if d != 'auto')}"
+    if not metadata["model"].strip():
+        return "names no model"
+    try:
+        scheduler = json.loads(metadata["scheduler_config"])
+    except (json.JSONDecodeError, RecursionError):
+        return "scheduler_config is not JSON"
+    if not isinstance(scheduler, dict):
+        return "scheduler_config is not a JSON object"
+    train_steps = scheduler.get("num_train_timesteps", 1000)
+    if type(train_steps) is not int or not int(metadata["steps"]) <= train_steps <= 100_000:
+        return (f"scheduler_config's num_train_timesteps={train_steps!r} is not a whole number from "
+                f"steps={metadata['steps']} to 100000")
+    return None

@@ -27,16 +27,19 @@ import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+import yaml
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from PIL import Image, PngImagePlugin
 
-from seedselect_cli.errors import UserError
+from seedselect_cli.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.jsonl"
 METADATA = "images/metadata.jsonl"
 CONFIG = "config.yaml"
 LOCK = ".lock"
+CLAIMS = ".claims"
 # May change between a run and its resumption: how it runs, how many images, which classes (a loop
 # over classes may fill one run directory).
 RESUMABLE_KEYS = ("runtime", "n_images", "bootstrap.n_images", "dataset.classes")
@@ -86,38 +89,79 @@ def slugify(name: str) -> str:
 
 
 class RunDirectory:
-    """Writes one run's images, seeds and manifest; knows what a previous run already finished."""
+    """Writes one run's images, seeds and manifest; knows what a previous run already finished.
+
+    Everything it writes stays inside the run directory (a symbolic link planted on the way is
+    refused), and everything it reads back is checked: a manifest line counts only if its paths are
+    the ones this class and index are written to and both files are there."""
 
     def __init__(self, root: Path):
         self.root = Path(root)
 
+    def inside(self, path: Path) -> Path:
+        """`path`, if writing it stays inside the run directory; else `UserError` (a symbolic link
+        leads out)."""
+        root, target = self.root.resolve(), Path(path).resolve()
+        if target != root and root not in target.parents:
+            raise UserError(f"{path} leads outside the run directory (to {target}) through a symbolic link; "
+                            f"remove the link, or pass a new hydra.run.dir")
+        return Path(path)
+
+    @contextlib.contextmanager
+    def writing(self, path: Path) -> Iterator[Path]:
+        """Write `path` inside the run directory; a failed write (disk full, read-only) is a `UserError`
+        that says how to go on."""
+        self.inside(path)
+        try:
+            yield path
+        except OSError as exc:
+            raise UserError(f"cannot write {path} ({exc.strerror or exc}); what is finished is kept: free space "
+                            f"or make the folder writable, then run the same command again to resume") from None
+
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         """Hold the run directory's lock: one process at a time edits the manifest and metadata."""
-        with open(self.root / LOCK, "a") as handle:
+        path = self.inside(self.root / LOCK)
+        try:
+            handle = open(path, "a")  # noqa: SIM115 (closed by the `with` below; opening is what may fail)
+        except OSError as exc:
+            raise UserError(f"cannot open the run directory's lock {path} ({exc.strerror}); remove it if it is "
+                            f"not a file, or pass a new hydra.run.dir") from None
+        with handle:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
             try:
                 yield
             finally:
                 fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
+    @contextlib.contextmanager
+    def claim(self, slug: str) -> Iterator[bool]:
+        """Claim a class for this process while inside: True, or False if another process (a second copy
+        of the command, an overlapping shard) is making it now."""
+        path = self.inside(self.root / CLAIMS / f"{slug}.lock")
+        with self.writing(path):
+            path.parent.mkdir(exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                yield False
+                return
+            yield True
+        finally:
+            os.close(fd)
+
     def start(self, config_yaml: str, method: str = "optimize", ignored: Sequence[str] = (),
               defaults_yaml: str | None = None) -> None:
         """Create the directory, check it is writable and holds no run of another config or method, save
         the config. Keys in `ignored` (besides the resumable ones) may differ from the earlier run's; a
         key the earlier run's config lacks (made by an older version) counts as its `defaults_yaml` value."""
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            probe = self.root / f".write-test-{os.getpid()}"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as exc:
-            raise UserError(f"run directory {self.root} is not writable ({exc.strerror}); "
-                            f"choose another with hydra.run.dir=DIR") from None
+        self.check_writable()
         old = self.root / CONFIG
         if old.exists():
             skip = (*RESUMABLE_KEYS, *ignored)
-            before, after = _comparable(old.read_text(), skip), _comparable(config_yaml, skip)
+            before, after = _comparable(self._read_config(old), skip), _comparable(config_yaml, skip)
             if defaults_yaml is not None:
                 before = _comparable(defaults_yaml, skip) | before
             if before != after:
@@ -131,9 +175,52 @@ class RunDirectory:
             if others:
                 raise UserError(f"{self.root} holds images of `seedselect {others.pop()}`; "
                                 f"`seedselect {method}` needs a new hydra.run.dir")
-            atomic_write(old, lambda tmp: tmp.write_text(config_yaml))
-            self._repair_manifest()
+            with self.writing(old):
+                atomic_write(old, lambda tmp: tmp.write_text(config_yaml))
+                self._repair_manifest()
             self._remove_abandoned_temporaries()
+
+    def check_writable(self) -> None:
+        """Before any work: the directory, its folders and its append-only files take writes."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"run directory {self.root} cannot be made ({exc.strerror}); choose another with "
+                            f"hydra.run.dir=DIR") from None
+        for name in ("images", "seeds", "bootstrap", ".claims"):  # where a run writes later
+            folder = self.inside(self.root / name)
+            if folder.exists() and not folder.is_dir():
+                raise UserError(f"{folder} is not a folder; move it away or pass a new hydra.run.dir")
+        for folder in (self.root, *(self.root / n for n in ("images", "seeds", "bootstrap")
+                                    if (self.root / n).is_dir())):
+            probe = folder / f".write-test-{os.getpid()}"
+            try:
+                probe.write_text("")
+                probe.unlink()
+            except OSError as exc:
+                raise UserError(f"run directory {self.root} is not writable ({folder}: {exc.strerror}); make it "
+                                f"writable or choose another with hydra.run.dir=DIR") from None
+        for name in (MANIFEST, METADATA, CONFIG):
+            path = self.inside(self.root / name)
+            if path.is_dir() or (path.exists() and not path.is_file()):
+                raise UserError(f"{path} is not a file; move it away or pass a new hydra.run.dir")
+            if path.is_file():
+                try:
+                    with open(path, "a"):
+                        pass
+                except OSError as exc:
+                    raise UserError(f"{path} cannot be written ({exc.strerror}); make it writable (chattr -i, "
+                                    f"chmod) or pass a new hydra.run.dir") from None
+
+    def _read_config(self, path: Path) -> str:
+        try:
+            text = path.read_text(encoding="utf-8")
+            if not isinstance(OmegaConf.to_container(OmegaConf.create(text)), dict):
+                raise TypeError("not a mapping")
+        except (OSError, ValueError, TypeError, OmegaConfBaseException, yaml.YAMLError) as exc:
+            raise UserError(f"{path} is not a seedselect run config ({first_line(exc)}); this folder holds "
+                            f"something else: pass a new hydra.run.dir") from None
+        return text
 
     def image_path(self, slug: str, index: int) -> Path:
         return self.root / "images" / slug / f"{index:05d}.png"
@@ -152,43 +239,58 @@ class RunDirectory:
         info = PngImagePlugin.PngInfo()
         for key, value in text.items():
             info.add_text(key, value)
-        atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
+        with self.writing(path):
+            atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
 
     def append_manifest(self, entry: dict) -> None:
         """Add one finished image to the manifest, and to the metadata: written last, after its files."""
-        with self.locked():
+        with self.locked(), self.writing(self.root / MANIFEST):
+            self.inside(self.root / METADATA)
             _append_line(self.root / MANIFEST, entry)
             _append_line(self.root / METADATA, metadata_row(entry))
 
     def _complete(self, entry: dict) -> bool:
-        return all((self.root / entry.get(k, "\0")).is_file() for k in ("image", "seed_file"))
+        """The entry names this class's and index's own files, inside the run directory, and both are there."""
+        slug = slugify(entry["class"])
+        expected = {"image": self.image_path(slug, entry["index"]), "seed_file": self.seed_path(slug, entry["index"])}
+        for key, path in expected.items():
+            if entry[key] != path.relative_to(self.root).as_posix() or path.is_symlink() or not path.is_file():
+                return False
+        return True
 
     def _read_manifest(self) -> list[dict]:
-        path = self.root / MANIFEST
+        """The manifest's well-formed entries: a class name, an index >= 0, and both paths as strings; a line
+        cut short or edited into something else is passed over."""
+        path = self.inside(self.root / MANIFEST)
         if not path.exists():
             return []
+        try:
+            text = path.read_text(encoding="utf-8", errors="replace")
+        except OSError as exc:
+            raise UserError(f"cannot read {path} ({exc.strerror}); make it readable or pass a new "
+                            f"hydra.run.dir") from None
         entries = []
-        for line in path.read_text(encoding="utf-8").splitlines():
+        for line in text.splitlines():
             try:
                 entry = json.loads(line)
-                if isinstance(entry, dict) and {"class", "index", "image", "seed_file"} <= entry.keys():
-                    entries.append(entry)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):
                 continue
+            if _well_formed(entry):
+                entries.append(entry)
         return entries
 
     def _remove_abandoned_temporaries(self) -> None:
         """Delete the temporary files of writers that were killed (never of a live shard's writer)."""
         now = time.time()
         for tmp in self.root.rglob(".*.tmp"):
-            if _abandoned(tmp, now):
+            if _abandoned(tmp, now) and not tmp.is_symlink():
                 tmp.unlink(missing_ok=True)
 
     def _repair_manifest(self) -> None:
         """Drop lines a killed run left half-written, whose files are gone, or repeated, so appends stay
         clean; rewrite the metadata from the manifest. Call with the lock held."""
         path = self.root / MANIFEST
-        text = path.read_text(encoding="utf-8") if path.exists() else ""
+        text = path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
         good = list({(e["class"], int(e["index"])): e for e in self._read_manifest() if self._complete(e)}.values())
         lines = "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in good)
         if lines != text:
@@ -196,7 +298,14 @@ class RunDirectory:
                         len(text.splitlines()) - len(good))
             atomic_write(path, lambda tmp: tmp.write_text(lines, encoding="utf-8"))
         metadata = "".join(json.dumps(metadata_row(e), ensure_ascii=False) + "\n" for e in good)
-        atomic_write(self.root / METADATA, lambda tmp: tmp.write_text(metadata, encoding="utf-8"))
+        atomic_write(self.inside(self.root / METADATA), lambda tmp: tmp.write_text(metadata, encoding="utf-8"))
+
+
+def _well_formed(entry: object) -> bool:
+    """A manifest entry this version can trust the shape of (its paths are checked against the files)."""
+    return (isinstance(entry, dict) and isinstance(entry.get("class"), str) and entry["class"] != ""
+            and type(entry.get("index")) is int and 0 <= entry["index"] < 10**9
+            and isinstance(entry.get("image"), str) and isinstance(entry.get("seed_file"), str))
 
 
 def metadata_row(entry: dict) -> dict:
@@ -229,32 +338,3 @@ def _comparable(config_yaml: str, skip: Sequence[str]) -> dict:
 
     walk("", data)
     return {k: v for k, v in flat.items() if not any(k == s or k.startswith(f"{s}.") for s in skip)}
-
-
-HYDRA_TRACES = (".hydra",)  # and `<job name>.log`
-
-
-def is_fresh_run_dir(root: Path) -> bool:
-    """Whether `root` holds nothing but what Hydra writes when a job starts (`.hydra/`, `<job>.log`)."""
-    return root.is_dir() and all(p.name in HYDRA_TRACES or p.suffix == ".log" for p in root.iterdir())
-
-
-def remove_fresh_run_dir(root: Path) -> None:
-    """Remove a run directory that a failed command created and wrote no image to, then its parents
-    while they are empty (`outputs/<config>/`), never leaving the working directory."""
-    import shutil
-
-    work = [p for name in ("images", "seeds", "bootstrap") for p in (root / name).rglob("*")
-            if p.is_file() and p.name != Path(METADATA).name]
-    if work or ((root / MANIFEST).exists() and (root / MANIFEST).stat().st_size):
-        return  # it made something (an image, a bootstrap seed): keep everything
-    for name in (*HYDRA_TRACES, "images", "seeds", "bootstrap"):
-        shutil.rmtree(root / name, ignore_errors=True)
-    for path in list(root.iterdir()):
-        if path.name in (CONFIG, MANIFEST, LOCK) or path.suffix == ".log" or path.name.startswith(".write-test"):
-            path.unlink(missing_ok=True)
-    cwd = Path.cwd().resolve()
-    for directory in (root.resolve(), *root.resolve().parents):
-        if directory == cwd or cwd not in directory.parents or any(directory.iterdir()):
-            break
-        directory.rmdir()

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 import seedselect_cli.optimize as optimize_module
 from seedselect_cli import initial_seeds, pipeline
 from seedselect_cli.errors import Interrupted, UserError
-from seedselect_cli.interrupt import GracefulStop
+from seedselect_cli.interrupt import GracefulStop, StopNow
 from seedselect_cli.optimize import optimize_seeds
 from seedselect_cli.pipeline import run_bootstrap, run_optimize
 from seedselect_cli.sampling import encode_prompt
@@ -107,15 +107,25 @@ def test_out_of_memory_names_the_setting_and_keeps_what_is_done(tmp_path, monkey
 # --- Ctrl-C and SIGTERM --------------------------------------------------------------------------
 
 
-def test_graceful_stop_sets_a_flag_then_a_second_signal_stops_at_once():
-    with GracefulStop() as stop:
+def test_graceful_stop_between_steps_sets_a_flag_then_a_second_signal_stops_at_once():
+    with GracefulStop() as stop, stop.steps():
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(0.05)
         assert stop.requested and stop.signum == signal.SIGTERM
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(Interrupted, match="stopped by SIGTERM during the test's step"):
+            stop.check("the test's step")
+        with pytest.raises(StopNow):
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.05)
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_outside_steps_a_signal_stops_at_once():
+    with GracefulStop() as stop:
+        with pytest.raises(StopNow) as info:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+        assert info.value.signum == signal.SIGTERM and stop.requested
 
 
 def test_sigterm_mid_run_keeps_the_finished_images_and_a_consistent_manifest(tmp_path, monkeypatch):

@@ -90,16 +90,48 @@ def build_records(cfg: DatasetConfig, seed: int, images: Mapping[str, Sequence[P
     return records
 
 
-def read_table(path: Path, columns: int = 2) -> list[list[str]]:
-    """Rows of a whitespace-separated text file (the last column may hold spaces); blank lines skipped."""
+def read_lines(path: Path) -> list[str]:
+    """The lines of a data set's UTF-8 index file; `UserError` naming the file and line that is not text."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror}); check the data set's files") from None
+    lines = []
+    for number, raw in enumerate(data.splitlines(), 1):
+        try:
+            lines.append(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise UserError(f"{path}:{number}: not UTF-8 text ({raw[:40]!r}); re-save the file as UTF-8 or restore "
+                            f"it from the data set's archive") from None
+    return lines
+
+
+def read_table(path: Path, columns: int = 2, numeric: Sequence[int] = ()) -> list[list[str]]:
+    """Rows of a whitespace-separated text file (the last column may hold spaces); blank lines skipped.
+    The columns in `numeric` must be whole numbers."""
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(read_lines(path), 1):
         if line.strip():
             parts = line.split(maxsplit=columns - 1)
             if len(parts) != columns:
-                raise UserError(f"{path}:{number}: expected {columns} columns, got {line!r}")
+                raise UserError(f"{path}:{number}: expected {columns} columns, got {line!r}; fix the line or restore "
+                                f"the file from the data set's archive")
+            for column in numeric:
+                if not parts[column].strip().isdigit():
+                    raise UserError(f"{path}:{number}: {parts[column]!r} is not a whole number (column {column + 1}); "
+                                    f"fix the line or restore the file from the data set's archive")
             rows.append([part.strip() for part in parts])
     return rows
+
+
+def inside_root(root: Path, relative: str, source: Path, number: int | None = None) -> Path:
+    """An image path an index file names, relative to the data set's root; `UserError` if it climbs out."""
+    path = Path(relative)
+    if path.is_absolute() or ".." in path.parts:
+        where = f"{source}:{number}" if number else str(source)
+        raise UserError(f"{where}: the image path {relative!r} leads outside dataset.root; index files name images "
+                        f"relative to the root")
+    return root / path
 
 
 def load_classes(cfg: DatasetConfig, seed: int) -> list[ClassRecord]:

@@ -8,7 +8,15 @@ Classes are shown with spaces for underscores ("aquarium fish"). `dataset.split`
 from __future__ import annotations
 
 from seedselect_cli.config import DatasetConfig
-from seedselect_cli.datasets import ClassRecord, build_records, require_files, require_root, require_split
+from seedselect_cli.datasets import (
+    ClassRecord,
+    build_records,
+    inside_root,
+    read_lines,
+    require_files,
+    require_root,
+    require_split,
+)
 from seedselect_cli.images import list_images
 
 SPLITS = ("train", "val", "test")
@@ -20,7 +28,9 @@ def load(cfg: DatasetConfig, seed: int) -> list[ClassRecord]:
     split_file = f"splits/bertinetto/{split}.txt"
     require_files(root, (split_file,), "CIFAR-FS")
     data = root / "data" if (root / "data").is_dir() else root
-    folders = [line.strip() for line in (root / split_file).read_text().splitlines() if line.strip()]
+    folders = [line.strip() for line in read_lines(root / split_file) if line.strip()]
+    for number, folder in enumerate(folders, 1):
+        inside_root(data, folder, root / split_file, number)
     names = {folder: folder.replace("_", " ") for folder in folders}
     images = {names[f]: list_images(data / f) if (data / f).is_dir() else [] for f in folders}
     return build_records(cfg, seed, images, list(names.values()), names, "CIFAR-FS")

@@ -14,6 +14,7 @@ from seedselect_cli.config import DatasetConfig
 from seedselect_cli.datasets import (
     ClassRecord,
     build_records,
+    inside_root,
     read_table,
     require_files,
     require_root,
@@ -35,12 +36,15 @@ def load(cfg: DatasetConfig, seed: int) -> list[ClassRecord]:
         root = root / "CUB_200_2011"  # the folder the archive unpacks into, given one level up
     require_files(root, FILES, "CUB_200_2011")
     wanted = SPLITS[require_split(cfg, list(SPLITS), "CUB")]
-    images, classes = (dict(read_table(root / name)) for name in ("images.txt", "classes.txt"))
-    labels, is_train = (dict(read_table(root / name)) for name in ("image_class_labels.txt", "train_test_split.txt"))
+    images = dict(read_table(root / "images.txt", numeric=[0]))
+    classes = dict(read_table(root / "classes.txt", numeric=[0]))
+    labels = dict(read_table(root / "image_class_labels.txt", numeric=[0, 1]))
+    is_train = dict(read_table(root / "train_test_split.txt", numeric=[0, 1]))
 
     by_class: dict[str, list[Path]] = defaultdict(list)
     for image_id, relative in images.items():
         if is_train.get(image_id) in wanted and labels.get(image_id) in classes:
-            by_class[display_name(classes[labels[image_id]])].append(root / "images" / relative)
+            path = inside_root(root / "images", relative, root / "images.txt")
+            by_class[display_name(classes[labels[image_id]])].append(path)
     names = [display_name(d) for _, d in sorted(classes.items(), key=lambda kv: int(kv[0]))]
     return build_records(cfg, seed, by_class, names, {d: display_name(d) for d in classes.values()}, "CUB")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from seedselect_cli.config import DatasetConfig
 from seedselect_cli.datasets import ClassRecord, draw_shots, require_root
 from seedselect_cli.errors import UserError
-from seedselect_cli.images import list_images
+from seedselect_cli.images import list_images, no_images_hint
 
 
 def load(cfg: DatasetConfig, seed: int) -> list[ClassRecord]:
@@ -19,6 +19,6 @@ def load(cfg: DatasetConfig, seed: int) -> list[ClassRecord]:
     name = str(cfg.classes[0]) if cfg.classes else root.resolve().name
     paths = list_images(root)
     if not paths:
-        raise UserError(f"dataset.root={cfg.root} holds no image files (png, jpg, webp, ...)")
+        raise UserError(f"dataset.root={cfg.root} holds no image files (png, jpg, webp, ...); {no_images_hint(root)}")
     prompt = cfg.prompt_template.format(name.replace("_", " "))
     return [ClassRecord(name=name, prompt=prompt, images=tuple(draw_shots(paths, cfg.shots, seed, name)))]

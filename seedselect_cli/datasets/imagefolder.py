@@ -16,7 +16,8 @@ def load(cfg: DatasetConfig, seed: int) -> list[ClassRecord]:
     root = require_root(cfg)
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not folders:
-        raise UserError(f"dataset.root={cfg.root} has no class sub-folders (expected ROOT/<class>/<image>)")
+        raise UserError(f"dataset.root={cfg.root} has no class sub-folders (expected ROOT/<class>/<image>); for one "
+                        f"folder of images of one concept use --config-name folder")
     names = {f.name: f.name.replace("_", " ") for f in folders}
     images = {names[f.name]: list_images(f) for f in folders}
     return build_records(cfg, seed, images, list(names.values()), names, "imagefolder")

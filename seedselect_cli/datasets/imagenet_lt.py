@@ -13,6 +13,7 @@ from seedselect_cli.config import DatasetConfig
 from seedselect_cli.datasets import (
     ClassRecord,
     build_records,
+    inside_root,
     read_table,
     require_files,
     require_root,
@@ -33,7 +34,7 @@ def load(cfg: DatasetConfig, seed: int) -> list[ClassRecord]:
     for relative, label in read_table(list_file):
         if not label.isdigit() or int(label) >= len(classes):
             raise UserError(f"{list_file}: label {label!r} of {relative} is not an ImageNet-1k index (0-999)")
-        by_label[int(label)].append(root / relative)
+        by_label[int(label)].append(inside_root(root, relative, list_file))
     labels = sorted(by_label)
     images = {classes[i][1]: by_label[i] for i in labels}
     aliases = {classes[i][0]: classes[i][1] for i in labels}

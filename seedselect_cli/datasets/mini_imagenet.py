@@ -12,7 +12,15 @@ from collections import defaultdict
 from pathlib import Path
 
 from seedselect_cli.config import DatasetConfig
-from seedselect_cli.datasets import ClassRecord, build_records, require_files, require_root, require_split
+from seedselect_cli.datasets import (
+    ClassRecord,
+    build_records,
+    inside_root,
+    read_lines,
+    require_files,
+    require_root,
+    require_split,
+)
 from seedselect_cli.datasets.imagenet_names import name_of_wnid
 from seedselect_cli.errors import UserError
 
@@ -24,12 +32,15 @@ def load(cfg: DatasetConfig, seed: int) -> list[ClassRecord]:
     split = require_split(cfg, SPLITS, "miniImageNet")
     require_files(root, (f"{split}.csv", "images"), "miniImageNet")
     by_wnid: dict[str, list[Path]] = defaultdict(list)
-    with open(root / f"{split}.csv", newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        if not {"filename", "label"} <= set(reader.fieldnames or ()):
-            raise UserError(f"{root / f'{split}.csv'}: expected the header 'filename,label'")
-        for row in reader:
-            by_wnid[row["label"].strip()].append(root / "images" / row["filename"].strip())
+    csv_path = root / f"{split}.csv"
+    reader = csv.DictReader(read_lines(csv_path))
+    if not {"filename", "label"} <= set(reader.fieldnames or ()):
+        raise UserError(f"{csv_path}: expected the header 'filename,label'; restore the file from the data set's split")
+    for row in reader:
+        if row["filename"] is None or row["label"] is None:
+            raise UserError(f"{csv_path}:{reader.line_num}: expected 'filename,label'; fix the line")
+        by_wnid[row["label"].strip()].append(inside_root(root / "images", row["filename"].strip(), csv_path,
+                                                         reader.line_num))
     names = {wnid: name_of_wnid(wnid) for wnid in by_wnid}
     images = {names[wnid]: paths for wnid, paths in by_wnid.items()}
     return build_records(cfg, seed, images, list(names.values()), {w: n for w, n in names.items()}, "miniImageNet")
