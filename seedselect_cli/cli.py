@@ -82,22 +82,22 @@ _active = ActiveMark()
 
 
 def run_in_job_dir(run: Callable[[Config, Path], object], cfg: DictConfig) -> None:
-    """Run `optimize` or `bootstrap` in Hydra's job directory. If it fails or is stopped before making
-    anything, what this process added to the directory goes again, and only that (`job_dir.py`)."""
-    hydra_cfg = HydraConfig.get()
-    out = Path(hydra_cfg.runtime.output_dir)
-    _active.hold(out)
-    try:
-        with user_errors():
-            run(load_config(cfg), out)
-    except (SystemExit, StopNow) as exc:
-        failed = isinstance(exc, StopNow) or exc.code not in (0, None)
-        if failed and _before is not None and _before.root == out.absolute():
-            _active.release()
-            restored = undo_failed_start(_before, hydra_cfg.job.name)
-            if isinstance(exc, StopNow) and restored:
-                exc.nothing_kept = True
-        raise
+    """Run `optimize` or `bootstrap` in Hydra's job directory, marked as worked in by this process."""
+    _active.hold(Path(HydraConfig.get().runtime.output_dir))
+    with user_errors():
+        try:
+            run(load_config(cfg), Path(HydraConfig.get().runtime.output_dir))
+        except Interrupted as exc:  # said by `main` once it knows whether anything was kept
+            stop = StopNow(exc.signum)
+            stop.message = str(exc)
+            raise stop from None
+
+
+def take_back(job_name: str) -> bool:
+    """After a failed or stopped `optimize` or `bootstrap`: what this process added to the run directory
+    goes again, and only that (`job_dir.py`). Returns whether the directory is as it was."""
+    _active.release()
+    return _before is not None and undo_failed_start(_before, job_name)
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="demo")
@@ -144,7 +144,14 @@ def preflight(command: str, args: list[str]) -> Path | None:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    parsed = get_args_parser().parse_args(args)
+    parser = get_args_parser()
+
+    def usage_error(message: str):
+        raise UserError(f"{message}: put Hydra's options (--config-name, --cfg, -m, ...) before or after all "
+                        f"key=value overrides, not between them (see `seedselect {command} --help`)")
+
+    parser.error = usage_error
+    parsed = parser.parse_args(args)
     check_override_syntax(parsed.overrides)
     if (parsed.help or parsed.hydra_help or parsed.multirun or parsed.cfg or parsed.info
             or parsed.shell_completion or parsed.config_path or parsed.config_dir or parsed.experimental_rerun):
@@ -255,9 +262,15 @@ def main(argv: list[str] | None = None) -> int:
             return _main(command, args)
         except StopNow as stop:
             name = signal.Signals(stop.signum).name
-            kept = ("nothing was written" if getattr(stop, "nothing_kept", False)
-                    else "finished images are kept; run the same command again to resume")
-            print(f"seedselect: stopped by {name}; {kept}", file=sys.stderr)
+            kept = getattr(stop, "nothing_kept", True)  # unset: stopped before the command's job started
+            if command not in ("optimize", "bootstrap"):
+                said = ""
+            elif kept:
+                said = "; nothing was written"
+            else:
+                said = "; finished images are kept: run the same command again to resume"
+            message = getattr(stop, "message", None) if not kept else None
+            print(f"seedselect: {one_line(message) if message else f'stopped by {name}{said}'}", file=sys.stderr)
             return 128 + stop.signum
 
 
@@ -277,16 +290,23 @@ def _main(command: str, args: list[str]) -> int:
             _active.hold(run_dir)
     if not any(a.startswith("hydra.job.name=") for a in args):
         args = add_override(args, f"hydra.job.name={command}")
+    job_name = next((a.split("=", 1)[1] for a in args if a.startswith("hydra.job.name=")), command)
     saved = sys.argv
     sys.argv = [f"seedselect {command}", *args]
+    code = 0
     try:
         MAINS[command]()
     except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except StopNow as stop:
+        stop.nothing_kept = take_back(job_name)
+        raise
     finally:
         sys.argv = saved
-        _active.release()
-    return 0
+    if code:
+        take_back(job_name)
+    _active.release()
+    return code
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from seedselect_cli.datasets import load_classes
 from seedselect_cli.errors import UserError, first_line
 from seedselect_cli.generate import seed_dtype
 from seedselect_cli.images import load_rgb
-from seedselect_cli.models import DTYPES, load_models, resolve_device, scheduler_from_json
+from seedselect_cli.models import DTYPES, load_models, quiet_libraries, resolve_device, scheduler_from_json
 from seedselect_cli.sampling import encode_prompt, sample_images
 from seedselect_cli.seed_files import load_seed_file
 from seedselect_cli.writer import CONFIG, RunDirectory, atomic_write, slugify
@@ -100,9 +100,10 @@ def load_clip(name: str, device: torch.device) -> EvalClip:
 
         source = os.path.expanduser(name)
         try:
-            model = CLIPModel.from_pretrained(source, use_safetensors=True, dtype=torch.float32)
-            tokenizer = AutoTokenizer.from_pretrained(source)
-            processor = AutoImageProcessor.from_pretrained(source, backend="pil")
+            with quiet_libraries():
+                model = CLIPModel.from_pretrained(source, use_safetensors=True, dtype=torch.float32)
+                tokenizer = AutoTokenizer.from_pretrained(source)
+                processor = AutoImageProcessor.from_pretrained(source, backend="pil")
         except (OSError, ValueError) as exc:
             raise UserError(f"cannot load the CLIP model {name!r} for evaluation ({type(exc).__name__}): "
                             f"pass clip=<Hub id or folder of a two-tower CLIP>") from None
@@ -132,9 +133,10 @@ class Judge:
 
         source = os.path.expanduser(cfg.model)
         try:
-            self.model = AutoModelForImageClassification.from_pretrained(
-                source, use_safetensors=True, dtype=torch.float32).to(device).eval()
-            self.processor = AutoImageProcessor.from_pretrained(source)
+            with quiet_libraries():
+                self.model = AutoModelForImageClassification.from_pretrained(
+                    source, use_safetensors=True, dtype=torch.float32).to(device).eval()
+                self.processor = AutoImageProcessor.from_pretrained(source)
         except (OSError, ValueError) as exc:
             raise UserError(f"cannot load the judge {cfg.model!r} ({type(exc).__name__}): pass judge.model=<Hub id or "
                             f"folder of an image-classification model>") from None
@@ -217,13 +219,29 @@ def check_writable(run_dir: Path) -> None:
                         f"copy the run to a writable folder and evaluate the copy") from None
 
 
+def _usable_image(path: Path, size: tuple[int, int]) -> bool:
+    """A cached image that reads whole and has the run's size; anything else is rendered again."""
+    if not path.is_file() or path.is_symlink():
+        return False
+    try:
+        image = load_rgb(path)
+    except UserError:
+        log.warning("%s is damaged; rendering it again", path)
+        return False
+    if image.size != size:
+        log.warning("%s is %dx%d, not the run's %dx%d; rendering it again", path, *image.size, *size)
+        return False
+    return True
+
+
 def render_baseline(run_dir: Path, config: Config, entries: list[dict], cfg: EvaluateConfig) -> dict[tuple, Path]:
     """Plain Stable Diffusion for every entry, from its seed before optimisation; rendered once."""
     from seedselect_cli.initial_seeds import init_seed_for, initial_noise
 
     paths = {(e["class"], e["index"]): run_dir / "baseline" / "images" / slugify(e["class"]) / f"{e['index']:05d}.png"
              for e in entries}
-    missing = [e for e in entries if not paths[(e["class"], e["index"])].is_file()]
+    size = (config.sampler.width, config.sampler.height)
+    missing = [e for e in entries if not _usable_image(paths[(e["class"], e["index"])], size)]
     if missing:
         first = load_seed_file(run_dir / missing[0]["seed_file"]).metadata
         device = resolve_device(cfg.runtime.device)

@@ -44,6 +44,7 @@ class JobDirSnapshot:
     entries: frozenset[str] = frozenset()  # names at the top of `root`
     hydra_files: dict[str, bytes] = field(default_factory=dict)  # `.hydra/<name>` -> its bytes
     log_sizes: dict[str, int] = field(default_factory=dict)  # `<name>.log` at the top -> its size
+    inner: frozenset[str] = frozenset()  # names one level inside the folders seedselect writes ("images/x")
 
 
 def take_snapshot(root: Path) -> JobDirSnapshot:
@@ -68,7 +69,16 @@ def take_snapshot(root: Path) -> JobDirSnapshot:
         with contextlib.suppress(OSError):
             if name.endswith(".log") and path.is_file() and not path.is_symlink():
                 log_sizes[name] = path.stat().st_size
-    return JobDirSnapshot(root, True, [], entries, hydra_files, log_sizes)
+    inner = frozenset(f"{name}/{child}" for name in OWN_DIRS if name in entries and (root / name).is_dir()
+                      and not (root / name).is_symlink() for child in _listdir(root / name))
+    return JobDirSnapshot(root, True, [], entries, hydra_files, log_sizes, inner)
+
+
+def _listdir(folder: Path) -> list[str]:
+    try:
+        return os.listdir(folder)
+    except OSError:
+        return []
 
 
 class ActiveMark:
@@ -116,13 +126,13 @@ def holds_work(root: Path) -> bool:
     """Whether `root` holds a run's work: a manifest line, or an image or seed file."""
     manifest = root / "manifest.jsonl"
     with contextlib.suppress(OSError):
-        if manifest.is_file() and manifest.stat().st_size:
+        if manifest.is_file() and not manifest.is_symlink() and manifest.stat().st_size:
             return True
     for name in WORK_DIRS:
         folder = root / name
         if folder.is_dir() and not folder.is_symlink():
-            for path in folder.rglob("*"):
-                if path.name != "metadata.jsonl" and (path.is_symlink() or not path.is_dir()):
+            for path in folder.rglob("*"):  # a planted link is no work, and is not followed
+                if path.name != "metadata.jsonl" and path.is_file() and not path.is_symlink():
                     return True
     return False
 
@@ -153,11 +163,17 @@ def undo_failed_start(snapshot: JobDirSnapshot, job_name: str) -> bool:
                 path.unlink()
         elif name in OWN_DIRS and path.is_dir():
             _remove_own_tree(path)
-    if HYDRA in snapshot.entries:
-        for name in HYDRA_FILES:
-            if name not in snapshot.hydra_files:
-                with contextlib.suppress(OSError):
-                    (root / HYDRA / name).unlink()
+    for name in OWN_DIRS:  # in a folder of seedselect's that was there: what this process added to it
+        folder = root / name
+        if name in snapshot.entries and folder.is_dir() and not folder.is_symlink():
+            for child in _listdir(folder):
+                if f"{name}/{child}" in snapshot.inner:
+                    continue
+                path = folder / child
+                if path.is_dir() and not path.is_symlink():
+                    _remove_own_tree(path)
+                elif not path.is_symlink():
+                    _remove_own_file(path)
     if snapshot.existed:
         return not (set(os.listdir(root)) - snapshot.entries)
     for directory in (root, *snapshot.missing_parents):
@@ -182,13 +198,22 @@ def _remove_own_tree(folder: Path) -> None:
     """Remove the files seedselect or Hydra write in `folder` (empty metadata, Hydra's yaml, claim
     locks), then every folder left empty; anything else stays, and with it its folders."""
     for path in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
-        with contextlib.suppress(OSError):
-            if path.is_symlink():
-                continue
-            if path.is_dir():
+        if path.is_symlink():
+            continue
+        if path.is_dir():
+            with contextlib.suppress(OSError):
                 path.rmdir()
-            elif (path.name in HYDRA_FILES and path.parent.name == HYDRA) or path.suffix == ".lock" or (
-                    path.name == "metadata.jsonl" and not path.stat().st_size):
-                path.unlink()
+        else:
+            _remove_own_file(path)
     with contextlib.suppress(OSError):
         folder.rmdir()
+
+
+def _remove_own_file(path: Path) -> None:
+    """Remove `path` if it is a file seedselect or Hydra writes and holds no work (Hydra's yaml, a claim
+    lock, empty metadata)."""
+    with contextlib.suppress(OSError):
+        if (path.name in HYDRA_FILES and path.parent.name == HYDRA) or (
+                path.suffix == ".lock" and path.parent.name == ".claims") or (
+                path.name == "metadata.jsonl" and not path.stat().st_size):
+            path.unlink()

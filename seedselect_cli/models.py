@@ -191,16 +191,22 @@ def _load_diffusers(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def quiet_libraries() -> Iterator[None]:
-    """diffusers and transformers log only critical messages inside: what they would say about a failed
-    load comes back as the exception this module turns into one `error:` line."""
-    levels = diffusers_logging.get_verbosity(), transformers_logging.get_verbosity()
-    diffusers_logging.set_verbosity(logging.CRITICAL)
-    transformers_logging.set_verbosity(logging.CRITICAL)
+    """diffusers and transformers log only critical messages and show no "Loading weights" bars inside:
+    what they would say about a failed load comes back as the exception this module turns into one
+    `error:` line."""
+    libraries = (diffusers_logging, transformers_logging)
+    levels = [lib.get_verbosity() for lib in libraries]
+    bars = [lib.is_progress_bar_enabled() for lib in libraries]
+    for lib in libraries:
+        lib.set_verbosity(logging.CRITICAL)
+        lib.disable_progress_bar()
     try:
         yield
     finally:
-        diffusers_logging.set_verbosity(levels[0])
-        transformers_logging.set_verbosity(levels[1])
+        for lib, level, bar in zip(libraries, levels, bars):
+            lib.set_verbosity(level)
+            if bar:
+                lib.enable_progress_bar()
 
 
 def _load_image_encoder(cfg: ModelConfig, dtype: torch.dtype) -> tuple[CLIPVisionModelWithProjection, Any]:

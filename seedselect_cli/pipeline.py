@@ -18,10 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 from seedselect_cli import __version__
 from seedselect_cli.bootstrap import Batch, bootstrap_batches, optimize_global_seed
-from seedselect_cli.config import Config, resolve_shard, to_yaml
+from seedselect_cli.config import Config, load_config, resolve_shard, to_yaml
 from seedselect_cli.cuda_graphs import enable_cuda_graphs, resolve_cuda_graphs
 from seedselect_cli.datasets import ClassRecord, load_classes
 from seedselect_cli.errors import Interrupted, UserError
@@ -123,7 +124,7 @@ def _run(config: Config, run_dir: Path, method: str, stop: GracefulStop) -> list
     n_images = config.n_images if method == "optimize" else config.bootstrap.n_images
     out = RunDirectory(run_dir)
     out.start(to_yaml(config), method, ignored=("bootstrap",) if method == "optimize" else ("optim.iterations",),
-              defaults_yaml=to_yaml(Config()))
+              defaults_yaml=to_yaml(Config()), check_config=lambda text: load_config(OmegaConf.create(text)))
     done = out.finished()
     todo = {r.name: [i for i in range(n_images) if (r.name, i) not in done] for r in records}
     if not any(todo.values()):
@@ -166,6 +167,7 @@ def _run(config: Config, run_dir: Path, method: str, stop: GracefulStop) -> list
             #    at a time, each image written when done.
             run = ClassRun(config, method, n_images, out, models, starts, progress, stop)
             for record in records:
+                out.check_class(slugs[record.name])
                 with out.claim(slugs[record.name]) as claimed:
                     if not claimed:
                         busy.append(record.name)

@@ -31,6 +31,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from PIL import Image, PngImagePlugin
+from safetensors import SafetensorError
 
 from seedselect_cli.errors import UserError, first_line
 
@@ -114,7 +115,9 @@ class RunDirectory:
         self.inside(path)
         try:
             yield path
-        except OSError as exc:
+        except (OSError, SafetensorError) as exc:
+            if isinstance(exc, SafetensorError):  # safetensors reports its writes' I/O errors as its own
+                exc = OSError(str(exc).rsplit("I/O error: ", 1)[-1].split(" (os error")[0])
             raise UserError(f"cannot write {path} ({exc.strerror or exc}); what is finished is kept: free space "
                             f"or make the folder writable, then run the same command again to resume") from None
 
@@ -153,15 +156,22 @@ class RunDirectory:
             os.close(fd)
 
     def start(self, config_yaml: str, method: str = "optimize", ignored: Sequence[str] = (),
-              defaults_yaml: str | None = None) -> None:
+              defaults_yaml: str | None = None, check_config: Callable[[str], object] | None = None) -> None:
         """Create the directory, check it is writable and holds no run of another config or method, save
         the config. Keys in `ignored` (besides the resumable ones) may differ from the earlier run's; a
-        key the earlier run's config lacks (made by an older version) counts as its `defaults_yaml` value."""
+        key the earlier run's config lacks (made by an older version) counts as its `defaults_yaml` value.
+        `check_config(text)` checks the earlier run's config (read back: untrusted) and raises if it is bad."""
         self.check_writable()
         old = self.root / CONFIG
         if old.exists():
             skip = (*RESUMABLE_KEYS, *ignored)
-            before, after = _comparable(self._read_config(old), skip), _comparable(config_yaml, skip)
+            text = self._read_config(old)
+            if check_config is not None:
+                try:
+                    check_config(text)
+                except UserError as exc:
+                    raise UserError(f"{old} is damaged ({exc}); restore it or pass a new hydra.run.dir") from None
+            before, after = _comparable(text, skip), _comparable(config_yaml, skip)
             if defaults_yaml is not None:
                 before = _comparable(defaults_yaml, skip) | before
             if before != after:
@@ -221,6 +231,11 @@ class RunDirectory:
             raise UserError(f"{path} is not a seedselect run config ({first_line(exc)}); this folder holds "
                             f"something else: pass a new hydra.run.dir") from None
         return text
+
+    def check_class(self, slug: str) -> None:
+        """Before a class's work: its folders and z_T^G file lead nowhere outside the run directory."""
+        for path in (self.image_path(slug, 0).parent, self.seed_path(slug, 0).parent, self.bootstrap_seed_path(slug)):
+            self.inside(path)
 
     def image_path(self, slug: str, index: int) -> Path:
         return self.root / "images" / slug / f"{index:05d}.png"

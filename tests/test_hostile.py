@@ -1,0 +1,374 @@
+"""A hostile round, kept: each case as a user or an attacker tried it, one row of a table.
+
+Every row asserts the exit code, the one stderr line, and what is on disk before and after: the
+folder the case prepared (the user's files, a planted link's target) is byte for byte as it was.
+Cases that need a finished run share one, copied per case; cases that need processes running side
+by side or signals live in test_concurrency.py.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from seedselect_cli.cli import main
+from seedselect_cli.config import asset_path
+from tests.conftest import random_image
+from tests.layouts import make_cub
+
+TINY = ["--config-name=tiny", "sampler.steps=3", "optim.iterations=2", "runtime.progress=false", "n_images=1"]
+SEED_META = {"prompt": "x", "model": "tiny", "steps": "2", "guidance_scale": "7.5", "height": "32", "width": "32",
+             "scheduler_config": "{}", "dtype": "float32", "format": "seedselect-seed/1"}
+
+
+def tree(root: Path) -> dict[str, str]:
+    """Every file, folder and link under `root` (hidden ones too) with its content's hash or link target."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        key = path.relative_to(root).as_posix()
+        if path.is_symlink():
+            out[key] = f"-> {os.readlink(path)}"
+        elif path.is_dir():
+            out[key] = "dir"
+        else:
+            out[key] = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    return out
+
+
+@dataclass
+class Case:
+    args: list[str]  # after `seedselect`; {tmp}, {inputs} and {run} are filled in
+    line: str  # what the one stderr line says
+    prepare: Callable[[Path, Path], None] | None = None  # (tmp, inputs): the user's files, planted links
+    code: int = 2
+    env: dict[str, str] = field(default_factory=dict)
+    needs_run: bool = False  # {run}: a copy of a finished tiny run, inside tmp
+
+
+def _files(files: dict[str, str | bytes]) -> Callable[[Path, Path], None]:
+    def prepare(tmp: Path, _inputs: Path) -> None:
+        for name, content in files.items():
+            path = tmp / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return prepare
+
+
+def _seed(name: str, **meta: str) -> Callable[[Path, Path], None]:
+    def prepare(tmp: Path, _inputs: Path) -> None:
+        save_file({"initial": torch.randn(4, 4, 4), "optimized": torch.randn(4, 4, 4)}, tmp / name,
+                  metadata={**SEED_META, **meta})
+    return prepare
+
+
+def _link(name: str, target: str, directory: bool) -> Callable[[Path, Path], None]:
+    def prepare(tmp: Path, _inputs: Path) -> None:
+        (tmp / "outside").mkdir(exist_ok=True)
+        if directory:
+            (tmp / target).mkdir(parents=True, exist_ok=True)
+        else:
+            (tmp / target).write_text("the user's file\n")
+        (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp / name).symlink_to(os.path.relpath(tmp / target, (tmp / name).parent))
+    return prepare
+
+
+def _cub(edit: Callable[[Path], None]) -> Callable[[Path, Path], None]:
+    def prepare(tmp: Path, _inputs: Path) -> None:
+        edit(make_cub(tmp / "cub"))
+    return prepare
+
+
+def _write(name: str, data: bytes) -> Callable[[Path], None]:
+    return lambda root: (root / name).write_bytes(data)
+
+
+def _refs(files: dict[str, bytes | str | None]) -> Callable[[Path, Path], None]:
+    """A reference folder `tmp/refs` with these files (None: a random good PNG; "->": a link to a text file;
+    "sparse": a 2 GiB file that stores nothing)."""
+    def prepare(tmp: Path, _inputs: Path) -> None:
+        refs = tmp / "refs"
+        refs.mkdir()
+        for name, content in files.items():
+            if content is None:
+                random_image(np.random.default_rng(len(name)), (40, 40)).save(refs / name, format="PNG")
+            elif isinstance(content, str) and content.startswith("->"):
+                (tmp / "notes.txt").write_text("not an image")
+                (refs / name).symlink_to(tmp / "notes.txt")
+            elif content == "sparse":
+                with open(refs / name, "wb") as handle:
+                    handle.truncate(2 * 2**30)  # 2 GiB, sparse: nothing is really stored
+            else:
+                (refs / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    return prepare
+
+
+CASES = {
+    # --- data loss: a failed command leaves the user's folder as it was ---
+    "existing run dir with the user's notes": Case(
+        ["optimize", *TINY, "dataset.root=/no/such/folder", "hydra.run.dir=DIR"], "is not an existing folder",
+        _files({"DIR/notes.log": "my notes\n"})),
+    "hydra.run.dir=. with build.log and .hydra": Case(
+        ["optimize", *TINY, "dataset.root=/no/such/folder", "hydra.run.dir=."], "is not an existing folder",
+        _files({"build.log": "make: ok\n", ".hydra/config.yaml": "mine: 1\n", "optimize.log": "old lines\n"})),
+    "a new nested run dir goes again": Case(
+        ["optimize", *TINY, "dataset.root=/no/such/folder", "hydra.run.dir=new/nested/run"],
+        "is not an existing folder"),
+    "planted link images/<class> to outside": Case(
+        ["optimize", *TINY, "hydra.run.dir=run"], "leads outside the run directory",
+        _link("run/images/red_disc", "outside/images", directory=True)),
+    "planted link manifest.jsonl to outside": Case(
+        ["optimize", *TINY, "hydra.run.dir=run"], "leads outside the run directory",
+        _link("run/manifest.jsonl", "outside/manifest.jsonl", directory=False)),
+    ".lock is a directory": Case(["optimize", *TINY, "hydra.run.dir=run"], "lock", _files({"run/.lock/x": ""})),
+    "run dir below a dangling link": Case(
+        ["optimize", *TINY, "hydra.run.dir=dangling/run"], "does not exist; create its target",
+        lambda tmp, _: (tmp / "dangling").symlink_to(tmp / "nowhere")),
+    "a 300-character folder name": Case(["optimize", *TINY, "hydra.run.dir=" + "r" * 300], "over the 255"),
+    "run dir holding something else's config.yaml": Case(
+        ["optimize", *TINY, "hydra.run.dir=run"], "is not a seedselect run config",
+        _files({"run/config.yaml": "- a list\n- not a config\n"})),
+    # --- sizes ---
+    "n_images=10**12": Case(["optimize", *TINY, "n_images=1000000000000"], "n_images=1000000000000 is invalid"),
+    "bootstrap.n_images=10**12": Case(["bootstrap", *TINY, "bootstrap.n_images=1000000000000"],
+                                      "bootstrap.n_images=1000000000000 is invalid"),
+    "sampler.height=65536": Case(["optimize", *TINY, "sampler.height=65536"], "sampler.height=65536 is invalid"),
+    "a sparse 2 GiB big.png as the only reference": Case(
+        ["optimize", *TINY, "dataset.root={tmp}/refs"], "over the 1 GiB", _refs({"big.png": "sparse"})),
+    # --- data-set index files ---
+    "CUB classes.txt with a non-numeric id": Case(
+        ["optimize", *TINY, "dataset.name=cub", "dataset.root={tmp}/cub"], "classes.txt:2: 'two' is not a whole number",
+        _cub(_write("classes.txt", b"1 001.Black_footed_Albatross\ntwo 094.Pine_Warbler\n"))),
+    "CUB images.txt that is not UTF-8": Case(
+        ["optimize", *TINY, "dataset.name=cub", "dataset.root={tmp}/cub"], "images.txt:1: not UTF-8",
+        _cub(_write("images.txt", b"1 caf\xe9/x.jpg\n"))),
+    "CUB images.txt naming a path that climbs out": Case(
+        ["optimize", *TINY, "dataset.name=cub", "dataset.root={tmp}/cub"], "leads outside dataset.root",
+        _cub(_write("images.txt", b"1 ../../../etc/passwd\n"))),
+    # --- references ---
+    "the only reference is broken and its name holds a newline": Case(
+        ["optimize", *TINY, "dataset.root={tmp}/refs"], "bad\\nname.png", _refs({"bad\nname.png": b"garbage"})),
+    "a folder of links to non-images": Case(
+        ["optimize", *TINY, "dataset.root={tmp}/refs"], "remove it or convert it to PNG", _refs({"a.png": "->", "b.jpg": "->"})),
+    "a folder holding an SVG": Case(
+        ["optimize", *TINY, "dataset.root={tmp}/refs"], "render vector images", _refs({"shape.svg": "<svg/>"})),
+    "an imagefolder without class folders": Case(
+        ["optimize", *TINY, "dataset.name=imagefolder", "dataset.root={tmp}/refs"], "use --config-name folder",
+        _refs({"a.png": None})),
+    "images too small": Case(
+        ["optimize", *TINY, "dataset.root={tmp}/refs"], "use a larger reference",
+        lambda tmp, _: ((tmp / "refs").mkdir(), Image.new("RGB", (4, 4)).save(tmp / "refs" / "dot.png"))),
+    # --- generate ---
+    "generate: steps='5000'": Case(["generate", "seed_file=s.safetensors", "out=o.png"], "steps='5000'",
+                                   _seed("s.safetensors", steps="5000")),
+    "generate: steps='0'": Case(["generate", "seed_file=s.safetensors", "out=o.png"], "steps='0'",
+                                _seed("s.safetensors", steps="0")),
+    "generate: height='abc'": Case(["generate", "seed_file=s.safetensors", "out=o.png"], "height='abc'",
+                                   _seed("s.safetensors", height="abc")),
+    "generate: num_train_timesteps=0": Case(
+        ["generate", "seed_file=s.safetensors", "out=o.png"], "num_train_timesteps=0",
+        _seed("s.safetensors", scheduler_config='{"num_train_timesteps": 0}')),
+    "generate: out= an existing directory": Case(
+        ["generate", "seed_file=s.safetensors", "out=pics.png"], "is a folder; name an image file in it",
+        lambda tmp, inputs: (_seed("s.safetensors")(tmp, inputs), (tmp / "pics.png").mkdir())),
+    "generate: out= an unwritable place": Case(["generate", "seed_file=s.safetensors", "out=/proc/x.png"],
+                                               "cannot be written", _seed("s.safetensors")),
+    "generate: a model folder of pickled weights": Case(
+        ["generate", "seed_file=s.safetensors", "out=o.png"], "holds pickled weights",
+        lambda tmp, inputs: (_seed("s.safetensors", model=str(inputs / "pickled"))(tmp, inputs))),
+    "generate: a seed of NaN": Case(
+        ["generate", "seed_file=s.safetensors", "out=o.png"], "not finite",
+        lambda tmp, _: save_file({"initial": torch.full((4, 4, 4), float("nan")), "optimized": torch.randn(4, 4, 4)},
+                                 tmp / "s.safetensors", metadata=SEED_META)),
+    "generate: seeds of another dtype": Case(
+        ["generate", "seed_file=s.safetensors", "out=o.png"], "is float16, not float32",
+        lambda tmp, _: save_file({"initial": torch.randn(4, 4, 4).half(), "optimized": torch.randn(4, 4, 4).half()},
+                                 tmp / "s.safetensors", metadata=SEED_META)),
+    # --- evaluate ---
+    "evaluate: batch_size=0": Case(["evaluate", "run_dir={run}", "batch_size=0"], "batch_size=0 is invalid",
+                                   needs_run=True),
+    "evaluate: batch_size=-1": Case(["evaluate", "run_dir={run}", "batch_size=-1"], "batch_size=-1 is invalid",
+                                    needs_run=True),
+    "evaluate: runtime.dtype=float64": Case(["evaluate", "run_dir={run}", "runtime.dtype=float64"],
+                                            "runtime.dtype='float64' is invalid", needs_run=True),
+    "evaluate: prompt_template='{} {}'": Case(["evaluate", "run_dir={run}", "prompt_template='{} {}'"],
+                                              "write {} once", needs_run=True),
+    "evaluate: a label_map onto no class of the run": Case(
+        ["evaluate", "run_dir={run}", "baseline=false", f"judge.model={asset_path('toyworld/judge')}",
+         "+judge.label_map={sea finch: nobody}"], "judge.label_map maps the labels", needs_run=True),
+    "evaluate: a file": Case(["evaluate", "run_dir={tmp}/f.txt"], "is a file; pass the run's folder",
+                             _files({"f.txt": "x"})),
+    "evaluate: an empty run": Case(["evaluate", "run_dir={tmp}/empty"], "holds no finished images yet; run",
+                                   _files({"empty/config.yaml": "seed: 0\n"})),
+    # --- environment and shell ---
+    "torchrun's RANK=5 of WORLD_SIZE=2": Case(["optimize", *TINY], "RANK='5' and WORLD_SIZE='2'",
+                                              env={"RANK": "5", "WORLD_SIZE": "2"}),
+    "an unquoted non-ASCII class under --cfg job": Case(
+        ["optimize", *TINY, "dataset.classes=[Café]", "--cfg", "job"], "'dataset.classes=[\"Café\"]'"),
+    "Hydra's options between the overrides": Case(
+        ["optimize", "n_images=1", "--config-name=tiny", "sampler.steps=3"], "not between them"),
+}
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Path:
+    """What cases point at: a folder of pickled weights in the diffusers layout, and a finished tiny run."""
+    root = tmp_path_factory.mktemp("hostile-inputs")
+    from seedselect_cli.tiny import build_tiny_models
+
+    parts = build_tiny_models()
+    for name in ("vae", "unet", "text_encoder"):
+        parts[name].save_pretrained(root / "pickled" / name, safe_serialization=False)
+    parts["tokenizer"].save_pretrained(root / "pickled" / "tokenizer")
+    parts["scheduler"].save_pretrained(root / "pickled" / "scheduler")
+    old = Path.cwd()
+    os.chdir(root)
+    try:
+        assert main(["optimize", *TINY, "hydra.run.dir=run"]) == 0
+    finally:
+        os.chdir(old)
+    return root
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_hostile_case(name, inputs, tmp_path, monkeypatch, capsys):
+    case = CASES[name]
+    for key, value in case.env.items():
+        monkeypatch.setenv(key, value)
+    if case.prepare:
+        case.prepare(tmp_path, inputs)
+    if case.needs_run:
+        shutil.copytree(inputs / "run", tmp_path / "run", symlinks=True)
+    before = tree(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    fill = {"{tmp}": str(tmp_path), "{inputs}": str(inputs), "{run}": str(tmp_path / "run")}
+    args = [functools.reduce(lambda a, kv: a.replace(*kv), fill.items(), arg) for arg in case.args]
+    capsys.readouterr()
+    assert main(args) == case.code
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert case.line in lines[0] and "Traceback" not in err
+    assert tree(tmp_path) == before, "the command changed what was on disk"
+
+
+def _mount_tmpfs(path: Path, size: str = "4m") -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=False, capture_output=True)
+    if done.returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+
+
+def _remount_read_only(path: Path) -> None:
+    subprocess.run(["mount", "-o", "remount,ro", str(path)], check=True)
+
+
+@pytest.fixture
+def mount(tmp_path):
+    mounted: list[Path] = []
+
+    def make(name: str) -> Path:
+        _mount_tmpfs(tmp_path / name)
+        mounted.append(tmp_path / name)
+        return tmp_path / name
+    yield make
+    for path in mounted:
+        subprocess.run(["umount", "-l", str(path)], check=False, capture_output=True)
+
+
+def test_images_on_a_read_only_mount_are_refused_before_optimising(tmp_path, monkeypatch, capsys, mount):
+    run = tmp_path / "run"
+    run.mkdir()
+    images = mount("run/images")
+    _remount_read_only(images)
+    monkeypatch.chdir(tmp_path)
+    assert main(["optimize", *TINY, "hydra.run.dir=run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not writable" in err[0] and "Read-only file system" in err[0], err
+    assert not (run / "seeds").exists() and not (run / "manifest.jsonl").exists()
+
+
+def test_evaluate_on_a_read_only_mount_says_to_copy_the_run(inputs, tmp_path, monkeypatch, capsys, mount):
+    ro = mount("ro")
+    shutil.copytree(inputs / "run", ro / "run", symlinks=True)
+    _remount_read_only(ro)
+    assert main(["evaluate", f"run_dir={ro / 'run'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not writable" in err[0] and "copy the run" in err[0], err
+
+
+def test_an_immutable_manifest_is_refused_before_optimising(inputs, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(inputs / "run", run, symlinks=True)
+    if subprocess.run(["chattr", "+i", str(run / "manifest.jsonl")], check=False,
+                      capture_output=True).returncode:
+        pytest.skip("chattr +i is not available here")
+    try:
+        before = tree(run)
+        monkeypatch.chdir(tmp_path)
+        assert main(["optimize", *TINY, "n_images=2", "hydra.run.dir=run"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "manifest.jsonl cannot be written" in err[0] and "chattr -i" in err[0], err
+        assert tree(run) == before
+    finally:
+        subprocess.run(["chattr", "-i", str(run / "manifest.jsonl")], check=True)
+
+
+def test_a_disk_that_fills_up_mid_run_ends_in_one_line_and_the_resume_works(tmp_path, monkeypatch, capsys, mount):
+    disk = mount("disk")
+    monkeypatch.chdir(disk)
+    filler = disk / "filler"
+    written = []
+
+    from seedselect_cli import pipeline
+
+    real = pipeline.save_seed_file
+
+    def fill_the_disk_after_the_first(path, *args, **kwargs):
+        if written:  # the second image: the disk is full now
+            with open(filler, "wb") as handle, pytest.raises(OSError):
+                while True:
+                    handle.write(b"\0" * 65536)
+                    handle.flush()
+        written.append(path)
+        real(path, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "save_seed_file", fill_the_disk_after_the_first)
+    args = ["optimize", *TINY, "n_images=3", "runtime.batch_size=1", "hydra.run.dir=run"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0] and "run the same command again" in err[0], err
+    filler.unlink()  # space freed
+    monkeypatch.setattr(pipeline, "save_seed_file", real)
+    assert main(args) == 0
+    assert sorted(p.name for p in (disk / "run" / "images" / "red_disc").glob("*.png")) == [
+        "00000.png", "00001.png", "00002.png"]
+
+
+def test_evaluate_skips_a_broken_reference_that_optimize_skipped(tmp_path, monkeypatch, capsys):
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    random_image(np.random.default_rng(3), (40, 40)).save(refs / "good.png")
+    (refs / "broken.png").write_bytes(b"not an image")
+    monkeypatch.chdir(tmp_path)
+    assert main(["optimize", *TINY, f"dataset.root={refs}", "hydra.run.dir=run"]) == 0
+    assert main(["evaluate", "run_dir=run", "baseline=false"]) == 0
+    assert "broken.png" in (tmp_path / "run" / "optimize.log").read_text()
+
+
+def test_evaluate_takes_dtype_auto(inputs, tmp_path, monkeypatch):
+    shutil.copytree(inputs / "run", tmp_path / "run", symlinks=True)
+    assert main(["evaluate", f"run_dir={tmp_path / 'run'}", "runtime.dtype=auto"]) == 0
+    assert (tmp_path / "run" / "report" / "metrics.json").is_file()
