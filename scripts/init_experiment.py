@@ -27,8 +27,8 @@ from hydra import compose, initialize_config_module
 
 from seedselect_cli.config import asset_path, load_config, register_resolvers
 from seedselect_cli.encoders import clip_embed_pil
-from seedselect_cli.evaluate import Judge, JudgeConfig
 from seedselect_cli.initial_seeds import SeedStarts, init_seed_for
+from seedselect_cli.judges import Judge, JudgeConfig
 from seedselect_cli.models import load_models
 from seedselect_cli.optimize import optimize_seeds
 from seedselect_cli.references import ReferenceCache, load_encodings
@@ -74,7 +74,7 @@ def run_setting(models, judge, config, concepts, n_images: int, checkpoints: lis
         def look(it: int, best: torch.Tensor, concept=concept, text_embeds=text_embeds, seen=seen) -> None:
             if it + 1 in checkpoints:  # the best of iterates 0..it: what optim.iterations=it+1 writes
                 images = sample_images(models, best, text_embeds, config.sampler.steps, config.sampler.guidance_scale)
-                seen[it + 1] = sum(top[0] == concept for top in judge.top(images, 1))
+                seen[it + 1] = sum(top[0] == concept for top in judge.classify(images, 1)[0])
                 if it + 1 == max(checkpoints):  # diversity: mean pairwise cosine distance of CLIP embeddings
                     embeds = clip_embed_pil(models, images)
                     n = len(images)

@@ -1,8 +1,10 @@
 """Does the generated set help a few-shot classifier? The paper's few-shot experiment, small.
 
 Trains a linear probe (multinomial logistic regression) on CLIP features of the real few-shot
-images of a run's classes, once on those alone and once with the run's generated images added,
-and reports top-1 accuracy on held-out real images of the same classes:
+images of a run's classes, once on those alone and once with the run's generated images added (and
+with plain sampling's, if `seedselect evaluate` rendered them in RUN/baseline/), and reports top-1
+accuracy on held-out real images of the same classes, in the table of
+`scripts/downstream_classifier.py`, with the Classification Accuracy Score of each generated set:
 
     python scripts/linear_probe.py --dataset cub --root /data/CUB_200_2011 --run runs/cub \\
         --shots 5 --test-split test
@@ -25,9 +27,10 @@ from omegaconf import OmegaConf
 
 from seedselect_cli.config import Config, DatasetConfig, load_structured
 from seedselect_cli.datasets import load_classes
-from seedselect_cli.evaluate import load_clip
 from seedselect_cli.images import load_rgb
+from seedselect_cli.judges import load_clip
 from seedselect_cli.models import resolve_device
+from seedselect_cli.report import training_table
 from seedselect_cli.writer import RunDirectory
 
 
@@ -84,19 +87,26 @@ def main(argv: list[str] | None = None) -> dict:
     clip = load_clip(args.clip or config.model.image_encoder, resolve_device(args.device))
     x_real = features(clip, [p for r in train for p in r.images])
     y_real = torch.tensor([index[r.name] for r in train for _ in r.images])
-    x_gen = features(clip, [run / e["image"] for e in entries])
     y_gen = torch.tensor([index[e["class"]] for e in entries])
+    generated = {"generated": features(clip, [run / e["image"] for e in entries])}
+    plain = [run / "baseline" / e["image"] for e in entries]
+    if all(p.is_file() for p in plain):  # `seedselect evaluate` rendered plain sampling from the same seeds
+        generated["plain"] = features(clip, plain)
     x_test = features(clip, [p for p, _ in held_out])
     y_test = torch.tensor([label for _, label in held_out])
 
-    results = {}
-    for name, (x, y) in {"real only": (x_real, y_real),
-                         "real + generated": (torch.cat([x_real, x_gen]), torch.cat([y_real, y_gen]))}.items():
-        probe = train_probe(x, y, len(train))
+    def top1(x: torch.Tensor, y: torch.Tensor, n_classes: int, x_eval: torch.Tensor, y_eval: torch.Tensor) -> float:
+        probe = train_probe(x, y, n_classes)
         with torch.no_grad():
-            accuracy = float((probe(x_test).argmax(dim=1) == y_test).float().mean())
-        results[name] = {"train_images": len(y), "top1": accuracy}
-    results["classes"], results["test_images"] = len(train), len(held_out)
+            return float((probe(x_eval).argmax(dim=1) == y_eval).float().mean())
+
+    sets = {"real only": (x_real, y_real),
+            **{f"real + {k}": (torch.cat([x_real, x]), torch.cat([y_real, y_gen])) for k, x in generated.items()}}
+    results: dict = {"rows": {name: {"train_images": len(y), "all": top1(x, y, len(train), x_test, y_test)}
+                              for name, (x, y) in sets.items()},
+                     "cas": {k: top1(x, y_gen, len(train), x_test, y_test) for k, x in generated.items()},
+                     "classes": len(train), "test_images": len(held_out)}
+    print(training_table(results))
     print(json.dumps(results, indent=2))
     return results
 

@@ -1,17 +1,20 @@
-"""The toy world's experiment: does selecting the seed fix what a long-tailed model draws wrongly?
+"""The toy world's experiment: does selecting the seed fix what a long-tailed model draws wrongly, with
+images a person would call right, as varied as real ones, and useful for training?
 
 Runs, as a user would, `seedselect optimize` and `seedselect bootstrap` on the shipped toy world
-(`--config-name toyworld`, seeds from fresh noise as in the paper: `init=random` unless
-`--override init=...` says otherwise) for head, middle and tail concepts, then `seedselect evaluate` with the
-toy world's judge (a ResNet trained on balanced data, used only to score). Plain sampling is the
-baseline evaluate draws from the same initial seeds. Prints and writes (to OUT/results.md) the
-judge's top-1 accuracy by frequency bucket for plain sampling, SeedSelect and bootstrap, and per
-concept; and OUT/contact_sheet.png: for each tail concept its references, then plain, SeedSelect
-and bootstrap images.
+(`--config-name toyworld`, the tool's defaults unless `--override` says otherwise) for head, middle and
+tail concepts, then `seedselect evaluate` with the toy world's judge (a ResNet trained on balanced
+renders and on off-model shapes, which it rejects; used only to score) against the world's held-out
+real images. Plain sampling is the baseline evaluate draws from the same initial noise. Writes
+OUT/results.md (and .json): by frequency bucket and per concept, for plain sampling, SeedSelect and
+bootstrap, the judge's top-1 accuracy, precision and recall against held-out real images (in the
+judge's features), diversity_ratio and copies; OUT/contact_sheet.png (each tail concept's
+references, then plain, SeedSelect and bootstrap images); and with `--synthetic N` the downstream
+classifier's table (`downstream_classifier.py`) from N images of each tail concept.
 
-    python scripts/toyworld_experiment.py --out toyworld_experiment          # about 14 min on 2 CPU cores
-    python scripts/toyworld_experiment.py --concepts "pine warbler" --n-images 4 --iterations 5   # a quick look
-    python scripts/toyworld_experiment.py --override init=nao --out toyworld_nao   # seeds start from NAO's centroid
+    python scripts/toyworld_experiment.py --out toyworld_experiment --synthetic 50   # about 35 min, 2 CPU cores
+    python scripts/toyworld_experiment.py --concepts "pine warbler" --n-images 4     # a quick look
+    python scripts/toyworld_experiment.py --override init=random loss.appearance=centroid --out paper  # the paper's
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from seedselect_cli.writer import slugify
 
 METHODS = ("plain", "seedselect", "bootstrap")
 BUCKETS = ("head", "middle", "tail")
+FIGURES = ("judge_top1", "precision", "recall", "diversity_ratio", "copies")
 
 
 def world() -> list[dict]:
@@ -38,9 +42,9 @@ def world() -> list[dict]:
 
 
 def default_concepts() -> list[str]:
-    """The five most frequent tail concepts, and the two most frequent of the head and of the middle."""
+    """Every tail concept, and the two most frequent of the head and of the middle."""
     concepts = world()
-    return [c["name"] for bucket, n in (("head", 2), ("middle", 2), ("tail", 5))
+    return [c["name"] for bucket, n in (("head", 2), ("middle", 2), ("tail", 99))
             for c in [c for c in concepts if c["bucket"] == bucket][:n]]
 
 
@@ -51,52 +55,62 @@ def seedselect(*args: str) -> None:
     subprocess.run(command, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
-def run(out: Path, concepts: list[str], args) -> dict[str, dict]:
-    """The two runs and their evaluations; returns {method: {concept: judge top-1}}."""
-    classes = "dataset.classes=[" + ",".join(concepts) + "]"
-    # The paper's SeedSelect starts from fresh noise (init=random) unless an override says otherwise.
-    init = [] if any(o.startswith("init=") for o in args.override) else ["init=random"]
-    common = [classes, f"seed={args.seed}", f"runtime.batch_size={args.batch_size}", "runtime.progress=false",
-              *init, *args.override]
+def classes(concepts: list[str]) -> str:
+    return "dataset.classes=[" + ",".join(concepts) + "]"
+
+
+def run(out: Path, concepts: list[str], args) -> dict:
+    """The two runs and their evaluations; returns {method: {concept: {figure: value}}, "seconds": ...}."""
+    common = [f"seed={args.seed}", f"runtime.batch_size={args.batch_size}", "runtime.progress=false", *args.override]
     judge = f"judge.model={asset_path('toyworld/judge')}"
-    accuracy: dict[str, dict] = {m: {} for m in METHODS}
+    figures: dict[str, dict] = {m: {} for m in METHODS}
     seconds = {}
-    for method, command, extra in (("seedselect", "optimize", [f"n_images={args.n_images}",
-                                                                f"optim.iterations={args.iterations}"]),
-                                   ("bootstrap", "bootstrap", [f"bootstrap.n_images={args.n_images}"])):
+    for method, command, count in (("seedselect", "optimize", "n_images"), ("bootstrap", "bootstrap",
+                                                                            "bootstrap.n_images")):
         run_dir = out / method
         begin = time.perf_counter()
-        seedselect(command, "--config-name", "toyworld", *common, *extra, f"hydra.run.dir={run_dir}")
+        seedselect(command, "--config-name", "toyworld", classes(concepts), *common, f"{count}={args.n_images}",
+                   f"hydra.run.dir={run_dir}")
         seconds[method] = time.perf_counter() - begin
         seedselect("evaluate", f"run_dir={run_dir}", judge, "dataset_classes=true", "runtime.device=cpu",
                    f"baseline={str(method == 'seedselect').lower()}")
         metrics = json.loads((run_dir / "report" / "metrics.json").read_text())
         for concept, scores in metrics["classes"].items():
-            accuracy[method][concept] = scores["seedselect"]["judge_top1"]
+            figures[method][concept] = {k: scores["seedselect"][k] for k in FIGURES}
             if "plain" in scores:
-                accuracy["plain"][concept] = scores["plain"]["judge_top1"]
-    accuracy["seconds"] = seconds
-    return accuracy
+                figures["plain"][concept] = {k: scores["plain"][k] for k in FIGURES}
+    figures["seconds"] = seconds
+    return figures
 
 
-def table(accuracy: dict[str, dict], concepts: list[str], args) -> str:
+def _mean(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def _cell(value: float | None) -> str:
+    return "" if value is None else f"{value:.2f}"
+
+
+def table(figures: dict, concepts: list[str], args) -> str:
     """The markdown tables: by bucket, then per concept."""
     info = {c["name"]: c for c in world()}
-    lines = [(f"Judge top-1 accuracy, {args.n_images} images per concept (seed {args.seed}), "
-              f"SeedSelect {args.iterations} iterations"
-              + (f", with {' '.join(args.override)}" if args.override else "") + ":"), "",
-             "| bucket | concepts | " + " | ".join(METHODS) + " |", "|---|---|" + "---|" * len(METHODS)]
+    lines = [(f"{args.n_images} images per concept (seed {args.seed})"
+              + (f", with {' '.join(args.override)}" if args.override else ", the defaults") + ". Judge top-1, then "
+              "precision and recall against 64 held-out real images (judge features), diversity_ratio, copies; "
+              "plain / SeedSelect / bootstrap:"), "",
+             "| bucket | concepts | " + " | ".join(f"{k}" for k in FIGURES) + " |", "|---|---|" + "---|" * len(FIGURES)]
     for bucket in BUCKETS:
         names = [c for c in concepts if info[c]["bucket"] == bucket]
         if names:
-            means = [sum(accuracy[m][c] for c in names) / len(names) for m in METHODS]
-            lines.append(f"| {bucket} | {len(names)} | " + " | ".join(f"{v:.2f}" for v in means) + " |")
-    lines += ["", "| concept | looks | training images | bucket | " + " | ".join(METHODS) + " |",
-              "|---|---|---|---|" + "---|" * len(METHODS)]
+            cells = [" / ".join(_cell(_mean([figures[m][c][k] for c in names])) for m in METHODS) for k in FIGURES]
+            lines.append(f"| {bucket} | {len(names)} | " + " | ".join(cells) + " |")
+    lines += ["", "| concept | looks | training images | " + " | ".join(FIGURES) + " |",
+              "|---|---|---|" + "---|" * len(FIGURES)]
     for c in concepts:
-        lines.append(f"| {c} | {info[c]['looks']} | {info[c]['count']} | {info[c]['bucket']} | "
-                     + " | ".join(f"{accuracy[m][c]:.2f}" for m in METHODS) + " |")
-    seconds = accuracy["seconds"]
+        cells = [" / ".join(_cell(figures[m][c][k]) for m in METHODS) for k in FIGURES]
+        lines.append(f"| {c} | {info[c]['looks']} | {info[c]['count']} | " + " | ".join(cells) + " |")
+    seconds = figures["seconds"]
     lines += ["", "Wall time: " + ", ".join(f"{m} {s:.0f} s" for m, s in seconds.items()) + "."]
     return "\n".join(lines) + "\n"
 
@@ -134,27 +148,54 @@ def contact_sheet(out: Path, concepts: list[str], n: int = 8, cell: int = 64) ->
     return path
 
 
+def downstream(out: Path, concepts: list[str], args) -> str:
+    """N images of each tail concept (the runs extended: n_images and dataset.classes may grow on resume),
+    then the classifier trained with them (`downstream_classifier.py`)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import downstream_classifier
+
+    info = {c["name"]: c for c in world()}
+    tail = [c for c in concepts if info[c]["bucket"] == "tail"]
+    common = [f"seed={args.seed}", f"runtime.batch_size={args.batch_size}", "runtime.progress=false", *args.override]
+    for method, command, count in (("seedselect", "optimize", "n_images"), ("bootstrap", "bootstrap",
+                                                                            "bootstrap.n_images")):
+        seedselect(command, "--config-name", "toyworld", classes(tail), *common, f"{count}={args.synthetic}",
+                   f"hydra.run.dir={out / method}")
+    seedselect("evaluate", f"run_dir={out / 'seedselect'}", "runtime.device=cpu", "dataset_classes=true")
+    results = downstream_classifier.run({"seedselect": out / "seedselect", "bootstrap": out / "bootstrap"},
+                                        args.synthetic, seed=args.seed)
+    from seedselect_cli.report import training_table
+
+    (out / "downstream.json").write_text(json.dumps(results, indent=2) + "\n")
+    return (f"\nDownstream: a small CNN trained on the long-tailed real data, alone and with {args.synthetic} "
+            f"synthetic images of each tail concept; accuracy on 100 real images of every concept:\n\n"
+            + training_table(results))
+
+
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("toyworld_experiment"))
-    parser.add_argument("--concepts", nargs="+", default=None, help="default: 2 head, 2 middle, 5 tail concepts")
-    parser.add_argument("--n-images", type=int, default=20)
-    parser.add_argument("--iterations", type=int, default=30, help="SeedSelect's (bootstrap keeps its own)")
-    parser.add_argument("--batch-size", type=int, default=20)
+    parser.add_argument("--concepts", nargs="+", default=None, help="default: 2 head, 2 middle, every tail concept")
+    parser.add_argument("--n-images", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--synthetic", type=int, default=0, help="then N images per tail concept for the "
+                                                                 "downstream classifier (0: skip it)")
     parser.add_argument("--override", nargs="*", default=[], help="more config overrides for both runs, "
-                                                                    "e.g. init=nao")
+                                                                    "e.g. init=random")
     args = parser.parse_args(argv)
     concepts = args.concepts or default_concepts()
     unknown = sorted(set(concepts) - {c["name"] for c in world()})
     if unknown:
         parser.error(f"not a toy-world concept: {unknown[0]!r}")
     args.out.mkdir(parents=True, exist_ok=True)
-    accuracy = run(args.out, concepts, args)
-    text = table(accuracy, concepts, args)
-    (args.out / "results.md").write_text(text)
-    (args.out / "results.json").write_text(json.dumps(accuracy, indent=2) + "\n")
+    figures = run(args.out, concepts, args)
+    text = table(figures, concepts, args)
     sheet = contact_sheet(args.out, concepts)
+    if args.synthetic:
+        text += downstream(args.out, concepts, args)
+    (args.out / "results.md").write_text(text)
+    (args.out / "results.json").write_text(json.dumps(figures, indent=2) + "\n")
     print(text + f"\ncontact sheet: {sheet}")
     return text
 

@@ -15,12 +15,17 @@ ordinary code path:
               CLIPVisionModelWithProjection) is the image encoder of the semantic loss, its text
               tower lets `seedselect evaluate` classify zero-shot
     judge/    a ResNetForImageClassification, another architecture and seed, trained on balanced
-              data, used only to score (`seedselect evaluate judge.model=...`)
+              data and on off-model images (stars, notched and irregular blobs, shapes of wrong
+              proportions, melted shapes, two shapes, coloured noise) as a 21st class, "off-model",
+              that it rejects; used only to score (`seedselect evaluate judge.model=...`)
     references/<concept>/   5 training images of each concept (all a tail concept has, up to 5)
+    heldout/<concept>/      64 fresh renders of each concept, never trained on: the real images that
+                            `seedselect evaluate` measures precision, recall and KID against
     world.json              concepts, training counts and frequency buckets
 
     python scripts/train_toyworld.py                      # into seedselect_cli/assets/toyworld, < 1 h on 2 CPU cores
     python scripts/train_toyworld.py --quick --out /tmp/tw  # a smoke run of the whole script, a minute
+    python scripts/train_toyworld.py --only judge heldout   # redo the judge and the held-out set alone
 """
 
 from __future__ import annotations
@@ -89,6 +94,70 @@ def render(name: str, rng: np.random.Generator) -> Image.Image:
         draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fill)
         draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fill)
     return image.resize((SIZE, SIZE), Image.LANCZOS)
+
+
+OFF_MODEL = "off-model"
+OFF_KINDS = ("star", "notched", "blob", "stretched", "blurred", "two shapes", "noise")
+
+
+def _canvas(rng: np.random.Generator, scale: int) -> Image.Image:
+    s = SIZE * scale
+    grey = rng.uniform(0.25, 0.85) * 255
+    background = np.clip(grey + rng.normal(0, 12, (s // 4, s // 4, 1)), 0, 255).repeat(3, 2).astype(np.uint8)
+    return Image.fromarray(background).resize((s, s), Image.BILINEAR)
+
+
+def render_off_model(rng: np.random.Generator, kind: str | None = None) -> Image.Image:
+    """An image of none of the concepts, in a concept's colour: what the stricter judge rejects. Stars,
+    notched or smooth irregular blobs, shapes of wrong proportions, a concept blurred into a blob, two
+    shapes run together, coloured noise: what a model draws where it has not learned a concept."""
+    kind = kind or OFF_KINDS[rng.integers(len(OFF_KINDS))]
+    scale = 4
+    fill = tuple(int(np.clip(c + rng.normal(0, 15), 0, 255)) for c in list(COLOURS.values())[rng.integers(5)])
+    if kind == "blurred":  # a concept's shape melted into a blob
+        from PIL import ImageFilter
+
+        return render(CONCEPTS[rng.integers(len(CONCEPTS))], rng).filter(ImageFilter.GaussianBlur(rng.uniform(1.8, 3.0)))
+    image = _canvas(rng, scale)
+    draw = ImageDraw.Draw(image)
+    r = rng.uniform(7, 11) * scale
+    cx, cy = (SIZE / 2 + rng.uniform(-4, 4, 2)) * scale
+    if kind == "star":  # 4 to 6 points, concave sides
+        points = int(rng.integers(4, 7))
+        inner = rng.uniform(0.4, 0.7)
+        r *= rng.uniform(1.0, 1.3)
+        turn = rng.uniform(0, np.pi)
+        angles = turn + np.arange(2 * points) * np.pi / points
+        radii = np.where(np.arange(2 * points) % 2 == 0, r, r * inner)
+        draw.polygon(list(zip(cx + radii * np.cos(angles), cy + radii * np.sin(angles))), fill=fill)
+    elif kind in ("notched", "blob"):  # a closed curve whose radius wanders
+        angles = np.linspace(0, 2 * np.pi, 90, endpoint=False)
+        harmonics = 2 if kind == "notched" else 3
+        radius = np.ones_like(angles)
+        for h in range(2, 2 + harmonics):
+            radius += rng.uniform(0.12, 0.25) * np.cos(h * angles + rng.uniform(0, 2 * np.pi))
+        if kind == "notched":  # a bite out of one side
+            radius -= rng.uniform(0.25, 0.45) * np.exp(-((angles - rng.uniform(0, 2 * np.pi) + np.pi) % (2 * np.pi)
+                                                          - np.pi) ** 2 / 0.08)
+        draw.polygon(list(zip(cx + r * radius * np.cos(angles), cy + r * radius * np.sin(angles))), fill=fill)
+    elif kind == "stretched":  # an ellipse or a bar: a circle or square of the wrong proportions
+        aspect = rng.uniform(1.8, 2.6)
+        w, h = (r * 1.1, r * 1.1 / aspect) if rng.random() < 0.5 else (r * 1.1 / aspect, r * 1.1)
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)([cx - w, cy - h, cx + w, cy + h], fill=fill)
+    elif kind == "two shapes":  # two small shapes, overlapping or apart
+        for _ in range(2):
+            x, y, q = cx + rng.uniform(-1, 1) * r, cy + rng.uniform(-1, 1) * r, r * rng.uniform(0.35, 0.55)
+            other = tuple(int(np.clip(c + rng.normal(0, 15), 0, 255))
+                          for c in list(COLOURS.values())[rng.integers(5)])
+            (draw.ellipse if rng.random() < 0.5 else draw.rectangle)([x - q, y - q, x + q, y + q], fill=other)
+    else:  # coloured noise where a shape should be
+        patch = rng.integers(0, 256, (6, 6, 3)).astype(np.uint8)
+        blob = Image.fromarray(patch).resize((int(2 * r), int(2 * r)), Image.BICUBIC)
+        image.paste(blob, (int(cx - r), int(cy - r)))
+    small = image.resize((SIZE, SIZE), Image.LANCZOS)
+    from PIL import ImageFilter
+
+    return small.filter(ImageFilter.GaussianBlur(rng.uniform(0.0, 0.8)))  # as soft as a model draws
 
 
 def to_tensor(images: list[Image.Image]) -> torch.Tensor:
@@ -261,29 +330,76 @@ def train_clip(tokenizer, steps: int, seed: int):
     return clip.eval().requires_grad_(False)
 
 
+def judge_augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """The stricter judge's augmentation: the softness of edges a model gives the shapes it knows well
+    (two thirds of `augment`'s blur) and noise; melted shapes are the rejected class's, not this."""
+    blurred = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    mix = torch.rand(len(x), 1, 1, 1, generator=g) * 0.45
+    return (x * (1 - mix) + blurred * mix + 0.04 * torch.randn(x.shape, generator=g)).clamp(-1, 1)
+
+
+def judge_batch(rng: np.random.Generator, per_concept: int, off_model: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`per_concept` renders of every concept and `off_model` images of none (label len(CONCEPTS))."""
+    x, y = balanced_batch(rng, per_concept)
+    off = to_tensor([render_off_model(rng) for _ in range(off_model)])
+    return torch.cat([x, off]), torch.cat([y, torch.full((off_model,), len(CONCEPTS))])
+
+
 def train_judge(steps: int, seed: int):
+    """The judge: a ResNet (another architecture than the CLIP, another seed), trained on balanced renders
+    of the 20 concepts and on off-model images (`render_off_model`) as a 21st, rejected class."""
     from transformers import ResNetConfig, ResNetForImageClassification
 
     torch.manual_seed(seed)
+    labels = [*CONCEPTS, OFF_MODEL]
     judge = ResNetForImageClassification(ResNetConfig(
         embedding_size=24, hidden_sizes=[24, 48, 96], depths=[1, 1, 1], layer_type="basic", downsample_in_first_stage=False,
-        num_labels=len(CONCEPTS), id2label=dict(enumerate(CONCEPTS)), label2id={c: i for i, c in enumerate(CONCEPTS)}))
+        num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={c: i for i, c in enumerate(labels)}))
     rng, g = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
     judge.train()
 
     def loss_of_step() -> torch.Tensor:
-        x, y = balanced_batch(rng, 6)
-        return F.cross_entropy(judge(pixel_values=augment(x, g)).logits, y)
+        x, y = judge_batch(rng, 6, 40)
+        return F.cross_entropy(judge(pixel_values=judge_augment(x, g)).logits, y)
 
     fit("judge", list(judge.parameters()), loss_of_step, steps, lr=2e-3, weight_decay=1e-2, every=200)
     return judge.eval().requires_grad_(False)
 
 
 # ---------------------------------------------------------------------------------------------- save
-def save(out: Path, tokenizer, vae, unet, text_encoder, clip, judge, images: list[Image.Image], labels: torch.Tensor,
-         seconds: dict) -> None:
+HELDOUT_PER_CONCEPT = 64  # enough for KID (50 at least)
+
+
+def save_judge(out: Path, judge) -> None:
+    from transformers import ConvNextImageProcessorPil
+
+    judge.to(torch.float16).save_pretrained(out / "judge", safe_serialization=True)
+    ConvNextImageProcessorPil(size={"shortest_edge": SIZE}, crop_pct=1.0, image_mean=[0.5] * 3,
+                              image_std=[0.5] * 3).save_pretrained(out / "judge")
+
+
+def save_heldout(out: Path, seed: int) -> None:
+    """`heldout/<concept>/NN.png`: fresh renders of every concept, none of them a training image or a
+    reference: the real images `seedselect evaluate` measures precision, recall and KID against."""
+    rng = np.random.default_rng(seed)
+    for name in CONCEPTS:
+        folder = out / "heldout" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for k in range(HELDOUT_PER_CONCEPT):
+            render(name, rng).save(folder / f"{k:02d}.png", optimize=True)
+
+
+def save_world(out: Path, seconds: dict) -> None:
+    world = {"template": TEMPLATE, "image_size": SIZE, "seconds": seconds,
+             "judge": {"labels": [*CONCEPTS, OFF_MODEL], "rejects": list(OFF_KINDS)},
+             "heldout_per_concept": HELDOUT_PER_CONCEPT,
+             "concepts": [{"name": n, "count": c, "bucket": bucket(c), "looks": looks} for n, c, looks in RANKED]}
+    (out / "world.json").write_text(json.dumps(world, indent=2) + "\n")
+
+
+def save(out: Path, tokenizer, vae, unet, text_encoder, clip, images: list[Image.Image], labels: torch.Tensor) -> None:
     from diffusers import DDIMScheduler, StableDiffusionPipeline
-    from transformers import CLIPImageProcessorPil, ConvNextImageProcessorPil
+    from transformers import CLIPImageProcessorPil
 
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                               set_alpha_to_one=False, steps_offset=1)
@@ -295,57 +411,59 @@ def save(out: Path, tokenizer, vae, unet, text_encoder, clip, judge, images: lis
     tokenizer.save_pretrained(out / "clip")
     CLIPImageProcessorPil(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE},
                        image_mean=CLIP_MEAN, image_std=CLIP_STD).save_pretrained(out / "clip")
-    judge.to(torch.float16).save_pretrained(out / "judge", safe_serialization=True)
-    ConvNextImageProcessorPil(size={"shortest_edge": SIZE}, crop_pct=1.0, image_mean=[0.5] * 3,
-                           image_std=[0.5] * 3).save_pretrained(out / "judge")
     for index, name in enumerate(CONCEPTS):
         folder = out / "references" / name
         folder.mkdir(parents=True, exist_ok=True)
         for k, i in enumerate((labels == index).nonzero().flatten()[:5].tolist()):
             images[i].save(folder / f"{k:02d}.png")
-    world = {"template": TEMPLATE, "image_size": SIZE, "seconds": seconds,
-             "concepts": [{"name": n, "count": c, "bucket": bucket(c), "looks": looks} for n, c, looks in RANKED]}
-    (out / "world.json").write_text(json.dumps(world, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "seedselect_cli/assets/toyworld"))
     parser.add_argument("--quick", action="store_true", help="a few steps of each stage: checks the script, not the world")
+    parser.add_argument("--only", nargs="+", choices=("judge", "heldout"), default=None,
+                        help="redo only these parts of the world in --out, keeping the rest")
     parser.add_argument("--vae-steps", type=int, default=1500)
     parser.add_argument("--unet-steps", type=int, default=4500)
     parser.add_argument("--clip-steps", type=int, default=800)
-    parser.add_argument("--judge-steps", type=int, default=1000)
+    parser.add_argument("--judge-steps", type=int, default=1500)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.quick:
         args.vae_steps = args.unet_steps = args.clip_steps = args.judge_steps = 3
     torch.use_deterministic_algorithms(True)
     out = Path(args.out)
-    seconds = {}
+    world = out / "world.json"
+    seconds = json.loads(world.read_text())["seconds"] if args.only and world.is_file() else {}
+    parts = args.only or ("vae", "unet", "clip", "judge", "heldout")
     begin = time.perf_counter()
-    images, labels = long_tailed_set(args.seed)
-    pixels = to_tensor(images)
-    print(f"data: {len(images)} images of {len(CONCEPTS)} concepts, {pixels.nbytes / 2**20:.0f} MiB", flush=True)
-    tokenizer = build_tokenizer()
-    stage = time.perf_counter()
-    vae, mean, std = train_vae(pixels, args.vae_steps, args.seed + 1)
-    seconds["vae"] = time.perf_counter() - stage
-    stage = time.perf_counter()
-    unet, text_encoder = train_diffusion(tokenizer, mean, std, labels, vae.config.scaling_factor, args.unet_steps,
-                                         args.seed + 2)
-    seconds["unet"] = time.perf_counter() - stage
-    stage = time.perf_counter()
-    clip = train_clip(tokenizer, args.clip_steps, args.seed + 3)
-    seconds["clip"] = time.perf_counter() - stage
-    stage = time.perf_counter()
-    judge = train_judge(args.judge_steps, args.seed + 4)
-    seconds["judge"] = time.perf_counter() - stage
-    seconds["total"] = time.perf_counter() - begin
-    save(out, tokenizer, vae, unet, text_encoder, clip, judge, images, labels,
-         {k: math.floor(v) for k, v in seconds.items()})
+    if "vae" in parts:
+        images, labels = long_tailed_set(args.seed)
+        pixels = to_tensor(images)
+        print(f"data: {len(images)} images of {len(CONCEPTS)} concepts, {pixels.nbytes / 2**20:.0f} MiB", flush=True)
+        tokenizer = build_tokenizer()
+        stage = time.perf_counter()
+        vae, mean, std = train_vae(pixels, args.vae_steps, args.seed + 1)
+        seconds["vae"] = time.perf_counter() - stage
+        stage = time.perf_counter()
+        unet, text_encoder = train_diffusion(tokenizer, mean, std, labels, vae.config.scaling_factor, args.unet_steps,
+                                             args.seed + 2)
+        seconds["unet"] = time.perf_counter() - stage
+        stage = time.perf_counter()
+        clip = train_clip(tokenizer, args.clip_steps, args.seed + 3)
+        seconds["clip"] = time.perf_counter() - stage
+        save(out, tokenizer, vae, unet, text_encoder, clip, images, labels)
+    if "judge" in parts:
+        stage = time.perf_counter()
+        save_judge(out, train_judge(args.judge_steps, args.seed + 4))
+        seconds["judge"] = time.perf_counter() - stage
+    if "heldout" in parts:
+        save_heldout(out, args.seed + 5)
+    seconds["total"] = sum(seconds.get(k, 0) for k in ("vae", "unet", "clip", "judge"))
+    save_world(out, {k: math.floor(v) for k, v in seconds.items()})
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
-    print(f"saved {out} ({size / 2**20:.1f} MiB) in {seconds['total']:.0f} s", flush=True)
+    print(f"saved {out} ({size / 2**20:.1f} MiB) in {time.perf_counter() - begin:.0f} s", flush=True)
 
 
 if __name__ == "__main__":

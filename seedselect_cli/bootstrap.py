@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from seedselect_cli.config import Config
+from seedselect_cli.initial_seeds import assigned_reference
 from seedselect_cli.optimize import SeedResult, optimize_seeds
 from seedselect_cli.references import Centroids, ReferenceEncodings, stack_centroids
 
@@ -47,13 +48,15 @@ def bootstrap_batches(config: Config, class_name: str, blocks: list[list[int]], 
                       z_global: torch.Tensor, global_init_seed: int) -> Iterator[Batch]:
     """Stage 2: a batch per block of image indices, seeds starting from z_T^G, each steered towards its
     own reference subset."""
-    n_refs, size = len(encodings.paths), config.bootstrap.subset_size
+    n_refs, size, appearance = len(encodings.paths), config.bootstrap.subset_size, config.loss.appearance
     for chunk in blocks:
         subsets = [draw_subset(config.seed, class_name, i, n_refs, size) for i in chunk]
+        if appearance == "assigned":  # the image's own reference first: its latent is the target
+            subsets = [[assigned_reference(config.seed, class_name, i, n_refs), *s] for i, s in zip(chunk, subsets)]
         yield Batch(
             indices=chunk, init_seeds=[global_init_seed] * len(chunk),
             z_init=z_global[None].expand(len(chunk), *z_global.shape).clone(),
-            centroids=stack_centroids([encodings.centroids(s) for s in subsets]),
+            centroids=stack_centroids([encodings.centroids(s, appearance=appearance) for s in subsets]),
             iterations=config.bootstrap.iterations,
             extra=[{"subset": [str(encodings.paths[j]) for j in s]} for s in subsets],
         )

@@ -27,7 +27,8 @@ DISTANCES = ("cosine", "euclidean")
 SEMANTIC_LOSSES = ("centroid", "contrastive")
 DATASETS = ("folder", "imagefolder", "cub", "mini_imagenet", "cifar_fs", "imagenet_lt")  # datasets/ adapters
 RESIZE_MODES = ("default", "crop", "fill")
-INIT_METHODS = ("random", "inversion", "nao")
+INIT_METHODS = ("random", "inversion", "nao", "reference")
+APPEARANCE_TARGETS = ("centroid", "nearest", "assigned")
 # Beyond these a value is a slip (10**12 images, a 65536-pixel side), refused before anything is allocated.
 MAX_IMAGES = 100_000  # per class and run
 MAX_SIDE = 4096  # pixels
@@ -64,6 +65,9 @@ class LossConfig:
     semantic: str = "centroid"  # centroid: dist(mu_v, v); contrastive: against every class of the run
     temperature: float = 0.05  # tau of the contrastive loss
     norm_weight: float = 0.0  # weight of the seed-norm prior (chi NLL of ||z_T||); 0: off
+    # what L_app pulls z_0 towards: centroid, the references' mean latent mu_z (the paper); nearest, the
+    # nearest reference's latent; assigned, one reference per image (init=reference starts it there)
+    appearance: str = "centroid"
 
 
 @dataclass
@@ -91,6 +95,8 @@ class OptimConfig:
     iterations: int = 30
     lr_drop_at: int = 3  # the authors' schedule: lr -> lr * lr_drop_factor from this iteration on
     lr_drop_factor: float = 0.1
+    shell: bool = False  # after each step, put every seed back on the Gaussian shell (norm sqrt(d - 1))
+    patience: int = 0  # stop a batch once no seed's loss has improved by 1 % for this many iterations; 0: never
 
 
 @dataclass
@@ -102,6 +108,9 @@ class DatasetConfig:
     split: str = "train"
     prompt_template: str = "a photo of a {}"
     resize_mode: str = "default"  # how references meet the sampler's size (diffusers' VaeImageProcessor)
+    # held-out real images for `seedselect evaluate`, as `<heldout>/<class>/<image>`; null: the data set's
+    # other split, or the class's images not drawn as references
+    heldout: str | None = None
 
 
 @dataclass
@@ -122,6 +131,7 @@ class InitConfig:
     # the schema keeps random, what a run directory written before `init` existed was made with.
     method: str = "random"
     noise: float = 0.5  # share of fresh noise's variance in a centroid start; 0: every image starts alike
+    candidates: int = 1  # starts drawn per image, each scored by one forward pass; the best is optimised
     inversion_steps: int | None = None  # DDIM steps of the inversion; null: sampler.steps
     inversion_guidance: float = 1.0  # CFG scale of the inversion; 1: the class prompt alone
     nao_paths: bool = True  # NAO's path optimisation; false: the mean of the inverted seeds moved to the chi mode
@@ -224,6 +234,8 @@ def check_config(c: Config) -> None:
         raise _bad("loss.lam", c.loss.lam, "must be between 0 and 1")
     if c.loss.distance not in DISTANCES:
         raise _bad("loss.distance", c.loss.distance, f"choose one of {', '.join(DISTANCES)}")
+    if c.loss.appearance not in APPEARANCE_TARGETS:
+        raise _bad("loss.appearance", c.loss.appearance, f"choose one of {', '.join(APPEARANCE_TARGETS)}")
     if c.loss.semantic not in SEMANTIC_LOSSES:
         raise _bad("loss.semantic", c.loss.semantic, f"choose one of {', '.join(SEMANTIC_LOSSES)}")
     if not (math.isfinite(c.loss.temperature) and c.loss.temperature > 0):
@@ -249,6 +261,7 @@ def check_config(c: Config) -> None:
     _check_range("optim.iterations", c.optim.iterations, 1, MAX_ITERATIONS)
     if c.optim.lr_drop_at < 0:
         raise _bad("optim.lr_drop_at", c.optim.lr_drop_at, "must be >= 0")
+    _check_range("optim.patience", c.optim.patience, 0, MAX_ITERATIONS, " (0: never stop early)")
     if not c.optim.lr_drop_factor > 0:
         raise _bad("optim.lr_drop_factor", c.optim.lr_drop_factor, "must be positive")
     if "_target_" not in c.optim.optimizer:
@@ -273,6 +286,7 @@ def check_config(c: Config) -> None:
                                                                    "sampler.steps)")
     if not math.isfinite(c.init.inversion_guidance) or c.init.inversion_guidance < 0:
         raise _bad("init.inversion_guidance", c.init.inversion_guidance, "must be a finite number >= 0")
+    _check_range("init.candidates", c.init.candidates, 1, 1024)
     for key in ("nao_points", "nao_iterations"):
         _check_range(f"init.{key}", getattr(c.init, key), 1, 10_000)
     if not (math.isfinite(c.init.nao_length_weight) and c.init.nao_length_weight > 0):

@@ -26,23 +26,19 @@ from omegaconf.errors import OmegaConfBaseException
 from PIL import Image
 from tqdm.auto import tqdm
 
+from seedselect_cli import quality
 from seedselect_cli.config import DEVICES, Config, check_config, check_template, load_structured
-from seedselect_cli.datasets import load_classes
+from seedselect_cli.datasets import heldout_images, load_classes
 from seedselect_cli.errors import UserError, first_line
 from seedselect_cli.generate import seed_dtype
 from seedselect_cli.images import load_rgb
-from seedselect_cli.models import DTYPES, load_models, quiet_libraries, resolve_device, scheduler_from_json
+from seedselect_cli.judges import EvalClip, Judge, JudgeConfig, load_clip
+from seedselect_cli.models import DTYPES, load_models, resolve_device, scheduler_from_json
 from seedselect_cli.sampling import encode_prompt, sample_images
 from seedselect_cli.seed_files import load_seed_file
 from seedselect_cli.writer import CONFIG, RunDirectory, atomic_write, slugify
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class JudgeConfig:
-    model: str | None = None  # a transformers image-classification model: Hub id or folder
-    label_map: dict[str, str] | None = None  # judge label -> run class; None: labels equal to class names
 
 
 @dataclass
@@ -57,57 +53,13 @@ class EvaluateConfig:
     classes: list[str] | None = None  # zero-shot among these class names; None: the run's classes
     dataset_classes: bool = False  # zero-shot among every class of the run's data set (e.g. all 200 of CUB)
     prompt_template: str | None = None  # None: the run's dataset.prompt_template
+    heldout: str | None = None  # real images as <heldout>/<class>/<image>; None: the run's dataset.heldout
     clip: str | None = None  # the two-tower CLIP that judges; None: the run's model.image_encoder
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     baseline: bool = True  # render plain Stable Diffusion from the seeds before optimisation
     top_k: int = 5
     batch_size: int = 16
     runtime: EvaluateRuntime = field(default_factory=EvaluateRuntime)
-
-
-@dataclass
-class EvalClip:
-    """A two-tower CLIP: unit image and text embeddings in one space."""
-
-    model: torch.nn.Module
-    tokenizer: object
-    processor: object
-    device: torch.device
-
-    @torch.no_grad()
-    def images(self, images: list[Image.Image], batch_size: int = 16) -> torch.Tensor:
-        out = []
-        for start in range(0, len(images), batch_size):
-            pixels = self.processor(images=images[start:start + batch_size], return_tensors="pt")["pixel_values"]
-            pooled = self.model.vision_model(pixel_values=pixels.to(self.device)).pooler_output
-            out.append(F.normalize(self.model.visual_projection(pooled).float(), dim=-1).cpu())
-        return torch.cat(out) if out else torch.empty(0)
-
-    @torch.no_grad()
-    def texts(self, prompts: list[str]) -> torch.Tensor:
-        tokens = self.tokenizer(prompts, padding=True, truncation=True, return_tensors="pt").to(self.device)
-        pooled = self.model.text_model(**tokens).pooler_output
-        return F.normalize(self.model.text_projection(pooled).float(), dim=-1).cpu()
-
-
-def load_clip(name: str, device: torch.device) -> EvalClip:
-    if name == "tiny":
-        from seedselect_cli.tiny import build_tiny_clip
-
-        model, tokenizer, processor = build_tiny_clip()
-    else:
-        from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
-
-        source = os.path.expanduser(name)
-        try:
-            with quiet_libraries():
-                model = CLIPModel.from_pretrained(source, use_safetensors=True, dtype=torch.float32)
-                tokenizer = AutoTokenizer.from_pretrained(source)
-                processor = AutoImageProcessor.from_pretrained(source, backend="pil")
-        except (OSError, ValueError) as exc:
-            raise UserError(f"cannot load the CLIP model {name!r} for evaluation ({type(exc).__name__}): "
-                            f"pass clip=<Hub id or folder of a two-tower CLIP>") from None
-    return EvalClip(model.to(device).eval(), tokenizer, processor, device)
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
@@ -123,46 +75,6 @@ def mean_pairwise_distance(embeds: torch.Tensor) -> float | None:
         return None
     cos = embeds @ embeds.T
     return float((1 - cos)[torch.triu_indices(n, n, offset=1).unbind()].mean())
-
-
-class Judge:
-    """A transformers image classifier whose labels map onto the run's classes."""
-
-    def __init__(self, cfg: JudgeConfig, class_names: list[str], device: torch.device):
-        from transformers import AutoImageProcessor, AutoModelForImageClassification
-
-        source = os.path.expanduser(cfg.model)
-        try:
-            with quiet_libraries():
-                self.model = AutoModelForImageClassification.from_pretrained(
-                    source, use_safetensors=True, dtype=torch.float32).to(device).eval()
-                self.processor = AutoImageProcessor.from_pretrained(source)
-        except (OSError, ValueError) as exc:
-            raise UserError(f"cannot load the judge {cfg.model!r} ({type(exc).__name__}): pass judge.model=<Hub id or "
-                            f"folder of an image-classification model>") from None
-        lookup = {name.lower(): name for name in class_names}
-        mapping = {str(k).lower(): v for k, v in (cfg.label_map or {}).items()}
-        self.to_class = {}
-        for index, label in self.model.config.id2label.items():
-            target = mapping.get(str(label).lower(), label)
-            self.to_class[int(index)] = lookup.get(str(target).lower())
-        if not any(self.to_class.values()):
-            if cfg.label_map:
-                raise UserError(f"judge.label_map maps the labels of judge.model={cfg.model} to no class of the run "
-                                f"({', '.join(class_names[:5])}); map them to those names")
-            raise UserError(f"judge.model={cfg.model}: none of its labels is a class of the run; map them with "
-                            f"judge.label_map={{judge label: class}}")
-        self.device = device
-
-    @torch.no_grad()
-    def top(self, images: list[Image.Image], k: int, batch_size: int = 16) -> list[list[str | None]]:
-        out = []
-        for start in range(0, len(images), batch_size):
-            inputs = self.processor(images=images[start:start + batch_size], return_tensors="pt").to(self.device)
-            logits = self.model(**inputs).logits
-            indices = logits.topk(min(k, logits.shape[1]), dim=1).indices.tolist()
-            out += [[self.to_class.get(i) for i in row] for row in indices]
-        return out
 
 
 def check_evaluate(cfg: EvaluateConfig) -> None:
@@ -265,18 +177,48 @@ def render_baseline(run_dir: Path, config: Config, entries: list[dict], cfg: Eva
     return paths
 
 
-def score(clip: EvalClip, paths: list[Path], labels: list[int], text: torch.Tensor, centroids: torch.Tensor,
-          class_index: dict[str, int], judge: Judge | None, names: list[str], cfg: EvaluateConfig,
-          what: str) -> dict[str, dict]:
-    """Per-class metrics of one set of images (all classes together), keyed by class name. Images are
-    read a batch at a time: only their embeddings and verdicts are kept."""
-    embeds, verdicts = [], []
-    for start in tqdm(range(0, len(paths), cfg.batch_size), desc=what, unit="batch"):
-        images = [load_rgb(p) for p in paths[start:start + cfg.batch_size]]
-        embeds.append(clip.images(images, cfg.batch_size))
+@dataclass
+class Embedded:
+    """A set of images as evaluate sees them: CLIP embeddings, the judge's verdicts and features (if
+    there is a judge), pixels for `copies`."""
+
+    clip: torch.Tensor  # (N, D) unit rows
+    verdicts: list[list[str | None]] | None
+    judge: torch.Tensor | None  # (N, F)
+    pixels: torch.Tensor  # (N, P)
+
+    @property
+    def features(self) -> torch.Tensor:
+        """Where precision, recall, KID and diversity_ratio are measured: the judge's features where there
+        is a judge (a space that did not drive the optimisation), else CLIP's."""
+        return self.judge if self.judge is not None else self.clip
+
+
+def embed(clip: EvalClip, judge: Judge | None, paths_or_images: list, cfg: EvaluateConfig, what: str | None = None
+          ) -> Embedded:
+    """Embed images (paths are read a batch at a time: only what is measured is kept)."""
+    parts: dict[str, list] = {"clip": [], "verdicts": [], "judge": [], "pixels": []}
+    starts = range(0, len(paths_or_images), cfg.batch_size)
+    for start in (tqdm(starts, desc=what, unit="batch") if what else starts):
+        chunk = paths_or_images[start:start + cfg.batch_size]
+        images = [load_rgb(p) if isinstance(p, Path) else p for p in chunk]
+        parts["clip"].append(clip.images(images, cfg.batch_size))
+        parts["pixels"].append(quality.pixel_features(images))
         if judge is not None:
-            verdicts += judge.top(images, cfg.top_k, cfg.batch_size)
-    embeds = torch.cat(embeds)
+            verdicts, features = judge.classify(images, cfg.top_k, cfg.batch_size)
+            parts["verdicts"] += verdicts
+            parts["judge"].append(features)
+    if not parts["clip"]:
+        return Embedded(torch.empty(0, 0), None, None, torch.empty(0, 0))
+    return Embedded(torch.cat(parts["clip"]), parts["verdicts"] if judge is not None else None,
+                    torch.cat(parts["judge"]) if judge is not None else None, torch.cat(parts["pixels"]))
+
+
+def score(seen: Embedded, labels: list[int], text: torch.Tensor, centroids: torch.Tensor, class_index: dict[str, int],
+          names: list[str], cfg: EvaluateConfig, references: dict[str, Embedded],
+          heldout: dict[str, Embedded | None]) -> dict[str, dict]:
+    """Per-class metrics of one set of images (all classes together), keyed by class name."""
+    embeds = seen.clip
     label_tensor = torch.tensor(labels)
     logits = embeds @ text.T
     top1, topk = topk_correct(logits, label_tensor, 1), topk_correct(logits, label_tensor, cfg.top_k)
@@ -289,9 +231,13 @@ def score(clip: EvalClip, paths: list[Path], labels: list[int], text: torch.Tens
         metrics = {"n_images": len(rows), "top1": float(top1[rows].float().mean()),
                    f"top{cfg.top_k}": float(topk[rows].float().mean()), "fidelity": float(fidelity.mean()),
                    "diversity": mean_pairwise_distance(embeds[rows])}
-        if judge is not None:
-            metrics["judge_top1"] = sum(verdicts[i][0] == name for i in rows) / len(rows)
-            metrics[f"judge_top{cfg.top_k}"] = sum(name in verdicts[i] for i in rows) / len(rows)
+        if seen.verdicts is not None:
+            metrics["judge_top1"] = sum(seen.verdicts[i][0] == name for i in rows) / len(rows)
+            metrics[f"judge_top{cfg.top_k}"] = sum(name in seen.verdicts[i] for i in rows) / len(rows)
+        real, refs = heldout[name], references[name]
+        metrics.update(quality.set_quality(
+            real.features if real is not None else None, seen.features[rows], refs.clip, embeds[rows], refs.pixels,
+            seen.pixels[rows], real.pixels if real is not None else None))
         result[name] = metrics
     return result
 
@@ -331,17 +277,21 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         raise UserError(f"classes: the run's class {absent[0]!r} is not in the list to classify among; add it")
     template = cfg.prompt_template or config.dataset.prompt_template
 
-    # 2. The judges: the CLIP (zero-shot, fidelity, diversity) and, if asked for, a classifier.
+    # 2. The judges: the CLIP (zero-shot, fidelity, diversity) and, if asked for, a classifier, whose
+    #    features then measure how the images sit among held-out real ones (else CLIP's do).
     device = resolve_device(cfg.runtime.device)
     clip = load_clip(cfg.clip or config.model.image_encoder, device)
     judge = Judge(cfg.judge, candidates, device) if cfg.judge.model else None
     text = clip.texts([template.format(c) for c in candidates])
     class_index = {c: i for i, c in enumerate(candidates)}
     references = {c: readable_references(records[c]) for c in run_classes}
-    ref_embeds = {c: clip.images(images, cfg.batch_size) for c, images in references.items()}
+    ref_seen = {c: embed(clip, judge, images, cfg) for c, images in references.items()}
     centroids = torch.zeros(len(candidates), text.shape[1])
     for c in run_classes:
-        centroids[class_index[c]] = ref_embeds[c].mean(dim=0)
+        centroids[class_index[c]] = ref_seen[c].clip.mean(dim=0)
+    heldout_dir = cfg.heldout or config.dataset.heldout
+    heldout_of = {c: heldout_images(config.dataset, config.seed, records[c], heldout_dir) for c in run_classes}
+    heldout_seen = {c: embed(clip, judge, readable(h.images), cfg) if h.images else None for c, h in heldout_of.items()}
 
     # 3. SeedSelect's images and, beside them, plain Stable Diffusion's from the same seeds.
     names = [e["class"] for e in entries]
@@ -352,7 +302,8 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         with out.writing(run_dir / "baseline"):
             baseline = render_baseline(run_dir, config, entries, cfg)
         sets["plain"] = [baseline[(e["class"], e["index"])] for e in entries]
-    scores = {method: score(clip, paths, labels, text, centroids, class_index, judge, names, cfg, f"scoring {method}")
+    scores = {method: score(embed(clip, judge, paths, cfg, f"scoring {method}"), labels, text, centroids,
+                            class_index, names, cfg, ref_seen, heldout_seen)
               for method, paths in sets.items()}
 
     # 4. metrics.json, contact sheets, loss curves, index.html; a table in the terminal.
@@ -360,15 +311,29 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         "run_dir": str(run_dir), "n_images": len(entries), "clip": cfg.clip or config.model.image_encoder,
         "judge": cfg.judge.model, "classified_among": len(candidates), "top_k": cfg.top_k,
         "baseline": "plain Stable Diffusion from the seeds before optimisation" if cfg.baseline else None,
+        "quality_space": "judge features" if judge is not None else "CLIP image embeddings",
         "overall": {method: overall(per_class) for method, per_class in scores.items()},
         "classes": {c: {"references": {"n_images": len(references[c]),
-                                       "diversity": mean_pairwise_distance(ref_embeds[c])},
+                                       "diversity": mean_pairwise_distance(ref_seen[c].clip)},
+                        "heldout": {"n_images": len(heldout_seen[c].clip) if heldout_seen[c] else 0,
+                                    "source": heldout_of[c].source},
                         **{method: scores[method][c] for method in scores}} for c in run_classes},
     }
     with out.writing(run_dir / "report"):
         write_report(run_dir, metrics, entries, references, sets)
     print_table(metrics)
     return metrics
+
+
+def readable(paths: tuple[Path, ...]) -> list[Image.Image]:
+    """The images of `paths` that can be read; the others are skipped with a warning."""
+    images = []
+    for path in paths:
+        try:
+            images.append(load_rgb(path))
+        except UserError as exc:
+            log.warning("skipping held-out image %s", str(exc).replace("\n", "\\n"))
+    return images
 
 
 def overall(per_class: dict[str, dict]) -> dict:

@@ -3,7 +3,11 @@
     random     z_T = eps                                       eps ~ N(0, I), drawn from the image's init seed
     inversion  c = mean_i invert(E(I_i))                       DDIM inversion with the class prompt
     nao        c = NAO centroid of the inverted seeds          on the chi shell (`nao.py`)
+    reference  c = invert(E(I_r)), r the image's own reference  one reference per image, in turn
                z_T = sqrt(1 - a) c + sqrt(a) eps               a = `init.noise`, so images of a class differ
+
+With `init.candidates` = N > 1 each image gets N such starts (the k-th from noise of its own init seed
+k), and the caller keeps the one of lowest loss.
 
 Mixing variances keeps a centroid that lies on the chi shell there: ||z_T||^2 ~ (1 - a) ||c||^2 + a d.
 Inversions are cached per reference like its encodings, keyed by the UNet, text encoder, VAE,
@@ -16,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import random
 from pathlib import Path
 
 import torch
@@ -34,6 +39,22 @@ def init_seed_for(seed: int, class_name: str, index: int | str) -> int:
     """The integer that draws z_T for image `index` of `class_name` (63 bits of a SHA-256)."""
     digest = hashlib.sha256(f"{seed}/{class_name}/{index}".encode()).digest()
     return int.from_bytes(digest[:8], "big") >> 1
+
+
+def candidate_seed(init_seed: int, k: int) -> int:
+    """The init seed of an image's k-th candidate start (the 0-th is the image's own)."""
+    if k == 0:
+        return init_seed
+    return int.from_bytes(hashlib.sha256(f"{init_seed}/candidate/{k}".encode()).digest()[:8], "big") >> 1
+
+
+def assigned_reference(seed: int, class_name: str, index: int, n_references: int) -> int:
+    """The reference of image `index` (init=reference, loss.appearance=assigned): the class's references
+    in an order drawn from (seed, class), in turn, so that any n consecutive images have n different ones."""
+    key = int.from_bytes(hashlib.sha256(f"{seed}/{class_name}/references".encode()).digest()[:8], "big")
+    order = list(range(n_references))
+    random.Random(key).shuffle(order)
+    return order[index % n_references]
 
 
 def initial_noise(models: FrozenModels, shape: tuple[int, ...], init_seed: int) -> torch.Tensor:
@@ -91,11 +112,16 @@ class SeedStarts:
         return torch.stack(seeds)
 
     def centre(self, encodings: ReferenceEncodings, prompt: str, text_embeds: torch.Tensor) -> torch.Tensor | None:
-        """The class's centroid start c (C, h, w) float32, or None for `init.method=random`."""
+        """The class's centroid start c (C, h, w) float32, None for `init.method=random`, or for
+        `init.method=reference` every reference's inverted seed (n, C, h, w)."""
         init = self.config.init
         if init.method == "random":
             return None
         inverted = self.invert(encodings, prompt, text_embeds)
+        if init.method == "reference":
+            log.info("init reference: %d inverted references (norm %.1f on average), one per image in turn",
+                     len(inverted), inverted.flatten(1).norm(dim=1).mean())
+            return inverted
         if init.method == "inversion":
             centre = inverted.mean(dim=0)
         elif init.nao_paths:
@@ -108,7 +134,15 @@ class SeedStarts:
                  (d - 1) ** 0.5)
         return centre
 
-    def seeds(self, centre: torch.Tensor | None, init_seeds: list[int]) -> torch.Tensor:
-        """The starting seeds (B, C, h, w) of the images with these init seeds."""
-        return torch.stack([mix(centre, initial_noise(self.models, self.shape, s), self.config.init.noise)
-                            for s in init_seeds])
+    def seeds(self, centre: torch.Tensor | None, init_seeds: list[int], references: list[int] | None = None,
+              candidates: int = 1) -> torch.Tensor:
+        """The starting seeds (B, C, h, w) of the images with these init seeds, or with `candidates` > 1 their
+        candidate starts (B, N, C, h, w). For init=reference, `references` are the images' references."""
+        def start(i: int, init_seed: int) -> torch.Tensor:
+            own = centre[references[i]] if centre is not None and centre.ndim == len(self.shape) + 1 else centre
+            return mix(own, initial_noise(self.models, self.shape, init_seed), self.config.init.noise)
+
+        if candidates == 1:
+            return torch.stack([start(i, s) for i, s in enumerate(init_seeds)])
+        return torch.stack([torch.stack([start(i, candidate_seed(s, k)) for k in range(candidates)])
+                            for i, s in enumerate(init_seeds)])

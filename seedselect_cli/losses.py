@@ -1,7 +1,9 @@
-"""The SeedSelect losses (DESIGN.md, section 1), per seed so that a batch of seeds stays independent.
+"""The SeedSelect losses (the paper's section 3), per seed so that a batch of seeds stays independent.
 
     L_sem = sum_j w_j dist(mu_v, v_j)        over the latents after each of the last k steps
-    L_app = mean((z_0 - mu_z)^2)
+    L_app = mean((z_0 - mu_z)^2)             loss.appearance=centroid (the paper); nearest: min over the
+                                             references' latents instead of their mean mu_z; assigned: the
+                                             image's own reference in place of mu_z
     L     = lam * L_sem + (1 - lam) * L_app
 
 With `loss.semantic=contrastive` each dist(mu_v, v_j) becomes the contrastive loss over the classes
@@ -69,6 +71,14 @@ def kstep_semantic_loss(step_embeds: list[torch.Tensor], centroid: torch.Tensor,
 def appearance_loss(z_0: torch.Tensor, centroid: torch.Tensor) -> torch.Tensor:
     """L_app = mean over elements of (z_0 - mu_z)^2, one per seed (B,)."""
     return (z_0.float() - centroid).pow(2).flatten(1).mean(dim=1)
+
+
+def nearest_appearance_loss(z_0: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
+    """min_i mean((z_0 - E(I_i))^2) over the references' latents, (n, C, h, w) shared or (B, n, C, h, w) per
+    seed: one per seed (B,). The mean latent decodes to an average image (a blob at the mean place);
+    the nearest reference is an image."""
+    refs = references if references.ndim == z_0.ndim + 1 else references.expand(z_0.shape[0], *references.shape)
+    return (z_0.float()[:, None] - refs).pow(2).flatten(2).mean(dim=2).min(dim=1).values
 
 
 def seed_norm_prior(z_T: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

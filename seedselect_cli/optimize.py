@@ -22,8 +22,16 @@ from hydra.utils import instantiate
 from seedselect_cli.config import Config
 from seedselect_cli.cuda_graphs import checkpointed
 from seedselect_cli.encoders import clip_embed, clip_pixels, vae_decode
-from seedselect_cli.losses import LossTerms, appearance_loss, combine, kstep_semantic_loss, seed_norm_prior
+from seedselect_cli.losses import (
+    LossTerms,
+    appearance_loss,
+    combine,
+    kstep_semantic_loss,
+    nearest_appearance_loss,
+    seed_norm_prior,
+)
 from seedselect_cli.models import FrozenModels
+from seedselect_cli.nao import chi_mode
 from seedselect_cli.references import Centroids
 from seedselect_cli.sampling import ddim_rollout, set_timesteps
 
@@ -77,9 +85,28 @@ def seed_objective(models: FrozenModels, z_T: torch.Tensor, centroids: Centroids
                                        contrast)
     else:  # lam = 0: no decode, no CLIP
         semantic = torch.zeros(z_T.shape[0], device=z_T.device)
-    appearance = appearance_loss(latents[-1], centroids.appearance.to(z_T.device))
+    if centroids.references is not None:
+        appearance = nearest_appearance_loss(latents[-1], centroids.references.to(z_T.device))
+    else:
+        appearance = appearance_loss(latents[-1], centroids.appearance.to(z_T.device))
     norm = seed_norm_prior(z_T) if config.loss.norm_weight > 0 else None
     return combine(semantic, appearance, lam, norm, config.loss.norm_weight)
+
+
+@torch.no_grad()
+def best_candidates(models: FrozenModels, candidates: torch.Tensor, centroids: Centroids, text_embeds: torch.Tensor,
+                    config: Config) -> tuple[torch.Tensor, list[int]]:
+    """Selection in the literal sense: of each image's N candidate starts (B, N, C, h, w), the one of lowest
+    loss, scored by one forward pass each without gradients (about a third of an iteration's arithmetic).
+    Returns the starts (B, C, h, w) and which candidate each is."""
+    timesteps = set_timesteps(models, config.sampler.steps)
+    targets = centroids.to(models.device)
+    losses = torch.stack([
+        seed_objective(models, candidates[:, k].to(models.device, torch.float32), targets, text_embeds, timesteps,
+                       config).total.float().cpu()
+        for k in range(candidates.shape[1])], dim=1)
+    best = losses.nan_to_num(nan=float("inf")).argmin(dim=1)
+    return candidates[torch.arange(len(best)), best], best.tolist()
 
 
 def optimize_seeds(models: FrozenModels, z_init: torch.Tensor, centroids: Centroids, text_embeds: torch.Tensor,
@@ -104,6 +131,9 @@ def optimize_seeds(models: FrozenModels, z_init: torch.Tensor, centroids: Centro
     best_z = z.detach().clone()
     history: list[list[float]] = [[] for _ in range(batch)]
     stopped: list[str | None] = [None] * batch
+    # optim.patience: the iteration of each seed's last improvement by 1 % of its best loss
+    settled_best = torch.full((batch,), float("inf"))
+    last_gain = torch.zeros(batch, dtype=torch.long)
 
     for it in range(iterations):
         if it == config.optim.lr_drop_at and it > 0:  # the authors' schedule: lr / 10 after 3 iterations
@@ -139,9 +169,17 @@ def optimize_seeds(models: FrozenModels, z_init: torch.Tensor, centroids: Centro
             on_iteration(it, best_z.detach())
         if frozen.all():
             break
+        gained = ~frozen & (total < settled_best - 0.01 * settled_best.abs().nan_to_num(posinf=0.0))
+        settled_best = torch.where(gained, total, settled_best)
+        last_gain = torch.where(gained, torch.full_like(last_gain, it), last_gain)
+        if config.optim.patience and bool(((it - last_gain) >= config.optim.patience)[~frozen].all()):
+            break  # no seed has improved for optim.patience iterations: the rest would change nothing
         if frozen.any():
             z.grad[frozen.to(z.device)] = 0.0
         optimizer.step()
+        if config.optim.shell:  # back onto the Gaussian shell, where the model has seen its seeds
+            with torch.no_grad():
+                z.mul_(chi_mode(z[0].numel()) / z.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (z.ndim - 1)))
         if frozen.any():  # AdamW's momentum and weight decay move a seed even without gradient
             with torch.no_grad():
                 z[frozen.to(z.device)] = best_z[frozen.to(z.device)]

@@ -26,7 +26,7 @@ from seedselect_cli.config import Config, load_config, resolve_shard, to_yaml
 from seedselect_cli.cuda_graphs import enable_cuda_graphs, resolve_cuda_graphs
 from seedselect_cli.datasets import ClassRecord, load_classes
 from seedselect_cli.errors import Interrupted, UserError
-from seedselect_cli.initial_seeds import SeedStarts, init_seed_for
+from seedselect_cli.initial_seeds import SeedStarts, assigned_reference, init_seed_for
 from seedselect_cli.interrupt import GracefulStop, catching_signals
 from seedselect_cli.models import (
     FrozenModels,
@@ -36,7 +36,7 @@ from seedselect_cli.models import (
     resolve_device,
     resolve_dtype,
 )
-from seedselect_cli.optimize import SeedResult, optimize_seeds
+from seedselect_cli.optimize import SeedResult, best_candidates, optimize_seeds
 from seedselect_cli.progress import RunProgress, print_summary, run_progress
 from seedselect_cli.references import (
     Centroids,
@@ -45,6 +45,7 @@ from seedselect_cli.references import (
     default_cache_dir,
     encoder_fingerprint,
     load_encodings,
+    stack_centroids,
 )
 from seedselect_cli.sampling import encode_prompt, sample_images
 from seedselect_cli.seed_files import load_seed_file, save_seed_file
@@ -242,7 +243,7 @@ class ClassRun:
             return self.starts.centre(encodings, record.prompt, text_embeds)
 
         if self.method == "optimize":
-            batches = optimize_batches(self.starts, config, record.name, blocks, encodings.centroids(), centre())
+            batches = optimize_batches(self.starts, config, record.name, blocks, encodings, centre())
         else:
             z_global, global_init = global_seed(self.out, self.models, self.starts, config, record, slug, encodings,
                                                 text_embeds, centre, self.progress, targets, self.stop)
@@ -252,6 +253,11 @@ class ClassRun:
             if self.stop.requested:
                 break
             what = f"{record.name} [{batch.indices[0] + 1}-{batch.indices[-1] + 1}/{n_images}]"
+            if batch.z_init.ndim == 5:  # init.candidates: keep each image's best start
+                batch.z_init, chosen = best_candidates(self.models, batch.z_init, targets(batch.centroids), text_embeds,
+                                                       config)
+                for extra, k in zip(batch.extra, chosen):
+                    extra["candidate"] = k
             with self.progress.iterations(batch.iterations, what) as bar:
                 results = optimize_seeds(self.models, batch.z_init, targets(batch.centroids), text_embeds, config,
                                          iterations=batch.iterations, progress=bar,
@@ -293,12 +299,21 @@ def batch_blocks(missing: list[int], n_images: int, batch_size: int) -> list[lis
 
 
 def optimize_batches(starts: SeedStarts, config: Config, class_name: str, blocks: list[list[int]],
-                     centroids: Centroids, centre: torch.Tensor | None) -> Iterator[Batch]:
+                     encodings: ReferenceEncodings, centre: torch.Tensor | None) -> Iterator[Batch]:
     """`seedselect optimize`: a batch of seeds per block, each started from its own init seed (and the
-    class's `centre`, for init=inversion or nao)."""
+    class's `centre`, or its own reference's inversion for init=reference), steered towards the class's
+    centroids (or its own reference's latent for loss.appearance=assigned)."""
+    n_refs, appearance = len(encodings.paths), config.loss.appearance
+    shared = encodings.centroids(appearance=appearance) if appearance != "assigned" else None
     for chunk in blocks:
         init_seeds = [init_seed_for(config.seed, class_name, i) for i in chunk]
-        yield Batch(chunk, init_seeds, starts.seeds(centre, init_seeds), centroids, config.optim.iterations)
+        own = [assigned_reference(config.seed, class_name, i, n_refs) for i in chunk]
+        centroids = shared if shared is not None else stack_centroids(
+            [encodings.centroids([r], appearance="assigned") for r in own])
+        z_init = starts.seeds(centre, init_seeds, own, config.init.candidates)
+        uses_reference = config.init.method == "reference" or appearance == "assigned"
+        extra = [{"reference": str(encodings.paths[r])} if uses_reference else {} for r in own]
+        yield Batch(chunk, init_seeds, z_init, centroids, config.optim.iterations, extra)
 
 
 def global_seed(out: RunDirectory, models: FrozenModels, starts: SeedStarts, config: Config, record: ClassRecord,
@@ -313,9 +328,14 @@ def global_seed(out: RunDirectory, models: FrozenModels, starts: SeedStarts, con
         saved = check_global_seed(path, models.latent_shape(config.sampler.height, config.sampler.width), init_seed)
         if saved is not None:
             return saved, init_seed
+    own = assigned_reference(config.seed, record.name, 0, len(encodings.paths))
+    appearance = "nearest" if config.loss.appearance == "nearest" else "centroid"  # z_T^G serves every image
+    targets = contrast(encodings.centroids(appearance=appearance))
+    z_init = starts.seeds(centre(), [init_seed], [own], config.init.candidates)
+    if z_init.ndim == 5:
+        z_init, _ = best_candidates(models, z_init, targets, text_embeds, config)
     with progress.iterations(config.bootstrap.global_iterations, f"{record.name} z_T^G") as bar:
-        result = optimize_global_seed(models, config, starts.seeds(centre(), [init_seed])[0],
-                                      contrast(encodings.centroids()), text_embeds, progress=bar,
+        result = optimize_global_seed(models, config, z_init[0], targets, text_embeds, progress=bar,
                                       should_stop=lambda: stop.requested)
     stop.check(f"the optimisation of class {record.name!r}'s z_T^G")  # not saved: the next run redoes it
     if not result.usable:

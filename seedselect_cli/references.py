@@ -44,19 +44,23 @@ class Centroids:
     # For the contrastive semantic loss: every class's mu_v (N, D), and which row is this class.
     classes: torch.Tensor | None = None
     class_index: int = 0
+    # For loss.appearance=nearest: the references' latents (n, C, h, w), or each seed's (B, n, C, h, w);
+    # L_app then pulls z_0 towards the nearest of them instead of towards `appearance`.
+    references: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> Centroids:
         move = (lambda t: t.to(device) if t is not None else None)
         return Centroids(move(self.semantic), move(self.appearance), self.count, move(self.classes),
-                         self.class_index)
+                         self.class_index, move(self.references))
 
 
 def stack_centroids(items: Sequence[Centroids]) -> Centroids:
     """One batch of per-seed centroids (B, ...) from centroids of single seeds."""
     first = items[0]
     semantic = torch.stack([c.semantic for c in items]) if first.semantic is not None else None
+    references = torch.stack([c.references for c in items]) if first.references is not None else None
     return Centroids(semantic, torch.stack([c.appearance for c in items]), first.count, first.classes,
-                     first.class_index)
+                     first.class_index, references)
 
 
 @dataclass
@@ -68,11 +72,17 @@ class ReferenceEncodings:
     paths: tuple[Path, ...]
     hashes: tuple[str, ...] = ()  # SHA-256 of each file's bytes: the key of its cache entries
 
-    def centroids(self, subset: Sequence[int] | None = None) -> Centroids:
-        """The centroids of all references, or of `subset` (indices, repeats counted as often as drawn)."""
+    def centroids(self, subset: Sequence[int] | None = None, appearance: str = "centroid") -> Centroids:
+        """The centroids of all references, or of `subset` (indices, repeats counted as often as drawn), for
+        `loss.appearance`: centroid, the mean latent; nearest, the latents themselves as well; assigned,
+        the first reference's latent alone (the caller passes the image's own reference first)."""
         rows = torch.as_tensor(list(subset) if subset is not None else range(len(self.paths)), dtype=torch.long)
         semantic = self.semantic[rows].mean(dim=0) if self.semantic is not None else None
-        return Centroids(semantic=semantic, appearance=self.appearance[rows].mean(dim=0), count=len(rows))
+        if appearance == "assigned":
+            return Centroids(semantic=semantic, appearance=self.appearance[rows[0]], count=len(rows))
+        references = self.appearance[rows] if appearance == "nearest" else None  # repeats keep subsets stackable
+        return Centroids(semantic=semantic, appearance=self.appearance[rows].mean(dim=0), count=len(rows),
+                         references=references)
 
 
 def encode_images(models: FrozenModels, images: list[Image.Image], height: int, width: int,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import json
+import sys
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
@@ -85,8 +86,10 @@ def index_html(metrics: dict, sheets: dict[str, str]) -> str:
         [[name, ROW_NAMES[m], c[m]["n_images"], *(c[m][k] for k in keys)]
          for name, c in metrics["classes"].items() for m in methods],
         ["class", "images", "n", *keys])
-    refs = _table([[name, c["references"]["n_images"], c["references"]["diversity"]]
-                   for name, c in metrics["classes"].items()], ["class", "references", "diversity"])
+    refs = _table([[name, c["references"]["n_images"], c["references"]["diversity"],
+                    c.get("heldout", {}).get("n_images"), c.get("heldout", {}).get("source")]
+                   for name, c in metrics["classes"].items()],
+                  ["class", "references", "diversity", "held-out real images", "taken from"])
     figures = "".join(f'<h3>{html.escape(name)}</h3><img src="{html.escape(src)}" alt="{html.escape(name)}">'
                       for name, src in sheets.items())
     return f"""<!doctype html>
@@ -97,7 +100,11 @@ img{{max-width:100%}}</style></head><body>
 <h1>seedselect report</h1>
 <p>{metrics['n_images']} images; zero-shot CLIP ({html.escape(str(metrics['clip']))}) among
 {metrics['classified_among']} classes; fidelity: cosine similarity to the class's reference centroid;
-diversity: mean pairwise CLIP distance. Baseline: {html.escape(str(metrics['baseline'] or 'skipped'))}.
+diversity: mean pairwise CLIP distance. Against held-out real images, in
+{html.escape(str(metrics.get('quality_space')))}: precision and recall (k-NN manifolds, k = 3), density
+and coverage, KID; diversity_ratio: the images' diversity over the references'; copies: the share of
+images nearer a reference than any held-out real image is. Baseline: {html.escape(str(metrics['baseline'] or
+'skipped'))}.
 Numbers: <a href="metrics.json">metrics.json</a>.</p>
 <h2>Overall</h2>{overall}
 <h2>Per class</h2>{per_class}
@@ -129,16 +136,42 @@ def write_report(run_dir: Path, metrics: dict, entries: list[dict], references: 
     return report
 
 
+QUALITY_KEYS = ("precision", "recall", "density", "coverage", "kid", "diversity_ratio", "copies")
+
+
 def print_table(metrics: dict) -> None:
-    """One row per class and kind of image (SeedSelect, plain Stable Diffusion), one column per metric."""
+    """Two tables, one row per class and kind of image (SeedSelect, plain Stable Diffusion): how often the
+    images are the class, then how they sit among held-out real images. Wide enough when piped."""
     keys = metric_keys(metrics)
-    table = Table(title=f"seedselect evaluate: {metrics['n_images']} images; report in {metrics['run_dir']}/report")
-    for column in ("class", "images", "n", *keys):
-        table.add_column(column, justify="left" if column in ("class", "images") else "right")
-    rows = [*metrics["classes"].items(), ("overall", metrics["overall"])]
-    for r, (name, c) in enumerate(rows):
-        for i, method in enumerate(metrics["overall"]):
-            table.add_row(name if i == 0 else "", ROW_NAMES[method], str(c[method]["n_images"]),
-                          *(_cell(c[method][k]) for k in keys), end_section=i == len(metrics["overall"]) - 1
-                          and r < len(rows) - 1)
-    Console().print(table)
+    groups = {"accuracy": [k for k in keys if k not in QUALITY_KEYS],
+              f"beside real images ({metrics.get('quality_space', 'CLIP')})": [k for k in keys if k in QUALITY_KEYS]}
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    for title, columns in groups.items():
+        if not columns:
+            continue
+        table = Table(title=f"seedselect evaluate, {title}: {metrics['n_images']} images; report in "
+                            f"{metrics['run_dir']}/report")
+        for column in ("class", "images", "n", *columns):
+            table.add_column(column, justify="left" if column in ("class", "images") else "right")
+        rows = [*metrics["classes"].items(), ("overall", metrics["overall"])]
+        for r, (name, c) in enumerate(rows):
+            for i, method in enumerate(metrics["overall"]):
+                table.add_row(name if i == 0 else "", ROW_NAMES[method], str(c[method]["n_images"]),
+                              *(_cell(c[method][k]) for k in columns), end_section=i == len(metrics["overall"]) - 1
+                              and r < len(rows) - 1)
+        console.print(table)
+
+
+def training_table(results: dict) -> str:
+    """The downstream table of `scripts/downstream_classifier.py` and `scripts/linear_probe.py`: one row per
+    training set with its test accuracy (by frequency bucket where the data has buckets), then the
+    Classification Accuracy Score of each synthetic set (trained on it alone, tested on real images)."""
+    columns = [c for c in ("head", "middle", "tail", "all") if any(c in r for r in results["rows"].values())]
+    lines = ["| training set | train images | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
+    for name, row in results["rows"].items():
+        cells = [f"{row[c]:.3f}" if row.get(c) is not None else "" for c in columns]
+        lines.append(f"| {name} | {row['train_images']} | " + " | ".join(cells) + " |")
+    if results.get("cas"):
+        lines += ["", "Classification Accuracy Score (trained on the synthetic images alone, tested on real images "
+                      "of the same classes): " + ", ".join(f"{k} {v:.3f}" for k, v in results["cas"].items())]
+    return "\n".join(lines) + "\n"

@@ -42,8 +42,8 @@ CONFIG = "config.yaml"
 LOCK = ".lock"
 CLAIMS = ".claims"
 # May change between a run and its resumption: how it runs, how many images, which classes (a loop
-# over classes may fill one run directory).
-RESUMABLE_KEYS = ("runtime", "n_images", "bootstrap.n_images", "dataset.classes")
+# over classes may fill one run directory), and what evaluate compares against.
+RESUMABLE_KEYS = ("runtime", "n_images", "bootstrap.n_images", "dataset.classes", "dataset.heldout")
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:

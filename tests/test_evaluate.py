@@ -70,7 +70,9 @@ def test_report_with_the_baseline_beside_the_result(demo_run, monkeypatch):
     red = metrics["classes"]["red_disc"]
     for method in ("seedselect", "plain"):
         assert red[method]["n_images"] == 3 and -1 <= red[method]["fidelity"] <= 1
-        assert set(red[method]) == {"n_images", "top1", "top5", "fidelity", "diversity"}
+        assert set(red[method]) == {"n_images", "top1", "top5", "fidelity", "diversity", *QUALITY}
+        assert red[method]["precision"] is None and red[method]["kid"] is None  # no held-out images here
+        assert red[method]["diversity_ratio"] > 0 and 0 <= red[method]["copies"] <= 1
         assert metrics["overall"][method]["fidelity"] == pytest.approx(red[method]["fidelity"])
     baseline = sorted(p.name for p in (demo_run / "baseline" / "images" / "red_disc").iterdir())
     assert baseline == ["00000.png", "00001.png", "00002.png"]
@@ -83,6 +85,35 @@ def test_report_with_the_baseline_beside_the_result(demo_run, monkeypatch):
     monkeypatch.setattr(evaluate_module, "sample_images", lambda *a, **k: calls.append(1))
     again = run_evaluate(EvaluateConfig(run_dir=str(demo_run)))
     assert calls == [] and again["classes"] == metrics["classes"]  # the baseline is cached
+
+
+QUALITY = ("precision", "recall", "density", "coverage", "kid", "diversity_ratio", "copies")
+
+
+def test_held_out_images_give_precision_recall_and_kid_in_the_judges_space(demo_run, tmp_path):
+    """With 60 held-out images of the class: every quality figure, measured in the judge's features; the
+    references themselves as the run's images would be copies."""
+    from transformers import ResNetConfig, ResNetForImageClassification, ViTImageProcessor
+
+    torch.manual_seed(0)
+    judge = ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                                                      num_labels=1, id2label={0: "red_disc"},
+                                                      label2id={"red_disc": 0}))
+    judge.save_pretrained(tmp_path / "judge")
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "judge")
+    rng = np.random.default_rng(8)
+    (tmp_path / "heldout" / "red_disc").mkdir(parents=True)
+    for i in range(60):
+        random_image(rng, (32, 32)).save(tmp_path / "heldout" / "red_disc" / f"{i}.png")
+    metrics = run_evaluate(EvaluateConfig(run_dir=str(demo_run), baseline=False, heldout=str(tmp_path / "heldout"),
+                                          judge=JudgeConfig(model=str(tmp_path / "judge"))))
+    red = metrics["classes"]["red_disc"]
+    assert metrics["quality_space"] == "judge features"
+    assert red["heldout"] == {"n_images": 60, "source": f"{tmp_path / 'heldout'}/<class>"}
+    assert all(red["seedselect"][k] is not None for k in QUALITY if k != "recall")
+    assert red["seedselect"]["recall"] is None  # 3 images: no k-NN ball of k = 3 among them
+    assert 0 <= red["seedselect"]["precision"] <= 1
+    assert metrics["overall"]["seedselect"]["kid"] == pytest.approx(red["seedselect"]["kid"])
 
 
 def test_the_plain_baseline_of_a_bootstrap_run_starts_from_independent_seeds(tmp_path):

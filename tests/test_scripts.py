@@ -6,12 +6,15 @@ import argparse
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from seedselect_cli.config import ModelConfig
 from seedselect_cli.models import load_models
 from seedselect_cli.pipeline import run_bootstrap
+from seedselect_cli.report import training_table
+from seedselect_cli.writer import RunDirectory, slugify
 from tests.conftest import make_config
 from tests.layouts import make_cub
 
@@ -35,8 +38,9 @@ def test_linear_probe_with_and_without_the_generated_set(tmp_path):
     results = load_script("linear_probe").main(["--dataset", "cub", "--root", str(root), "--run", str(run_dir),
                                                 "--shots", "2"])
     assert results["classes"] == 2 and results["test_images"] == 2  # the one test-split image of each class
-    assert results["real only"]["train_images"] == 4 and results["real + generated"]["train_images"] == 10
-    assert all(0 <= results[k]["top1"] <= 1 for k in ("real only", "real + generated"))
+    rows = results["rows"]
+    assert rows["real only"]["train_images"] == 4 and rows["real + generated"]["train_images"] == 10
+    assert all(0 <= rows[k]["all"] <= 1 for k in ("real only", "real + generated")) and 0 <= results["cas"]["generated"] <= 1
 
 
 def test_bench_runs_its_modes_on_the_tiny_components():
@@ -134,3 +138,32 @@ def test_init_experiment_scores_each_start_on_the_toy_world(tmp_path):
     assert all(0 <= r["diversity"] <= 2 for r in rows)
     table = (tmp_path / "init_results.md").read_text()
     assert "| nao | 0.1 |" in table and "iterations to 0.50" in table
+
+
+def test_downstream_classifier_reports_the_table_of_the_linear_probe(tmp_path):
+    """On a stand-in run of renders (its images, and its baseline/ for plain): every training set scored by
+    bucket, the oracle beside them, a CAS per synthetic set; few steps, so only the shape is checked."""
+    downstream = load_script("downstream_classifier")
+    world = downstream.world
+    rng = np.random.default_rng(0)
+    run_dir = tmp_path / "run"
+    out = RunDirectory(run_dir)
+    out.start("seed: 0\n")
+    for name in ("pine warbler", "marsh finch"):
+        slug = slugify(name)
+        for index in range(3):
+            for root in (run_dir, run_dir / "baseline"):
+                path = root / "images" / slug / f"{index:05d}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                world.render(name, rng).save(path)
+            out.seed_path(slug, index).parent.mkdir(parents=True, exist_ok=True)
+            out.seed_path(slug, index).write_bytes(b"")
+            out.append_manifest({"class": name, "index": index, "image": f"images/{slug}/{index:05d}.png",
+                                 "seed_file": f"seeds/{slug}/{index:05d}.safetensors"})
+    results = downstream.run({"seedselect": run_dir, "bootstrap": None}, per_concept=2, steps=3)
+    assert list(results["rows"]) == ["real only", "real + plain", "real + seedselect", "oracle (balanced real)"]
+    assert results["rows"]["real + seedselect"]["train_images"] == results["rows"]["real only"]["train_images"] + 4
+    assert all(0 <= r[b] <= 1 for r in results["rows"].values() for b in ("head", "middle", "tail", "all"))
+    assert set(results["cas"]) == {"plain", "seedselect"}
+    table = training_table(results)
+    assert "| real + seedselect | 7801 |" in table and "Classification Accuracy Score" in table

@@ -51,23 +51,44 @@ def test_diffusers_and_transformers_load_it_as_they_load_a_real_checkpoint():
     assert image.size == (32, 32)
     assert CLIPModel.from_pretrained(ROOT / "clip", use_safetensors=True).config.projection_dim > 0
     judge = AutoModelForImageClassification.from_pretrained(ROOT / "judge", use_safetensors=True)
-    assert set(judge.config.id2label.values()) == {c["name"] for c in WORLD["concepts"]}
+    assert set(judge.config.id2label.values()) == {c["name"] for c in WORLD["concepts"]} | {"off-model"}
 
 
-def test_the_judge_knows_every_concept_from_its_references():
+def judge_verdicts(images: list[Image.Image]) -> list[str]:
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
     judge = AutoModelForImageClassification.from_pretrained(ROOT / "judge", use_safetensors=True).float().eval()
     processor = AutoImageProcessor.from_pretrained(ROOT / "judge")
-    names, images = [], []
-    for concept in WORLD["concepts"]:
-        for path in sorted((ROOT / "references" / concept["name"]).glob("*.png")):
-            names.append(concept["name"])
-            images.append(Image.open(path).convert("RGB"))
     with torch.no_grad():
         logits = judge(**processor(images, return_tensors="pt")).logits
-    verdicts = [judge.config.id2label[i] for i in logits.argmax(-1).tolist()]
+    return [judge.config.id2label[i] for i in logits.argmax(-1).tolist()]
+
+
+def test_the_judge_knows_every_concept_from_its_references_and_held_out_images():
+    names, images = [], []
+    for concept in WORLD["concepts"]:
+        for folder, n in (("references", 5), ("heldout", 8)):
+            for path in sorted((ROOT / folder / concept["name"]).glob("*.png"))[:n]:
+                names.append(concept["name"])
+                images.append(Image.open(path).convert("RGB"))
+    verdicts = judge_verdicts(images)
     assert sum(v == n for v, n in zip(verdicts, names)) / len(names) >= 0.95
+
+
+def test_the_judge_rejects_off_model_shapes():
+    """Stars, blobs, stretched shapes, melted ones (the off-model kinds it was trained to reject, drawn
+    fresh from another seed): at least 90 % are "off-model"."""
+    import sys
+
+    import numpy as np
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import train_toyworld
+
+    rng = np.random.default_rng(1234)
+    images = [train_toyworld.render_off_model(rng, kind) for kind in train_toyworld.OFF_KINDS for _ in range(10)]
+    verdicts = judge_verdicts(images)
+    assert sum(v == "off-model" for v in verdicts) / len(verdicts) >= 0.9
 
 
 def judged_against_plain(run_dir: Path, concepts: list[str], overrides: list[str]) -> tuple[list, list]:

@@ -7,11 +7,12 @@ each adapter only finds its classes' images and hands them to `build_records`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import random
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from seedselect_cli.config import DatasetConfig
@@ -132,6 +133,45 @@ def inside_root(root: Path, relative: str, source: Path, number: int | None = No
         raise UserError(f"{where}: the image path {relative!r} leads outside dataset.root; index files name images "
                         f"relative to the root")
     return root / path
+
+
+# The split whose images are held out from a run on another: where it has one, evaluate takes a class's
+# real images from there.
+OTHER_SPLIT = {"cub": {"train": "test", "test": "train"},
+               "imagenet_lt": {"train": "val", "val": "test", "test": "val"}}
+MAX_HELDOUT = 256  # real images per class that evaluate compares against, drawn reproducibly
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """A class's real images that are not its references, and where they come from (said in the report)."""
+
+    images: tuple[Path, ...]
+    source: str
+
+
+def heldout_images(cfg: DatasetConfig, seed: int, record: ClassRecord, folder: str | None) -> HeldOut:
+    """A class's held-out real images: from `folder/<class>` (`dataset.heldout`, or evaluate's `heldout=`)
+    if given, else the data set's other split where it has one, else the images of the class's split
+    that were not drawn as references."""
+    if folder:
+        root = Path(folder).expanduser()
+        for name in (record.name, record.name.replace(" ", "_")):
+            if (root / name).is_dir():
+                from seedselect_cli.images import list_images
+
+                paths = list_images(root / name)
+                return HeldOut(tuple(draw_shots(paths, MAX_HELDOUT, seed, record.name)), f"{root}/<class>")
+        return HeldOut((), f"{root}/<class> (none for this class)")
+    other = OTHER_SPLIT.get(cfg.name, {}).get(cfg.split)
+    if other:
+        with contextlib.suppress(UserError):
+            [found] = load_classes(replace(cfg, split=other, classes=[record.name], shots=MAX_HELDOUT), seed)
+            return HeldOut(found.images, f"dataset.split={other}")
+    [found] = load_classes(replace(cfg, classes=[record.name], shots=None), seed)
+    rest = [p for p in found.images if p not in set(record.images)]
+    return HeldOut(tuple(draw_shots(rest, MAX_HELDOUT, seed, record.name)),
+                   f"dataset.split={cfg.split}, the images not drawn as references")
 
 
 def load_classes(cfg: DatasetConfig, seed: int) -> list[ClassRecord]:

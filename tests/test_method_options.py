@@ -1,0 +1,109 @@
+"""The method's options beyond the paper, each against a plain version: the nearest-reference and
+assigned appearance targets, per-reference starts, candidate starts, the Gaussian shell, patience."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from seedselect_cli.initial_seeds import assigned_reference, candidate_seed
+from seedselect_cli.losses import nearest_appearance_loss
+from seedselect_cli.nao import chi_mode
+from seedselect_cli.optimize import best_candidates, optimize_seeds, seed_objective
+from seedselect_cli.pipeline import run_optimize
+from seedselect_cli.references import Centroids, ReferenceEncodings
+from seedselect_cli.sampling import encode_prompt, set_timesteps
+from seedselect_cli.writer import RunDirectory
+from tests.conftest import make_config
+from tests.test_optimize import random_target, seeds
+
+
+def test_nearest_appearance_loss_is_the_minimum_over_references_in_float64():
+    g = torch.Generator().manual_seed(3)
+    z0 = torch.randn(3, 4, 5, 5, generator=g, dtype=torch.float64)
+    refs = torch.randn(4, 4, 5, 5, generator=g, dtype=torch.float64)
+    plain = torch.tensor([min(float(((z - r) ** 2).mean()) for r in refs) for z in z0], dtype=torch.float64)
+    torch.testing.assert_close(nearest_appearance_loss(z0.float(), refs.float()).double(), plain, rtol=1e-6, atol=0)
+    per_seed = refs[None].expand(3, *refs.shape).clone()
+    per_seed[1] += 10.0  # seed 1's references are others
+    plain[1] = min(float(((z0[1] - r) ** 2).mean()) for r in per_seed[1])
+    torch.testing.assert_close(nearest_appearance_loss(z0.float(), per_seed.float()).double(), plain, rtol=1e-6, atol=0)
+
+
+def test_centroids_for_each_appearance_target():
+    g = torch.Generator().manual_seed(4)
+    enc = ReferenceEncodings(torch.randn(5, 8, generator=g), torch.randn(5, 4, 3, 3, generator=g), tuple(range(5)))
+    mean = enc.centroids()
+    assert mean.references is None and torch.equal(mean.appearance, enc.appearance.mean(dim=0))
+    nearest = enc.centroids(appearance="nearest")
+    assert torch.equal(nearest.references, enc.appearance) and torch.equal(nearest.semantic, mean.semantic)
+    own = enc.centroids([3, 0, 1], appearance="assigned")
+    assert torch.equal(own.appearance, enc.appearance[3]) and own.references is None
+    torch.testing.assert_close(own.semantic, enc.semantic[[3, 0, 1]].mean(dim=0))
+
+
+@pytest.mark.parametrize("n", [1, 3, 5])
+def test_assigned_references_take_turns_and_do_not_depend_on_anything_else(n):
+    order = [assigned_reference(7, "marsh finch", i, n) for i in range(3 * n)]
+    for start in range(2 * n):
+        assert sorted(order[start:start + n]) == list(range(n))  # any n consecutive images: n references
+    assert order == [assigned_reference(7, "marsh finch", i, n) for i in range(3 * n)]
+    if n > 2:
+        others = [[assigned_reference(s, c, i, n) for i in range(n)] for s, c in ((8, "marsh finch"), (7, "sea gull"))]
+        assert any(o != order[:n] for o in others)  # the order is the class's and seed's own
+
+
+def test_best_candidates_keeps_the_start_of_lowest_loss(tiny_models):
+    config = make_config(["sampler.steps=3"])
+    target = random_target(5)
+    candidates = torch.stack([seeds(3, k) for k in range(4)], dim=1)  # (B=3, N=4, C, h, w)
+    starts, chosen = best_candidates(tiny_models, candidates, target, encode_prompt(tiny_models, "a red disc"), config)
+    timesteps = set_timesteps(tiny_models, 3)
+    with torch.no_grad():
+        losses = torch.stack([seed_objective(tiny_models, candidates[:, k], target, encode_prompt(tiny_models, "a red disc"),
+                                             timesteps, config).total for k in range(4)], dim=1)
+    assert chosen == losses.argmin(dim=1).tolist() and len(set(chosen)) > 1  # not always the same candidate
+    assert torch.equal(starts, candidates[torch.arange(3), losses.argmin(dim=1)])
+    assert candidate_seed(11, 0) == 11 and candidate_seed(11, 1) != candidate_seed(11, 2)
+
+
+def test_the_shell_keeps_every_iterate_at_the_chi_mode(tiny_models):
+    config = make_config(["optim.shell=true", "optim.iterations=4"])
+    seen = []
+    optimize_seeds(tiny_models, seeds(2, 6) * 1.7, random_target(6), encode_prompt(tiny_models, "a red disc"), config,
+                   on_iteration=lambda it, best: seen.append(best.flatten(1).norm(dim=1)))
+    mode, start = chi_mode(4 * 16 * 16), (seeds(2, 6) * 1.7).flatten(1).norm(dim=1)
+    # the best iterate of each seed is its start (as given, far off the shell) or a step's, on the shell
+    for norms in seen:
+        assert all(n == pytest.approx(s, rel=1e-5) or n == pytest.approx(mode, rel=1e-5) for n, s in zip(norms, start))
+    assert any(n == pytest.approx(mode, rel=1e-5) for n in seen[-1])
+
+
+def test_patience_ends_a_batch_that_stopped_improving(tiny_models, monkeypatch):
+    import seedselect_cli.optimize as optimize_module
+
+    real = optimize_module.seed_objective
+    calls = []
+
+    def flat_after_two(*args, **kwargs):  # the loss improves twice, then stays where it is
+        terms = real(*args, **kwargs)
+        calls.append(1)
+        level = 3.0 - min(len(calls), 3)
+        return dataclasses.replace(terms, total=terms.total * 0 + level)
+
+    monkeypatch.setattr(optimize_module, "seed_objective", flat_after_two)
+    config = make_config(["optim.iterations=20", "optim.patience=3"])
+    [result] = optimize_seeds(tiny_models, seeds(1, 7), random_target(7), encode_prompt(tiny_models, "a red disc"),
+                              config)
+    assert len(result.loss_history) == 6 and result.loss == 0.0  # improved at 0, 1, 2; three more; stopped
+
+
+def test_reference_starts_and_assigned_targets_in_a_run(tmp_path):
+    config = make_config(["init=reference", "loss.appearance=assigned", "n_images=3", "runtime.batch_size=3",
+                          "init.candidates=2"])
+    entries = run_optimize(config, tmp_path)
+    references = [e["reference"] for e in sorted(entries, key=lambda e: e["index"])]
+    assert len(set(references)) == 3 and all(e["candidate"] in (0, 1) for e in entries)
+    assert sorted(RunDirectory(tmp_path).finished()) == [("red_disc", i) for i in range(3)]

@@ -1,0 +1,84 @@
+"""The quality measures against plain loops in float64, on fresh random sets, and on sets whose answer
+is known (a set against itself, sets far apart, copies)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from seedselect_cli import quality
+
+
+def plain_radius(rows: np.ndarray, i: int, k: int) -> float:
+    return sorted(math.dist(rows[i], rows[j]) for j in range(len(rows)) if j != i)[k - 1]
+
+
+def plain_precision_recall(real: np.ndarray, fake: np.ndarray, k: int) -> tuple[float, float]:
+    real_r = [plain_radius(real, i, k) for i in range(len(real))]
+    fake_r = [plain_radius(fake, j, k) for j in range(len(fake))]
+    precision = np.mean([any(math.dist(f, r) <= real_r[i] for i, r in enumerate(real)) for f in fake])
+    recall = np.mean([any(math.dist(r, f) <= fake_r[j] for j, f in enumerate(fake)) for r in real])
+    return float(precision), float(recall)
+
+
+def plain_kid(real: np.ndarray, fake: np.ndarray) -> float:
+    d = real.shape[1]
+
+    def k(a, b):
+        return (float(np.dot(a, b)) / d + 1) ** 3
+
+    m, n = len(real), len(fake)
+    rr = sum(k(real[i], real[j]) for i, j in itertools.permutations(range(m), 2)) / (m * (m - 1))
+    ff = sum(k(fake[i], fake[j]) for i, j in itertools.permutations(range(n), 2)) / (n * (n - 1))
+    rf = sum(k(a, b) for a in real for b in fake) / (m * n)
+    return rr + ff - 2 * rf
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_precision_recall_density_coverage_and_kid_match_plain_loops(seed):
+    rng = np.random.default_rng(seed)
+    real = rng.normal(size=(23, 5))
+    fake = rng.normal(loc=0.8, scale=0.7, size=(17, 5))
+    p, r = quality.precision_recall(torch.from_numpy(real), torch.from_numpy(fake))
+    assert (p, r) == pytest.approx(plain_precision_recall(real, fake, 3))
+    assert not (p in (0.0, 1.0) and r in (0.0, 1.0))  # a case where the answer is not trivially 0 or 1
+    real_r = [plain_radius(real, i, 3) for i in range(len(real))]
+    inside = [[math.dist(f, x) <= real_r[i] for f in fake] for i, x in enumerate(real)]
+    density, coverage = quality.density_coverage(torch.from_numpy(real), torch.from_numpy(fake))
+    assert density == pytest.approx(sum(map(sum, inside)) / (3 * len(fake)))
+    assert coverage == pytest.approx(np.mean([any(row) for row in inside]))
+    assert quality.kid(torch.from_numpy(real), torch.from_numpy(fake)) == pytest.approx(plain_kid(real, fake),
+                                                                                         rel=1e-9)
+
+
+def test_known_answers():
+    rng = np.random.default_rng(5)
+    real = torch.from_numpy(rng.normal(size=(30, 4)))
+    assert quality.precision_recall(real, real.clone()) == (1.0, 1.0)
+    assert quality.precision_recall(real, real + 100.0) == (0.0, 0.0)
+    assert quality.precision_recall(real[:3], real) == (None, 1.0)  # 3 real rows: no k-NN ball with k = 3
+    same = torch.from_numpy(rng.normal(size=(400, 4)))
+    assert abs(quality.kid(real, same)) < 0.2 < quality.kid(real, same + 3.0)
+    assert quality.diversity(real[:1]) is None and quality.diversity(torch.ones(3, 4)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_copies_counts_images_that_reproduce_a_reference():
+    rng = np.random.default_rng(7)
+
+    def noise(n):
+        return [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(n)]
+
+    refs, real, fresh = noise(5), noise(64), noise(16)
+    nudged = [Image.fromarray(np.clip(np.asarray(refs[0], dtype=np.int16) + 3, 0, 255).astype(np.uint8))]
+    ref_px, real_px = quality.pixel_features(refs), quality.pixel_features(real)
+    # Images drawn as the real ones are: at most 1 in 65 is nearer a reference than every real image.
+    assert quality.copies(ref_px, quality.pixel_features(fresh), real_px) <= 1 / 16
+    assert quality.copies(ref_px, quality.pixel_features(nudged + refs[1:2] + noise(2)), real_px) == 0.5
+    # Without real images, the rule of the references' own spacing.
+    assert quality.copies(ref_px, quality.pixel_features(nudged + noise(3))) >= 0.25
+    assert quality.copies(ref_px[:1], quality.pixel_features(fresh)) is None
