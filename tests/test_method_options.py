@@ -13,7 +13,7 @@ from seedselect_cli.losses import nearest_appearance_loss
 from seedselect_cli.nao import chi_mode
 from seedselect_cli.optimize import best_candidates, optimize_seeds, seed_objective
 from seedselect_cli.pipeline import run_optimize
-from seedselect_cli.references import Centroids, ReferenceEncodings
+from seedselect_cli.references import ReferenceEncodings
 from seedselect_cli.sampling import encode_prompt, set_timesteps
 from seedselect_cli.writer import RunDirectory
 from tests.conftest import make_config
