@@ -44,11 +44,11 @@ seedselect {__version__}: make Stable Diffusion draw rare concepts by optimising
 commands:
 """ + "".join(f"  {name:<10} {text}\n" for name, (text, _) in COMMANDS.items()) + """
 examples:
-  seedselect optimize                                   the demo: tiny model, CPU, offline, seconds
+  seedselect optimize                                   the demo: the toy world, CPU, offline, under a minute
   seedselect optimize --config-name folder dataset.root=imgs/tiger_cat
   seedselect optimize --config-name cub_tail dataset.root=CUB_200_2011 dataset.classes="[Pine Warbler]"
   seedselect bootstrap --config-name cub_tail dataset.root=CUB_200_2011 bootstrap.n_images=100
-  seedselect generate seed_file=outputs/.../seeds/red_disc/00000.safetensors out=red_disc.png
+  seedselect generate seed_file=outputs/demo/<time>/seeds/marsh_finch/00000.safetensors out=finch.png
   seedselect evaluate run_dir=outputs/demo/<time>
 
 `seedselect COMMAND --help` lists a command's config groups and keys; Hydra's options
@@ -162,8 +162,9 @@ def preflight(command: str, args: list[str]) -> Path | None:
             cfg = compose(config_name=config_name, overrides=parsed.overrides, return_hydra_config=True)
             run_dir = str(cfg.hydra.run.dir)
     except (HydraException, OmegaConfBaseException, ValueError) as exc:
-        message = " ".join(str(exc).split("\n")[0].split())
-        raise UserError(f"{message} (see `seedselect {command} --help`)") from None
+        message = " ".join(str(exc).split("\n")[0].split()).replace(" Check that it's in your config search path.", "")
+        raise UserError(f"{message.rstrip('.')}{suggestion(message, config_name)} (see `seedselect {command} --help`)"
+                        ) from None
     with open_dict(cfg):
         del cfg["hydra"]
     if command == "generate":
@@ -179,10 +180,51 @@ def preflight(command: str, args: list[str]) -> Path | None:
 
         check_evaluate(load_structured(EvaluateConfig, cfg))
         return None
-    load_config(cfg)
+    config = load_config(cfg)
     path = Path(os.path.abspath(os.path.expanduser(run_dir)))
     check_run_dir(path)
+    from seedselect_cli.datasets import load_classes
+
+    load_classes(config.dataset, config.seed)  # the references exist and the classes are known: before any model loads
     return path
+
+
+def suggestion(message: str, config_name: str) -> str:
+    """What the user may have meant by the key, group option or config name Hydra could not find."""
+    import difflib
+    import re
+    from importlib.resources import files
+
+    configs = files("seedselect_cli") / "configs"
+    if found := re.search(r"Cannot find primary config '([^']+)'", message):
+        names = sorted(p.name.removesuffix(".yaml") for p in configs.iterdir() if p.name.endswith(".yaml")
+                       and not p.name.startswith("_") and p.name not in ("evaluate.yaml", "generate.yaml"))
+        close = difflib.get_close_matches(found[1], names, n=1, cutoff=0.5)
+        return (f"; did you mean --config-name {close[0]}?" if close else "") + f" (named configs: {', '.join(names)})"
+    if found := re.search(r"Could not find '([^'/]+)/([^']+)'", message):
+        group = configs / found[1]
+        options = sorted(p.name.removesuffix(".yaml") for p in group.iterdir() if p.name.endswith(".yaml")) \
+            if group.is_dir() else []
+        return f"; {found[1]} options: {', '.join(options)}" if options else ""
+    if found := re.search(r"Could not override '([^']+)'|Key '([^']+)' (?:is )?not in", message):
+        from hydra import compose, initialize_config_module
+
+        key = found[1] or found[2]
+        with initialize_config_module("seedselect_cli.configs", version_base="1.3"):
+            known = _flat_keys(compose(config_name=config_name))
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        return f"; did you mean {close[0]}?" if close else ""
+    return ""
+
+
+def _flat_keys(cfg, prefix: str = "") -> list[str]:
+    from omegaconf import DictConfig
+
+    keys = []
+    for key in cfg:
+        value = cfg._get_node(key)
+        keys += _flat_keys(value, f"{prefix}{key}.") if isinstance(value, DictConfig) else [f"{prefix}{key}"]
+    return keys
 
 
 def check_override_syntax(overrides: list[str]) -> None:

@@ -11,6 +11,11 @@ def first_line(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
+def count_of(n: int, noun: str) -> str:
+    """"1 image", "2 images"."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 class UserError(Exception):
     """A problem the user can fix: a bad value, a missing folder, weights not available offline."""
 

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from seedselect_cli import quality
 from seedselect_cli.config import DEVICES, Config, check_config, check_template, load_structured
-from seedselect_cli.datasets import heldout_images, load_classes
+from seedselect_cli.datasets import fill_template, heldout_images, load_classes
 from seedselect_cli.errors import UserError, first_line
 from seedselect_cli.generate import seed_dtype
 from seedselect_cli.images import load_rgb
@@ -146,8 +146,24 @@ def _usable_image(path: Path, size: tuple[int, int]) -> bool:
     return True
 
 
+BASELINE = ("plain sampling (no optimisation) from fresh noise drawn from each image's init seed: for an "
+            "`optimize` run with init=random, the seed before optimisation; for init=inversion, nao or reference "
+            "and for bootstrap, whose starts carry the references, the noise alone")
+
+
+def notes(n_classes: int, top_k: int) -> list[str]:
+    """What the figures cannot say for this run, said in metrics.json and the report."""
+    out = []
+    if n_classes == 1:
+        out.append("top1 and topk are left out: classifying among one class is right by construction; pass "
+                   "classes=[...] or dataset_classes=true to classify among more")
+    elif n_classes <= top_k:
+        out.append(f"top{top_k} is left out: among {n_classes} classes every image is in the top {top_k}")
+    return out
+
+
 def render_baseline(run_dir: Path, config: Config, entries: list[dict], cfg: EvaluateConfig) -> dict[tuple, Path]:
-    """Plain Stable Diffusion for every entry, from its seed before optimisation; rendered once."""
+    """Plain sampling for every entry (`BASELINE`); rendered once and kept in RUN/baseline/."""
     from seedselect_cli.initial_seeds import init_seed_for, initial_noise
 
     paths = {(e["class"], e["index"]): run_dir / "baseline" / "images" / slugify(e["class"]) / f"{e['index']:05d}.png"
@@ -228,9 +244,10 @@ def score(seen: Embedded, labels: list[int], text: torch.Tensor, centroids: torc
     result = {}
     for name, rows in rows_of.items():
         fidelity = F.cosine_similarity(embeds[rows], centroids[class_index[name]][None], dim=-1)
-        metrics = {"n_images": len(rows), "top1": float(top1[rows].float().mean()),
-                   f"top{cfg.top_k}": float(topk[rows].float().mean()), "fidelity": float(fidelity.mean()),
-                   "diversity": mean_pairwise_distance(embeds[rows])}
+        n_classes = text.shape[0]  # top-1 among one class, or top-k among k or fewer, is right by construction
+        metrics = {"n_images": len(rows), "top1": float(top1[rows].float().mean()) if n_classes > 1 else None,
+                   f"top{cfg.top_k}": float(topk[rows].float().mean()) if n_classes > cfg.top_k else None,
+                   "fidelity": float(fidelity.mean()), "diversity": mean_pairwise_distance(embeds[rows])}
         if seen.verdicts is not None:
             metrics["judge_top1"] = sum(seen.verdicts[i][0] == name for i in rows) / len(rows)
             metrics[f"judge_top{cfg.top_k}"] = sum(name in seen.verdicts[i] for i in rows) / len(rows)
@@ -282,7 +299,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     device = resolve_device(cfg.runtime.device)
     clip = load_clip(cfg.clip or config.model.image_encoder, device)
     judge = Judge(cfg.judge, candidates, device) if cfg.judge.model else None
-    text = clip.texts([template.format(c) for c in candidates])
+    text = clip.texts([fill_template(template, c) for c in candidates])
     class_index = {c: i for i, c in enumerate(candidates)}
     references = {c: readable_references(records[c]) for c in run_classes}
     ref_seen = {c: embed(clip, judge, images, cfg) for c, images in references.items()}
@@ -310,7 +327,8 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     metrics = {
         "run_dir": str(run_dir), "n_images": len(entries), "clip": cfg.clip or config.model.image_encoder,
         "judge": cfg.judge.model, "classified_among": len(candidates), "top_k": cfg.top_k,
-        "baseline": "plain Stable Diffusion from the seeds before optimisation" if cfg.baseline else None,
+        "baseline": BASELINE if cfg.baseline else None,
+        "notes": notes(len(candidates), cfg.top_k),
         "quality_space": "judge features" if judge is not None else "CLIP image embeddings",
         "overall": {method: overall(per_class) for method, per_class in scores.items()},
         "classes": {c: {"references": {"n_images": len(references[c]),

@@ -184,7 +184,8 @@ def optimize_seeds(models: FrozenModels, z_init: torch.Tensor, centroids: Centro
             with torch.no_grad():
                 z[frozen.to(z.device)] = best_z[frozen.to(z.device)]
         if progress is not None:
-            progress.set_postfix(loss=f"{total[~frozen].mean().item():.4f}", best=f"{best_loss.mean().item():.4f}")
+            progress.set_postfix(loss=f"{total[~frozen].mean().item():.4f}", best=f"{best_loss.mean().item():.4f}",
+                                 refresh=False)  # the bar redraws at its own interval (30 s in a log file)
             progress.update(1)
         if should_stop is not None and should_stop():
             break

@@ -25,7 +25,7 @@ from seedselect_cli.bootstrap import Batch, bootstrap_batches, optimize_global_s
 from seedselect_cli.config import Config, load_config, resolve_shard, to_yaml
 from seedselect_cli.cuda_graphs import enable_cuda_graphs, resolve_cuda_graphs
 from seedselect_cli.datasets import ClassRecord, load_classes
-from seedselect_cli.errors import Interrupted, UserError
+from seedselect_cli.errors import Interrupted, UserError, count_of
 from seedselect_cli.initial_seeds import SeedStarts, assigned_reference, init_seed_for
 from seedselect_cli.interrupt import GracefulStop, catching_signals
 from seedselect_cli.models import (
@@ -193,13 +193,13 @@ def _run(config: Config, run_dir: Path, method: str, stop: GracefulStop) -> list
     print_summary(entries, run_dir)
     if stop.requested:
         name = signal.Signals(stop.signum).name
-        raise Interrupted(stop.signum, f"stopped by {name}: {len(entries)} new images kept in {run_dir}; run the "
-                                       f"same command again to resume")
+        raise Interrupted(stop.signum, f"stopped by {name}: {count_of(len(entries), 'new image')} kept in {run_dir}; "
+                                       f"run the same command again to resume")
     if busy:
         log.warning("%d classes were left to the other process working in %s (%s); run the command again when it "
                     "has ended to check that nothing is missing", len(busy), run_dir, ", ".join(busy[:5]))
     if failed:
-        raise UserError(f"{len(failed)} images could not be made ({failed[0]}): their loss was never finite; "
+        raise UserError(f"{count_of(len(failed), 'image')} could not be made ({failed[0]}): their loss was never finite; "
                         f"lower optim.lr or use runtime.dtype=float32")
     return entries
 
@@ -283,7 +283,8 @@ class ClassRun:
             if written:
                 self.progress.images_done(len(written), sum(e["loss"] for e in written) / len(written))
             made += written
-        self.progress.class_done(record.name, made, n_images - len(indices), n_images)
+        if not self.stop.requested:  # a class stopped half-way is not done
+            self.progress.class_done(record.name, made, n_images - len(indices), n_images)
         return made
 
 

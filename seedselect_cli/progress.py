@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,41 +19,61 @@ from rich.table import Table
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from seedselect_cli.errors import count_of
+
 log = logging.getLogger(__name__)
 
 
+LOG_EVERY = 30.0  # seconds between progress lines when the output is a file
+
+
 class RunProgress:
-    """The bars of one run: `classes` (position 0) and `images` (position 1). Written to a file or a
-    cluster job's log rather than a terminal, they refresh every 30 s instead of 10 times a second."""
+    """The bars of one run: `classes` (position 0) and `images` (position 1), in a terminal. Written to a
+    file or a cluster job's log instead, there are no bars (their cursor codes are debris there) but a
+    line every 30 s: classes and images done, seconds per image, time left."""
 
     def __init__(self, n_classes: int, n_images: int, enabled: bool):
         self.enabled = enabled
-        self.interval = 0.1 if sys.stderr.isatty() else 30.0
-        self.classes = tqdm(total=n_classes, desc="classes", unit="class", position=0, disable=not enabled,
-                            dynamic_ncols=True, mininterval=self.interval)
-        self.images = tqdm(total=n_images, desc="images", unit="img", position=1, disable=not enabled,
-                           dynamic_ncols=True, mininterval=self.interval)
+        bars = enabled and sys.stderr.isatty()
+        self.lines = enabled and not bars
+        self.classes = tqdm(total=n_classes, desc="classes", unit="class", position=0, disable=not bars,
+                            dynamic_ncols=True)
+        self.images = tqdm(total=n_images, desc="images", unit="img", position=1, disable=not bars,
+                           dynamic_ncols=True)
+        self.n_classes, self.n_images = n_classes, n_images
+        self.classes_done = self.images_made = 0
+        self.begin = self.last_line = time.monotonic()
 
     def iterations(self, total: int, what: str) -> tqdm:
-        """A transient bar for the iterations of one batch (or of a bootstrap seed z_T^G)."""
-        return tqdm(total=total, desc=what, unit="it", position=2, leave=False, disable=not self.enabled,
-                    dynamic_ncols=True, mininterval=self.interval)
+        """A transient bar for the iterations of one batch (or of a bootstrap seed z_T^G), in a terminal."""
+        return tqdm(total=total, desc=what, unit="it", position=2, leave=False, dynamic_ncols=True,
+                    disable=self.images.disable)
 
     def start_class(self, name: str) -> None:
-        self.classes.set_postfix_str(name[:40])
+        self.classes.set_postfix_str(name[:40], refresh=False)
 
     def images_done(self, count: int, loss: float) -> None:
         self.images.update(count)
-        self.images.set_postfix(loss=f"{loss:.4f}")
+        self.images.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        self.images_made += count
+        now = time.monotonic()
+        if self.lines and now - self.last_line >= LOG_EVERY:
+            self.last_line = now
+            per_image = (now - self.begin) / self.images_made
+            left = per_image * (self.n_images - self.images_made)
+            log.info("progress: %d/%d classes, %s of %d made by this run, %.2f s/image, about %s left",
+                     self.classes_done, self.n_classes, count_of(self.images_made, "image"), self.n_images,
+                     per_image, _duration(left))
 
     def class_done(self, name: str, entries: list[dict], already: int, wanted: int, skipped: bool = False) -> None:
         """One log line: images made and kept, time per image, loss before and after."""
         self.classes.update(1)
+        self.classes_done += 1
         if skipped:
             return
         if not entries:
             if already == wanted:
-                log.info("%s: all %d images already there", name, wanted)
+                log.info("%s: all %s already there", name, count_of(wanted, "image"))
             return
         first = sum(e["loss_history"][0] for e in entries) / len(entries)
         best = sum(e["loss"] for e in entries) / len(entries)
@@ -60,25 +81,37 @@ class RunProgress:
         log.info("%s: %d/%d images (%d new), %.2f s/image, loss %.4f -> %.4f", name, already + len(entries),
                  wanted, len(entries), seconds, first, best)
 
-    def close(self) -> None:
-        self.images.close()
-        self.classes.close()
+    def close(self, failed: bool = False) -> None:
+        for bar in (self.images, self.classes):
+            if failed:  # an error line follows: no bar left half-drawn above it
+                bar.leave = False
+            bar.close()
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 @contextlib.contextmanager
 def run_progress(n_classes: int, n_images: int, enabled: bool) -> Iterator[RunProgress]:
     """Bars for a run, with logging routed above them while they are shown."""
     progress = RunProgress(n_classes, n_images, enabled)
+    failed = True
     try:
         with logging_redirect_tqdm(loggers=[logging.root]) if enabled else contextlib.nullcontext():
             yield progress
+        failed = False
     finally:
-        progress.close()
+        progress.close(failed)
 
 
 def print_summary(entries: list[dict], run_dir: Path) -> None:
     """A table of the new images per class: count, mean loss before and after, seconds per image."""
-    table = Table(title=f"seedselect: {len(entries)} new images in {run_dir}")
+    table = Table(title=f"seedselect: {count_of(len(entries), 'new image')} in {run_dir}")
     for column in ("class", "images", "first loss", "best loss", "s / image"):
         table.add_column(column, justify="left" if column == "class" else "right")
     by_class: dict[str, list[dict]] = {}

@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from seedselect_cli.encoders import clip_embed_pil, vae_encode
-from seedselect_cli.errors import UserError, first_line
+from seedselect_cli.errors import UserError, count_of, first_line
 from seedselect_cli.images import file_sha256, load_rgb
 from seedselect_cli.models import FrozenModels
 from seedselect_cli.writer import atomic_write
@@ -217,7 +217,7 @@ def load_encodings(models: FrozenModels, paths: Sequence[Path], height: int, wid
         log.warning("skipping reference image %s", message.replace("\n", "\\n"))
     if len(kept) < minimum:
         detail = f" ({len(broken)} unreadable: {broken[0]})" if broken else ""
-        raise UserError(f"{what} has {len(kept)} readable images, {minimum} needed{detail}; add readable images "
+        raise UserError(f"{what} has {count_of(len(kept), 'readable image')}, {minimum} needed{detail}; add readable images "
                         f"(png, jpg, webp, ...) or point dataset.root elsewhere")
     return ReferenceEncodings(torch.stack(semantic) if semantic else None, torch.stack(appearance), tuple(kept),
                               tuple(hashes))

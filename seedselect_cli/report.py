@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from seedselect_cli.writer import atomic_write, slugify
 THUMB = 128
 PER_ROW = 8
 LABEL_WIDTH = 120
-ROW_NAMES = {"seedselect": "SeedSelect", "plain": "plain SD"}
+ROW_NAMES = {"seedselect": "SeedSelect", "plain": "plain"}
 
 
 def contact_sheet(rows: list[tuple[str, list[Image.Image]]]) -> Image.Image:
@@ -42,6 +43,7 @@ def contact_sheet(rows: list[tuple[str, list[Image.Image]]]) -> Image.Image:
 
 def loss_plot(entries: list[dict], path: Path) -> None:
     """The mean loss against iteration, one line per class (the first 20 classes)."""
+    logging.getLogger("matplotlib").setLevel(logging.ERROR)  # no "building the font cache" line in a run's output
     import matplotlib
 
     matplotlib.use("Agg")
@@ -106,6 +108,7 @@ and coverage, KID; diversity_ratio: the images' diversity over the references'; 
 images nearer a reference than any held-out real image is. Baseline: {html.escape(str(metrics['baseline'] or
 'skipped'))}.
 Numbers: <a href="metrics.json">metrics.json</a>.</p>
+{"".join(f"<p>{html.escape(note)}</p>" for note in metrics.get("notes", []))}
 <h2>Overall</h2>{overall}
 <h2>Per class</h2>{per_class}
 <h2>References</h2>{refs}
@@ -160,6 +163,8 @@ def print_table(metrics: dict) -> None:
                               *(_cell(c[method][k]) for k in columns), end_section=i == len(metrics["overall"]) - 1
                               and r < len(rows) - 1)
         console.print(table)
+    for note in metrics.get("notes", []):
+        console.print(f"note: {note}")
 
 
 def training_table(results: dict) -> str:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -16,8 +18,9 @@ from seedselect_cli.config import Config, ModelConfig, load_config, register_res
 from seedselect_cli.models import FrozenModels, load_models
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never touch the network
-# Reference encodings are cached here, not in the user's ~/.cache (subprocesses inherit it).
+# Reference encodings are cached here, not in the user's ~/.cache (subprocesses inherit it); removed at exit.
 os.environ["SEEDSELECT_CACHE_DIR"] = tempfile.mkdtemp(prefix="seedselect-test-cache-")
+atexit.register(shutil.rmtree, os.environ["SEEDSELECT_CACHE_DIR"], ignore_errors=True)
 
 
 def compose_raw(name: str = "tiny", overrides: list[str] | None = None):

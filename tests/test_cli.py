@@ -145,7 +145,7 @@ def test_evaluate_writes_the_report_of_a_demo_run(demo_run):
     run_dir, elsewhere = demo_run
     done = seedselect("evaluate", f"run_dir={run_dir}", cwd=elsewhere)
     assert done.returncode == 0, done.stderr
-    assert "plain SD" in done.stdout and "SeedSelect" in done.stdout
+    assert "plain" in done.stdout and "SeedSelect" in done.stdout and "beside real images" in done.stdout
     for name in ("metrics.json", "index.html", "loss.png", "sheets/red_disc.png"):
         assert (run_dir / "report" / name).is_file(), name
     done = seedselect("evaluate", f"run_dir={elsewhere / 'nothing'}", cwd=elsewhere)

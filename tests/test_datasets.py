@@ -59,7 +59,7 @@ def test_mini_imagenet_layout(tmp_path):
     novel = load_classes(DatasetConfig(name="mini_imagenet", root=str(root), split="test"), 0)
     assert [r.name for r in novel] == ["nematode", "red king crab"] and all(len(r.images) == 3 for r in novel)
     [by_id] = load_classes(DatasetConfig(name="mini_imagenet", root=str(root), classes=["n01558993"]), 0)
-    assert by_id.name == "American robin" and by_id.prompt == "a photo of a American robin"
+    assert by_id.name == "American robin" and by_id.prompt == "a photo of an American robin"
     (root / "val.csv").write_text("file,class\nx.jpg,n01855672\n")
     with pytest.raises(UserError, match="header 'filename,label'"):
         load_classes(DatasetConfig(name="mini_imagenet", root=str(root), split="val"), 0)
@@ -71,7 +71,7 @@ def test_cifar_fs_layout(tmp_path):
     root = make_cifar_fs(tmp_path / "cifar100")
     records = load_classes(DatasetConfig(name="cifar_fs", root=str(root), shots=2), 0)
     assert [r.name for r in records] == ["apple", "aquarium fish"]
-    assert records[1].prompt == "a photo of a aquarium fish" and all(len(r.images) == 2 for r in records)
+    assert records[1].prompt == "a photo of an aquarium fish" and all(len(r.images) == 2 for r in records)
     [pepper] = load_classes(DatasetConfig(name="cifar_fs", root=str(root), split="test",
                                           classes=["sweet_pepper"]), 0)
     assert pepper.name == "sweet pepper" and all("sweet_pepper" in p.parent.name for p in pepper.images)

@@ -59,7 +59,8 @@ def test_copies_of_the_references_score_fidelity_one_and_diversity_zero(tmp_path
     assert result["seedselect"]["fidelity"] == pytest.approx(1.0, abs=1e-5)
     assert result["seedselect"]["diversity"] == pytest.approx(0.0, abs=1e-5)
     assert result["references"] == {"n_images": 3, "diversity": pytest.approx(0.0, abs=1e-5)}
-    assert result["seedselect"]["top1"] == 1.0  # the only class
+    assert result["seedselect"]["top1"] is None  # the only class: no figure, and a note that says why
+    assert "classifying among one class is right by construction" in metrics["notes"][0]
     assert "plain" not in result and metrics["baseline"] is None
 
 
@@ -161,5 +162,7 @@ def test_zero_shot_among_every_class_of_the_data_set(tmp_path):
     among_run = run_evaluate(EvaluateConfig(run_dir=str(run_dir), baseline=False))
     among_all = run_evaluate(EvaluateConfig(run_dir=str(run_dir), baseline=False, dataset_classes=True, top_k=2))
     assert among_run["classified_among"] == 1 and among_all["classified_among"] == 3
-    assert among_run["classes"]["Pine Warbler"]["seedselect"]["top1"] == 1.0
+    assert among_run["classes"]["Pine Warbler"]["seedselect"]["top1"] is None  # among one class: no figure
+    assert among_all["classes"]["Pine Warbler"]["seedselect"]["top1"] in (0.0, 1.0)  # one image, among 3
     assert set(among_all["classes"]) == {"Pine Warbler"}
+    assert among_all["classes"]["Pine Warbler"]["heldout"]["source"] == "dataset.split=test"

@@ -60,7 +60,7 @@ def test_broken_files_are_skipped_with_a_warning_unless_too_few_remain(tiny_mode
         encodings = load_encodings(tiny_models, paths, 32, 32, "default", ReferenceCache(None, "x"), "class 'x'")
     assert [p.name for p in encodings.paths] == ["good.png"] and encodings.appearance.shape == (1, 4, 16, 16)
     assert "empty.png" in caplog.text and "notes.jpg" in caplog.text
-    with pytest.raises(UserError, match="1 readable images, 2 needed"):
+    with pytest.raises(UserError, match="1 readable image, 2 needed"):
         load_encodings(tiny_models, paths, 32, 32, "default", ReferenceCache(None, "x"), "class 'x'", minimum=2)
 
 

@@ -11,12 +11,13 @@ import contextlib
 import hashlib
 import logging
 import random
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from seedselect_cli.config import DatasetConfig
-from seedselect_cli.errors import UserError
+from seedselect_cli.errors import UserError, count_of
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,14 @@ class ClassRecord:
     name: str
     prompt: str
     images: tuple[Path, ...]
+
+
+def fill_template(template: str, name: str) -> str:
+    """The prompt of a class: `template` with the name in it, "a {}" read as "an" before a vowel
+    ("a photo of an apple")."""
+    if name[:1].lower() in "aeiou" and "a {}" in template:
+        template = re.sub(r"\ba \{\}", "an {}", template)
+    return template.format(name)
 
 
 def draw_shots(paths: list[Path], shots: int | None, seed: int, class_name: str) -> list[Path]:
@@ -47,9 +56,13 @@ def select_classes(available: list[str], wanted: list[str] | None, aliases: dict
     chosen = []
     for name in wanted:
         if str(name).lower() not in lookup:
-            close = [a for a in available if str(name).lower() in a.lower()][:3]
+            import difflib
+
+            close = list(dict.fromkeys([a for a in available if str(name).lower() in a.lower()]
+                                       + difflib.get_close_matches(str(name), available, n=3, cutoff=0.6)))[:3]
             hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise UserError(f"dataset.classes: no class named {name!r} in this dataset{hint}")
+            shown = ", ".join(available[:8]) + (f", ... ({len(available)} in all)" if len(available) > 8 else "")
+            raise UserError(f"dataset.classes: no class named {name!r} in this dataset{hint} Its classes: {shown}")
         chosen.append(lookup[str(name).lower()])
     return list(dict.fromkeys(chosen))
 
@@ -86,8 +99,11 @@ def build_records(cfg: DatasetConfig, seed: int, images: Mapping[str, Sequence[P
                 log.warning("%s class %r has no images (dataset.split=%s); skipping it", dataset, name, cfg.split)
                 continue
             raise UserError(f"{dataset} class {name!r} has no images (dataset.split={cfg.split})")
+        if cfg.shots is not None and cfg.shots > len(images[name]):
+            log.warning("%s class %r has %s, fewer than dataset.shots=%d: using all of them", dataset, name,
+                        count_of(len(images[name]), "image"), cfg.shots)
         paths = draw_shots(list(images[name]), cfg.shots, seed, name)
-        records.append(ClassRecord(name=name, prompt=cfg.prompt_template.format(name), images=tuple(paths)))
+        records.append(ClassRecord(name=name, prompt=fill_template(cfg.prompt_template, name), images=tuple(paths)))
     return records
 
 

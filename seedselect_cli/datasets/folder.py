@@ -7,7 +7,7 @@ As in the authors' `main.py SeedSelect tiger_cat imgs/tiger_cat`: the class is n
 from __future__ import annotations
 
 from seedselect_cli.config import DatasetConfig
-from seedselect_cli.datasets import ClassRecord, draw_shots, require_root
+from seedselect_cli.datasets import ClassRecord, draw_shots, fill_template, require_root
 from seedselect_cli.errors import UserError
 from seedselect_cli.images import list_images, no_images_hint
 
@@ -20,5 +20,5 @@ def load(cfg: DatasetConfig, seed: int) -> list[ClassRecord]:
     paths = list_images(root)
     if not paths:
         raise UserError(f"dataset.root={cfg.root} holds no image files (png, jpg, webp, ...); {no_images_hint(root)}")
-    prompt = cfg.prompt_template.format(name.replace("_", " "))
+    prompt = fill_template(cfg.prompt_template, name.replace("_", " "))
     return [ClassRecord(name=name, prompt=prompt, images=tuple(draw_shots(paths, cfg.shots, seed, name)))]
