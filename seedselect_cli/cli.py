@@ -114,7 +114,9 @@ def bootstrap_main(cfg: DictConfig) -> None:
     run_in_job_dir(run_bootstrap, cfg)
 
 
-@hydra.main(version_base="1.3", config_path="configs", config_name="generate")
+# generate and evaluate have their own config folder: without the run configs' groups there, `model=PATH` is
+# their key, not a group option
+@hydra.main(version_base="1.3", config_path="tool_configs", config_name="generate")
 def generate_main(cfg: DictConfig) -> None:
     from seedselect_cli.generate import GenerateConfig, run_generate
 
@@ -123,7 +125,7 @@ def generate_main(cfg: DictConfig) -> None:
         print(f"wrote {out}")
 
 
-@hydra.main(version_base="1.3", config_path="configs", config_name="evaluate")
+@hydra.main(version_base="1.3", config_path="tool_configs", config_name="evaluate")
 def evaluate_main(cfg: DictConfig) -> None:
     from seedselect_cli.evaluate import EvaluateConfig, run_evaluate
 
@@ -158,13 +160,13 @@ def preflight(command: str, args: list[str]) -> Path | None:
         return None
     config_name = parsed.config_name or COMMANDS[command][1]
     try:
-        with initialize_config_module("seedselect_cli.configs", version_base="1.3"):
+        with initialize_config_module(config_module(command), version_base="1.3"):
             cfg = compose(config_name=config_name, overrides=parsed.overrides, return_hydra_config=True)
             run_dir = str(cfg.hydra.run.dir)
     except (HydraException, OmegaConfBaseException, ValueError) as exc:
         message = " ".join(str(exc).split("\n")[0].split()).replace(" Check that it's in your config search path.", "")
-        raise UserError(f"{message.rstrip('.')}{suggestion(message, config_name)} (see `seedselect {command} --help`)"
-                        ) from None
+        raise UserError(f"{message.rstrip('.')}{suggestion(message, command, config_name)} (see `seedselect "
+                        f"{command} --help`)") from None
     with open_dict(cfg):
         del cfg["hydra"]
     if command == "generate":
@@ -189,13 +191,18 @@ def preflight(command: str, args: list[str]) -> Path | None:
     return path
 
 
-def suggestion(message: str, config_name: str) -> str:
+def config_module(command: str) -> str:
+    """The package folder of a command's configs."""
+    return "seedselect_cli.tool_configs" if command in ("generate", "evaluate") else "seedselect_cli.configs"
+
+
+def suggestion(message: str, command: str, config_name: str) -> str:
     """What the user may have meant by the key, group option or config name Hydra could not find."""
     import difflib
     import re
     from importlib.resources import files
 
-    configs = files("seedselect_cli") / "configs"
+    configs = files("seedselect_cli") / config_module(command).rsplit(".", 1)[1]
     if found := re.search(r"Cannot find primary config '([^']+)'", message):
         names = sorted(p.name.removesuffix(".yaml") for p in configs.iterdir() if p.name.endswith(".yaml")
                        and not p.name.startswith("_") and p.name not in ("evaluate.yaml", "generate.yaml"))
@@ -210,7 +217,7 @@ def suggestion(message: str, config_name: str) -> str:
         from hydra import compose, initialize_config_module
 
         key = found[1] or found[2]
-        with initialize_config_module("seedselect_cli.configs", version_base="1.3"):
+        with initialize_config_module(config_module(command), version_base="1.3"):
             known = _flat_keys(compose(config_name=config_name))
         close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
         return f"; did you mean {close[0]}?" if close else ""
@@ -302,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     with catching_signals():  # from here on a signal ends the command with one line, never a traceback
         try:
             return _main(command, args)
+        except BrokenPipeError:  # `seedselect ... --help | head`: the reader has gone, and that is fine
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
         except StopNow as stop:
             name = signal.Signals(stop.signum).name
             kept = getattr(stop, "nothing_kept", True)  # unset: stopped before the command's job started

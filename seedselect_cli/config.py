@@ -42,10 +42,29 @@ def asset_path(relative: str) -> str:
     return str(files("seedselect_cli") / "assets" / relative)
 
 
+ASSET = "asset:"  # how seed files and run configs name the package's own assets, on any install
+
+
+def portable(location: str) -> str:
+    """A model or folder location as it is recorded: one inside the package's assets as `asset:<path>`,
+    so that a run or seed file made on one install resolves on another; anything else as it is."""
+    root = os.path.realpath(asset_path(""))
+    real = os.path.realpath(os.path.expanduser(location)) if location else location
+    if real and (real == root or real.startswith(root + os.sep)):
+        return ASSET + os.path.relpath(real, root).replace(os.sep, "/")
+    return location
+
+
+def resolve_location(location: str) -> str:
+    """The inverse of `portable`: `asset:<path>` is the path in this install's assets."""
+    return asset_path(location.removeprefix(ASSET)) if location.startswith(ASSET) else location
+
+
 def register_resolvers() -> None:
     """`${asset:demo/red_disc}` in a config resolves to the installed package's asset folder."""
     if not OmegaConf.has_resolver("asset"):
-        OmegaConf.register_new_resolver("asset", asset_path)
+        # a lambda, so that `asset_path` is looked up when a config is read (tests move the assets)
+        OmegaConf.register_new_resolver("asset", lambda relative: asset_path(relative))
 
 
 @dataclass
@@ -317,5 +336,17 @@ def check_template(key: str, template: str) -> None:
 
 
 def to_yaml(config: Config) -> str:
-    """The resolved config as YAML, as written to RUN/config.yaml."""
-    return OmegaConf.to_yaml(OmegaConf.structured(config))
+    """The resolved config as YAML, as written to RUN/config.yaml: the package's assets as `${asset:...}`,
+    which resolves on whatever install reads it back."""
+    data = OmegaConf.to_container(OmegaConf.structured(config))
+
+    def relocate(node):
+        if isinstance(node, dict):
+            return {k: relocate(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [relocate(v) for v in node]
+        if isinstance(node, str) and node.startswith("/") and portable(node) != node:
+            return "${asset:" + portable(node).removeprefix(ASSET) + "}"
+        return node
+
+    return OmegaConf.to_yaml(OmegaConf.create(relocate(data)))

@@ -27,7 +27,14 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from seedselect_cli import quality
-from seedselect_cli.config import DEVICES, Config, check_config, check_template, load_structured
+from seedselect_cli.config import (
+    DEVICES,
+    Config,
+    check_config,
+    check_template,
+    load_structured,
+    resolve_location,
+)
 from seedselect_cli.datasets import fill_template, heldout_images, load_classes
 from seedselect_cli.errors import UserError, first_line
 from seedselect_cli.generate import seed_dtype
@@ -54,6 +61,7 @@ class EvaluateConfig:
     dataset_classes: bool = False  # zero-shot among every class of the run's data set (e.g. all 200 of CUB)
     prompt_template: str | None = None  # None: the run's dataset.prompt_template
     heldout: str | None = None  # real images as <heldout>/<class>/<image>; None: the run's dataset.heldout
+    model: str | None = None  # the Stable Diffusion weights for the baseline (folder or Hub id); None: the run's
     clip: str | None = None  # the two-tower CLIP that judges; None: the run's model.image_encoder
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     baseline: bool = True  # render plain Stable Diffusion from the seeds before optimisation
@@ -173,7 +181,8 @@ def render_baseline(run_dir: Path, config: Config, entries: list[dict], cfg: Eva
     if missing:
         first = load_seed_file(run_dir / missing[0]["seed_file"]).metadata
         device = resolve_device(cfg.runtime.device)
-        models = load_models(dataclasses.replace(config.model, pretrained=first["model"]), device,
+        models = load_models(dataclasses.replace(config.model, pretrained=cfg.model or resolve_location(first["model"])),
+                             device,
                              seed_dtype(cfg.runtime.dtype, first["dtype"], device), with_image_encoder=False)
         models.scheduler = scheduler_from_json(first["scheduler_config"])
         shape = models.latent_shape(config.sampler.height, config.sampler.width)

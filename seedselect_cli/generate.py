@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from PIL import PngImagePlugin
 
-from seedselect_cli.config import ModelConfig
+from seedselect_cli.config import ModelConfig, resolve_location
 from seedselect_cli.errors import UserError
 from seedselect_cli.models import DTYPES, load_models, resolve_device, resolve_dtype, scheduler_from_json
 from seedselect_cli.sampling import encode_prompt, sample_images
@@ -31,7 +31,8 @@ class GenerateConfig:
     seed_file: str = "???"
     out: str = "???"
     tensor: str = "optimized"  # or "initial": plain Stable Diffusion from the seed before optimisation
-    model: str | None = None  # None: the model recorded in the seed file (a local copy of it may be given)
+    model: str | None = None  # None: the model recorded in the seed file; else where its weights are here (a
+    # folder or Hub id): a seed file records a local folder's path on the machine it was made on
     runtime: GenerateRuntime = field(default_factory=GenerateRuntime)
 
 
@@ -74,8 +75,8 @@ def run_generate(cfg: GenerateConfig) -> Path:
     meta = seed.metadata
     device = resolve_device(cfg.runtime.device)
     dtype = seed_dtype(cfg.runtime.dtype, meta["dtype"], device)
-    model_cfg = ModelConfig(pretrained=cfg.model or meta["model"], revision=meta.get("model_revision") or None,
-                            variant=meta.get("model_variant") or None)
+    model_cfg = ModelConfig(pretrained=cfg.model or resolve_location(meta["model"]),
+                            revision=meta.get("model_revision") or None, variant=meta.get("model_variant") or None)
     models = load_models(model_cfg, device, dtype, with_image_encoder=False)
     models.scheduler = scheduler_from_json(meta["scheduler_config"])
 

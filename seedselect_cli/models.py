@@ -7,9 +7,11 @@ optimiser ever sees. `model.pretrained=tiny` selects the small random components
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
+import socket
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -168,8 +170,41 @@ def load_models(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, with
     return FrozenModels(**parts, name=cfg.pretrained, device=device, dtype=dtype)
 
 
+@functools.cache
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub answers at all (one TCP connection, `timeout` seconds): when it does
+    not, loading from it would retry with back-off for half a minute before failing."""
+    from urllib.parse import urlparse
+
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def offline_for(source: str, what: str, file: str, local_files_only: bool) -> bool:
+    """Whether to load `source` from the cache alone: asked for, HF_HUB_OFFLINE, or a Hub that cannot be
+    reached. Raises `UserError` at once when it cannot be reached and `source` is not in the cache."""
+    if local_files_only or _offline() or os.path.isdir(source) or source.startswith((".", "/", "~")):
+        return local_files_only or _offline()
+    if hub_reachable():
+        return False
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(source, file), str):
+        log.warning("the Hugging Face Hub cannot be reached: loading %s from the local cache", source)
+        return True
+    raise UserError(f"cannot reach the Hugging Face Hub, and the {what} '{source}' is not in its cache "
+                    f"(HF_HOME): download it once with `hf download {source}` where there is internet, or pass a "
+                    f"local folder (model.pretrained=/path or model.image_encoder=/path)")
+
+
 def _load_diffusers(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
-    kwargs = {"revision": cfg.revision, "local_files_only": cfg.local_files_only or _offline()}
+    offline = offline_for(os.path.expanduser(cfg.pretrained), "Stable Diffusion model", "model_index.json",
+                          cfg.local_files_only)
+    kwargs = {"revision": cfg.revision, "local_files_only": offline}
     # Weights only ever from safetensors files: a pickled checkpoint can run code when loaded.
     weights = {"variant": cfg.variant, "torch_dtype": dtype, "use_safetensors": True, **kwargs}
     source = os.path.expanduser(cfg.pretrained)
@@ -210,7 +245,8 @@ def quiet_libraries() -> Iterator[None]:
 
 
 def _load_image_encoder(cfg: ModelConfig, dtype: torch.dtype) -> tuple[CLIPVisionModelWithProjection, Any]:
-    kwargs = {"local_files_only": cfg.local_files_only or _offline()}
+    kwargs = {"local_files_only": offline_for(os.path.expanduser(cfg.image_encoder), "CLIP image encoder", "config.json",
+                                              cfg.local_files_only)}
     source = os.path.expanduser(cfg.image_encoder)
     try:
         with quiet_libraries():  # a two-tower checkpoint's text weights go unused: no report

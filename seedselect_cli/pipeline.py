@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 
 from seedselect_cli import __version__
 from seedselect_cli.bootstrap import Batch, bootstrap_batches, optimize_global_seed
-from seedselect_cli.config import Config, load_config, resolve_shard, to_yaml
+from seedselect_cli.config import Config, load_config, portable, resolve_shard, to_yaml
 from seedselect_cli.cuda_graphs import enable_cuda_graphs, resolve_cuda_graphs
 from seedselect_cli.datasets import ClassRecord, load_classes
 from seedselect_cli.errors import Interrupted, UserError, count_of
@@ -66,7 +66,7 @@ def seed_metadata(models: FrozenModels, config: Config, record: ClassRecord, ind
     """What a seed file records so that `generate` can redraw its image without the config."""
     return {
         "prompt": record.prompt, "negative_prompt": config.sampler.negative_prompt, "class": record.name,
-        "index": str(index), "init_seed": str(init_seed), "model": models.name,
+        "index": str(index), "init_seed": str(init_seed), "model": portable(models.name),
         "model_revision": config.model.revision or "", "model_variant": config.model.variant or "",
         "steps": str(config.sampler.steps), "guidance_scale": repr(float(config.sampler.guidance_scale)),
         "height": str(config.sampler.height), "width": str(config.sampler.width),

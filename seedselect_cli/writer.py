@@ -340,8 +340,12 @@ def _append_line(path: Path, entry: dict) -> None:
 
 
 def _comparable(config_yaml: str, skip: Sequence[str]) -> dict:
-    """Flattened config without the keys (or sections) in `skip`."""
-    data = OmegaConf.to_container(OmegaConf.create(config_yaml)) or {}
+    """Flattened config without the keys (or sections) in `skip`, its `${asset:...}` resolved (so that a run
+    written before assets were recorded that way compares equal)."""
+    try:
+        data = OmegaConf.to_container(OmegaConf.create(config_yaml), resolve=True) or {}
+    except OmegaConfBaseException:  # an interpolation this version cannot resolve: compare it as written
+        data = OmegaConf.to_container(OmegaConf.create(config_yaml)) or {}
     flat: dict = {}
 
     def walk(prefix: str, node) -> None:

@@ -25,7 +25,8 @@ atexit.register(shutil.rmtree, os.environ["SEEDSELECT_CACHE_DIR"], ignore_errors
 
 def compose_raw(name: str = "tiny", overrides: list[str] | None = None):
     register_resolvers()
-    with initialize_config_module("seedselect_cli.configs", version_base="1.3"):
+    module = "seedselect_cli.tool_configs" if name in ("generate", "evaluate") else "seedselect_cli.configs"
+    with initialize_config_module(module, version_base="1.3"):
         return compose(config_name=name, overrides=overrides or [])
 
 

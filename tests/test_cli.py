@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -159,3 +160,38 @@ def test_hydra_options_before_or_after_the_overrides(args, capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "lam: 0.5" in out or "run_dir: x" in out
+
+
+def test_seeds_and_runs_travel_to_another_folder_and_install(tmp_path, monkeypatch):
+    """A toy-world run records the package's assets as asset:..., not as this install's path: moved to
+    another folder, and with the assets somewhere else, generate redraws its image pixel for pixel and
+    evaluate reads it; a seed file of a local folder takes model= for where its weights are now."""
+    import seedselect_cli.config as config_module
+    import seedselect_cli.generate as generate_module
+    from seedselect_cli.cli import main
+    from seedselect_cli.config import asset_path
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["optimize", "n_images=1", "optim.iterations=2", "runtime.progress=false", "hydra.run.dir=a/run"]) == 0
+    install = asset_path("")
+    for path in (tmp_path / "a" / "run").rglob("*"):
+        if path.is_file() and path.suffix in (".yaml", ".jsonl", ".safetensors"):
+            assert install.encode() not in path.read_bytes(), path
+    shutil.move(tmp_path / "a" / "run", tmp_path / "moved")
+    elsewhere = tmp_path / "env2" / "assets"
+    shutil.copytree(install, elsewhere, ignore=shutil.ignore_patterns("heldout", "judge", "*.tsv"))
+    monkeypatch.setattr(config_module, "asset_path", lambda relative: str(elsewhere / relative))
+    loaded = []
+    real_load = generate_module.load_models
+    monkeypatch.setattr(generate_module, "load_models", lambda cfg, *a, **k: loaded.append(cfg.pretrained)
+                        or real_load(cfg, *a, **k))
+    [entry] = read_manifest(tmp_path / "moved")
+    assert main(["generate", f"seed_file=moved/{entry['seed_file']}", "out=again.png"]) == 0
+    assert loaded == [str(elsewhere / "toyworld")]
+    assert np.array_equal(np.asarray(Image.open("again.png")), np.asarray(Image.open(tmp_path / "moved" / entry["image"])))
+    assert main(["evaluate", "run_dir=moved", "baseline=false"]) == 0
+    metrics = json.loads((tmp_path / "moved" / "report" / "metrics.json").read_text())
+    assert metrics["clip"] == str(elsewhere / "toyworld" / "clip")
+    assert main(["generate", f"seed_file=moved/{entry['seed_file']}", "out=local.png",
+                 f"model={os.path.join(install, 'toyworld')}"]) == 0
+    assert loaded[-1] == os.path.join(install, "toyworld")

@@ -12,7 +12,8 @@ from seedselect_cli.evaluate import EvaluateConfig
 from seedselect_cli.generate import GenerateConfig
 from tests.conftest import compose_raw, make_config
 
-NAMED = sorted(p.name.removesuffix(".yaml") for p in files("seedselect_cli").joinpath("configs").iterdir()
+NAMED = sorted(p.name.removesuffix(".yaml") for folder in ("configs", "tool_configs")
+               for p in files("seedselect_cli").joinpath(folder).iterdir()
                if p.name.endswith(".yaml") and not p.name.startswith("_"))
 
 
