@@ -45,6 +45,7 @@ class JobDirSnapshot:
     hydra_files: dict[str, bytes] = field(default_factory=dict)  # `.hydra/<name>` -> its bytes
     log_sizes: dict[str, int] = field(default_factory=dict)  # `<name>.log` at the top -> its size
     inner: frozenset[str] = frozenset()  # names one level inside the folders seedselect writes ("images/x")
+    manifest_size: int = 0  # bytes of RUN/manifest.jsonl: more afterwards means this process finished images
 
 
 def take_snapshot(root: Path) -> JobDirSnapshot:
@@ -71,7 +72,9 @@ def take_snapshot(root: Path) -> JobDirSnapshot:
                 log_sizes[name] = path.stat().st_size
     inner = frozenset(f"{name}/{child}" for name in OWN_DIRS if name in entries and (root / name).is_dir()
                       and not (root / name).is_symlink() for child in _listdir(root / name))
-    return JobDirSnapshot(root, True, [], entries, hydra_files, log_sizes, inner)
+    manifest = root / "manifest.jsonl"
+    size = manifest.stat().st_size if manifest.is_file() and not manifest.is_symlink() else 0
+    return JobDirSnapshot(root, True, [], entries, hydra_files, log_sizes, inner, size)
 
 
 def _listdir(folder: Path) -> list[str]:
@@ -147,13 +150,23 @@ def undo_failed_start(snapshot: JobDirSnapshot, job_name: str) -> bool:
     if others_active(root):
         log.info("another process works in %s: leaving it as it is", root)
         return False
+    manifest = root / "manifest.jsonl"
+    with contextlib.suppress(OSError):
+        if manifest.is_file() and manifest.stat().st_size > snapshot.manifest_size:
+            return False  # this process finished images: its run stays whole, log and all, to be resumed
     for name, size in snapshot.log_sizes.items():  # Hydra appended this run's lines to a log that was there
         with contextlib.suppress(OSError):
             if (root / name).is_file() and (root / name).stat().st_size > size:
                 os.truncate(root / name, size)
-    if holds_work(root):
-        return False
     added = set(os.listdir(root)) - snapshot.entries
+    if holds_work(root):  # an earlier run's work: take back only Hydra's files of this attempt
+        for name in added:
+            path = root / name
+            if name == f"{job_name}.log" and path.is_file() and not path.is_symlink():
+                path.unlink(missing_ok=True)
+            elif name == HYDRA and path.is_dir() and not path.is_symlink():
+                _remove_own_tree(path)
+        return not (set(os.listdir(root)) - snapshot.entries)
     for name in added:
         path = root / name
         if path.is_symlink():

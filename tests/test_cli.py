@@ -195,3 +195,11 @@ def test_seeds_and_runs_travel_to_another_folder_and_install(tmp_path, monkeypat
     assert main(["generate", f"seed_file=moved/{entry['seed_file']}", "out=local.png",
                  f"model={os.path.join(install, 'toyworld')}"]) == 0
     assert loaded[-1] == os.path.join(install, "toyworld")
+
+
+def test_progress_written_to_a_file_is_lines_not_bars(tmp_path):
+    """stderr is a pipe here, as in a cluster job's log: no cursor codes, no carriage returns."""
+    done = seedselect("optimize", TINY, *FAST, "runtime.progress=true", "n_images=2", "hydra.run.dir=run",
+                      cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "\x1b[" not in done.stderr and "\r" not in done.stderr

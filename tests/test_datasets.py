@@ -112,3 +112,17 @@ def test_every_adapter_is_known_to_the_config_check():
         assert "dataset.root is not set" in str(info.value)
     with pytest.raises(UserError, match="unknown"):
         datasets.load_classes(DatasetConfig(name="coco", root=None), 0)
+
+
+def test_prompts_say_an_before_a_vowel_and_fewer_images_than_shots_are_said(tmp_path, caplog):
+    from seedselect_cli.datasets import fill_template
+
+    assert fill_template("a photo of a {}", "apple") == "a photo of an apple"
+    assert fill_template("a photo of a {}, a type of bird.", "Ovenbird") == "a photo of an Ovenbird, a type of bird."
+    assert fill_template("a photo of a {}", "pear") == "a photo of a pear"
+    assert fill_template("{} in a field", "owl") == "owl in a field"
+    root = make_cub(tmp_path / "CUB_200_2011")
+    with caplog.at_level("WARNING"):
+        records = load_classes(DatasetConfig(name="cub", root=str(root), shots=50), seed=0)
+    assert all(len(r.images) == 3 for r in records)
+    assert "has 3 images, fewer than dataset.shots=50: using all of them" in caplog.text

@@ -140,6 +140,11 @@ CASES = {
     "run dir holding something else's config.yaml": Case(
         ["optimize", *TINY, "hydra.run.dir=run"], "is not a seedselect run config",
         _files({"run/config.yaml": "- a list\n- not a config\n"})),
+    "a refused resume (another loss.lam) leaves .hydra and the log as they were": Case(
+        ["optimize", *TINY, "loss.lam=0.5", "hydra.run.dir={run}"], "holds a run made with another config (loss.lam",
+        needs_run=True),
+    "a refused bootstrap in an optimize run leaves no bootstrap.log": Case(
+        ["bootstrap", *TINY, "hydra.run.dir={run}"], "holds images of `seedselect optimize`", needs_run=True),
     # --- sizes ---
     "n_images=10**12": Case(["optimize", *TINY, "n_images=1000000000000"], "n_images=1000000000000 is invalid"),
     "bootstrap.n_images=10**12": Case(["bootstrap", *TINY, "bootstrap.n_images=1000000000000"],
