@@ -1,0 +1,113 @@
+"""How much arithmetic one image costs under a setting: network passes counted as they run.
+
+Runs `seedselect optimize` (in this process, on the tiny random components, which make the same calls as
+any model) with the given overrides, counting every call of the UNet, the VAE decoder and the CLIP
+image encoder, forward and backward, weighted by the number of images in its batch, and divides by the
+images made. Per-class work (encoding the references, their DDIM inversions) is counted once and
+shown apart, as it is shared by all of a class's images. Backward passes are counted as two forwards,
+the usual rule for convolution and attention layers.
+
+    python scripts/arithmetic.py                                    # the default settings, toy-world sampler
+    python scripts/arithmetic.py init=random loss.appearance=centroid   # the paper's SeedSelect
+    python scripts/arithmetic.py --compare "init=random" "init.candidates=8 optim.iterations=20"
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_module
+
+from seedselect_cli import models as models_module
+from seedselect_cli.config import load_config, register_resolvers
+from seedselect_cli.pipeline import run_optimize
+
+NETWORKS = {"unet": "UNet", "decoder": "VAE decoder", "image_encoder": "CLIP"}
+
+
+def count_passes(overrides: list[str], n_images: int) -> dict:
+    """{network: {"forward": images, "backward": images}} per image, and the per-class part apart."""
+    register_resolvers()
+    with initialize_config_module("seedselect_cli.configs", version_base="1.3"):
+        config = load_config(compose("toyworld", ["model=tiny", "dataset.classes=[marsh finch]", "runtime.progress=false",
+                                                  "runtime.cache=false",
+                                              f"n_images={n_images}", f"runtime.batch_size={n_images}", *overrides]))
+    counts: Counter = Counter()
+    phase = {"now": "class"}
+    real_load = models_module.load_models
+
+    def counting_load(*args, **kwargs):
+        models = real_load(*args, **kwargs)
+        for attr, module in (("unet", models.unet), ("decoder", models.vae.decoder),
+                             ("image_encoder", models.image_encoder)):
+            module.register_forward_hook(lambda m, inputs, out, attr=attr: counts.update(
+                {(phase["now"], attr, "forward"): _batch(inputs)}))
+            module.register_full_backward_hook(lambda m, gin, gout, attr=attr: counts.update(
+                {(phase["now"], attr, "backward"): _batch(gout)}))
+        return models
+
+    import seedselect_cli.optimize as optimize_module
+    import seedselect_cli.pipeline as pipeline
+
+    real_best, real_optimize = optimize_module.best_candidates, pipeline.optimize_seeds
+
+    def per_image(fn):
+        def wrapped(*args, **kwargs):
+            phase["now"] = "image"
+            return fn(*args, **kwargs)
+        return wrapped
+
+    pipeline.load_models = counting_load
+    pipeline.best_candidates = per_image(real_best)
+    pipeline.optimize_seeds = per_image(real_optimize)
+    try:
+        with tempfile.TemporaryDirectory() as run_dir:
+            entries = run_optimize(config, Path(run_dir))
+    finally:
+        pipeline.load_models, pipeline.best_candidates, pipeline.optimize_seeds = real_load, real_best, real_optimize
+    made = len(entries)
+    out: dict = {"images": made, "iterations": sum(len(e["loss_history"]) for e in entries) / made}
+    for where in ("class", "image"):
+        for network in NETWORKS:
+            for direction in ("forward", "backward"):
+                value = counts[(where, network, direction)]
+                out[(where, network, direction)] = value / made if where == "image" else value
+    out["unet_equivalents"] = (out[("image", "unet", "forward")] + 2 * out[("image", "unet", "backward")])
+    return out
+
+
+def _batch(tensors) -> int:
+    first = next((t for t in tensors if torch.is_tensor(t)), None)
+    return int(first.shape[0]) if first is not None else 0
+
+
+def table(rows: dict[str, dict]) -> str:
+    lines = ["| setting | iterations | UNet fwd / bwd | decoder fwd / bwd | CLIP fwd / bwd | UNet forward-"
+             "equivalents per image | per class (references: UNet fwd) |", "|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        cells = [f"{r[('image', n, 'forward')]:.0f} / {r[('image', n, 'backward')]:.0f}" for n in NETWORKS]
+        lines.append(f"| {name} | {r['iterations']:.1f} | " + " | ".join(cells)
+                     + f" | {r['unet_equivalents']:.0f} | {r[('class', 'unet', 'forward')]:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("overrides", nargs="*", help="config overrides of one setting")
+    parser.add_argument("--compare", nargs="+", default=None, help="settings, each a quoted list of overrides")
+    parser.add_argument("--n-images", type=int, default=4)
+    args = parser.parse_args(argv)
+    settings = {s or "defaults": s.split() for s in args.compare} if args.compare else {
+        " ".join(args.overrides) or "defaults": args.overrides}
+    rows = {name: count_passes(overrides, args.n_images) for name, overrides in settings.items()}
+    print(table(rows))
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(main() and 0)
