@@ -152,7 +152,7 @@ def undo_failed_start(snapshot: JobDirSnapshot, job_name: str) -> bool:
         return False
     manifest = root / "manifest.jsonl"
     with contextlib.suppress(OSError):
-        if manifest.is_file() and manifest.stat().st_size > snapshot.manifest_size:
+        if not manifest.is_symlink() and manifest.is_file() and manifest.stat().st_size > snapshot.manifest_size:
             return False  # this process finished images: its run stays whole, log and all, to be resumed
     for name, size in snapshot.log_sizes.items():  # Hydra appended this run's lines to a log that was there
         with contextlib.suppress(OSError):

@@ -81,7 +81,7 @@ def test_the_run_writes_the_others_and_then_says_what_failed(tmp_path, monkeypat
         return noise
 
     monkeypatch.setattr(initial_seeds, "initial_noise", nan_for_one)
-    with pytest.raises(UserError, match=r"1 images could not be made \(red_disc #1\).*optim.lr"):
+    with pytest.raises(UserError, match=r"1 image could not be made \(red_disc #1\).*optim.lr"):
         run_optimize(make_config(["n_images=3", "runtime.batch_size=3"]), tmp_path)
     assert sorted(RunDirectory(tmp_path).finished()) == [("red_disc", 0), ("red_disc", 2)]
 
@@ -137,7 +137,7 @@ def test_sigterm_mid_run_keeps_the_finished_images_and_a_consistent_manifest(tmp
 
     monkeypatch.setattr(RunDirectory, "append_manifest", preempted_after_the_first_image)
     config = make_config(["n_images=4", "runtime.batch_size=1"])
-    with pytest.raises(Interrupted, match="stopped by SIGTERM: 1 new images kept") as info:
+    with pytest.raises(Interrupted, match="stopped by SIGTERM: 1 new image kept") as info:
         run_optimize(config, tmp_path)
     assert info.value.signum == signal.SIGTERM
     assert sorted(RunDirectory(tmp_path).finished()) == [("red_disc", 0)]
