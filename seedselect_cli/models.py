@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import socket
+import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -82,12 +83,50 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+_threads_fitted: list[bool] = []
+
+
 def fit_cpu_threads() -> None:
-    """Use no more CPU threads than this process may run on: a job given 1 core (Slurm, submitit,
-    taskset) that starts one OpenMP thread per core of the machine runs many times slower."""
-    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if torch.get_num_threads() > allowed:
-        torch.set_num_threads(allowed)
+    """Use no more CPU threads than there are cores free for this process. A job given 1 core (Slurm,
+    submitit, taskset) that starts one OpenMP thread per core of the machine runs many times slower, and so
+    does one that shares its cores with other busy processes: each parallel region waits for its slowest
+    thread, which waits for a core (README, "On a busy CPU"). Decided once per process, at its first
+    command; OMP_NUM_THREADS, where the user set it, is kept."""
+    if os.environ.get("OMP_NUM_THREADS", "").strip() or _threads_fitted:
+        return
+    _threads_fitted.append(True)
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    free = max(1, len(cores) - round(busy_cores(cores)))
+    if torch.get_num_threads() != free:
+        torch.set_num_threads(free)
+
+
+def busy_cores(cores: list[int], seconds: float = 0.2) -> float:
+    """How many of `cores` other processes keep busy now: the non-idle share of each core in /proc/stat
+    over `seconds` (while this process sleeps), summed. 0 where /proc/stat cannot be read."""
+
+    def sample() -> dict[int, tuple[int, int]]:
+        times = {}
+        with open("/proc/stat") as stat:
+            for line in stat:
+                name, *fields = line.split()
+                if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cores:
+                    numbers = [int(x) for x in fields[:8]]
+                    times[int(name[3:])] = (sum(numbers), numbers[3] + numbers[4])  # all, idle + iowait
+        return times
+
+    try:
+        before = sample()
+        time.sleep(seconds)
+        after = sample()
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    busy = 0.0
+    for core, (total, idle) in after.items():
+        spent = total - before.get(core, (total, idle))[0]
+        if spent > 0:
+            busy += 1.0 - (idle - before[core][1]) / spent
+    return busy
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

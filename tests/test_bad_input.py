@@ -96,6 +96,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, inputs, tmp_path, monkeypatch, capsys):
     if case == "cuda without cuda" and torch.cuda.is_available():
@@ -132,6 +133,7 @@ def test_odd_images_work_and_broken_ones_are_skipped_by_name(inputs, tmp_path, m
     assert not any(name in log for name in ("cmyk.jpg", "grey16.png", "palette.png", "alpha.png"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["../../escape", "a/b", "Mésange bleue", "..", "鳥"])
 def test_any_class_name_stays_inside_the_run_directory(name, inputs, tmp_path, monkeypatch):
     refs = tmp_path / "refs"

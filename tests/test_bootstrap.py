@@ -38,6 +38,7 @@ def random_encodings(n: int, seed: int) -> ReferenceEncodings:
     return ReferenceEncodings(semantic, torch.randn(n, 4, 16, 16, generator=g), tuple(f"ref{i}.png" for i in range(n)))
 
 
+@pytest.mark.slow
 def test_a_batch_of_bootstrap_seeds_matches_each_seed_optimised_alone(tiny_models):
     """Per-seed subsets in one batch: every seed gets the result it would get in a batch of its own."""
     encodings = random_encodings(5, 0)
@@ -75,6 +76,7 @@ def seeds_of(run_dir):
     return {p.relative_to(run_dir).as_posix(): load_file(p)["optimized"] for p in run_dir.glob("seeds/*/*")}
 
 
+@pytest.mark.slow
 def test_bootstrap_run_writes_an_imagefolder_and_resumes(cub, tmp_path):
     config = bootstrap_config(cub, "bootstrap.n_images=3", "runtime.batch_size=2")
     entries = run_bootstrap(config, tmp_path)
@@ -111,6 +113,7 @@ def test_bootstrap_run_writes_an_imagefolder_and_resumes(cub, tmp_path):
         run_optimize(bootstrap_config(cub), tmp_path)
 
 
+@pytest.mark.slow
 def test_shards_split_the_classes_and_together_make_the_same_images(cub, tmp_path):
     config = bootstrap_config(cub, "bootstrap.n_images=2", "runtime.batch_size=2")
     whole = tmp_path / "whole"
@@ -140,6 +143,7 @@ def test_torchrun_rank_and_world_size_pick_the_shard():
     assert resolve_shard("1/2", {"RANK": "3", "WORLD_SIZE": "4"}) == (1, 2)  # an explicit shard wins
 
 
+@pytest.mark.slow
 def test_contrastive_loss_runs_over_the_classes_of_the_run(cub, tmp_path):
     config = bootstrap_config(cub, "loss=contrastive", "bootstrap.n_images=1", "dataset.classes=[Pine Warbler,"
                               "Cerulean Warbler]")

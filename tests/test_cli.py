@@ -37,6 +37,7 @@ def demo_run(tmp_path_factory):
     return run_dir, elsewhere
 
 
+@pytest.mark.slow
 def test_optimize_writes_the_run_directory_of_the_contract(demo_run):
     run_dir, _ = demo_run
     assert (run_dir / "config.yaml").is_file()
@@ -60,6 +61,7 @@ def test_optimize_writes_the_run_directory_of_the_contract(demo_run):
     assert entries[0]["init_seed"] != entries[1]["init_seed"]
 
 
+@pytest.mark.slow
 def test_generate_reproduces_the_image_pixel_for_pixel(demo_run):
     run_dir, elsewhere = demo_run
     entry = read_manifest(run_dir)[1]
@@ -74,6 +76,7 @@ def test_generate_reproduces_the_image_pixel_for_pixel(demo_run):
     assert not (elsewhere / ".hydra").exists()
 
 
+@pytest.mark.slow
 def test_rerun_resumes_and_completes(demo_run):
     run_dir, elsewhere = demo_run
     first = [(run_dir / e["image"]).read_bytes() for e in read_manifest(run_dir)]
@@ -134,6 +137,7 @@ def test_folder_of_non_images_is_a_user_error(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "run" / "manifest.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_real_model_offline_without_weights_is_one_line(tmp_path, reference_folder):
     done = seedselect("optimize", "--config-name", "folder", f"dataset.root={reference_folder}",
                       "model.pretrained=no-such-org/no-such-model", "runtime.progress=false", cwd=tmp_path)
@@ -142,6 +146,7 @@ def test_real_model_offline_without_weights_is_one_line(tmp_path, reference_fold
     assert done.stderr.startswith("error: cannot load the Stable Diffusion model 'no-such-org/no-such-model'")
 
 
+@pytest.mark.slow
 def test_evaluate_writes_the_report_of_a_demo_run(demo_run):
     run_dir, elsewhere = demo_run
     done = seedselect("evaluate", f"run_dir={run_dir}", cwd=elsewhere)
@@ -162,6 +167,7 @@ def test_hydra_options_before_or_after_the_overrides(args, capsys):
     assert "lam: 0.5" in out or "run_dir: x" in out
 
 
+@pytest.mark.slow
 def test_seeds_and_runs_travel_to_another_folder_and_install(tmp_path, monkeypatch):
     """A toy-world run records the package's assets as asset:..., not as this install's path: moved to
     another folder, and with the assets somewhere else, generate redraws its image pixel for pixel and
@@ -197,6 +203,7 @@ def test_seeds_and_runs_travel_to_another_folder_and_install(tmp_path, monkeypat
     assert loaded[-1] == os.path.join(install, "toyworld")
 
 
+@pytest.mark.slow
 def test_progress_written_to_a_file_is_lines_not_bars(tmp_path):
     """stderr is a pipe here, as in a cluster job's log: no cursor codes, no carriage returns."""
     done = seedselect("optimize", TINY, *FAST, "runtime.progress=true", "n_images=2", "hydra.run.dir=run",

@@ -16,6 +16,8 @@ from safetensors.torch import load_file
 from tests.layouts import make_cub
 from tests.runs import bootstrap_command, read_manifest
 
+pytestmark = pytest.mark.slow  # minutes together: the quick loop (`pytest -m "not slow"`) leaves it out
+
 CLASSES = ("001.Black_footed_Albatross", "094.Pine_Warbler")
 SLUGS = ("Black_footed_Albatross", "Pine_Warbler")
 

@@ -16,6 +16,8 @@ import pytest
 from tests.layouts import make_cub
 from tests.runs import bootstrap_command, read_manifest
 
+pytestmark = pytest.mark.slow  # minutes together: the quick loop (`pytest -m "not slow"`) leaves it out
+
 
 def start(args: list[str], cwd: Path) -> subprocess.Popen:
     return subprocess.Popen(args, cwd=cwd, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},

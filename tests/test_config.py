@@ -70,6 +70,7 @@ def test_required_root_is_named(tmp_path):
     ("init.nao_points=0", "init.nao_points"), ("init.nao_iterations=0", "init.nao_iterations"),
     ("init.nao_length_weight=0", "init.nao_length_weight"),
 ])
+@pytest.mark.slow
 def test_bad_values_are_rejected_naming_the_key(override, key):
     with pytest.raises(UserError) as info:
         make_config([override])

@@ -21,6 +21,8 @@ from safetensors.torch import load_file, save_file
 from seedselect_cli.cli import main
 from tests.layouts import make_cub
 
+pytestmark = pytest.mark.slow  # minutes together: the quick loop (`pytest -m "not slow"`) leaves it out
+
 COMMAND = ["bootstrap", "--config-name=cub_tail", "model=tiny", "sampler=tiny", "sampler.steps=3",
            "runtime.device=cpu", "bootstrap.n_images=2", "bootstrap.global_iterations=2", "bootstrap.iterations=2",
            "runtime.batch_size=2", "runtime.progress=false", "dataset.classes=[Pine Warbler]"]
@@ -143,7 +145,6 @@ def clean(tmp_path_factory) -> Path:
 CASES = [(name, damage) for name, (_, damages, _) in FILES.items() for damage in damages]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(("name", "damage"), CASES, ids=[f"{n}-{d.__name__}" for n, d in CASES])
 def test_damaged_files_are_refused_or_made_again_never_used(name, damage, clean, tmp_path, monkeypatch, capsys):
     work = copy_work(clean, tmp_path / "work")

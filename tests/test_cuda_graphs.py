@@ -68,6 +68,7 @@ def test_graphed_steps_match_autograd_through_the_whole_rollout_in_float64(tiny_
     torch.testing.assert_close(grad_graph, grad_plain, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_graphed_calls_give_the_checkpointed_losses_and_optimised_seeds(tiny_models):
     """Through the loss and the optimiser, in float32: the same as per-step activation checkpoints."""
     config = make_config(["sampler.steps=5", "kstep.k=3", "kstep.weights=[0.2,0.3,0.5]", "loss.lam=0.5"])
@@ -186,6 +187,7 @@ def captured_copy(models):
     return copy
 
 
+@pytest.mark.slow
 def test_each_call_is_captured_once_forward_then_backward_in_its_batch_pool(tiny_models64, fake_capture):
     plain, calls = tiny_models64, captured_copy(tiny_models64)
     z0 = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(12), dtype=torch.float64)

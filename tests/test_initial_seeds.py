@@ -199,6 +199,7 @@ def test_centres_follow_the_init_method_and_inversions_are_cached(tiny_models, r
         torch.testing.assert_close(row, math.sqrt(0.7) * centre + math.sqrt(0.3) * initial_noise(tiny_models, shape, s))
 
 
+@pytest.mark.slow
 def test_optimize_and_bootstrap_start_from_the_nao_centroid(tmp_path, tiny_models):
     config = make_config(["init=nao", "n_images=2", "runtime.batch_size=2", "bootstrap.n_images=2",
                           "bootstrap.global_iterations=2", "bootstrap.iterations=2"])

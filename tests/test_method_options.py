@@ -55,6 +55,7 @@ def test_assigned_references_take_turns_and_do_not_depend_on_anything_else(n):
         assert any(o != order[:n] for o in others)  # the order is the class's and seed's own
 
 
+@pytest.mark.slow
 def test_best_candidates_keeps_the_start_of_lowest_loss(tiny_models):
     config = make_config(["sampler.steps=3"])
     target = random_target(5)
@@ -69,6 +70,7 @@ def test_best_candidates_keeps_the_start_of_lowest_loss(tiny_models):
     assert candidate_seed(11, 0) == 11 and candidate_seed(11, 1) != candidate_seed(11, 2)
 
 
+@pytest.mark.slow
 def test_the_shell_keeps_every_iterate_at_the_chi_mode(tiny_models):
     config = make_config(["optim.shell=true", "optim.iterations=4"])
     seen = []
@@ -81,6 +83,7 @@ def test_the_shell_keeps_every_iterate_at_the_chi_mode(tiny_models):
     assert any(n == pytest.approx(mode, rel=1e-5) for n in seen[-1])
 
 
+@pytest.mark.slow
 def test_patience_ends_a_batch_that_stopped_improving(tiny_models, monkeypatch):
     import seedselect_cli.optimize as optimize_module
 

@@ -88,3 +88,45 @@ def test_compile_models_compiles_the_three_networks_in_channels_last_without_cha
                "vae": lambda m: m.vae.decode(z).sample}[net]
         with torch.no_grad():
             torch.testing.assert_close(run(models), run(tiny_models64), rtol=1e-10, atol=1e-12)
+
+
+def test_busy_cores_sees_a_process_that_keeps_a_core_busy():
+    import os
+    import subprocess
+    import sys
+
+    from seedselect_cli.models import busy_cores
+
+    cores = sorted(os.sched_getaffinity(0))
+    idle = busy_cores(cores, seconds=0.5)
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        import time
+
+        time.sleep(0.3)  # started and spinning
+        busy = busy_cores(cores, seconds=0.5)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert busy >= idle + 0.6, (idle, busy)
+
+
+def test_threads_fit_the_free_cores_unless_the_user_set_them(monkeypatch):
+    from seedselect_cli import models
+
+    threads = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(models, "_threads_fitted", [])
+        monkeypatch.setattr(models, "busy_cores", lambda cores: len(cores) - 0.6)  # all but one core busy
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        models.fit_cpu_threads()
+        assert torch.get_num_threads() == 1
+        models.fit_cpu_threads()  # decided once per process
+        assert models._threads_fitted == [True]
+        monkeypatch.setattr(models, "_threads_fitted", [])
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        torch.set_num_threads(2)
+        models.fit_cpu_threads()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)

@@ -78,6 +78,7 @@ def test_kstep_loss_uses_exactly_the_last_k_latents_with_their_weights(tiny_mode
     torch.testing.assert_close(terms.semantic, expected)
 
 
+@pytest.mark.slow
 def test_loss_falls_and_best_iterate_is_kept(tiny_models):
     config = make_config(["optim.iterations=6"])
     target = random_target(6)
@@ -93,6 +94,7 @@ def test_loss_falls_and_best_iterate_is_kept(tiny_models):
     assert not torch.equal(result.optimized, result.initial)
 
 
+@pytest.mark.slow
 def test_prompt_is_encoded_once_not_per_iteration(tiny_models, monkeypatch):
     calls = []
     original = tiny_models.text_encoder.forward
@@ -102,6 +104,7 @@ def test_prompt_is_encoded_once_not_per_iteration(tiny_models, monkeypatch):
     assert len(calls) == 1
 
 
+@pytest.mark.slow
 def test_batched_seeds_match_seeds_optimised_alone(tiny_models):
     config = make_config()
     target = random_target(9)

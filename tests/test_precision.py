@@ -28,6 +28,7 @@ def loss_and_grad(dtype: torch.dtype):
     return terms, z.grad
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_losses_and_gradients_match_float32(dtype):
     reference, reference_grad = loss_and_grad(torch.float32)

@@ -18,6 +18,8 @@ from seedselect_cli.writer import RunDirectory, slugify
 from tests.conftest import make_config
 from tests.layouts import make_cub
 
+pytestmark = pytest.mark.slow  # minutes together: the quick loop (`pytest -m "not slow"`) leaves it out
+
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 

@@ -1,26 +1,27 @@
 """The toy world shipped in the package (scripts/train_toyworld.py): complete, small, loadable by
-diffusers and transformers as a real checkpoint is, and a place where SeedSelect's claim holds: on
-tail concepts it beats plain sampling from the same initial seeds, judged by a classifier that
-took no part in the optimisation; and starting from NAO's centroid gets there in 5 iterations."""
+diffusers and transformers as a real checkpoint is, with a strict judge that rejects off-model shapes,
+and a place where the method's direction can be checked: on tail concepts the judge (which took no
+part in the optimisation) finds SeedSelect's images closer to the concept than plain sampling's."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from PIL import Image
 
 from seedselect_cli.config import asset_path
 from seedselect_cli.evaluate import EvaluateConfig, JudgeConfig, run_evaluate
 from seedselect_cli.pipeline import run
+from seedselect_cli.writer import slugify
 from tests.conftest import make_config
+
+pytestmark = pytest.mark.slow  # minutes together: the quick loop (`pytest -m "not slow"`) leaves it out
 
 ROOT = Path(asset_path("toyworld"))
 WORLD = json.loads((ROOT / "world.json").read_text())
-ITERATIONS = 30  # of SeedSelect in the CI check, as in the experiment; 8 images keep it near 2 min
-# Two tail concepts that plain sampling gets right 15 % and 20 % of the time (RESULTS.md)
-CHECKED = ["pine finch", "marsh finch"]
 TAIL = [c["name"] for c in WORLD["concepts"] if c["bucket"] == "tail"]
 
 
@@ -91,29 +92,38 @@ def test_the_judge_rejects_off_model_shapes():
     assert sum(v == "off-model" for v in verdicts) / len(verdicts) >= 0.9
 
 
-def judged_against_plain(run_dir: Path, concepts: list[str], overrides: list[str]) -> tuple[list, list]:
-    """Optimise 8 images of each concept, then the judge's top-1 per concept: (plain, SeedSelect)."""
+def concept_probability(folder: Path, concept: str) -> float:
+    """The judge's mean probability (softmax over the concepts and "off-model") of `concept` for the
+    images in `folder`."""
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    judge = AutoModelForImageClassification.from_pretrained(ROOT / "judge", use_safetensors=True).float().eval()
+    processor = AutoImageProcessor.from_pretrained(ROOT / "judge")
+    images = [Image.open(p).convert("RGB") for p in sorted(folder.glob("*.png"))]
+    assert images, folder
+    with torch.no_grad():
+        probabilities = judge(**processor(images, return_tensors="pt")).logits.softmax(-1)
+    return probabilities[:, judge.config.label2id[concept]].mean().item()
+
+
+def test_seedselect_moves_tail_concepts_towards_the_concept_and_evaluate_says_how_far(tmp_path):
+    """From NAO's start, 5 iterations (BENCHMARKS.md, "Where seeds start") raise the strict judge's
+    probability of two tail concepts over plain sampling from the same fresh noise (measured: rock
+    warbler 0.161 against 0.000, marsh finch 0.032 against 0.000). They do not yet make images the
+    judge accepts: the shipped model draws these concepts as notched stars and blobs (RESULTS.md), and
+    evaluate says so (judge top-1 0.00) instead of counting them right as the lenient judge did."""
+    concepts = ["rock warbler", "marsh finch"]
     config = make_config([f"dataset.classes=[{','.join(concepts)}]", "n_images=8", "runtime.batch_size=8",
-                          *overrides], name="toyworld")
-    run(config, run_dir, "optimize")
-    metrics = run_evaluate(EvaluateConfig(run_dir=str(run_dir), dataset_classes=True,
+                          "sampler.steps=10", "optim.iterations=5", "init=nao"], name="toyworld")
+    run(config, tmp_path, "optimize")
+    metrics = run_evaluate(EvaluateConfig(run_dir=str(tmp_path), dataset_classes=True,
                                           judge=JudgeConfig(model=str(ROOT / "judge"))))
-    plain = [metrics["classes"][c]["plain"]["judge_top1"] for c in concepts]
-    selected = [metrics["classes"][c]["seedselect"]["judge_top1"] for c in concepts]
-    print(f"judge top-1 on {concepts} with {overrides}: plain {plain}, SeedSelect {selected}")
-    return plain, selected
-
-
-def test_seedselect_beats_plain_sampling_on_tail_concepts(tmp_path):
-    plain, selected = judged_against_plain(tmp_path, CHECKED, ["sampler.steps=20", f"optim.iterations={ITERATIONS}",
-                                                              "init=random"])
-    assert sum(selected) > sum(plain), (plain, selected)
-
-
-def test_nao_start_reaches_tail_concepts_in_five_iterations(tmp_path):
-    """BENCHMARKS.md ("Where seeds start"): from NAO's centroid, 5 iterations get rock warbler (which
-    30 iterations from random seeds never get) and marsh finch right far more often than plain sampling
-    (measured here: 8 and 8 of 8, against 0 and 1)."""
-    plain, selected = judged_against_plain(tmp_path, ["rock warbler", "marsh finch"],
-                                           ["sampler.steps=10", "optim.iterations=5", "init=nao"])
-    assert sum(selected) >= sum(plain) + 0.75, (plain, selected)
+    for concept in concepts:
+        slug = slugify(concept)
+        plain = concept_probability(tmp_path / "baseline" / "images" / slug, concept)
+        selected = concept_probability(tmp_path / "images" / slug, concept)
+        print(f"{concept}: the judge's probability of the concept, plain {plain:.3f}, SeedSelect {selected:.3f}")
+        assert selected > plain + 0.02, (concept, plain, selected)
+        scores = metrics["classes"][concept]
+        for method in ("plain", "seedselect"):  # every instrument of the quality issue, for both
+            assert {"judge_top1", "precision", "recall", "diversity_ratio", "copies"} <= set(scores[method])
