@@ -52,7 +52,7 @@ def count_passes(overrides: list[str], n_images: int) -> dict:
         return models
 
     import seedselect_cli.optimize as optimize_module
-    import seedselect_cli.pipeline as pipeline
+    from seedselect_cli import pipeline
 
     real_best, real_optimize = optimize_module.best_candidates, pipeline.optimize_seeds
 
@@ -87,8 +87,9 @@ def _batch(tensors) -> int:
 
 
 def table(rows: dict[str, dict]) -> str:
-    lines = ["| setting | iterations | UNet fwd / bwd | decoder fwd / bwd | CLIP fwd / bwd | UNet forward-"
-             "equivalents per image | per class (references: UNet fwd) |", "|---|---|---|---|---|---|---|"]
+    header = ("| setting | iterations | UNet fwd / bwd | decoder fwd / bwd | CLIP fwd / bwd | UNet forward-"
+              "equivalents per image | per class (references: UNet fwd) |")
+    lines = [header, "|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         cells = [f"{r[('image', n, 'forward')]:.0f} / {r[('image', n, 'backward')]:.0f}" for n in NETWORKS]
         lines.append(f"| {name} | {r['iterations']:.1f} | " + " | ".join(cells)

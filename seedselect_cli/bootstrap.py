@@ -1,4 +1,4 @@
-"""Bulk image sets: the paper's bootstrap scheme (DESIGN.md, section 1), one class at a time.
+"""Bulk image sets: the paper's bootstrap scheme (README, "The method, as implemented"), one class at a time.
 
     1. z_T^G: optimise one seed on the centroids of all references, `bootstrap.global_iterations`.
     2. For each image: draw `bootstrap.subset_size` references with replacement and optimise a seed

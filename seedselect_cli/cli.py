@@ -22,10 +22,10 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from seedselect_cli import __version__
-from seedselect_cli.config import Config, load_config, load_structured, register_resolvers
+from seedselect_cli.config import Config, check_device, load_config, load_structured, register_resolvers
 from seedselect_cli.errors import Interrupted, UserError
 from seedselect_cli.interrupt import StopNow, catching_signals
 from seedselect_cli.job_dir import ActiveMark, JobDirSnapshot, take_snapshot, undo_failed_start
@@ -170,6 +170,7 @@ def preflight(command: str, args: list[str]) -> Path | None:
                         f"{command} --help`)") from None
     with open_dict(cfg):
         del cfg["hydra"]
+    check_device(str(OmegaConf.select(cfg, "runtime.device", default="auto")))
     if command == "generate":
         from seedselect_cli.generate import GenerateConfig, check_output
 

@@ -324,6 +324,19 @@ def check_config(c: Config) -> None:
     resolve_shard(c.runtime.shard)
 
 
+def check_device(name: str) -> None:
+    """`runtime.device` against this machine: `UserError` for an accelerator it does not have. Called before
+    anything loads, and again when the device is resolved."""
+    if name not in ("cuda", "mps"):
+        return
+    import torch
+
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("runtime.device=cuda but no CUDA device is available; use runtime.device=cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("runtime.device=mps but MPS is not available; use runtime.device=cpu")
+
+
 def check_template(key: str, template: str) -> None:
     """A prompt template holds `{}` once, where the class name goes, and nothing else `format` reads."""
     try:

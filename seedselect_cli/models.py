@@ -25,7 +25,7 @@ from diffusers.utils import logging as diffusers_logging
 from transformers import AutoImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 from transformers.utils import logging as transformers_logging
 
-from seedselect_cli.config import ModelConfig
+from seedselect_cli.config import ModelConfig, check_device
 from seedselect_cli.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -72,10 +72,7 @@ def resolve_device(name: str) -> torch.device:
     fit_cpu_threads()
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("runtime.device=cuda but no CUDA device is available; use runtime.device=cpu")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise UserError("runtime.device=mps but MPS is not available; use runtime.device=cpu")
+    check_device(name)
     if name == "cuda" and os.environ.get("LOCAL_RANK", "").isdigit():
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
         torch.cuda.set_device(device)

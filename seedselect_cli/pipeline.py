@@ -88,7 +88,7 @@ def png_text(metadata: dict, result: SeedResult) -> dict[str, str]:
 
 
 def run_optimize(config: Config, run_dir: Path) -> list[dict]:
-    """Optimise `n_images` seeds per class from fresh noise. Returns the new manifest entries."""
+    """Optimise `n_images` seeds per class from their starts (`init`). Returns the new manifest entries."""
     return run(config, run_dir, "optimize")
 
 

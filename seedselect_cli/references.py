@@ -1,6 +1,6 @@
 """The targets SeedSelect steers towards, from a class's reference images, with an on-disk cache.
 
-    mu_v = mean_i normalize(CLIP(I_i))         semantic centroid (DESIGN.md, section 1)
+    mu_v = mean_i normalize(CLIP(I_i))         semantic centroid (README, "The method, as implemented")
     mu_z = mean_i E(I_i) * scaling_factor      appearance centroid, at the sampler's size
 
 Each reference is encoded on its own (so its encoding never depends on which images it was

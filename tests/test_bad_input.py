@@ -79,6 +79,10 @@ CASES = {
     "image encoder path that does not exist": (
         ["optimize", "model.image_encoder=./no_such_clip"], "folder ./no_such_clip does not exist"),
     "cuda without cuda": (["optimize", "runtime.device=cuda"], "no CUDA device is available; use runtime.device=cpu"),
+    "generate on cuda without cuda": (["generate", "seed_file={inputs}/pickle.safetensors", "out=x.png",
+                                       "runtime.device=cuda"], "no CUDA device is available; use runtime.device=cpu"),
+    "evaluate on cuda without cuda": (["evaluate", "run_dir={inputs}", "runtime.device=cuda"],
+                                      "no CUDA device is available; use runtime.device=cpu"),
     "cuda graphs on the cpu": (["optimize", "runtime.device=cpu", "runtime.cuda_graphs=true"],
                                "runtime.cuda_graphs=true needs a CUDA device, not cpu"),
     "cuda graphs neither on nor off": (["optimize", "runtime.cuda_graphs=sometimes"],
@@ -99,7 +103,7 @@ CASES = {
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, inputs, tmp_path, monkeypatch, capsys):
-    if case == "cuda without cuda" and torch.cuda.is_available():
+    if "cuda without cuda" in case and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     args, expected = CASES[case]
     args = [a.format(inputs=inputs) for a in args]

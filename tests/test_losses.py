@@ -55,7 +55,7 @@ def test_lambda_weights_the_two_terms():
 
 
 def plain_contrastive(v, target, classes, c, distance, tau):
-    """The DESIGN.md formula, one seed and one class at a time, in Python floats."""
+    """The README's formula ("The method, as implemented"), one seed and one class at a time, in Python floats."""
     def dist(a, b):
         if distance == "cosine":
             return 1 - float(a @ b) / (float(a.norm()) * float(b.norm()))
