@@ -161,7 +161,10 @@ def downstream(out: Path, concepts: list[str], args) -> str:
                                                                             "bootstrap.n_images")):
         seedselect(command, "--config-name", "toyworld", classes(tail), *common, f"{count}={args.synthetic}",
                    f"hydra.run.dir={out / method}")
-    seedselect("evaluate", f"run_dir={out / 'seedselect'}", "runtime.device=cpu", "dataset_classes=true")
+    # the baseline of the extended run (plain images for the classifier); with the judge, so that the run's
+    # report stays in the judge's features
+    seedselect("evaluate", f"run_dir={out / 'seedselect'}", "runtime.device=cpu", "dataset_classes=true",
+               f"judge.model={asset_path('toyworld/judge')}")
     results = downstream_classifier.run({"seedselect": out / "seedselect", "bootstrap": out / "bootstrap"},
                                         args.synthetic, seed=args.seed)
     from seedselect_cli.report import training_table
