@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -187,7 +188,7 @@ def render_baseline(run_dir: Path, config: Config, entries: list[dict], cfg: Eva
         models.scheduler = scheduler_from_json(first["scheduler_config"])
         shape = models.latent_shape(config.sampler.height, config.sampler.width)
         prompts: dict[str, torch.Tensor] = {}
-        for entry in tqdm(missing, desc="plain Stable Diffusion", unit="img"):
+        for entry in tqdm(missing, desc="plain Stable Diffusion", unit="img", disable=not sys.stderr.isatty()):
             if entry.get("method", "optimize") == "optimize" and entry.get("init", "random") == "random":
                 z_T = load_seed_file(run_dir / entry["seed_file"]).initial
             else:  # a bootstrap image starts from z_T^G, an init=nao one from the references' centroid: draw
@@ -224,7 +225,7 @@ def embed(clip: EvalClip, judge: Judge | None, paths_or_images: list, cfg: Evalu
     """Embed images (paths are read a batch at a time: only what is measured is kept)."""
     parts: dict[str, list] = {"clip": [], "verdicts": [], "judge": [], "pixels": []}
     starts = range(0, len(paths_or_images), cfg.batch_size)
-    for start in (tqdm(starts, desc=what, unit="batch") if what else starts):
+    for start in (tqdm(starts, desc=what, unit="batch", disable=not sys.stderr.isatty()) if what else starts):
         chunk = paths_or_images[start:start + cfg.batch_size]
         images = [load_rgb(p) if isinstance(p, Path) else p for p in chunk]
         parts["clip"].append(clip.images(images, cfg.batch_size))
