@@ -10,7 +10,7 @@ environment variables, as a user would set them:
 - `threads=K passive`: OMP_NUM_THREADS=K and OMP_WAIT_POLICY=PASSIVE (threads sleep instead of
   spinning while they wait).
 
-    python scripts/thread_policy.py                        # about 15 min on 2 cores
+    python scripts/thread_policy.py                        # 12 to 15 min on 2 cores
     python scripts/thread_policy.py --settings default "threads=1" --limit 120
 """
 
@@ -28,8 +28,7 @@ SETTINGS = ("default", "threads=1", "threads=2", "threads=2 passive", "threads=2
 
 
 def environment(setting: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY",
-                                                            "SEEDSELECT_THREADS")}
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
     env["HF_HUB_OFFLINE"] = "1"
     for word in setting.split():
         if word.startswith("threads="):
