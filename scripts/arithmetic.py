@@ -51,7 +51,7 @@ def count_passes(overrides: list[str], n_images: int) -> dict:
                 {(phase["now"], attr, "backward"): _batch(gout)}))
         return models
 
-    import seedselect_cli.optimize as optimize_module
+    import seedselect_cli.core.optimize as optimize_module
     from seedselect_cli import pipeline
 
     real_best, real_optimize = optimize_module.best_candidates, pipeline.optimize_seeds

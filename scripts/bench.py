@@ -41,18 +41,12 @@ from rich.console import Console
 from rich.table import Table
 
 from seedselect_cli.config import Config, ModelConfig, load_config, register_resolvers
-from seedselect_cli.cuda_graphs import enable_cuda_graphs
-from seedselect_cli.models import (
-    DTYPES,
-    FrozenModels,
-    compile_models,
-    load_models,
-    resolve_device,
-    resolve_dtype,
-)
-from seedselect_cli.optimize import seed_objective
-from seedselect_cli.references import Centroids
-from seedselect_cli.sampling import sample_images, set_timesteps
+from seedselect_cli.core.cuda_graphs import enable_cuda_graphs
+from seedselect_cli.core.frozen import FrozenModels
+from seedselect_cli.core.optimize import seed_objective
+from seedselect_cli.core.sampling import sample_images, set_timesteps
+from seedselect_cli.core.targets import Centroids
+from seedselect_cli.models import DTYPES, compile_models, load_models, resolve_device, resolve_dtype
 
 SD21_BASE_UNET = {
     "sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2, "cross_attention_dim": 1024,

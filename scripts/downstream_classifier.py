@@ -33,9 +33,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_toyworld as world
 
-from seedselect_cli.images import load_rgb
+from seedselect_cli.files.images import load_rgb
+from seedselect_cli.files.run_directory import RunDirectory
 from seedselect_cli.report import training_table
-from seedselect_cli.writer import RunDirectory
 
 TEST_PER_CONCEPT = 100
 ORACLE_PER_CONCEPT = 400

@@ -26,12 +26,12 @@ import torch
 from omegaconf import OmegaConf
 
 from seedselect_cli.config import Config, DatasetConfig, load_structured
-from seedselect_cli.datasets import load_classes
-from seedselect_cli.images import load_rgb
+from seedselect_cli.files.datasets import load_classes
+from seedselect_cli.files.images import load_rgb
+from seedselect_cli.files.run_directory import RunDirectory
 from seedselect_cli.judges import load_clip
 from seedselect_cli.models import resolve_device
 from seedselect_cli.report import training_table
-from seedselect_cli.writer import RunDirectory
 
 
 def features(clip, paths: list[Path], batch_size: int = 32) -> torch.Tensor:

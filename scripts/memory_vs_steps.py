@@ -17,9 +17,9 @@ import dataclasses
 import torch
 
 from seedselect_cli.config import ModelConfig
-from seedselect_cli.cuda_graphs import enable_cuda_graphs
+from seedselect_cli.core.cuda_graphs import enable_cuda_graphs
+from seedselect_cli.core.sampling import ddim_rollout, encode_prompt, set_timesteps
 from seedselect_cli.models import load_models
-from seedselect_cli.sampling import ddim_rollout, encode_prompt, set_timesteps
 
 
 def saved_bytes(models, steps: int, size: int, checkpoint: bool) -> int:

@@ -24,13 +24,14 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from seedselect_cli.config import asset_path, load_config, register_resolvers
-from seedselect_cli.datasets import fill_template
+from seedselect_cli.core.optimize import seed_objective
+from seedselect_cli.core.sampling import encode_prompt, set_timesteps
+from seedselect_cli.files.datasets import fill_template
+from seedselect_cli.files.tensor_cache import ReferenceCache
 from seedselect_cli.judges import Judge, JudgeConfig
 from seedselect_cli.models import load_models
-from seedselect_cli.optimize import seed_objective
 from seedselect_cli.pipeline import run_optimize
-from seedselect_cli.references import ReferenceCache, load_encodings
-from seedselect_cli.sampling import encode_prompt, set_timesteps
+from seedselect_cli.references import load_encodings
 
 
 def config_for(concepts: list[str], dtype: str, device: str, n: int, iterations: int):

@@ -187,7 +187,7 @@ def preflight(command: str, args: list[str]) -> Path | None:
     config = load_config(cfg)
     path = Path(os.path.abspath(os.path.expanduser(run_dir)))
     check_run_dir(path)
-    from seedselect_cli.datasets import load_classes
+    from seedselect_cli.files.datasets import load_classes
 
     # The references exist and the classes are known: before any model loads. Its warnings are said
     # once, by the job, which loads the classes again with its log set up.

@@ -36,15 +36,16 @@ from seedselect_cli.config import (
     load_structured,
     resolve_location,
 )
-from seedselect_cli.datasets import fill_template, heldout_images, load_classes
+from seedselect_cli.core.sampling import encode_prompt, sample_images
 from seedselect_cli.errors import UserError, first_line
+from seedselect_cli.files.atomic import atomic_write, slugify
+from seedselect_cli.files.datasets import fill_template, heldout_images, load_classes
+from seedselect_cli.files.images import load_rgb
+from seedselect_cli.files.run_directory import CONFIG, RunDirectory
+from seedselect_cli.files.seed_files import load_seed_file
 from seedselect_cli.generate import seed_dtype
-from seedselect_cli.images import load_rgb
 from seedselect_cli.judges import EvalClip, Judge, JudgeConfig, load_clip
 from seedselect_cli.models import DTYPES, load_models, resolve_device, scheduler_from_json
-from seedselect_cli.sampling import encode_prompt, sample_images
-from seedselect_cli.seed_files import load_seed_file
-from seedselect_cli.writer import CONFIG, RunDirectory, atomic_write, slugify
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +174,7 @@ def notes(n_classes: int, top_k: int) -> list[str]:
 
 def render_baseline(run_dir: Path, config: Config, entries: list[dict], cfg: EvaluateConfig) -> dict[tuple, Path]:
     """Plain sampling for every entry (`BASELINE`); rendered once and kept in RUN/baseline/."""
-    from seedselect_cli.initial_seeds import init_seed_for, initial_noise
+    from seedselect_cli.core.initial_seeds import init_seed_for, initial_noise
 
     paths = {(e["class"], e["index"]): run_dir / "baseline" / "images" / slugify(e["class"]) / f"{e['index']:05d}.png"
              for e in entries}

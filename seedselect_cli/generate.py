@@ -11,11 +11,11 @@ import torch
 from PIL import PngImagePlugin
 
 from seedselect_cli.config import ModelConfig, resolve_location
+from seedselect_cli.core.sampling import encode_prompt, sample_images
 from seedselect_cli.errors import UserError
+from seedselect_cli.files.atomic import atomic_write
+from seedselect_cli.files.seed_files import load_seed_file
 from seedselect_cli.models import DTYPES, load_models, resolve_device, resolve_dtype, scheduler_from_json
-from seedselect_cli.sampling import encode_prompt, sample_images
-from seedselect_cli.seed_files import load_seed_file
-from seedselect_cli.writer import atomic_write
 
 SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 

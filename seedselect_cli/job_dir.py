@@ -198,7 +198,7 @@ def undo_failed_start(snapshot: JobDirSnapshot, job_name: str) -> bool:
 
 
 def _restore_hydra_files(snapshot: JobDirSnapshot) -> None:
-    from seedselect_cli.writer import atomic_write
+    from seedselect_cli.files.atomic import atomic_write
 
     for name, content in snapshot.hydra_files.items():
         path = snapshot.root / HYDRA / name

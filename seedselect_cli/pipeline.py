@@ -21,35 +21,24 @@ import torch
 from omegaconf import OmegaConf
 
 from seedselect_cli import __version__
-from seedselect_cli.bootstrap import Batch, bootstrap_batches, optimize_global_seed
 from seedselect_cli.config import Config, load_config, portable, resolve_shard, to_yaml
-from seedselect_cli.cuda_graphs import enable_cuda_graphs, resolve_cuda_graphs
-from seedselect_cli.datasets import ClassRecord, load_classes
+from seedselect_cli.core.bootstrap import Batch, bootstrap_batches, optimize_global_seed
+from seedselect_cli.core.cuda_graphs import enable_cuda_graphs, resolve_cuda_graphs
+from seedselect_cli.core.frozen import FrozenModels
+from seedselect_cli.core.initial_seeds import SeedStarts, assigned_reference, init_seed_for
+from seedselect_cli.core.optimize import SeedResult, best_candidates, optimize_seeds
+from seedselect_cli.core.sampling import encode_prompt, sample_images
+from seedselect_cli.core.targets import Centroids, ReferenceEncodings, encoder_fingerprint, stack_centroids
 from seedselect_cli.errors import Interrupted, UserError, count_of
-from seedselect_cli.initial_seeds import SeedStarts, assigned_reference, init_seed_for
+from seedselect_cli.files.atomic import slugify
+from seedselect_cli.files.datasets import ClassRecord, load_classes
+from seedselect_cli.files.run_directory import RunDirectory
+from seedselect_cli.files.seed_files import load_seed_file, save_seed_file
+from seedselect_cli.files.tensor_cache import ReferenceCache, default_cache_dir
 from seedselect_cli.interrupt import GracefulStop, catching_signals
-from seedselect_cli.models import (
-    FrozenModels,
-    check_steps,
-    compile_models,
-    load_models,
-    resolve_device,
-    resolve_dtype,
-)
-from seedselect_cli.optimize import SeedResult, best_candidates, optimize_seeds
+from seedselect_cli.models import check_steps, compile_models, load_models, resolve_device, resolve_dtype
 from seedselect_cli.progress import RunProgress, print_summary, run_progress
-from seedselect_cli.references import (
-    Centroids,
-    ReferenceCache,
-    ReferenceEncodings,
-    default_cache_dir,
-    encoder_fingerprint,
-    load_encodings,
-    stack_centroids,
-)
-from seedselect_cli.sampling import encode_prompt, sample_images
-from seedselect_cli.seed_files import load_seed_file, save_seed_file
-from seedselect_cli.writer import RunDirectory, slugify
+from seedselect_cli.references import load_encodings
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 from rich.console import Console
 from rich.table import Table
 
-from seedselect_cli.images import load_rgb
-from seedselect_cli.writer import atomic_write, slugify
+from seedselect_cli.files.atomic import atomic_write, slugify
+from seedselect_cli.files.images import load_rgb
 
 THUMB = 128
 PER_ROW = 8

@@ -15,7 +15,8 @@ from hydra import compose, initialize_config_module
 from PIL import Image
 
 from seedselect_cli.config import Config, ModelConfig, load_config, register_resolvers
-from seedselect_cli.models import FrozenModels, load_models
+from seedselect_cli.core.frozen import FrozenModels
+from seedselect_cli.models import load_models
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never touch the network
 # Reference encodings are cached here, not in the user's ~/.cache (subprocesses inherit it); removed at exit.

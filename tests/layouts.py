@@ -70,7 +70,7 @@ def make_imagenet_lt(root: Path, counts=None) -> Path:
     """ImageNet-LT: ImageNet_LT_train.txt with lines '<relative path> <label>', a long tail of counts."""
     counts = counts or {0: 5, 12: 2, 999: 1}  # tench, house finch, toilet tissue
     rng = np.random.default_rng(3)
-    from seedselect_cli.datasets.imagenet_names import imagenet_classes
+    from seedselect_cli.files.datasets.imagenet_names import imagenet_classes
 
     lines = []
     for label, count in counts.items():

@@ -8,13 +8,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from seedselect_cli.bootstrap import bootstrap_batches, draw_subset
 from seedselect_cli.config import resolve_shard
+from seedselect_cli.core.bootstrap import bootstrap_batches, draw_subset
+from seedselect_cli.core.optimize import optimize_seeds
+from seedselect_cli.core.sampling import encode_prompt
+from seedselect_cli.core.targets import ReferenceEncodings
 from seedselect_cli.errors import UserError
-from seedselect_cli.optimize import optimize_seeds
 from seedselect_cli.pipeline import run_bootstrap
-from seedselect_cli.references import ReferenceEncodings
-from seedselect_cli.sampling import encode_prompt
 from tests.conftest import make_config
 from tests.layouts import make_cub
 from tests.runs import read_manifest

@@ -14,12 +14,12 @@ import dataclasses
 import pytest
 import torch
 
-import seedselect_cli.cuda_graphs as cuda_graphs_module
-from seedselect_cli.cuda_graphs import CACHED_SHAPES, GraphCache, enable_cuda_graphs, resolve_cuda_graphs
+import seedselect_cli.core.cuda_graphs as cuda_graphs_module
+from seedselect_cli.core.cuda_graphs import CACHED_SHAPES, GraphCache, enable_cuda_graphs, resolve_cuda_graphs
+from seedselect_cli.core.optimize import optimize_seeds, seed_objective
+from seedselect_cli.core.sampling import ddim_rollout, encode_prompt, set_timesteps
+from seedselect_cli.core.targets import Centroids
 from seedselect_cli.errors import UserError
-from seedselect_cli.optimize import optimize_seeds, seed_objective
-from seedselect_cli.references import Centroids
-from seedselect_cli.sampling import ddim_rollout, encode_prompt, set_timesteps
 from tests.conftest import make_config
 from tests.layouts import make_cub
 

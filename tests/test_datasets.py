@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from seedselect_cli.config import DatasetConfig
-from seedselect_cli.datasets import load_classes
 from seedselect_cli.errors import UserError
+from seedselect_cli.files.datasets import load_classes
 from tests.layouts import make_cifar_fs, make_cub, make_imagefolder, make_imagenet_lt, make_mini_imagenet
 
 
@@ -103,8 +103,8 @@ def test_imagefolder_layout(tmp_path):
 
 
 def test_every_adapter_is_known_to_the_config_check():
-    from seedselect_cli import datasets
     from seedselect_cli.config import DATASETS
+    from seedselect_cli.files import datasets
 
     for name in DATASETS:  # each name reaches its adapter: an empty root is an error of that adapter, not 'unknown'
         with pytest.raises(UserError) as info:
@@ -115,7 +115,7 @@ def test_every_adapter_is_known_to_the_config_check():
 
 
 def test_prompts_say_an_before_a_vowel_and_fewer_images_than_shots_are_said(tmp_path, caplog):
-    from seedselect_cli.datasets import fill_template
+    from seedselect_cli.files.datasets import fill_template
 
     assert fill_template("a photo of a {}", "apple") == "a photo of an apple"
     assert fill_template("a photo of a {}, a type of bird.", "Ovenbird") == "a photo of an Ovenbird, a type of bird."

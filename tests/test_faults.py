@@ -18,14 +18,16 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-import seedselect_cli.optimize as optimize_module
-from seedselect_cli import initial_seeds, pipeline
+import seedselect_cli.core.optimize as optimize_module
+from seedselect_cli import pipeline
+from seedselect_cli.core import initial_seeds
+from seedselect_cli.core.optimize import optimize_seeds
+from seedselect_cli.core.sampling import encode_prompt
 from seedselect_cli.errors import Interrupted, UserError
+from seedselect_cli.files.atomic import atomic_write
+from seedselect_cli.files.run_directory import RunDirectory
 from seedselect_cli.interrupt import GracefulStop, StopNow
-from seedselect_cli.optimize import optimize_seeds
 from seedselect_cli.pipeline import run_bootstrap, run_optimize
-from seedselect_cli.sampling import encode_prompt
-from seedselect_cli.writer import RunDirectory, atomic_write
 from tests.conftest import make_config
 from tests.layouts import make_cub
 from tests.runs import bootstrap_command, read_manifest
@@ -227,7 +229,7 @@ def test_temporary_files_of_live_writers_are_left_alone(tmp_path):
     run.start("seed: 0\n")
     folder = tmp_path / "images" / "c"
     folder.mkdir(parents=True)
-    from seedselect_cli.writer import HOST
+    from seedselect_cli.files.atomic import HOST
 
     live = folder / f".00000.png.{HOST}.{os.getpid()}.tmp"
     dead = folder / f".00001.png.{HOST}.999999999.tmp"

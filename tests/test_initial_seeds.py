@@ -13,15 +13,23 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 
-from seedselect_cli import initial_seeds
 from seedselect_cli.config import ModelConfig, asset_path
+from seedselect_cli.core import initial_seeds
+from seedselect_cli.core.initial_seeds import SeedStarts, init_seed_for, initial_noise, mix
+from seedselect_cli.core.nao import chi_mode, nao_centroid, rescaled_centroid
+from seedselect_cli.core.sampling import (
+    ddim_invert,
+    ddim_rollout,
+    encode_prompt,
+    sample_images,
+    set_timesteps,
+)
+from seedselect_cli.core.targets import ReferenceEncodings
 from seedselect_cli.evaluate import EvaluateConfig, read_run, render_baseline
-from seedselect_cli.initial_seeds import SeedStarts, init_seed_for, initial_noise, mix
+from seedselect_cli.files.tensor_cache import ReferenceCache
 from seedselect_cli.models import load_models
-from seedselect_cli.nao import chi_mode, nao_centroid, rescaled_centroid
 from seedselect_cli.pipeline import run_bootstrap, run_optimize
-from seedselect_cli.references import ReferenceCache, ReferenceEncodings, load_encodings
-from seedselect_cli.sampling import ddim_invert, ddim_rollout, encode_prompt, sample_images, set_timesteps
+from seedselect_cli.references import load_encodings
 from tests.conftest import make_config
 from tests.runs import read_manifest
 

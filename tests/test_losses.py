@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from seedselect_cli.losses import (
+from seedselect_cli.core.losses import (
     appearance_loss,
     combine,
     contrastive_semantic_loss,

@@ -8,14 +8,14 @@ import dataclasses
 import pytest
 import torch
 
-from seedselect_cli.initial_seeds import assigned_reference, candidate_seed
-from seedselect_cli.losses import nearest_appearance_loss
-from seedselect_cli.nao import chi_mode
-from seedselect_cli.optimize import best_candidates, optimize_seeds, seed_objective
+from seedselect_cli.core.initial_seeds import assigned_reference, candidate_seed
+from seedselect_cli.core.losses import nearest_appearance_loss
+from seedselect_cli.core.nao import chi_mode
+from seedselect_cli.core.optimize import best_candidates, optimize_seeds, seed_objective
+from seedselect_cli.core.sampling import encode_prompt, set_timesteps
+from seedselect_cli.core.targets import ReferenceEncodings
+from seedselect_cli.files.run_directory import RunDirectory
 from seedselect_cli.pipeline import run_optimize
-from seedselect_cli.references import ReferenceEncodings
-from seedselect_cli.sampling import encode_prompt, set_timesteps
-from seedselect_cli.writer import RunDirectory
 from tests.conftest import make_config
 from tests.test_optimize import random_target, seeds
 
@@ -85,7 +85,7 @@ def test_the_shell_keeps_every_iterate_at_the_chi_mode(tiny_models):
 
 @pytest.mark.slow
 def test_patience_ends_a_batch_that_stopped_improving(tiny_models, monkeypatch):
-    import seedselect_cli.optimize as optimize_module
+    import seedselect_cli.core.optimize as optimize_module
 
     real = optimize_module.seed_objective
     calls = []

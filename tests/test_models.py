@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from seedselect_cli.config import ModelConfig
+from seedselect_cli.core.sampling import encode_prompt
 from seedselect_cli.errors import UserError
 from seedselect_cli.models import load_models, resolve_device
-from seedselect_cli.sampling import encode_prompt
 
 
 def test_tiny_components_are_frozen_and_reproducible(tiny_models):
@@ -99,6 +99,8 @@ def test_busy_cores_sees_a_process_that_keeps_a_core_busy():
 
     cores = sorted(os.sched_getaffinity(0))
     idle = busy_cores(cores, seconds=0.5)
+    if idle > len(cores) - 1:
+        pytest.skip(f"{idle:.1f} of {len(cores)} cores are busy already: one more busy process cannot show")
     spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         import time

@@ -7,11 +7,11 @@ import dataclasses
 import pytest
 import torch
 
-import seedselect_cli.optimize as optimize_module
-from seedselect_cli.losses import semantic_distance
-from seedselect_cli.optimize import optimize_seeds, seed_objective, semantic_embedding
-from seedselect_cli.references import Centroids
-from seedselect_cli.sampling import ddim_rollout, encode_prompt, set_timesteps
+import seedselect_cli.core.optimize as optimize_module
+from seedselect_cli.core.losses import semantic_distance
+from seedselect_cli.core.optimize import optimize_seeds, seed_objective, semantic_embedding
+from seedselect_cli.core.sampling import ddim_rollout, encode_prompt, set_timesteps
+from seedselect_cli.core.targets import Centroids
 from tests.conftest import make_config
 
 
@@ -123,7 +123,7 @@ def test_batched_seeds_match_seeds_optimised_alone(tiny_models):
 
 
 def test_the_seed_norm_prior_adds_exactly_its_weighted_term(tiny_models):
-    from seedselect_cli.losses import seed_norm_prior
+    from seedselect_cli.core.losses import seed_norm_prior
 
     z = seeds(2, 40) * 1.3
     with torch.no_grad():

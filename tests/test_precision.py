@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from seedselect_cli.config import ModelConfig
+from seedselect_cli.core.optimize import seed_objective
+from seedselect_cli.core.sampling import encode_prompt, set_timesteps
 from seedselect_cli.models import load_models, resolve_dtype
-from seedselect_cli.optimize import seed_objective
-from seedselect_cli.sampling import encode_prompt, set_timesteps
 from tests.conftest import make_config
 from tests.test_optimize import random_target, seeds
 

@@ -10,17 +10,17 @@ import torch
 from PIL import Image
 
 from seedselect_cli import references
-from seedselect_cli.encoders import clip_embed_pil, clip_pixels, vae_encode
-from seedselect_cli.errors import UserError
-from seedselect_cli.images import load_rgb
-from seedselect_cli.references import (
-    ReferenceCache,
+from seedselect_cli.core.encoders import clip_embed_pil, clip_pixels, vae_encode
+from seedselect_cli.core.targets import (
     ReferenceEncodings,
     encode_images,
     encoder_fingerprint,
-    load_encodings,
     stack_centroids,
 )
+from seedselect_cli.errors import UserError
+from seedselect_cli.files.images import load_rgb
+from seedselect_cli.files.tensor_cache import ReferenceCache
+from seedselect_cli.references import load_encodings
 from tests.conftest import random_image
 
 

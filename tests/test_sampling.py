@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from seedselect_cli.sampling import ddim_rollout, ddim_step, encode_prompt, guided_embeddings, set_timesteps
+from seedselect_cli.core.sampling import (
+    ddim_rollout,
+    ddim_step,
+    encode_prompt,
+    guided_embeddings,
+    set_timesteps,
+)
 
 
 def plain_ddim(models, z, text_embeds, timesteps, w):

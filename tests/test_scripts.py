@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from seedselect_cli.config import ModelConfig
+from seedselect_cli.files.atomic import slugify
+from seedselect_cli.files.run_directory import RunDirectory
 from seedselect_cli.models import load_models
 from seedselect_cli.pipeline import run_bootstrap
 from seedselect_cli.report import training_table
-from seedselect_cli.writer import RunDirectory, slugify
 from tests.conftest import make_config
 from tests.layouts import make_cub
 

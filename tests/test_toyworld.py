@@ -14,8 +14,8 @@ from PIL import Image
 
 from seedselect_cli.config import asset_path
 from seedselect_cli.evaluate import EvaluateConfig, JudgeConfig, run_evaluate
+from seedselect_cli.files.atomic import slugify
 from seedselect_cli.pipeline import run
-from seedselect_cli.writer import slugify
 from tests.conftest import make_config
 
 pytestmark = pytest.mark.slow  # minutes together: the quick loop (`pytest -m "not slow"`) leaves it out

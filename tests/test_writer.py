@@ -8,7 +8,8 @@ import os
 import pytest
 
 from seedselect_cli.errors import UserError
-from seedselect_cli.writer import RunDirectory, atomic_write, slugify
+from seedselect_cli.files.atomic import atomic_write, slugify
+from seedselect_cli.files.run_directory import RunDirectory
 
 
 @pytest.mark.parametrize("name", ["Pine Warbler", "a/b", "..", "../../etc", "Mésange bleue", "鳥", "", "x" * 300])

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
-from seedselect_cli.models import FrozenModels
+from seedselect_cli.core.frozen import FrozenModels
 
 
 def vae_processor(models: FrozenModels) -> VaeImageProcessor:

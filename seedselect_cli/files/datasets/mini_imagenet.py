@@ -12,7 +12,8 @@ from collections import defaultdict
 from pathlib import Path
 
 from seedselect_cli.config import DatasetConfig
-from seedselect_cli.datasets import (
+from seedselect_cli.errors import UserError
+from seedselect_cli.files.datasets import (
     ClassRecord,
     build_records,
     inside_root,
@@ -21,8 +22,7 @@ from seedselect_cli.datasets import (
     require_root,
     require_split,
 )
-from seedselect_cli.datasets.imagenet_names import name_of_wnid
-from seedselect_cli.errors import UserError
+from seedselect_cli.files.datasets.imagenet_names import name_of_wnid
 
 SPLITS = ("train", "val", "test")
 

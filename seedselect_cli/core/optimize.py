@@ -20,9 +20,10 @@ import torch
 from hydra.utils import instantiate
 
 from seedselect_cli.config import Config
-from seedselect_cli.cuda_graphs import checkpointed
-from seedselect_cli.encoders import clip_embed, clip_pixels, vae_decode
-from seedselect_cli.losses import (
+from seedselect_cli.core.cuda_graphs import checkpointed
+from seedselect_cli.core.encoders import clip_embed, clip_pixels, vae_decode
+from seedselect_cli.core.frozen import FrozenModels
+from seedselect_cli.core.losses import (
     LossTerms,
     appearance_loss,
     combine,
@@ -30,10 +31,9 @@ from seedselect_cli.losses import (
     nearest_appearance_loss,
     seed_norm_prior,
 )
-from seedselect_cli.models import FrozenModels
-from seedselect_cli.nao import chi_mode
-from seedselect_cli.references import Centroids
-from seedselect_cli.sampling import ddim_rollout, set_timesteps
+from seedselect_cli.core.nao import chi_mode
+from seedselect_cli.core.sampling import ddim_rollout, set_timesteps
+from seedselect_cli.core.targets import Centroids
 
 log = logging.getLogger(__name__)
 

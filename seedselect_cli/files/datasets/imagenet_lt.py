@@ -10,7 +10,8 @@ from collections import defaultdict
 from pathlib import Path
 
 from seedselect_cli.config import DatasetConfig
-from seedselect_cli.datasets import (
+from seedselect_cli.errors import UserError
+from seedselect_cli.files.datasets import (
     ClassRecord,
     build_records,
     inside_root,
@@ -19,8 +20,7 @@ from seedselect_cli.datasets import (
     require_root,
     require_split,
 )
-from seedselect_cli.datasets.imagenet_names import imagenet_classes
-from seedselect_cli.errors import UserError
+from seedselect_cli.files.datasets.imagenet_names import imagenet_classes
 
 SPLITS = ("train", "val", "test")
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 from diffusers import DDIMInverseScheduler
 
-from seedselect_cli.cuda_graphs import checkpointed
-from seedselect_cli.encoders import to_pil, vae_decode
-from seedselect_cli.models import FrozenModels
+from seedselect_cli.core.cuda_graphs import checkpointed
+from seedselect_cli.core.encoders import to_pil, vae_decode
+from seedselect_cli.core.frozen import FrozenModels
 
 
 @torch.no_grad()

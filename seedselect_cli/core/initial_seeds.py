@@ -26,11 +26,12 @@ from pathlib import Path
 import torch
 
 from seedselect_cli.config import Config
+from seedselect_cli.core.frozen import FrozenModels
+from seedselect_cli.core.nao import nao_centroid, rescaled_centroid
+from seedselect_cli.core.sampling import ddim_invert
+from seedselect_cli.core.targets import ReferenceEncodings, weights_fingerprint
+from seedselect_cli.files.tensor_cache import ReferenceCache
 from seedselect_cli.interrupt import GracefulStop
-from seedselect_cli.models import FrozenModels
-from seedselect_cli.nao import nao_centroid, rescaled_centroid
-from seedselect_cli.references import ReferenceCache, ReferenceEncodings, weights_fingerprint
-from seedselect_cli.sampling import ddim_invert
 
 log = logging.getLogger(__name__)
 

@@ -16,14 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import logging
 import os
-import re
-import socket
 import time
-import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -34,6 +30,7 @@ from PIL import Image, PngImagePlugin
 from safetensors import SafetensorError
 
 from seedselect_cli.errors import UserError, first_line
+from seedselect_cli.files.atomic import abandoned, atomic_write, slugify
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.jsonl"
@@ -44,49 +41,6 @@ CLAIMS = ".claims"
 # May change between a run and its resumption: how it runs, how many images, which classes (a loop
 # over classes may fill one run directory), and what evaluate compares against.
 RESUMABLE_KEYS = ("runtime", "n_images", "bootstrap.n_images", "dataset.classes", "dataset.heldout")
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call `write(tmp)` on a temporary file beside `path`, fsync it, then rename it onto `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{HOST}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:60] or "host"
-STALE_SECONDS = 3600  # no single file takes an hour to write: an older temporary file is abandoned
-
-
-def _abandoned(tmp: Path, now: float) -> bool:
-    """A temporary file of `atomic_write` that no live process will rename: its writer was killed."""
-    parts = tmp.name.rsplit(".", 3)  # .<name>.<host>.<pid>.tmp
-    try:
-        if len(parts) == 4 and parts[1] == HOST and parts[2].isdigit():
-            os.kill(int(parts[2]), 0)  # raises if no such process on this host
-            return False
-        return now - tmp.stat().st_mtime > STALE_SECONDS
-    except ProcessLookupError:
-        return True
-    except OSError:
-        return False
-
-
-def slugify(name: str) -> str:
-    """A file-system-safe folder name for a class: ASCII letters, digits, `-`, `_`, `.`; never `..`."""
-    ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", ascii_name).strip("._")
-    if not slug:
-        slug = "class"
-    if slug != name.replace(" ", "_"):  # something was dropped or replaced: keep distinct names distinct
-        slug = f"{slug}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
-    return slug[:120]
 
 
 class RunDirectory:
@@ -298,7 +252,7 @@ class RunDirectory:
         """Delete the temporary files of writers that were killed (never of a live shard's writer)."""
         now = time.time()
         for tmp in self.root.rglob(".*.tmp"):
-            if _abandoned(tmp, now) and not tmp.is_symlink():
+            if abandoned(tmp, now) and not tmp.is_symlink():
                 tmp.unlink(missing_ok=True)
 
     def _repair_manifest(self) -> None:

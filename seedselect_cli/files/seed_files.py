@@ -16,7 +16,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from seedselect_cli.errors import UserError, first_line
-from seedselect_cli.writer import atomic_write
+from seedselect_cli.files.atomic import atomic_write
 
 FORMAT = "seedselect-seed/1"
 REQUIRED = ("prompt", "model", "steps", "guidance_scale", "height", "width", "scheduler_config", "dtype")

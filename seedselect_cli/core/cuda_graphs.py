@@ -30,8 +30,8 @@ import torch
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
+from seedselect_cli.core.frozen import FrozenModels
 from seedselect_cli.errors import UserError, first_line
-from seedselect_cli.models import FrozenModels
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from seedselect_cli.config import DatasetConfig
-from seedselect_cli.datasets import (
+from seedselect_cli.files.datasets import (
     ClassRecord,
     build_records,
     inside_root,

@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from seedselect_cli.losses import seed_norm_prior
+from seedselect_cli.core.losses import seed_norm_prior
 
 
 def chi_mode(d: int) -> float:

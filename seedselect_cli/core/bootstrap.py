@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 import torch
 
 from seedselect_cli.config import Config
-from seedselect_cli.initial_seeds import assigned_reference
-from seedselect_cli.optimize import SeedResult, optimize_seeds
-from seedselect_cli.references import Centroids, ReferenceEncodings, stack_centroids
+from seedselect_cli.core.initial_seeds import assigned_reference
+from seedselect_cli.core.optimize import SeedResult, optimize_seeds
+from seedselect_cli.core.targets import Centroids, ReferenceEncodings, stack_centroids
 
 
 @dataclass

@@ -8,7 +8,7 @@ Classes are shown with spaces for underscores ("aquarium fish"). `dataset.split`
 from __future__ import annotations
 
 from seedselect_cli.config import DatasetConfig
-from seedselect_cli.datasets import (
+from seedselect_cli.files.datasets import (
     ClassRecord,
     build_records,
     inside_root,
@@ -17,7 +17,7 @@ from seedselect_cli.datasets import (
     require_root,
     require_split,
 )
-from seedselect_cli.images import list_images
+from seedselect_cli.files.images import list_images
 
 SPLITS = ("train", "val", "test")
 

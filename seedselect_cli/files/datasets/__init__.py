@@ -174,7 +174,7 @@ def heldout_images(cfg: DatasetConfig, seed: int, record: ClassRecord, folder: s
         root = Path(folder).expanduser()
         for name in (record.name, record.name.replace(" ", "_")):
             if (root / name).is_dir():
-                from seedselect_cli.images import list_images
+                from seedselect_cli.files.images import list_images
 
                 paths = list_images(root / name)
                 return HeldOut(tuple(draw_shots(paths, MAX_HELDOUT, seed, record.name)), f"{root}/<class>")
@@ -192,7 +192,7 @@ def heldout_images(cfg: DatasetConfig, seed: int, record: ClassRecord, folder: s
 
 def load_classes(cfg: DatasetConfig, seed: int) -> list[ClassRecord]:
     """The classes of the configured dataset, each with its prompt and reference image paths."""
-    from seedselect_cli.datasets import cifar_fs, cub, folder, imagefolder, imagenet_lt, mini_imagenet
+    from seedselect_cli.files.datasets import cifar_fs, cub, folder, imagefolder, imagenet_lt, mini_imagenet
 
     adapters = {"folder": folder.load, "imagefolder": imagefolder.load, "cub": cub.load,
                 "mini_imagenet": mini_imagenet.load, "cifar_fs": cifar_fs.load, "imagenet_lt": imagenet_lt.load}

@@ -7,9 +7,9 @@ As in the authors' `main.py SeedSelect tiger_cat imgs/tiger_cat`: the class is n
 from __future__ import annotations
 
 from seedselect_cli.config import DatasetConfig
-from seedselect_cli.datasets import ClassRecord, draw_shots, fill_template, require_root
 from seedselect_cli.errors import UserError
-from seedselect_cli.images import list_images, no_images_hint
+from seedselect_cli.files.datasets import ClassRecord, draw_shots, fill_template, require_root
+from seedselect_cli.files.images import list_images, no_images_hint
 
 
 def load(cfg: DatasetConfig, seed: int) -> list[ClassRecord]:

@@ -1,0 +1,45 @@
+"""The frozen networks SeedSelect runs through, as plain data: what `models.py` loads and the method reads."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
+
+from seedselect_cli.errors import UserError
+
+
+@dataclass
+class FrozenModels:
+    """Everything SeedSelect needs from Stable Diffusion and CLIP, frozen and on one device."""
+
+    vae: AutoencoderKL
+    unet: UNet2DConditionModel
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    scheduler: DDIMScheduler
+    image_encoder: CLIPVisionModelWithProjection | None
+    image_processor: Any  # a transformers CLIP image processor
+    name: str  # model.pretrained, recorded in seed files
+    device: torch.device
+    dtype: torch.dtype
+    cuda_graphs: Any = None  # a cuda_graphs.GraphCache once runtime.cuda_graphs turns them on
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """(C, H, W) of a seed z_T for images of `height` x `width` pixels."""
+        f = self.vae_scale_factor
+        if height % f or width % f:
+            raise UserError(f"sampler size {height}x{width} must be a multiple of the VAE factor {f}")
+        return (self.unet.config.in_channels, height // f, width // f)
+
+    def scheduler_json(self) -> str:
+        """The DDIM scheduler's config, enough to rebuild the exact same schedule."""
+        return json.dumps(dict(self.scheduler.config), sort_keys=True, default=str)
