@@ -163,7 +163,7 @@ def count_flops(config, args) -> list[tuple[str, float, int]]:
 
     def iteration(graphs=None) -> None:
         models.cuda_graphs = graphs
-        seed_objective(models, z, target, text, timesteps, config).total.sum().backward()
+        seed_objective(models, z, target, text, timesteps, config.objective()).total.sum().backward()
         models.cuda_graphs = None
 
     replayed = ReplayedCalls()
@@ -264,7 +264,7 @@ def iteration_flops(models: FrozenModels, config, batch: int, args) -> float:
 
     z, target, text = iteration_inputs(models, batch, args)
     with FlopCounterMode(display=False) as counter:
-        seed_objective(models, z, target, text, set_timesteps(models, args.steps), config).total.sum().backward()
+        seed_objective(models, z, target, text, set_timesteps(models, args.steps), config.objective()).total.sum().backward()
     return counter.get_total_flops()
 
 
@@ -326,7 +326,7 @@ def measure(models: FrozenModels, mode: str, config, batch: int, args) -> dict:
 
     def iteration() -> None:
         optimizer.zero_grad(set_to_none=True)
-        seed_objective(models, z, target, text, timesteps, config).total.sum().backward()
+        seed_objective(models, z, target, text, timesteps, config.objective()).total.sum().backward()
         optimizer.step()
 
     begin = time.perf_counter()

@@ -60,7 +60,7 @@ def make_config(overrides: list[str]):
 def run_setting(models, judge, config, concepts, n_images: int, checkpoints: list[int]) -> dict:
     """{concept: {n: correct images after n iterations}} for one setting."""
     shape = models.latent_shape(config.sampler.height, config.sampler.width)
-    starts = SeedStarts(models, config, shape, None)
+    starts = SeedStarts(models, config.init, config.sampler, shape)
     h, w = config.sampler.height, config.sampler.width
     out = {}
     for concept in concepts:
@@ -81,7 +81,8 @@ def run_setting(models, judge, config, concepts, n_images: int, checkpoints: lis
                     n = len(images)
                     seen["diversity"] = float((1 - embeds @ embeds.T).sum() / (n * (n - 1)))
 
-        optimize_seeds(models, z_init, encodings.centroids(), text_embeds, config, iterations=max(checkpoints),
+        optimize_seeds(models, z_init, encodings.centroids(), text_embeds, config.objective(), config.optim_spec(),
+                       iterations=max(checkpoints),
                        on_iteration=look)
         out[concept] = seen
         print(f"  {concept}: " + ", ".join(f"{n} it {seen[n]}/{n_images}" for n in checkpoints)

@@ -51,7 +51,8 @@ def start_gradients(config, concept: str, starts: torch.Tensor, dtype: torch.dty
                                config.dataset.resize_mode, ReferenceCache(None, "none"), concept)
     text = encode_prompt(models, fill_template(config.dataset.prompt_template, concept))
     z = starts.clone().to(models.device, torch.float32).requires_grad_(True)
-    terms = seed_objective(models, z, encodings.centroids(), text, set_timesteps(models, config.sampler.steps), config)
+    terms = seed_objective(models, z, encodings.centroids(), text, set_timesteps(models, config.sampler.steps),
+                           config.objective())
     terms.total.sum().backward()
     return z.grad.detach().float().cpu()
 

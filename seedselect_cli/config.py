@@ -18,9 +18,19 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from seedselect_cli.core.specs import (
+    BootstrapSpec,
+    InitSpec,
+    KStepSpec,
+    LossSpec,
+    Objective,
+    OptimSpec,
+    SamplerSpec,
+)
 from seedselect_cli.errors import UserError, first_line
+from seedselect_cli.limits import DTYPE_NAMES, MAX_BATCH, MAX_IMAGES, MAX_ITERATIONS, MAX_SIDE, MAX_STEPS
 
-DTYPES = ("auto", "float32", "float16", "bfloat16")
+DTYPES = ("auto", *DTYPE_NAMES)
 DEVICES = ("auto", "cpu", "cuda", "mps")
 CUDA_GRAPHS = ("auto", "true", "false")
 DISTANCES = ("cosine", "euclidean")
@@ -29,12 +39,6 @@ DATASETS = ("folder", "imagefolder", "cub", "mini_imagenet", "cifar_fs", "imagen
 RESIZE_MODES = ("default", "crop", "fill")
 INIT_METHODS = ("random", "inversion", "nao", "reference")
 APPEARANCE_TARGETS = ("centroid", "nearest", "assigned")
-# Beyond these a value is a slip (10**12 images, a 65536-pixel side), refused before anything is allocated.
-MAX_IMAGES = 100_000  # per class and run
-MAX_SIDE = 4096  # pixels
-MAX_STEPS = 1000  # a scheduler's training timesteps
-MAX_ITERATIONS = 100_000
-MAX_BATCH = 1024
 
 
 def asset_path(relative: str) -> str:
@@ -77,35 +81,6 @@ class ModelConfig:
 
 
 @dataclass
-class LossConfig:
-    # L = lam * L_sem + (1 - lam) * L_app; the authors' 10 * L_sem + L_app is lam = 10/11.
-    lam: float = 10 / 11
-    distance: str = "cosine"
-    semantic: str = "centroid"  # centroid: dist(mu_v, v); contrastive: against every class of the run
-    temperature: float = 0.05  # tau of the contrastive loss
-    norm_weight: float = 0.0  # weight of the seed-norm prior (chi NLL of ||z_T||); 0: off
-    # what L_app pulls z_0 towards: centroid, the references' mean latent mu_z (the paper); nearest, the
-    # nearest reference's latent; assigned, one reference per image (init=reference starts it there)
-    appearance: str = "centroid"
-
-
-@dataclass
-class KStepConfig:
-    k: int = 3
-    weights: list[float] = field(default_factory=lambda: [0.05, 0.25, 0.7])
-
-
-@dataclass
-class SamplerConfig:
-    steps: int = 20
-    guidance_scale: float = 7.5
-    height: int = 512
-    width: int = 512
-    negative_prompt: str = ""
-    checkpointing: bool = True  # one checkpoint per denoising step: memory flat in `steps`
-
-
-@dataclass
 class OptimConfig:
     optimizer: dict[str, Any] = field(
         default_factory=lambda: {"_target_": "torch.optim.AdamW", "_partial_": True}
@@ -133,33 +108,6 @@ class DatasetConfig:
 
 
 @dataclass
-class BootstrapConfig:
-    """`seedselect bootstrap`: one seed z_T^G per class on all references, then each image from it."""
-
-    n_images: int = 10  # images per class
-    subset_size: int = 3  # references drawn, with replacement, for each image's centroids
-    iterations: int = 5  # per image, starting from z_T^G
-    global_iterations: int = 10  # for z_T^G, on all references
-
-
-@dataclass
-class InitConfig:
-    """Where seeds start: fresh noise, or a centroid of the references' DDIM inversions mixed with noise."""
-
-    # random | inversion (their mean) | nao (their norm-aware centroid, NAO). The named configs choose nao;
-    # the schema keeps random, what a run directory written before `init` existed was made with.
-    method: str = "random"
-    noise: float = 0.5  # share of fresh noise's variance in a centroid start; 0: every image starts alike
-    candidates: int = 1  # starts drawn per image, each scored by one forward pass; the best is optimised
-    inversion_steps: int | None = None  # DDIM steps of the inversion; null: sampler.steps
-    inversion_guidance: float = 1.0  # CFG scale of the inversion; 1: the class prompt alone
-    nao_paths: bool = True  # NAO's path optimisation; false: the mean of the inverted seeds moved to the chi mode
-    nao_points: int = 8  # inner points on each path
-    nao_length_weight: float = 0.01  # weight of the paths' squared length against their chi NLL
-    nao_iterations: int = 100  # L-BFGS iterations
-
-
-@dataclass
 class RuntimeConfig:
     device: str = "auto"
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
@@ -181,14 +129,26 @@ class Config:
     seed: int = 0
     n_images: int = 1
     model: ModelConfig = field(default_factory=ModelConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    kstep: KStepConfig = field(default_factory=KStepConfig)
-    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    loss: LossSpec = field(default_factory=LossSpec)
+    kstep: KStepSpec = field(default_factory=KStepSpec)
+    sampler: SamplerSpec = field(default_factory=SamplerSpec)
     optim: OptimConfig = field(default_factory=OptimConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
-    bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
-    init: InitConfig = field(default_factory=InitConfig)
+    bootstrap: BootstrapSpec = field(default_factory=BootstrapSpec)
+    init: InitSpec = field(default_factory=InitSpec)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def objective(self) -> Objective:
+        """The loss, k-step and sampler sections, as the method's `seed_objective` takes them."""
+        return Objective(self.loss, self.kstep, self.sampler)
+
+    def optim_spec(self) -> OptimSpec:
+        """The `optim` section with its optimiser built from its Hydra `_target_`."""
+        from hydra.utils import instantiate
+
+        o = self.optim
+        return OptimSpec(lr=o.lr, iterations=o.iterations, lr_drop_at=o.lr_drop_at, lr_drop_factor=o.lr_drop_factor,
+                         shell=o.shell, patience=o.patience, optimizer=instantiate(o.optimizer))
 
 
 def load_structured(schema: type, cfg: DictConfig | dict):

@@ -27,11 +27,12 @@ from transformers.utils import logging as transformers_logging
 from seedselect_cli.config import ModelConfig, check_device
 from seedselect_cli.core.frozen import FrozenModels
 from seedselect_cli.errors import UserError
+from seedselect_cli.limits import DTYPE_NAMES
 
 log = logging.getLogger(__name__)
 
 TINY = "tiny"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}  # the names, as torch dtypes
 
 
 def resolve_device(name: str) -> torch.device:

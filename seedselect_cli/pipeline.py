@@ -9,11 +9,9 @@ resumption, and the image is rendered from the best seed exactly as `generate` d
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,18 +20,18 @@ from omegaconf import OmegaConf
 
 from seedselect_cli import __version__
 from seedselect_cli.config import Config, load_config, portable, resolve_shard, to_yaml
-from seedselect_cli.core.bootstrap import Batch, bootstrap_batches, optimize_global_seed
 from seedselect_cli.core.cuda_graphs import enable_cuda_graphs, resolve_cuda_graphs
+from seedselect_cli.core.engine import ClassTarget, Engine, batch_blocks
 from seedselect_cli.core.frozen import FrozenModels
-from seedselect_cli.core.initial_seeds import SeedStarts, assigned_reference, init_seed_for
-from seedselect_cli.core.optimize import SeedResult, best_candidates, optimize_seeds
-from seedselect_cli.core.sampling import encode_prompt, sample_images
-from seedselect_cli.core.targets import Centroids, ReferenceEncodings, encoder_fingerprint, stack_centroids
+from seedselect_cli.core.initial_seeds import SeedStarts, inversion_fingerprint
+from seedselect_cli.core.optimize import SeedResult
+from seedselect_cli.core.sampling import sample_images
+from seedselect_cli.core.targets import ReferenceEncodings, encoder_fingerprint
 from seedselect_cli.errors import Interrupted, UserError, count_of
 from seedselect_cli.files.atomic import slugify
 from seedselect_cli.files.datasets import ClassRecord, load_classes
 from seedselect_cli.files.run_directory import RunDirectory
-from seedselect_cli.files.seed_files import load_seed_file, save_seed_file
+from seedselect_cli.files.seed_files import load_seed_file, png_text, save_seed_file, seed_metadata
 from seedselect_cli.files.tensor_cache import ReferenceCache, default_cache_dir
 from seedselect_cli.interrupt import GracefulStop, catching_signals
 from seedselect_cli.models import check_steps, compile_models, load_models, resolve_device, resolve_dtype
@@ -51,29 +49,28 @@ def shard_classes(records: list[ClassRecord], shard: str) -> list[ClassRecord]:
     return records[index::count]
 
 
-def seed_metadata(models: FrozenModels, config: Config, record: ClassRecord, index: int, init_seed: int) -> dict:
-    """What a seed file records so that `generate` can redraw its image without the config."""
-    return {
-        "prompt": record.prompt, "negative_prompt": config.sampler.negative_prompt, "class": record.name,
-        "index": str(index), "init_seed": str(init_seed), "model": portable(models.name),
-        "model_revision": config.model.revision or "", "model_variant": config.model.variant or "",
-        "steps": str(config.sampler.steps), "guidance_scale": repr(float(config.sampler.guidance_scale)),
-        "height": str(config.sampler.height), "width": str(config.sampler.width),
-        "scheduler": type(models.scheduler).__name__, "scheduler_config": models.scheduler_json(),
-        "dtype": str(models.dtype).removeprefix("torch."), "device": models.device.type,
-        "seedselect_version": __version__,
-    }
+def metadata_for(models: FrozenModels, config: Config, record: ClassRecord, index: int, init_seed: int) -> dict:
+    """The seed file's metadata of image `index` of `record` (-1: the class's z_T^G) in this run."""
+    sampler = config.sampler
+    return seed_metadata(
+        prompt=record.prompt, negative_prompt=sampler.negative_prompt, class_name=record.name, index=index,
+        init_seed=init_seed, model=portable(models.name), model_revision=config.model.revision,
+        model_variant=config.model.variant, steps=sampler.steps, guidance_scale=sampler.guidance_scale,
+        height=sampler.height, width=sampler.width, scheduler=type(models.scheduler).__name__,
+        scheduler_config=models.scheduler_json(), dtype=str(models.dtype).removeprefix("torch."),
+        device=models.device.type, version=__version__)
 
 
-def png_text(metadata: dict, result: SeedResult) -> dict[str, str]:
-    """PNG text chunks: `parameters` in the form other Stable Diffusion tools write, and our metadata."""
-    parameters = (
-        f"{metadata['prompt']}\nNegative prompt: {metadata['negative_prompt']}\n"
-        f"Steps: {metadata['steps']}, Sampler: DDIM, CFG scale: {metadata['guidance_scale']}, "
-        f"Seed: {metadata['init_seed']}, Size: {metadata['width']}x{metadata['height']}, "
-        f"Model: {metadata['model']}, SeedSelect loss: {result.loss:.6g}"
-    )
-    return {"parameters": parameters, "seedselect": json.dumps(metadata, sort_keys=True)}
+def seed_starts(models: FrozenModels, config: Config, cache_root: Path | None,
+                should_stop: Callable[[str], None] | None = None) -> SeedStarts:
+    """Where the run's seeds start (`init`), with the references' inversions kept under `cache_root/inversions`
+    (None: not kept)."""
+    h, w = config.sampler.height, config.sampler.width
+    inversions = None
+    if config.init.method != "random" and cache_root is not None:
+        inversions = ReferenceCache(cache_root / "inversions",
+                                    inversion_fingerprint(models, h, w, config.dataset.resize_mode))
+    return SeedStarts(models, config.init, config.sampler, models.latent_shape(h, w), inversions, should_stop)
 
 
 def run_optimize(config: Config, run_dir: Path) -> list[dict]:
@@ -131,12 +128,12 @@ def _run(config: Config, run_dir: Path, method: str, stop: GracefulStop) -> list
         compile_models(models)
     if cuda_graphs:
         enable_cuda_graphs(models)
-    shape = models.latent_shape(config.sampler.height, config.sampler.width)
     h, w, mode = config.sampler.height, config.sampler.width, config.dataset.resize_mode
     cache_dir = (Path(config.runtime.cache_dir).expanduser() if config.runtime.cache_dir else default_cache_dir())
     cache_root = cache_dir if config.runtime.cache else None
     cache = ReferenceCache(cache_root, encoder_fingerprint(models, h, w, mode))
-    starts = SeedStarts(models, config, shape, cache_root, stop)
+    starts = seed_starts(models, config, cache_root, stop.check)
+    engine = Engine(models, config.objective(), config.optim_spec(), config.init, config.bootstrap, config.seed, starts)
 
     def encode(record: ClassRecord) -> ReferenceEncodings:
         return load_encodings(models, record.images, h, w, mode, cache, f"class {record.name!r}",
@@ -155,7 +152,7 @@ def _run(config: Config, run_dir: Path, method: str, stop: GracefulStop) -> list
             class_rows = {r.name: i for i, r in enumerate(all_records)}
             # 6. Each class that no other process is making: its targets and prompt, then its seeds a batch
             #    at a time, each image written when done.
-            run = ClassRun(config, method, n_images, out, models, starts, progress, stop)
+            run = ClassRun(config, method, n_images, out, engine, progress, stop)
             for record in records:
                 out.check_class(slugs[record.name])
                 with out.claim(slugs[record.name]) as claimed:
@@ -195,14 +192,13 @@ def _run(config: Config, run_dir: Path, method: str, stop: GracefulStop) -> list
 
 @dataclass
 class ClassRun:
-    """Makes the missing images of one class after another, with what every class shares."""
+    """Makes the missing images of one class after another with the engine, and writes them."""
 
     config: Config
     method: str
     n_images: int
     out: RunDirectory
-    models: FrozenModels
-    starts: SeedStarts
+    engine: Engine
     progress: RunProgress
     stop: GracefulStop
 
@@ -210,47 +206,27 @@ class ClassRun:
              encode: Callable[[ClassRecord], ReferenceEncodings], contrast: tuple[torch.Tensor, int] | None,
              failed: list[str]) -> list[dict]:
         """The class's missing images `indices`; appends to `failed` those that could not be made."""
-        config, n_images = self.config, self.n_images
+        config, n_images, engine = self.config, self.n_images, self.engine
         self.progress.start_class(record.name)
         if not indices:
             self.progress.class_done(record.name, [], n_images, n_images)
             return []
-        encodings = encode(record)
-        text_embeds = encode_prompt(self.models, record.prompt, config.sampler.negative_prompt)
-        log.info("class %r: %d references, prompt %r, %d images to make", record.name, len(encodings.paths),
+        target = engine.class_target(record.name, record.prompt, encode(record), contrast)
+        log.info("class %r: %d references, prompt %r, %d images to make", record.name, len(target.encodings.paths),
                  record.prompt, len(indices))
-
-        def targets(centroids: Centroids) -> Centroids:
-            if contrast is None:
-                return centroids
-            return dataclasses.replace(centroids, classes=contrast[0], class_index=contrast[1])
-
         blocks = batch_blocks(indices, n_images, config.runtime.batch_size)
-        # Where the class's seeds start: a centroid of inverted references, or None for fresh noise (a
-        # bootstrap run that already saved z_T^G needs none, so it is found only when asked for).
-        def centre() -> torch.Tensor | None:
-            return self.starts.centre(encodings, record.prompt, text_embeds)
-
         if self.method == "optimize":
-            batches = optimize_batches(self.starts, config, record.name, blocks, encodings, centre())
+            batches = engine.optimize_batches(target, blocks, engine.centre(target))
         else:
-            z_global, global_init = global_seed(self.out, self.models, self.starts, config, record, slug, encodings,
-                                                text_embeds, centre, self.progress, targets, self.stop)
-            batches = bootstrap_batches(config, record.name, blocks, encodings, z_global, global_init)
+            z_global = self.global_seed(record, slug, target)
+            batches = engine.bootstrap_batches(target, blocks, z_global, engine.global_init_seed(target))
         made: list[dict] = []
         for batch in batches:
             if self.stop.requested:
                 break
             what = f"{record.name} [{batch.indices[0] + 1}-{batch.indices[-1] + 1}/{n_images}]"
-            if batch.z_init.ndim == 5:  # init.candidates: keep each image's best start
-                batch.z_init, chosen = best_candidates(self.models, batch.z_init, targets(batch.centroids), text_embeds,
-                                                       config)
-                for extra, k in zip(batch.extra, chosen):
-                    extra["candidate"] = k
             with self.progress.iterations(batch.iterations, what) as bar:
-                results = optimize_seeds(self.models, batch.z_init, targets(batch.centroids), text_embeds, config,
-                                         iterations=batch.iterations, progress=bar,
-                                         should_stop=lambda: self.stop.requested)
+                results = engine.run_batch(target, batch, progress=bar, should_stop=lambda: self.stop.requested)
             if self.stop.requested:  # the batch did not run all its iterations: the next run redoes it
                 break
             written = []
@@ -267,8 +243,7 @@ class ClassRun:
                     extra["stopped"] = result.stopped
                     log.warning("%s #%d: %s; written from its best iterate (%d)", record.name, index,
                                 result.stopped, result.best_iteration)
-                written.append(_write_image(self.out, self.models, config, record, slug, index, init_seed, result,
-                                            text_embeds, extra))
+                written.append(self.write_image(record, slug, index, init_seed, result, target, extra))
             if written:
                 self.progress.images_done(len(written), sum(e["loss"] for e in written) / len(written))
             made += written
@@ -276,67 +251,53 @@ class ClassRun:
             self.progress.class_done(record.name, made, n_images - len(indices), n_images)
         return made
 
+    def global_seed(self, record: ClassRecord, slug: str, target: ClassTarget) -> torch.Tensor:
+        """The class's z_T^G: read from the run directory, or optimised and saved there."""
+        engine, config = self.engine, self.config
+        path = self.out.bootstrap_seed_path(slug)
+        init_seed = engine.global_init_seed(target)
+        if path.is_file():
+            shape = engine.models.latent_shape(config.sampler.height, config.sampler.width)
+            saved = check_global_seed(path, shape, init_seed)
+            if saved is not None:
+                return saved
+        # Where it starts is found only now: a run that already saved z_T^G needs no inversion.
+        centre = engine.centre(target)
+        with self.progress.iterations(config.bootstrap.global_iterations, f"{record.name} z_T^G") as bar:
+            result = engine.optimize_global_seed(target, centre, progress=bar, should_stop=lambda: self.stop.requested)
+        self.stop.check(f"the optimisation of class {record.name!r}'s z_T^G")  # not saved: the next run redoes it
+        if not result.usable:
+            raise UserError(f"class {record.name!r}: the loss of z_T^G was never finite ({result.stopped}); lower "
+                            f"optim.lr or use runtime.dtype=float32")
+        metadata = metadata_for(engine.models, config, record, -1, init_seed) | {"bootstrap_loss": repr(result.loss)}
+        with self.out.writing(path):
+            save_seed_file(path, result.initial, result.optimized, metadata)
+        log.info("%s: z_T^G after %d iterations, loss %.4f -> %.4f", record.name, len(result.loss_history),
+                 result.loss_history[0], result.loss)
+        return result.optimized
 
-def batch_blocks(missing: list[int], n_images: int, batch_size: int) -> list[list[int]]:
-    """The batches that make the `missing` images: always the same blocks of indices, [0, B), [B, 2B), ...
-
-    Batched kernels round differently from one batch size or composition to another, so an image is
-    always optimised together with the same neighbours: a resumed run redoes a missing image in its
-    original block (recomputing, not rewriting, the finished ones) and gets bit-for-bit the same seed.
-    """
-    blocks = sorted({i // batch_size for i in missing})
-    return [list(range(b * batch_size, min((b + 1) * batch_size, n_images))) for b in blocks]
-
-
-def optimize_batches(starts: SeedStarts, config: Config, class_name: str, blocks: list[list[int]],
-                     encodings: ReferenceEncodings, centre: torch.Tensor | None) -> Iterator[Batch]:
-    """`seedselect optimize`: a batch of seeds per block, each started from its own init seed (and the
-    class's `centre`, or its own reference's inversion for init=reference), steered towards the class's
-    centroids (or its own reference's latent for loss.appearance=assigned)."""
-    n_refs, appearance = len(encodings.paths), config.loss.appearance
-    shared = encodings.centroids(appearance=appearance) if appearance != "assigned" else None
-    for chunk in blocks:
-        init_seeds = [init_seed_for(config.seed, class_name, i) for i in chunk]
-        own = [assigned_reference(config.seed, class_name, i, n_refs) for i in chunk]
-        centroids = shared if shared is not None else stack_centroids(
-            [encodings.centroids([r], appearance="assigned") for r in own])
-        z_init = starts.seeds(centre, init_seeds, own, config.init.candidates)
-        uses_reference = config.init.method == "reference" or appearance == "assigned"
-        extra = [{"reference": str(encodings.paths[r])} if uses_reference else {} for r in own]
-        yield Batch(chunk, init_seeds, z_init, centroids, config.optim.iterations, extra)
-
-
-def global_seed(out: RunDirectory, models: FrozenModels, starts: SeedStarts, config: Config, record: ClassRecord,
-                slug: str, encodings: ReferenceEncodings, text_embeds: torch.Tensor,
-                centre: Callable[[], torch.Tensor | None],
-                progress: RunProgress, contrast: Callable[[Centroids], Centroids], stop: GracefulStop
-                ) -> tuple[torch.Tensor, int]:
-    """The class's z_T^G and its init seed: read from the run directory, or optimised and saved there."""
-    path = out.bootstrap_seed_path(slug)
-    init_seed = init_seed_for(config.seed, record.name, "bootstrap")
-    if path.is_file():
-        saved = check_global_seed(path, models.latent_shape(config.sampler.height, config.sampler.width), init_seed)
-        if saved is not None:
-            return saved, init_seed
-    own = assigned_reference(config.seed, record.name, 0, len(encodings.paths))
-    appearance = "nearest" if config.loss.appearance == "nearest" else "centroid"  # z_T^G serves every image
-    targets = contrast(encodings.centroids(appearance=appearance))
-    z_init = starts.seeds(centre(), [init_seed], [own], config.init.candidates)
-    if z_init.ndim == 5:
-        z_init, _ = best_candidates(models, z_init, targets, text_embeds, config)
-    with progress.iterations(config.bootstrap.global_iterations, f"{record.name} z_T^G") as bar:
-        result = optimize_global_seed(models, config, z_init[0], targets, text_embeds, progress=bar,
-                                      should_stop=lambda: stop.requested)
-    stop.check(f"the optimisation of class {record.name!r}'s z_T^G")  # not saved: the next run redoes it
-    if not result.usable:
-        raise UserError(f"class {record.name!r}: the loss of z_T^G was never finite ({result.stopped}); lower "
-                        f"optim.lr or use runtime.dtype=float32")
-    metadata = seed_metadata(models, config, record, -1, init_seed) | {"bootstrap_loss": repr(result.loss)}
-    with out.writing(path):
-        save_seed_file(path, result.initial, result.optimized, metadata)
-    log.info("%s: z_T^G after %d iterations, loss %.4f -> %.4f", record.name, len(result.loss_history),
-             result.loss_history[0], result.loss)
-    return result.optimized, init_seed
+    def write_image(self, record: ClassRecord, slug: str, index: int, init_seed: int, result: SeedResult,
+                    target: ClassTarget, extra: dict) -> dict:
+        """Render the best seed, then write seed file, image, and last the manifest line."""
+        out, models, sampler = self.out, self.engine.models, self.config.sampler
+        image = sample_images(models, result.optimized[None], target.text_embeds, sampler.steps,
+                              sampler.guidance_scale)[0]
+        metadata = metadata_for(models, self.config, record, index, init_seed)
+        seed_path, image_path = out.seed_path(slug, index), out.image_path(slug, index)
+        with out.writing(seed_path):
+            save_seed_file(seed_path, result.initial, result.optimized, metadata)
+        out.save_image(image_path, image, png_text(metadata, result.loss))
+        entry = {
+            "class": record.name, "prompt": record.prompt,
+            "image": image_path.relative_to(out.root).as_posix(),
+            "seed_file": seed_path.relative_to(out.root).as_posix(),
+            "index": index, "init_seed": init_seed, "iterations": len(result.loss_history),
+            "loss": result.loss, "loss_history": result.loss_history,
+            "semantic_loss": result.semantic_loss, "appearance_loss": result.appearance_loss,
+            "best_iteration": result.best_iteration, "seconds": round(result.seconds, 4), **extra,
+        }
+        out.append_manifest(entry)
+        return entry
 
 
 def check_global_seed(path: Path, shape: tuple[int, ...], init_seed: int) -> torch.Tensor | None:
@@ -358,26 +319,3 @@ def check_global_seed(path: Path, shape: tuple[int, ...], init_seed: int) -> tor
         log.warning("%s does not fit this run (%s); optimising z_T^G again", path, problem)
         return None
     return saved.optimized
-
-
-def _write_image(out: RunDirectory, models: FrozenModels, config: Config, record: ClassRecord, slug: str,
-                 index: int, init_seed: int, result: SeedResult, text_embeds: torch.Tensor, extra: dict) -> dict:
-    """Render the best seed, then write seed file, image, and last the manifest line."""
-    image = sample_images(models, result.optimized[None], text_embeds, config.sampler.steps,
-                          config.sampler.guidance_scale)[0]
-    metadata = seed_metadata(models, config, record, index, init_seed)
-    seed_path, image_path = out.seed_path(slug, index), out.image_path(slug, index)
-    with out.writing(seed_path):
-        save_seed_file(seed_path, result.initial, result.optimized, metadata)
-    out.save_image(image_path, image, png_text(metadata, result))
-    entry = {
-        "class": record.name, "prompt": record.prompt,
-        "image": image_path.relative_to(out.root).as_posix(),
-        "seed_file": seed_path.relative_to(out.root).as_posix(),
-        "index": index, "init_seed": init_seed, "iterations": len(result.loss_history),
-        "loss": result.loss, "loss_history": result.loss_history,
-        "semantic_loss": result.semantic_loss, "appearance_loss": result.appearance_loss,
-        "best_iteration": result.best_iteration, "seconds": round(result.seconds, 4), **extra,
-    }
-    out.append_manifest(entry)
-    return entry

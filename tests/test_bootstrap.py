@@ -45,15 +45,16 @@ def test_a_batch_of_bootstrap_seeds_matches_each_seed_optimised_alone(tiny_model
     z_global = torch.randn(4, 16, 16, generator=torch.Generator().manual_seed(1))
     embeds = encode_prompt(tiny_models, "a photo of a Pine Warbler")
     config = make_config(["bootstrap.iterations=3", "bootstrap.subset_size=2"])
-    [batch] = list(bootstrap_batches(config, "Pine Warbler", [[0, 1, 2]], encodings, z_global, 42))
-    singles = list(bootstrap_batches(config, "Pine Warbler", [[0], [1], [2]], encodings, z_global, 42))
+    [batch] = list(bootstrap_batches(config.bootstrap, config.loss.appearance, config.seed, "Pine Warbler", [[0, 1, 2]], encodings, z_global, 42))
+    singles = list(bootstrap_batches(config.bootstrap, config.loss.appearance, config.seed, "Pine Warbler", [[0], [1], [2]], encodings, z_global, 42))
     assert [s.extra[0] for s in singles] == batch.extra and len({str(e) for e in batch.extra}) > 1
     assert batch.centroids.semantic.shape == (3, 16) and torch.equal(batch.z_init[2], z_global)
 
-    together = optimize_seeds(tiny_models, batch.z_init, batch.centroids, embeds, config, batch.iterations)
+    together = optimize_seeds(tiny_models, batch.z_init, batch.centroids, embeds, config.objective(), config.optim_spec(), batch.iterations)
     for i, single in enumerate(singles):
         torch.testing.assert_close(single.centroids.semantic[0], batch.centroids.semantic[i], rtol=0, atol=0)
-        [alone] = optimize_seeds(tiny_models, single.z_init, single.centroids, embeds, config, single.iterations)
+        [alone] = optimize_seeds(tiny_models, single.z_init, single.centroids, embeds, config.objective(), config.optim_spec(),
+                                   single.iterations)
         # As in test_optimize: float32 rounding of batched kernels, amplified by Adam where v ~ 0.
         torch.testing.assert_close(together[i].optimized, alone.optimized, rtol=1e-3, atol=2e-4)
         assert together[i].loss_history == pytest.approx(alone.loss_history, rel=1e-4)

@@ -44,7 +44,7 @@ def rollout_and_gradient(models, z0, embeds, timesteps, checkpoint=True, keep=3,
 
 def objective_and_gradient(models, z0, centroids, embeds, timesteps, config):
     z = z0.clone().requires_grad_(True)
-    terms = seed_objective(models, z, centroids, embeds, timesteps, config)
+    terms = seed_objective(models, z, centroids, embeds, timesteps, config.objective())
     terms.total.sum().backward()
     return terms.total.detach(), z.grad
 
@@ -80,7 +80,7 @@ def test_graphed_calls_give_the_checkpointed_losses_and_optimised_seeds(tiny_mod
     results = []
     for models in (tiny_models, steps):
         z = z0.clone().requires_grad_(True)
-        terms = seed_objective(models, z, centroids, embeds, timesteps, config)
+        terms = seed_objective(models, z, centroids, embeds, timesteps, config.objective())
         terms.total.sum().backward()
         results.append((terms.total.detach(), z.grad))
     (loss_a, grad_a), (loss_b, grad_b) = results
@@ -90,7 +90,7 @@ def test_graphed_calls_give_the_checkpointed_losses_and_optimised_seeds(tiny_mod
     # float32 sums the kept latents' gradients in another order: agreement to float32's rounding
     torch.testing.assert_close(grad_b, grad_a, rtol=1e-5, atol=1e-5 * scale)
 
-    runs = [optimize_seeds(models, z0, centroids, embeds, config) for models in (tiny_models, steps)]
+    runs = [optimize_seeds(models, z0, centroids, embeds, config.objective(), config.optim_spec()) for models in (tiny_models, steps)]
     for a, b in zip(*runs):
         assert a.loss_history == pytest.approx(b.loss_history, rel=1e-5)
         # AdamW divides by the gradient's running RMS: where it is near 0, rounding moves a seed by more

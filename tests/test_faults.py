@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import seedselect_cli.core.engine as engine_module
 import seedselect_cli.core.optimize as optimize_module
 from seedselect_cli import pipeline
 from seedselect_cli.core import initial_seeds
@@ -43,10 +44,10 @@ def test_a_seed_that_is_never_finite_is_stopped_and_the_others_go_on(tiny_models
     target, embeds = random_target(20), encode_prompt(tiny_models, "a red disc")
     z = seeds(3, 21)
     z[1, 0, 0, 0] = float("nan")
-    results = optimize_seeds(tiny_models, z, target, embeds, config)
+    results = optimize_seeds(tiny_models, z, target, embeds, config.objective(), config.optim_spec())
     assert not results[1].usable and "loss became nan at iteration 0" in results[1].stopped
     assert results[1].loss_history == []
-    clean = optimize_seeds(tiny_models, z[[0, 2]], target, embeds, config)
+    clean = optimize_seeds(tiny_models, z[[0, 2]], target, embeds, config.objective(), config.optim_spec())
     for got, alone in zip([results[0], results[2]], clean):
         assert got.usable and got.stopped is None
         torch.testing.assert_close(got.optimized, alone.optimized, rtol=1e-3, atol=2e-4)
@@ -66,9 +67,11 @@ def test_a_seed_that_turns_non_finite_keeps_its_best_iterate(tiny_models, monkey
         return terms
 
     monkeypatch.setattr(optimize_module, "seed_objective", poisoned)
-    stopped, other = optimize_seeds(tiny_models, seeds(2, 23), target, embeds, config)
+    stopped, other = optimize_seeds(tiny_models, seeds(2, 23), target, embeds, config.objective(),
+                                   config.optim_spec())
     monkeypatch.setattr(optimize_module, "seed_objective", real)
-    [baseline_0, baseline_1] = optimize_seeds(tiny_models, seeds(2, 23), target, embeds, config)
+    [baseline_0, baseline_1] = optimize_seeds(tiny_models, seeds(2, 23), target, embeds, config.objective(),
+                                   config.optim_spec())
     assert stopped.stopped == "its loss became infinite at iteration 2" and len(stopped.loss_history) == 2
     assert stopped.loss == min(baseline_0.loss_history[:2])
     assert len(other.loss_history) == 5 and other.stopped is None
@@ -94,7 +97,7 @@ def test_the_run_writes_the_others_and_then_says_what_failed(tmp_path, monkeypat
 
 
 def test_out_of_memory_names_the_setting_and_keeps_what_is_done(tmp_path, monkeypatch):
-    real, calls = pipeline.optimize_seeds, []
+    real, calls = engine_module.optimize_seeds, []
 
     def second_batch_runs_out(*args, **kwargs):
         calls.append(1)
@@ -102,7 +105,7 @@ def test_out_of_memory_names_the_setting_and_keeps_what_is_done(tmp_path, monkey
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "optimize_seeds", second_batch_runs_out)
+    monkeypatch.setattr(engine_module, "optimize_seeds", second_batch_runs_out)
     with pytest.raises(UserError, match=r"out of GPU memory with runtime.batch_size=1 .* lower runtime.batch_size"):
         run_optimize(make_config(["n_images=3", "runtime.batch_size=1"]), tmp_path)
     assert sorted(RunDirectory(tmp_path).finished()) == [("red_disc", 0)]

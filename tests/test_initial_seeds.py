@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from seedselect_cli.config import ModelConfig, asset_path
 from seedselect_cli.core import initial_seeds
-from seedselect_cli.core.initial_seeds import SeedStarts, init_seed_for, initial_noise, mix
+from seedselect_cli.core.initial_seeds import init_seed_for, initial_noise, mix
 from seedselect_cli.core.nao import chi_mode, nao_centroid, rescaled_centroid
 from seedselect_cli.core.sampling import (
     ddim_invert,
@@ -28,7 +28,7 @@ from seedselect_cli.core.targets import ReferenceEncodings
 from seedselect_cli.evaluate import EvaluateConfig, read_run, render_baseline
 from seedselect_cli.files.tensor_cache import ReferenceCache
 from seedselect_cli.models import load_models
-from seedselect_cli.pipeline import run_bootstrap, run_optimize
+from seedselect_cli.pipeline import run_bootstrap, run_optimize, seed_starts
 from seedselect_cli.references import load_encodings
 from tests.conftest import make_config
 from tests.runs import read_manifest
@@ -176,10 +176,10 @@ def test_centres_follow_the_init_method_and_inversions_are_cached(tiny_models, r
     encodings = encodings_of(tiny_models, reference_folder)
     embeds = encode_prompt(tiny_models, "a photo of a blue thing")
     shape = (4, 16, 16)
-    assert SeedStarts(tiny_models, make_config(), shape, tmp_path).centre(encodings, "p", embeds) is None
+    assert seed_starts(tiny_models, make_config(), tmp_path).centre(encodings, "p", embeds) is None
 
     config = make_config(["init=inversion"])
-    starts = SeedStarts(tiny_models, config, shape, tmp_path)
+    starts = seed_starts(tiny_models, config, tmp_path)
     inverted = starts.invert(encodings, "a photo of a blue thing", embeds)
     expected = ddim_invert(tiny_models, encodings.appearance, embeds, config.sampler.steps)
     torch.testing.assert_close(inverted, expected, rtol=1e-4, atol=1e-5)  # one at a time or batched
@@ -193,16 +193,16 @@ def test_centres_follow_the_init_method_and_inversions_are_cached(tiny_models, r
         raise AssertionError("inverted again instead of reading the cache")
 
     monkeypatch.setattr(initial_seeds, "ddim_invert", no_inversion)
-    nao = SeedStarts(tiny_models, make_config(["init=nao"]), shape, tmp_path)
+    nao = seed_starts(tiny_models, make_config(["init=nao"]), tmp_path)
     centre = nao.centre(encodings, "a photo of a blue thing", embeds)  # same inversions: from the cache
     torch.testing.assert_close(centre, nao_centroid(inverted))
     with pytest.raises(AssertionError, match="inverted again"):  # another prompt is another inversion
         nao.centre(encodings, "a photo of a red thing", embeds)
     with pytest.raises(AssertionError, match="inverted again"):  # and so are other steps
-        SeedStarts(tiny_models, make_config(["init=nao", "init.inversion_steps=7"]), shape, tmp_path).centre(
+        seed_starts(tiny_models, make_config(["init=nao", "init.inversion_steps=7"]), tmp_path).centre(
             encodings, "a photo of a blue thing", embeds)
 
-    seeds = SeedStarts(tiny_models, make_config(["init=nao", "init.noise=0.3"]), shape, None).seeds(centre, [11, 12])
+    seeds = seed_starts(tiny_models, make_config(["init=nao", "init.noise=0.3"]), None).seeds(centre, [11, 12])
     for row, s in zip(seeds, (11, 12)):
         torch.testing.assert_close(row, math.sqrt(0.7) * centre + math.sqrt(0.3) * initial_noise(tiny_models, shape, s))
 
@@ -218,7 +218,7 @@ def test_optimize_and_bootstrap_start_from_the_nao_centroid(tmp_path, tiny_model
     encodings = encodings_of(tiny_models, refs)
     prompt = entries[0]["prompt"]
     embeds = encode_prompt(tiny_models, prompt)
-    starts = SeedStarts(tiny_models, config, (4, 16, 16), None)
+    starts = seed_starts(tiny_models, config, None)
     centre = starts.centre(encodings, prompt, embeds)
     for entry in entries:
         initial = load_file(tmp_path / "opt" / entry["seed_file"])["initial"]

@@ -60,11 +60,12 @@ def test_best_candidates_keeps_the_start_of_lowest_loss(tiny_models):
     config = make_config(["sampler.steps=3"])
     target = random_target(5)
     candidates = torch.stack([seeds(3, k) for k in range(4)], dim=1)  # (B=3, N=4, C, h, w)
-    starts, chosen = best_candidates(tiny_models, candidates, target, encode_prompt(tiny_models, "a red disc"), config)
+    starts, chosen = best_candidates(tiny_models, candidates, target, encode_prompt(tiny_models, "a red disc"),
+                                    config.objective())
     timesteps = set_timesteps(tiny_models, 3)
     with torch.no_grad():
         losses = torch.stack([seed_objective(tiny_models, candidates[:, k], target, encode_prompt(tiny_models, "a red disc"),
-                                             timesteps, config).total for k in range(4)], dim=1)
+                                             timesteps, config.objective()).total for k in range(4)], dim=1)
     assert chosen == losses.argmin(dim=1).tolist() and len(set(chosen)) > 1  # not always the same candidate
     assert torch.equal(starts, candidates[torch.arange(3), losses.argmin(dim=1)])
     assert candidate_seed(11, 0) == 11 and candidate_seed(11, 1) != candidate_seed(11, 2)
@@ -74,7 +75,8 @@ def test_best_candidates_keeps_the_start_of_lowest_loss(tiny_models):
 def test_the_shell_keeps_every_iterate_at_the_chi_mode(tiny_models):
     config = make_config(["optim.shell=true", "optim.iterations=4"])
     seen = []
-    optimize_seeds(tiny_models, seeds(2, 6) * 1.7, random_target(6), encode_prompt(tiny_models, "a red disc"), config,
+    optimize_seeds(tiny_models, seeds(2, 6) * 1.7, random_target(6), encode_prompt(tiny_models, "a red disc"),
+                   config.objective(), config.optim_spec(),
                    on_iteration=lambda it, best: seen.append(best.flatten(1).norm(dim=1)))
     mode, start = chi_mode(4 * 16 * 16), (seeds(2, 6) * 1.7).flatten(1).norm(dim=1)
     # the best iterate of each seed is its start (as given, far off the shell) or a step's, on the shell
@@ -99,7 +101,7 @@ def test_patience_ends_a_batch_that_stopped_improving(tiny_models, monkeypatch):
     monkeypatch.setattr(optimize_module, "seed_objective", flat_after_two)
     config = make_config(["optim.iterations=20", "optim.patience=3"])
     [result] = optimize_seeds(tiny_models, seeds(1, 7), random_target(7), encode_prompt(tiny_models, "a red disc"),
-                              config)
+                              config.objective(), config.optim_spec())
     assert len(result.loss_history) == 6 and result.loss == 0.0  # improved at 0, 1, 2; three more; stopped
 
 

@@ -31,7 +31,7 @@ def with_loss(config, **changes):
 
 def objective_grad(models, config, target, z0):
     z = z0.clone().requires_grad_(True)
-    terms = seed_objective(models, z, target, encode_prompt(models, "a red disc"), set_timesteps(models, 4), config)
+    terms = seed_objective(models, z, target, encode_prompt(models, "a red disc"), set_timesteps(models, 4), config.objective())
     terms.total.sum().backward()
     return terms, z.grad
 
@@ -68,7 +68,7 @@ def test_kstep_loss_uses_exactly_the_last_k_latents_with_their_weights(tiny_mode
     monkeypatch.setattr(optimize_module, "semantic_embedding",
                         lambda models, latents: seen.append(latents.detach()) or semantic_embedding(models, latents))
     with torch.no_grad():
-        terms = seed_objective(tiny_models, z, target, embeds, timesteps, config)
+        terms = seed_objective(tiny_models, z, target, embeds, timesteps, config.objective())
         every = ddim_rollout(tiny_models, z, embeds, timesteps, config.sampler.guidance_scale, keep_last=4)
         expected = sum(w * semantic_distance(semantic_embedding(tiny_models, lat), target.semantic, "cosine")
                        for w, lat in zip(config.kstep.weights, every[-3:]))
@@ -83,13 +83,13 @@ def test_loss_falls_and_best_iterate_is_kept(tiny_models):
     config = make_config(["optim.iterations=6"])
     target = random_target(6)
     embeds = encode_prompt(tiny_models, "a red disc")
-    [result] = optimize_seeds(tiny_models, seeds(1, 7), target, embeds, config)
+    [result] = optimize_seeds(tiny_models, seeds(1, 7), target, embeds, config.objective(), config.optim_spec())
     history = result.loss_history
     assert len(history) == 6 and history[-1] < history[0]
     assert result.loss == min(history) and result.best_iteration == history.index(min(history))
     with torch.no_grad():  # the kept seed really has the recorded loss
         terms = seed_objective(tiny_models, result.optimized[None], target, embeds,
-                               set_timesteps(tiny_models, config.sampler.steps), config)
+                               set_timesteps(tiny_models, config.sampler.steps), config.objective())
     assert terms.total.item() == pytest.approx(result.loss, rel=1e-5)
     assert not torch.equal(result.optimized, result.initial)
 
@@ -100,7 +100,7 @@ def test_prompt_is_encoded_once_not_per_iteration(tiny_models, monkeypatch):
     original = tiny_models.text_encoder.forward
     monkeypatch.setattr(tiny_models.text_encoder, "forward", lambda *a, **k: calls.append(1) or original(*a, **k))
     embeds = encode_prompt(tiny_models, "a red disc")
-    optimize_seeds(tiny_models, seeds(1), random_target(8), embeds, make_config())
+    optimize_seeds(tiny_models, seeds(1), random_target(8), embeds, make_config().objective(), make_config().optim_spec())
     assert len(calls) == 1
 
 
@@ -111,11 +111,11 @@ def test_batched_seeds_match_seeds_optimised_alone(tiny_models):
     embeds = encode_prompt(tiny_models, "a red disc")
     z = seeds(3, 10)
     _, grad_together = objective_grad(tiny_models, config, target, z)
-    together = optimize_seeds(tiny_models, z, target, embeds, config)
+    together = optimize_seeds(tiny_models, z, target, embeds, config.objective(), config.optim_spec())
     for i in range(3):
         _, grad_alone = objective_grad(tiny_models, config, target, z[i:i + 1])
         torch.testing.assert_close(grad_together[i:i + 1], grad_alone, rtol=1e-4, atol=1e-7)
-        [alone] = optimize_seeds(tiny_models, z[i:i + 1], target, embeds, config)
+        [alone] = optimize_seeds(tiny_models, z[i:i + 1], target, embeds, config.objective(), config.optim_spec())
         # Adam divides by sqrt(v): float32 rounding between batched and single kernels is amplified
         # where a gradient is near zero, so the seeds after 3 steps agree to 1e-4, not to 1e-7.
         torch.testing.assert_close(together[i].optimized, alone.optimized, rtol=1e-3, atol=2e-4)
@@ -128,7 +128,7 @@ def test_the_seed_norm_prior_adds_exactly_its_weighted_term(tiny_models):
     z = seeds(2, 40) * 1.3
     with torch.no_grad():
         plain = seed_objective(tiny_models, z, random_target(41), encode_prompt(tiny_models, "a red disc"),
-                               set_timesteps(tiny_models, 4), make_config())
+                               set_timesteps(tiny_models, 4), make_config().objective())
         prior = seed_objective(tiny_models, z, random_target(41), encode_prompt(tiny_models, "a red disc"),
-                               set_timesteps(tiny_models, 4), make_config(["loss.norm_weight=0.5"]))
+                               set_timesteps(tiny_models, 4), make_config(["loss.norm_weight=0.5"]).objective())
     torch.testing.assert_close(prior.total - plain.total, 0.5 * seed_norm_prior(z))

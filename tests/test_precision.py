@@ -23,7 +23,7 @@ def loss_and_grad(dtype: torch.dtype):
     models = load_models(ModelConfig(pretrained="tiny", image_encoder="tiny"), torch.device("cpu"), dtype)
     z = seeds(3, 31).requires_grad_(True)
     terms = seed_objective(models, z, random_target(30), encode_prompt(models, "a red disc"),
-                           set_timesteps(models, 4), make_config())
+                           set_timesteps(models, 4), make_config().objective())
     terms.total.sum().backward()
     return terms, z.grad
 

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 
-from seedselect_cli.config import Config
 from seedselect_cli.core.initial_seeds import assigned_reference
-from seedselect_cli.core.optimize import SeedResult, optimize_seeds
+from seedselect_cli.core.specs import BootstrapSpec
 from seedselect_cli.core.targets import Centroids, ReferenceEncodings, stack_centroids
 
 
@@ -44,30 +43,19 @@ def draw_subset(seed: int, class_name: str, index: int, n_references: int, size:
     return sorted(rng.randrange(n_references) for _ in range(size))
 
 
-def bootstrap_batches(config: Config, class_name: str, blocks: list[list[int]], encodings: ReferenceEncodings,
-                      z_global: torch.Tensor, global_init_seed: int) -> Iterator[Batch]:
+def bootstrap_batches(bootstrap: BootstrapSpec, appearance: str, seed: int, class_name: str, blocks: list[list[int]],
+                      encodings: ReferenceEncodings, z_global: torch.Tensor, global_init_seed: int) -> Iterator[Batch]:
     """Stage 2: a batch per block of image indices, seeds starting from z_T^G, each steered towards its
-    own reference subset."""
-    n_refs, size, appearance = len(encodings.paths), config.bootstrap.subset_size, config.loss.appearance
+    own reference subset (`appearance`: `loss.appearance`; `seed`: the run's)."""
+    n_refs, size = len(encodings.paths), bootstrap.subset_size
     for chunk in blocks:
-        subsets = [draw_subset(config.seed, class_name, i, n_refs, size) for i in chunk]
+        subsets = [draw_subset(seed, class_name, i, n_refs, size) for i in chunk]
         if appearance == "assigned":  # the image's own reference first: its latent is the target
-            subsets = [[assigned_reference(config.seed, class_name, i, n_refs), *s] for i, s in zip(chunk, subsets)]
+            subsets = [[assigned_reference(seed, class_name, i, n_refs), *s] for i, s in zip(chunk, subsets)]
         yield Batch(
             indices=chunk, init_seeds=[global_init_seed] * len(chunk),
             z_init=z_global[None].expand(len(chunk), *z_global.shape).clone(),
             centroids=stack_centroids([encodings.centroids(s, appearance=appearance) for s in subsets]),
-            iterations=config.bootstrap.iterations,
+            iterations=bootstrap.iterations,
             extra=[{"subset": [str(encodings.paths[j]) for j in s]} for s in subsets],
         )
-
-
-def optimize_global_seed(models, config: Config, z_init: torch.Tensor, centroids: Centroids,
-                         text_embeds: torch.Tensor, progress=None,
-                         should_stop: Callable[[], bool] | None = None) -> SeedResult:
-    """Stage 1: z_T^G, one seed optimised on the centroids of all references (`should_stop`: as
-    `optimize_seeds`)."""
-    [result] = optimize_seeds(models, z_init[None], centroids, text_embeds, config,
-                              iterations=config.bootstrap.global_iterations, progress=progress,
-                              should_stop=should_stop)
-    return result

@@ -21,17 +21,16 @@ import hashlib
 import json
 import logging
 import random
-from pathlib import Path
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
 
-from seedselect_cli.config import Config
 from seedselect_cli.core.frozen import FrozenModels
 from seedselect_cli.core.nao import nao_centroid, rescaled_centroid
 from seedselect_cli.core.sampling import ddim_invert
+from seedselect_cli.core.specs import InitSpec, SamplerSpec
 from seedselect_cli.core.targets import ReferenceEncodings, weights_fingerprint
-from seedselect_cli.files.tensor_cache import ReferenceCache
-from seedselect_cli.interrupt import GracefulStop
 
 log = logging.getLogger(__name__)
 
@@ -78,36 +77,43 @@ def inversion_fingerprint(models: FrozenModels, height: int, width: int, resize_
         str(models.dtype), models.device.type, models.vae.config.scaling_factor])
 
 
+class TensorCache(Protocol):
+    """Where per-image tensors are kept between runs (`files.tensor_cache.ReferenceCache`)."""
+
+    def get(self, key: str, expected: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor] | None: ...
+
+    def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None: ...
+
+
 class SeedStarts:
     """The starting seeds of a run: `centre` once per class, then `seeds` for each batch of images."""
 
-    def __init__(self, models: FrozenModels, config: Config, shape: tuple[int, ...], cache_root: Path | None,
-                 stop: GracefulStop | None = None):
-        self.models, self.config, self.shape, self.stop = models, config, shape, stop
-        h, w = config.sampler.height, config.sampler.width
-        self.cache = (ReferenceCache(cache_root / "inversions" if cache_root is not None else None,
-                                     inversion_fingerprint(models, h, w, config.dataset.resize_mode))
-                      if config.init.method != "random" else None)
+    def __init__(self, models: FrozenModels, init: InitSpec, sampler: SamplerSpec, shape: tuple[int, ...],
+                 cache: TensorCache | None = None, should_stop: Callable[[str], None] | None = None):
+        """`cache`: where inversions are kept (`files.tensor_cache.ReferenceCache` keyed by
+        `inversion_fingerprint`), or None; `should_stop(what)` is called before each inversion and may raise."""
+        self.models, self.init, self.sampler, self.shape = models, init, sampler, shape
+        self.cache, self.should_stop = cache, should_stop
 
     def invert(self, encodings: ReferenceEncodings, prompt: str, text_embeds: torch.Tensor) -> torch.Tensor:
         """Each reference's DDIM-inverted seed (n, C, h, w), one at a time, from the cache where it can."""
-        init = self.config.init
-        steps = init.inversion_steps or self.config.sampler.steps
-        settings = json.dumps([prompt, self.config.sampler.negative_prompt, steps, init.inversion_guidance])
+        init = self.init
+        steps = init.inversion_steps or self.sampler.steps
+        settings = json.dumps([prompt, self.sampler.negative_prompt, steps, init.inversion_guidance])
         seeds, inverted = [], 0
         for i, latent in enumerate(encodings.appearance):
-            if self.stop is not None:
-                self.stop.check(f"the DDIM inversion of the references of {prompt!r}")
+            if self.should_stop is not None:
+                self.should_stop(f"the DDIM inversion of the references of {prompt!r}")
             key = (hashlib.sha256(f"{encodings.hashes[i]}/{settings}".encode()).hexdigest()
                    if encodings.hashes else None)
-            entry = self.cache.get(key, {"inverted": self.shape}) if key else None
+            entry = self.cache.get(key, {"inverted": self.shape}) if key and self.cache is not None else None
             if entry is None:
                 if not inverted:
                     log.info("DDIM-inverting the references with %r, %d steps each", prompt, steps)
                 entry = {"inverted": ddim_invert(self.models, latent[None], text_embeds, steps,
                                                  init.inversion_guidance)[0].float().cpu()}
                 inverted += 1
-                if key:
+                if key and self.cache is not None:
                     self.cache.put(key, entry)
             seeds.append(entry["inverted"])
         return torch.stack(seeds)
@@ -115,7 +121,7 @@ class SeedStarts:
     def centre(self, encodings: ReferenceEncodings, prompt: str, text_embeds: torch.Tensor) -> torch.Tensor | None:
         """The class's centroid start c (C, h, w) float32, None for `init.method=random`, or for
         `init.method=reference` every reference's inverted seed (n, C, h, w)."""
-        init = self.config.init
+        init = self.init
         if init.method == "random":
             return None
         inverted = self.invert(encodings, prompt, text_embeds)
@@ -141,7 +147,7 @@ class SeedStarts:
         candidate starts (B, N, C, h, w). For init=reference, `references` are the images' references."""
         def start(i: int, init_seed: int) -> torch.Tensor:
             own = centre[references[i]] if centre is not None and centre.ndim == len(self.shape) + 1 else centre
-            return mix(own, initial_noise(self.models, self.shape, init_seed), self.config.init.noise)
+            return mix(own, initial_noise(self.models, self.shape, init_seed), self.init.noise)
 
         if candidates == 1:
             return torch.stack([start(i, s) for i, s in enumerate(init_seeds)])

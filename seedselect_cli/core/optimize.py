@@ -17,9 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from hydra.utils import instantiate
 
-from seedselect_cli.config import Config
 from seedselect_cli.core.cuda_graphs import checkpointed
 from seedselect_cli.core.encoders import clip_embed, clip_pixels, vae_decode
 from seedselect_cli.core.frozen import FrozenModels
@@ -33,6 +31,7 @@ from seedselect_cli.core.losses import (
 )
 from seedselect_cli.core.nao import chi_mode
 from seedselect_cli.core.sampling import ddim_rollout, set_timesteps
+from seedselect_cli.core.specs import Objective, OptimSpec
 from seedselect_cli.core.targets import Centroids
 
 log = logging.getLogger(__name__)
@@ -64,11 +63,12 @@ def semantic_embedding(models: FrozenModels, latents: torch.Tensor) -> torch.Ten
 
 
 def seed_objective(models: FrozenModels, z_T: torch.Tensor, centroids: Centroids, text_embeds: torch.Tensor,
-                   timesteps: torch.Tensor, config: Config) -> LossTerms:
+                   timesteps: torch.Tensor, objective: Objective) -> LossTerms:
     """Roll out DDIM from z_T and evaluate the SeedSelect loss for each seed of the batch."""
-    lam, checkpoint = config.loss.lam, config.sampler.checkpointing
-    keep = config.kstep.k if lam > 0 else 1
-    latents = ddim_rollout(models, z_T, text_embeds, timesteps, config.sampler.guidance_scale,
+    loss, kstep, sampler = objective.loss, objective.kstep, objective.sampler
+    lam, checkpoint = loss.lam, sampler.checkpointing
+    keep = kstep.k if lam > 0 else 1
+    latents = ddim_rollout(models, z_T, text_embeds, timesteps, sampler.guidance_scale,
                            keep_last=keep, checkpoint=checkpoint)
     if lam > 0:
         if checkpoint and torch.is_grad_enabled():  # keep only the embedding of each decoded image
@@ -77,11 +77,11 @@ def seed_objective(models: FrozenModels, z_T: torch.Tensor, centroids: Centroids
         else:
             embeds = [semantic_embedding(models, z) for z in latents]
         contrast = None
-        if config.loss.semantic == "contrastive":
+        if loss.semantic == "contrastive":
             if centroids.classes is None:
                 raise ValueError("the contrastive loss needs the centroids of every class (Centroids.classes)")
-            contrast = (centroids.classes, centroids.class_index, config.loss.temperature)
-        semantic = kstep_semantic_loss(embeds, centroids.semantic, config.kstep.weights, config.loss.distance,
+            contrast = (centroids.classes, centroids.class_index, loss.temperature)
+        semantic = kstep_semantic_loss(embeds, centroids.semantic, kstep.weights, loss.distance,
                                        contrast)
     else:  # lam = 0: no decode, no CLIP
         semantic = torch.zeros(z_T.shape[0], device=z_T.device)
@@ -89,41 +89,42 @@ def seed_objective(models: FrozenModels, z_T: torch.Tensor, centroids: Centroids
         appearance = nearest_appearance_loss(latents[-1], centroids.references.to(z_T.device))
     else:
         appearance = appearance_loss(latents[-1], centroids.appearance.to(z_T.device))
-    norm = seed_norm_prior(z_T) if config.loss.norm_weight > 0 else None
-    return combine(semantic, appearance, lam, norm, config.loss.norm_weight)
+    norm = seed_norm_prior(z_T) if loss.norm_weight > 0 else None
+    return combine(semantic, appearance, lam, norm, loss.norm_weight)
 
 
 @torch.no_grad()
 def best_candidates(models: FrozenModels, candidates: torch.Tensor, centroids: Centroids, text_embeds: torch.Tensor,
-                    config: Config) -> tuple[torch.Tensor, list[int]]:
+                    objective: Objective) -> tuple[torch.Tensor, list[int]]:
     """Selection in the literal sense: of each image's N candidate starts (B, N, C, h, w), the one of lowest
     loss, scored by one forward pass each without gradients (about a third of an iteration's arithmetic).
     Returns the starts (B, C, h, w) and which candidate each is."""
-    timesteps = set_timesteps(models, config.sampler.steps)
+    timesteps = set_timesteps(models, objective.sampler.steps)
     targets = centroids.to(models.device)
     losses = torch.stack([
         seed_objective(models, candidates[:, k].to(models.device, torch.float32), targets, text_embeds, timesteps,
-                       config).total.float().cpu()
+                       objective).total.float().cpu()
         for k in range(candidates.shape[1])], dim=1)
     best = losses.nan_to_num(nan=float("inf")).argmin(dim=1)
     return candidates[torch.arange(len(best)), best], best.tolist()
 
 
 def optimize_seeds(models: FrozenModels, z_init: torch.Tensor, centroids: Centroids, text_embeds: torch.Tensor,
-                   config: Config, iterations: int | None = None, progress=None,
+                   objective: Objective, optim: OptimSpec, iterations: int | None = None, progress=None,
                    should_stop: Callable[[], bool] | None = None,
                    on_iteration: Callable[[int, torch.Tensor], None] | None = None) -> list[SeedResult]:
-    """Optimise a batch of seeds `z_init` (B, C, h, w) for `iterations` (default `optim.iterations`).
+    """Optimise a batch of seeds `z_init` (B, C, h, w) on `objective` for `iterations` (default
+    `optim.iterations`).
 
     `centroids` are shared by the batch ((D,), (C, h, w)) or per seed ((B, D), (B, C, h, w)).
     `on_iteration(it, best)` sees the best iterates (B, C, h, w) after each iteration's loss.
     """
     start = time.perf_counter()
-    iterations = config.optim.iterations if iterations is None else iterations
-    timesteps = set_timesteps(models, config.sampler.steps)
+    iterations = optim.iterations if iterations is None else iterations
+    timesteps = set_timesteps(models, objective.sampler.steps)
     centroids = centroids.to(models.device)
     z = z_init.detach().to(models.device, torch.float32).clone().requires_grad_(True)
-    optimizer = instantiate(config.optim.optimizer)([z], lr=config.optim.lr)
+    optimizer = optim.optimizer([z], lr=optim.lr)
     batch = z.shape[0]
     best_loss = torch.full((batch,), float("inf"))
     best_sem, best_app = torch.zeros(batch), torch.zeros(batch)
@@ -136,11 +137,11 @@ def optimize_seeds(models: FrozenModels, z_init: torch.Tensor, centroids: Centro
     last_gain = torch.zeros(batch, dtype=torch.long)
 
     for it in range(iterations):
-        if it == config.optim.lr_drop_at and it > 0:  # the authors' schedule: lr / 10 after 3 iterations
+        if it == optim.lr_drop_at and it > 0:  # the authors' schedule: lr / 10 after 3 iterations
             for group in optimizer.param_groups:
-                group["lr"] = config.optim.lr * config.optim.lr_drop_factor
+                group["lr"] = optim.lr * optim.lr_drop_factor
         optimizer.zero_grad(set_to_none=True)
-        terms = seed_objective(models, z, centroids, text_embeds, timesteps, config)
+        terms = seed_objective(models, z, centroids, text_embeds, timesteps, objective)
         total = terms.total.detach().float().cpu()
         frozen = torch.tensor([reason is not None for reason in stopped])
         # A seed already stopped, or whose loss is not finite, takes no part in the backward pass.
@@ -172,12 +173,12 @@ def optimize_seeds(models: FrozenModels, z_init: torch.Tensor, centroids: Centro
         gained = ~frozen & (total < settled_best - 0.01 * settled_best.abs().nan_to_num(posinf=0.0))
         settled_best = torch.where(gained, total, settled_best)
         last_gain = torch.where(gained, torch.full_like(last_gain, it), last_gain)
-        if config.optim.patience and bool(((it - last_gain) >= config.optim.patience)[~frozen].all()):
+        if optim.patience and bool(((it - last_gain) >= optim.patience)[~frozen].all()):
             break  # no seed has improved for optim.patience iterations: the rest would change nothing
         if frozen.any():
             z.grad[frozen.to(z.device)] = 0.0
         optimizer.step()
-        if config.optim.shell:  # back onto the Gaussian shell, where the model has seen its seeds
+        if optim.shell:  # back onto the Gaussian shell, where the model has seen its seeds
             with torch.no_grad():
                 z.mul_(chi_mode(z[0].numel()) / z.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (z.ndim - 1)))
         if frozen.any():  # AdamW's momentum and weight decay move a seed even without gradient

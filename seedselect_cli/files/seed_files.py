@@ -17,9 +17,37 @@ from safetensors.torch import load_file, save_file
 
 from seedselect_cli.errors import UserError, first_line
 from seedselect_cli.files.atomic import atomic_write
+from seedselect_cli.limits import DTYPE_NAMES, MAX_SIDE, MAX_STEPS
 
 FORMAT = "seedselect-seed/1"
 REQUIRED = ("prompt", "model", "steps", "guidance_scale", "height", "width", "scheduler_config", "dtype")
+
+
+def seed_metadata(*, prompt: str, negative_prompt: str, class_name: str, index: int, init_seed: int, model: str,
+                  model_revision: str | None, model_variant: str | None, steps: int, guidance_scale: float,
+                  height: int, width: int, scheduler: str, scheduler_config: str, dtype: str, device: str,
+                  version: str) -> dict[str, str]:
+    """What a seed file records so that `generate` can redraw its image without the run's config: every
+    value a string, as safetensors metadata holds them (`index` -1 is a class's bootstrap seed z_T^G)."""
+    return {
+        "prompt": prompt, "negative_prompt": negative_prompt, "class": class_name, "index": str(index),
+        "init_seed": str(init_seed), "model": model, "model_revision": model_revision or "",
+        "model_variant": model_variant or "", "steps": str(steps), "guidance_scale": repr(float(guidance_scale)),
+        "height": str(height), "width": str(width), "scheduler": scheduler, "scheduler_config": scheduler_config,
+        "dtype": dtype, "device": device, "seedselect_version": version,
+    }
+
+
+def png_text(metadata: dict[str, str], loss: float) -> dict[str, str]:
+    """An image's PNG text chunks: `parameters` in the form other Stable Diffusion tools write, and the
+    seed file's metadata."""
+    parameters = (
+        f"{metadata['prompt']}\nNegative prompt: {metadata['negative_prompt']}\n"
+        f"Steps: {metadata['steps']}, Sampler: DDIM, CFG scale: {metadata['guidance_scale']}, "
+        f"Seed: {metadata['init_seed']}, Size: {metadata['width']}x{metadata['height']}, "
+        f"Model: {metadata['model']}, SeedSelect loss: {loss:.6g}"
+    )
+    return {"parameters": parameters, "seedselect": json.dumps(metadata, sort_keys=True)}
 
 
 @dataclass
@@ -91,8 +119,6 @@ def load_seed_file(path: str | Path) -> SeedFile:
 
 def metadata_problem(metadata: dict[str, str]) -> str | None:
     """What is wrong with a seed file's metadata (read back from disk: untrusted), or None."""
-    from seedselect_cli.config import DTYPES, MAX_SIDE, MAX_STEPS
-
     def integer(key: str, low: int, high: int) -> str | None:
         text = metadata[key]
         if not text.strip().isdigit() or not low <= int(text) <= high:
@@ -108,8 +134,8 @@ def metadata_problem(metadata: dict[str, str]) -> str | None:
         guidance = math.nan
     if not (math.isfinite(guidance) and 0 <= guidance <= 100):
         return f"guidance_scale={metadata['guidance_scale']!r} is not a number between 0 and 100"
-    if metadata["dtype"] not in DTYPES or metadata["dtype"] == "auto":
-        return f"dtype={metadata['dtype']!r} is not one of {', '.join(d for d in DTYPES if d != 'auto')}"
+    if metadata["dtype"] not in DTYPE_NAMES:
+        return f"dtype={metadata['dtype']!r} is not one of {', '.join(DTYPE_NAMES)}"
     if not metadata["model"].strip():
         return "names no model"
     try:

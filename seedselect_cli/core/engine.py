@@ -1,0 +1,136 @@
+"""The per-class engine: the seeds of these image indices of this class, optimised towards its targets.
+
+    engine = Engine(models, objective, optim, init, bootstrap, seed, starts)
+    target = engine.class_target(name, prompt, encodings)
+    for batch in engine.optimize_batches(target, blocks, engine.centre(target)):   # `seedselect optimize`
+        results = engine.run_batch(target, batch)
+    z_global = engine.optimize_global_seed(target, engine.centre(target))   # `seedselect bootstrap`, stage 1
+    for batch in engine.bootstrap_batches(target, blocks, z_global.optimized, engine.global_init_seed(target)):
+        results = engine.run_batch(target, batch)
+
+It knows nothing of run directories, shards or the command line: `pipeline.py` decides which indices
+are missing and writes what comes back; the scripts, the bench and the tests call it the same way.
+Each image's starting noise depends only on (`seed`, class, index), never on the batch it runs in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from seedselect_cli.core.bootstrap import Batch, bootstrap_batches
+from seedselect_cli.core.frozen import FrozenModels
+from seedselect_cli.core.initial_seeds import SeedStarts, assigned_reference, init_seed_for
+from seedselect_cli.core.optimize import SeedResult, best_candidates, optimize_seeds
+from seedselect_cli.core.sampling import encode_prompt
+from seedselect_cli.core.specs import BootstrapSpec, InitSpec, Objective, OptimSpec
+from seedselect_cli.core.targets import Centroids, ReferenceEncodings, stack_centroids
+
+
+@dataclass
+class ClassTarget:
+    """One class as the method sees it: its name (which keys its seeds' noise), prompt and text
+    embeddings, its encoded references, and for the contrastive loss every class's mu_v (N, D) with
+    this class's row."""
+
+    name: str
+    prompt: str
+    text_embeds: torch.Tensor
+    encodings: ReferenceEncodings
+    contrast: tuple[torch.Tensor, int] | None = None
+
+    def targets(self, centroids: Centroids) -> Centroids:
+        """`centroids` with the contrastive loss's classes attached where it has them."""
+        if self.contrast is None:
+            return centroids
+        return dataclasses.replace(centroids, classes=self.contrast[0], class_index=self.contrast[1])
+
+
+def batch_blocks(missing: list[int], n_images: int, batch_size: int) -> list[list[int]]:
+    """The batches that make the `missing` images: always the same blocks of indices, [0, B), [B, 2B), ...
+
+    Batched kernels round differently from one batch size or composition to another, so an image is
+    always optimised together with the same neighbours: a resumed run redoes a missing image in its
+    original block (recomputing, not rewriting, the finished ones) and gets bit-for-bit the same seed.
+    """
+    blocks = sorted({i // batch_size for i in missing})
+    return [list(range(b * batch_size, min((b + 1) * batch_size, n_images))) for b in blocks]
+
+
+@dataclass
+class Engine:
+    """What every class of a run shares: the frozen models, the method's settings and where seeds start."""
+
+    models: FrozenModels
+    objective: Objective
+    optim: OptimSpec
+    init: InitSpec
+    bootstrap: BootstrapSpec
+    seed: int  # the run's seed: with the class and index it draws each image's noise and subset
+    starts: SeedStarts
+
+    def class_target(self, name: str, prompt: str, encodings: ReferenceEncodings,
+                     contrast: tuple[torch.Tensor, int] | None = None) -> ClassTarget:
+        text_embeds = encode_prompt(self.models, prompt, self.objective.sampler.negative_prompt)
+        return ClassTarget(name, prompt, text_embeds, encodings, contrast)
+
+    def centre(self, target: ClassTarget) -> torch.Tensor | None:
+        """Where the class's seeds start (`init`): None for fresh noise, else a centroid of its inverted references
+        (or, for init=reference, every reference's inversion)."""
+        return self.starts.centre(target.encodings, target.prompt, target.text_embeds)
+
+    def optimize_batches(self, target: ClassTarget, blocks: list[list[int]], centre: torch.Tensor | None
+                         ) -> Iterator[Batch]:
+        """`seedselect optimize`: a batch of seeds per block, each started from its own init seed (and the class's
+        `centre`, or its own reference's inversion for init=reference), steered towards the class's centroids (or
+        its own reference's latent for loss.appearance=assigned)."""
+        encodings, appearance = target.encodings, self.objective.loss.appearance
+        n_refs = len(encodings.paths)
+        shared = encodings.centroids(appearance=appearance) if appearance != "assigned" else None
+        for chunk in blocks:
+            init_seeds = [init_seed_for(self.seed, target.name, i) for i in chunk]
+            own = [assigned_reference(self.seed, target.name, i, n_refs) for i in chunk]
+            centroids = shared if shared is not None else stack_centroids(
+                [encodings.centroids([r], appearance="assigned") for r in own])
+            z_init = self.starts.seeds(centre, init_seeds, own, self.init.candidates)
+            uses_reference = self.init.method == "reference" or appearance == "assigned"
+            extra = [{"reference": str(encodings.paths[r])} if uses_reference else {} for r in own]
+            yield Batch(chunk, init_seeds, z_init, centroids, self.optim.iterations, extra)
+
+    def bootstrap_batches(self, target: ClassTarget, blocks: list[list[int]], z_global: torch.Tensor,
+                          global_init_seed: int) -> Iterator[Batch]:
+        """`seedselect bootstrap`, stage 2: each image from z_T^G towards its own subset of references."""
+        return bootstrap_batches(self.bootstrap, self.objective.loss.appearance, self.seed, target.name, blocks,
+                                 target.encodings, z_global, global_init_seed)
+
+    def global_init_seed(self, target: ClassTarget) -> int:
+        return init_seed_for(self.seed, target.name, "bootstrap")
+
+    def optimize_global_seed(self, target: ClassTarget, centre: torch.Tensor | None, progress=None,
+                             should_stop: Callable[[], bool] | None = None) -> SeedResult:
+        """`seedselect bootstrap`, stage 1: z_T^G, one seed optimised on the centroids of all the class's references
+        for `bootstrap.global_iterations`."""
+        encodings = target.encodings
+        own = assigned_reference(self.seed, target.name, 0, len(encodings.paths))
+        appearance = "nearest" if self.objective.loss.appearance == "nearest" else "centroid"  # z_T^G serves all
+        z_init = self.starts.seeds(centre, [self.global_init_seed(target)], [own], self.init.candidates)
+        batch = Batch([-1], [self.global_init_seed(target)], z_init, encodings.centroids(appearance=appearance),
+                      self.bootstrap.global_iterations, [{}])
+        [result] = self.run_batch(target, batch, progress, should_stop)
+        return result
+
+    def run_batch(self, target: ClassTarget, batch: Batch, progress=None,
+                  should_stop: Callable[[], bool] | None = None) -> list[SeedResult]:
+        """Optimise one batch: with `init.candidates` > 1 first keep each image's best start (recorded in
+        `batch.extra` as `candidate`), then `batch.iterations` of gradient descent."""
+        centroids = target.targets(batch.centroids)
+        if batch.z_init.ndim == 5:
+            batch.z_init, chosen = best_candidates(self.models, batch.z_init, centroids, target.text_embeds,
+                                                   self.objective)
+            for extra, k in zip(batch.extra, chosen):
+                extra["candidate"] = k
+        return optimize_seeds(self.models, batch.z_init, centroids, target.text_embeds, self.objective, self.optim,
+                              iterations=batch.iterations, progress=progress, should_stop=should_stop)

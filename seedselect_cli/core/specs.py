@@ -1,0 +1,102 @@
+"""The method's settings as plain dataclasses: what each function of `core` needs, and no more.
+
+The config schema (`config.py`) is made of these sections, so a key means the same in a YAML file, on
+the command line and here; code that calls the method without the command line builds them
+directly. `OptimSpec` holds the optimiser itself, where the config names it by a Hydra `_target_`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class LossSpec:
+    """`loss`: the SeedSelect loss, L = lam L_sem + (1 - lam) L_app (README, "The method, as implemented")."""
+
+    # L = lam * L_sem + (1 - lam) * L_app; the authors' 10 * L_sem + L_app is lam = 10/11.
+    lam: float = 10 / 11
+    distance: str = "cosine"
+    semantic: str = "centroid"  # centroid: dist(mu_v, v); contrastive: against every class of the run
+    temperature: float = 0.05  # tau of the contrastive loss
+    norm_weight: float = 0.0  # weight of the seed-norm prior (chi NLL of ||z_T||); 0: off
+    # what L_app pulls z_0 towards: centroid, the references' mean latent mu_z (the paper); nearest, the
+    # nearest reference's latent; assigned, one reference per image (init=reference starts it there)
+    appearance: str = "centroid"
+
+
+@dataclass
+class KStepSpec:
+    """`kstep`: L_sem on the decodes of the last k steps, with these weights."""
+
+    k: int = 3
+    weights: list[float] = field(default_factory=lambda: [0.05, 0.25, 0.7])
+
+
+@dataclass
+class SamplerSpec:
+    """`sampler`: the DDIM sampling the seeds are optimised through and their images drawn with."""
+
+    steps: int = 20
+    guidance_scale: float = 7.5
+    height: int = 512
+    width: int = 512
+    negative_prompt: str = ""
+    checkpointing: bool = True  # one checkpoint per denoising step: memory flat in `steps`
+
+
+@dataclass
+class InitSpec:
+    """Where seeds start: fresh noise, or a centroid of the references' DDIM inversions mixed with noise."""
+
+    # random | inversion (their mean) | nao (their norm-aware centroid, NAO). The named configs choose nao;
+    # the schema keeps random, what a run directory written before `init` existed was made with.
+    method: str = "random"
+    noise: float = 0.5  # share of fresh noise's variance in a centroid start; 0: every image starts alike
+    candidates: int = 1  # starts drawn per image, each scored by one forward pass; the best is optimised
+    inversion_steps: int | None = None  # DDIM steps of the inversion; null: sampler.steps
+    inversion_guidance: float = 1.0  # CFG scale of the inversion; 1: the class prompt alone
+    nao_paths: bool = True  # NAO's path optimisation; false: the mean of the inverted seeds moved to the chi mode
+    nao_points: int = 8  # inner points on each path
+    nao_length_weight: float = 0.01  # weight of the paths' squared length against their chi NLL
+    nao_iterations: int = 100  # L-BFGS iterations
+
+
+@dataclass
+class BootstrapSpec:
+    """`seedselect bootstrap`: one seed z_T^G per class on all references, then each image from it."""
+
+    n_images: int = 10  # images per class
+    subset_size: int = 3  # references drawn, with replacement, for each image's centroids
+    iterations: int = 5  # per image, starting from z_T^G
+    global_iterations: int = 10  # for z_T^G, on all references
+
+
+def adamw(params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=lr)
+
+
+@dataclass
+class OptimSpec:
+    """The optimisation of a batch of seeds: `optimizer(params, lr=...)` for `iterations`, the learning rate
+    times `lr_drop_factor` from iteration `lr_drop_at` on (the authors' schedule)."""
+
+    lr: float = 0.1
+    iterations: int = 30
+    lr_drop_at: int = 3
+    lr_drop_factor: float = 0.1
+    shell: bool = False  # after each step, every seed back on the Gaussian shell (norm sqrt(d - 1))
+    patience: int = 0  # stop once no seed's loss has improved by 1 % for this many iterations; 0: never
+    optimizer: Callable[..., torch.optim.Optimizer] = adamw
+
+
+@dataclass
+class Objective:
+    """What the loss of a seed depends on: the loss, its k steps, and the sampler it is rolled out with."""
+
+    loss: LossSpec = field(default_factory=LossSpec)
+    kstep: KStepSpec = field(default_factory=KStepSpec)
+    sampler: SamplerSpec = field(default_factory=SamplerSpec)

@@ -1,0 +1,12 @@
+"""Names and bounds that the config, the seed-file check and the model loader share: one home for each.
+
+A leaf module (it imports nothing), so every layer may use it, as it may `errors.py`.
+"""
+
+DTYPE_NAMES = ("float32", "float16", "bfloat16")  # `runtime.dtype` besides auto, and a seed file's `dtype`
+# Beyond these a value is a slip (10**12 images, a 65536-pixel side), refused before anything is allocated.
+MAX_IMAGES = 100_000  # per class and run
+MAX_SIDE = 4096  # pixels
+MAX_STEPS = 1000  # a scheduler's training timesteps
+MAX_ITERATIONS = 100_000
+MAX_BATCH = 1024
