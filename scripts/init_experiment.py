@@ -25,11 +25,12 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_module
 
-from seedselect_cli.config import asset_path, load_config, register_resolvers
+from seedselect_cli.config import load_config, register_resolvers
 from seedselect_cli.core.encoders import clip_embed_pil
 from seedselect_cli.core.initial_seeds import SeedStarts, init_seed_for
 from seedselect_cli.core.optimize import optimize_seeds
 from seedselect_cli.core.sampling import encode_prompt, sample_images
+from seedselect_cli.files.assets import asset_path
 from seedselect_cli.files.tensor_cache import ReferenceCache
 from seedselect_cli.judges import Judge, JudgeConfig
 from seedselect_cli.models import load_models

@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from seedselect_cli.config import Config, DatasetConfig, load_structured
-from seedselect_cli.files.datasets import load_classes
+from seedselect_cli.config import Config, load_structured
+from seedselect_cli.files.datasets import DatasetConfig, load_classes
 from seedselect_cli.files.images import load_rgb
 from seedselect_cli.files.run_directory import RunDirectory
 from seedselect_cli.judges import load_clip

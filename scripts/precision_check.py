@@ -23,9 +23,10 @@ from hydra import compose, initialize_config_module
 from PIL import Image
 from safetensors.torch import load_file
 
-from seedselect_cli.config import asset_path, load_config, register_resolvers
+from seedselect_cli.config import load_config, register_resolvers
 from seedselect_cli.core.optimize import seed_objective
 from seedselect_cli.core.sampling import encode_prompt, set_timesteps
+from seedselect_cli.files.assets import asset_path
 from seedselect_cli.files.datasets import fill_template
 from seedselect_cli.files.tensor_cache import ReferenceCache
 from seedselect_cli.judges import Judge, JudgeConfig

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from seedselect_cli.config import asset_path
+from seedselect_cli.files.assets import asset_path
 from seedselect_cli.files.atomic import slugify
 
 METHODS = ("plain", "seedselect", "bootstrap")

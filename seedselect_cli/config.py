@@ -12,7 +12,6 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from importlib.resources import files
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -28,6 +27,9 @@ from seedselect_cli.core.specs import (
     SamplerSpec,
 )
 from seedselect_cli.errors import UserError, first_line
+from seedselect_cli.files import assets
+from seedselect_cli.files.assets import ASSET, portable
+from seedselect_cli.files.datasets import DATASETS, DatasetConfig
 from seedselect_cli.limits import DTYPE_NAMES, MAX_BATCH, MAX_IMAGES, MAX_ITERATIONS, MAX_SIDE, MAX_STEPS
 
 DTYPES = ("auto", *DTYPE_NAMES)
@@ -35,40 +37,16 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 CUDA_GRAPHS = ("auto", "true", "false")
 DISTANCES = ("cosine", "euclidean")
 SEMANTIC_LOSSES = ("centroid", "contrastive")
-DATASETS = ("folder", "imagefolder", "cub", "mini_imagenet", "cifar_fs", "imagenet_lt")  # datasets/ adapters
 RESIZE_MODES = ("default", "crop", "fill")
 INIT_METHODS = ("random", "inversion", "nao", "reference")
 APPEARANCE_TARGETS = ("centroid", "nearest", "assigned")
-
-
-def asset_path(relative: str) -> str:
-    """Absolute path of a file shipped in the package's `assets/` folder."""
-    return str(files("seedselect_cli") / "assets" / relative)
-
-
-ASSET = "asset:"  # how seed files and run configs name the package's own assets, on any install
-
-
-def portable(location: str) -> str:
-    """A model or folder location as it is recorded: one inside the package's assets as `asset:<path>`,
-    so that a run or seed file made on one install resolves on another; anything else as it is."""
-    root = os.path.realpath(asset_path(""))
-    real = os.path.realpath(os.path.expanduser(location)) if location else location
-    if real and (real == root or real.startswith(root + os.sep)):
-        return ASSET + os.path.relpath(real, root).replace(os.sep, "/")
-    return location
-
-
-def resolve_location(location: str) -> str:
-    """The inverse of `portable`: `asset:<path>` is the path in this install's assets."""
-    return asset_path(location.removeprefix(ASSET)) if location.startswith(ASSET) else location
 
 
 def register_resolvers() -> None:
     """`${asset:demo/red_disc}` in a config resolves to the installed package's asset folder."""
     if not OmegaConf.has_resolver("asset"):
         # a lambda, so that `asset_path` is looked up when a config is read (tests move the assets)
-        OmegaConf.register_new_resolver("asset", lambda relative: asset_path(relative))
+        OmegaConf.register_new_resolver("asset", lambda relative: assets.asset_path(relative))
 
 
 @dataclass
@@ -91,20 +69,6 @@ class OptimConfig:
     lr_drop_factor: float = 0.1
     shell: bool = False  # after each step, put every seed back on the Gaussian shell (norm sqrt(d - 1))
     patience: int = 0  # stop a batch once no seed's loss has improved by 1 % for this many iterations; 0: never
-
-
-@dataclass
-class DatasetConfig:
-    name: str = "folder"  # the adapter: one of DATASETS
-    root: str | None = None
-    classes: list[str] | None = None  # None: every class the adapter finds
-    shots: int | None = None  # references per class; None: all of them
-    split: str = "train"
-    prompt_template: str = "a photo of a {}"
-    resize_mode: str = "default"  # how references meet the sampler's size (diffusers' VaeImageProcessor)
-    # held-out real images for `seedselect evaluate`, as `<heldout>/<class>/<image>`; null: the data set's
-    # other split, or the class's images not drawn as references
-    heldout: str | None = None
 
 
 @dataclass

@@ -28,14 +28,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from seedselect_cli import quality
-from seedselect_cli.config import (
-    DEVICES,
-    Config,
-    check_config,
-    check_template,
-    load_structured,
-    resolve_location,
-)
+from seedselect_cli.config import DEVICES, Config, check_config, check_template, load_structured
 from seedselect_cli.core.sampling import encode_prompt, sample_images
 from seedselect_cli.errors import UserError, first_line
 from seedselect_cli.files.atomic import atomic_write, slugify
@@ -43,9 +36,9 @@ from seedselect_cli.files.datasets import fill_template, heldout_images, load_cl
 from seedselect_cli.files.images import load_rgb
 from seedselect_cli.files.run_directory import CONFIG, RunDirectory
 from seedselect_cli.files.seed_files import load_seed_file
-from seedselect_cli.generate import seed_dtype
+from seedselect_cli.generate import models_for_seed
 from seedselect_cli.judges import EvalClip, Judge, JudgeConfig, load_clip
-from seedselect_cli.models import DTYPES, load_models, resolve_device, scheduler_from_json
+from seedselect_cli.models import DTYPES, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +167,7 @@ def notes(n_classes: int, top_k: int) -> list[str]:
 
 def render_baseline(run_dir: Path, config: Config, entries: list[dict], cfg: EvaluateConfig) -> dict[tuple, Path]:
     """Plain sampling for every entry (`BASELINE`); rendered once and kept in RUN/baseline/."""
-    from seedselect_cli.core.initial_seeds import init_seed_for, initial_noise
+    from seedselect_cli.core.initial_seeds import plain_noise
 
     paths = {(e["class"], e["index"]): run_dir / "baseline" / "images" / slugify(e["class"]) / f"{e['index']:05d}.png"
              for e in entries}
@@ -182,19 +175,12 @@ def render_baseline(run_dir: Path, config: Config, entries: list[dict], cfg: Eva
     missing = [e for e in entries if not _usable_image(paths[(e["class"], e["index"])], size)]
     if missing:
         first = load_seed_file(run_dir / missing[0]["seed_file"]).metadata
-        device = resolve_device(cfg.runtime.device)
-        models = load_models(dataclasses.replace(config.model, pretrained=cfg.model or resolve_location(first["model"])),
-                             device,
-                             seed_dtype(cfg.runtime.dtype, first["dtype"], device), with_image_encoder=False)
-        models.scheduler = scheduler_from_json(first["scheduler_config"])
+        models = models_for_seed(first, cfg.model, resolve_device(cfg.runtime.device), cfg.runtime.dtype)
         shape = models.latent_shape(config.sampler.height, config.sampler.width)
         prompts: dict[str, torch.Tensor] = {}
         for entry in tqdm(missing, desc="plain Stable Diffusion", unit="img", disable=not sys.stderr.isatty()):
-            if entry.get("method", "optimize") == "optimize" and entry.get("init", "random") == "random":
-                z_T = load_seed_file(run_dir / entry["seed_file"]).initial
-            else:  # a bootstrap image starts from z_T^G, an init=nao one from the references' centroid: draw
-                # the noise plain sampling would start from
-                z_T = initial_noise(models, shape, init_seed_for(config.seed, entry["class"], entry["index"]))
+            # not the seed file's start: a bootstrap image starts from z_T^G, an init=nao one from a centroid
+            z_T = plain_noise(models, shape, config.seed, entry["class"], entry["index"])
             if entry["prompt"] not in prompts:
                 prompts[entry["prompt"]] = encode_prompt(models, entry["prompt"], config.sampler.negative_prompt)
             image = sample_images(models, z_T[None], prompts[entry["prompt"]], config.sampler.steps,

@@ -10,9 +10,11 @@ from pathlib import Path
 import torch
 from PIL import PngImagePlugin
 
-from seedselect_cli.config import ModelConfig, resolve_location
+from seedselect_cli.config import ModelConfig
+from seedselect_cli.core.frozen import FrozenModels
 from seedselect_cli.core.sampling import encode_prompt, sample_images
 from seedselect_cli.errors import UserError
+from seedselect_cli.files.assets import resolve_location
 from seedselect_cli.files.atomic import atomic_write
 from seedselect_cli.files.seed_files import load_seed_file
 from seedselect_cli.models import DTYPES, load_models, resolve_device, resolve_dtype, scheduler_from_json
@@ -66,6 +68,17 @@ def seed_dtype(name: str | None, recorded: str, device: torch.device) -> torch.d
     return DTYPES[name]
 
 
+def models_for_seed(metadata: dict[str, str], model: str | None, device: torch.device, dtype: str | None
+                    ) -> FrozenModels:
+    """The frozen models that redraw a seed file's image: the model it records (or `model`, where its weights are
+    here), with its revision, variant and scheduler, in its dtype unless `dtype` says otherwise. No image encoder."""
+    model_cfg = ModelConfig(pretrained=model or resolve_location(metadata["model"]),
+                            revision=metadata.get("model_revision") or None, variant=metadata.get("model_variant") or None)
+    models = load_models(model_cfg, device, seed_dtype(dtype, metadata["dtype"], device), with_image_encoder=False)
+    models.scheduler = scheduler_from_json(metadata["scheduler_config"])
+    return models
+
+
 def run_generate(cfg: GenerateConfig) -> Path:
     """Load the seed file, rebuild its sampler, draw the image, write it atomically to `cfg.out`."""
     if cfg.tensor not in ("optimized", "initial"):
@@ -73,18 +86,13 @@ def run_generate(cfg: GenerateConfig) -> Path:
     out = check_output(cfg.out)
     seed = load_seed_file(cfg.seed_file)
     meta = seed.metadata
-    device = resolve_device(cfg.runtime.device)
-    dtype = seed_dtype(cfg.runtime.dtype, meta["dtype"], device)
-    model_cfg = ModelConfig(pretrained=cfg.model or resolve_location(meta["model"]),
-                            revision=meta.get("model_revision") or None, variant=meta.get("model_variant") or None)
-    models = load_models(model_cfg, device, dtype, with_image_encoder=False)
-    models.scheduler = scheduler_from_json(meta["scheduler_config"])
+    models = models_for_seed(meta, cfg.model, resolve_device(cfg.runtime.device), cfg.runtime.dtype)
 
     z_T = seed.optimized if cfg.tensor == "optimized" else seed.initial
     expected = models.latent_shape(seed.height, seed.width)
     if tuple(z_T.shape) != expected:
         raise UserError(f"seed_file={cfg.seed_file}: seed shape {tuple(z_T.shape)} does not fit model "
-                        f"{model_cfg.pretrained} at {seed.width}x{seed.height} (expected {expected})")
+                        f"{models.name} at {seed.width}x{seed.height} (expected {expected})")
     text_embeds = encode_prompt(models, meta["prompt"], meta.get("negative_prompt", ""))
     image = sample_images(models, z_T[None], text_embeds, seed.steps, seed.guidance_scale)[0]
 

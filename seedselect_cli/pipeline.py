@@ -19,7 +19,7 @@ import torch
 from omegaconf import OmegaConf
 
 from seedselect_cli import __version__
-from seedselect_cli.config import Config, load_config, portable, resolve_shard, to_yaml
+from seedselect_cli.config import Config, load_config, resolve_shard, to_yaml
 from seedselect_cli.core.cuda_graphs import enable_cuda_graphs, resolve_cuda_graphs
 from seedselect_cli.core.engine import ClassTarget, Engine, batch_blocks
 from seedselect_cli.core.frozen import FrozenModels
@@ -28,6 +28,7 @@ from seedselect_cli.core.optimize import SeedResult
 from seedselect_cli.core.sampling import sample_images
 from seedselect_cli.core.targets import ReferenceEncodings, encoder_fingerprint
 from seedselect_cli.errors import Interrupted, UserError, count_of
+from seedselect_cli.files.assets import portable
 from seedselect_cli.files.atomic import slugify
 from seedselect_cli.files.datasets import ClassRecord, load_classes
 from seedselect_cli.files.run_directory import RunDirectory

@@ -172,10 +172,10 @@ def test_seeds_and_runs_travel_to_another_folder_and_install(tmp_path, monkeypat
     """A toy-world run records the package's assets as asset:..., not as this install's path: moved to
     another folder, and with the assets somewhere else, generate redraws its image pixel for pixel and
     evaluate reads it; a seed file of a local folder takes model= for where its weights are now."""
-    import seedselect_cli.config as config_module
+    import seedselect_cli.files.assets as assets_module
     import seedselect_cli.generate as generate_module
     from seedselect_cli.cli import main
-    from seedselect_cli.config import asset_path
+    from seedselect_cli.files.assets import asset_path
 
     monkeypatch.chdir(tmp_path)
     assert main(["optimize", "n_images=1", "optim.iterations=2", "runtime.progress=false", "hydra.run.dir=a/run"]) == 0
@@ -186,7 +186,7 @@ def test_seeds_and_runs_travel_to_another_folder_and_install(tmp_path, monkeypat
     shutil.move(tmp_path / "a" / "run", tmp_path / "moved")
     elsewhere = tmp_path / "env2" / "assets"
     shutil.copytree(install, elsewhere, ignore=shutil.ignore_patterns("heldout", "judge", "*.tsv"))
-    monkeypatch.setattr(config_module, "asset_path", lambda relative: str(elsewhere / relative))
+    monkeypatch.setattr(assets_module, "asset_path", lambda relative: str(elsewhere / relative))
     loaded = []
     real_load = generate_module.load_models
     monkeypatch.setattr(generate_module, "load_models", lambda cfg, *a, **k: loaded.append(cfg.pretrained)

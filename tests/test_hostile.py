@@ -24,7 +24,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from seedselect_cli.cli import main
-from seedselect_cli.config import asset_path
+from seedselect_cli.files.assets import asset_path
 from tests.conftest import random_image
 from tests.layouts import make_cub
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 
-from seedselect_cli.config import ModelConfig, asset_path
+from seedselect_cli.config import ModelConfig
 from seedselect_cli.core import initial_seeds
 from seedselect_cli.core.initial_seeds import init_seed_for, initial_noise, mix
 from seedselect_cli.core.nao import chi_mode, nao_centroid, rescaled_centroid
@@ -26,6 +26,7 @@ from seedselect_cli.core.sampling import (
 )
 from seedselect_cli.core.targets import ReferenceEncodings
 from seedselect_cli.evaluate import EvaluateConfig, read_run, render_baseline
+from seedselect_cli.files.assets import asset_path
 from seedselect_cli.files.tensor_cache import ReferenceCache
 from seedselect_cli.models import load_models
 from seedselect_cli.pipeline import run_bootstrap, run_optimize, seed_starts

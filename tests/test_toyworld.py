@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from seedselect_cli.config import asset_path
 from seedselect_cli.evaluate import EvaluateConfig, JudgeConfig, run_evaluate
+from seedselect_cli.files.assets import asset_path
 from seedselect_cli.files.atomic import slugify
 from seedselect_cli.pipeline import run
 from tests.conftest import make_config

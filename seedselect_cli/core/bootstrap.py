@@ -12,7 +12,6 @@ so a resumed run, another batch size or another shard draws exactly the same ima
 
 from __future__ import annotations
 
-import hashlib
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ import torch
 from seedselect_cli.core.initial_seeds import assigned_reference
 from seedselect_cli.core.specs import BootstrapSpec
 from seedselect_cli.core.targets import Centroids, ReferenceEncodings, stack_centroids
+from seedselect_cli.derive import derived_int
 
 
 @dataclass
@@ -38,7 +38,7 @@ class Batch:
 
 def draw_subset(seed: int, class_name: str, index: int, n_references: int, size: int) -> list[int]:
     """`size` reference indices drawn with replacement, the same for the same (seed, class, index)."""
-    key = int.from_bytes(hashlib.sha256(f"{seed}/{class_name}/subset/{index}".encode()).digest()[:8], "big")
+    key = derived_int(seed, class_name, "subset", index)
     rng = random.Random(key)
     return sorted(rng.randrange(n_references) for _ in range(size))
 

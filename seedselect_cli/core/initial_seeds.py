@@ -31,27 +31,27 @@ from seedselect_cli.core.nao import nao_centroid, rescaled_centroid
 from seedselect_cli.core.sampling import ddim_invert
 from seedselect_cli.core.specs import InitSpec, SamplerSpec
 from seedselect_cli.core.targets import ReferenceEncodings, weights_fingerprint
+from seedselect_cli.derive import derived_int
 
 log = logging.getLogger(__name__)
 
 
 def init_seed_for(seed: int, class_name: str, index: int | str) -> int:
     """The integer that draws z_T for image `index` of `class_name` (63 bits of a SHA-256)."""
-    digest = hashlib.sha256(f"{seed}/{class_name}/{index}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
+    return derived_int(seed, class_name, index) >> 1
 
 
 def candidate_seed(init_seed: int, k: int) -> int:
     """The init seed of an image's k-th candidate start (the 0-th is the image's own)."""
     if k == 0:
         return init_seed
-    return int.from_bytes(hashlib.sha256(f"{init_seed}/candidate/{k}".encode()).digest()[:8], "big") >> 1
+    return derived_int(init_seed, "candidate", k) >> 1
 
 
 def assigned_reference(seed: int, class_name: str, index: int, n_references: int) -> int:
     """The reference of image `index` (init=reference, loss.appearance=assigned): the class's references
     in an order drawn from (seed, class), in turn, so that any n consecutive images have n different ones."""
-    key = int.from_bytes(hashlib.sha256(f"{seed}/{class_name}/references".encode()).digest()[:8], "big")
+    key = derived_int(seed, class_name, "references")
     order = list(range(n_references))
     random.Random(key).shuffle(order)
     return order[index % n_references]
@@ -61,6 +61,12 @@ def initial_noise(models: FrozenModels, shape: tuple[int, ...], init_seed: int) 
     """z_T ~ N(0, I) * init_noise_sigma, drawn on the CPU so every device gets the same seed."""
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(init_seed), dtype=torch.float32)
     return noise * models.scheduler.init_noise_sigma
+
+
+def plain_noise(models: FrozenModels, shape: tuple[int, ...], seed: int, class_name: str, index: int) -> torch.Tensor:
+    """The noise plain sampling of image `index` starts from: what `init=random` starts that image from, and
+    what `evaluate` compares every image with, whatever its start was."""
+    return initial_noise(models, shape, init_seed_for(seed, class_name, index))
 
 
 def mix(centre: torch.Tensor | None, noise: torch.Tensor, share: float) -> torch.Tensor:

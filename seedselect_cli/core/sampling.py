@@ -32,9 +32,14 @@ def set_timesteps(models: FrozenModels, steps: int) -> torch.Tensor:
     return models.scheduler.timesteps
 
 
+def uses_guidance(guidance_scale: float) -> bool:
+    """Whether classifier-free guidance runs: a scale of 1 or less is the conditional pass alone (as diffusers)."""
+    return guidance_scale > 1.0
+
+
 def guided_embeddings(text_embeds: torch.Tensor, batch: int, guidance_scale: float) -> torch.Tensor:
     """Embeddings for a UNet batch: [uncond x batch, cond x batch] with guidance, [cond x batch] without."""
-    if guidance_scale > 1.0:
+    if uses_guidance(guidance_scale):
         return text_embeds.repeat_interleave(batch, dim=0)
     return text_embeds[1:].expand(batch, -1, -1)
 
@@ -44,7 +49,7 @@ def guided_noise(models: FrozenModels, z: torch.Tensor, t: torch.Tensor | int, e
     """eps(z, t) with classifier-free guidance eps = eps_u + w (eps_c - eps_u) (Ho & Salimans 2022, eq. 6),
     the unconditional pass batched with the conditional one. A Python int `t` becomes a tensor on z's
     device by a fill, not a copy from the host, so that the step can be captured in a CUDA graph."""
-    guided = guidance_scale > 1.0
+    guided = uses_guidance(guidance_scale)
     model_in = torch.cat([z, z]) if guided else z
     model_in = models.scheduler.scale_model_input(model_in, t).to(models.dtype)
     t_model = t if torch.is_tensor(t) else torch.full((), t, dtype=torch.long, device=z.device)

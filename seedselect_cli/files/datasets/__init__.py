@@ -8,7 +8,6 @@ each adapter only finds its classes' images and hands them to `build_records`.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import random
 import re
@@ -16,10 +15,27 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from seedselect_cli.config import DatasetConfig
+from seedselect_cli.derive import derived_int
 from seedselect_cli.errors import UserError, count_of
 
 log = logging.getLogger(__name__)
+DATASETS = ("folder", "imagefolder", "cub", "mini_imagenet", "cifar_fs", "imagenet_lt")  # one module each, here
+
+
+@dataclass
+class DatasetConfig:
+    """`dataset`: where the references are and how to read them (the config schema's section)."""
+
+    name: str = "folder"  # the adapter: one of DATASETS
+    root: str | None = None
+    classes: list[str] | None = None  # None: every class the adapter finds
+    shots: int | None = None  # references per class; None: all of them
+    split: str = "train"
+    prompt_template: str = "a photo of a {}"
+    resize_mode: str = "default"  # how references meet the sampler's size (diffusers' VaeImageProcessor)
+    # held-out real images for `seedselect evaluate`, as `<heldout>/<class>/<image>`; null: the data set's
+    # other split, or the class's images not drawn as references
+    heldout: str | None = None
 
 
 @dataclass(frozen=True)
@@ -42,7 +58,7 @@ def draw_shots(paths: list[Path], shots: int | None, seed: int, class_name: str)
     paths = sorted(paths)
     if shots is None or shots >= len(paths):
         return paths
-    key = int.from_bytes(hashlib.sha256(f"{seed}/{class_name}".encode()).digest()[:8], "big")
+    key = derived_int(seed, class_name)
     return sorted(random.Random(key).sample(paths, shots))
 
 
@@ -194,8 +210,9 @@ def load_classes(cfg: DatasetConfig, seed: int) -> list[ClassRecord]:
     """The classes of the configured dataset, each with its prompt and reference image paths."""
     from seedselect_cli.files.datasets import cifar_fs, cub, folder, imagefolder, imagenet_lt, mini_imagenet
 
-    adapters = {"folder": folder.load, "imagefolder": imagefolder.load, "cub": cub.load,
-                "mini_imagenet": mini_imagenet.load, "cifar_fs": cifar_fs.load, "imagenet_lt": imagenet_lt.load}
+    adapters = {"folder": folder, "imagefolder": imagefolder, "cub": cub, "mini_imagenet": mini_imagenet,
+                "cifar_fs": cifar_fs, "imagenet_lt": imagenet_lt}
+    assert tuple(adapters) == DATASETS
     if cfg.name not in adapters:
-        raise UserError(f"dataset.name={cfg.name!r} is unknown: choose one of {', '.join(adapters)}")
-    return adapters[cfg.name](cfg, seed)
+        raise UserError(f"dataset.name={cfg.name!r} is unknown: choose one of {', '.join(DATASETS)}")
+    return adapters[cfg.name].load(cfg, seed)

@@ -7,9 +7,9 @@ Classes are shown with spaces for underscores ("aquarium fish"). `dataset.split`
 
 from __future__ import annotations
 
-from seedselect_cli.config import DatasetConfig
 from seedselect_cli.files.datasets import (
     ClassRecord,
+    DatasetConfig,
     build_records,
     inside_root,
     read_lines,

@@ -6,9 +6,8 @@ As in the authors' `main.py SeedSelect tiger_cat imgs/tiger_cat`: the class is n
 
 from __future__ import annotations
 
-from seedselect_cli.config import DatasetConfig
 from seedselect_cli.errors import UserError
-from seedselect_cli.files.datasets import ClassRecord, draw_shots, fill_template, require_root
+from seedselect_cli.files.datasets import ClassRecord, DatasetConfig, draw_shots, fill_template, require_root
 from seedselect_cli.files.images import list_images, no_images_hint
 
 

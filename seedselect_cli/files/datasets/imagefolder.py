@@ -6,9 +6,8 @@ Point `dataset.root` at the split you want (e.g. `.../train`).
 
 from __future__ import annotations
 
-from seedselect_cli.config import DatasetConfig
 from seedselect_cli.errors import UserError
-from seedselect_cli.files.datasets import ClassRecord, build_records, require_root
+from seedselect_cli.files.datasets import ClassRecord, DatasetConfig, build_records, require_root
 from seedselect_cli.files.images import list_images
 
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-from seedselect_cli.config import DatasetConfig
 from seedselect_cli.errors import UserError
 from seedselect_cli.files.datasets import (
     ClassRecord,
+    DatasetConfig,
     build_records,
     inside_root,
     read_table,

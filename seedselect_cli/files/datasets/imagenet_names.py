@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from seedselect_cli.config import asset_path
+from seedselect_cli.files.assets import asset_path
 
 
 @lru_cache(maxsize=1)

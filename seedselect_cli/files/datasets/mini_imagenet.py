@@ -11,10 +11,10 @@ import csv
 from collections import defaultdict
 from pathlib import Path
 
-from seedselect_cli.config import DatasetConfig
 from seedselect_cli.errors import UserError
 from seedselect_cli.files.datasets import (
     ClassRecord,
+    DatasetConfig,
     build_records,
     inside_root,
     read_lines,
