@@ -44,7 +44,7 @@ from seedselect_cli.config import Config, ModelConfig, load_config, register_res
 from seedselect_cli.core.cuda_graphs import enable_cuda_graphs
 from seedselect_cli.core.frozen import FrozenModels
 from seedselect_cli.core.optimize import seed_objective
-from seedselect_cli.core.sampling import sample_images, set_timesteps
+from seedselect_cli.core.sampling import ddim_schedule, sample_images
 from seedselect_cli.core.targets import Centroids
 from seedselect_cli.models import DTYPES, compile_models, load_models, resolve_device, resolve_dtype
 
@@ -159,7 +159,7 @@ def count_flops(config, args) -> list[tuple[str, float, int]]:
         "CLIP image": lambda: models.image_encoder(pixel_values=torch.randn(1, 3, 224, 224, device=meta,
                                                                             dtype=models.dtype)),
     }
-    timesteps = set_timesteps(models, args.steps)
+    timesteps = ddim_schedule(models, args.steps)
 
     def iteration(graphs=None) -> None:
         models.cuda_graphs = graphs
@@ -264,7 +264,7 @@ def iteration_flops(models: FrozenModels, config, batch: int, args) -> float:
 
     z, target, text = iteration_inputs(models, batch, args)
     with FlopCounterMode(display=False) as counter:
-        seed_objective(models, z, target, text, set_timesteps(models, args.steps), config.objective()).total.sum().backward()
+        seed_objective(models, z, target, text, ddim_schedule(models, args.steps), config.objective()).total.sum().backward()
     return counter.get_total_flops()
 
 
@@ -321,7 +321,7 @@ def measure(models: FrozenModels, mode: str, config, batch: int, args) -> dict:
     """One mode at one batch size: s/iteration, peak memory, FLOPs per iteration, s per bootstrap image."""
     device = models.device
     z, target, text = iteration_inputs(models, batch, args)
-    timesteps = set_timesteps(models, args.steps)
+    timesteps = ddim_schedule(models, args.steps)
     optimizer = torch.optim.AdamW([z], lr=0.1)
 
     def iteration() -> None:

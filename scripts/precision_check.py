@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 
 from seedselect_cli.config import load_config, register_resolvers
 from seedselect_cli.core.optimize import seed_objective
-from seedselect_cli.core.sampling import encode_prompt, set_timesteps
+from seedselect_cli.core.sampling import ddim_schedule, encode_prompt
 from seedselect_cli.files.assets import asset_path
 from seedselect_cli.files.datasets import fill_template
 from seedselect_cli.files.tensor_cache import ReferenceCache
@@ -52,7 +52,7 @@ def start_gradients(config, concept: str, starts: torch.Tensor, dtype: torch.dty
                                config.dataset.resize_mode, ReferenceCache(None, "none"), concept)
     text = encode_prompt(models, fill_template(config.dataset.prompt_template, concept))
     z = starts.clone().to(models.device, torch.float32).requires_grad_(True)
-    terms = seed_objective(models, z, encodings.centroids(), text, set_timesteps(models, config.sampler.steps),
+    terms = seed_objective(models, z, encodings.centroids(), text, ddim_schedule(models, config.sampler.steps),
                            config.objective())
     terms.total.sum().backward()
     return z.grad.detach().float().cpu()

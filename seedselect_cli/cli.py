@@ -22,10 +22,10 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 
 from seedselect_cli import __version__
-from seedselect_cli.config import Config, check_device, load_config, load_structured, register_resolvers
+from seedselect_cli.config import Config, load_config, load_structured, register_resolvers
 from seedselect_cli.errors import Interrupted, UserError
 from seedselect_cli.interrupt import StopNow, catching_signals
 from seedselect_cli.job_dir import ActiveMark, JobDirSnapshot, take_snapshot, undo_failed_start
@@ -170,21 +170,18 @@ def preflight(command: str, args: list[str]) -> Path | None:
                         f"{command} --help`)") from None
     with open_dict(cfg):
         del cfg["hydra"]
-    check_device(str(OmegaConf.select(cfg, "runtime.device", default="auto")))
+    # One check per command, the one its job runs too: every bad value is the exit-2 line before anything loads.
     if command == "generate":
-        from seedselect_cli.generate import GenerateConfig, check_output
+        from seedselect_cli.generate import GenerateConfig, check_generate
 
-        generate = load_structured(GenerateConfig, cfg)
-        if generate.tensor not in ("optimized", "initial"):
-            raise UserError(f"tensor={generate.tensor!r} is invalid: choose optimized or initial")
-        check_output(generate.out)
+        check_generate(load_structured(GenerateConfig, cfg))
         return None
     if command == "evaluate":
         from seedselect_cli.evaluate import EvaluateConfig, check_evaluate
 
         check_evaluate(load_structured(EvaluateConfig, cfg))
         return None
-    config = load_config(cfg)
+    config = load_config(cfg)  # optimize and bootstrap: config.check_config
     path = Path(os.path.abspath(os.path.expanduser(run_dir)))
     check_run_dir(path)
     from seedselect_cli.files.datasets import load_classes

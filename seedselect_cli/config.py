@@ -234,8 +234,7 @@ def check_config(c: Config) -> None:
         _check_range(f"init.{key}", getattr(c.init, key), 1, 10_000)
     if not (math.isfinite(c.init.nao_length_weight) and c.init.nao_length_weight > 0):
         raise _bad("init.nao_length_weight", c.init.nao_length_weight, "must be a positive number")
-    if c.runtime.device not in DEVICES:
-        raise _bad("runtime.device", c.runtime.device, f"choose one of {', '.join(DEVICES)}")
+    check_device(c.runtime.device)
     if c.runtime.dtype not in DTYPES:
         raise _bad("runtime.dtype", c.runtime.dtype, f"choose one of {', '.join(DTYPES)}")
     _check_range("runtime.batch_size", c.runtime.batch_size, 1, MAX_BATCH)
@@ -251,6 +250,8 @@ def check_config(c: Config) -> None:
 def check_device(name: str) -> None:
     """`runtime.device` against this machine: `UserError` for an accelerator it does not have. Called before
     anything loads, and again when the device is resolved."""
+    if name not in DEVICES:
+        raise _bad("runtime.device", name, f"choose one of {', '.join(DEVICES)}")
     if name not in ("cuda", "mps"):
         return
     import torch

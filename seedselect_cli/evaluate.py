@@ -28,7 +28,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from seedselect_cli import quality
-from seedselect_cli.config import DEVICES, Config, check_config, check_template, load_structured
+from seedselect_cli.config import Config, check_config, check_device, check_template, load_structured
 from seedselect_cli.core.sampling import encode_prompt, sample_images
 from seedselect_cli.errors import UserError, first_line
 from seedselect_cli.files.atomic import atomic_write, slugify
@@ -91,8 +91,7 @@ def check_evaluate(cfg: EvaluateConfig) -> None:
     if cfg.runtime.dtype is not None and cfg.runtime.dtype not in ("auto", *DTYPES):
         raise UserError(f"runtime.dtype={cfg.runtime.dtype!r} is invalid: choose one of auto, {', '.join(DTYPES)} "
                         f"(or leave it unset for the dtype the run's seeds were made in)")
-    if cfg.runtime.device not in DEVICES:
-        raise UserError(f"runtime.device={cfg.runtime.device!r} is invalid: choose one of {', '.join(DEVICES)}")
+    check_device(cfg.runtime.device)
 
 
 def read_run(run_dir: Path) -> tuple[Config, list[dict]]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from PIL import PngImagePlugin
 
-from seedselect_cli.config import ModelConfig
+from seedselect_cli.config import ModelConfig, check_device
 from seedselect_cli.core.frozen import FrozenModels
 from seedselect_cli.core.sampling import encode_prompt, sample_images
 from seedselect_cli.errors import UserError
@@ -56,6 +56,17 @@ def check_output(out_arg: str) -> Path:
     return out
 
 
+def check_generate(cfg: GenerateConfig) -> Path:
+    """Every value of `seedselect generate`, before anything is read or loaded; returns the output path."""
+    if cfg.tensor not in ("optimized", "initial"):
+        raise UserError(f"tensor={cfg.tensor!r} is invalid: choose optimized or initial")
+    if cfg.runtime.dtype is not None and cfg.runtime.dtype != "auto" and cfg.runtime.dtype not in DTYPES:
+        raise UserError(f"runtime.dtype={cfg.runtime.dtype!r} is invalid: choose one of auto, {', '.join(DTYPES)} (or "
+                        f"leave it unset for the dtype the seed was made in)")
+    check_device(cfg.runtime.device)
+    return check_output(cfg.out)
+
+
 def seed_dtype(name: str | None, recorded: str, device: torch.device) -> torch.dtype:
     """`runtime.dtype` of generate and evaluate: null for the seed file's own, auto as for a run."""
     if name is None:
@@ -81,9 +92,7 @@ def models_for_seed(metadata: dict[str, str], model: str | None, device: torch.d
 
 def run_generate(cfg: GenerateConfig) -> Path:
     """Load the seed file, rebuild its sampler, draw the image, write it atomically to `cfg.out`."""
-    if cfg.tensor not in ("optimized", "initial"):
-        raise UserError(f"tensor={cfg.tensor!r} is invalid: choose optimized or initial")
-    out = check_output(cfg.out)
+    out = check_generate(cfg)
     seed = load_seed_file(cfg.seed_file)
     meta = seed.metadata
     models = models_for_seed(meta, cfg.model, resolve_device(cfg.runtime.device), cfg.runtime.dtype)

@@ -1,10 +1,28 @@
-"""Shared by the tests that run commands: the tiny bootstrap command line, and reading a run's manifest."""
+"""Shared by the tests that run commands in a process of their own: starting them, the tiny bootstrap
+command line, and reading a run's manifest."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
+
+OFFLINE = {"HF_HUB_OFFLINE": "1"}
+
+
+def seedselect(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`seedselect ARGS` run to its end, offline, its output captured."""
+    return subprocess.run([sys.executable, "-m", "seedselect_cli", *args], cwd=cwd,
+                          env={**os.environ, **OFFLINE, **(env or {})}, check=False, capture_output=True, text=True,
+                          timeout=300)
+
+
+def start(args: list[str], cwd: Path) -> subprocess.Popen:
+    """A command line started in the background, offline, on one thread (several run side by side)."""
+    return subprocess.Popen(args, cwd=cwd, env={**os.environ, **OFFLINE, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def bootstrap_command(root: Path, run_dir: Path | str, n_images: int, iterations: int = 2) -> list[str]:

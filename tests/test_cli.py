@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,18 +12,12 @@ from PIL import Image
 from safetensors import safe_open
 
 from seedselect_cli.cli import main
-from tests.runs import read_manifest
+from tests.runs import read_manifest, seedselect
 
 TINY = "--config-name=tiny"  # the random tiny components: the default config is the toy world
 FAST = ["sampler.steps=3", "optim.iterations=2", "runtime.progress=false"]
 MANIFEST_KEYS = {"class", "prompt", "image", "seed_file", "index", "init_seed", "iterations", "loss",
                  "loss_history", "semantic_loss", "appearance_loss", "seconds"}
-
-
-def seedselect(*args, cwd):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "seedselect_cli", *args], cwd=cwd, env=env,
-                          check=False, capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")

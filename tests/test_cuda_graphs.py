@@ -17,7 +17,7 @@ import torch
 import seedselect_cli.core.cuda_graphs as cuda_graphs_module
 from seedselect_cli.core.cuda_graphs import CACHED_SHAPES, GraphCache, enable_cuda_graphs, resolve_cuda_graphs
 from seedselect_cli.core.optimize import optimize_seeds, seed_objective
-from seedselect_cli.core.sampling import ddim_rollout, encode_prompt, set_timesteps
+from seedselect_cli.core.sampling import ddim_rollout, ddim_schedule, encode_prompt
 from seedselect_cli.core.targets import Centroids
 from seedselect_cli.errors import UserError
 from tests.conftest import make_config
@@ -59,7 +59,7 @@ def random_centroids(models, g, dtype=torch.float32):
 def test_graphed_steps_match_autograd_through_the_whole_rollout_in_float64(tiny_models64, keep):
     plain, steps = tiny_models64, graphed(tiny_models64)
     z0 = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
-    embeds, timesteps = encode_prompt(plain, "a photo of a pine warbler"), set_timesteps(plain, 6)
+    embeds, timesteps = encode_prompt(plain, "a photo of a pine warbler"), ddim_schedule(plain, 6)
     lat_plain, grad_plain = rollout_and_gradient(plain, z0, embeds, timesteps, checkpoint=False, keep=keep)
     lat_graph, grad_graph = rollout_and_gradient(steps, z0, embeds, timesteps, keep=keep)
     assert len(lat_graph) == keep and grad_plain.abs().min() > 0
@@ -76,7 +76,7 @@ def test_graphed_calls_give_the_checkpointed_losses_and_optimised_seeds(tiny_mod
     g = torch.Generator().manual_seed(5)
     z0 = torch.randn(2, 4, 16, 16, generator=g)
     centroids = random_centroids(tiny_models, g)
-    embeds, timesteps = encode_prompt(tiny_models, "a snow wren"), set_timesteps(tiny_models, 5)
+    embeds, timesteps = encode_prompt(tiny_models, "a snow wren"), ddim_schedule(tiny_models, 5)
     results = []
     for models in (tiny_models, steps):
         z = z0.clone().requires_grad_(True)
@@ -105,7 +105,7 @@ def test_the_loss_through_graphed_decodes_and_steps_matches_autograd_in_float64(
     g = torch.Generator().manual_seed(21)
     z0 = torch.randn(2, 4, 16, 16, generator=g, dtype=torch.float64)
     centroids = random_centroids(plain, g, torch.float64)
-    embeds, timesteps = encode_prompt(plain, "a rock warbler"), set_timesteps(plain, 4)
+    embeds, timesteps = encode_prompt(plain, "a rock warbler"), ddim_schedule(plain, 4)
     loss_a, grad_a = objective_and_gradient(plain, z0, centroids, embeds, timesteps,
                                             dataclasses.replace(config, sampler=dataclasses.replace(
                                                 config.sampler, checkpointing=False)))
@@ -120,7 +120,7 @@ def test_the_loss_through_graphed_decodes_and_steps_matches_autograd_in_float64(
 def test_rollouts_and_backward_passes_may_come_in_any_order(tiny_models64):
     """Each call keeps its own input, so a later rollout does not spoil an earlier one's gradient."""
     plain, calls = tiny_models64, graphed(tiny_models64)
-    embeds, timesteps = encode_prompt(plain, "a hand"), set_timesteps(plain, 3)
+    embeds, timesteps = encode_prompt(plain, "a hand"), ddim_schedule(plain, 3)
     g = torch.Generator().manual_seed(2)
     seeds = [torch.randn(1, 4, 16, 16, generator=g, dtype=torch.float64) for _ in range(2)]
     leaves = [z.clone().requires_grad_(True) for z in seeds]
@@ -137,7 +137,7 @@ def test_rollouts_and_backward_passes_may_come_in_any_order(tiny_models64):
 def test_no_gradients_no_graphs_and_one_cache_entry_per_batch_shape(tiny_models):
     steps = graphed(tiny_models)
     cache: GraphCache = steps.cuda_graphs
-    embeds, timesteps = encode_prompt(tiny_models, "a hand"), set_timesteps(tiny_models, 3)
+    embeds, timesteps = encode_prompt(tiny_models, "a hand"), ddim_schedule(tiny_models, 3)
     with torch.no_grad():  # rendering: the plain rollout
         ddim_rollout(steps, torch.randn(1, 4, 16, 16), embeds, timesteps, 5.0)
     assert not cache.batches
@@ -191,7 +191,7 @@ def captured_copy(models):
 def test_each_call_is_captured_once_forward_then_backward_in_its_batch_pool(tiny_models64, fake_capture):
     plain, calls = tiny_models64, captured_copy(tiny_models64)
     z0 = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
-    embeds, timesteps = encode_prompt(plain, "a sea gull"), set_timesteps(plain, 5)
+    embeds, timesteps = encode_prompt(plain, "a sea gull"), ddim_schedule(plain, 5)
     lat_plain, grad_plain = rollout_and_gradient(plain, z0, embeds, timesteps, checkpoint=False)
     for _ in range(2):  # the second time replays what the first captured
         lat_graph, grad_graph = rollout_and_gradient(calls, z0, embeds, timesteps)
@@ -217,7 +217,7 @@ def test_a_failed_capture_is_one_clear_error(tiny_models, fake_capture, monkeypa
     z = torch.randn(1, 4, 16, 16, requires_grad=True)
     with pytest.raises(UserError, match=r"capturing the denoising steps failed \(CUDA error: operation not "
                                         r"permitted when stream is capturing\); use runtime.cuda_graphs=false$"):
-        ddim_rollout(steps, z, encode_prompt(tiny_models, "a hand"), set_timesteps(tiny_models, 2), 5.0)
+        ddim_rollout(steps, z, encode_prompt(tiny_models, "a hand"), ddim_schedule(tiny_models, 2), 5.0)
 
 
 @needs_cuda
@@ -230,7 +230,7 @@ def test_captured_graphs_match_eager_autograd_on_cuda():
     models = load_models(ModelConfig(pretrained="tiny", image_encoder="tiny"), torch.device("cuda"), torch.float64)
     steps = graphed(models)
     assert steps.cuda_graphs.capture
-    embeds, timesteps = encode_prompt(models, "a pine warbler"), set_timesteps(models, 4)
+    embeds, timesteps = encode_prompt(models, "a pine warbler"), ddim_schedule(models, 4)
     for seed in (0, 1):  # the second replay reads new inputs from the static buffers
         z0 = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).cuda()
         lat_a, grad_a = rollout_and_gradient(models, z0, embeds, timesteps, checkpoint=False, seed=seed)

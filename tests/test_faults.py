@@ -8,7 +8,6 @@ import os
 import random
 import re
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from seedselect_cli.interrupt import GracefulStop, StopNow
 from seedselect_cli.pipeline import run_bootstrap, run_optimize
 from tests.conftest import make_config
 from tests.layouts import make_cub
-from tests.runs import bootstrap_command, read_manifest
+from tests.runs import bootstrap_command, read_manifest, start
 from tests.test_optimize import random_target, seeds
 
 pytestmark = pytest.mark.slow  # minutes together: the quick loop (`pytest -m "not slow"`) leaves it out
@@ -157,11 +156,6 @@ def test_sigterm_mid_run_keeps_the_finished_images_and_a_consistent_manifest(tmp
 def cub(tmp_path_factory):
     return make_cub(tmp_path_factory.mktemp("data") / "CUB_200_2011",
                     classes=("001.Black_footed_Albatross", "094.Pine_Warbler", "095.Cerulean_Warbler"))
-
-
-def start(args, cwd):
-    return subprocess.Popen(args, cwd=cwd, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def test_sigterm_to_the_command_stops_it_with_exit_143(cub, tmp_path):

@@ -12,7 +12,7 @@ from seedselect_cli.core.initial_seeds import assigned_reference, candidate_seed
 from seedselect_cli.core.losses import nearest_appearance_loss
 from seedselect_cli.core.nao import chi_mode
 from seedselect_cli.core.optimize import best_candidates, optimize_seeds, seed_objective
-from seedselect_cli.core.sampling import encode_prompt, set_timesteps
+from seedselect_cli.core.sampling import ddim_schedule, encode_prompt
 from seedselect_cli.core.targets import ReferenceEncodings
 from seedselect_cli.files.run_directory import RunDirectory
 from seedselect_cli.pipeline import run_optimize
@@ -62,7 +62,7 @@ def test_best_candidates_keeps_the_start_of_lowest_loss(tiny_models):
     candidates = torch.stack([seeds(3, k) for k in range(4)], dim=1)  # (B=3, N=4, C, h, w)
     starts, chosen = best_candidates(tiny_models, candidates, target, encode_prompt(tiny_models, "a red disc"),
                                     config.objective())
-    timesteps = set_timesteps(tiny_models, 3)
+    timesteps = ddim_schedule(tiny_models, 3)
     with torch.no_grad():
         losses = torch.stack([seed_objective(tiny_models, candidates[:, k], target, encode_prompt(tiny_models, "a red disc"),
                                              timesteps, config.objective()).total for k in range(4)], dim=1)

@@ -10,7 +10,7 @@ import torch
 import seedselect_cli.core.optimize as optimize_module
 from seedselect_cli.core.losses import semantic_distance
 from seedselect_cli.core.optimize import optimize_seeds, seed_objective, semantic_embedding
-from seedselect_cli.core.sampling import ddim_rollout, encode_prompt, set_timesteps
+from seedselect_cli.core.sampling import ddim_rollout, ddim_schedule, encode_prompt
 from seedselect_cli.core.targets import Centroids
 from tests.conftest import make_config
 
@@ -31,7 +31,7 @@ def with_loss(config, **changes):
 
 def objective_grad(models, config, target, z0):
     z = z0.clone().requires_grad_(True)
-    terms = seed_objective(models, z, target, encode_prompt(models, "a red disc"), set_timesteps(models, 4), config.objective())
+    terms = seed_objective(models, z, target, encode_prompt(models, "a red disc"), ddim_schedule(models, 4), config.objective())
     terms.total.sum().backward()
     return terms, z.grad
 
@@ -63,7 +63,7 @@ def test_kstep_loss_uses_exactly_the_last_k_latents_with_their_weights(tiny_mode
     target = random_target(4)
     z = seeds(1, 5)
     embeds = encode_prompt(tiny_models, "a red disc")
-    timesteps = set_timesteps(tiny_models, 4)
+    timesteps = ddim_schedule(tiny_models, 4)
     seen = []
     monkeypatch.setattr(optimize_module, "semantic_embedding",
                         lambda models, latents: seen.append(latents.detach()) or semantic_embedding(models, latents))
@@ -89,7 +89,7 @@ def test_loss_falls_and_best_iterate_is_kept(tiny_models):
     assert result.loss == min(history) and result.best_iteration == history.index(min(history))
     with torch.no_grad():  # the kept seed really has the recorded loss
         terms = seed_objective(tiny_models, result.optimized[None], target, embeds,
-                               set_timesteps(tiny_models, config.sampler.steps), config.objective())
+                               ddim_schedule(tiny_models, config.sampler.steps), config.objective())
     assert terms.total.item() == pytest.approx(result.loss, rel=1e-5)
     assert not torch.equal(result.optimized, result.initial)
 
@@ -128,7 +128,7 @@ def test_the_seed_norm_prior_adds_exactly_its_weighted_term(tiny_models):
     z = seeds(2, 40) * 1.3
     with torch.no_grad():
         plain = seed_objective(tiny_models, z, random_target(41), encode_prompt(tiny_models, "a red disc"),
-                               set_timesteps(tiny_models, 4), make_config().objective())
+                               ddim_schedule(tiny_models, 4), make_config().objective())
         prior = seed_objective(tiny_models, z, random_target(41), encode_prompt(tiny_models, "a red disc"),
-                               set_timesteps(tiny_models, 4), make_config(["loss.norm_weight=0.5"]).objective())
+                               ddim_schedule(tiny_models, 4), make_config(["loss.norm_weight=0.5"]).objective())
     torch.testing.assert_close(prior.total - plain.total, 0.5 * seed_norm_prior(z))

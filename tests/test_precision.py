@@ -9,7 +9,7 @@ import torch
 
 from seedselect_cli.config import ModelConfig
 from seedselect_cli.core.optimize import seed_objective
-from seedselect_cli.core.sampling import encode_prompt, set_timesteps
+from seedselect_cli.core.sampling import ddim_schedule, encode_prompt
 from seedselect_cli.models import load_models, resolve_dtype
 from tests.conftest import make_config
 from tests.test_optimize import random_target, seeds
@@ -23,7 +23,7 @@ def loss_and_grad(dtype: torch.dtype):
     models = load_models(ModelConfig(pretrained="tiny", image_encoder="tiny"), torch.device("cpu"), dtype)
     z = seeds(3, 31).requires_grad_(True)
     terms = seed_objective(models, z, random_target(30), encode_prompt(models, "a red disc"),
-                           set_timesteps(models, 4), make_config().objective())
+                           ddim_schedule(models, 4), make_config().objective())
     terms.total.sum().backward()
     return terms, z.grad
 

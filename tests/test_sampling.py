@@ -5,11 +5,12 @@ from __future__ import annotations
 import torch
 
 from seedselect_cli.core.sampling import (
+    Denoiser,
     ddim_rollout,
+    ddim_schedule,
     ddim_step,
     encode_prompt,
     guided_embeddings,
-    set_timesteps,
 )
 
 
@@ -35,7 +36,7 @@ def plain_ddim(models, z, text_embeds, timesteps, w):
 def inputs(models, seed: int, batch: int, steps: int, prompt: str):
     """Fresh random seeds in the models' dtype, the prompt's embeddings, and the timesteps."""
     z = torch.randn(batch, 4, 16, 16, generator=torch.Generator().manual_seed(seed)).to(models.dtype)
-    return z, encode_prompt(models, prompt), set_timesteps(models, steps)
+    return z, encode_prompt(models, prompt), ddim_schedule(models, steps)
 
 
 def test_rollout_matches_plain_ddim_in_float64(tiny_models64):
@@ -54,7 +55,7 @@ def test_guidance_off_uses_the_conditional_pass_only(tiny_models64):
     m = tiny_models64
     z, embeds, timesteps = inputs(m, 1, 2, 3, "a red disc")
     with torch.no_grad():
-        ours = ddim_step(m, z, timesteps[0], guided_embeddings(embeds, 2, 1.0), 1.0)
+        ours = ddim_step(Denoiser(m, 1.0), timesteps, z, timesteps[0], guided_embeddings(embeds, 2, 1.0))
         plain_w1 = plain_ddim(m, z, embeds, timesteps, 1.0)[0]
     torch.testing.assert_close(ours, plain_w1, rtol=1e-5, atol=1e-6)
 

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
 from seedselect_cli.errors import UserError
+
+if TYPE_CHECKING:
+    from seedselect_cli.core.cuda_graphs import GraphCache
 
 
 @dataclass
@@ -27,7 +30,7 @@ class FrozenModels:
     name: str  # model.pretrained, recorded in seed files
     device: torch.device
     dtype: torch.dtype
-    cuda_graphs: Any = None  # a cuda_graphs.GraphCache once runtime.cuda_graphs turns them on
+    cuda_graphs: GraphCache | None = None  # the checkpointed calls' CUDA graphs, once runtime.cuda_graphs turns them on
 
     @property
     def vae_scale_factor(self) -> int:

@@ -30,7 +30,7 @@ from seedselect_cli.core.losses import (
     seed_norm_prior,
 )
 from seedselect_cli.core.nao import chi_mode
-from seedselect_cli.core.sampling import ddim_rollout, set_timesteps
+from seedselect_cli.core.sampling import Schedule, ddim_rollout, ddim_schedule
 from seedselect_cli.core.specs import Objective, OptimSpec
 from seedselect_cli.core.targets import Centroids
 
@@ -63,12 +63,12 @@ def semantic_embedding(models: FrozenModels, latents: torch.Tensor) -> torch.Ten
 
 
 def seed_objective(models: FrozenModels, z_T: torch.Tensor, centroids: Centroids, text_embeds: torch.Tensor,
-                   timesteps: torch.Tensor, objective: Objective) -> LossTerms:
+                   schedule: Schedule, objective: Objective) -> LossTerms:
     """Roll out DDIM from z_T and evaluate the SeedSelect loss for each seed of the batch."""
     loss, kstep, sampler = objective.loss, objective.kstep, objective.sampler
     lam, checkpoint = loss.lam, sampler.checkpointing
     keep = kstep.k if lam > 0 else 1
-    latents = ddim_rollout(models, z_T, text_embeds, timesteps, sampler.guidance_scale,
+    latents = ddim_rollout(models, z_T, text_embeds, schedule, sampler.guidance_scale,
                            keep_last=keep, checkpoint=checkpoint)
     if lam > 0:
         if checkpoint and torch.is_grad_enabled():  # keep only the embedding of each decoded image
@@ -99,10 +99,10 @@ def best_candidates(models: FrozenModels, candidates: torch.Tensor, centroids: C
     """Selection in the literal sense: of each image's N candidate starts (B, N, C, h, w), the one of lowest
     loss, scored by one forward pass each without gradients (about a third of an iteration's arithmetic).
     Returns the starts (B, C, h, w) and which candidate each is."""
-    timesteps = set_timesteps(models, objective.sampler.steps)
+    schedule = ddim_schedule(models, objective.sampler.steps)
     targets = centroids.to(models.device)
     losses = torch.stack([
-        seed_objective(models, candidates[:, k].to(models.device, torch.float32), targets, text_embeds, timesteps,
+        seed_objective(models, candidates[:, k].to(models.device, torch.float32), targets, text_embeds, schedule,
                        objective).total.float().cpu()
         for k in range(candidates.shape[1])], dim=1)
     best = losses.nan_to_num(nan=float("inf")).argmin(dim=1)
@@ -121,7 +121,7 @@ def optimize_seeds(models: FrozenModels, z_init: torch.Tensor, centroids: Centro
     """
     start = time.perf_counter()
     iterations = optim.iterations if iterations is None else iterations
-    timesteps = set_timesteps(models, objective.sampler.steps)
+    schedule = ddim_schedule(models, objective.sampler.steps)
     centroids = centroids.to(models.device)
     z = z_init.detach().to(models.device, torch.float32).clone().requires_grad_(True)
     optimizer = optim.optimizer([z], lr=optim.lr)
@@ -141,7 +141,7 @@ def optimize_seeds(models: FrozenModels, z_init: torch.Tensor, centroids: Centro
             for group in optimizer.param_groups:
                 group["lr"] = optim.lr * optim.lr_drop_factor
         optimizer.zero_grad(set_to_none=True)
-        terms = seed_objective(models, z, centroids, text_embeds, timesteps, objective)
+        terms = seed_objective(models, z, centroids, text_embeds, schedule, objective)
         total = terms.total.detach().float().cpu()
         frozen = torch.tensor([reason is not None for reason in stopped])
         # A seed already stopped, or whose loss is not finite, takes no part in the backward pass.
