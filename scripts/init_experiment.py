@@ -27,13 +27,12 @@ from hydra import compose, initialize_config_module
 
 from seedselect_cli.config import load_config, register_resolvers
 from seedselect_cli.core.encoders import clip_embed_pil
-from seedselect_cli.core.initial_seeds import SeedStarts, init_seed_for
-from seedselect_cli.core.optimize import optimize_seeds
-from seedselect_cli.core.sampling import encode_prompt, sample_images
+from seedselect_cli.core.sampling import sample_images
 from seedselect_cli.files.assets import asset_path
-from seedselect_cli.files.tensor_cache import ReferenceCache
+from seedselect_cli.files.tensor_cache import TensorCache
 from seedselect_cli.judges import Judge, JudgeConfig
 from seedselect_cli.models import load_models
+from seedselect_cli.pipeline import engine_for
 from seedselect_cli.references import load_encodings
 
 SETTINGS = {  # name: overrides of the toyworld config; init.noise is the default 0.5 unless said
@@ -60,17 +59,15 @@ def make_config(overrides: list[str]):
 
 def run_setting(models, judge, config, concepts, n_images: int, checkpoints: list[int]) -> dict:
     """{concept: {n: correct images after n iterations}} for one setting."""
-    shape = models.latent_shape(config.sampler.height, config.sampler.width)
-    starts = SeedStarts(models, config.init, config.sampler, shape)
+    engine = engine_for(models, config)
     h, w = config.sampler.height, config.sampler.width
     out = {}
     for concept in concepts:
         refs = sorted(Path(asset_path(f"toyworld/references/{concept}")).iterdir())
-        encodings = load_encodings(models, refs, h, w, config.dataset.resize_mode, ReferenceCache(None, ""), concept)
-        prompt = config.dataset.prompt_template.format(concept)
-        text_embeds = encode_prompt(models, prompt, config.sampler.negative_prompt)
-        centre = starts.centre(encodings, prompt, text_embeds)
-        z_init = starts.seeds(centre, [init_seed_for(config.seed, concept, i) for i in range(n_images)])
+        encodings = load_encodings(models, refs, h, w, config.dataset.resize_mode, TensorCache(None, ""), concept)
+        target = engine.class_target(concept, config.dataset.prompt_template.format(concept), encodings)
+        text_embeds = target.text_embeds
+        [batch] = engine.optimize_batches(target, [list(range(n_images))], engine.centre(target))
         seen: dict = {}
 
         def look(it: int, best: torch.Tensor, concept=concept, text_embeds=text_embeds, seen=seen) -> None:
@@ -82,9 +79,8 @@ def run_setting(models, judge, config, concepts, n_images: int, checkpoints: lis
                     n = len(images)
                     seen["diversity"] = float((1 - embeds @ embeds.T).sum() / (n * (n - 1)))
 
-        optimize_seeds(models, z_init, encodings.centroids(), text_embeds, config.objective(), config.optim_spec(),
-                       iterations=max(checkpoints),
-                       on_iteration=look)
+        batch.iterations = max(checkpoints)
+        engine.run_batch(target, batch, on_iteration=look)
         out[concept] = seen
         print(f"  {concept}: " + ", ".join(f"{n} it {seen[n]}/{n_images}" for n in checkpoints)
               + f", diversity {seen['diversity']:.3f}", flush=True)

@@ -28,7 +28,7 @@ from seedselect_cli.core.optimize import seed_objective
 from seedselect_cli.core.sampling import ddim_schedule, encode_prompt
 from seedselect_cli.files.assets import asset_path
 from seedselect_cli.files.datasets import fill_template
-from seedselect_cli.files.tensor_cache import ReferenceCache
+from seedselect_cli.files.tensor_cache import TensorCache
 from seedselect_cli.judges import Judge, JudgeConfig
 from seedselect_cli.models import load_models
 from seedselect_cli.pipeline import run_optimize
@@ -49,7 +49,7 @@ def start_gradients(config, concept: str, starts: torch.Tensor, dtype: torch.dty
     models = load_models(config.model, torch.device(config.runtime.device), dtype)
     paths = sorted(Path(asset_path(f"toyworld/references/{concept}")).glob("*.png"))
     encodings = load_encodings(models, paths, config.sampler.height, config.sampler.width,
-                               config.dataset.resize_mode, ReferenceCache(None, "none"), concept)
+                               config.dataset.resize_mode, TensorCache(None, "none"), concept)
     text = encode_prompt(models, fill_template(config.dataset.prompt_template, concept))
     z = starts.clone().to(models.device, torch.float32).requires_grad_(True)
     terms = seed_objective(models, z, encodings.centroids(), text, ddim_schedule(models, config.sampler.steps),

@@ -33,7 +33,7 @@ from seedselect_cli.files.atomic import slugify
 from seedselect_cli.files.datasets import ClassRecord, load_classes
 from seedselect_cli.files.run_directory import RunDirectory
 from seedselect_cli.files.seed_files import load_seed_file, png_text, save_seed_file, seed_metadata
-from seedselect_cli.files.tensor_cache import ReferenceCache, default_cache_dir
+from seedselect_cli.files.tensor_cache import TensorCache, default_cache_dir
 from seedselect_cli.interrupt import GracefulStop, catching_signals
 from seedselect_cli.models import check_steps, compile_models, load_models, resolve_device, resolve_dtype
 from seedselect_cli.progress import RunProgress, print_summary, run_progress
@@ -69,9 +69,17 @@ def seed_starts(models: FrozenModels, config: Config, cache_root: Path | None,
     h, w = config.sampler.height, config.sampler.width
     inversions = None
     if config.init.method != "random" and cache_root is not None:
-        inversions = ReferenceCache(cache_root / "inversions",
+        inversions = TensorCache(cache_root / "inversions",
                                     inversion_fingerprint(models, h, w, config.dataset.resize_mode))
     return SeedStarts(models, config.init, config.sampler, models.latent_shape(h, w), inversions, should_stop)
+
+
+def engine_for(models: FrozenModels, config: Config, cache_root: Path | None = None,
+               should_stop: Callable[[str], None] | None = None) -> Engine:
+    """The method's engine for this config: its specs, and its starts with the inversions cached under
+    `cache_root` (None: not kept). What the commands, the scripts and the tests run."""
+    return Engine(models, config.objective(), config.optim_spec(), config.init, config.bootstrap, config.seed,
+                  seed_starts(models, config, cache_root, should_stop))
 
 
 def run_optimize(config: Config, run_dir: Path) -> list[dict]:
@@ -132,9 +140,8 @@ def _run(config: Config, run_dir: Path, method: str, stop: GracefulStop) -> list
     h, w, mode = config.sampler.height, config.sampler.width, config.dataset.resize_mode
     cache_dir = (Path(config.runtime.cache_dir).expanduser() if config.runtime.cache_dir else default_cache_dir())
     cache_root = cache_dir if config.runtime.cache else None
-    cache = ReferenceCache(cache_root, encoder_fingerprint(models, h, w, mode))
-    starts = seed_starts(models, config, cache_root, stop.check)
-    engine = Engine(models, config.objective(), config.optim_spec(), config.init, config.bootstrap, config.seed, starts)
+    cache = TensorCache(cache_root, encoder_fingerprint(models, h, w, mode))
+    engine = engine_for(models, config, cache_root, stop.check)
 
     def encode(record: ClassRecord) -> ReferenceEncodings:
         return load_encodings(models, record.images, h, w, mode, cache, f"class {record.name!r}",

@@ -22,7 +22,7 @@ from seedselect_cli.core.frozen import FrozenModels
 from seedselect_cli.core.targets import ReferenceEncodings, encode_images
 from seedselect_cli.errors import UserError, count_of
 from seedselect_cli.files.images import file_sha256, load_rgb
-from seedselect_cli.files.tensor_cache import ReferenceCache
+from seedselect_cli.files.tensor_cache import TensorCache
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def expected_entry(models: FrozenModels, height: int, width: int) -> dict[str, t
 
 
 def load_encodings(models: FrozenModels, paths: Sequence[Path], height: int, width: int, resize_mode: str,
-                   cache: ReferenceCache, what: str, minimum: int = 1,
+                   cache: TensorCache, what: str, minimum: int = 1,
                    should_stop: Callable[[], None] | None = None) -> ReferenceEncodings:
     """Encode every readable reference of `paths` (from the cache where it can); skip broken ones
     with a warning. Raises `UserError` when fewer than `minimum` can be read. `should_stop()` is called

@@ -27,7 +27,7 @@ from seedselect_cli.core.sampling import (
 from seedselect_cli.core.targets import ReferenceEncodings
 from seedselect_cli.evaluate import EvaluateConfig, read_run, render_baseline
 from seedselect_cli.files.assets import asset_path
-from seedselect_cli.files.tensor_cache import ReferenceCache
+from seedselect_cli.files.tensor_cache import TensorCache
 from seedselect_cli.models import load_models
 from seedselect_cli.pipeline import run_bootstrap, run_optimize, seed_starts
 from seedselect_cli.references import load_encodings
@@ -102,7 +102,7 @@ def test_inversion_reconstructs_the_references_of_the_trained_toy_world(toy_mode
     """DDIM there and back: the relative error ||z_0' - z_0|| / ||z_0|| of each reference's latents stays
     under 15 % at the toy world's 10 steps and 4 % at 50 (measured: 13 % and 3.2 % at worst)."""
     m = toy_models
-    z_0 = load_encodings(m, toy_references("marsh finch"), 32, 32, "default", ReferenceCache(None, "x"),
+    z_0 = load_encodings(m, toy_references("marsh finch"), 32, 32, "default", TensorCache(None, "x"),
                          "marsh finch").appearance
     embeds = encode_prompt(m, "a photo of a marsh finch")
     z_T = ddim_invert(m, z_0, embeds, steps)
@@ -169,7 +169,7 @@ def test_noise_mix_keeps_a_seed_on_the_chi_shell():
 
 
 def encodings_of(models, folder: Path) -> ReferenceEncodings:
-    return load_encodings(models, sorted(folder.iterdir()), 32, 32, "default", ReferenceCache(None, "x"), "refs")
+    return load_encodings(models, sorted(folder.iterdir()), 32, 32, "default", TensorCache(None, "x"), "refs")
 
 
 def test_centres_follow_the_init_method_and_inversions_are_cached(tiny_models, reference_folder, tmp_path,

@@ -19,7 +19,7 @@ from seedselect_cli.core.targets import (
 )
 from seedselect_cli.errors import UserError
 from seedselect_cli.files.images import load_rgb
-from seedselect_cli.files.tensor_cache import ReferenceCache
+from seedselect_cli.files.tensor_cache import TensorCache
 from seedselect_cli.references import load_encodings
 from tests.conftest import random_image
 
@@ -57,11 +57,11 @@ def test_broken_files_are_skipped_with_a_warning_unless_too_few_remain(tiny_mode
     (tmp_path / "notes.jpg").write_text("not an image")
     paths = sorted(tmp_path.iterdir())
     with caplog.at_level(logging.WARNING):
-        encodings = load_encodings(tiny_models, paths, 32, 32, "default", ReferenceCache(None, "x"), "class 'x'")
+        encodings = load_encodings(tiny_models, paths, 32, 32, "default", TensorCache(None, "x"), "class 'x'")
     assert [p.name for p in encodings.paths] == ["good.png"] and encodings.appearance.shape == (1, 4, 16, 16)
     assert "empty.png" in caplog.text and "notes.jpg" in caplog.text
     with pytest.raises(UserError, match="1 readable image, 2 needed"):
-        load_encodings(tiny_models, paths, 32, 32, "default", ReferenceCache(None, "x"), "class 'x'", minimum=2)
+        load_encodings(tiny_models, paths, 32, 32, "default", TensorCache(None, "x"), "class 'x'", minimum=2)
 
 
 def test_clip_pixels_matches_the_image_processor(tiny_models):
@@ -104,7 +104,7 @@ def test_subset_centroids_count_repeats(tiny_models):
 def test_the_cache_returns_what_was_encoded_without_encoding_again(tiny_models, reference_folder, tmp_path,
                                                                     monkeypatch):
     paths = sorted(reference_folder.iterdir())
-    cache = ReferenceCache(tmp_path / "cache", encoder_fingerprint(tiny_models, 32, 32, "default"))
+    cache = TensorCache(tmp_path / "cache", encoder_fingerprint(tiny_models, 32, 32, "default"))
     fresh = load_encodings(tiny_models, paths, 32, 32, "default", cache, "refs")
     assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == len(paths)
 

@@ -123,9 +123,11 @@ class Engine:
         return result
 
     def run_batch(self, target: ClassTarget, batch: Batch, progress=None,
-                  should_stop: Callable[[], bool] | None = None) -> list[SeedResult]:
+                  should_stop: Callable[[], bool] | None = None,
+                  on_iteration: Callable[[int, torch.Tensor], None] | None = None) -> list[SeedResult]:
         """Optimise one batch: with `init.candidates` > 1 first keep each image's best start (recorded in
-        `batch.extra` as `candidate`), then `batch.iterations` of gradient descent."""
+        `batch.extra` as `candidate`), then `batch.iterations` of gradient descent (`progress`, `should_stop`,
+        `on_iteration`: as `optimize_seeds`)."""
         centroids = target.targets(batch.centroids)
         if batch.z_init.ndim == 5:
             batch.z_init, chosen = best_candidates(self.models, batch.z_init, centroids, target.text_embeds,
@@ -133,4 +135,5 @@ class Engine:
             for extra, k in zip(batch.extra, chosen):
                 extra["candidate"] = k
         return optimize_seeds(self.models, batch.z_init, centroids, target.text_embeds, self.objective, self.optim,
-                              iterations=batch.iterations, progress=progress, should_stop=should_stop)
+                              iterations=batch.iterations, progress=progress, should_stop=should_stop,
+                              on_iteration=on_iteration)

@@ -83,8 +83,8 @@ def inversion_fingerprint(models: FrozenModels, height: int, width: int, resize_
         str(models.dtype), models.device.type, models.vae.config.scaling_factor])
 
 
-class TensorCache(Protocol):
-    """Where per-image tensors are kept between runs (`files.tensor_cache.ReferenceCache`)."""
+class TensorStore(Protocol):
+    """Where per-image tensors are kept between runs (`files.tensor_cache.TensorCache`)."""
 
     def get(self, key: str, expected: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor] | None: ...
 
@@ -95,8 +95,8 @@ class SeedStarts:
     """The starting seeds of a run: `centre` once per class, then `seeds` for each batch of images."""
 
     def __init__(self, models: FrozenModels, init: InitSpec, sampler: SamplerSpec, shape: tuple[int, ...],
-                 cache: TensorCache | None = None, should_stop: Callable[[str], None] | None = None):
-        """`cache`: where inversions are kept (`files.tensor_cache.ReferenceCache` keyed by
+                 cache: TensorStore | None = None, should_stop: Callable[[str], None] | None = None):
+        """`cache`: where inversions are kept (`files.tensor_cache.TensorCache` keyed by
         `inversion_fingerprint`), or None; `should_stop(what)` is called before each inversion and may raise."""
         self.models, self.init, self.sampler, self.shape = models, init, sampler, shape
         self.cache, self.should_stop = cache, should_stop

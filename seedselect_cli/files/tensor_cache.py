@@ -28,7 +28,7 @@ def default_cache_dir() -> Path:
     return Path(base).expanduser() / "seedselect"
 
 
-class ReferenceCache:
+class TensorCache:
     """Per-image tensors in `root/<fingerprint>/<ab>/<key>.safetensors`; the key is the SHA-256 of the
     image file (for an inversion, of the file's hash with the prompt and settings).
 
