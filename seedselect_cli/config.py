@@ -30,7 +30,15 @@ from seedselect_cli.errors import UserError, first_line
 from seedselect_cli.files import assets
 from seedselect_cli.files.assets import ASSET, portable
 from seedselect_cli.files.datasets import DATASETS, DatasetConfig
-from seedselect_cli.limits import DTYPE_NAMES, MAX_BATCH, MAX_IMAGES, MAX_ITERATIONS, MAX_SIDE, MAX_STEPS
+from seedselect_cli.limits import (
+    DTYPE_NAMES,
+    MAX_BATCH,
+    MAX_IMAGES,
+    MAX_ITERATIONS,
+    MAX_SIDE,
+    MAX_STEPS,
+    SAMPLER_NAMES,
+)
 
 DTYPES = ("auto", *DTYPE_NAMES)
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -185,6 +193,8 @@ def check_config(c: Config) -> None:
         raise _bad("loss.temperature", c.loss.temperature, "must be a positive number")
     if not (math.isfinite(c.loss.norm_weight) and c.loss.norm_weight >= 0):
         raise _bad("loss.norm_weight", c.loss.norm_weight, "must be a number >= 0 (0 turns the prior off)")
+    if c.sampler.name not in SAMPLER_NAMES:
+        raise _bad("sampler.name", c.sampler.name, f"choose one of {', '.join(SAMPLER_NAMES)}")
     _check_range("sampler.steps", c.sampler.steps, 1, MAX_STEPS)
     if not 1 <= c.kstep.k <= c.sampler.steps:
         raise _bad("kstep.k", c.kstep.k, f"must be between 1 and sampler.steps={c.sampler.steps}")

@@ -183,7 +183,7 @@ def render_baseline(run_dir: Path, config: Config, entries: list[dict], cfg: Eva
             if entry["prompt"] not in prompts:
                 prompts[entry["prompt"]] = encode_prompt(models, entry["prompt"], config.sampler.negative_prompt)
             image = sample_images(models, z_T[None], prompts[entry["prompt"]], config.sampler.steps,
-                                  config.sampler.guidance_scale)[0]
+                                  config.sampler.guidance_scale, config.sampler.name)[0]
             path = paths[(entry["class"], entry["index"])]
             atomic_write(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
     return paths

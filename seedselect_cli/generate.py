@@ -103,7 +103,7 @@ def run_generate(cfg: GenerateConfig) -> Path:
         raise UserError(f"seed_file={cfg.seed_file}: seed shape {tuple(z_T.shape)} does not fit model "
                         f"{models.name} at {seed.width}x{seed.height} (expected {expected})")
     text_embeds = encode_prompt(models, meta["prompt"], meta.get("negative_prompt", ""))
-    image = sample_images(models, z_T[None], text_embeds, seed.steps, seed.guidance_scale)[0]
+    image = sample_images(models, z_T[None], text_embeds, seed.steps, seed.guidance_scale, seed.sampler)[0]
 
     fmt = SUFFIXES[out.suffix.lower()]
     info = PngImagePlugin.PngInfo()

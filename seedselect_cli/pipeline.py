@@ -57,7 +57,7 @@ def metadata_for(models: FrozenModels, config: Config, record: ClassRecord, inde
         prompt=record.prompt, negative_prompt=sampler.negative_prompt, class_name=record.name, index=index,
         init_seed=init_seed, model=portable(models.name), model_revision=config.model.revision,
         model_variant=config.model.variant, steps=sampler.steps, guidance_scale=sampler.guidance_scale,
-        height=sampler.height, width=sampler.width, scheduler=type(models.scheduler).__name__,
+        height=sampler.height, width=sampler.width, sampler=sampler.name,
         scheduler_config=models.scheduler_json(), dtype=str(models.dtype).removeprefix("torch."),
         device=models.device.type, version=__version__)
 
@@ -289,7 +289,7 @@ class ClassRun:
         """Render the best seed, then write seed file, image, and last the manifest line."""
         out, models, sampler = self.out, self.engine.models, self.config.sampler
         image = sample_images(models, result.optimized[None], target.text_embeds, sampler.steps,
-                              sampler.guidance_scale)[0]
+                              sampler.guidance_scale, sampler.name)[0]
         metadata = metadata_for(models, self.config, record, index, init_seed)
         seed_path, image_path = out.seed_path(slug, index), out.image_path(slug, index)
         with out.writing(seed_path):

@@ -58,9 +58,9 @@ def assigned_reference(seed: int, class_name: str, index: int, n_references: int
 
 
 def initial_noise(models: FrozenModels, shape: tuple[int, ...], init_seed: int) -> torch.Tensor:
-    """z_T ~ N(0, I) * init_noise_sigma, drawn on the CPU so every device gets the same seed."""
-    noise = torch.randn(shape, generator=torch.Generator().manual_seed(init_seed), dtype=torch.float32)
-    return noise * models.scheduler.init_noise_sigma
+    """z_T ~ N(0, I), drawn on the CPU so every device gets the same seed (the rollout scales it by the
+    sampler's init_noise_sigma, 1 for DDIM)."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(init_seed), dtype=torch.float32)
 
 
 def plain_noise(models: FrozenModels, shape: tuple[int, ...], seed: int, class_name: str, index: int) -> torch.Tensor:

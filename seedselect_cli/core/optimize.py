@@ -30,7 +30,7 @@ from seedselect_cli.core.losses import (
     seed_norm_prior,
 )
 from seedselect_cli.core.nao import chi_mode
-from seedselect_cli.core.sampling import Schedule, ddim_rollout, ddim_schedule
+from seedselect_cli.core.sampling import Schedule, make_schedule, rollout
 from seedselect_cli.core.specs import Objective, OptimSpec
 from seedselect_cli.core.targets import Centroids
 
@@ -64,11 +64,11 @@ def semantic_embedding(models: FrozenModels, latents: torch.Tensor) -> torch.Ten
 
 def seed_objective(models: FrozenModels, z_T: torch.Tensor, centroids: Centroids, text_embeds: torch.Tensor,
                    schedule: Schedule, objective: Objective) -> LossTerms:
-    """Roll out DDIM from z_T and evaluate the SeedSelect loss for each seed of the batch."""
+    """Roll out the sampler from z_T and evaluate the SeedSelect loss for each seed of the batch."""
     loss, kstep, sampler = objective.loss, objective.kstep, objective.sampler
     lam, checkpoint = loss.lam, sampler.checkpointing
     keep = kstep.k if lam > 0 else 1
-    latents = ddim_rollout(models, z_T, text_embeds, schedule, sampler.guidance_scale,
+    latents = rollout(models, z_T, text_embeds, schedule, sampler.guidance_scale,
                            keep_last=keep, checkpoint=checkpoint)
     if lam > 0:
         if checkpoint and torch.is_grad_enabled():  # keep only the embedding of each decoded image
@@ -99,7 +99,7 @@ def best_candidates(models: FrozenModels, candidates: torch.Tensor, centroids: C
     """Selection in the literal sense: of each image's N candidate starts (B, N, C, h, w), the one of lowest
     loss, scored by one forward pass each without gradients (about a third of an iteration's arithmetic).
     Returns the starts (B, C, h, w) and which candidate each is."""
-    schedule = ddim_schedule(models, objective.sampler.steps)
+    schedule = make_schedule(models, objective.sampler.steps, objective.sampler.name)
     targets = centroids.to(models.device)
     losses = torch.stack([
         seed_objective(models, candidates[:, k].to(models.device, torch.float32), targets, text_embeds, schedule,
@@ -121,7 +121,7 @@ def optimize_seeds(models: FrozenModels, z_init: torch.Tensor, centroids: Centro
     """
     start = time.perf_counter()
     iterations = optim.iterations if iterations is None else iterations
-    schedule = ddim_schedule(models, objective.sampler.steps)
+    schedule = make_schedule(models, objective.sampler.steps, objective.sampler.name)
     centroids = centroids.to(models.device)
     z = z_init.detach().to(models.device, torch.float32).clone().requires_grad_(True)
     optimizer = optim.optimizer([z], lr=optim.lr)

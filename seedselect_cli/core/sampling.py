@@ -1,21 +1,44 @@
-"""The differentiable DDIM sampler: z_T -> z_0 with classifier-free guidance.
+"""The differentiable samplers: z_T -> z_0 with classifier-free guidance, over an explicit schedule.
 
-Small functions in the k-diffusion manner; gradient mode is the caller's. With `checkpoint=True`
-each denoising step is one activation checkpoint, so only the latents between steps are kept and
-memory does not grow with the number of steps (the step is recomputed in the backward pass).
-With `runtime.cuda_graphs` each checkpointed step is a pair of CUDA graphs (`cuda_graphs.py`).
+    ddim       DDIMScheduler, eta = 0 (Song et al. 2021)                       the paper's, and inversion's
+    euler      EulerDiscreteScheduler, trailing timesteps                      SD-Turbo, SDXL-Turbo: 1 to 4 steps
+    dpmpp_2m   DPMSolverMultistepScheduler, dpmsolver++, order 2 (Lu et al.)   the common 20-step choice
+
+Small functions in the k-diffusion manner: a `Schedule` holds the run's timesteps and the constants of
+every step, read from the diffusers scheduler built for it (`make_schedule`) and never stepped, so no
+step reads state another call set; each sampler's update is written out here, as diffusers' `step`
+computes it, and tested against diffusers' own pipelines (tests/test_samplers.py). The seed z_T is unit
+Gaussian for every sampler; the rollout scales it by the schedule's `init_noise_sigma`. Latents returned
+for the k-step loss are in the variance-preserving space DDIM's are (z_t = sqrt(a) z_0 + sqrt(1 - a) eps).
+
+Gradient mode is the caller's. With `checkpoint=True` each denoising step is one activation checkpoint,
+so only the latents between steps are kept and memory does not grow with the number of steps (the step
+is recomputed in the backward pass); with `runtime.cuda_graphs` each is a pair of CUDA graphs
+(`cuda_graphs.py`). DPM-Solver++'s second-order step also carries the previous step's z_0 prediction:
+it travels beside the latents through the checkpoint, so its gradient flows too.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
-from diffusers import DDIMInverseScheduler, DDIMScheduler
+from diffusers import DDIMInverseScheduler, DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
 from seedselect_cli.core.cuda_graphs import checkpointed
 from seedselect_cli.core.encoders import to_pil, vae_decode
 from seedselect_cli.core.frozen import FrozenModels
+from seedselect_cli.limits import SAMPLER_NAMES
+
+# `sampler.name` -> the diffusers scheduler whose arithmetic it is, and the settings it is built with
+SAMPLERS: dict[str, tuple[type, dict]] = {
+    "ddim": (DDIMScheduler, {}),
+    "euler": (EulerDiscreteScheduler, {"timestep_spacing": "trailing"}),
+    "dpmpp_2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2,
+                                               "solver_type": "midpoint", "final_sigmas_type": "zero"}),
+}
+assert tuple(SAMPLERS) == SAMPLER_NAMES
 
 
 @torch.no_grad()
@@ -28,15 +51,19 @@ def encode_prompt(models: FrozenModels, prompt: str, negative_prompt: str = "") 
     return models.text_encoder(tokens.input_ids.to(models.device))[0].to(models.dtype)
 
 
+def scheduler_for(name: str, config) -> object:
+    """The diffusers scheduler of sampler `name` on a checkpoint's noise schedule (its scheduler config)."""
+    cls, settings = SAMPLERS[name]
+    return cls.from_config({**dict(config), **settings})
+
+
 @dataclass(frozen=True)
 class Schedule:
-    """The timesteps of one sampling run, noisiest first, and the DDIM scheduler that steps along them.
+    """One sampling run: which sampler, its timesteps (noisiest first), and the scheduler built for it, from
+    which each step's constants are read by index. Passed to every step; nothing in it changes."""
 
-    Built for the run from the model's scheduler config (`ddim_schedule`) and passed to every step, in the
-    manner of k-diffusion's samplers: no step reads state that another call set (`FrozenModels.scheduler`
-    is the model's config and is never stepped)."""
-
-    scheduler: DDIMScheduler
+    name: str
+    scheduler: object  # a diffusers scheduler with set_timesteps done; read, never stepped
     timesteps: torch.Tensor
 
     def __len__(self) -> int:
@@ -48,12 +75,29 @@ class Schedule:
     def __getitem__(self, i):
         return self.timesteps[i]
 
+    @property
+    def init_noise_sigma(self) -> float:
+        return float(self.scheduler.init_noise_sigma)
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler.config.prediction_type
+
+    def sigma(self, i: int) -> float:
+        """Euler and DPM-Solver's sigma_i = sqrt((1 - a) / a) of step i (i = len: the final 0)."""
+        return float(self.scheduler.sigmas[i])
+
+
+def make_schedule(models: FrozenModels, steps: int, name: str = "ddim") -> Schedule:
+    """The schedule of `steps` steps of sampler `name` on the model's own noise schedule."""
+    scheduler = scheduler_for(name, models.scheduler.config)
+    scheduler.set_timesteps(steps)
+    return Schedule(name, scheduler, scheduler.timesteps)
+
 
 def ddim_schedule(models: FrozenModels, steps: int) -> Schedule:
     """The DDIM schedule of `steps` sampling steps on the model's own noise schedule."""
-    scheduler = DDIMScheduler.from_config(models.scheduler.config)
-    scheduler.set_timesteps(steps)
-    return Schedule(scheduler, scheduler.timesteps)
+    return make_schedule(models, steps, "ddim")
 
 
 def uses_guidance(guidance_scale: float) -> bool:
@@ -70,7 +114,7 @@ def guided_embeddings(text_embeds: torch.Tensor, batch: int, guidance_scale: flo
 
 @dataclass(frozen=True)
 class Denoiser:
-    """eps(z, t) of the frozen UNet with classifier-free guidance, decided once from its scale: the
+    """The UNet's output at (z, t) with classifier-free guidance, decided once from its scale: the
     unconditional pass batched with the conditional one when it runs, the conditional pass alone when not."""
 
     models: FrozenModels
@@ -80,54 +124,119 @@ class Denoiser:
     def guided(self) -> bool:
         return uses_guidance(self.guidance_scale)
 
-    def __call__(self, z: torch.Tensor, t: torch.Tensor | int, embeds: torch.Tensor, schedule: Schedule
-                 ) -> torch.Tensor:
-        """eps = eps_u + w (eps_c - eps_u) (Ho & Salimans 2022, eq. 6) for `embeds` from `guided_embeddings`. A
-        Python int `t` becomes a tensor on z's device by a fill, not a copy from the host, so that the step can
-        be captured in a CUDA graph."""
+    def __call__(self, model_in: torch.Tensor, t: torch.Tensor | float, embeds: torch.Tensor) -> torch.Tensor:
+        """out = out_u + w (out_c - out_u) (Ho & Salimans 2022, eq. 6) for `embeds` from `guided_embeddings`, on the
+        input as the sampler scaled it. A Python number `t` becomes a tensor on the device by a fill, not a copy
+        from the host, so that the step can be captured in a CUDA graph."""
         models = self.models
-        model_in = torch.cat([z, z]) if self.guided else z
-        model_in = schedule.scheduler.scale_model_input(model_in, t).to(models.dtype)
-        t_model = t if torch.is_tensor(t) else torch.full((), t, dtype=torch.long, device=z.device)
-        eps = models.unet(model_in, t_model, encoder_hidden_states=embeds).sample.to(z.dtype)
+        x = torch.cat([model_in, model_in]) if self.guided else model_in
+        if not torch.is_tensor(t):
+            t = torch.full((), t, dtype=torch.long if isinstance(t, int) else torch.float32, device=model_in.device)
+        out = models.unet(x.to(models.dtype), t, encoder_hidden_states=embeds).sample.to(model_in.dtype)
         if self.guided:
-            eps_uncond, eps_cond = eps.chunk(2)
-            eps = eps_uncond + self.guidance_scale * (eps_cond - eps_uncond)
-        return eps
+            out_uncond, out_cond = out.chunk(2)
+            out = out_uncond + self.guidance_scale * (out_cond - out_uncond)
+        return out
+
+
+def _host(t: torch.Tensor) -> int | float:
+    """A timestep as a Python number: ints stay ints (DDIM, DPM-Solver), Euler's are floats."""
+    return int(t) if not t.is_floating_point() else float(t)
 
 
 def ddim_step(denoiser: Denoiser, schedule: Schedule, z: torch.Tensor, t: torch.Tensor | int, embeds: torch.Tensor
               ) -> torch.Tensor:
-    """One DDIM step, eta = 0 (Song et al. 2021, eq. 12), with classifier-free guidance."""
-    eps = denoiser(z, t, embeds, schedule)
+    """One DDIM step, eta = 0 (Song et al. 2021, eq. 12), with classifier-free guidance. DDIM's `step` reads
+    nothing but the schedule's constants."""
+    eps = denoiser(z, t, embeds)
     return schedule.scheduler.step(eps, t, z, eta=0.0).prev_sample
+
+
+def euler_step(denoiser: Denoiser, schedule: Schedule, i: int, x: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+    """Step i of Euler's method in sigma space (Karras et al. 2022, alg. 1 without churn), as diffusers'
+    `EulerDiscreteScheduler.step`: x_{i+1} = x + (x - x0) / sigma_i (sigma_{i+1} - sigma_i)."""
+    sigma, sigma_next = schedule.sigma(i), schedule.sigma(i + 1)
+    out = denoiser(x / ((sigma ** 2 + 1) ** 0.5), _host(schedule.timesteps[i]), embeds)
+    if schedule.prediction_type == "v_prediction":
+        x0 = out * (-sigma / (sigma ** 2 + 1) ** 0.5) + x / (sigma ** 2 + 1)
+    else:
+        x0 = x - sigma * out
+    return x + (x - x0) / sigma * (sigma_next - sigma)
+
+
+def _alpha_sigma(sigma: float) -> tuple[float, float, float]:
+    """alpha_t, sigma_t and lambda_t = log(alpha_t / sigma_t) of a sigma (lambda of sigma 0: infinity)."""
+    alpha = 1 / (sigma ** 2 + 1) ** 0.5
+    return alpha, sigma * alpha, (math.log(1 / sigma) if sigma > 0 else math.inf)
+
+
+def dpmpp_2m_step(denoiser: Denoiser, schedule: Schedule, i: int, state: torch.Tensor, embeds: torch.Tensor
+                  ) -> torch.Tensor:
+    """Step i of DPM-Solver++(2M) (Lu et al. 2022, alg. 2), as diffusers' multistep scheduler computes it
+    (midpoint; first order at the first and, with a final sigma of 0, the last step). `state` is the
+    latents and the previous step's z_0 prediction, side by side in the channels; so is the result."""
+    x, x0_prev = state.chunk(2, dim=1)
+    alpha_s, sigma_s, lambda_s = _alpha_sigma(schedule.sigma(i))
+    alpha_t, sigma_t, lambda_t = _alpha_sigma(schedule.sigma(i + 1))
+    out = denoiser(x, _host(schedule.timesteps[i]), embeds)
+    x0 = alpha_s * x - sigma_s * out if schedule.prediction_type == "v_prediction" else (x - sigma_s * out) / alpha_s
+    h = lambda_t - lambda_s
+    step = alpha_t * (math.exp(-h) - 1.0)  # -alpha_t (1 - e^-h)
+    x_next = sigma_t / sigma_s * x - step * x0
+    if not (i == 0 or i == len(schedule) - 1):  # second order: the slope from the previous z_0 prediction
+        r = (lambda_s - _alpha_sigma(schedule.sigma(i - 1))[2]) / h
+        x_next = x_next - 0.5 * step * (1.0 / r) * (x0 - x0_prev)
+    return torch.cat([x_next, x0], dim=1)
+
+
+def _to_vp(schedule: Schedule, i: int, x: torch.Tensor) -> torch.Tensor:
+    """The latents after step i in the variance-preserving space (Euler's carry a factor sqrt(1 + sigma^2))."""
+    if schedule.name == "euler":
+        return x / ((schedule.sigma(i + 1) ** 2 + 1) ** 0.5)
+    return x
+
+
+def rollout(models: FrozenModels, z_T: torch.Tensor, text_embeds: torch.Tensor, schedule: Schedule,
+            guidance_scale: float, keep_last: int = 1, checkpoint: bool = True) -> list[torch.Tensor]:
+    """Run the schedule's sampler from the seed z_T (float32, (B, C, h, w), unit Gaussian) and return the latents
+    after each of the last `keep_last` steps, oldest first: the last one is z_0."""
+    denoiser = Denoiser(models, guidance_scale)
+    embeds = guided_embeddings(text_embeds, z_T.shape[0], guidance_scale)
+    use_checkpoint = checkpoint and torch.is_grad_enabled()
+    n = len(schedule)
+    x = z_T * schedule.init_noise_sigma if schedule.init_noise_sigma != 1.0 else z_T
+    if schedule.name == "dpmpp_2m":
+        x = torch.cat([x, torch.zeros_like(x)], dim=1)
+    kept = []
+    for i in range(n):
+        step = _step_at(denoiser, schedule, i)
+        if use_checkpoint:
+            key = ("the denoising steps", schedule.name, i, n, _host(schedule.timesteps[i]), float(guidance_scale))
+            x = checkpointed(models, key, step, x, embeds)
+        else:
+            x = step(x, embeds)
+        if i >= n - keep_last:
+            latents = x.chunk(2, dim=1)[0] if schedule.name == "dpmpp_2m" else x
+            kept.append(_to_vp(schedule, i, latents))
+    return kept
 
 
 def ddim_rollout(models: FrozenModels, z_T: torch.Tensor, text_embeds: torch.Tensor, schedule: Schedule,
                  guidance_scale: float, keep_last: int = 1, checkpoint: bool = True) -> list[torch.Tensor]:
-    """Run DDIM from z_T (float32, (B, C, h, w)) along `schedule` and return the latents after each of the
-    last `keep_last` steps, oldest first: the last one is z_0."""
-    denoiser = Denoiser(models, guidance_scale)
-    embeds = guided_embeddings(text_embeds, z_T.shape[0], guidance_scale)
-    use_checkpoint = checkpoint and torch.is_grad_enabled()
-    z, kept = z_T, []
-    for i, t in enumerate(schedule.timesteps):
-        if use_checkpoint:
-            step = _step_at(denoiser, schedule, int(t))
-            z = checkpointed(models, ("the denoising steps", int(t), len(schedule), float(guidance_scale)), step, z, embeds)
-        else:
-            z = ddim_step(denoiser, schedule, z, t, embeds)
-        if i >= len(schedule) - keep_last:
-            kept.append(z)
-    return kept
+    """`rollout` (the name from when DDIM was the only sampler)."""
+    return rollout(models, z_T, text_embeds, schedule, guidance_scale, keep_last, checkpoint)
 
 
-def _step_at(denoiser: Denoiser, schedule: Schedule, t: int):
-    """z, embeds -> the DDIM step at timestep t. A Python int t keeps the scheduler's arithmetic on the
-    host and fills the UNet's timestep on the device, so that the step can be captured in a CUDA graph."""
-    def step(z: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
-        return ddim_step(denoiser, schedule, z, t, embeds)
-    return step
+def _step_at(denoiser: Denoiser, schedule: Schedule, i: int):
+    """x, embeds -> step i of the schedule's sampler. The timestep is a Python number: the scheduler's
+    arithmetic stays on the host and the UNet's timestep is filled on the device, so that the step can be
+    captured in a CUDA graph."""
+    if schedule.name == "euler":
+        return lambda x, embeds: euler_step(denoiser, schedule, i, x, embeds)
+    if schedule.name == "dpmpp_2m":
+        return lambda x, embeds: dpmpp_2m_step(denoiser, schedule, i, x, embeds)
+    t = _host(schedule.timesteps[i])
+    return lambda x, embeds: ddim_step(denoiser, schedule, x, t, embeds)
 
 
 @torch.no_grad()
@@ -137,24 +246,24 @@ def ddim_invert(models: FrozenModels, z_0: torch.Tensor, text_embeds: torch.Tens
     z_T from which `steps` DDIM steps lead back to the latents z_0 (float32, (B, C, h, w)).
 
     Each step reuses eps at the next timestep, the usual approximation, so the round trip is exact only
-    as the step count grows. diffusers' `DDIMInverseScheduler`, built from the sampler's own config,
-    ends at the sampler's first timestep.
+    as the step count grows. diffusers' `DDIMInverseScheduler`, built from the model's own config, ends
+    at the sampler's first timestep. Other samplers start from the inverted seed too (`init=inversion`,
+    `nao`, `reference`): a start near the references, exact only for DDIM.
     """
     inverse = DDIMInverseScheduler.from_config(models.scheduler.config)
     inverse.set_timesteps(steps)
-    schedule = Schedule(inverse, inverse.timesteps)
     denoiser = Denoiser(models, guidance_scale)
     embeds = guided_embeddings(text_embeds, z_0.shape[0], guidance_scale)
     z = z_0.to(models.device, torch.float32)
-    for t in schedule.timesteps:
-        z = inverse.step(denoiser(z, t, embeds, schedule), t, z).prev_sample
+    for t in inverse.timesteps:
+        z = inverse.step(denoiser(z, t, embeds), t, z).prev_sample
     return z
 
 
 @torch.no_grad()
 def sample_images(models: FrozenModels, z_T: torch.Tensor, text_embeds: torch.Tensor, steps: int,
-                  guidance_scale: float) -> list:
-    """The images a batch of seeds gives: DDIM, decode, 8-bit PIL. What `generate` repeats exactly."""
-    z_0 = ddim_rollout(models, z_T.to(models.device, torch.float32), text_embeds, ddim_schedule(models, steps),
-                       guidance_scale)[-1]
+                  guidance_scale: float, sampler: str = "ddim") -> list:
+    """The images a batch of seeds gives: the sampler, decode, 8-bit PIL. What `generate` repeats exactly."""
+    z_0 = rollout(models, z_T.to(models.device, torch.float32), text_embeds, make_schedule(models, steps, sampler),
+                  guidance_scale)[-1]
     return to_pil(models, vae_decode(models, z_0))

@@ -38,7 +38,9 @@ class KStepSpec:
 
 @dataclass
 class SamplerSpec:
-    """`sampler`: the DDIM sampling the seeds are optimised through and their images drawn with."""
+    """`sampler`: the sampling the seeds are optimised through and their images drawn with."""
+
+    name: str = "ddim"  # ddim | euler (trailing timesteps) | dpmpp_2m: core/sampling.py
 
     steps: int = 20
     guidance_scale: float = 7.5

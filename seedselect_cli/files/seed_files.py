@@ -17,7 +17,11 @@ from safetensors.torch import load_file, save_file
 
 from seedselect_cli.errors import UserError, first_line
 from seedselect_cli.files.atomic import atomic_write
-from seedselect_cli.limits import DTYPE_NAMES, MAX_SIDE, MAX_STEPS
+from seedselect_cli.limits import DTYPE_NAMES, MAX_SIDE, MAX_STEPS, SAMPLER_NAMES
+
+# a sampler's diffusers class (recorded, as tools that read the file expect) and its name in PNG `parameters`
+SAMPLER_CLASSES = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler", "dpmpp_2m": "DPMSolverMultistepScheduler"}
+SAMPLER_LABELS = {"ddim": "DDIM", "euler": "Euler", "dpmpp_2m": "DPM++ 2M"}
 
 FORMAT = "seedselect-seed/1"
 REQUIRED = ("prompt", "model", "steps", "guidance_scale", "height", "width", "scheduler_config", "dtype")
@@ -25,15 +29,17 @@ REQUIRED = ("prompt", "model", "steps", "guidance_scale", "height", "width", "sc
 
 def seed_metadata(*, prompt: str, negative_prompt: str, class_name: str, index: int, init_seed: int, model: str,
                   model_revision: str | None, model_variant: str | None, steps: int, guidance_scale: float,
-                  height: int, width: int, scheduler: str, scheduler_config: str, dtype: str, device: str,
+                  height: int, width: int, sampler: str, scheduler_config: str, dtype: str, device: str,
                   version: str) -> dict[str, str]:
     """What a seed file records so that `generate` can redraw its image without the run's config: every
-    value a string, as safetensors metadata holds them (`index` -1 is a class's bootstrap seed z_T^G)."""
+    value a string, as safetensors metadata holds them (`index` -1 is a class's bootstrap seed z_T^G).
+    `scheduler_config` is the model's own scheduler config, from which `sampler` (a `sampler.name`) is built."""
     return {
         "prompt": prompt, "negative_prompt": negative_prompt, "class": class_name, "index": str(index),
         "init_seed": str(init_seed), "model": model, "model_revision": model_revision or "",
         "model_variant": model_variant or "", "steps": str(steps), "guidance_scale": repr(float(guidance_scale)),
-        "height": str(height), "width": str(width), "scheduler": scheduler, "scheduler_config": scheduler_config,
+        "height": str(height), "width": str(width), "sampler": sampler, "scheduler": SAMPLER_CLASSES[sampler],
+        "scheduler_config": scheduler_config,
         "dtype": dtype, "device": device, "seedselect_version": version,
     }
 
@@ -43,7 +49,8 @@ def png_text(metadata: dict[str, str], loss: float) -> dict[str, str]:
     seed file's metadata."""
     parameters = (
         f"{metadata['prompt']}\nNegative prompt: {metadata['negative_prompt']}\n"
-        f"Steps: {metadata['steps']}, Sampler: DDIM, CFG scale: {metadata['guidance_scale']}, "
+        f"Steps: {metadata['steps']}, Sampler: {SAMPLER_LABELS[metadata.get('sampler', 'ddim')]}, "
+        f"CFG scale: {metadata['guidance_scale']}, "
         f"Seed: {metadata['init_seed']}, Size: {metadata['width']}x{metadata['height']}, "
         f"Model: {metadata['model']}, SeedSelect loss: {loss:.6g}"
     )
@@ -63,6 +70,10 @@ class SeedFile:
     @property
     def guidance_scale(self) -> float:
         return float(self.metadata["guidance_scale"])
+
+    @property
+    def sampler(self) -> str:
+        return self.metadata.get("sampler", "ddim")  # files written before there was a choice: DDIM
 
     @property
     def height(self) -> int:
@@ -136,6 +147,8 @@ def metadata_problem(metadata: dict[str, str]) -> str | None:
         return f"guidance_scale={metadata['guidance_scale']!r} is not a number between 0 and 100"
     if metadata["dtype"] not in DTYPE_NAMES:
         return f"dtype={metadata['dtype']!r} is not one of {', '.join(DTYPE_NAMES)}"
+    if metadata.get("sampler", "ddim") not in SAMPLER_NAMES:
+        return f"sampler={metadata['sampler']!r} is not one of {', '.join(SAMPLER_NAMES)}"
     if not metadata["model"].strip():
         return "names no model"
     try:

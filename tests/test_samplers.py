@@ -1,0 +1,119 @@
+"""Every sampler against diffusers' own StableDiffusionPipeline with that scheduler, from the same latents,
+on the tiny random components and on the trained toy world; and a seed file of each redraws its image."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from seedselect_cli.config import ModelConfig
+from seedselect_cli.core.sampling import SAMPLERS, encode_prompt, make_schedule, rollout, scheduler_for
+from seedselect_cli.files.assets import asset_path
+from seedselect_cli.limits import SAMPLER_NAMES
+from seedselect_cli.models import load_models
+
+
+def pipeline_latents(models, scheduler, z_T, prompt: str, steps: int, guidance: float) -> torch.Tensor:
+    """What diffusers' pipeline draws from the unit seed z_T (it scales it by init_noise_sigma itself)."""
+    pipe = StableDiffusionPipeline(vae=models.vae, text_encoder=models.text_encoder, tokenizer=models.tokenizer,
+                                   unet=models.unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   image_encoder=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe([prompt] * len(z_T), latents=z_T.clone(), num_inference_steps=steps, guidance_scale=guidance,
+                output_type="latent").images
+
+
+def ours(models, name, z_T, prompt, steps, guidance, prediction_type=None):
+    schedule = make_schedule(models, steps, name)
+    if prediction_type is not None:  # the same arithmetic read as another kind of network's output
+        scheduler = scheduler_for(name, {**dict(models.scheduler.config), "prediction_type": prediction_type})
+        scheduler.set_timesteps(steps)
+        schedule = type(schedule)(name, scheduler, scheduler.timesteps)
+    with torch.no_grad():
+        return rollout(models, z_T, encode_prompt(models, prompt), schedule, guidance, checkpoint=False)[-1], schedule
+
+
+def test_the_sampler_names_are_one_list():
+    assert tuple(SAMPLERS) == SAMPLER_NAMES
+
+
+@pytest.mark.parametrize("name", SAMPLER_NAMES)
+@pytest.mark.parametrize("steps, guidance", [(1, 1.0), (2, 0.0), (4, 7.5), (7, 3.0)])
+def test_each_sampler_draws_what_diffusers_draws_from_the_same_latents(tiny_models, name, steps, guidance):
+    z_T = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(11 * steps + len(name)))
+    mine, _ = ours(tiny_models, name, z_T, "a small red bird", steps, guidance)
+    with torch.no_grad():
+        theirs = pipeline_latents(tiny_models, scheduler_for(name, tiny_models.scheduler.config), z_T,
+                                  "a small red bird", steps, guidance)
+    assert mine.abs().max() > 0.1 and torch.isfinite(mine).all()
+    # float32 throughout; ours computes the step's constants in double on the host: 1e-5 of the scale
+    torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-4 * theirs.abs().max().item())
+
+
+@pytest.mark.parametrize("name", ["euler", "dpmpp_2m", "ddim"])
+def test_v_prediction_is_read_as_diffusers_reads_it(tiny_models, name):
+    z_T = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(5))
+    mine, schedule = ours(tiny_models, name, z_T, "a hand", 3, 4.0, prediction_type="v_prediction")
+    with torch.no_grad():
+        theirs = pipeline_latents(tiny_models, schedule.scheduler.__class__.from_config(schedule.scheduler.config),
+                                  z_T, "a hand", 3, 4.0)
+    torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-4 * theirs.abs().max().item())
+
+
+@pytest.fixture(scope="module")
+def toyworld():
+    return load_models(ModelConfig(pretrained=asset_path("toyworld"), image_encoder=asset_path("toyworld/clip")),
+                       torch.device("cpu"), torch.float32, with_image_encoder=False)
+
+
+@pytest.mark.parametrize("name, steps", [("ddim", 10), ("euler", 1), ("euler", 4), ("dpmpp_2m", 10)])
+def test_on_the_trained_toy_world_too(toyworld, name, steps):
+    z_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(steps))
+    mine, _ = ours(toyworld, name, z_T, "a photo of a marsh finch", steps, 4.0)
+    with torch.no_grad():
+        theirs = pipeline_latents(toyworld, scheduler_for(name, toyworld.scheduler.config), z_T,
+                                  "a photo of a marsh finch", steps, 4.0)
+    torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-4 * theirs.abs().max().item())
+
+
+@pytest.mark.parametrize("name", SAMPLER_NAMES)
+def test_gradients_flow_through_the_checkpointed_steps_as_through_the_plain_ones(tiny_models, name):
+    """Per-step checkpoints change memory, not the gradient (DPM-Solver++ carries its previous z_0 along)."""
+    z = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    embeds = encode_prompt(tiny_models, "a blue square")
+    schedule = make_schedule(tiny_models, 4, name)
+    grads = []
+    for checkpoint in (False, True):
+        seed = z.clone().requires_grad_(True)
+        latents = rollout(tiny_models, seed, embeds, schedule, 5.0, keep_last=2, checkpoint=checkpoint)
+        (latents[-1].square().mean() + latents[0].mean()).backward()
+        grads.append(seed.grad)
+    assert grads[0].abs().max() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name, steps", [("euler", 2), ("dpmpp_2m", 4)])
+def test_a_run_with_another_sampler_records_it_and_generate_redraws_its_images(name, steps, tmp_path, monkeypatch,
+                                                                             capsys):
+    import json
+
+    import numpy as np
+    from PIL import Image
+    from safetensors import safe_open
+
+    from seedselect_cli.cli import main
+    from tests.runs import read_manifest
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["optimize", "--config-name=tiny", f"sampler.name={name}", f"sampler.steps={steps}", "kstep=last",
+                 "n_images=1", "optim.iterations=2", "runtime.progress=false", "hydra.run.dir=run"]) == 0
+    [entry] = read_manifest(tmp_path / "run")
+    with safe_open(str(tmp_path / "run" / entry["seed_file"]), framework="pt") as handle:
+        meta = handle.metadata()
+    assert meta["sampler"] == name and meta["scheduler"] == SAMPLERS[name][0].__name__
+    label = {"euler": "Sampler: Euler", "dpmpp_2m": "Sampler: DPM++ 2M"}[name]
+    assert label in Image.open(tmp_path / "run" / entry["image"]).text["parameters"]
+    assert json.loads(Image.open(tmp_path / "run" / entry["image"]).text["seedselect"])["sampler"] == name
+    assert main(["generate", f"seed_file=run/{entry['seed_file']}", "out=again.png"]) == 0
+    assert np.array_equal(np.asarray(Image.open("again.png")), np.asarray(Image.open(tmp_path / "run" / entry["image"])))
