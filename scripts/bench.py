@@ -21,6 +21,8 @@ process's high-water mark of resident memory.
 
     python scripts/bench.py                       # the paper's setting, batch 1 and 8, on the GPU
     python scripts/bench.py --tiny                # the tiny components on the CPU, seconds
+    python scripts/bench.py --model sd_turbo      # SD-Turbo's setting: Euler, 1 step, no guidance, k = 1
+    python scripts/bench.py --flops --model sd_turbo   # its arithmetic, counted on the meta device (no GPU)
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from seedselect_cli.config import Config, ModelConfig, load_config, register_res
 from seedselect_cli.core.cuda_graphs import enable_cuda_graphs
 from seedselect_cli.core.frozen import FrozenModels
 from seedselect_cli.core.optimize import seed_objective
-from seedselect_cli.core.sampling import ddim_schedule, sample_images
+from seedselect_cli.core.sampling import make_schedule, sample_images
 from seedselect_cli.core.targets import Centroids
 from seedselect_cli.models import DTYPES, compile_models, load_models, resolve_device, resolve_dtype
 
@@ -153,13 +155,15 @@ def count_flops(config, args) -> list[tuple[str, float, int]]:
     models = real_models(meta, DTYPES["bfloat16"])
     z, target, text = iteration_inputs(models, 1, args)
     latents = torch.randn(z.shape, device=meta, dtype=models.dtype)
+    guided = args.guidance > 1.0
     calls = {
-        "UNet, CFG batch 2": lambda: models.unet(torch.cat([latents] * 2), 500, encoder_hidden_states=text),
+        f"UNet, batch {1 + guided}{' (CFG)' if guided else ''}": lambda: models.unet(
+            torch.cat([latents] * (1 + guided)), 500, encoder_hidden_states=text[:1 + guided]),
         "VAE decode": lambda: models.vae.decode(latents),
         "CLIP image": lambda: models.image_encoder(pixel_values=torch.randn(1, 3, 224, 224, device=meta,
                                                                             dtype=models.dtype)),
     }
-    timesteps = ddim_schedule(models, args.steps)
+    timesteps = make_schedule(models, args.steps, args.sampler)
 
     def iteration(graphs=None) -> None:
         models.cuda_graphs = graphs
@@ -264,7 +268,8 @@ def iteration_flops(models: FrozenModels, config, batch: int, args) -> float:
 
     z, target, text = iteration_inputs(models, batch, args)
     with FlopCounterMode(display=False) as counter:
-        seed_objective(models, z, target, text, ddim_schedule(models, args.steps), config.objective()).total.sum().backward()
+        seed_objective(models, z, target, text, make_schedule(models, args.steps, args.sampler),
+                       config.objective()).total.sum().backward()
     return counter.get_total_flops()
 
 
@@ -321,7 +326,7 @@ def measure(models: FrozenModels, mode: str, config, batch: int, args) -> dict:
     """One mode at one batch size: s/iteration, peak memory, FLOPs per iteration, s per bootstrap image."""
     device = models.device
     z, target, text = iteration_inputs(models, batch, args)
-    timesteps = ddim_schedule(models, args.steps)
+    timesteps = make_schedule(models, args.steps, args.sampler)
     optimizer = torch.optim.AdamW([z], lr=0.1)
 
     def iteration() -> None:
@@ -347,7 +352,7 @@ def measure(models: FrozenModels, mode: str, config, batch: int, args) -> dict:
         profile(device, iteration)
 
     def render() -> None:  # one image at batch 1, as bootstrap renders each image it writes
-        sample_images(models, z.detach()[:1], text, args.steps, config.sampler.guidance_scale)
+        sample_images(models, z.detach()[:1], text, args.steps, config.sampler.guidance_scale, args.sampler)
 
     render()  # untimed: with torch.compile the first render compiles, once per run
     render_s = timed(device, render)
@@ -373,9 +378,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                         help="of the fast mode; auto: bfloat16 on a GPU, float32 on the CPU")
     parser.add_argument("--height", type=int, default=None, help="image size (default 512, tiny 32)")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--k", type=int, default=3)
-    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--model", default="sd21", choices=["sd21", "sd_turbo"],
+                        help="sd_turbo: SD 2.1's architecture (SD-Turbo's) with its preset: euler, 1 step, guidance 0, k=1")
+    parser.add_argument("--sampler", default=None, choices=["ddim", "euler", "dpmpp_2m"], help="default: the model's")
+    parser.add_argument("--steps", type=int, default=None, help="default 20, sd_turbo 1")
+    parser.add_argument("--k", type=int, default=None, help="default 3, sd_turbo 1")
+    parser.add_argument("--guidance", type=float, default=None, help="default 7.5, sd_turbo 0")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--modes", nargs="+", default=["graphed", "plain"],
                         choices=["fast", "compiled", "graphed", "compiled-graphed", "plain"])
@@ -404,6 +412,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--flops", action="store_true",
                         help="only count the FLOPs and operations of the paper's setting (meta device)")
     args = parser.parse_args(argv)
+    turbo = args.model == "sd_turbo"
+    args.sampler = args.sampler or ("euler" if turbo else "ddim")
+    args.steps = args.steps or (1 if turbo else 20)
+    args.k = args.k or (1 if turbo else 3)
+    args.guidance = args.guidance if args.guidance is not None else (0.0 if turbo else 7.5)
     if args.cudnn_workspace_mb is not None:  # read when cuDNN first runs a convolution
         os.environ["CUDNN_CONV_WSCAP_DBG"] = str(args.cudnn_workspace_mb)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
@@ -412,13 +425,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     device = torch.device("cpu") if args.tiny else resolve_device(args.device)
     args.height = args.height or (32 if args.tiny else 512)
     weights = [0.05, 0.25, 0.7] if args.k == 3 else [1 / args.k] * args.k  # the authors' weights for k = 3
-    config = bench_config([f"sampler.steps={args.steps}", f"kstep.k={args.k}", f"kstep.weights={weights}",
+    config = bench_config([f"sampler.name={args.sampler}", f"sampler.steps={args.steps}", f"kstep.k={args.k}",
+                          f"kstep.weights={weights}",
                           f"sampler.guidance_scale={args.guidance}", f"sampler.height={args.height}",
                           f"sampler.width={args.height}"])
 
     if args.flops:
         counts = count_flops(config, args)
-        table = Table(title=f"FLOPs: SD 2.1-base + CLIP ViT-H-14, {args.height} px, {args.steps} steps, k={args.k}")
+        model = "SD-Turbo (SD 2.1's UNet)" if turbo else "SD 2.1-base"
+        table = Table(title=f"FLOPs: {model} + CLIP ViT-H-14, {args.height} px, {args.sampler}, {args.steps} steps, "
+                            f"k={args.k}, CFG {args.guidance:g}")
         for column in ("call", "TFLOP", f"floor at {args.peak_tflops:g} TFLOP/s", "operations"):
             table.add_column(column, justify="left" if column == "call" else "right")
         for name, tflop, operations in counts:
