@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from seedselect_cli import quality
 from seedselect_cli.config import Config, check_config, check_device, check_template, load_structured
-from seedselect_cli.core.sampling import encode_prompt, sample_images
+from seedselect_cli.core.sampling import encode_prompt, sample_images, step_noise
 from seedselect_cli.errors import UserError, first_line
 from seedselect_cli.files.atomic import atomic_write, slugify
 from seedselect_cli.files.datasets import fill_template, heldout_images, load_classes
@@ -166,7 +166,7 @@ def notes(n_classes: int, top_k: int) -> list[str]:
 
 def render_baseline(run_dir: Path, config: Config, entries: list[dict], cfg: EvaluateConfig) -> dict[tuple, Path]:
     """Plain sampling for every entry (`BASELINE`); rendered once and kept in RUN/baseline/."""
-    from seedselect_cli.core.initial_seeds import plain_noise
+    from seedselect_cli.core.initial_seeds import init_seed_for, plain_noise
 
     paths = {(e["class"], e["index"]): run_dir / "baseline" / "images" / slugify(e["class"]) / f"{e['index']:05d}.png"
              for e in entries}
@@ -180,10 +180,12 @@ def render_baseline(run_dir: Path, config: Config, entries: list[dict], cfg: Eva
         for entry in tqdm(missing, desc="plain Stable Diffusion", unit="img", disable=not sys.stderr.isatty()):
             # not the seed file's start: a bootstrap image starts from z_T^G, an init=nao one from a centroid
             z_T = plain_noise(models, shape, config.seed, entry["class"], entry["index"])
+            noise = step_noise(config.sampler.name, [init_seed_for(config.seed, entry["class"], entry["index"])], shape,
+                               config.sampler.steps)
             if entry["prompt"] not in prompts:
                 prompts[entry["prompt"]] = encode_prompt(models, entry["prompt"], config.sampler.negative_prompt)
             image = sample_images(models, z_T[None], prompts[entry["prompt"]], config.sampler.steps,
-                                  config.sampler.guidance_scale, config.sampler.name)[0]
+                                  config.sampler.guidance_scale, config.sampler.name, noise)[0]
             path = paths[(entry["class"], entry["index"])]
             atomic_write(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
     return paths

@@ -12,7 +12,7 @@ from PIL import PngImagePlugin
 
 from seedselect_cli.config import ModelConfig, check_device
 from seedselect_cli.core.frozen import FrozenModels
-from seedselect_cli.core.sampling import encode_prompt, sample_images
+from seedselect_cli.core.sampling import encode_prompt, sample_images, step_noise
 from seedselect_cli.errors import UserError
 from seedselect_cli.files.assets import resolve_location
 from seedselect_cli.files.atomic import atomic_write
@@ -103,7 +103,8 @@ def run_generate(cfg: GenerateConfig) -> Path:
         raise UserError(f"seed_file={cfg.seed_file}: seed shape {tuple(z_T.shape)} does not fit model "
                         f"{models.name} at {seed.width}x{seed.height} (expected {expected})")
     text_embeds = encode_prompt(models, meta["prompt"], meta.get("negative_prompt", ""))
-    image = sample_images(models, z_T[None], text_embeds, seed.steps, seed.guidance_scale, seed.sampler)[0]
+    noise = step_noise(seed.sampler, [int(meta.get("init_seed", "0"))], tuple(z_T.shape), seed.steps)
+    image = sample_images(models, z_T[None], text_embeds, seed.steps, seed.guidance_scale, seed.sampler, noise)[0]
 
     fmt = SUFFIXES[out.suffix.lower()]
     info = PngImagePlugin.PngInfo()

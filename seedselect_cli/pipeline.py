@@ -25,7 +25,7 @@ from seedselect_cli.core.engine import ClassTarget, Engine, batch_blocks
 from seedselect_cli.core.frozen import FrozenModels
 from seedselect_cli.core.initial_seeds import SeedStarts, inversion_fingerprint
 from seedselect_cli.core.optimize import SeedResult
-from seedselect_cli.core.sampling import sample_images
+from seedselect_cli.core.sampling import sample_images, step_noise
 from seedselect_cli.core.targets import ReferenceEncodings, encoder_fingerprint
 from seedselect_cli.errors import Interrupted, UserError, count_of
 from seedselect_cli.files.assets import portable
@@ -288,8 +288,9 @@ class ClassRun:
                     target: ClassTarget, extra: dict) -> dict:
         """Render the best seed, then write seed file, image, and last the manifest line."""
         out, models, sampler = self.out, self.engine.models, self.config.sampler
+        noise = step_noise(sampler.name, [init_seed], tuple(result.optimized.shape), sampler.steps)
         image = sample_images(models, result.optimized[None], target.text_embeds, sampler.steps,
-                              sampler.guidance_scale, sampler.name)[0]
+                              sampler.guidance_scale, sampler.name, noise)[0]
         metadata = metadata_for(models, self.config, record, index, init_seed)
         seed_path, image_path = out.seed_path(slug, index), out.image_path(slug, index)
         with out.writing(seed_path):

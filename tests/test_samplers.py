@@ -14,24 +14,32 @@ from seedselect_cli.limits import SAMPLER_NAMES
 from seedselect_cli.models import load_models
 
 
-def pipeline_latents(models, scheduler, z_T, prompt: str, steps: int, guidance: float) -> torch.Tensor:
-    """What diffusers' pipeline draws from the unit seed z_T (it scales it by init_noise_sigma itself)."""
+def pipeline_latents(models, scheduler, z_T, prompt: str, steps: int, guidance: float, generator=None) -> torch.Tensor:
+    """What diffusers' pipeline draws from the unit seed z_T (it scales it by init_noise_sigma itself; LCM draws its
+    noise between steps from `generator`)."""
     pipe = StableDiffusionPipeline(vae=models.vae, text_encoder=models.text_encoder, tokenizer=models.tokenizer,
                                    unet=models.unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    image_encoder=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe([prompt] * len(z_T), latents=z_T.clone(), num_inference_steps=steps, guidance_scale=guidance,
-                output_type="latent").images
+                output_type="latent", generator=generator).images
 
 
-def ours(models, name, z_T, prompt, steps, guidance, prediction_type=None):
+def lcm_draws(seed: int, z_T: torch.Tensor, steps: int) -> torch.Tensor:
+    """The noise diffusers' LCM step draws between steps from a generator seeded with `seed`, in its order."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randn(z_T.shape, generator=g) for _ in range(steps - 1)]) if steps > 1 else None
+
+
+def ours(models, name, z_T, prompt, steps, guidance, prediction_type=None, noise=None):
     schedule = make_schedule(models, steps, name)
     if prediction_type is not None:  # the same arithmetic read as another kind of network's output
         scheduler = scheduler_for(name, {**dict(models.scheduler.config), "prediction_type": prediction_type})
         scheduler.set_timesteps(steps)
         schedule = type(schedule)(name, scheduler, scheduler.timesteps)
     with torch.no_grad():
-        return rollout(models, z_T, encode_prompt(models, prompt), schedule, guidance, checkpoint=False)[-1], schedule
+        return (rollout(models, z_T, encode_prompt(models, prompt), schedule, guidance, checkpoint=False, noise=noise)[-1],
+                schedule)
 
 
 def test_the_sampler_names_are_one_list():
@@ -42,22 +50,23 @@ def test_the_sampler_names_are_one_list():
 @pytest.mark.parametrize("steps, guidance", [(1, 1.0), (2, 0.0), (4, 7.5), (7, 3.0)])
 def test_each_sampler_draws_what_diffusers_draws_from_the_same_latents(tiny_models, name, steps, guidance):
     z_T = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(11 * steps + len(name)))
-    mine, _ = ours(tiny_models, name, z_T, "a small red bird", steps, guidance)
+    mine, _ = ours(tiny_models, name, z_T, "a small red bird", steps, guidance, noise=lcm_draws(99, z_T, steps))
     with torch.no_grad():
         theirs = pipeline_latents(tiny_models, scheduler_for(name, tiny_models.scheduler.config), z_T,
-                                  "a small red bird", steps, guidance)
+                                  "a small red bird", steps, guidance, torch.Generator().manual_seed(99))
     assert mine.abs().max() > 0.1 and torch.isfinite(mine).all()
     # float32 throughout; ours computes the step's constants in double on the host: 1e-5 of the scale
     torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-4 * theirs.abs().max().item())
 
 
-@pytest.mark.parametrize("name", ["euler", "dpmpp_2m", "ddim"])
+@pytest.mark.parametrize("name", SAMPLER_NAMES)
 def test_v_prediction_is_read_as_diffusers_reads_it(tiny_models, name):
     z_T = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(5))
-    mine, schedule = ours(tiny_models, name, z_T, "a hand", 3, 4.0, prediction_type="v_prediction")
+    mine, schedule = ours(tiny_models, name, z_T, "a hand", 3, 4.0, prediction_type="v_prediction",
+                          noise=lcm_draws(3, z_T, 3))
     with torch.no_grad():
         theirs = pipeline_latents(tiny_models, schedule.scheduler.__class__.from_config(schedule.scheduler.config),
-                                  z_T, "a hand", 3, 4.0)
+                                  z_T, "a hand", 3, 4.0, torch.Generator().manual_seed(3))
     torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-4 * theirs.abs().max().item())
 
 
@@ -67,13 +76,13 @@ def toyworld():
                        torch.device("cpu"), torch.float32, with_image_encoder=False)
 
 
-@pytest.mark.parametrize("name, steps", [("ddim", 10), ("euler", 1), ("euler", 4), ("dpmpp_2m", 10)])
+@pytest.mark.parametrize("name, steps", [("ddim", 10), ("euler", 1), ("euler", 4), ("dpmpp_2m", 10), ("lcm", 4)])
 def test_on_the_trained_toy_world_too(toyworld, name, steps):
     z_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(steps))
-    mine, _ = ours(toyworld, name, z_T, "a photo of a marsh finch", steps, 4.0)
+    mine, _ = ours(toyworld, name, z_T, "a photo of a marsh finch", steps, 4.0, noise=lcm_draws(8, z_T, steps))
     with torch.no_grad():
         theirs = pipeline_latents(toyworld, scheduler_for(name, toyworld.scheduler.config), z_T,
-                                  "a photo of a marsh finch", steps, 4.0)
+                                  "a photo of a marsh finch", steps, 4.0, torch.Generator().manual_seed(8))
     torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-4 * theirs.abs().max().item())
 
 
@@ -86,14 +95,15 @@ def test_gradients_flow_through_the_checkpointed_steps_as_through_the_plain_ones
     grads = []
     for checkpoint in (False, True):
         seed = z.clone().requires_grad_(True)
-        latents = rollout(tiny_models, seed, embeds, schedule, 5.0, keep_last=2, checkpoint=checkpoint)
+        latents = rollout(tiny_models, seed, embeds, schedule, 5.0, keep_last=2, checkpoint=checkpoint,
+                          noise=lcm_draws(4, z, 4))
         (latents[-1].square().mean() + latents[0].mean()).backward()
         grads.append(seed.grad)
     assert grads[0].abs().max() > 0
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("name, steps", [("euler", 2), ("dpmpp_2m", 4)])
+@pytest.mark.parametrize("name, steps", [("euler", 2), ("dpmpp_2m", 4), ("lcm", 3)])
 def test_a_run_with_another_sampler_records_it_and_generate_redraws_its_images(name, steps, tmp_path, monkeypatch,
                                                                              capsys):
     import json
@@ -112,8 +122,23 @@ def test_a_run_with_another_sampler_records_it_and_generate_redraws_its_images(n
     with safe_open(str(tmp_path / "run" / entry["seed_file"]), framework="pt") as handle:
         meta = handle.metadata()
     assert meta["sampler"] == name and meta["scheduler"] == SAMPLERS[name][0].__name__
-    label = {"euler": "Sampler: Euler", "dpmpp_2m": "Sampler: DPM++ 2M"}[name]
+    label = {"euler": "Sampler: Euler", "dpmpp_2m": "Sampler: DPM++ 2M", "lcm": "Sampler: LCM"}[name]
     assert label in Image.open(tmp_path / "run" / entry["image"]).text["parameters"]
     assert json.loads(Image.open(tmp_path / "run" / entry["image"]).text["seedselect"])["sampler"] == name
     assert main(["generate", f"seed_file=run/{entry['seed_file']}", "out=again.png"]) == 0
     assert np.array_equal(np.asarray(Image.open("again.png")), np.asarray(Image.open(tmp_path / "run" / entry["image"])))
+
+
+def test_lcm_noise_is_each_images_own_and_required():
+    from seedselect_cli.core.sampling import lcm_noise
+
+    together = lcm_noise([7, 8], (4, 2, 2), 3)
+    assert together.shape == (2, 2, 4, 2, 2)
+    torch.testing.assert_close(together[:, 1:], lcm_noise([8], (4, 2, 2), 3))  # not its batch's
+    assert not torch.equal(together[:, 0], together[:, 1])
+
+
+def test_lcm_without_its_noise_is_refused(tiny_models):
+    with pytest.raises(ValueError, match="needs its noise"):
+        rollout(tiny_models, torch.randn(1, 4, 16, 16), encode_prompt(tiny_models, "x"), make_schedule(tiny_models, 2, "lcm"),
+                1.0)

@@ -25,7 +25,7 @@ from seedselect_cli.core.bootstrap import Batch, bootstrap_batches
 from seedselect_cli.core.frozen import FrozenModels
 from seedselect_cli.core.initial_seeds import SeedStarts, assigned_reference, init_seed_for
 from seedselect_cli.core.optimize import SeedResult, best_candidates, optimize_seeds
-from seedselect_cli.core.sampling import encode_prompt
+from seedselect_cli.core.sampling import encode_prompt, step_noise
 from seedselect_cli.core.specs import BootstrapSpec, InitSpec, Objective, OptimSpec
 from seedselect_cli.core.targets import Centroids, ReferenceEncodings, stack_centroids
 
@@ -129,11 +129,13 @@ class Engine:
         `batch.extra` as `candidate`), then `batch.iterations` of gradient descent (`progress`, `should_stop`,
         `on_iteration`: as `optimize_seeds`)."""
         centroids = target.targets(batch.centroids)
+        sampler = self.objective.sampler
+        noise = step_noise(sampler.name, batch.init_seeds, tuple(batch.z_init.shape[-3:]), sampler.steps)
         if batch.z_init.ndim == 5:
             batch.z_init, chosen = best_candidates(self.models, batch.z_init, centroids, target.text_embeds,
-                                                   self.objective)
+                                                   self.objective, noise)
             for extra, k in zip(batch.extra, chosen):
                 extra["candidate"] = k
         return optimize_seeds(self.models, batch.z_init, centroids, target.text_embeds, self.objective, self.optim,
                               iterations=batch.iterations, progress=progress, should_stop=should_stop,
-                              on_iteration=on_iteration)
+                              on_iteration=on_iteration, noise=noise)

@@ -63,13 +63,14 @@ def semantic_embedding(models: FrozenModels, latents: torch.Tensor) -> torch.Ten
 
 
 def seed_objective(models: FrozenModels, z_T: torch.Tensor, centroids: Centroids, text_embeds: torch.Tensor,
-                   schedule: Schedule, objective: Objective) -> LossTerms:
-    """Roll out the sampler from z_T and evaluate the SeedSelect loss for each seed of the batch."""
+                   schedule: Schedule, objective: Objective, noise: torch.Tensor | None = None) -> LossTerms:
+    """Roll out the sampler from z_T and evaluate the SeedSelect loss for each seed of the batch (`noise`: what
+    the sampler adds between steps, `step_noise`)."""
     loss, kstep, sampler = objective.loss, objective.kstep, objective.sampler
     lam, checkpoint = loss.lam, sampler.checkpointing
     keep = kstep.k if lam > 0 else 1
     latents = rollout(models, z_T, text_embeds, schedule, sampler.guidance_scale,
-                           keep_last=keep, checkpoint=checkpoint)
+                           keep_last=keep, checkpoint=checkpoint, noise=noise)
     if lam > 0:
         if checkpoint and torch.is_grad_enabled():  # keep only the embedding of each decoded image
             embed = functools.partial(semantic_embedding, models)
@@ -95,7 +96,7 @@ def seed_objective(models: FrozenModels, z_T: torch.Tensor, centroids: Centroids
 
 @torch.no_grad()
 def best_candidates(models: FrozenModels, candidates: torch.Tensor, centroids: Centroids, text_embeds: torch.Tensor,
-                    objective: Objective) -> tuple[torch.Tensor, list[int]]:
+                    objective: Objective, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, list[int]]:
     """Selection in the literal sense: of each image's N candidate starts (B, N, C, h, w), the one of lowest
     loss, scored by one forward pass each without gradients (about a third of an iteration's arithmetic).
     Returns the starts (B, C, h, w) and which candidate each is."""
@@ -103,7 +104,7 @@ def best_candidates(models: FrozenModels, candidates: torch.Tensor, centroids: C
     targets = centroids.to(models.device)
     losses = torch.stack([
         seed_objective(models, candidates[:, k].to(models.device, torch.float32), targets, text_embeds, schedule,
-                       objective).total.float().cpu()
+                       objective, noise).total.float().cpu()
         for k in range(candidates.shape[1])], dim=1)
     best = losses.nan_to_num(nan=float("inf")).argmin(dim=1)
     return candidates[torch.arange(len(best)), best], best.tolist()
@@ -112,7 +113,8 @@ def best_candidates(models: FrozenModels, candidates: torch.Tensor, centroids: C
 def optimize_seeds(models: FrozenModels, z_init: torch.Tensor, centroids: Centroids, text_embeds: torch.Tensor,
                    objective: Objective, optim: OptimSpec, iterations: int | None = None, progress=None,
                    should_stop: Callable[[], bool] | None = None,
-                   on_iteration: Callable[[int, torch.Tensor], None] | None = None) -> list[SeedResult]:
+                   on_iteration: Callable[[int, torch.Tensor], None] | None = None,
+                   noise: torch.Tensor | None = None) -> list[SeedResult]:
     """Optimise a batch of seeds `z_init` (B, C, h, w) on `objective` for `iterations` (default
     `optim.iterations`).
 
@@ -141,7 +143,7 @@ def optimize_seeds(models: FrozenModels, z_init: torch.Tensor, centroids: Centro
             for group in optimizer.param_groups:
                 group["lr"] = optim.lr * optim.lr_drop_factor
         optimizer.zero_grad(set_to_none=True)
-        terms = seed_objective(models, z, centroids, text_embeds, schedule, objective)
+        terms = seed_objective(models, z, centroids, text_embeds, schedule, objective, noise)
         total = terms.total.detach().float().cpu()
         frozen = torch.tensor([reason is not None for reason in stopped])
         # A seed already stopped, or whose loss is not finite, takes no part in the backward pass.

@@ -3,6 +3,7 @@
     ddim       DDIMScheduler, eta = 0 (Song et al. 2021)                       the paper's, and inversion's
     euler      EulerDiscreteScheduler, trailing timesteps                      SD-Turbo, SDXL-Turbo: 1 to 4 steps
     dpmpp_2m   DPMSolverMultistepScheduler, dpmsolver++, order 2 (Lu et al.)   the common 20-step choice
+    lcm        LCMScheduler (Luo et al. 2023)                                  latent consistency models: 1 to 8 steps
 
 Small functions in the k-diffusion manner: a `Schedule` holds the run's timesteps and the constants of
 every step, read from the diffusers scheduler built for it (`make_schedule`) and never stepped, so no
@@ -15,7 +16,9 @@ Gradient mode is the caller's. With `checkpoint=True` each denoising step is one
 so only the latents between steps are kept and memory does not grow with the number of steps (the step
 is recomputed in the backward pass); with `runtime.cuda_graphs` each is a pair of CUDA graphs
 (`cuda_graphs.py`). DPM-Solver++'s second-order step also carries the previous step's z_0 prediction:
-it travels beside the latents through the checkpoint, so its gradient flows too.
+it travels beside the latents through the checkpoint, so its gradient flows too. LCM adds fresh noise
+between its steps; that noise belongs to the image like its seed (`lcm_noise`, drawn from the image's
+init seed) and is passed in, never optimised.
 """
 
 from __future__ import annotations
@@ -24,11 +27,18 @@ import math
 from dataclasses import dataclass
 
 import torch
-from diffusers import DDIMInverseScheduler, DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+from diffusers import (
+    DDIMInverseScheduler,
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    LCMScheduler,
+)
 
 from seedselect_cli.core.cuda_graphs import checkpointed
 from seedselect_cli.core.encoders import to_pil, vae_decode
 from seedselect_cli.core.frozen import FrozenModels
+from seedselect_cli.derive import derived_int
 from seedselect_cli.limits import SAMPLER_NAMES
 
 # `sampler.name` -> the diffusers scheduler whose arithmetic it is, and the settings it is built with
@@ -37,6 +47,7 @@ SAMPLERS: dict[str, tuple[type, dict]] = {
     "euler": (EulerDiscreteScheduler, {"timestep_spacing": "trailing"}),
     "dpmpp_2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2,
                                                "solver_type": "midpoint", "final_sigmas_type": "zero"}),
+    "lcm": (LCMScheduler, {}),
 }
 assert tuple(SAMPLERS) == SAMPLER_NAMES
 
@@ -189,6 +200,41 @@ def dpmpp_2m_step(denoiser: Denoiser, schedule: Schedule, i: int, state: torch.T
     return torch.cat([x_next, x0], dim=1)
 
 
+def lcm_step(denoiser: Denoiser, schedule: Schedule, i: int, x: torch.Tensor, embeds: torch.Tensor,
+             noise: torch.Tensor | None) -> torch.Tensor:
+    """Step i of LCM's multistep sampling, as diffusers' `LCMScheduler.step`: the consistency function's z_0
+    (c_skip x + c_out x0), then, before the last step, noised again to the next timestep with `noise`."""
+    scheduler = schedule.scheduler
+    t = int(schedule.timesteps[i])
+    last = i == len(schedule) - 1
+    a_t = float(scheduler.alphas_cumprod[t])
+    out = denoiser(x, t, embeds)
+    if schedule.prediction_type == "v_prediction":
+        x0 = a_t ** 0.5 * x - (1 - a_t) ** 0.5 * out
+    else:
+        x0 = (x - (1 - a_t) ** 0.5 * out) / a_t ** 0.5
+    c_skip, c_out = scheduler.get_scalings_for_boundary_condition_discrete(t)
+    denoised = c_out * x0 + c_skip * x
+    if last:
+        return denoised
+    a_next = float(scheduler.alphas_cumprod[int(schedule.timesteps[i + 1])])
+    return a_next ** 0.5 * denoised + (1 - a_next) ** 0.5 * noise
+
+
+def step_noise(sampler: str, init_seeds: list[int], shape: tuple[int, ...], steps: int) -> torch.Tensor | None:
+    """The noise `sampler` adds between its steps for images with these init seeds (as their seed files record
+    them): LCM's (`lcm_noise`), None for the deterministic samplers."""
+    return lcm_noise(init_seeds, shape, steps) if sampler == "lcm" and steps > 1 else None
+
+
+def lcm_noise(init_seeds: list[int], shape: tuple[int, ...], steps: int) -> torch.Tensor:
+    """The noise LCM adds after each step but the last, for images with these init seeds: (steps - 1, B, C, h, w),
+    each image's from its own generator (so neither its batch nor the device changes it), drawn on the CPU."""
+    per_image = [torch.randn((max(steps - 1, 0), *shape), generator=torch.Generator().manual_seed(
+        derived_int(seed, "lcm") >> 1)) for seed in init_seeds]
+    return torch.stack(per_image, dim=1)
+
+
 def _to_vp(schedule: Schedule, i: int, x: torch.Tensor) -> torch.Tensor:
     """The latents after step i in the variance-preserving space (Euler's carry a factor sqrt(1 + sigma^2))."""
     if schedule.name == "euler":
@@ -197,9 +243,13 @@ def _to_vp(schedule: Schedule, i: int, x: torch.Tensor) -> torch.Tensor:
 
 
 def rollout(models: FrozenModels, z_T: torch.Tensor, text_embeds: torch.Tensor, schedule: Schedule,
-            guidance_scale: float, keep_last: int = 1, checkpoint: bool = True) -> list[torch.Tensor]:
+            guidance_scale: float, keep_last: int = 1, checkpoint: bool = True,
+            noise: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Run the schedule's sampler from the seed z_T (float32, (B, C, h, w), unit Gaussian) and return the latents
-    after each of the last `keep_last` steps, oldest first: the last one is z_0."""
+    after each of the last `keep_last` steps, oldest first: the last one is z_0. `noise`: LCM's noise between
+    steps, (steps - 1, B, C, h, w) (`lcm_noise`); the other samplers add none."""
+    if schedule.name == "lcm" and len(schedule) > 1 and (noise is None or noise.shape[0] != len(schedule) - 1):
+        raise ValueError("the lcm sampler needs its noise between steps: pass noise=lcm_noise(...)")
     denoiser = Denoiser(models, guidance_scale)
     embeds = guided_embeddings(text_embeds, z_T.shape[0], guidance_scale)
     use_checkpoint = checkpoint and torch.is_grad_enabled()
@@ -210,11 +260,12 @@ def rollout(models: FrozenModels, z_T: torch.Tensor, text_embeds: torch.Tensor, 
     kept = []
     for i in range(n):
         step = _step_at(denoiser, schedule, i)
+        context = (embeds,) if schedule.name != "lcm" or i == n - 1 else (embeds, noise[i].to(x.device, x.dtype))
         if use_checkpoint:
             key = ("the denoising steps", schedule.name, i, n, _host(schedule.timesteps[i]), float(guidance_scale))
-            x = checkpointed(models, key, step, x, embeds)
+            x = checkpointed(models, key, step, x, *context)
         else:
-            x = step(x, embeds)
+            x = step(x, *context)
         if i >= n - keep_last:
             latents = x.chunk(2, dim=1)[0] if schedule.name == "dpmpp_2m" else x
             kept.append(_to_vp(schedule, i, latents))
@@ -235,6 +286,8 @@ def _step_at(denoiser: Denoiser, schedule: Schedule, i: int):
         return lambda x, embeds: euler_step(denoiser, schedule, i, x, embeds)
     if schedule.name == "dpmpp_2m":
         return lambda x, embeds: dpmpp_2m_step(denoiser, schedule, i, x, embeds)
+    if schedule.name == "lcm":
+        return lambda x, embeds, noise=None: lcm_step(denoiser, schedule, i, x, embeds, noise)
     t = _host(schedule.timesteps[i])
     return lambda x, embeds: ddim_step(denoiser, schedule, x, t, embeds)
 
@@ -262,8 +315,8 @@ def ddim_invert(models: FrozenModels, z_0: torch.Tensor, text_embeds: torch.Tens
 
 @torch.no_grad()
 def sample_images(models: FrozenModels, z_T: torch.Tensor, text_embeds: torch.Tensor, steps: int,
-                  guidance_scale: float, sampler: str = "ddim") -> list:
+                  guidance_scale: float, sampler: str = "ddim", noise: torch.Tensor | None = None) -> list:
     """The images a batch of seeds gives: the sampler, decode, 8-bit PIL. What `generate` repeats exactly."""
     z_0 = rollout(models, z_T.to(models.device, torch.float32), text_embeds, make_schedule(models, steps, sampler),
-                  guidance_scale)[-1]
+                  guidance_scale, noise=noise)[-1]
     return to_pil(models, vae_decode(models, z_0))

@@ -20,8 +20,9 @@ from seedselect_cli.files.atomic import atomic_write
 from seedselect_cli.limits import DTYPE_NAMES, MAX_SIDE, MAX_STEPS, SAMPLER_NAMES
 
 # a sampler's diffusers class (recorded, as tools that read the file expect) and its name in PNG `parameters`
-SAMPLER_CLASSES = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler", "dpmpp_2m": "DPMSolverMultistepScheduler"}
-SAMPLER_LABELS = {"ddim": "DDIM", "euler": "Euler", "dpmpp_2m": "DPM++ 2M"}
+SAMPLER_CLASSES = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler", "dpmpp_2m": "DPMSolverMultistepScheduler",
+                   "lcm": "LCMScheduler"}
+SAMPLER_LABELS = {"ddim": "DDIM", "euler": "Euler", "dpmpp_2m": "DPM++ 2M", "lcm": "LCM"}
 
 FORMAT = "seedselect-seed/1"
 REQUIRED = ("prompt", "model", "steps", "guidance_scale", "height", "width", "scheduler_config", "dtype")
@@ -147,6 +148,8 @@ def metadata_problem(metadata: dict[str, str]) -> str | None:
         return f"guidance_scale={metadata['guidance_scale']!r} is not a number between 0 and 100"
     if metadata["dtype"] not in DTYPE_NAMES:
         return f"dtype={metadata['dtype']!r} is not one of {', '.join(DTYPE_NAMES)}"
+    if not metadata.get("init_seed", "0").strip().isdigit():
+        return f"init_seed={metadata['init_seed']!r} is not a whole number"
     if metadata.get("sampler", "ddim") not in SAMPLER_NAMES:
         return f"sampler={metadata['sampler']!r} is not one of {', '.join(SAMPLER_NAMES)}"
     if not metadata["model"].strip():
