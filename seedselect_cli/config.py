@@ -94,6 +94,9 @@ class RuntimeConfig:
     # the checkpointed calls (denoising steps, decode and embed) as CUDA graphs (cuda_graphs.py); auto: on CUDA devices
     # with sampler.checkpointing (a YAML true or false arrives here as "True" or "False")
     cuda_graphs: str = "auto"
+    # GB for the activations of denoising steps kept instead of recomputed in the backward pass; auto: half of what
+    # the device has free once the models are loaded; 0: recompute every step (memory flat in sampler.steps)
+    memory_budget: str = "0"
 
 
 @dataclass
@@ -196,6 +199,8 @@ def check_config(c: Config) -> None:
     if c.sampler.name not in SAMPLER_NAMES:
         raise _bad("sampler.name", c.sampler.name, f"choose one of {', '.join(SAMPLER_NAMES)}")
     _check_range("sampler.steps", c.sampler.steps, 1, MAX_STEPS)
+    if c.sampler.name == "lcm" and c.sampler.steps > 50:  # LCMScheduler's steps are a subset of 50 (its default)
+        raise _bad("sampler.steps", c.sampler.steps, "the lcm sampler takes at most 50 steps (1 to 8 are its use)")
     if not 1 <= c.kstep.k <= c.sampler.steps:
         raise _bad("kstep.k", c.kstep.k, f"must be between 1 and sampler.steps={c.sampler.steps}")
     if len(c.kstep.weights) != c.kstep.k:
@@ -255,6 +260,10 @@ def check_config(c: Config) -> None:
         raise _bad("runtime.cuda_graphs", True, "the graphs are the checkpointed denoising steps: keep "
                                                 "sampler.checkpointing=true")
     resolve_shard(c.runtime.shard)
+    budget = str(c.runtime.memory_budget).strip().lower()
+    if budget != "auto" and not (re.fullmatch(r"\d+(\.\d*)?", budget) and math.isfinite(float(budget))):
+        raise _bad("runtime.memory_budget", c.runtime.memory_budget, "give GB (e.g. 12 or 0.5), 0 to recompute every "
+                                                                     "step, or auto")
 
 
 def check_device(name: str) -> None:

@@ -9,6 +9,7 @@ resumption, and the image is rendered from the best seed exactly as `generate` d
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 from collections.abc import Callable
@@ -76,10 +77,28 @@ def seed_starts(models: FrozenModels, config: Config, cache_root: Path | None,
 
 def engine_for(models: FrozenModels, config: Config, cache_root: Path | None = None,
                should_stop: Callable[[str], None] | None = None) -> Engine:
-    """The method's engine for this config: its specs, and its starts with the inversions cached under
-    `cache_root` (None: not kept). What the commands, the scripts and the tests run."""
+    """The method's engine for this config: its specs, its starts with the inversions cached under `cache_root`
+    (None: not kept), and its memory budget. What the commands, the scripts and the tests run."""
     return Engine(models, config.objective(), config.optim_spec(), config.init, config.bootstrap, config.seed,
-                  seed_starts(models, config, cache_root, should_stop))
+                  seed_starts(models, config, cache_root, should_stop),
+                  memory_budget_bytes(config.runtime.memory_budget, models.device))
+
+
+def memory_budget_bytes(setting: str, device: torch.device) -> float:
+    """`runtime.memory_budget` in bytes: GB as given, or for auto half of what the device has free now (the
+    models loaded): CUDA's free memory, else the machine's available memory."""
+    setting = str(setting).strip().lower()
+    if setting != "auto":
+        return float(setting) * 2**30
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+    else:
+        free = 0
+        with contextlib.suppress(OSError, ValueError, IndexError), open("/proc/meminfo") as meminfo:
+            free = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
+    budget = free / 2
+    log.info("runtime.memory_budget=auto: %.1f GB for kept denoising steps", budget / 2**30)
+    return budget
 
 
 def run_optimize(config: Config, run_dir: Path) -> list[dict]:

@@ -64,6 +64,8 @@ CASES = {
     "k": (["optimize", "kstep.k=0"], "kstep.k=0 is invalid"),
     "k above steps": (["optimize", "kstep.k=11"], "kstep.k=11 is invalid"),
     "steps": (["optimize", "sampler.steps=0"], "sampler.steps=0 is invalid"),
+    "sampler": (["optimize", "sampler.name=heun"], "sampler.name='heun' is invalid: choose one of ddim, euler"),
+    "lcm steps": (["optimize", "sampler.name=lcm", "sampler.steps=60", "kstep=last"], "at most 50 steps"),
     "lr": (["optimize", "optim.lr=-1"], "optim.lr=-1.0 is invalid"),
     "shots": (["optimize", "dataset.shots=0"], "dataset.shots=0 is invalid"),
     "n_images": (["optimize", "n_images=0"], "n_images=0 is invalid"),

@@ -25,7 +25,7 @@ from seedselect_cli.core.bootstrap import Batch, bootstrap_batches
 from seedselect_cli.core.frozen import FrozenModels
 from seedselect_cli.core.initial_seeds import SeedStarts, assigned_reference, init_seed_for
 from seedselect_cli.core.optimize import SeedResult, best_candidates, optimize_seeds
-from seedselect_cli.core.sampling import encode_prompt, step_noise
+from seedselect_cli.core.sampling import encode_prompt, make_schedule, step_activation_bytes, step_noise
 from seedselect_cli.core.specs import BootstrapSpec, InitSpec, Objective, OptimSpec
 from seedselect_cli.core.targets import Centroids, ReferenceEncodings, stack_centroids
 
@@ -71,6 +71,23 @@ class Engine:
     bootstrap: BootstrapSpec
     seed: int  # the run's seed: with the class and index it draws each image's noise and subset
     starts: SeedStarts
+    # `runtime.memory_budget` in bytes for the kept activations of denoising steps; None or 0: recompute them all
+    memory_budget: float | None = None
+    _step_bytes: dict = dataclasses.field(default_factory=dict)  # batch size -> bytes one kept step takes
+
+    def unchecked_steps(self, target: ClassTarget, z: torch.Tensor, noise: torch.Tensor | None) -> int:
+        """How many denoising steps keep their activations within the memory budget, for a batch like `z`
+        (measured once per batch size by running one step)."""
+        sampler = self.objective.sampler
+        if not self.memory_budget or not sampler.checkpointing:
+            return 0
+        batch = z.shape[0]
+        if batch not in self._step_bytes:
+            schedule = make_schedule(self.models, sampler.steps, sampler.name)
+            self._step_bytes[batch] = step_activation_bytes(self.models, z.to(self.models.device, torch.float32),
+                                                            target.text_embeds, schedule, sampler.guidance_scale,
+                                                            noise)
+        return min(sampler.steps, int(self.memory_budget // max(self._step_bytes[batch], 1)))
 
     def class_target(self, name: str, prompt: str, encodings: ReferenceEncodings,
                      contrast: tuple[torch.Tensor, int] | None = None) -> ClassTarget:
@@ -136,6 +153,7 @@ class Engine:
                                                    self.objective, noise)
             for extra, k in zip(batch.extra, chosen):
                 extra["candidate"] = k
+        unchecked = self.unchecked_steps(target, batch.z_init, noise)
         return optimize_seeds(self.models, batch.z_init, centroids, target.text_embeds, self.objective, self.optim,
                               iterations=batch.iterations, progress=progress, should_stop=should_stop,
-                              on_iteration=on_iteration, noise=noise)
+                              on_iteration=on_iteration, noise=noise, unchecked_steps=unchecked)

@@ -244,10 +244,12 @@ def _to_vp(schedule: Schedule, i: int, x: torch.Tensor) -> torch.Tensor:
 
 def rollout(models: FrozenModels, z_T: torch.Tensor, text_embeds: torch.Tensor, schedule: Schedule,
             guidance_scale: float, keep_last: int = 1, checkpoint: bool = True,
-            noise: torch.Tensor | None = None) -> list[torch.Tensor]:
+            noise: torch.Tensor | None = None, unchecked_steps: int = 0) -> list[torch.Tensor]:
     """Run the schedule's sampler from the seed z_T (float32, (B, C, h, w), unit Gaussian) and return the latents
     after each of the last `keep_last` steps, oldest first: the last one is z_0. `noise`: LCM's noise between
-    steps, (steps - 1, B, C, h, w) (`lcm_noise`); the other samplers add none."""
+    steps, (steps - 1, B, C, h, w) (`lcm_noise`); the other samplers add none. With `checkpoint`, the first
+    `unchecked_steps` steps keep their activations for the backward pass (`runtime.memory_budget`) and the
+    rest are recomputed in it: the same numbers, less recomputation, more memory."""
     if schedule.name == "lcm" and len(schedule) > 1 and (noise is None or noise.shape[0] != len(schedule) - 1):
         raise ValueError("the lcm sampler needs its noise between steps: pass noise=lcm_noise(...)")
     denoiser = Denoiser(models, guidance_scale)
@@ -261,7 +263,7 @@ def rollout(models: FrozenModels, z_T: torch.Tensor, text_embeds: torch.Tensor, 
     for i in range(n):
         step = _step_at(denoiser, schedule, i)
         context = (embeds,) if schedule.name != "lcm" or i == n - 1 else (embeds, noise[i].to(x.device, x.dtype))
-        if use_checkpoint:
+        if use_checkpoint and i >= unchecked_steps:
             key = ("the denoising steps", schedule.name, i, n, _host(schedule.timesteps[i]), float(guidance_scale))
             x = checkpointed(models, key, step, x, *context)
         else:
@@ -270,6 +272,31 @@ def rollout(models: FrozenModels, z_T: torch.Tensor, text_embeds: torch.Tensor, 
             latents = x.chunk(2, dim=1)[0] if schedule.name == "dpmpp_2m" else x
             kept.append(_to_vp(schedule, i, latents))
     return kept
+
+
+def step_activation_bytes(models: FrozenModels, z_T: torch.Tensor, text_embeds: torch.Tensor, schedule: Schedule,
+                          guidance_scale: float, noise: torch.Tensor | None = None) -> int:
+    """The bytes autograd keeps for the backward pass of one denoising step of this batch, if it is not
+    checkpointed: the tensors it saves, each storage counted once, measured by running the first step. The
+    weights and the text embeddings, which every step shares and memory holds anyway, are left out."""
+    denoiser = Denoiser(models, guidance_scale)
+    embeds = guided_embeddings(text_embeds, z_T.shape[0], guidance_scale)
+    shared = {t.untyped_storage().data_ptr() for t in (*models.unet.parameters(), *models.unet.buffers(), embeds)}
+    seen: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in shared:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    x = z_T.detach().requires_grad_(True) * schedule.init_noise_sigma
+    if schedule.name == "dpmpp_2m":
+        x = torch.cat([x, torch.zeros_like(x)], dim=1)
+    context = (embeds,) if schedule.name != "lcm" or len(schedule) == 1 else (embeds, noise[0].to(x.device, x.dtype))
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        _step_at(denoiser, schedule, 0)(x, *context)
+    return sum(seen.values())
 
 
 def ddim_rollout(models: FrozenModels, z_T: torch.Tensor, text_embeds: torch.Tensor, schedule: Schedule,
