@@ -200,7 +200,7 @@ def test_each_call_is_captured_once_forward_then_backward_in_its_batch_pool(tiny
         torch.testing.assert_close(grad_graph, grad_plain, rtol=1e-10, atol=1e-12)
     (cached,) = calls.cuda_graphs.batches.values()
     in_order = [cached[key] for key in cached]  # first use first: the steps in sampling order
-    assert [key[0][1] for key in cached] == [int(t) for t in timesteps]
+    assert [key[0][4] for key in cached] == [int(t) for t in timesteps]
     assert [(call.__self__, call.__name__) for call, _ in fake_capture] == [
         (graphed_call, half) for graphed_call in in_order for half in ("_forward", "_backward")]
     assert len({id(pool) for _, pool in fake_capture}) == 1  # one memory pool for the batch size

@@ -120,10 +120,19 @@ def test_bench_swaps_every_group_norm_and_the_networks_compute_the_same():
                    for m in bench.prepare(fresh_tiny_models(), "plain", args, accelerate=False).unet.modules())
 
 
+def test_bench_counts_sd_turbos_iteration_a_tenth_of_the_papers():
+    """One Euler step without guidance and k = 1: one UNet call at batch 1 in place of 20 at batch 2."""
+    rows = load_script("bench").main(["--flops", "--model", "sd_turbo"])
+    counts = {row["call"]: row["tflop"] for row in rows}
+    assert abs(counts["UNet, batch 1"] - 0.804) < 0.01
+    iteration = counts["one iteration, batch 1 (forward, backward, recomputation)"]
+    assert 10.5 < iteration < 12  # against 127 TFLOP for the paper's 20 guided DDIM steps, k = 3
+
+
 def test_bench_counts_flops_and_operations_without_a_gpu():
     rows = load_script("bench").main(["--flops", "--steps", "2", "--k", "1"])
     counts = {row["call"]: row["tflop"] for row in rows}
-    assert abs(counts["UNet, CFG batch 2"] - 1.609) < 0.01  # SD 2.1-base at 512 px, as in the issue
+    assert abs(counts["UNet, batch 2 (CFG)"] - 1.609) < 0.01  # SD 2.1-base at 512 px, as in the issue
     assert abs(counts["VAE decode"] - 2.515) < 0.01 and abs(counts["CLIP image"] - 0.335) < 0.01
     unet, vae, clip, iteration, eager = (row["operations"] for row in rows)
     # 2 steps: forward, recomputation and backward of 2 UNet calls, the decode and CLIP, which CUDA graphs
