@@ -79,6 +79,7 @@ def test_rerun_resumes_and_completes(demo_run):
     assert [(run_dir / e["image"]).read_bytes() for e in entries[:2]] == first
 
 
+@pytest.mark.slow
 def test_bad_value_through_the_console_script(tmp_path):
     done = seedselect("optimize", "loss.lam=2", cwd=tmp_path)
     assert done.returncode == 2
@@ -86,6 +87,7 @@ def test_bad_value_through_the_console_script(tmp_path):
     assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "outputs").exists()
 
 
+@pytest.mark.slow
 def test_help(capsys):
     assert main(["--help"]) == 0
     assert "optimize" in capsys.readouterr().out

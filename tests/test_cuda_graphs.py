@@ -55,6 +55,7 @@ def random_centroids(models, g, dtype=torch.float32):
                      torch.randn(4, 16, 16, generator=g, dtype=dtype), count=3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("keep", [1, 3])
 def test_graphed_steps_match_autograd_through_the_whole_rollout_in_float64(tiny_models64, keep):
     plain, steps = tiny_models64, graphed(tiny_models64)

@@ -43,6 +43,7 @@ def demo_run(tmp_path_factory):
     return run_dir
 
 
+@pytest.mark.slow
 def test_copies_of_the_references_score_fidelity_one_and_diversity_zero(tmp_path):
     """The constructed case: every reference and every 'generated' image is the same picture."""
     refs = tmp_path / "refs" / "copy_cat"
@@ -117,6 +118,7 @@ def test_held_out_images_give_precision_recall_and_kid_in_the_judges_space(demo_
     assert metrics["overall"]["seedselect"]["kid"] == pytest.approx(red["seedselect"]["kid"])
 
 
+@pytest.mark.slow
 def test_the_plain_baseline_of_a_bootstrap_run_starts_from_independent_seeds(tmp_path):
     run_dir = tmp_path / "run"
     run_bootstrap(make_config(["bootstrap.n_images=2", "bootstrap.global_iterations=2", "bootstrap.iterations=2",
@@ -151,6 +153,7 @@ def test_bad_run_directories_are_user_errors(tmp_path, demo_run):
         run_evaluate(EvaluateConfig(run_dir=str(demo_run), classes=["cat", "dog"], baseline=False))
 
 
+@pytest.mark.slow
 def test_zero_shot_among_every_class_of_the_data_set(tmp_path):
     from tests.layouts import make_cub
 

@@ -97,6 +97,7 @@ def toy_references(concept: str) -> list[Path]:
     return sorted(Path(asset_path(f"toyworld/references/{concept}")).iterdir())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("steps, bound", [(10, 0.15), (50, 0.04)])
 def test_inversion_reconstructs_the_references_of_the_trained_toy_world(toy_models, steps, bound):
     """DDIM there and back: the relative error ||z_0' - z_0|| / ||z_0|| of each reference's latents stays
@@ -172,6 +173,7 @@ def encodings_of(models, folder: Path) -> ReferenceEncodings:
     return load_encodings(models, sorted(folder.iterdir()), 32, 32, "default", TensorCache(None, "x"), "refs")
 
 
+@pytest.mark.slow
 def test_centres_follow_the_init_method_and_inversions_are_cached(tiny_models, reference_folder, tmp_path,
                                                                     monkeypatch):
     encodings = encodings_of(tiny_models, reference_folder)

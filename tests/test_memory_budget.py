@@ -40,6 +40,7 @@ def test_without_a_budget_steps_keep_only_their_latents_and_with_one_their_activ
     assert per_step > 50 * z.nbytes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["ddim", "dpmpp_2m", "euler"])
 def test_keeping_steps_gives_the_same_seeds_as_recomputing_them(name):
     """On the trained toy world: the same losses and optimised seeds, bit for bit, whatever the budget."""

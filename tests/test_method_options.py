@@ -105,6 +105,7 @@ def test_patience_ends_a_batch_that_stopped_improving(tiny_models, monkeypatch):
     assert len(result.loss_history) == 6 and result.loss == 0.0  # improved at 0, 1, 2; three more; stopped
 
 
+@pytest.mark.slow
 def test_reference_starts_and_assigned_targets_in_a_run(tmp_path):
     config = make_config(["init=reference", "loss.appearance=assigned", "n_images=3", "runtime.batch_size=3",
                           "init.candidates=2"])

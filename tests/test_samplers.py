@@ -103,6 +103,7 @@ def test_gradients_flow_through_the_checkpointed_steps_as_through_the_plain_ones
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, steps", [("euler", 2), ("dpmpp_2m", 4), ("lcm", 3)])
 def test_a_run_with_another_sampler_records_it_and_generate_redraws_its_images(name, steps, tmp_path, monkeypatch,
                                                                              capsys):
