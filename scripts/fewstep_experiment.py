@@ -1,0 +1,76 @@
+"""Does seed selection work through few steps? On the toy world's tail concepts, for each sampler setting,
+the strict judge's top-1 accuracy of plain sampling and of SeedSelect from the same initial noise (the
+toyworld config's defaults otherwise, k = 1), N images per concept. The shipped model was trained for 10
+DDIM steps, not distilled for few.
+
+    python scripts/fewstep_experiment.py --n-images 8 --iterations 5     # about 4 min on 2 CPU cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_module
+
+from seedselect_cli.config import load_config, register_resolvers
+from seedselect_cli.core.initial_seeds import plain_noise
+from seedselect_cli.core.sampling import sample_images, step_noise
+from seedselect_cli.files.assets import asset_path
+from seedselect_cli.files.tensor_cache import TensorCache
+from seedselect_cli.judges import Judge, JudgeConfig
+from seedselect_cli.models import load_models
+from seedselect_cli.pipeline import engine_for
+from seedselect_cli.references import load_encodings
+
+SETTINGS = [("ddim", 10), ("euler", 4), ("euler", 2), ("euler", 1), ("lcm", 4), ("lcm", 2)]
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n-images", type=int, default=8)
+    parser.add_argument("--iterations", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=1000, help="not a seed the defaults were tuned on")
+    args = parser.parse_args(argv)
+    n = args.n_images
+    world = json.loads(Path(asset_path("toyworld/world.json")).read_text())
+    concepts = [c["name"] for c in world["concepts"]]
+    tail = [c["name"] for c in world["concepts"] if c["bucket"] == "tail"]
+    register_resolvers()
+    judge = Judge(JudgeConfig(model=asset_path("toyworld/judge")), concepts, torch.device("cpu"))
+    rows = []
+    for name, steps in SETTINGS:
+        with initialize_config_module("seedselect_cli.configs", version_base="1.3"):
+            config = load_config(compose(config_name="toyworld", overrides=[
+                f"sampler.name={name}", f"sampler.steps={steps}", "kstep=last", f"optim.iterations={args.iterations}",
+                f"seed={args.seed}", f"runtime.batch_size={n}", "runtime.progress=false"]))
+        models = load_models(config.model, torch.device("cpu"), torch.float32)
+        engine = engine_for(models, config)
+        shape = models.latent_shape(config.sampler.height, config.sampler.width)
+        begin, plain_ok, ours_ok = time.perf_counter(), 0, 0
+        for concept in tail:
+            refs = sorted(Path(asset_path(f"toyworld/references/{concept}")).iterdir())
+            encodings = load_encodings(models, refs, config.sampler.height, config.sampler.width,
+                                       config.dataset.resize_mode, TensorCache(None, ""), concept)
+            target = engine.class_target(concept, config.dataset.prompt_template.format(concept), encodings)
+            [batch] = engine.optimize_batches(target, [list(range(n))], engine.centre(target))
+            plain_z = torch.stack([plain_noise(models, shape, config.seed, concept, i) for i in range(n)])
+            noise = step_noise(name, batch.init_seeds, shape, steps)
+            w = config.sampler.guidance_scale
+            plain = sample_images(models, plain_z, target.text_embeds, steps, w, name, noise)
+            best = torch.stack([r.optimized for r in engine.run_batch(target, batch)])
+            mine = sample_images(models, best, target.text_embeds, steps, w, name, noise)
+            plain_ok += sum(v[0] == concept for v in judge.classify(plain, 1)[0])
+            ours_ok += sum(v[0] == concept for v in judge.classify(mine, 1)[0])
+        total = n * len(tail)
+        rows.append({"sampler": name, "steps": steps, "plain": plain_ok / total, "seedselect": ours_ok / total,
+                     "seconds": round(time.perf_counter() - begin)})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
