@@ -18,7 +18,7 @@ import torch
 
 from seedselect_cli.config import ModelConfig
 from seedselect_cli.core.cuda_graphs import enable_cuda_graphs
-from seedselect_cli.core.sampling import ddim_rollout, ddim_schedule, encode_prompt
+from seedselect_cli.core.sampling import ddim_schedule, encode_prompt, rollout
 from seedselect_cli.models import load_models
 
 
@@ -34,7 +34,7 @@ def saved_bytes(models, steps: int, size: int, checkpoint: bool) -> int:
     z = torch.randn(1, *shape, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
     embeds = encode_prompt(models, "a red disc")
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        ddim_rollout(models, z, embeds, ddim_schedule(models, steps), 7.5, keep_last=3, checkpoint=checkpoint)
+        rollout(models, z, embeds, ddim_schedule(models, steps), 7.5, keep_last=3, checkpoint=checkpoint)
     return sum(held.values())
 
 

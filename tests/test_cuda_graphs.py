@@ -17,7 +17,7 @@ import torch
 import seedselect_cli.core.cuda_graphs as cuda_graphs_module
 from seedselect_cli.core.cuda_graphs import CACHED_SHAPES, GraphCache, enable_cuda_graphs, resolve_cuda_graphs
 from seedselect_cli.core.optimize import optimize_seeds, seed_objective
-from seedselect_cli.core.sampling import ddim_rollout, ddim_schedule, encode_prompt
+from seedselect_cli.core.sampling import ddim_schedule, encode_prompt, rollout
 from seedselect_cli.core.targets import Centroids
 from seedselect_cli.errors import UserError
 from tests.conftest import make_config
@@ -36,7 +36,7 @@ def rollout_and_gradient(models, z0, embeds, timesteps, checkpoint=True, keep=3,
     g = torch.Generator().manual_seed(seed)
     targets = [torch.randn(z0.shape, generator=g).to(z0.device, z0.dtype) for _ in range(keep)]
     z = z0.clone().requires_grad_(True)
-    kept = ddim_rollout(models, z, embeds, timesteps, 5.0, keep_last=keep, checkpoint=checkpoint)
+    kept = rollout(models, z, embeds, timesteps, 5.0, keep_last=keep, checkpoint=checkpoint)
     loss = sum((j + 1) * (k - t).pow(2).mean() + (k * t).sum().tanh() for j, (k, t) in enumerate(zip(kept, targets)))
     loss.backward()
     return [k.detach() for k in kept], z.grad
@@ -125,12 +125,12 @@ def test_rollouts_and_backward_passes_may_come_in_any_order(tiny_models64):
     g = torch.Generator().manual_seed(2)
     seeds = [torch.randn(1, 4, 16, 16, generator=g, dtype=torch.float64) for _ in range(2)]
     leaves = [z.clone().requires_grad_(True) for z in seeds]
-    outputs = [ddim_rollout(calls, z, embeds, timesteps, 5.0)[-1] for z in leaves]  # both rollouts first
+    outputs = [rollout(calls, z, embeds, timesteps, 5.0)[-1] for z in leaves]  # both rollouts first
     for j in (1, 0):  # then the second one's backward pass before the first one's
         outputs[j].pow(2).mean().backward()
     for leaf, z in zip(leaves, seeds):
         z = z.clone().requires_grad_(True)
-        ddim_rollout(plain, z, embeds, timesteps, 5.0, checkpoint=False)[-1].pow(2).mean().backward()
+        rollout(plain, z, embeds, timesteps, 5.0, checkpoint=False)[-1].pow(2).mean().backward()
         assert z.grad.abs().min() > 0
         torch.testing.assert_close(leaf.grad, z.grad, rtol=1e-10, atol=1e-13)
 
@@ -140,20 +140,20 @@ def test_no_gradients_no_graphs_and_one_cache_entry_per_batch_shape(tiny_models)
     cache: GraphCache = steps.cuda_graphs
     embeds, timesteps = encode_prompt(tiny_models, "a hand"), ddim_schedule(tiny_models, 3)
     with torch.no_grad():  # rendering: the plain rollout
-        ddim_rollout(steps, torch.randn(1, 4, 16, 16), embeds, timesteps, 5.0)
+        rollout(steps, torch.randn(1, 4, 16, 16), embeds, timesteps, 5.0)
     assert not cache.batches
 
-    def rollout(batch: int):
+    def roll_back(batch: int):
         z = torch.randn(batch, 4, 16, 16, requires_grad=True)
-        ddim_rollout(steps, z, embeds, timesteps, 5.0)[-1].sum().backward()
+        rollout(steps, z, embeds, timesteps, 5.0)[-1].sum().backward()
 
-    rollout(1)
+    roll_back(1)
     first = dict(cache.batches[1])
     assert len(first) == 3  # one graphed call per step
-    rollout(1)
+    roll_back(1)
     assert cache.batches[1] == first  # the same calls again
     for batch in range(2, CACHED_SHAPES + 2):
-        rollout(batch)
+        roll_back(batch)
     assert len(cache.batches) == CACHED_SHAPES and 1 not in cache.batches  # the oldest went
 
 
@@ -218,7 +218,7 @@ def test_a_failed_capture_is_one_clear_error(tiny_models, fake_capture, monkeypa
     z = torch.randn(1, 4, 16, 16, requires_grad=True)
     with pytest.raises(UserError, match=r"capturing the denoising steps failed \(CUDA error: operation not "
                                         r"permitted when stream is capturing\); use runtime.cuda_graphs=false$"):
-        ddim_rollout(steps, z, encode_prompt(tiny_models, "a hand"), ddim_schedule(tiny_models, 2), 5.0)
+        rollout(steps, z, encode_prompt(tiny_models, "a hand"), ddim_schedule(tiny_models, 2), 5.0)
 
 
 @needs_cuda

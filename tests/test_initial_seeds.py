@@ -19,9 +19,9 @@ from seedselect_cli.core.initial_seeds import init_seed_for, initial_noise, mix
 from seedselect_cli.core.nao import chi_mode, nao_centroid, rescaled_centroid
 from seedselect_cli.core.sampling import (
     ddim_invert,
-    ddim_rollout,
     ddim_schedule,
     encode_prompt,
+    rollout,
     sample_images,
 )
 from seedselect_cli.core.targets import ReferenceEncodings
@@ -81,7 +81,7 @@ def test_inversion_is_the_exact_inverse_of_the_sampler_when_eps_does_not_depend_
     embeds = encode_prompt(tiny_models64, "a photo of a pine warbler")
     z_T = ddim_invert(m, z_0, embeds, steps).double()
     with torch.no_grad():
-        back = ddim_rollout(m, z_T, embeds, ddim_schedule(m, steps), 1.0, checkpoint=False)[-1]
+        back = rollout(m, z_T, embeds, ddim_schedule(m, steps), 1.0, checkpoint=False)[-1]
     torch.testing.assert_close(back, z_0, rtol=1e-5, atol=1e-5)
     assert (z_T - z_0).norm() > 0.1 * z_0.norm()  # it did move
 
@@ -108,7 +108,7 @@ def test_inversion_reconstructs_the_references_of_the_trained_toy_world(toy_mode
     embeds = encode_prompt(m, "a photo of a marsh finch")
     z_T = ddim_invert(m, z_0, embeds, steps)
     with torch.no_grad():
-        back = ddim_rollout(m, z_T, embeds, ddim_schedule(m, steps), 1.0, checkpoint=False)[-1]
+        back = rollout(m, z_T, embeds, ddim_schedule(m, steps), 1.0, checkpoint=False)[-1]
     error = (back - z_0).flatten(1).norm(dim=1) / z_0.flatten(1).norm(dim=1)
     assert error.max() < bound, error
 

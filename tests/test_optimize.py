@@ -10,7 +10,7 @@ import torch
 import seedselect_cli.core.optimize as optimize_module
 from seedselect_cli.core.losses import semantic_distance
 from seedselect_cli.core.optimize import optimize_seeds, seed_objective, semantic_embedding
-from seedselect_cli.core.sampling import ddim_rollout, ddim_schedule, encode_prompt
+from seedselect_cli.core.sampling import ddim_schedule, encode_prompt, rollout
 from seedselect_cli.core.targets import Centroids
 from tests.conftest import make_config
 
@@ -69,7 +69,7 @@ def test_kstep_loss_uses_exactly_the_last_k_latents_with_their_weights(tiny_mode
                         lambda models, latents: seen.append(latents.detach()) or semantic_embedding(models, latents))
     with torch.no_grad():
         terms = seed_objective(tiny_models, z, target, embeds, timesteps, config.objective())
-        every = ddim_rollout(tiny_models, z, embeds, timesteps, config.sampler.guidance_scale, keep_last=4)
+        every = rollout(tiny_models, z, embeds, timesteps, config.sampler.guidance_scale, keep_last=4)
         expected = sum(w * semantic_distance(semantic_embedding(tiny_models, lat), target.semantic, "cosine")
                        for w, lat in zip(config.kstep.weights, every[-3:]))
     assert len(seen) == 3

@@ -6,11 +6,11 @@ import torch
 
 from seedselect_cli.core.sampling import (
     Denoiser,
-    ddim_rollout,
     ddim_schedule,
     ddim_step,
     encode_prompt,
     guided_embeddings,
+    rollout,
 )
 
 
@@ -43,7 +43,7 @@ def test_rollout_matches_plain_ddim_in_float64(tiny_models64):
     m = tiny_models64
     z, embeds, timesteps = inputs(m, 0, 1, 5, "a photo of a pine warbler")
     with torch.no_grad():
-        ours = ddim_rollout(m, z, embeds, timesteps, guidance_scale=7.5, keep_last=5)
+        ours = rollout(m, z, embeds, timesteps, guidance_scale=7.5, keep_last=5)
         plain = plain_ddim(m, z, embeds, timesteps, 7.5)
     assert len(ours) == 5
     for a, b in zip(ours, plain):
@@ -67,7 +67,7 @@ def test_checkpointed_rollout_gives_same_latents_and_gradients(tiny_models):
     results = []
     for checkpoint in (True, False):
         z = z0.clone().requires_grad_(True)
-        kept = ddim_rollout(m, z, embeds, timesteps, 7.5, keep_last=3, checkpoint=checkpoint)
+        kept = rollout(m, z, embeds, timesteps, 7.5, keep_last=3, checkpoint=checkpoint)
         loss = sum((k - target).pow(2).mean() * (j + 1) for j, k in enumerate(kept))
         loss.backward()
         results.append(([k.detach() for k in kept], z.grad.clone()))
@@ -82,8 +82,8 @@ def test_keep_last_returns_the_last_k_latents_in_order(tiny_models):
     m = tiny_models
     z, embeds, timesteps = inputs(m, 3, 1, 5, "a tiger cat")
     with torch.no_grad():
-        every = ddim_rollout(m, z, embeds, timesteps, 3.0, keep_last=5)
-        last3 = ddim_rollout(m, z, embeds, timesteps, 3.0, keep_last=3)
+        every = rollout(m, z, embeds, timesteps, 3.0, keep_last=5)
+        last3 = rollout(m, z, embeds, timesteps, 3.0, keep_last=3)
     assert len(last3) == 3
     for a, b in zip(last3, every[-3:]):
         torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -5,7 +5,7 @@ that host work is several times the GPU's own (BENCHMARKS.md: 56,000 launches an
 time per iteration on an H200, against under 1 s of device time). A CUDA graph records a call's
 kernels once and replays them with one launch.
 
-Seed optimisation checkpoints two kinds of call: each denoising step (`sampling.ddim_rollout`) and
+Seed optimisation checkpoints two kinds of call: each denoising step (`sampling.rollout`) and
 the decode-and-embed of each kept latent (`optimize.semantic_embedding`). `checkpointed` runs such a
 call y = fn(x, *context) with one activation checkpoint, as `torch.utils.checkpoint` does: forward
 without gradients, and in the backward pass fn recomputed with gradients for the vector-Jacobian

@@ -299,12 +299,6 @@ def step_activation_bytes(models: FrozenModels, z_T: torch.Tensor, text_embeds: 
     return sum(seen.values())
 
 
-def ddim_rollout(models: FrozenModels, z_T: torch.Tensor, text_embeds: torch.Tensor, schedule: Schedule,
-                 guidance_scale: float, keep_last: int = 1, checkpoint: bool = True) -> list[torch.Tensor]:
-    """`rollout` (the name from when DDIM was the only sampler)."""
-    return rollout(models, z_T, text_embeds, schedule, guidance_scale, keep_last, checkpoint)
-
-
 def _step_at(denoiser: Denoiser, schedule: Schedule, i: int):
     """x, embeds -> step i of the schedule's sampler. The timestep is a Python number: the scheduler's
     arithmetic stays on the host and the UNet's timestep is filled on the device, so that the step can be
