@@ -43,7 +43,7 @@ from rich.console import Console
 from rich.table import Table
 
 from seedselect_cli.config import Config, ModelConfig, load_config, register_resolvers
-from seedselect_cli.core.cuda_graphs import enable_cuda_graphs
+from seedselect_cli.core.cuda_graphs import graph_cache
 from seedselect_cli.core.frozen import FrozenModels
 from seedselect_cli.core.optimize import seed_objective
 from seedselect_cli.core.sampling import make_schedule, sample_images
@@ -166,9 +166,7 @@ def count_flops(config, args) -> list[tuple[str, float, int]]:
     timesteps = make_schedule(models, args.steps, args.sampler)
 
     def iteration(graphs=None) -> None:
-        models.cuda_graphs = graphs
-        seed_objective(models, z, target, text, timesteps, config.objective()).total.sum().backward()
-        models.cuda_graphs = None
+        seed_objective(models, z, target, text, timesteps, config.objective(), graphs=graphs).total.sum().backward()
 
     replayed = ReplayedCalls()
     iteration(replayed)  # records the calls' outputs
@@ -305,7 +303,8 @@ COUNTED: dict[tuple, float] = {}  # FLOPs per iteration of the real architecture
 
 
 def prepare(models: FrozenModels, mode: str, args, accelerate: bool = True) -> FrozenModels:
-    """`models` set up for `mode`, in place; without `accelerate`, not compiled and without graphs."""
+    """`models` set up for `mode`, in place; without `accelerate`, not compiled (the graphed modes get their
+    CUDA graphs in `measure`)."""
     if args.channels_last and mode != "plain":  # plain is the authors' path as it is
         for module in (models.unet, models.vae) if args.channels_last == "all" else (models.unet,):
             module.to(memory_format=torch.channels_last)
@@ -317,8 +316,6 @@ def prepare(models: FrozenModels, mode: str, args, accelerate: bool = True) -> F
         models.unet.train(False)
     if accelerate and mode in ("compiled", "compiled-graphed"):
         compile_models(models, args.compile_mode)
-    if accelerate and mode in ("graphed", "compiled-graphed"):
-        enable_cuda_graphs(models)
     return models
 
 
@@ -328,10 +325,11 @@ def measure(models: FrozenModels, mode: str, config, batch: int, args) -> dict:
     z, target, text = iteration_inputs(models, batch, args)
     timesteps = make_schedule(models, args.steps, args.sampler)
     optimizer = torch.optim.AdamW([z], lr=0.1)
+    graphs = graph_cache(device) if mode in ("graphed", "compiled-graphed") else None
 
     def iteration() -> None:
         optimizer.zero_grad(set_to_none=True)
-        seed_objective(models, z, target, text, timesteps, config.objective()).total.sum().backward()
+        seed_objective(models, z, target, text, timesteps, config.objective(), graphs=graphs).total.sum().backward()
         optimizer.step()
 
     begin = time.perf_counter()
@@ -357,7 +355,7 @@ def measure(models: FrozenModels, mode: str, config, batch: int, args) -> dict:
     render()  # untimed: with torch.compile the first render compiles, once per run
     render_s = timed(device, render)
     if args.tiny:
-        flops = iteration_flops(dataclasses.replace(models, cuda_graphs=None), config, batch, args)
+        flops = iteration_flops(models, config, batch, args)
     else:  # the same work in every mode of one dtype and layout: counted once (tens of seconds each)
         key = (mode == "plain", models.dtype, args.channels_last, batch)
         if key not in COUNTED:

@@ -12,17 +12,16 @@ backward pass (what checkpointing is meant to bound) on the tiny components. The
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 import torch
 
 from seedselect_cli.config import ModelConfig
-from seedselect_cli.core.cuda_graphs import enable_cuda_graphs
+from seedselect_cli.core.cuda_graphs import GraphCache, graph_cache
 from seedselect_cli.core.sampling import ddim_schedule, encode_prompt, rollout
 from seedselect_cli.models import load_models
 
 
-def saved_bytes(models, steps: int, size: int, checkpoint: bool) -> int:
+def saved_bytes(models, steps: int, size: int, checkpoint: bool, graphs: GraphCache | None = None) -> int:
     """Bytes of the tensors autograd saves in one rollout (distinct tensors, counted once)."""
     held: dict[int, int] = {}
 
@@ -34,15 +33,15 @@ def saved_bytes(models, steps: int, size: int, checkpoint: bool) -> int:
     z = torch.randn(1, *shape, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
     embeds = encode_prompt(models, "a red disc")
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        rollout(models, z, embeds, ddim_schedule(models, steps), 7.5, keep_last=3, checkpoint=checkpoint)
+        rollout(models, z, embeds, ddim_schedule(models, steps), 7.5, keep_last=3, checkpoint=checkpoint, graphs=graphs)
     return sum(held.values())
 
 
 def graphed_bytes(models, steps: int, size: int) -> int:
     """Bytes autograd saves in one graphed rollout, plus the static buffers of its graphed steps."""
-    graphed = enable_cuda_graphs(dataclasses.replace(models, cuda_graphs=None))
-    held = saved_bytes(graphed, steps, size, checkpoint=True)
-    (calls,) = graphed.cuda_graphs.batches.values()
+    graphs = graph_cache(models.device)
+    held = saved_bytes(models, steps, size, checkpoint=True, graphs=graphs)
+    (calls,) = graphs.batches.values()
     buffers = [t for call in calls.values() for t in (call.x, *call.context, call.y, call.grad_y, call.grad_x)]
     return held + sum(t.numel() * t.element_size() for t in buffers)
 

@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 
 from seedselect_cli import __version__
 from seedselect_cli.config import Config, load_config, resolve_shard, to_yaml
-from seedselect_cli.core.cuda_graphs import enable_cuda_graphs, resolve_cuda_graphs
+from seedselect_cli.core.cuda_graphs import graph_cache, resolve_cuda_graphs
 from seedselect_cli.core.engine import ClassTarget, Engine, batch_blocks
 from seedselect_cli.core.frozen import FrozenModels
 from seedselect_cli.core.initial_seeds import SeedStarts, inversion_fingerprint
@@ -78,10 +78,12 @@ def seed_starts(models: FrozenModels, config: Config, cache_root: Path | None,
 def engine_for(models: FrozenModels, config: Config, cache_root: Path | None = None,
                should_stop: Callable[[str], None] | None = None) -> Engine:
     """The method's engine for this config: its specs, its starts with the inversions cached under `cache_root`
-    (None: not kept), and its memory budget. What the commands, the scripts and the tests run."""
+    (None: not kept), its memory budget and its CUDA graphs. What the commands, the scripts and the tests run."""
+    use_graphs = resolve_cuda_graphs(config.runtime.cuda_graphs, models.device, config.sampler.checkpointing)
     return Engine(models, config.objective(), config.optim_spec(), config.init, config.bootstrap, config.seed,
                   seed_starts(models, config, cache_root, should_stop),
-                  memory_budget_bytes(config.runtime.memory_budget, models.device))
+                  memory_budget_bytes(config.runtime.memory_budget, models.device),
+                  graph_cache(models.device) if use_graphs else None)
 
 
 def memory_budget_bytes(setting: str, device: torch.device) -> float:
@@ -122,7 +124,7 @@ def _run(config: Config, run_dir: Path, method: str, stop: GracefulStop) -> list
     device = resolve_device(config.runtime.device)
     dtype = resolve_dtype(config.runtime.dtype, device)
     log.info("device %s, %s, %d CPU threads", device, str(dtype).removeprefix("torch."), torch.get_num_threads())
-    cuda_graphs = resolve_cuda_graphs(config.runtime.cuda_graphs, device, config.sampler.checkpointing)
+    resolve_cuda_graphs(config.runtime.cuda_graphs, device, config.sampler.checkpointing)  # a bad setting fails here
 
     # 2. The classes of the run with their prompts and reference image paths, and those this process takes.
     all_records = load_classes(config.dataset, config.seed)
@@ -154,8 +156,6 @@ def _run(config: Config, run_dir: Path, method: str, stop: GracefulStop) -> list
         check_steps(models.scheduler, config.init.inversion_steps, "init.inversion_steps")
     if config.runtime.compile:
         compile_models(models)
-    if cuda_graphs:
-        enable_cuda_graphs(models)
     h, w, mode = config.sampler.height, config.sampler.width, config.dataset.resize_mode
     cache_dir = (Path(config.runtime.cache_dir).expanduser() if config.runtime.cache_dir else default_cache_dir())
     cache_root = cache_dir if config.runtime.cache else None

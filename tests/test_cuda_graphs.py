@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import seedselect_cli.core.cuda_graphs as cuda_graphs_module
-from seedselect_cli.core.cuda_graphs import CACHED_SHAPES, GraphCache, enable_cuda_graphs, resolve_cuda_graphs
+from seedselect_cli.core.cuda_graphs import CACHED_SHAPES, GraphCache, graph_cache, resolve_cuda_graphs
 from seedselect_cli.core.optimize import optimize_seeds, seed_objective
 from seedselect_cli.core.sampling import ddim_schedule, encode_prompt, rollout
 from seedselect_cli.core.targets import Centroids
@@ -26,25 +26,20 @@ from tests.layouts import make_cub
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="captures CUDA graphs: needs a CUDA device")
 
 
-def graphed(models):
-    """A copy of the shared tiny models whose checkpointed calls go through CUDA graphs."""
-    return enable_cuda_graphs(dataclasses.replace(models, cuda_graphs=None))
-
-
-def rollout_and_gradient(models, z0, embeds, timesteps, checkpoint=True, keep=3, seed=0):
+def rollout_and_gradient(models, z0, embeds, timesteps, checkpoint=True, keep=3, seed=0, graphs=None):
     """The kept latents and dL/dz_T of a loss that weighs each kept latent differently and non-linearly."""
     g = torch.Generator().manual_seed(seed)
     targets = [torch.randn(z0.shape, generator=g).to(z0.device, z0.dtype) for _ in range(keep)]
     z = z0.clone().requires_grad_(True)
-    kept = rollout(models, z, embeds, timesteps, 5.0, keep_last=keep, checkpoint=checkpoint)
+    kept = rollout(models, z, embeds, timesteps, 5.0, keep_last=keep, checkpoint=checkpoint, graphs=graphs)
     loss = sum((j + 1) * (k - t).pow(2).mean() + (k * t).sum().tanh() for j, (k, t) in enumerate(zip(kept, targets)))
     loss.backward()
     return [k.detach() for k in kept], z.grad
 
 
-def objective_and_gradient(models, z0, centroids, embeds, timesteps, config):
+def objective_and_gradient(models, z0, centroids, embeds, timesteps, config, graphs=None):
     z = z0.clone().requires_grad_(True)
-    terms = seed_objective(models, z, centroids, embeds, timesteps, config.objective())
+    terms = seed_objective(models, z, centroids, embeds, timesteps, config.objective(), graphs=graphs)
     terms.total.sum().backward()
     return terms.total.detach(), z.grad
 
@@ -58,11 +53,11 @@ def random_centroids(models, g, dtype=torch.float32):
 @pytest.mark.slow
 @pytest.mark.parametrize("keep", [1, 3])
 def test_graphed_steps_match_autograd_through_the_whole_rollout_in_float64(tiny_models64, keep):
-    plain, steps = tiny_models64, graphed(tiny_models64)
+    models, graphs = tiny_models64, graph_cache(tiny_models64.device)
     z0 = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
-    embeds, timesteps = encode_prompt(plain, "a photo of a pine warbler"), ddim_schedule(plain, 6)
-    lat_plain, grad_plain = rollout_and_gradient(plain, z0, embeds, timesteps, checkpoint=False, keep=keep)
-    lat_graph, grad_graph = rollout_and_gradient(steps, z0, embeds, timesteps, keep=keep)
+    embeds, timesteps = encode_prompt(models, "a photo of a pine warbler"), ddim_schedule(models, 6)
+    lat_plain, grad_plain = rollout_and_gradient(models, z0, embeds, timesteps, checkpoint=False, keep=keep)
+    lat_graph, grad_graph = rollout_and_gradient(models, z0, embeds, timesteps, keep=keep, graphs=graphs)
     assert len(lat_graph) == keep and grad_plain.abs().min() > 0
     for a, b in zip(lat_graph, lat_plain):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
@@ -73,15 +68,14 @@ def test_graphed_steps_match_autograd_through_the_whole_rollout_in_float64(tiny_
 def test_graphed_calls_give_the_checkpointed_losses_and_optimised_seeds(tiny_models):
     """Through the loss and the optimiser, in float32: the same as per-step activation checkpoints."""
     config = make_config(["sampler.steps=5", "kstep.k=3", "kstep.weights=[0.2,0.3,0.5]", "loss.lam=0.5"])
-    steps = graphed(tiny_models)
     g = torch.Generator().manual_seed(5)
     z0 = torch.randn(2, 4, 16, 16, generator=g)
     centroids = random_centroids(tiny_models, g)
     embeds, timesteps = encode_prompt(tiny_models, "a snow wren"), ddim_schedule(tiny_models, 5)
     results = []
-    for models in (tiny_models, steps):
+    for graphs in (None, graph_cache(tiny_models.device)):
         z = z0.clone().requires_grad_(True)
-        terms = seed_objective(models, z, centroids, embeds, timesteps, config.objective())
+        terms = seed_objective(tiny_models, z, centroids, embeds, timesteps, config.objective(), graphs=graphs)
         terms.total.sum().backward()
         results.append((terms.total.detach(), z.grad))
     (loss_a, grad_a), (loss_b, grad_b) = results
@@ -91,7 +85,8 @@ def test_graphed_calls_give_the_checkpointed_losses_and_optimised_seeds(tiny_mod
     # float32 sums the kept latents' gradients in another order: agreement to float32's rounding
     torch.testing.assert_close(grad_b, grad_a, rtol=1e-5, atol=1e-5 * scale)
 
-    runs = [optimize_seeds(models, z0, centroids, embeds, config.objective(), config.optim_spec()) for models in (tiny_models, steps)]
+    runs = [optimize_seeds(tiny_models, z0, centroids, embeds, config.objective(), config.optim_spec(), graphs=graphs)
+            for graphs in (None, graph_cache(tiny_models.device))]
     for a, b in zip(*runs):
         assert a.loss_history == pytest.approx(b.loss_history, rel=1e-5)
         # AdamW divides by the gradient's running RMS: where it is near 0, rounding moves a seed by more
@@ -102,7 +97,7 @@ def test_the_loss_through_graphed_decodes_and_steps_matches_autograd_in_float64(
     """The whole objective, its decodes and CLIP calls graphed as well, against autograd without any
     checkpoint: float64, so that a wrong gradient cannot hide behind rounding."""
     config = make_config(["sampler.steps=4", "kstep.k=3", "kstep.weights=[0.2,0.3,0.5]", "loss.lam=0.7"])
-    plain, calls = tiny_models64, graphed(tiny_models64)
+    plain, graphs = tiny_models64, graph_cache(tiny_models64.device)
     g = torch.Generator().manual_seed(21)
     z0 = torch.randn(2, 4, 16, 16, generator=g, dtype=torch.float64)
     centroids = random_centroids(plain, g, torch.float64)
@@ -110,22 +105,22 @@ def test_the_loss_through_graphed_decodes_and_steps_matches_autograd_in_float64(
     loss_a, grad_a = objective_and_gradient(plain, z0, centroids, embeds, timesteps,
                                             dataclasses.replace(config, sampler=dataclasses.replace(
                                                 config.sampler, checkpointing=False)))
-    loss_b, grad_b = objective_and_gradient(calls, z0, centroids, embeds, timesteps, config)
+    loss_b, grad_b = objective_and_gradient(plain, z0, centroids, embeds, timesteps, config, graphs)
     torch.testing.assert_close(loss_b, loss_a, rtol=1e-12, atol=0)
     assert grad_a.abs().min() > 0
     torch.testing.assert_close(grad_b, grad_a, rtol=1e-10, atol=1e-13)
-    (cached,) = calls.cuda_graphs.batches.values()
+    (cached,) = graphs.batches.values()
     assert sorted(key[0][0] for key in cached) == ["the decodes and CLIP embeddings"] + ["the denoising steps"] * 4
 
 
 def test_rollouts_and_backward_passes_may_come_in_any_order(tiny_models64):
     """Each call keeps its own input, so a later rollout does not spoil an earlier one's gradient."""
-    plain, calls = tiny_models64, graphed(tiny_models64)
+    plain, graphs = tiny_models64, graph_cache(tiny_models64.device)
     embeds, timesteps = encode_prompt(plain, "a hand"), ddim_schedule(plain, 3)
     g = torch.Generator().manual_seed(2)
     seeds = [torch.randn(1, 4, 16, 16, generator=g, dtype=torch.float64) for _ in range(2)]
     leaves = [z.clone().requires_grad_(True) for z in seeds]
-    outputs = [rollout(calls, z, embeds, timesteps, 5.0)[-1] for z in leaves]  # both rollouts first
+    outputs = [rollout(plain, z, embeds, timesteps, 5.0, graphs=graphs)[-1] for z in leaves]  # both rollouts first
     for j in (1, 0):  # then the second one's backward pass before the first one's
         outputs[j].pow(2).mean().backward()
     for leaf, z in zip(leaves, seeds):
@@ -136,16 +131,15 @@ def test_rollouts_and_backward_passes_may_come_in_any_order(tiny_models64):
 
 
 def test_no_gradients_no_graphs_and_one_cache_entry_per_batch_shape(tiny_models):
-    steps = graphed(tiny_models)
-    cache: GraphCache = steps.cuda_graphs
+    cache: GraphCache = graph_cache(tiny_models.device)
     embeds, timesteps = encode_prompt(tiny_models, "a hand"), ddim_schedule(tiny_models, 3)
     with torch.no_grad():  # rendering: the plain rollout
-        rollout(steps, torch.randn(1, 4, 16, 16), embeds, timesteps, 5.0)
+        rollout(tiny_models, torch.randn(1, 4, 16, 16), embeds, timesteps, 5.0, graphs=cache)
     assert not cache.batches
 
     def roll_back(batch: int):
         z = torch.randn(batch, 4, 16, 16, requires_grad=True)
-        rollout(steps, z, embeds, timesteps, 5.0)[-1].sum().backward()
+        rollout(tiny_models, z, embeds, timesteps, 5.0, graphs=cache)[-1].sum().backward()
 
     roll_back(1)
     first = dict(cache.batches[1])
@@ -156,6 +150,29 @@ def test_no_gradients_no_graphs_and_one_cache_entry_per_batch_shape(tiny_models)
         roll_back(batch)
     assert len(cache.batches) == CACHED_SHAPES and 1 not in cache.batches  # the oldest went
 
+
+
+def test_the_engine_hands_its_graphs_to_the_sampler_and_the_loss(tiny_models):
+    """The graph cache is the engine's, not the frozen models': every checkpointed call of a batch goes through
+    it, and the batch optimises as without it."""
+    from seedselect_cli.core.bootstrap import Batch
+    from seedselect_cli.core.frozen import FrozenModels
+    from seedselect_cli.pipeline import engine_for
+
+    assert "graphs" not in {f.name for f in dataclasses.fields(FrozenModels)}
+    engine = engine_for(tiny_models, make_config(["sampler.steps=3", "optim.iterations=2"]))
+    assert engine.graphs is None  # runtime.cuda_graphs=auto: none off CUDA
+    target = engine.class_target("red_disc", "a red disc", None)
+    g = torch.Generator().manual_seed(31)
+    z0, centroids = torch.randn(2, 4, 16, 16, generator=g), random_centroids(tiny_models, g)
+    runs = []
+    for graphs in (None, graph_cache(tiny_models.device)):
+        engine.graphs = graphs
+        runs.append(engine.run_batch(target, Batch([0, 1], [5, 6], z0.clone(), centroids, 2, [{}, {}])))
+    (cached,) = engine.graphs.batches.values()
+    assert sorted(key[0][0] for key in cached) == ["the decodes and CLIP embeddings"] + ["the denoising steps"] * 3
+    for a, b in zip(*runs):
+        assert a.loss_history == pytest.approx(b.loss_history, rel=1e-5)
 
 @pytest.fixture
 def fake_capture(monkeypatch) -> list:
@@ -182,30 +199,24 @@ def fake_capture(monkeypatch) -> list:
     return captured
 
 
-def captured_copy(models):
-    copy = dataclasses.replace(models, cuda_graphs=None)
-    copy.cuda_graphs = GraphCache(capture=True)
-    return copy
-
-
 @pytest.mark.slow
 def test_each_call_is_captured_once_forward_then_backward_in_its_batch_pool(tiny_models64, fake_capture):
-    plain, calls = tiny_models64, captured_copy(tiny_models64)
+    plain, graphs = tiny_models64, GraphCache(capture=True)
     z0 = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
     embeds, timesteps = encode_prompt(plain, "a sea gull"), ddim_schedule(plain, 5)
     lat_plain, grad_plain = rollout_and_gradient(plain, z0, embeds, timesteps, checkpoint=False)
     for _ in range(2):  # the second time replays what the first captured
-        lat_graph, grad_graph = rollout_and_gradient(calls, z0, embeds, timesteps)
+        lat_graph, grad_graph = rollout_and_gradient(plain, z0, embeds, timesteps, graphs=graphs)
         for a, b in zip(lat_graph, lat_plain):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(grad_graph, grad_plain, rtol=1e-10, atol=1e-12)
-    (cached,) = calls.cuda_graphs.batches.values()
+    (cached,) = graphs.batches.values()
     in_order = [cached[key] for key in cached]  # first use first: the steps in sampling order
     assert [key[0][4] for key in cached] == [int(t) for t in timesteps]
     assert [(call.__self__, call.__name__) for call, _ in fake_capture] == [
         (graphed_call, half) for graphed_call in in_order for half in ("_forward", "_backward")]
     assert len({id(pool) for _, pool in fake_capture}) == 1  # one memory pool for the batch size
-    rollout_and_gradient(calls, z0[:1], embeds, timesteps)
+    rollout_and_gradient(plain, z0[:1], embeds, timesteps, graphs=graphs)
     assert len({id(pool) for _, pool in fake_capture}) == 2  # another for another batch size
 
 
@@ -214,11 +225,11 @@ def test_a_failed_capture_is_one_clear_error(tiny_models, fake_capture, monkeypa
         raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore detail")
 
     monkeypatch.setattr(cuda_graphs_module, "capture_graph", cannot_capture)
-    steps = captured_copy(tiny_models)
     z = torch.randn(1, 4, 16, 16, requires_grad=True)
     with pytest.raises(UserError, match=r"capturing the denoising steps failed \(CUDA error: operation not "
                                         r"permitted when stream is capturing\); use runtime.cuda_graphs=false$"):
-        rollout(steps, z, encode_prompt(tiny_models, "a hand"), ddim_schedule(tiny_models, 2), 5.0)
+        rollout(tiny_models, z, encode_prompt(tiny_models, "a hand"), ddim_schedule(tiny_models, 2), 5.0,
+                graphs=GraphCache(capture=True))
 
 
 @needs_cuda
@@ -229,18 +240,18 @@ def test_captured_graphs_match_eager_autograd_on_cuda():
     from seedselect_cli.models import load_models
 
     models = load_models(ModelConfig(pretrained="tiny", image_encoder="tiny"), torch.device("cuda"), torch.float64)
-    steps = graphed(models)
-    assert steps.cuda_graphs.capture
+    graphs = graph_cache(models.device)
+    assert graphs.capture
     embeds, timesteps = encode_prompt(models, "a pine warbler"), ddim_schedule(models, 4)
     for seed in (0, 1):  # the second replay reads new inputs from the static buffers
         z0 = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).cuda()
         lat_a, grad_a = rollout_and_gradient(models, z0, embeds, timesteps, checkpoint=False, seed=seed)
-        lat_b, grad_b = rollout_and_gradient(steps, z0, embeds, timesteps, seed=seed)
+        lat_b, grad_b = rollout_and_gradient(models, z0, embeds, timesteps, seed=seed, graphs=graphs)
         for a, b in zip(lat_b, lat_a):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
         assert grad_a.abs().min() > 0
         torch.testing.assert_close(grad_b, grad_a, rtol=1e-8, atol=1e-12)
-    assert list(steps.cuda_graphs.batches) == [2]
+    assert list(graphs.batches) == [2]
 
     # the whole objective, the decodes and CLIP captured as well
     config = make_config(["sampler.steps=4", "kstep.k=3", "kstep.weights=[0.2,0.3,0.5]", "loss.lam=0.7"])
@@ -250,7 +261,7 @@ def test_captured_graphs_match_eager_autograd_on_cuda():
     for seed in (0, 1):
         z0 = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).cuda()
         loss_a, grad_a = objective_and_gradient(models, z0, centroids, embeds, timesteps, eager)
-        loss_b, grad_b = objective_and_gradient(steps, z0, centroids, embeds, timesteps, config)
+        loss_b, grad_b = objective_and_gradient(models, z0, centroids, embeds, timesteps, config, graphs)
         torch.testing.assert_close(loss_b, loss_a, rtol=1e-10, atol=0)
         torch.testing.assert_close(grad_b, grad_a, rtol=1e-8, atol=1e-12)
 

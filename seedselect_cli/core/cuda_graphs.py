@@ -30,7 +30,6 @@ import torch
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
-from seedselect_cli.core.frozen import FrozenModels
 from seedselect_cli.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
@@ -157,12 +156,12 @@ class GraphCache:
         return graphed
 
 
-def checkpointed(models: FrozenModels, key: Hashable, fn: Callable[..., torch.Tensor], x: torch.Tensor,
+def checkpointed(graphs: GraphCache | None, key: Hashable, fn: Callable[..., torch.Tensor], x: torch.Tensor,
                  *context: torch.Tensor) -> torch.Tensor:
-    """fn(x, *context) with one activation checkpoint, differentiable in x: through CUDA graphs when
-    `runtime.cuda_graphs` turned them on (`key` names the call), else `torch.utils.checkpoint`."""
-    if models.cuda_graphs is not None:
-        return models.cuda_graphs.call(key, fn, x, *context)
+    """fn(x, *context) with one activation checkpoint, differentiable in x: through the CUDA graphs of `graphs`
+    when `runtime.cuda_graphs` made them (`key` names the call), else (None) `torch.utils.checkpoint`."""
+    if graphs is not None:
+        return graphs.call(key, fn, x, *context)
     return activation_checkpoint(fn, x, *context, use_reentrant=False)
 
 
@@ -176,8 +175,7 @@ def resolve_cuda_graphs(setting: str, device: torch.device, checkpointing: bool)
     return setting == "true" or (setting == "auto" and device.type == "cuda" and checkpointing)
 
 
-def enable_cuda_graphs(models: FrozenModels) -> FrozenModels:
-    """Route the checkpointed calls of `models` through CUDA graphs, in place; captured on a CUDA
-    device, run eagerly elsewhere (what the tests check)."""
-    models.cuda_graphs = GraphCache(capture=models.device.type == "cuda")
-    return models
+def graph_cache(device: torch.device) -> GraphCache:
+    """The cache that routes a run's checkpointed calls through CUDA graphs: captured on a CUDA device, run
+    eagerly elsewhere (what the tests check). The engine holds it and hands it to the sampler and the loss."""
+    return GraphCache(capture=device.type == "cuda")

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from seedselect_cli.core.bootstrap import Batch, bootstrap_batches
+from seedselect_cli.core.cuda_graphs import GraphCache
 from seedselect_cli.core.frozen import FrozenModels
 from seedselect_cli.core.initial_seeds import SeedStarts, assigned_reference, init_seed_for
 from seedselect_cli.core.optimize import SeedResult, best_candidates, optimize_seeds
@@ -73,6 +74,7 @@ class Engine:
     starts: SeedStarts
     # `runtime.memory_budget` in bytes for the kept activations of denoising steps; None or 0: recompute them all
     memory_budget: float | None = None
+    graphs: GraphCache | None = None  # the checkpointed calls as CUDA graphs (`runtime.cuda_graphs`), else None
     _step_bytes: dict = dataclasses.field(default_factory=dict)  # batch size -> bytes one kept step takes
 
     def unchecked_steps(self, target: ClassTarget, z: torch.Tensor, noise: torch.Tensor | None) -> int:
@@ -156,4 +158,4 @@ class Engine:
         unchecked = self.unchecked_steps(target, batch.z_init, noise)
         return optimize_seeds(self.models, batch.z_init, centroids, target.text_embeds, self.objective, self.optim,
                               iterations=batch.iterations, progress=progress, should_stop=should_stop,
-                              on_iteration=on_iteration, noise=noise, unchecked_steps=unchecked)
+                              on_iteration=on_iteration, noise=noise, unchecked_steps=unchecked, graphs=self.graphs)

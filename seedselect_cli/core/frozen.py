@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
 from seedselect_cli.errors import UserError
-
-if TYPE_CHECKING:
-    from seedselect_cli.core.cuda_graphs import GraphCache
 
 
 @dataclass
@@ -30,7 +27,6 @@ class FrozenModels:
     name: str  # model.pretrained, recorded in seed files
     device: torch.device
     dtype: torch.dtype
-    cuda_graphs: GraphCache | None = None  # the checkpointed calls' CUDA graphs, once runtime.cuda_graphs turns them on
 
     @property
     def vae_scale_factor(self) -> int:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from seedselect_cli.core.cuda_graphs import checkpointed
+from seedselect_cli.core.cuda_graphs import GraphCache, checkpointed
 from seedselect_cli.core.encoders import clip_embed, clip_pixels, vae_decode
 from seedselect_cli.core.frozen import FrozenModels
 from seedselect_cli.core.losses import (
@@ -64,18 +64,18 @@ def semantic_embedding(models: FrozenModels, latents: torch.Tensor) -> torch.Ten
 
 def seed_objective(models: FrozenModels, z_T: torch.Tensor, centroids: Centroids, text_embeds: torch.Tensor,
                    schedule: Schedule, objective: Objective, noise: torch.Tensor | None = None,
-                   unchecked_steps: int = 0) -> LossTerms:
+                   unchecked_steps: int = 0, graphs: GraphCache | None = None) -> LossTerms:
     """Roll out the sampler from z_T and evaluate the SeedSelect loss for each seed of the batch (`noise`: what
-    the sampler adds between steps, `step_noise`)."""
+    the sampler adds between steps, `step_noise`; `graphs`: the CUDA graphs of the checkpointed calls, if any)."""
     loss, kstep, sampler = objective.loss, objective.kstep, objective.sampler
     lam, checkpoint = loss.lam, sampler.checkpointing
     keep = kstep.k if lam > 0 else 1
     latents = rollout(models, z_T, text_embeds, schedule, sampler.guidance_scale,
-                           keep_last=keep, checkpoint=checkpoint, noise=noise, unchecked_steps=unchecked_steps)
+                      keep_last=keep, checkpoint=checkpoint, noise=noise, unchecked_steps=unchecked_steps, graphs=graphs)
     if lam > 0:
         if checkpoint and torch.is_grad_enabled():  # keep only the embedding of each decoded image
             embed = functools.partial(semantic_embedding, models)
-            embeds = [checkpointed(models, ("the decodes and CLIP embeddings",), embed, z) for z in latents]
+            embeds = [checkpointed(graphs, ("the decodes and CLIP embeddings",), embed, z) for z in latents]
         else:
             embeds = [semantic_embedding(models, z) for z in latents]
         contrast = None
@@ -115,13 +115,15 @@ def optimize_seeds(models: FrozenModels, z_init: torch.Tensor, centroids: Centro
                    objective: Objective, optim: OptimSpec, iterations: int | None = None, progress=None,
                    should_stop: Callable[[], bool] | None = None,
                    on_iteration: Callable[[int, torch.Tensor], None] | None = None,
-                   noise: torch.Tensor | None = None, unchecked_steps: int = 0) -> list[SeedResult]:
+                   noise: torch.Tensor | None = None, unchecked_steps: int = 0, graphs: GraphCache | None = None
+                   ) -> list[SeedResult]:
     """Optimise a batch of seeds `z_init` (B, C, h, w) on `objective` for `iterations` (default
     `optim.iterations`).
 
     `centroids` are shared by the batch ((D,), (C, h, w)) or per seed ((B, D), (B, C, h, w)).
     `on_iteration(it, best)` sees the best iterates (B, C, h, w) after each iteration's loss. `noise`, the
-    sampler's between steps; `unchecked_steps`, the steps whose activations the memory budget keeps.
+    sampler's between steps; `unchecked_steps`, the steps whose activations the memory budget keeps; `graphs`,
+    the CUDA graphs of the checkpointed calls (`runtime.cuda_graphs`), if any.
     """
     start = time.perf_counter()
     iterations = optim.iterations if iterations is None else iterations
@@ -145,7 +147,7 @@ def optimize_seeds(models: FrozenModels, z_init: torch.Tensor, centroids: Centro
             for group in optimizer.param_groups:
                 group["lr"] = optim.lr * optim.lr_drop_factor
         optimizer.zero_grad(set_to_none=True)
-        terms = seed_objective(models, z, centroids, text_embeds, schedule, objective, noise, unchecked_steps)
+        terms = seed_objective(models, z, centroids, text_embeds, schedule, objective, noise, unchecked_steps, graphs)
         total = terms.total.detach().float().cpu()
         frozen = torch.tensor([reason is not None for reason in stopped])
         # A seed already stopped, or whose loss is not finite, takes no part in the backward pass.

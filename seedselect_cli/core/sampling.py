@@ -35,7 +35,7 @@ from diffusers import (
     LCMScheduler,
 )
 
-from seedselect_cli.core.cuda_graphs import checkpointed
+from seedselect_cli.core.cuda_graphs import GraphCache, checkpointed
 from seedselect_cli.core.encoders import to_pil, vae_decode
 from seedselect_cli.core.frozen import FrozenModels
 from seedselect_cli.derive import derived_int
@@ -126,10 +126,12 @@ def guided_embeddings(text_embeds: torch.Tensor, batch: int, guidance_scale: flo
 @dataclass(frozen=True)
 class Denoiser:
     """The UNet's output at (z, t) with classifier-free guidance, decided once from its scale: the
-    unconditional pass batched with the conditional one when it runs, the conditional pass alone when not."""
+    unconditional pass batched with the conditional one when it runs, the conditional pass alone when not.
+    `graphs`: the CUDA-graph cache its checkpointed steps run through (`runtime.cuda_graphs`), if any."""
 
     models: FrozenModels
     guidance_scale: float
+    graphs: GraphCache | None = None
 
     @property
     def guided(self) -> bool:
@@ -244,15 +246,17 @@ def _to_vp(schedule: Schedule, i: int, x: torch.Tensor) -> torch.Tensor:
 
 def rollout(models: FrozenModels, z_T: torch.Tensor, text_embeds: torch.Tensor, schedule: Schedule,
             guidance_scale: float, keep_last: int = 1, checkpoint: bool = True,
-            noise: torch.Tensor | None = None, unchecked_steps: int = 0) -> list[torch.Tensor]:
+            noise: torch.Tensor | None = None, unchecked_steps: int = 0, graphs: GraphCache | None = None
+            ) -> list[torch.Tensor]:
     """Run the schedule's sampler from the seed z_T (float32, (B, C, h, w), unit Gaussian) and return the latents
     after each of the last `keep_last` steps, oldest first: the last one is z_0. `noise`: LCM's noise between
     steps, (steps - 1, B, C, h, w) (`lcm_noise`); the other samplers add none. With `checkpoint`, the first
     `unchecked_steps` steps keep their activations for the backward pass (`runtime.memory_budget`) and the
-    rest are recomputed in it: the same numbers, less recomputation, more memory."""
+    rest are recomputed in it: the same numbers, less recomputation, more memory; `graphs`, the CUDA graphs the
+    recomputed steps run through (`cuda_graphs.graph_cache`), else `torch.utils.checkpoint`."""
     if schedule.name == "lcm" and len(schedule) > 1 and (noise is None or noise.shape[0] != len(schedule) - 1):
         raise ValueError("the lcm sampler needs its noise between steps: pass noise=lcm_noise(...)")
-    denoiser = Denoiser(models, guidance_scale)
+    denoiser = Denoiser(models, guidance_scale, graphs)
     embeds = guided_embeddings(text_embeds, z_T.shape[0], guidance_scale)
     use_checkpoint = checkpoint and torch.is_grad_enabled()
     n = len(schedule)
@@ -265,7 +269,7 @@ def rollout(models: FrozenModels, z_T: torch.Tensor, text_embeds: torch.Tensor, 
         context = (embeds,) if schedule.name != "lcm" or i == n - 1 else (embeds, noise[i].to(x.device, x.dtype))
         if use_checkpoint and i >= unchecked_steps:
             key = ("the denoising steps", schedule.name, i, n, _host(schedule.timesteps[i]), float(guidance_scale))
-            x = checkpointed(models, key, step, x, *context)
+            x = checkpointed(denoiser.graphs, key, step, x, *context)
         else:
             x = step(x, *context)
         if i >= n - keep_last:
