@@ -1,0 +1,91 @@
+"""Can the toy world's model draw a concept at all? Plain sampling from fresh seeds, judged.
+
+SeedSelect selects among what the model can draw: it finds the seeds from which the model draws a
+rare concept, as Stable Diffusion draws a Pine Warbler from some seeds. This measures that premise
+for a toy world (the shipped one, or one `scripts/train_toyworld.py --out` wrote): for each concept,
+N fresh seeds drawn through diffusers' own `StableDiffusionPipeline` (DDIM, CFG as the tool's
+defaults), each image judged by the world's strict judge. Prints per concept the share judged right,
+the share rejected as off-model and what it is mistaken for most; writes a contact sheet.
+
+    python scripts/toyworld_drawable.py                                  # the 6 tail concepts, 64 seeds: ~1 min
+    python scripts/toyworld_drawable.py --world /tmp/tw --all --n 32     # every concept of another world
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+from seedselect_cli.files.assets import asset_path
+from seedselect_cli.judges import Judge, JudgeConfig
+
+SEED_BASE = 10_000_000  # far from the seeds the experiments and their tuning use (0, 1, 10^6 + k)
+
+
+def contact_sheet(rows: dict[str, list[Image.Image]], per_row: int, path: Path) -> None:
+    size, label = 32, 110
+    sheet = Image.new("RGB", (label + per_row * (size + 2), len(rows) * (size + 2)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for r, (name, images) in enumerate(rows.items()):
+        draw.text((2, r * (size + 2) + 10), name, fill="black")
+        for c, image in enumerate(images[:per_row]):
+            sheet.paste(image.resize((size, size)), (label + c * (size + 2), r * (size + 2)))
+    sheet.save(path)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--world", default=None, help="a toy-world folder (default: the shipped one)")
+    parser.add_argument("--concepts", nargs="+", default=None, help="default: the tail concepts")
+    parser.add_argument("--all", action="store_true", help="every concept of the world")
+    parser.add_argument("--n", type=int, default=64, help="seeds per concept")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--guidance", type=float, default=4.0)
+    parser.add_argument("--seed-base", type=int, default=SEED_BASE)
+    parser.add_argument("--sheet", default="toyworld_drawable.png", help="contact sheet: 16 images per concept")
+    args = parser.parse_args(argv)
+
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    world = Path(args.world or asset_path("toyworld"))
+    info = json.loads((world / "world.json").read_text())
+    looks = {c["name"]: c["looks"] for c in info["concepts"]}
+    concepts = (list(looks) if args.all else args.concepts
+                or [c["name"] for c in info["concepts"] if c["bucket"] == "tail"])
+    torch.set_grad_enabled(False)
+    pipe = StableDiffusionPipeline.from_pretrained(world, dtype=torch.float32, safety_checker=None,
+                                                   requires_safety_checker=False)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    judge = Judge(JudgeConfig(model=str(world / "judge")), list(looks), torch.device("cpu"))
+    rows, sheet = [], {}
+    print("| concept | looks | right | off-model | mistaken most for |\n|---|---|---|---|---|")
+    for concept in concepts:
+        generators = [torch.Generator().manual_seed(args.seed_base + k) for k in range(args.n)]
+        images = pipe(info["template"].format(concept), num_inference_steps=args.steps,
+                      guidance_scale=args.guidance, generator=generators, num_images_per_prompt=args.n,
+                      height=info["image_size"], width=info["image_size"]).images
+        verdicts = [v[0] for v in judge.classify(images, k=1)[0]]
+        counts = Counter(v or "off-model" for v in verdicts)
+        wrong = [(v, n) for v, n in counts.most_common() if v not in (concept, "off-model")]
+        row = {"concept": concept, "looks": looks[concept], "right": counts[concept] / args.n,
+               "off_model": counts["off-model"] / args.n, "mistaken": wrong[0][0] if wrong else ""}
+        rows.append(row)
+        sheet[f"{concept}"] = images
+        mistaken = f"{row['mistaken']} ({looks[row['mistaken']]})" if row["mistaken"] else "-"
+        print(f"| {concept} | {row['looks']} | {row['right']:.3f} | {row['off_model']:.3f} | {mistaken} |", flush=True)
+    mean = sum(r["right"] for r in rows) / len(rows)
+    print(f"\nmean right {mean:.3f} over {len(rows)} concepts, {args.n} seeds each from {args.seed_base}")
+    if args.sheet:
+        contact_sheet(sheet, 16, Path(args.sheet))
+        print(f"contact sheet: {args.sheet}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
