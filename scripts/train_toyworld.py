@@ -268,7 +268,10 @@ def train_vae(images: torch.Tensor, steps: int, seed: int):
 
 # ---------------------------------------------------------------------------------- UNet + text encoder
 def train_diffusion(tokenizer, mean: torch.Tensor, std: torch.Tensor, labels: torch.Tensor, scale: float, steps: int,
-                    seed: int):
+                    seed: int, sampling_power: float = 1.0):
+    """The UNet and its text encoder on the long-tailed set. Each training image is drawn with probability
+    proportional to count(its concept)^(sampling_power - 1): at 1 the long tail as it is, at 0.5 square-root
+    (repeat-factor) sampling, Gupta et al. 2019. The data stay the same few tail images either way."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -281,9 +284,11 @@ def train_diffusion(tokenizer, mean: torch.Tensor, std: torch.Tensor, labels: to
     noise = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
     prompts = tokens(tokenizer, [TEMPLATE.format(c) for c in CONCEPTS] + [""])  # last row: the empty prompt
     g = torch.Generator().manual_seed(seed)
+    weights = torch.bincount(labels).double()[labels] ** (sampling_power - 1)
 
     def loss_of_step() -> torch.Tensor:
-        pick = torch.randint(len(labels), (64,), generator=g)
+        pick = (torch.randint(len(labels), (64,), generator=g) if sampling_power == 1
+                else torch.multinomial(weights, 64, replacement=True, generator=g))
         z0 = (mean[pick] + std[pick] * torch.randn(mean[pick].shape, generator=g)) * scale
         eps = torch.randn(z0.shape, generator=g)
         t = torch.randint(0, 1000, (len(pick),), generator=g)
@@ -389,8 +394,9 @@ def save_heldout(out: Path, seed: int) -> None:
             render(name, rng).save(folder / f"{k:02d}.png", optimize=True)
 
 
-def save_world(out: Path, seconds: dict) -> None:
-    world = {"template": TEMPLATE, "image_size": SIZE, "seconds": seconds,
+def save_world(out: Path, seconds: dict, unet_steps: int, sampling_power: float) -> None:
+    world = {"template": TEMPLATE, "image_size": SIZE, "seconds": seconds, "unet_steps": unet_steps,
+             "sampling_power": sampling_power,
              "judge": {"labels": [*CONCEPTS, OFF_MODEL], "rejects": list(OFF_KINDS)},
              "heldout_per_concept": HELDOUT_PER_CONCEPT,
              "concepts": [{"name": n, "count": c, "bucket": bucket(c), "looks": looks} for n, c, looks in RANKED]}
@@ -425,7 +431,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", nargs="+", choices=("judge", "heldout"), default=None,
                         help="redo only these parts of the world in --out, keeping the rest")
     parser.add_argument("--vae-steps", type=int, default=1500)
-    parser.add_argument("--unet-steps", type=int, default=4500)
+    parser.add_argument("--unet-steps", type=int, default=9000)
+    parser.add_argument("--sampling-power", type=float, default=0.75,
+                        help="draw each UNet training image with probability ~ count(concept)^(power - 1): 1 keeps "
+                             "the long tail as it is (its tail then cannot be drawn from any seed), 0.5 is "
+                             "square-root sampling (nearly every tail image right)")
     parser.add_argument("--clip-steps", type=int, default=800)
     parser.add_argument("--judge-steps", type=int, default=1500)
     parser.add_argument("--seed", type=int, default=0)
@@ -448,7 +458,7 @@ def main(argv: list[str] | None = None) -> None:
         seconds["vae"] = time.perf_counter() - stage
         stage = time.perf_counter()
         unet, text_encoder = train_diffusion(tokenizer, mean, std, labels, vae.config.scaling_factor, args.unet_steps,
-                                             args.seed + 2)
+                                             args.seed + 2, args.sampling_power)
         seconds["unet"] = time.perf_counter() - stage
         stage = time.perf_counter()
         clip = train_clip(tokenizer, args.clip_steps, args.seed + 3)
@@ -461,7 +471,7 @@ def main(argv: list[str] | None = None) -> None:
     if "heldout" in parts:
         save_heldout(out, args.seed + 5)
     seconds["total"] = sum(seconds.get(k, 0) for k in ("vae", "unet", "clip", "judge"))
-    save_world(out, {k: math.floor(v) for k, v in seconds.items()})
+    save_world(out, {k: math.floor(v) for k, v in seconds.items()}, args.unet_steps, args.sampling_power)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"saved {out} ({size / 2**20:.1f} MiB) in {time.perf_counter() - begin:.0f} s", flush=True)
 
