@@ -54,8 +54,8 @@ class SamplerSpec:
 class InitSpec:
     """Where seeds start: fresh noise, or a centroid of the references' DDIM inversions mixed with noise."""
 
-    # random | inversion (their mean) | nao (their norm-aware centroid, NAO). The named configs choose nao;
-    # the schema keeps random, what a run directory written before `init` existed was made with.
+    # random (the default: the paper's) | inversion (their mean) | nao (their norm-aware centroid, NAO) |
+    # reference (each image its own reference's inversion)
     method: str = "random"
     noise: float = 0.5  # share of fresh noise's variance in a centroid start; 0: every image starts alike
     candidates: int = 1  # starts drawn per image, each scored by one forward pass; the best is optimised
