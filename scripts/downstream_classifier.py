@@ -3,7 +3,8 @@
 On the toy world, whose generator (`train_toyworld.render`) draws unlimited real images:
 
     real only      the diffusion model's own long-tailed training set (2,400 images of the head concept
-                   down to 5 of the last, 7,797 in all)
+                   down to 5 of the last, 7,797 in all); with `--tail-real N`, only the first N of each
+                   tail concept's (N=1: one-shot tail, where a classifier of these easy shapes still fails)
     + plain        that, plus the synthetic images of a run's tail concepts drawn by plain sampling
     + seedselect   ... by SeedSelect (`seedselect optimize`)
     + bootstrap    ... by `seedselect bootstrap`
@@ -110,11 +111,25 @@ def synthetic(run: Path, source: str, per_concept: int) -> tuple[torch.Tensor, t
     return world.to_tensor(images), torch.tensor(labels)
 
 
-def run(sets: dict[str, Path | None], per_concept: int = 50, steps: int = 1500, seed: int = 0) -> dict:
+def long_tailed_real(tail_real: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The diffusion model's own training set; with `tail_real`, only the first that many of each tail concept."""
+    images, labels = world.long_tailed_set(0)
+    if tail_real is not None:
+        seen: dict[int, int] = {}
+        keep = []
+        for i, label in enumerate(labels.tolist()):
+            seen[label] = seen.get(label, 0) + 1
+            if BUCKET_OF[world.CONCEPTS[label]] != "tail" or seen[label] <= tail_real:
+                keep.append(i)
+        images, labels = [images[i] for i in keep], labels[keep]
+    return world.to_tensor(images), labels
+
+
+def run(sets: dict[str, Path | None], per_concept: int = 50, steps: int = 1500, seed: int = 0,
+        tail_real: int | None = None) -> dict:
     """Train and score every training set; returns {set: {bucket: accuracy, "train_images": n}, "cas": ...}."""
     begin = time.perf_counter()
-    real_images, real_y = world.long_tailed_set(0)  # the diffusion model's own training set
-    real_x = world.to_tensor(real_images)
+    real_x, real_y = long_tailed_real(tail_real)
     test_x, test_y = rendered(dict.fromkeys(world.CONCEPTS, TEST_PER_CONCEPT), seed + 1000)
     oracle_x, oracle_y = rendered(dict.fromkeys(world.CONCEPTS, ORACLE_PER_CONCEPT), seed + 2000)
     n = len(world.CONCEPTS)
@@ -144,6 +159,7 @@ def run(sets: dict[str, Path | None], per_concept: int = 50, steps: int = 1500, 
         results["cas"][name] = float((predicted == truth).float().mean())
     results["seconds"] = round(time.perf_counter() - begin)
     results["per_concept"] = per_concept
+    results["tail_real"] = tail_real
     return results
 
 
@@ -155,10 +171,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--per-concept", type=int, default=50)
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tail-real", type=int, default=None, help="real images of each tail concept in the "
+                                                                    "training sets (default: all the world has, 5 to 10)")
     parser.add_argument("--out", type=Path, default=None, help="write results.json and table.md here")
     args = parser.parse_args(argv)
     results = run({"seedselect": args.seedselect, "bootstrap": args.bootstrap}, args.per_concept, args.steps,
-                  args.seed)
+                  args.seed, args.tail_real)
     table = training_table(results)
     print(table)
     if args.out:

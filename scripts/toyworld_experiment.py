@@ -166,12 +166,14 @@ def downstream(out: Path, concepts: list[str], args) -> str:
     seedselect("evaluate", f"run_dir={out / 'seedselect'}", "runtime.device=cpu", "dataset_classes=true",
                f"judge.model={asset_path('toyworld/judge')}")
     results = downstream_classifier.run({"seedselect": out / "seedselect", "bootstrap": out / "bootstrap"},
-                                        args.synthetic, seed=args.seed)
+                                        args.synthetic, seed=args.seed, tail_real=args.tail_real)
     from seedselect_cli.report import training_table
 
     (out / "downstream.json").write_text(json.dumps(results, indent=2) + "\n")
-    return (f"\nDownstream: a small CNN trained on the long-tailed real data, alone and with {args.synthetic} "
-            f"synthetic images of each tail concept; accuracy on 100 real images of every concept:\n\n"
+    real = "all" if args.tail_real is None else args.tail_real
+    return (f"\nDownstream: a small CNN trained on the long-tailed real data ({real} real images of each tail "
+            f"concept), alone and with {args.synthetic} synthetic images of each tail concept; accuracy on 100 real "
+            f"images of every concept:\n\n"
             + training_table(results))
 
 
@@ -184,6 +186,8 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--synthetic", type=int, default=0, help="then N images per tail concept for the "
                                                                  "downstream classifier (0: skip it)")
+    parser.add_argument("--tail-real", type=int, default=None, help="real images of each tail concept the "
+                                                                    "downstream classifier trains on (default: all)")
     parser.add_argument("--override", nargs="*", default=[], help="more config overrides for both runs, "
                                                                     "e.g. init=random")
     args = parser.parse_args(argv)

@@ -179,3 +179,11 @@ def test_downstream_classifier_reports_the_table_of_the_linear_probe(tmp_path):
     assert set(results["cas"]) == {"plain", "seedselect"}
     table = training_table(results)
     assert "| real + seedselect | 7801 |" in table and "Classification Accuracy Score" in table
+
+    # --tail-real 1: one real image of each tail concept, the rest of the long tail as it is
+    x, y = downstream.long_tailed_real(1)
+    tail = [i for i, name in enumerate(world.CONCEPTS) if downstream.BUCKET_OF[name] == "tail"]
+    counts = torch.bincount(y, minlength=len(world.CONCEPTS))
+    assert counts[tail].tolist() == [1] * len(tail) and len(x) == len(y) == 7797 - sum(c for _, c, _ in world.RANKED
+                                                                                       if c <= 10) + len(tail)
+    assert counts[0] == 2400
