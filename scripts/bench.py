@@ -45,7 +45,7 @@ from rich.table import Table
 from seedselect_cli.config import Config, ModelConfig, load_config, register_resolvers
 from seedselect_cli.core.cuda_graphs import graph_cache
 from seedselect_cli.core.frozen import FrozenModels
-from seedselect_cli.core.optimize import seed_objective
+from seedselect_cli.core.optimize import scaled_backward, seed_objective
 from seedselect_cli.core.sampling import make_schedule, sample_images
 from seedselect_cli.core.targets import Centroids
 from seedselect_cli.models import DTYPES, compile_models, load_models, resolve_device, resolve_dtype
@@ -329,7 +329,7 @@ def measure(models: FrozenModels, mode: str, config, batch: int, args) -> dict:
 
     def iteration() -> None:
         optimizer.zero_grad(set_to_none=True)
-        seed_objective(models, z, target, text, timesteps, config.objective(), graphs=graphs).total.sum().backward()
+        scaled_backward(seed_objective(models, z, target, text, timesteps, config.objective(), graphs=graphs).total, z)
         optimizer.step()
 
     begin = time.perf_counter()
@@ -374,7 +374,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--tiny", action="store_true", help="the tiny components on the CPU")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
-                        help="of the fast mode; auto: bfloat16 on a GPU, float32 on the CPU")
+                        help="of the fast mode; auto: float16 on a GPU, float32 on the CPU")
     parser.add_argument("--height", type=int, default=None, help="image size (default 512, tiny 32)")
     parser.add_argument("--model", default="sd21", choices=["sd21", "sd_turbo"],
                         help="sd_turbo: SD 2.1's architecture (SD-Turbo's) with its preset: euler, 1 step, guidance 0, k=1")

@@ -82,7 +82,7 @@ class OptimConfig:
 @dataclass
 class RuntimeConfig:
     device: str = "auto"
-    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
+    dtype: str = "auto"  # auto: float32 on CPU, float16 on CUDA (not bfloat16: BENCHMARKS.md)
     batch_size: int = 1  # seeds optimised together
     # I/N: this process takes classes I, I+N, I+2N, ... (I counts from 0). Left at 0/1 under torchrun,
     # the rank and world size it sets are used instead.

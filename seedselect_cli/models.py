@@ -96,9 +96,11 @@ def busy_cores(cores: list[int], seconds: float = 0.2) -> float:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`runtime.dtype`: auto is float32 on the CPU and bfloat16 on an accelerator."""
+    """`runtime.dtype`: auto is float32 on the CPU and float16 on an accelerator. Not bfloat16: its 8-bit
+    significand loses the seed's gradient near the optimum, where the loss's terms pull against each other
+    (gradient cosine to float32's 0.88 on the toy world, float16's 0.9996; BENCHMARKS.md)."""
     if name == "auto":
-        return torch.float32 if device.type == "cpu" else torch.bfloat16
+        return torch.float32 if device.type == "cpu" else torch.float16
     return DTYPES[name]
 
 

@@ -201,7 +201,7 @@ def _run(config: Config, run_dir: Path, method: str, stop: GracefulStop) -> list
             raise UserError(
                 f"out of GPU memory with runtime.batch_size={config.runtime.batch_size} at "
                 f"{config.sampler.width}x{config.sampler.height}: lower runtime.batch_size (1 needs least), keep "
-                f"sampler.checkpointing=true, or use runtime.dtype=bfloat16; {len(entries)} finished images are kept"
+                f"sampler.checkpointing=true, or use runtime.dtype=float16; {len(entries)} finished images are kept"
             ) from None
     print_summary(entries, run_dir)
     if stop.requested:

@@ -63,6 +63,8 @@ def test_inversion_matches_textbook_inversion_in_float64(tiny_models64):
 class NoiseOfTimeOnly(torch.nn.Module):
     """A stand-in UNet whose eps depends on t alone: then DDIM is exactly invertible."""
 
+    dtype = torch.float64  # what a diffusers model reports, and the rollout casts its input to
+
     def __init__(self, shape):
         super().__init__()
         self.pattern = torch.randn(shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)

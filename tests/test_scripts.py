@@ -56,6 +56,17 @@ def test_bench_runs_its_modes_on_the_tiny_components():
     assert [r["tflop_per_iteration"] for r in rows[2:4]] == pytest.approx([r["tflop_per_iteration"] for r in rows[:2]])
 
 
+@pytest.mark.slow
+def test_precision_check_says_which_network_loses_the_precision():
+    """`precision_check.py --where` on the toy world: a row per network and iterate, float32's iterates scored with
+    one network at a time in float16; float16 keeps the gradient's direction (BENCHMARKS.md)."""
+    rows = load_script("precision_check").main(["--where", "--concepts", "marsh finch", "--n-images", "1",
+                                                "--iterations", "11", "--dtypes", "float16"])
+    assert [(r["networks"], r["iteration"]) for r in rows] == [
+        (n, it) for n in ("unet", "vae", "text_encoder", "image_encoder", "all") for it in (0, 10)]
+    assert all(abs(r["loss error"][0]) < 0.01 and r["cosine"][0] > 0.99 for r in rows), rows
+
+
 def fresh_tiny_models():
     """New tiny components: `bench.prepare` changes them in place, so not conftest's shared fixture."""
     return load_models(ModelConfig(pretrained="tiny", image_encoder="tiny"), torch.device("cpu"), torch.float32)

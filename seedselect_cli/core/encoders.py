@@ -30,7 +30,7 @@ def vae_encode(models: FrozenModels, images: list[Image.Image], height: int, wid
     pixels = vae_processor(models).preprocess(images, height=height, width=width, resize_mode=resize_mode)
     latents = []
     for chunk in pixels.split(batch_size):
-        posterior = models.vae.encode(chunk.to(models.device, models.dtype)).latent_dist
+        posterior = models.vae.encode(chunk.to(models.device, models.vae.dtype)).latent_dist
         latents.append(posterior.mean.float() * models.vae.config.scaling_factor)
     return torch.cat(latents)
 
@@ -38,7 +38,7 @@ def vae_encode(models: FrozenModels, images: list[Image.Image], height: int, wid
 def vae_decode(models: FrozenModels, latents: torch.Tensor) -> torch.Tensor:
     """I = D(z / scaling_factor), pixels in [-1, 1], float32 (differentiable)."""
     latents = latents / models.vae.config.scaling_factor
-    return models.vae.decode(latents.to(models.dtype)).sample.float()
+    return models.vae.decode(latents.to(models.vae.dtype)).sample.float()
 
 
 def to_pil(models: FrozenModels, images: torch.Tensor) -> list[Image.Image]:
@@ -71,7 +71,7 @@ def clip_pixels(images: torch.Tensor, processor) -> torch.Tensor:
 
 def clip_embed(models: FrozenModels, pixel_values: torch.Tensor) -> torch.Tensor:
     """normalize(CLIP(I)) from preprocessed pixels: (N, D) float32, unit norm."""
-    embeds = models.image_encoder(pixel_values=pixel_values.to(models.device, models.dtype)).image_embeds
+    embeds = models.image_encoder(pixel_values=pixel_values.to(models.device, models.image_encoder.dtype)).image_embeds
     return F.normalize(embeds.float(), dim=-1)
 
 

@@ -57,6 +57,19 @@ class SeedResult:
         return math.isfinite(self.loss)
 
 
+# The backward pass runs on the loss times this power of two, and the gradient is divided by it again: exact in
+# every dtype, and it lifts the cotangents of float16 networks (about 1e-5 per element of an SD latent) out of
+# float16's subnormal range, where they lose their bits (loss scaling, Micikevicius et al. 2018). BENCHMARKS.md,
+# "Low precision against float32 on the trained toy world".
+LOSS_SCALE = 2.0 ** 10
+
+
+def scaled_backward(losses: torch.Tensor, seeds: torch.Tensor) -> None:
+    """d sum(losses) / d seeds into `seeds.grad`, through the loss scale."""
+    (losses.sum() * LOSS_SCALE).backward()
+    seeds.grad.div_(LOSS_SCALE)
+
+
 def semantic_embedding(models: FrozenModels, latents: torch.Tensor) -> torch.Tensor:
     """v = normalize(CLIP(D(z / scaling_factor))) of latents, differentiably."""
     return clip_embed(models, clip_pixels(vae_decode(models, latents), models.image_processor))
@@ -152,7 +165,7 @@ def optimize_seeds(models: FrozenModels, z_init: torch.Tensor, centroids: Centro
         frozen = torch.tensor([reason is not None for reason in stopped])
         # A seed already stopped, or whose loss is not finite, takes no part in the backward pass.
         live = torch.isfinite(total) & ~frozen
-        torch.where(live.to(z.device), terms.total, torch.zeros_like(terms.total)).sum().backward()
+        scaled_backward(torch.where(live.to(z.device), terms.total, torch.zeros_like(terms.total)), z)
         grad_ok = torch.isfinite(z.grad).flatten(1).all(dim=1).cpu()
         for i in range(batch):
             if stopped[i] is None and not (live[i] and grad_ok[i]):

@@ -59,7 +59,7 @@ def encode_prompt(models: FrozenModels, prompt: str, negative_prompt: str = "") 
         [negative_prompt, prompt], padding="max_length", max_length=models.tokenizer.model_max_length,
         truncation=True, return_tensors="pt",
     )
-    return models.text_encoder(tokens.input_ids.to(models.device))[0].to(models.dtype)
+    return models.text_encoder(tokens.input_ids.to(models.device))[0].to(models.unet.dtype)
 
 
 def scheduler_for(name: str, config) -> object:
@@ -145,7 +145,7 @@ class Denoiser:
         x = torch.cat([model_in, model_in]) if self.guided else model_in
         if not torch.is_tensor(t):
             t = torch.full((), t, dtype=torch.long if isinstance(t, int) else torch.float32, device=model_in.device)
-        out = models.unet(x.to(models.dtype), t, encoder_hidden_states=embeds).sample.to(model_in.dtype)
+        out = models.unet(x.to(models.unet.dtype), t, encoder_hidden_states=embeds).sample.to(model_in.dtype)
         if self.guided:
             out_uncond, out_cond = out.chunk(2)
             out = out_uncond + self.guidance_scale * (out_cond - out_uncond)
