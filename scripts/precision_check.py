@@ -92,9 +92,9 @@ def where(concept: str, n: int, iterations: int, device: str, dtype_name: str) -
     rows = []
     for networks in [(name,) for name in NETWORKS] + [NETWORKS]:
         low = in_dtype(models, networks, dtype)
+        low_text = encode_prompt(low, fill_template(config.dataset.prompt_template, concept))  # its own text encoder
         for it, z in points.items():
-            loss, grad = loss_and_gradient(low, z, centroids, encode_prompt(low, fill_template(
-                config.dataset.prompt_template, concept)), config)
+            loss, grad = loss_and_gradient(low, z, centroids, low_text, config)
             ref_loss, ref_grad = reference[it]
             cos = torch.nn.functional.cosine_similarity(grad.flatten(1), ref_grad.flatten(1), dim=1)
             err = (loss - ref_loss) / ref_loss
