@@ -23,6 +23,8 @@ process's high-water mark of resident memory.
     python scripts/bench.py --tiny                # the tiny components on the CPU, seconds
     python scripts/bench.py --model sd_turbo      # SD-Turbo's setting: Euler, 1 step, no guidance, k = 1
     python scripts/bench.py --flops --model sd_turbo   # its arithmetic, counted on the meta device (no GPU)
+    python scripts/bench.py --model sdxl --batch 1   # SDXL at 1024 px, 20 DDIM steps, CFG 5: memory and speed
+    python scripts/bench.py --model sdxl_turbo       # SDXL-Turbo: Euler, 1 step, no guidance, 512 px
 """
 
 from __future__ import annotations
@@ -46,9 +48,16 @@ from seedselect_cli.config import Config, ModelConfig, load_config, register_res
 from seedselect_cli.core.cuda_graphs import graph_cache
 from seedselect_cli.core.frozen import FrozenModels
 from seedselect_cli.core.optimize import scaled_backward, seed_objective
-from seedselect_cli.core.sampling import make_schedule, sample_images
+from seedselect_cli.core.sampling import Denoiser, PromptEmbeds, conditioning, make_schedule, sample_images
 from seedselect_cli.core.targets import Centroids
-from seedselect_cli.models import DTYPES, compile_models, load_models, resolve_device, resolve_dtype
+from seedselect_cli.models import (
+    DTYPES,
+    compile_models,
+    load_models,
+    resolve_device,
+    resolve_dtype,
+    vae_dtype,
+)
 
 SD21_BASE_UNET = {
     "sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2, "cross_attention_dim": 1024,
@@ -60,6 +69,17 @@ SD21_BASE_VAE = {
     "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2, "block_out_channels": (128, 256, 512, 512),
     "down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4, "sample_size": 512,
 }
+# SDXL base 1.0's UNet (stabilityai/stable-diffusion-xl-base-1.0, unet/config.json); SDXL-Turbo's is the same
+SDXL_UNET = {
+    "sample_size": 128, "in_channels": 4, "out_channels": 4, "layers_per_block": 2, "cross_attention_dim": 2048,
+    "block_out_channels": (320, 640, 1280), "attention_head_dim": (5, 10, 20), "use_linear_projection": True,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "transformer_layers_per_block": (1, 2, 10), "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,  # six time ids x 256, and the 1280-wide pooled text embedding
+}
+SDXL_VAE = {**SD21_BASE_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True}
+SDXL_POOLED = 1280  # the second text encoder's (OpenCLIP ViT-bigG) projection
 CLIP_VIT_H_14 = {"hidden_size": 1280, "intermediate_size": 5120, "num_attention_heads": 16, "num_hidden_layers": 32,
                      "patch_size": 14, "image_size": 224, "projection_dim": 1024, "hidden_act": "gelu"}
 
@@ -73,26 +93,39 @@ def bench_config(overrides: list[str]) -> Config:
         return load_config(compose(config_name="demo", overrides=overrides))
 
 
-def real_models(device: torch.device, dtype: torch.dtype) -> FrozenModels:
-    """The paper's architectures with random weights, built on `device` (no text encoder: the
-    prompt's embeddings are a fixed random tensor, computed once per class in real runs)."""
+# --model: the architecture and its sampler preset (the model's config in seedselect_cli/configs)
+PRESETS = {
+    "sd21": {"title": "SD 2.1-base", "sampler": "ddim", "steps": 20, "k": 3, "guidance": 7.5, "height": 512},
+    "sd_turbo": {"title": "SD-Turbo (SD 2.1's UNet)", "sampler": "euler", "steps": 1, "k": 1, "guidance": 0.0,
+                 "height": 512},
+    "sdxl": {"title": "SDXL base", "sampler": "ddim", "steps": 20, "k": 3, "guidance": 5.0, "height": 1024},
+    "sdxl_turbo": {"title": "SDXL-Turbo (SDXL's UNet)", "sampler": "euler", "steps": 1, "k": 1, "guidance": 0.0,
+                   "height": 512},
+}
+
+
+def real_models(device: torch.device, dtype: torch.dtype, model: str = "sd21") -> FrozenModels:
+    """The paper's architectures (`model`: sd21, sd_turbo) or SDXL's (sdxl, sdxl_turbo) with random weights,
+    built on `device` (no text encoders: the prompt's embeddings are fixed random tensors, computed once per
+    class in real runs). SDXL's VAE stays in float32 when the networks are in float16, as `load_models` keeps it."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from diffusers.utils import logging as diffusers_logging
     from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModelWithProjection
 
     diffusers_logging.set_verbosity_error()  # its advice on .to(dtype) is for checkpoints
     torch.manual_seed(0)
+    xl = model.startswith("sdxl")
     with torch.device(device):
-        unet = UNet2DConditionModel(**SD21_BASE_UNET)
-        vae = AutoencoderKL(**SD21_BASE_VAE)
+        unet = UNet2DConditionModel(**(SDXL_UNET if xl else SD21_BASE_UNET))
+        vae = AutoencoderKL(**(SDXL_VAE if xl else SD21_BASE_VAE))
         encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**CLIP_VIT_H_14))
-    freeze = (lambda m: m.to(dtype=dtype).eval().requires_grad_(False))
+    freeze = (lambda m, dtype=dtype: m.to(dtype=dtype).eval().requires_grad_(False))
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                               set_alpha_to_one=False, steps_offset=1)
     processor = CLIPImageProcessorPil(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
-    return FrozenModels(vae=freeze(vae), unet=freeze(unet), text_encoder=None, tokenizer=None, scheduler=scheduler,
-                        image_encoder=freeze(encoder), image_processor=processor, name="sd21-base (random)",
-                        device=device, dtype=dtype)
+    return FrozenModels(vae=freeze(vae, vae_dtype({"unet": unet, "vae": vae}, dtype)), unet=freeze(unet),
+                        text_encoder=None, tokenizer=None, scheduler=scheduler, image_encoder=freeze(encoder),
+                        image_processor=processor, name=f"{model} (random)", device=device, dtype=dtype)
 
 
 class _Replay(torch.autograd.Function):
@@ -134,7 +167,8 @@ def iteration_inputs(models: FrozenModels, batch: int, args):
     target = Centroids(torch.nn.functional.normalize(torch.randn(dim, generator=g), dim=0).to(device),
                        torch.randn(*shape, generator=g).to(device), count=5)
     context = models.unet.config.cross_attention_dim
-    text = torch.randn(2, 77, context, generator=g).to(device, models.dtype)
+    text = PromptEmbeds(torch.randn(2, 77, context, generator=g).to(device, models.dtype),
+                        torch.randn(2, SDXL_POOLED, generator=g).to(device, models.dtype) if models.is_xl else None)
     return z, target, text
 
 
@@ -152,14 +186,15 @@ def count_flops(config, args) -> list[tuple[str, float, int]]:
             return func(*args, **(kwargs or {}))
 
     meta = torch.device("meta")
-    models = real_models(meta, DTYPES["bfloat16"])
+    models = real_models(meta, DTYPES["bfloat16"], args.model)
     z, target, text = iteration_inputs(models, 1, args)
     latents = torch.randn(z.shape, device=meta, dtype=models.dtype)
     guided = args.guidance > 1.0
+    denoiser = Denoiser(models, args.guidance)
     calls = {
-        f"UNet, batch {1 + guided}{' (CFG)' if guided else ''}": lambda: models.unet(
-            torch.cat([latents] * (1 + guided)), 500, encoder_hidden_states=text[:1 + guided]),
-        "VAE decode": lambda: models.vae.decode(latents),
+        f"UNet, batch {1 + guided}{' (CFG)' if guided else ''}": lambda: denoiser(
+            latents, 500, *conditioning(models, text, latents, args.guidance)),
+        "VAE decode": lambda: models.vae.decode(latents.to(models.vae.dtype)),
         "CLIP image": lambda: models.image_encoder(pixel_values=torch.randn(1, 3, 224, 224, device=meta,
                                                                             dtype=models.dtype)),
     }
@@ -359,7 +394,7 @@ def measure(models: FrozenModels, mode: str, config, batch: int, args) -> dict:
     else:  # the same work in every mode of one dtype and layout: counted once (tens of seconds each)
         key = (mode == "plain", models.dtype, args.channels_last, batch)
         if key not in COUNTED:
-            meta = prepare(real_models(torch.device("meta"), models.dtype), mode, args, accelerate=False)
+            meta = prepare(real_models(torch.device("meta"), models.dtype, args.model), mode, args, accelerate=False)
             COUNTED[key] = iteration_flops(meta, config, batch, args)
         flops = COUNTED[key]
     return {"batch": batch, "s_per_iteration": seconds, "peak_memory_gb": peak / 2**30,
@@ -375,13 +410,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                         help="of the fast mode; auto: float16 on a GPU, float32 on the CPU")
-    parser.add_argument("--height", type=int, default=None, help="image size (default 512, tiny 32)")
-    parser.add_argument("--model", default="sd21", choices=["sd21", "sd_turbo"],
-                        help="sd_turbo: SD 2.1's architecture (SD-Turbo's) with its preset: euler, 1 step, guidance 0, k=1")
+    parser.add_argument("--height", type=int, default=None, help="image size (default: the model's; tiny 32)")
+    parser.add_argument("--model", default="sd21", choices=list(PRESETS),
+                        help="the architecture, with its preset: sd21 ddim 20 steps CFG 7.5 512 px k=3; sd_turbo "
+                             "(SD 2.1's UNet) euler 1 step CFG 0 512 px k=1; sdxl ddim 20 steps CFG 5 1024 px k=3; "
+                             "sdxl_turbo (SDXL's UNet) euler 1 step CFG 0 512 px k=1")
     parser.add_argument("--sampler", default=None, choices=["ddim", "euler", "dpmpp_2m"], help="default: the model's")
-    parser.add_argument("--steps", type=int, default=None, help="default 20, sd_turbo 1")
-    parser.add_argument("--k", type=int, default=None, help="default 3, sd_turbo 1")
-    parser.add_argument("--guidance", type=float, default=None, help="default 7.5, sd_turbo 0")
+    parser.add_argument("--steps", type=int, default=None, help="default: the model's")
+    parser.add_argument("--k", type=int, default=None, help="default: the model's")
+    parser.add_argument("--guidance", type=float, default=None, help="default: the model's")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--modes", nargs="+", default=["graphed", "plain"],
                         choices=["fast", "compiled", "graphed", "compiled-graphed", "plain"])
@@ -410,18 +447,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--flops", action="store_true",
                         help="only count the FLOPs and operations of the paper's setting (meta device)")
     args = parser.parse_args(argv)
-    turbo = args.model == "sd_turbo"
-    args.sampler = args.sampler or ("euler" if turbo else "ddim")
-    args.steps = args.steps or (1 if turbo else 20)
-    args.k = args.k or (1 if turbo else 3)
-    args.guidance = args.guidance if args.guidance is not None else (0.0 if turbo else 7.5)
+    preset = PRESETS[args.model]
+    args.sampler = args.sampler or preset["sampler"]
+    args.steps = args.steps or preset["steps"]
+    args.k = args.k or preset["k"]
+    args.guidance = args.guidance if args.guidance is not None else preset["guidance"]
     if args.cudnn_workspace_mb is not None:  # read when cuDNN first runs a convolution
         os.environ["CUDNN_CONV_WSCAP_DBG"] = str(args.cudnn_workspace_mb)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     if args.memory_history and torch.cuda.is_available():
         torch.cuda.memory._record_memory_history(max_entries=200_000, stacks="python")
     device = torch.device("cpu") if args.tiny else resolve_device(args.device)
-    args.height = args.height or (32 if args.tiny else 512)
+    args.height = args.height or (32 if args.tiny else preset["height"])
     weights = [0.05, 0.25, 0.7] if args.k == 3 else [1 / args.k] * args.k  # the authors' weights for k = 3
     config = bench_config([f"sampler.name={args.sampler}", f"sampler.steps={args.steps}", f"kstep.k={args.k}",
                           f"kstep.weights={weights}",
@@ -430,8 +467,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     if args.flops:
         counts = count_flops(config, args)
-        model = "SD-Turbo (SD 2.1's UNet)" if turbo else "SD 2.1-base"
-        table = Table(title=f"FLOPs: {model} + CLIP ViT-H-14, {args.height} px, {args.sampler}, {args.steps} steps, "
+        table = Table(title=f"FLOPs: {preset['title']} + CLIP ViT-H-14, {args.height} px, {args.sampler}, {args.steps} steps, "
                             f"k={args.k}, CFG {args.guidance:g}")
         for column in ("call", "TFLOP", f"floor at {args.peak_tflops:g} TFLOP/s", "operations"):
             table.add_column(column, justify="left" if column == "call" else "right")
@@ -445,7 +481,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for mode in args.modes:
         dtype = torch.float32 if mode == "plain" else fast_dtype
         models = (load_models(ModelConfig(pretrained="tiny", image_encoder="tiny"), device, dtype) if args.tiny
-                  else real_models(device, dtype))
+                  else real_models(device, dtype, args.model))
         mode_config = dataclasses.replace(config, sampler=dataclasses.replace(
             config.sampler, checkpointing=mode != "plain"))
         prepare(models, mode, args)
@@ -470,7 +506,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             torch.cuda.empty_cache()
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    table = Table(title=f"seedselect bench: {'tiny' if args.tiny else 'SD 2.1-base + CLIP ViT-H-14'}, "
+    table = Table(title=f"seedselect bench: {'tiny' if args.tiny else preset['title'] + ' + CLIP ViT-H-14'}, "
                         f"{args.height} px, {args.steps} steps, k={args.k}, CFG {args.guidance}, on {name}"
                         + (f", channels-last: {args.channels_last}" if args.channels_last else "")
                         + (f", {args.group_norm} group norm" if args.group_norm != "native" else ""))

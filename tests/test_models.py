@@ -27,7 +27,7 @@ def test_loads_a_local_folder_saved_in_the_diffusers_layout(tmp_path, tiny_model
     tiny_models.image_processor.save_pretrained(clip)
     loaded = load_models(ModelConfig(pretrained=str(sd), image_encoder=str(clip)), torch.device("cpu"),
                          torch.float32)
-    torch.testing.assert_close(encode_prompt(loaded, "a pine warbler"), encode_prompt(tiny_models, "a pine warbler"))
+    torch.testing.assert_close(encode_prompt(loaded, "a pine warbler").hidden, encode_prompt(tiny_models, "a pine warbler").hidden)
     pixels = torch.randn(1, 3, 32, 32)
     torch.testing.assert_close(loaded.image_encoder(pixels).image_embeds, tiny_models.image_encoder(pixels).image_embeds)
     assert loaded.image_processor.crop_size == tiny_models.image_processor.crop_size
@@ -82,7 +82,7 @@ def test_compile_models_compiles_the_three_networks_in_channels_last_without_cha
 
     g = torch.Generator().manual_seed(3)
     z = torch.randn(2, 4, 16, 16, generator=g, dtype=torch.float64)
-    text = encode_prompt(tiny_models64, "a pine warbler").repeat_interleave(2, dim=0)  # [uncond x 2, cond x 2]
+    text = encode_prompt(tiny_models64, "a pine warbler").hidden.repeat_interleave(2, dim=0)  # [uncond x 2, cond x 2]
     for net in ("unet", "vae"):
         run = {"unet": lambda m: m.unet(torch.cat([z, z]), 500, encoder_hidden_states=text).sample,
                "vae": lambda m: m.vae.decode(z).sample}[net]

@@ -20,7 +20,7 @@ def plain_ddim(models, z, text_embeds, timesteps, w):
     step = models.scheduler.config.num_train_timesteps // len(timesteps)
     latents = []
     for t in timesteps:
-        cond, uncond = (text_embeds[i:i + 1].expand(len(z), -1, -1) for i in (1, 0))
+        cond, uncond = (text_embeds.hidden[i:i + 1].expand(len(z), -1, -1) for i in (1, 0))
         eps_c = models.unet(z, t, encoder_hidden_states=cond).sample
         eps_u = models.unet(z, t, encoder_hidden_states=uncond).sample
         eps = eps_u + w * (eps_c - eps_u)

@@ -26,7 +26,13 @@ from seedselect_cli.core.cuda_graphs import GraphCache
 from seedselect_cli.core.frozen import FrozenModels
 from seedselect_cli.core.initial_seeds import SeedStarts, assigned_reference, init_seed_for
 from seedselect_cli.core.optimize import SeedResult, best_candidates, optimize_seeds
-from seedselect_cli.core.sampling import encode_prompt, make_schedule, step_activation_bytes, step_noise
+from seedselect_cli.core.sampling import (
+    PromptEmbeds,
+    encode_prompt,
+    make_schedule,
+    step_activation_bytes,
+    step_noise,
+)
 from seedselect_cli.core.specs import BootstrapSpec, InitSpec, Objective, OptimSpec
 from seedselect_cli.core.targets import Centroids, ReferenceEncodings, stack_centroids
 
@@ -39,7 +45,7 @@ class ClassTarget:
 
     name: str
     prompt: str
-    text_embeds: torch.Tensor
+    text_embeds: PromptEmbeds
     encodings: ReferenceEncodings
     contrast: tuple[torch.Tensor, int] | None = None
 

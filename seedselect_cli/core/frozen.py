@@ -8,14 +8,21 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
+from transformers import (
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    CLIPVisionModelWithProjection,
+)
 
 from seedselect_cli.errors import UserError
 
 
 @dataclass
 class FrozenModels:
-    """Everything SeedSelect needs from Stable Diffusion and CLIP, frozen and on one device."""
+    """Everything SeedSelect needs from Stable Diffusion and CLIP, frozen and on one device. SDXL adds a second
+    text encoder with its tokenizer (`text_encoder_2`, `tokenizer_2`: its pooled embedding and the added time ids
+    condition the UNet too) and, as its diffusers pipeline, zero embeddings for an empty negative prompt."""
 
     vae: AutoencoderKL
     unet: UNet2DConditionModel
@@ -27,6 +34,14 @@ class FrozenModels:
     name: str  # model.pretrained, recorded in seed files
     device: torch.device
     dtype: torch.dtype
+    text_encoder_2: CLIPTextModelWithProjection | None = None
+    tokenizer_2: CLIPTokenizer | None = None
+    force_zeros_for_empty_prompt: bool = False
+
+    @property
+    def is_xl(self) -> bool:
+        """Whether the UNet is SDXL's: conditioned also on a pooled text embedding and the added time ids."""
+        return self.unet.config.addition_embed_type == "text_time"
 
     @property
     def vae_scale_factor(self) -> int:

@@ -28,7 +28,7 @@ import torch
 
 from seedselect_cli.core.frozen import FrozenModels
 from seedselect_cli.core.nao import nao_centroid, rescaled_centroid
-from seedselect_cli.core.sampling import ddim_invert
+from seedselect_cli.core.sampling import PromptEmbeds, ddim_invert
 from seedselect_cli.core.specs import InitSpec, SamplerSpec
 from seedselect_cli.core.targets import ReferenceEncodings, weights_fingerprint
 from seedselect_cli.derive import derived_int
@@ -78,7 +78,8 @@ def mix(centre: torch.Tensor | None, noise: torch.Tensor, share: float) -> torch
 
 def inversion_fingerprint(models: FrozenModels, height: int, width: int, resize_mode: str) -> str:
     """A key that changes whenever the inversion of the same image could (weights, scheduler, size)."""
-    return weights_fingerprint((models.vae, models.unet, models.text_encoder), [
+    networks = (models.vae, models.unet, models.text_encoder, *([models.text_encoder_2] if models.text_encoder_2 else []))
+    return weights_fingerprint(networks, [
         "ddim-inversion", models.scheduler_json(), len(models.tokenizer), height, width, resize_mode,
         str(models.dtype), models.device.type, models.vae.config.scaling_factor])
 
@@ -101,7 +102,7 @@ class SeedStarts:
         self.models, self.init, self.sampler, self.shape = models, init, sampler, shape
         self.cache, self.should_stop = cache, should_stop
 
-    def invert(self, encodings: ReferenceEncodings, prompt: str, text_embeds: torch.Tensor) -> torch.Tensor:
+    def invert(self, encodings: ReferenceEncodings, prompt: str, text_embeds: PromptEmbeds) -> torch.Tensor:
         """Each reference's DDIM-inverted seed (n, C, h, w), one at a time, from the cache where it can."""
         init = self.init
         steps = init.inversion_steps or self.sampler.steps
@@ -124,7 +125,7 @@ class SeedStarts:
             seeds.append(entry["inverted"])
         return torch.stack(seeds)
 
-    def centre(self, encodings: ReferenceEncodings, prompt: str, text_embeds: torch.Tensor) -> torch.Tensor | None:
+    def centre(self, encodings: ReferenceEncodings, prompt: str, text_embeds: PromptEmbeds) -> torch.Tensor | None:
         """The class's centroid start c (C, h, w) float32, None for `init.method=random`, or for
         `init.method=reference` every reference's inverted seed (n, C, h, w)."""
         init = self.init

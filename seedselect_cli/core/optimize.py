@@ -30,7 +30,7 @@ from seedselect_cli.core.losses import (
     seed_norm_prior,
 )
 from seedselect_cli.core.nao import chi_mode
-from seedselect_cli.core.sampling import Schedule, make_schedule, rollout
+from seedselect_cli.core.sampling import PromptEmbeds, Schedule, make_schedule, rollout
 from seedselect_cli.core.specs import Objective, OptimSpec
 from seedselect_cli.core.targets import Centroids
 
@@ -75,7 +75,7 @@ def semantic_embedding(models: FrozenModels, latents: torch.Tensor) -> torch.Ten
     return clip_embed(models, clip_pixels(vae_decode(models, latents), models.image_processor))
 
 
-def seed_objective(models: FrozenModels, z_T: torch.Tensor, centroids: Centroids, text_embeds: torch.Tensor,
+def seed_objective(models: FrozenModels, z_T: torch.Tensor, centroids: Centroids, text_embeds: PromptEmbeds,
                    schedule: Schedule, objective: Objective, noise: torch.Tensor | None = None,
                    unchecked_steps: int = 0, graphs: GraphCache | None = None) -> LossTerms:
     """Roll out the sampler from z_T and evaluate the SeedSelect loss for each seed of the batch (`noise`: what
@@ -109,7 +109,7 @@ def seed_objective(models: FrozenModels, z_T: torch.Tensor, centroids: Centroids
 
 
 @torch.no_grad()
-def best_candidates(models: FrozenModels, candidates: torch.Tensor, centroids: Centroids, text_embeds: torch.Tensor,
+def best_candidates(models: FrozenModels, candidates: torch.Tensor, centroids: Centroids, text_embeds: PromptEmbeds,
                     objective: Objective, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, list[int]]:
     """Selection in the literal sense: of each image's N candidate starts (B, N, C, h, w), the one of lowest
     loss, scored by one forward pass each without gradients (about a third of an iteration's arithmetic).
@@ -124,7 +124,7 @@ def best_candidates(models: FrozenModels, candidates: torch.Tensor, centroids: C
     return candidates[torch.arange(len(best)), best], best.tolist()
 
 
-def optimize_seeds(models: FrozenModels, z_init: torch.Tensor, centroids: Centroids, text_embeds: torch.Tensor,
+def optimize_seeds(models: FrozenModels, z_init: torch.Tensor, centroids: Centroids, text_embeds: PromptEmbeds,
                    objective: Objective, optim: OptimSpec, iterations: int | None = None, progress=None,
                    should_stop: Callable[[], bool] | None = None,
                    on_iteration: Callable[[int, torch.Tensor], None] | None = None,

@@ -52,14 +52,40 @@ SAMPLERS: dict[str, tuple[type, dict]] = {
 assert tuple(SAMPLERS) == SAMPLER_NAMES
 
 
+@dataclass(frozen=True)
+class PromptEmbeds:
+    """c(y) of [negative prompt, prompt], computed once per prompt: the text encoder's hidden states (2, L, D) and,
+    for SDXL, the second encoder's pooled embedding (2, P), which its UNet takes beside the added time ids."""
+
+    hidden: torch.Tensor
+    pooled: torch.Tensor | None = None
+
+
 @torch.no_grad()
-def encode_prompt(models: FrozenModels, prompt: str, negative_prompt: str = "") -> torch.Tensor:
-    """Text embeddings c(y) of [negative prompt, prompt]: (2, L, D). Computed once per prompt."""
-    tokens = models.tokenizer(
-        [negative_prompt, prompt], padding="max_length", max_length=models.tokenizer.model_max_length,
-        truncation=True, return_tensors="pt",
-    )
-    return models.text_encoder(tokens.input_ids.to(models.device))[0].to(models.unet.dtype)
+def encode_prompt(models: FrozenModels, prompt: str, negative_prompt: str = "") -> PromptEmbeds:
+    """Text embeddings of [negative prompt, prompt], as diffusers' pipelines compute them. SD: the text encoder's
+    last hidden states. SDXL (`StableDiffusionXLPipeline.encode_prompt`): both encoders' penultimate hidden states
+    side by side and the second's pooled projection; an empty negative prompt gives zeros where the checkpoint says
+    `force_zeros_for_empty_prompt` (SDXL's default, what its pipeline draws when no negative prompt is given)."""
+    if models.text_encoder_2 is None:
+        ids = _token_ids(models.tokenizer, [negative_prompt, prompt], models.device)
+        return PromptEmbeds(models.text_encoder(ids)[0].to(models.unet.dtype))
+    hidden, pooled = [], None
+    for tokenizer, encoder in ((models.tokenizer, models.text_encoder), (models.tokenizer_2, models.text_encoder_2)):
+        out = encoder(_token_ids(tokenizer, [negative_prompt, prompt], models.device), output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])
+        if out[0].ndim == 2:  # the projection model's text_embeds: the pooled embedding
+            pooled = out[0]
+    hidden = torch.cat(hidden, dim=-1)
+    if not negative_prompt and models.force_zeros_for_empty_prompt:
+        hidden, pooled = hidden.clone(), pooled.clone()
+        hidden[0], pooled[0] = 0.0, 0.0
+    return PromptEmbeds(hidden.to(models.unet.dtype), pooled.to(models.unet.dtype))
+
+
+def _token_ids(tokenizer, texts: list[str], device: torch.device) -> torch.Tensor:
+    return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids.to(device)
 
 
 def scheduler_for(name: str, config) -> object:
@@ -116,11 +142,26 @@ def uses_guidance(guidance_scale: float) -> bool:
     return guidance_scale > 1.0
 
 
-def guided_embeddings(text_embeds: torch.Tensor, batch: int, guidance_scale: float) -> torch.Tensor:
-    """Embeddings for a UNet batch: [uncond x batch, cond x batch] with guidance, [cond x batch] without."""
-    if uses_guidance(guidance_scale):
-        return text_embeds.repeat_interleave(batch, dim=0)
-    return text_embeds[1:].expand(batch, -1, -1)
+def guided_embeddings(text_embeds: PromptEmbeds, batch: int, guidance_scale: float,
+                      size: tuple[int, int] | None = None) -> tuple[torch.Tensor, ...]:
+    """The UNet's conditioning for a batch, [uncond x batch, cond x batch] with guidance, [cond x batch] without:
+    (hidden states,) for SD; for SDXL also the pooled embeddings and the added time ids at image `size` (height,
+    width): original size, crop (0, 0) and target size, its pipeline's defaults."""
+    rows = (lambda t: t.repeat_interleave(batch, dim=0)) if uses_guidance(guidance_scale) else (
+        lambda t: t[1:].expand(batch, *t.shape[1:]))
+    if text_embeds.pooled is None:
+        return (rows(text_embeds.hidden),)
+    if size is None:
+        raise ValueError("SDXL's conditioning needs the image size for its added time ids")
+    time_ids = torch.tensor([[*size, 0, 0, *size]] * 2, dtype=text_embeds.hidden.dtype, device=text_embeds.hidden.device)
+    return rows(text_embeds.hidden), rows(text_embeds.pooled), rows(time_ids)
+
+
+def conditioning(models: FrozenModels, text_embeds: PromptEmbeds, z: torch.Tensor, guidance_scale: float
+                 ) -> tuple[torch.Tensor, ...]:
+    """`guided_embeddings` for a batch of latents z (B, C, h, w): the image size is the latents' times the VAE's."""
+    f = models.vae_scale_factor
+    return guided_embeddings(text_embeds, z.shape[0], guidance_scale, (z.shape[-2] * f, z.shape[-1] * f))
 
 
 @dataclass(frozen=True)
@@ -137,15 +178,17 @@ class Denoiser:
     def guided(self) -> bool:
         return uses_guidance(self.guidance_scale)
 
-    def __call__(self, model_in: torch.Tensor, t: torch.Tensor | float, embeds: torch.Tensor) -> torch.Tensor:
-        """out = out_u + w (out_c - out_u) (Ho & Salimans 2022, eq. 6) for `embeds` from `guided_embeddings`, on the
-        input as the sampler scaled it. A Python number `t` becomes a tensor on the device by a fill, not a copy
-        from the host, so that the step can be captured in a CUDA graph."""
+    def __call__(self, model_in: torch.Tensor, t: torch.Tensor | float, *cond: torch.Tensor) -> torch.Tensor:
+        """out = out_u + w (out_c - out_u) (Ho & Salimans 2022, eq. 6) for the conditioning `cond` from
+        `guided_embeddings`, on the input as the sampler scaled it. A Python number `t` becomes a tensor on the
+        device by a fill, not a copy from the host, so that the step can be captured in a CUDA graph."""
         models = self.models
         x = torch.cat([model_in, model_in]) if self.guided else model_in
         if not torch.is_tensor(t):
             t = torch.full((), t, dtype=torch.long if isinstance(t, int) else torch.float32, device=model_in.device)
-        out = models.unet(x.to(models.unet.dtype), t, encoder_hidden_states=embeds).sample.to(model_in.dtype)
+        added = {"text_embeds": cond[1], "time_ids": cond[2]} if len(cond) == 3 else None
+        out = models.unet(x.to(models.unet.dtype), t, encoder_hidden_states=cond[0],
+                          added_cond_kwargs=added).sample.to(model_in.dtype)
         if self.guided:
             out_uncond, out_cond = out.chunk(2)
             out = out_uncond + self.guidance_scale * (out_cond - out_uncond)
@@ -157,19 +200,20 @@ def _host(t: torch.Tensor) -> int | float:
     return int(t) if not t.is_floating_point() else float(t)
 
 
-def ddim_step(denoiser: Denoiser, schedule: Schedule, z: torch.Tensor, t: torch.Tensor | int, embeds: torch.Tensor
-              ) -> torch.Tensor:
+def ddim_step(denoiser: Denoiser, schedule: Schedule, z: torch.Tensor, t: torch.Tensor | int,
+              cond: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """One DDIM step, eta = 0 (Song et al. 2021, eq. 12), with classifier-free guidance. DDIM's `step` reads
     nothing but the schedule's constants."""
-    eps = denoiser(z, t, embeds)
+    eps = denoiser(z, t, *cond)
     return schedule.scheduler.step(eps, t, z, eta=0.0).prev_sample
 
 
-def euler_step(denoiser: Denoiser, schedule: Schedule, i: int, x: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+def euler_step(denoiser: Denoiser, schedule: Schedule, i: int, x: torch.Tensor, cond: tuple[torch.Tensor, ...]
+               ) -> torch.Tensor:
     """Step i of Euler's method in sigma space (Karras et al. 2022, alg. 1 without churn), as diffusers'
     `EulerDiscreteScheduler.step`: x_{i+1} = x + (x - x0) / sigma_i (sigma_{i+1} - sigma_i)."""
     sigma, sigma_next = schedule.sigma(i), schedule.sigma(i + 1)
-    out = denoiser(x / ((sigma ** 2 + 1) ** 0.5), _host(schedule.timesteps[i]), embeds)
+    out = denoiser(x / ((sigma ** 2 + 1) ** 0.5), _host(schedule.timesteps[i]), *cond)
     if schedule.prediction_type == "v_prediction":
         x0 = out * (-sigma / (sigma ** 2 + 1) ** 0.5) + x / (sigma ** 2 + 1)
     else:
@@ -183,15 +227,15 @@ def _alpha_sigma(sigma: float) -> tuple[float, float, float]:
     return alpha, sigma * alpha, (math.log(1 / sigma) if sigma > 0 else math.inf)
 
 
-def dpmpp_2m_step(denoiser: Denoiser, schedule: Schedule, i: int, state: torch.Tensor, embeds: torch.Tensor
-                  ) -> torch.Tensor:
+def dpmpp_2m_step(denoiser: Denoiser, schedule: Schedule, i: int, state: torch.Tensor,
+                  cond: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """Step i of DPM-Solver++(2M) (Lu et al. 2022, alg. 2), as diffusers' multistep scheduler computes it
     (midpoint; first order at the first and, with a final sigma of 0, the last step). `state` is the
     latents and the previous step's z_0 prediction, side by side in the channels; so is the result."""
     x, x0_prev = state.chunk(2, dim=1)
     alpha_s, sigma_s, lambda_s = _alpha_sigma(schedule.sigma(i))
     alpha_t, sigma_t, lambda_t = _alpha_sigma(schedule.sigma(i + 1))
-    out = denoiser(x, _host(schedule.timesteps[i]), embeds)
+    out = denoiser(x, _host(schedule.timesteps[i]), *cond)
     x0 = alpha_s * x - sigma_s * out if schedule.prediction_type == "v_prediction" else (x - sigma_s * out) / alpha_s
     h = lambda_t - lambda_s
     step = alpha_t * (math.exp(-h) - 1.0)  # -alpha_t (1 - e^-h)
@@ -202,7 +246,7 @@ def dpmpp_2m_step(denoiser: Denoiser, schedule: Schedule, i: int, state: torch.T
     return torch.cat([x_next, x0], dim=1)
 
 
-def lcm_step(denoiser: Denoiser, schedule: Schedule, i: int, x: torch.Tensor, embeds: torch.Tensor,
+def lcm_step(denoiser: Denoiser, schedule: Schedule, i: int, x: torch.Tensor, cond: tuple[torch.Tensor, ...],
              noise: torch.Tensor | None) -> torch.Tensor:
     """Step i of LCM's multistep sampling, as diffusers' `LCMScheduler.step`: the consistency function's z_0
     (c_skip x + c_out x0), then, before the last step, noised again to the next timestep with `noise`."""
@@ -210,7 +254,7 @@ def lcm_step(denoiser: Denoiser, schedule: Schedule, i: int, x: torch.Tensor, em
     t = int(schedule.timesteps[i])
     last = i == len(schedule) - 1
     a_t = float(scheduler.alphas_cumprod[t])
-    out = denoiser(x, t, embeds)
+    out = denoiser(x, t, *cond)
     if schedule.prediction_type == "v_prediction":
         x0 = a_t ** 0.5 * x - (1 - a_t) ** 0.5 * out
     else:
@@ -244,7 +288,7 @@ def _to_vp(schedule: Schedule, i: int, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def rollout(models: FrozenModels, z_T: torch.Tensor, text_embeds: torch.Tensor, schedule: Schedule,
+def rollout(models: FrozenModels, z_T: torch.Tensor, text_embeds: PromptEmbeds, schedule: Schedule,
             guidance_scale: float, keep_last: int = 1, checkpoint: bool = True,
             noise: torch.Tensor | None = None, unchecked_steps: int = 0, graphs: GraphCache | None = None
             ) -> list[torch.Tensor]:
@@ -257,7 +301,7 @@ def rollout(models: FrozenModels, z_T: torch.Tensor, text_embeds: torch.Tensor, 
     if schedule.name == "lcm" and len(schedule) > 1 and (noise is None or noise.shape[0] != len(schedule) - 1):
         raise ValueError("the lcm sampler needs its noise between steps: pass noise=lcm_noise(...)")
     denoiser = Denoiser(models, guidance_scale, graphs)
-    embeds = guided_embeddings(text_embeds, z_T.shape[0], guidance_scale)
+    cond = conditioning(models, text_embeds, z_T, guidance_scale)
     use_checkpoint = checkpoint and torch.is_grad_enabled()
     n = len(schedule)
     x = z_T * schedule.init_noise_sigma if schedule.init_noise_sigma != 1.0 else z_T
@@ -266,7 +310,7 @@ def rollout(models: FrozenModels, z_T: torch.Tensor, text_embeds: torch.Tensor, 
     kept = []
     for i in range(n):
         step = _step_at(denoiser, schedule, i)
-        context = (embeds,) if schedule.name != "lcm" or i == n - 1 else (embeds, noise[i].to(x.device, x.dtype))
+        context = cond if schedule.name != "lcm" or i == n - 1 else (noise[i].to(x.device, x.dtype), *cond)
         if use_checkpoint and i >= unchecked_steps:
             key = ("the denoising steps", schedule.name, i, n, _host(schedule.timesteps[i]), float(guidance_scale))
             x = checkpointed(denoiser.graphs, key, step, x, *context)
@@ -278,14 +322,14 @@ def rollout(models: FrozenModels, z_T: torch.Tensor, text_embeds: torch.Tensor, 
     return kept
 
 
-def step_activation_bytes(models: FrozenModels, z_T: torch.Tensor, text_embeds: torch.Tensor, schedule: Schedule,
+def step_activation_bytes(models: FrozenModels, z_T: torch.Tensor, text_embeds: PromptEmbeds, schedule: Schedule,
                           guidance_scale: float, noise: torch.Tensor | None = None) -> int:
     """The bytes autograd keeps for the backward pass of one denoising step of this batch, if it is not
     checkpointed: the tensors it saves, each storage counted once, measured by running the first step. The
     weights and the text embeddings, which every step shares and memory holds anyway, are left out."""
     denoiser = Denoiser(models, guidance_scale)
-    embeds = guided_embeddings(text_embeds, z_T.shape[0], guidance_scale)
-    shared = {t.untyped_storage().data_ptr() for t in (*models.unet.parameters(), *models.unet.buffers(), embeds)}
+    cond = conditioning(models, text_embeds, z_T, guidance_scale)
+    shared = {t.untyped_storage().data_ptr() for t in (*models.unet.parameters(), *models.unet.buffers(), *cond)}
     seen: dict[int, int] = {}
 
     def pack(tensor: torch.Tensor):
@@ -297,28 +341,31 @@ def step_activation_bytes(models: FrozenModels, z_T: torch.Tensor, text_embeds: 
     x = z_T.detach().requires_grad_(True) * schedule.init_noise_sigma
     if schedule.name == "dpmpp_2m":
         x = torch.cat([x, torch.zeros_like(x)], dim=1)
-    context = (embeds,) if schedule.name != "lcm" or len(schedule) == 1 else (embeds, noise[0].to(x.device, x.dtype))
+    context = cond if schedule.name != "lcm" or len(schedule) == 1 else (noise[0].to(x.device, x.dtype), *cond)
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         _step_at(denoiser, schedule, 0)(x, *context)
     return sum(seen.values())
 
 
 def _step_at(denoiser: Denoiser, schedule: Schedule, i: int):
-    """x, embeds -> step i of the schedule's sampler. The timestep is a Python number: the scheduler's
+    """x, *context -> step i of the schedule's sampler; the context is the UNet's conditioning, after LCM's noise
+    where a step adds it. The timestep is a Python number: the scheduler's
     arithmetic stays on the host and the UNet's timestep is filled on the device, so that the step can be
     captured in a CUDA graph."""
     if schedule.name == "euler":
-        return lambda x, embeds: euler_step(denoiser, schedule, i, x, embeds)
+        return lambda x, *cond: euler_step(denoiser, schedule, i, x, cond)
     if schedule.name == "dpmpp_2m":
-        return lambda x, embeds: dpmpp_2m_step(denoiser, schedule, i, x, embeds)
+        return lambda x, *cond: dpmpp_2m_step(denoiser, schedule, i, x, cond)
     if schedule.name == "lcm":
-        return lambda x, embeds, noise=None: lcm_step(denoiser, schedule, i, x, embeds, noise)
+        if i == len(schedule) - 1:
+            return lambda x, *cond: lcm_step(denoiser, schedule, i, x, cond, None)
+        return lambda x, noise, *cond: lcm_step(denoiser, schedule, i, x, cond, noise)
     t = _host(schedule.timesteps[i])
-    return lambda x, embeds: ddim_step(denoiser, schedule, x, t, embeds)
+    return lambda x, *cond: ddim_step(denoiser, schedule, x, t, cond)
 
 
 @torch.no_grad()
-def ddim_invert(models: FrozenModels, z_0: torch.Tensor, text_embeds: torch.Tensor, steps: int,
+def ddim_invert(models: FrozenModels, z_0: torch.Tensor, text_embeds: PromptEmbeds, steps: int,
                 guidance_scale: float = 1.0) -> torch.Tensor:
     """DDIM inversion (Song et al. 2021, eq. 13 run backwards; Dhariwal & Nichol 2021, eq. 55): the seed
     z_T from which `steps` DDIM steps lead back to the latents z_0 (float32, (B, C, h, w)).
@@ -331,15 +378,15 @@ def ddim_invert(models: FrozenModels, z_0: torch.Tensor, text_embeds: torch.Tens
     inverse = DDIMInverseScheduler.from_config(models.scheduler.config)
     inverse.set_timesteps(steps)
     denoiser = Denoiser(models, guidance_scale)
-    embeds = guided_embeddings(text_embeds, z_0.shape[0], guidance_scale)
     z = z_0.to(models.device, torch.float32)
+    cond = conditioning(models, text_embeds, z, guidance_scale)
     for t in inverse.timesteps:
-        z = inverse.step(denoiser(z, t, embeds), t, z).prev_sample
+        z = inverse.step(denoiser(z, t, *cond), t, z).prev_sample
     return z
 
 
 @torch.no_grad()
-def sample_images(models: FrozenModels, z_T: torch.Tensor, text_embeds: torch.Tensor, steps: int,
+def sample_images(models: FrozenModels, z_T: torch.Tensor, text_embeds: PromptEmbeds, steps: int,
                   guidance_scale: float, sampler: str = "ddim", noise: torch.Tensor | None = None) -> list:
     """The images a batch of seeds gives: the sampler, decode, 8-bit PIL. What `generate` repeats exactly."""
     z_0 = rollout(models, z_T.to(models.device, torch.float32), text_embeds, make_schedule(models, steps, sampler),
