@@ -79,7 +79,6 @@ SDXL_UNET = {
     "projection_class_embeddings_input_dim": 2816,  # six time ids x 256, and the 1280-wide pooled text embedding
 }
 SDXL_VAE = {**SD21_BASE_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True}
-SDXL_POOLED = 1280  # the second text encoder's (OpenCLIP ViT-bigG) projection
 CLIP_VIT_H_14 = {"hidden_size": 1280, "intermediate_size": 5120, "num_attention_heads": 16, "num_hidden_layers": 32,
                      "patch_size": 14, "image_size": 224, "projection_dim": 1024, "hidden_act": "gelu"}
 
@@ -166,9 +165,11 @@ def iteration_inputs(models: FrozenModels, batch: int, args):
     dim = models.image_encoder.config.projection_dim
     target = Centroids(torch.nn.functional.normalize(torch.randn(dim, generator=g), dim=0).to(device),
                        torch.randn(*shape, generator=g).to(device), count=5)
-    context = models.unet.config.cross_attention_dim
-    text = PromptEmbeds(torch.randn(2, 77, context, generator=g).to(device, models.dtype),
-                        torch.randn(2, SDXL_POOLED, generator=g).to(device, models.dtype) if models.is_xl else None)
+    unet = models.unet.config
+    text = PromptEmbeds(torch.randn(2, 77, unet.cross_attention_dim, generator=g).to(device, models.dtype))
+    if models.is_xl:  # the pooled embedding: what the added embedding takes beside the six time ids
+        pooled = unet.projection_class_embeddings_input_dim - 6 * unet.addition_time_embed_dim
+        text = PromptEmbeds(text.hidden, torch.randn(2, pooled, generator=g).to(device, models.dtype))
     return z, target, text
 
 
@@ -406,7 +407,7 @@ def measure(models: FrozenModels, mode: str, config, batch: int, args) -> dict:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tiny", action="store_true", help="the tiny components on the CPU")
+    parser.add_argument("--tiny", action="store_true", help="the tiny components on the CPU (SDXL's shape with --model sdxl*)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                         help="of the fast mode; auto: float16 on a GPU, float32 on the CPU")
@@ -480,7 +481,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     fast_dtype = resolve_dtype(args.dtype, device)
     for mode in args.modes:
         dtype = torch.float32 if mode == "plain" else fast_dtype
-        models = (load_models(ModelConfig(pretrained="tiny", image_encoder="tiny"), device, dtype) if args.tiny
+        tiny = "tiny_sdxl" if args.model.startswith("sdxl") else "tiny"  # the tiny components in the model's shape
+        models = (load_models(ModelConfig(pretrained=tiny, image_encoder="tiny"), device, dtype) if args.tiny
                   else real_models(device, dtype, args.model))
         mode_config = dataclasses.replace(config, sampler=dataclasses.replace(
             config.sampler, checkpointing=mode != "plain"))

@@ -140,6 +140,19 @@ def test_bench_counts_sd_turbos_iteration_a_tenth_of_the_papers():
     assert 10.5 < iteration < 12  # against 127 TFLOP for the paper's 20 guided DDIM steps, k = 3
 
 
+@pytest.mark.slow
+def test_bench_runs_sdxl_shaped_components_and_counts_sdxl_turbos_iteration():
+    """--model sdxl*: the tiny components in SDXL's shape run every mode; SDXL's UNet (counted on the meta device)
+    at 512 px is about twice SD 2.1's, and the VAE decode outweighs it in SDXL-Turbo's one-step iteration."""
+    bench = load_script("bench")
+    rows = bench.main(["--tiny", "--model", "sdxl", "--steps", "3", "--batch", "1", "--warmup", "0", "--iterations",
+                       "1", "--modes", "fast", "plain"])
+    assert [r["mode"] for r in rows] == ["fast", "plain"] and all(r["s_per_iteration"] > 0 for r in rows)
+    counts = {row["call"]: row["tflop"] for row in bench.main(["--flops", "--model", "sdxl_turbo"])}
+    assert abs(counts["UNet, batch 1"] - 1.589) < 0.01 and abs(counts["VAE decode"] - 2.515) < 0.01
+    assert 12.5 < counts["one iteration, batch 1 (forward, backward, recomputation)"] < 14
+
+
 def test_bench_counts_flops_and_operations_without_a_gpu():
     rows = load_script("bench").main(["--flops", "--steps", "2", "--k", "1"])
     counts = {row["call"]: row["tflop"] for row in rows}
