@@ -211,3 +211,18 @@ def test_downstream_classifier_reports_the_table_of_the_linear_probe(tmp_path):
     assert counts[tail].tolist() == [1] * len(tail) and len(x) == len(y) == 7797 - sum(c for _, c, _ in world.RANKED
                                                                                        if c <= 10) + len(tail)
     assert counts[0] == 2400
+
+
+@pytest.mark.slow
+def test_distill_toyworld_writes_a_loadable_few_step_world(tmp_path):
+    """`distill_toyworld.py --quick`: a diffusers folder the tool loads (the student UNet in float16 beside the toy
+    world's other components) and its held-out distances to the teacher, per step count."""
+    from seedselect_cli.config import ModelConfig
+    from seedselect_cli.files.assets import asset_path
+    from seedselect_cli.models import load_models
+
+    info = load_script("distill_toyworld").main(["--quick", "--out", str(tmp_path / "turbo")])
+    assert set(info["held_out_mse_to_teacher"]) == {f"{who} euler {n}" for who in ("student", "teacher") for n in (1, 2, 4)}
+    models = load_models(ModelConfig(pretrained=str(tmp_path / "turbo"), image_encoder=asset_path("toyworld/clip")),
+                         torch.device("cpu"), torch.float32, with_image_encoder=False)
+    assert models.unet.config.sample_size == 8 and (tmp_path / "turbo" / "distilled.json").is_file()

@@ -12,11 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
+from seedselect_cli.config import load_config
 from seedselect_cli.evaluate import EvaluateConfig, JudgeConfig, run_evaluate
 from seedselect_cli.files.assets import asset_path
 from seedselect_cli.files.atomic import slugify
 from seedselect_cli.pipeline import run
-from tests.conftest import make_config
+from tests.conftest import compose_raw, make_config
 
 pytestmark = pytest.mark.slow  # minutes together: the quick loop (`pytest -m "not slow"`) leaves it out
 
@@ -35,6 +36,36 @@ def test_the_shipped_world_is_complete_small_and_long_tailed():
     assert all(set(name.split()) <= words for name in TAIL)  # tail names recombine frequent words
     for concept in WORLD["concepts"]:
         assert len(list((ROOT / "references" / concept["name"]).glob("*.png"))) == min(5, concept["count"])
+
+
+def test_the_distilled_few_step_world_draws_in_one_step_what_the_world_draws_in_ten():
+    """`toyworld_turbo` (scripts/distill_toyworld.py): under 10 MB, loaded by its named config, and on fresh seeds
+    (not the distillation's) 1, 2 and 4 Euler steps without guidance land far closer to the toy world's 10 guided
+    DDIM steps than the toy world's own Euler steps do."""
+    from seedselect_cli.core.sampling import encode_prompt, make_schedule, rollout
+    from seedselect_cli.models import load_models
+
+    turbo = Path(asset_path("toyworld_turbo"))
+    assert sum(f.stat().st_size for f in turbo.rglob("*") if f.is_file()) < 10 * 2**20
+    config = load_config(compose_raw("toyworld_turbo", []))
+    assert (config.sampler.name, config.sampler.steps, config.sampler.guidance_scale) == ("euler", 1, 0.0)
+    student = load_models(config.model, torch.device("cpu"), torch.float32, with_image_encoder=False)
+    teacher = load_models(load_config(compose_raw("toyworld", [])).model, torch.device("cpu"), torch.float32,
+                          with_image_encoder=False)
+    z = torch.randn(16, *teacher.latent_shape(32, 32), generator=torch.Generator().manual_seed(20261202))
+    errors = {}
+    with torch.no_grad():
+        for concept in TAIL[:3]:
+            prompt = WORLD["template"].format(concept)
+            target = rollout(teacher, z, encode_prompt(teacher, prompt), make_schedule(teacher, 10, "ddim"), 4.0)[-1]
+            for steps in (1, 2, 4):
+                for who, models, w in (("student", student, 0.0), ("teacher", teacher, 4.0)):
+                    drawn = rollout(models, z, encode_prompt(models, prompt), make_schedule(models, steps, "euler"), w)[-1]
+                    errors.setdefault((who, steps), []).append(float((drawn - target).square().mean()))
+    mean = {key: sum(v) / len(v) for key, v in errors.items()}
+    assert mean[("student", 1)] < 0.5 * mean[("teacher", 1)], mean
+    assert mean[("student", 2)] < mean[("teacher", 2)], mean
+    assert mean[("student", 4)] < 0.3, mean
 
 
 def test_diffusers_and_transformers_load_it_as_they_load_a_real_checkpoint():
