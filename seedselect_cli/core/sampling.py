@@ -8,9 +8,12 @@
 Small functions in the k-diffusion manner: a `Schedule` holds the run's timesteps and the constants of
 every step, read from the diffusers scheduler built for it (`make_schedule`) and never stepped, so no
 step reads state another call set; each sampler's update is written out here, as diffusers' `step`
-computes it, and tested against diffusers' own pipelines (tests/test_samplers.py). The seed z_T is unit
-Gaussian for every sampler; the rollout scales it by the schedule's `init_noise_sigma`. Latents returned
-for the k-step loss are in the variance-preserving space DDIM's are (z_t = sqrt(a) z_0 + sqrt(1 - a) eps).
+computes it, and tested against diffusers' own pipelines (tests/test_samplers.py). The prompt's embeddings
+(`PromptEmbeds`) become the UNet's conditioning once per rollout (`conditioning`): the hidden states for SD;
+for SDXL also the pooled embedding and the added time ids, which travel beside them as each step's context.
+The seed z_T is unit Gaussian for every sampler; the rollout scales it by the schedule's `init_noise_sigma`.
+Latents returned for the k-step loss are in the variance-preserving space DDIM's are
+(z_t = sqrt(a) z_0 + sqrt(1 - a) eps).
 
 Gradient mode is the caller's. With `checkpoint=True` each denoising step is one activation checkpoint,
 so only the latents between steps are kept and memory does not grow with the number of steps (the step
