@@ -64,6 +64,26 @@ def test_graphed_steps_match_autograd_through_the_whole_rollout_in_float64(tiny_
     torch.testing.assert_close(grad_graph, grad_plain, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("sampler", ["ddim", "euler", "dpmpp_2m"])
+def test_sdxls_three_conditioning_tensors_go_through_the_graphed_steps_in_float64(sampler):
+    """SDXL's steps carry the pooled embedding and the added time ids beside the hidden states: through the graph
+    cache's static buffers the latents and dL/dz_T are autograd's without checkpoints, in float64."""
+    from seedselect_cli.config import ModelConfig
+    from seedselect_cli.core.sampling import make_schedule
+    from seedselect_cli.models import load_models
+
+    models = load_models(ModelConfig(pretrained="tiny_sdxl", image_encoder="tiny"), torch.device("cpu"),
+                         torch.float64, with_image_encoder=False)
+    z0 = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+    embeds, schedule = encode_prompt(models, "a photo of a pine warbler", "a blur"), make_schedule(models, 4, sampler)
+    lat_plain, grad_plain = rollout_and_gradient(models, z0, embeds, schedule, checkpoint=False, keep=2)
+    lat_graph, grad_graph = rollout_and_gradient(models, z0, embeds, schedule, keep=2, graphs=graph_cache(models.device))
+    assert grad_plain.abs().max() > 0
+    for a, b in zip(lat_graph, lat_plain):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad_graph, grad_plain, rtol=1e-10, atol=1e-12 * grad_plain.abs().max().item())
+
+
 @pytest.mark.slow
 def test_graphed_calls_give_the_checkpointed_losses_and_optimised_seeds(tiny_models):
     """Through the loss and the optimiser, in float32: the same as per-step activation checkpoints."""
