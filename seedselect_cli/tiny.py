@@ -25,6 +25,11 @@ from transformers import (
 )
 
 IMAGE_SIZE = 32  # pixels; the VAE below halves it once, so seeds are 4 x 16 x 16
+UNET = {  # what the SD- and the SDXL-shaped tiny UNets share
+    "block_out_channels": (32, 64), "layers_per_block": 1, "sample_size": IMAGE_SIZE // 2, "in_channels": 4,
+    "out_channels": 4, "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"), "norm_num_groups": 16,
+}
 
 
 def build_tiny_tokenizer(max_length: int = 16) -> CLIPTokenizer:
@@ -39,18 +44,7 @@ def build_tiny_models() -> dict[str, Any]:
     tokenizer = build_tiny_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        unet = UNet2DConditionModel(
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            sample_size=IMAGE_SIZE // 2,
-            in_channels=4,
-            out_channels=4,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=32,
-            attention_head_dim=8,
-            norm_num_groups=16,
-        )
+        unet = UNet2DConditionModel(**UNET, cross_attention_dim=32, attention_head_dim=8)
         torch.manual_seed(1)
         vae = AutoencoderKL(
             block_out_channels=[16, 32],
@@ -97,13 +91,7 @@ def build_tiny_sdxl_models() -> dict[str, Any]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(5)
         parts["unet"] = UNet2DConditionModel(
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            sample_size=IMAGE_SIZE // 2,
-            in_channels=4,
-            out_channels=4,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            **UNET,
             cross_attention_dim=64,  # 32 + 32: both encoders' hidden states
             attention_head_dim=(2, 4),
             use_linear_projection=True,
@@ -111,7 +99,6 @@ def build_tiny_sdxl_models() -> dict[str, Any]:
             addition_time_embed_dim=8,
             transformer_layers_per_block=(1, 2),
             projection_class_embeddings_input_dim=6 * 8 + 32,  # six time ids, and the pooled embedding
-            norm_num_groups=16,
         )
         torch.manual_seed(6)
         parts["text_encoder"] = CLIPTextModel(text_config)
