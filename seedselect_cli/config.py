@@ -190,6 +190,10 @@ def check_config(c: Config) -> None:
         raise _bad("loss.distance", c.loss.distance, f"choose one of {', '.join(DISTANCES)}")
     if c.loss.appearance not in APPEARANCE_TARGETS:
         raise _bad("loss.appearance", c.loss.appearance, f"choose one of {', '.join(APPEARANCE_TARGETS)}")
+    _check_range("loss.semantic_references", c.loss.semantic_references, 1, MAX_IMAGES)
+    if c.loss.semantic_references > 1 and c.loss.appearance != "assigned":
+        raise _bad("loss.semantic_references", c.loss.semantic_references,
+                   "applies with loss.appearance=assigned (each image's own references); set that, or leave it at 1")
     if c.loss.semantic not in SEMANTIC_LOSSES:
         raise _bad("loss.semantic", c.loss.semantic, f"choose one of {', '.join(SEMANTIC_LOSSES)}")
     if not (math.isfinite(c.loss.temperature) and c.loss.temperature > 0):

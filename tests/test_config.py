@@ -80,6 +80,8 @@ def test_required_root_is_named(tmp_path):
     ("init.inversion_steps=0", "init.inversion_steps"), ("init.inversion_guidance=-1", "init.inversion_guidance"),
     ("init.nao_points=0", "init.nao_points"), ("init.nao_iterations=0", "init.nao_iterations"),
     ("init.nao_length_weight=0", "init.nao_length_weight"),
+    ("loss.semantic_references=0", "loss.semantic_references"),
+    ("loss.semantic_references=3", "loss.semantic_references"),  # without loss.appearance=assigned
 ])
 @pytest.mark.slow
 def test_bad_values_are_rejected_naming_the_key(override, key):

@@ -105,6 +105,30 @@ def test_patience_ends_a_batch_that_stopped_improving(tiny_models, monkeypatch):
     assert len(result.loss_history) == 6 and result.loss == 0.0  # improved at 0, 1, 2; three more; stopped
 
 
+@pytest.mark.parametrize("count", [1, 3, 9])
+def test_each_images_semantic_target_is_the_mean_of_its_own_and_the_next_references(tiny_models, count):
+    """loss.appearance=assigned loss.semantic_references=m: L_app towards the image's own reference's latent,
+    L_sem towards the mean CLIP embedding of it and the next m - 1 in the drawn order (at most all of them)."""
+    from seedselect_cli.core.engine import ClassTarget
+    from seedselect_cli.core.initial_seeds import own_references
+    from seedselect_cli.pipeline import engine_for
+
+    g = torch.Generator().manual_seed(count)
+    enc = ReferenceEncodings(torch.nn.functional.normalize(torch.randn(5, 16, generator=g), dim=-1),
+                             torch.randn(5, 4, 16, 16, generator=g), tuple(f"r{i}.png" for i in range(5)))
+    config = make_config(["loss.appearance=assigned", f"loss.semantic_references={count}"])
+    engine = engine_for(tiny_models, config)
+    target = ClassTarget("red disc", "a red disc", encode_prompt(tiny_models, "a red disc"), enc)
+    [batch] = engine.optimize_batches(target, [[0, 1, 2, 3]], None)
+    for row, i in enumerate([0, 1, 2, 3]):
+        refs = own_references(config.seed, "red disc", i, 5, count)
+        assert refs[0] == assigned_reference(config.seed, "red disc", i, 5) and len(set(refs)) == min(count, 5)
+        torch.testing.assert_close(batch.centroids.semantic[row], enc.semantic[refs].mean(dim=0))
+        torch.testing.assert_close(batch.centroids.appearance[row], enc.appearance[refs[0]])
+    if count == 9:  # every reference: the paper's centroid for L_sem
+        torch.testing.assert_close(batch.centroids.semantic[0], enc.semantic.mean(dim=0))
+
+
 @pytest.mark.slow
 def test_reference_starts_and_assigned_targets_in_a_run(tmp_path):
     config = make_config(["init=reference", "loss.appearance=assigned", "n_images=3", "runtime.batch_size=3",

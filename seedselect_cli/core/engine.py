@@ -24,7 +24,7 @@ import torch
 from seedselect_cli.core.bootstrap import Batch, bootstrap_batches
 from seedselect_cli.core.cuda_graphs import GraphCache
 from seedselect_cli.core.frozen import FrozenModels
-from seedselect_cli.core.initial_seeds import SeedStarts, assigned_reference, init_seed_for
+from seedselect_cli.core.initial_seeds import SeedStarts, assigned_reference, init_seed_for, own_references
 from seedselect_cli.core.optimize import SeedResult, best_candidates, optimize_seeds
 from seedselect_cli.core.sampling import (
     PromptEmbeds,
@@ -111,15 +111,17 @@ class Engine:
                          ) -> Iterator[Batch]:
         """`seedselect optimize`: a batch of seeds per block, each started from its own init seed (and the class's
         `centre`, or its own reference's inversion for init=reference), steered towards the class's centroids (or
-        its own reference's latent for loss.appearance=assigned)."""
+        its own reference's latent for loss.appearance=assigned, and the mean CLIP embedding of its own and the next
+        `loss.semantic_references` - 1 references)."""
         encodings, appearance = target.encodings, self.objective.loss.appearance
         n_refs = len(encodings.paths)
         shared = encodings.centroids(appearance=appearance) if appearance != "assigned" else None
+        semantic_refs = self.objective.loss.semantic_references
         for chunk in blocks:
             init_seeds = [init_seed_for(self.seed, target.name, i) for i in chunk]
             own = [assigned_reference(self.seed, target.name, i, n_refs) for i in chunk]
-            centroids = shared if shared is not None else stack_centroids(
-                [encodings.centroids([r], appearance="assigned") for r in own])
+            centroids = shared if shared is not None else stack_centroids([encodings.centroids(
+                own_references(self.seed, target.name, i, n_refs, semantic_refs), appearance="assigned") for i in chunk])
             z_init = self.starts.seeds(centre, init_seeds, own, self.init.candidates)
             uses_reference = self.init.method == "reference" or appearance == "assigned"
             extra = [{"reference": str(encodings.paths[r])} if uses_reference else {} for r in own]

@@ -57,6 +57,12 @@ def assigned_reference(seed: int, class_name: str, index: int, n_references: int
     return order[index % n_references]
 
 
+def own_references(seed: int, class_name: str, index: int, n_references: int, count: int) -> list[int]:
+    """Image `index`'s references for loss.appearance=assigned: its own (`assigned_reference`) first, then the next
+    ones in the same drawn order, `count` in all (at most every reference once)."""
+    return [assigned_reference(seed, class_name, index + j, n_references) for j in range(min(count, n_references))]
+
+
 def initial_noise(models: FrozenModels, shape: tuple[int, ...], init_seed: int) -> torch.Tensor:
     """z_T ~ N(0, I), drawn on the CPU so every device gets the same seed (the rollout scales it by the
     sampler's init_noise_sigma, 1 for DDIM)."""

@@ -26,6 +26,9 @@ class LossSpec:
     # what L_app pulls z_0 towards: centroid, the references' mean latent mu_z (the paper); nearest, the
     # nearest reference's latent; assigned, one reference per image (init=reference starts it there)
     appearance: str = "centroid"
+    # with appearance=assigned (seedselect optimize): L_sem's target is the mean CLIP embedding of the image's own
+    # reference and the next ones, this many in all (1: its own alone; every reference: the paper's centroid)
+    semantic_references: int = 1
 
 
 @dataclass
