@@ -31,7 +31,7 @@ from transformers import (
 from transformers.utils import logging as transformers_logging
 
 from seedselect_cli.config import ModelConfig, check_device
-from seedselect_cli.core.frozen import FrozenModels
+from seedselect_cli.core.frozen import FrozenModels, is_sdxl_unet
 from seedselect_cli.errors import UserError
 from seedselect_cli.limits import DTYPE_NAMES
 
@@ -187,8 +187,8 @@ def load_models(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, with
 def vae_dtype(parts: dict[str, Any], dtype: torch.dtype) -> torch.dtype:
     """The VAE's dtype: SDXL's VAE overflows in float16 and says so (`force_upcast`), so it runs in float32 there,
     as its diffusers pipeline decodes; every other VAE in the run's dtype."""
-    xl = parts["unet"].config.addition_embed_type == "text_time"
-    return torch.float32 if xl and dtype == torch.float16 and parts["vae"].config.force_upcast else dtype
+    upcast = is_sdxl_unet(parts["unet"]) and dtype == torch.float16 and parts["vae"].config.force_upcast
+    return torch.float32 if upcast else dtype
 
 
 @functools.cache

@@ -119,9 +119,10 @@ class Engine:
         semantic_refs = self.objective.loss.semantic_references
         for chunk in blocks:
             init_seeds = [init_seed_for(self.seed, target.name, i) for i in chunk]
-            own = [assigned_reference(self.seed, target.name, i, n_refs) for i in chunk]
-            centroids = shared if shared is not None else stack_centroids([encodings.centroids(
-                own_references(self.seed, target.name, i, n_refs, semantic_refs), appearance="assigned") for i in chunk])
+            references = [own_references(self.seed, target.name, i, n_refs, semantic_refs) for i in chunk]
+            own = [refs[0] for refs in references]  # the image's own: assigned_reference
+            centroids = shared if shared is not None else stack_centroids(
+                [encodings.centroids(refs, appearance="assigned") for refs in references])
             z_init = self.starts.seeds(centre, init_seeds, own, self.init.candidates)
             uses_reference = self.init.method == "reference" or appearance == "assigned"
             extra = [{"reference": str(encodings.paths[r])} if uses_reference else {} for r in own]

@@ -18,6 +18,11 @@ from transformers import (
 from seedselect_cli.errors import UserError
 
 
+def is_sdxl_unet(unet: UNet2DConditionModel) -> bool:
+    """Whether a UNet is SDXL's: conditioned also on a pooled text embedding and the added time ids."""
+    return unet.config.addition_embed_type == "text_time"
+
+
 @dataclass
 class FrozenModels:
     """Everything SeedSelect needs from Stable Diffusion and CLIP, frozen and on one device. SDXL adds a second
@@ -40,8 +45,7 @@ class FrozenModels:
 
     @property
     def is_xl(self) -> bool:
-        """Whether the UNet is SDXL's: conditioned also on a pooled text embedding and the added time ids."""
-        return self.unet.config.addition_embed_type == "text_time"
+        return is_sdxl_unet(self.unet)
 
     @property
     def vae_scale_factor(self) -> int:
