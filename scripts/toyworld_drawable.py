@@ -7,6 +7,12 @@ N fresh seeds drawn through diffusers' own `StableDiffusionPipeline` (DDIM, CFG 
 defaults), each image judged by the world's strict judge. Prints per concept the share judged right,
 the share rejected as off-model and what it is mistaken for most; writes a contact sheet.
 
+It also measures the ceiling the decoder sets: N fresh real renders of the concept (the world's own
+generator, `train_toyworld.render`), encoded and decoded by the world's VAE, judged and scored for
+precision against the held-out real images in the judge's features (`seedselect evaluate`'s space).
+No seed can draw what the decoder cannot reconstruct: where the round trip's precision is low, so is
+any method's.
+
     python scripts/toyworld_drawable.py                                  # the 6 tail concepts, 64 seeds: ~1 min
     python scripts/toyworld_drawable.py --world /tmp/tw --all --n 32     # every concept of another world
 """
@@ -15,14 +21,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import train_toyworld as generator
+
 from seedselect_cli.files.assets import asset_path
+from seedselect_cli.files.images import load_rgb
 from seedselect_cli.judges import Judge, JudgeConfig
+from seedselect_cli.quality import precision_recall
 
 SEED_BASE = 10_000_000  # far from the seeds the experiments and their tuning use (0, 1, 10^6 + k)
 
@@ -36,6 +49,12 @@ def contact_sheet(rows: dict[str, list[Image.Image]], per_row: int, path: Path) 
         for c, image in enumerate(images[:per_row]):
             sheet.paste(image.resize((size, size)), (label + c * (size + 2), r * (size + 2)))
     sheet.save(path)
+
+
+def round_trip(vae, images: list[Image.Image]) -> list[Image.Image]:
+    """Images encoded (the posterior's mean) and decoded by `vae`."""
+    decoded = vae.decode(vae.encode(generator.to_tensor(images)).latent_dist.mean).sample.clamp(-1, 1)
+    return [Image.fromarray(((x.permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8)) for x in decoded]
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -64,7 +83,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     pipe.set_progress_bar_config(disable=True)
     judge = Judge(JudgeConfig(model=str(world / "judge")), list(looks), torch.device("cpu"))
     rows, sheet = [], {}
-    print("| concept | looks | right | off-model | mistaken most for |\n|---|---|---|---|---|")
+    rng = np.random.default_rng(args.seed_base)
+    print("| concept | looks | right | off-model | mistaken most for | decoder round trip: right, precision |\n"
+          "|---|---|---|---|---|---|")
     for concept in concepts:
         generators = [torch.Generator().manual_seed(args.seed_base + k) for k in range(args.n)]
         images = pipe(info["template"].format(concept), num_inference_steps=args.steps,
@@ -75,10 +96,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
         wrong = [(v, n) for v, n in counts.most_common() if v not in (concept, "off-model")]
         row = {"concept": concept, "looks": looks[concept], "right": counts[concept] / args.n,
                "off_model": counts["off-model"] / args.n, "mistaken": wrong[0][0] if wrong else ""}
+        heldout = [load_rgb(p) for p in sorted((world / "heldout" / concept).glob("*.png"))]
+        trip = round_trip(pipe.vae, [generator.render(concept, rng) for _ in range(args.n)])
+        (trip_verdicts, trip_features), (_, heldout_features) = judge.classify(trip, k=1), judge.classify(heldout, k=1)
+        row["round_trip_right"] = sum(v[0] == concept for v in trip_verdicts) / args.n
+        row["round_trip_precision"] = precision_recall(heldout_features, trip_features)[0]
         rows.append(row)
         sheet[f"{concept}"] = images
         mistaken = f"{row['mistaken']} ({looks[row['mistaken']]})" if row["mistaken"] else "-"
-        print(f"| {concept} | {row['looks']} | {row['right']:.3f} | {row['off_model']:.3f} | {mistaken} |", flush=True)
+        precision = "-" if row["round_trip_precision"] is None else f"{row['round_trip_precision']:.2f}"
+        print(f"| {concept} | {row['looks']} | {row['right']:.3f} | {row['off_model']:.3f} | {mistaken} | "
+              f"{row['round_trip_right']:.2f}, {precision} |", flush=True)
     mean = sum(r["right"] for r in rows) / len(rows)
     print(f"\nmean right {mean:.3f} over {len(rows)} concepts, {args.n} seeds each from {args.seed_base}")
     if args.sheet:
