@@ -123,6 +123,44 @@ def test_the_judge_rejects_off_model_shapes():
     assert sum(v == "off-model" for v in verdicts) / len(verdicts) >= 0.9
 
 
+def test_the_decoder_gives_back_what_it_is_given_tail_shapes_and_off_model_ones_alike():
+    """Stable Diffusion's VAE reconstructs a rare bird as well as a common one: the long tail is its UNet's. The
+    toy world's decoder, trained on the long tail alone, could not (a real green square came back a notched blob,
+    judged right 0.00 to 1.00 and at precision 0.00 to 0.50 per tail concept), so no seed could draw one; it was
+    retrained on balanced data (`train_toyworld.finetune_decoder`). Fresh renders of every tail concept now come
+    back judged right (measured: 1.00 each) and inside the held-out images' region of the judge's features
+    (precision 0.63 to 1.00, mean 0.83), and off-model images come back off-model (0.79; the old decoder 0.83):
+    it does not tidy a blob into a square."""
+    import sys
+
+    import numpy as np
+    from diffusers import AutoencoderKL
+
+    from seedselect_cli.judges import Judge
+    from seedselect_cli.quality import precision_recall
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import toyworld_drawable
+    import train_toyworld
+
+    judge = Judge(JudgeConfig(model=str(ROOT / "judge")), [c["name"] for c in WORLD["concepts"]], torch.device("cpu"))
+    vae = AutoencoderKL.from_pretrained(ROOT / "vae", torch_dtype=torch.float32)
+    rng = np.random.default_rng(4321)
+    precisions = []
+    with torch.no_grad():
+        for concept in TAIL:
+            back = toyworld_drawable.round_trip(vae, [train_toyworld.render(concept, rng) for _ in range(16)])
+            verdicts, features = judge.classify(back, k=1)
+            heldout = [Image.open(p).convert("RGB") for p in sorted((ROOT / "heldout" / concept).glob("*.png"))]
+            precisions.append(precision_recall(judge.classify(heldout, k=1)[1], features)[0])
+            assert sum(v[0] == concept for v in verdicts) >= 15, (concept, verdicts)
+            assert precisions[-1] >= 0.5, (concept, precisions)
+        assert sum(precisions) / len(precisions) >= 0.75, precisions
+        off = [train_toyworld.render_off_model(rng, kind) for kind in train_toyworld.OFF_KINDS for _ in range(6)]
+        kept = [v[0] is None for v in judge.classify(toyworld_drawable.round_trip(vae, off), k=1)[0]]
+    assert sum(kept) / len(kept) >= 0.7, kept
+
+
 def concept_probability(folder: Path, concept: str) -> float:
     """The judge's mean probability (softmax over the concepts and "off-model") of `concept` for the
     images in `folder`."""
@@ -138,12 +176,12 @@ def concept_probability(folder: Path, concept: str) -> float:
 
 
 def test_seedselect_moves_tail_concepts_towards_the_concept_and_evaluate_says_how_far(tmp_path):
-    """With the defaults (fresh noise, the paper's loss, 30 iterations) and the experiment's seeds (seed 0,
-    16 images in one batch: RESULTS.md), SeedSelect raises the strict judge's probability of two tail
-    concepts over plain sampling from the same seeds (measured: pine warbler 0.795 -> 0.920, snow wren
-    0.861 -> 0.964; see the print). evaluate reports every instrument of the quality issue for both."""
-    concepts = ["pine warbler", "snow wren"]
-    config = make_config([f"dataset.classes=[{','.join(concepts)}]", "n_images=16", "runtime.batch_size=16",
+    """With the defaults (fresh noise, the paper's loss, 30 iterations) and seed 0, 8 images of each of two tail
+    concepts in one batch, SeedSelect raises the strict judge's probability of the concept over plain sampling
+    from the same seeds (measured: sea gull 0.078 -> 0.210, snow wren 0.411 -> 0.861; see the print). evaluate
+    reports every instrument of the quality issue for both."""
+    concepts = ["sea gull", "snow wren"]
+    config = make_config([f"dataset.classes=[{','.join(concepts)}]", "n_images=8", "runtime.batch_size=8",
                           "sampler.steps=10", "optim.iterations=30"],
                          name="toyworld")
     run(config, tmp_path, "optimize")
