@@ -15,6 +15,7 @@ the usual rule for convolution and attention layers.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import tempfile
 from collections import Counter
@@ -45,16 +46,22 @@ def count_passes(overrides: list[str], n_images: int) -> dict:
         models = real_load(*args, **kwargs)
         for attr, module in (("unet", models.unet), ("decoder", models.vae.decoder),
                              ("image_encoder", models.image_encoder)):
-            module.register_forward_hook(lambda m, inputs, out, attr=attr: counts.update(
-                {(phase["now"], attr, "forward"): _batch(inputs)}))
-            module.register_full_backward_hook(lambda m, gin, gout, attr=attr: counts.update(
-                {(phase["now"], attr, "backward"): _batch(gout)}))
+            module.register_forward_hook(functools.partial(count_call, attr), with_kwargs=True)
         return models
 
-    import seedselect_cli.core.optimize as optimize_module
-    from seedselect_cli import pipeline
+    def count_call(attr, module, args, kwargs, output):
+        """A forward call, by its batch (inputs given by keyword too); and its backward, when a gradient flows
+        back through its output (a hook on the output tensor: module backward hooks miss dataclass outputs)."""
+        n = _batch([*args, *kwargs.values()])
+        counts.update({(phase["now"], attr, "forward"): n})
+        out = _first_tensor(output)
+        if out is not None and out.requires_grad:
+            out.register_hook(lambda grad: counts.update({(phase["now"], attr, "backward"): n}))
 
-    real_best, real_optimize = optimize_module.best_candidates, pipeline.optimize_seeds
+    from seedselect_cli import pipeline
+    from seedselect_cli.core import engine  # where each batch's candidates are scored and its seeds optimised
+
+    real_best, real_optimize = engine.best_candidates, engine.optimize_seeds
 
     def per_image(fn):
         def wrapped(*args, **kwargs):
@@ -63,13 +70,13 @@ def count_passes(overrides: list[str], n_images: int) -> dict:
         return wrapped
 
     pipeline.load_models = counting_load
-    pipeline.best_candidates = per_image(real_best)
-    pipeline.optimize_seeds = per_image(real_optimize)
+    engine.best_candidates = per_image(real_best)
+    engine.optimize_seeds = per_image(real_optimize)
     try:
         with tempfile.TemporaryDirectory() as run_dir:
             entries = run_optimize(config, Path(run_dir))
     finally:
-        pipeline.load_models, pipeline.best_candidates, pipeline.optimize_seeds = real_load, real_best, real_optimize
+        pipeline.load_models, engine.best_candidates, engine.optimize_seeds = real_load, real_best, real_optimize
     made = len(entries)
     out: dict = {"images": made, "iterations": sum(len(e["loss_history"]) for e in entries) / made}
     for where in ("class", "image"):
@@ -84,6 +91,14 @@ def count_passes(overrides: list[str], n_images: int) -> dict:
 def _batch(tensors) -> int:
     first = next((t for t in tensors if torch.is_tensor(t)), None)
     return int(first.shape[0]) if first is not None else 0
+
+
+def _first_tensor(output) -> torch.Tensor | None:
+    """The main tensor of a network's output: a tensor, a tuple's first, or a diffusers/transformers output's."""
+    if torch.is_tensor(output):
+        return output
+    values = output.to_tuple() if hasattr(output, "to_tuple") else output
+    return next((v for v in values if torch.is_tensor(v)), None) if isinstance(values, (tuple, list)) else None
 
 
 def table(rows: dict[str, dict]) -> str:

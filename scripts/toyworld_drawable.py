@@ -13,6 +13,11 @@ precision against the held-out real images in the judge's features (`seedselect 
 No seed can draw what the decoder cannot reconstruct: where the round trip's precision is low, so is
 any method's.
 
+And it measures the model's own samples with `seedselect evaluate`'s instruments: precision and recall
+against the held-out images (judge features), precision of the samples judged right alone, and
+diversity_ratio (CLIP, over the references'). On the head concepts, which the model knows well, these are
+what the model at its best scores: the ceiling a seed-selection method works under.
+
     python scripts/toyworld_drawable.py                                  # the 6 tail concepts, 64 seeds: ~1 min
     python scripts/toyworld_drawable.py --world /tmp/tw --all --n 32     # every concept of another world
 """
@@ -34,8 +39,8 @@ import train_toyworld as generator
 
 from seedselect_cli.files.assets import asset_path
 from seedselect_cli.files.images import load_rgb
-from seedselect_cli.judges import Judge, JudgeConfig
-from seedselect_cli.quality import precision_recall
+from seedselect_cli.judges import Judge, JudgeConfig, load_clip
+from seedselect_cli.quality import diversity, precision_recall
 
 SEED_BASE = 10_000_000  # far from the seeds the experiments and their tuning use (0, 1, 10^6 + k)
 
@@ -55,6 +60,10 @@ def round_trip(vae, images: list[Image.Image]) -> list[Image.Image]:
     """Images encoded (the posterior's mean) and decoded by `vae`."""
     decoded = vae.decode(vae.encode(generator.to_tensor(images)).latent_dist.mean).sample.clamp(-1, 1)
     return [Image.fromarray(((x.permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8)) for x in decoded]
+
+
+def figure(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -84,8 +93,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     judge = Judge(JudgeConfig(model=str(world / "judge")), list(looks), torch.device("cpu"))
     rows, sheet = [], {}
     rng = np.random.default_rng(args.seed_base)
-    print("| concept | looks | right | off-model | mistaken most for | decoder round trip: right, precision |\n"
-          "|---|---|---|---|---|---|")
+    clip = load_clip(str(world / "clip"), torch.device("cpu"))
+    print("| concept | looks | right | off-model | mistaken most for | precision, of the right, recall | "
+          "diversity_ratio | decoder round trip: right, precision |\n|---|---|---|---|---|---|---|---|")
     for concept in concepts:
         generators = [torch.Generator().manual_seed(args.seed_base + k) for k in range(args.n)]
         images = pipe(info["template"].format(concept), num_inference_steps=args.steps,
@@ -97,16 +107,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
         row = {"concept": concept, "looks": looks[concept], "right": counts[concept] / args.n,
                "off_model": counts["off-model"] / args.n, "mistaken": wrong[0][0] if wrong else ""}
         heldout = [load_rgb(p) for p in sorted((world / "heldout" / concept).glob("*.png"))]
+        references = [load_rgb(p) for p in sorted((world / "references" / concept).glob("*.png"))]
         trip = round_trip(pipe.vae, [generator.render(concept, rng) for _ in range(args.n)])
         (trip_verdicts, trip_features), (_, heldout_features) = judge.classify(trip, k=1), judge.classify(heldout, k=1)
+        features = judge.classify(images, k=1)[1]
+        right = torch.tensor([v == concept for v in verdicts])
+        row["precision"], row["recall"] = precision_recall(heldout_features, features)
+        row["precision_of_right"] = precision_recall(heldout_features, features[right])[0] if right.any() else None
+        variety = diversity(clip.images(references))
+        row["diversity_ratio"] = diversity(clip.images(images)) / variety
         row["round_trip_right"] = sum(v[0] == concept for v in trip_verdicts) / args.n
         row["round_trip_precision"] = precision_recall(heldout_features, trip_features)[0]
         rows.append(row)
         sheet[f"{concept}"] = images
         mistaken = f"{row['mistaken']} ({looks[row['mistaken']]})" if row["mistaken"] else "-"
-        precision = "-" if row["round_trip_precision"] is None else f"{row['round_trip_precision']:.2f}"
         print(f"| {concept} | {row['looks']} | {row['right']:.3f} | {row['off_model']:.3f} | {mistaken} | "
-              f"{row['round_trip_right']:.2f}, {precision} |", flush=True)
+              f"{figure(row['precision'])}, {figure(row['precision_of_right'])}, {figure(row['recall'])} | "
+              f"{row['diversity_ratio']:.2f} | {row['round_trip_right']:.2f}, {figure(row['round_trip_precision'])} |",
+              flush=True)
     mean = sum(r["right"] for r in rows) / len(rows)
     print(f"\nmean right {mean:.3f} over {len(rows)} concepts, {args.n} seeds each from {args.seed_base}")
     if args.sheet:

@@ -48,6 +48,7 @@ SEMANTIC_LOSSES = ("centroid", "contrastive")
 RESIZE_MODES = ("default", "crop", "fill")
 INIT_METHODS = ("random", "inversion", "nao", "reference")
 APPEARANCE_TARGETS = ("centroid", "nearest", "assigned")
+CANDIDATE_SCORES = ("semantic", "loss")
 
 
 def register_resolvers() -> None:
@@ -249,6 +250,11 @@ def check_config(c: Config) -> None:
     if not math.isfinite(c.init.inversion_guidance) or c.init.inversion_guidance < 0:
         raise _bad("init.inversion_guidance", c.init.inversion_guidance, "must be a finite number >= 0")
     _check_range("init.candidates", c.init.candidates, 1, 1024)
+    if c.init.candidate_score not in CANDIDATE_SCORES:
+        raise _bad("init.candidate_score", c.init.candidate_score, f"choose one of {', '.join(CANDIDATE_SCORES)}")
+    if c.init.candidate_score == "semantic" and c.init.candidates > 1 and c.loss.lam == 0:
+        raise _bad("init.candidate_score", c.init.candidate_score, "needs the semantic loss (loss.lam > 0); "
+                   "use init.candidate_score=loss")
     for key in ("nao_points", "nao_iterations"):
         _check_range(f"init.{key}", getattr(c.init, key), 1, 10_000)
     if not (math.isfinite(c.init.nao_length_weight) and c.init.nao_length_weight > 0):

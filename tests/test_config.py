@@ -58,6 +58,19 @@ def test_paper_settings_are_the_defaults_of_the_real_configs(tmp_path):
     assert c.init.method == "random"  # the paper's start; nao drew fewer right and less varied images (RESULTS.md)
 
 
+def test_method_select_is_one_setting_and_the_paper_stays_the_default(tmp_path):
+    """`method=select` sets selection then refinement (16 starts scored by L_sem, 24 iterations towards each image's
+    own reference, no L_app); `method=paper`, the default, changes nothing; a key given after it still wins."""
+    paper = load_config(compose_raw("cub_tail", [f"dataset.root={tmp_path}"]))
+    assert paper == load_config(compose_raw("cub_tail", [f"dataset.root={tmp_path}", "method=paper"]))
+    select = load_config(compose_raw("cub_tail", [f"dataset.root={tmp_path}", "method=select"]))
+    assert (select.init.candidates, select.init.candidate_score, select.optim.iterations) == (16, "semantic", 24)
+    assert (select.loss.lam, select.loss.appearance, select.loss.semantic_references) == (1.0, "assigned", 1)
+    assert select.init.method == "random" and select.sampler == paper.sampler and select.model == paper.model
+    mine = load_config(compose_raw("cub_tail", [f"dataset.root={tmp_path}", "method=select", "optim.iterations=10"]))
+    assert mine.optim.iterations == 10 and mine.init.candidates == 16
+
+
 def test_required_root_is_named(tmp_path):
     with pytest.raises(UserError, match=r"dataset.root is required: pass dataset.root="):
         load_config(compose_raw("folder"))
@@ -79,7 +92,7 @@ def test_required_root_is_named(tmp_path):
     ("init.method=zeros", "init.method"), ("init.noise=1.5", "init.noise"), ("init.noise=-0.1", "init.noise"),
     ("init.inversion_steps=0", "init.inversion_steps"), ("init.inversion_guidance=-1", "init.inversion_guidance"),
     ("init.nao_points=0", "init.nao_points"), ("init.nao_iterations=0", "init.nao_iterations"),
-    ("init.nao_length_weight=0", "init.nao_length_weight"),
+    ("init.nao_length_weight=0", "init.nao_length_weight"), ("init.candidate_score=best", "init.candidate_score"),
     ("loss.semantic_references=0", "loss.semantic_references"),
     ("loss.semantic_references=3", "loss.semantic_references"),  # without loss.appearance=assigned
 ])

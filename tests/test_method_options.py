@@ -56,16 +56,18 @@ def test_assigned_references_take_turns_and_do_not_depend_on_anything_else(n):
 
 
 @pytest.mark.slow
-def test_best_candidates_keeps_the_start_of_lowest_loss(tiny_models):
+@pytest.mark.parametrize("score", ["semantic", "loss"])
+def test_best_candidates_keeps_the_start_of_lowest_score(tiny_models, score):
     config = make_config(["sampler.steps=3"])
     target = random_target(5)
     candidates = torch.stack([seeds(3, k) for k in range(4)], dim=1)  # (B=3, N=4, C, h, w)
-    starts, chosen = best_candidates(tiny_models, candidates, target, encode_prompt(tiny_models, "a red disc"),
-                                    config.objective())
+    text = encode_prompt(tiny_models, "a red disc")
+    starts, chosen = best_candidates(tiny_models, candidates, target, text, config.objective(), score=score)
     timesteps = ddim_schedule(tiny_models, 3)
     with torch.no_grad():
-        losses = torch.stack([seed_objective(tiny_models, candidates[:, k], target, encode_prompt(tiny_models, "a red disc"),
-                                             timesteps, config.objective()).total for k in range(4)], dim=1)
+        terms = [seed_objective(tiny_models, candidates[:, k], target, text, timesteps, config.objective())
+                 for k in range(4)]
+    losses = torch.stack([t.semantic if score == "semantic" else t.total for t in terms], dim=1)
     assert chosen == losses.argmin(dim=1).tolist() and len(set(chosen)) > 1  # not always the same candidate
     assert torch.equal(starts, candidates[torch.arange(3), losses.argmin(dim=1)])
     assert candidate_seed(11, 0) == 11 and candidate_seed(11, 1) != candidate_seed(11, 2)
@@ -137,3 +139,13 @@ def test_reference_starts_and_assigned_targets_in_a_run(tmp_path):
     references = [e["reference"] for e in sorted(entries, key=lambda e: e["index"])]
     assert len(set(references)) == 3 and all(e["candidate"] in (0, 1) for e in entries)
     assert sorted(RunDirectory(tmp_path).finished()) == [("red_disc", i) for i in range(3)]
+
+
+@pytest.mark.slow
+def test_method_select_runs_and_records_each_images_chosen_start(tmp_path):
+    """`method=select` end to end on the tiny components (fewer starts and iterations, for time): each image's
+    reference and chosen candidate are in its manifest entry, and its loss is L_sem alone."""
+    config = make_config(["method=select", "init.candidates=3", "n_images=3", "runtime.batch_size=3"])
+    entries = run_optimize(config, tmp_path)
+    assert len({e["reference"] for e in entries}) == 3 and all(e["candidate"] in (0, 1, 2) for e in entries)
+    assert all(e["loss"] == pytest.approx(e["semantic_loss"]) for e in entries)

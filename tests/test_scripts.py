@@ -226,3 +226,22 @@ def test_distill_toyworld_writes_a_loadable_few_step_world(tmp_path):
     models = load_models(ModelConfig(pretrained=str(tmp_path / "turbo"), image_encoder=asset_path("toyworld/clip")),
                          torch.device("cpu"), torch.float32, with_image_encoder=False)
     assert models.unet.config.sample_size == 8 and (tmp_path / "turbo" / "distilled.json").is_file()
+
+
+def test_arithmetic_counts_every_network_pass_of_an_image_forward_and_backward():
+    """The counts follow from the settings: per iteration each of S steps runs the UNet on 2 rows (CFG) forward,
+    again when its checkpoint is recomputed, and backward; the last k decodes and CLIP calls the same; each
+    candidate start one forward pass; the final image S more UNet calls and a decode."""
+    script = load_script("arithmetic")
+    s, it, k, n = 3, 2, 3, 4
+    base = [f"sampler.steps={s}", f"optim.iterations={it}"]
+    rows = script.main(["--n-images", "2", "--compare", " ".join(base), " ".join([*base, f"init.candidates={n}"])])
+    plain, select = rows.values()
+    assert plain[("image", "unet", "forward")] == it * s * 2 * 2 + s * 2
+    assert plain[("image", "unet", "backward")] == it * s * 2
+    assert plain[("image", "image_encoder", "forward")] == it * k * 2
+    assert plain[("image", "image_encoder", "backward")] == plain[("image", "decoder", "backward")] == it * k
+    assert plain[("image", "decoder", "forward")] == it * k * 2 + 1
+    assert select[("image", "unet", "forward")] - plain[("image", "unet", "forward")] == n * s * 2
+    assert select[("image", "unet", "backward")] == plain[("image", "unet", "backward")]
+    assert plain["unet_equivalents"] == it * s * 2 * 4 + s * 2

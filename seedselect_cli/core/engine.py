@@ -161,7 +161,7 @@ class Engine:
         noise = step_noise(sampler.name, batch.init_seeds, tuple(batch.z_init.shape[-3:]), sampler.steps)
         if batch.z_init.ndim == 5:
             batch.z_init, chosen = best_candidates(self.models, batch.z_init, centroids, target.text_embeds,
-                                                   self.objective, noise)
+                                                   self.objective, noise, self.init.candidate_score)
             for extra, k in zip(batch.extra, chosen):
                 extra["candidate"] = k
         unchecked = self.unchecked_steps(target, batch.z_init, noise)

@@ -62,6 +62,9 @@ class InitSpec:
     method: str = "random"
     noise: float = 0.5  # share of fresh noise's variance in a centroid start; 0: every image starts alike
     candidates: int = 1  # starts drawn per image, each scored by one forward pass; the best is optimised
+    # what scores a candidate: semantic, L_sem alone (does it draw the concept?); loss, the whole loss (L_app then
+    # prefers the references' mean layout, and every image of a class comes out alike: RESULTS.md)
+    candidate_score: str = "semantic"
     inversion_steps: int | None = None  # DDIM steps of the inversion; null: sampler.steps
     inversion_guidance: float = 1.0  # CFG scale of the inversion; 1: the class prompt alone
     nao_paths: bool = True  # NAO's path optimisation; false: the mean of the inverted seeds moved to the chi mode
