@@ -55,11 +55,13 @@ def test_the_default_dtype_is_float32_on_the_cpu_and_float16_on_a_gpu():
 @pytest.mark.slow
 def test_the_gpu_default_finds_the_seeds_float32_finds_on_the_toy_world():
     """The GPU issue's part 1 on the trained toy world, not random networks: with the networks in the dtype `auto`
-    gives a GPU (run here on the CPU) and the seed and loss in float32, 10 DDIM steps, the default loss and 30
-    iterations from the same fresh starts, every seed ends within 5 % of float32's loss (both scored by float32)
+    gives a GPU (run here on the CPU) and the seed and loss in float32, 10 DDIM steps, the default loss and 15
+    iterations from the same fresh starts (30, the default, in `scripts/precision_check.py`'s table: float16 kernels
+    are slow on a CPU), every seed ends within 5 % of float32's loss (both scored by float32)
     and the judge says the same of their images; and at float32's optimised seeds, where the loss's terms pull
     against each other and the gradient is small, the low dtype's gradient points float32's way (cosine above
-    0.97; measured on the current world: float16 0.9997 and 0.981, loss ratios 1.001 and 0.904). On the previous
+    0.97; measured on the current world at 15 iterations: float16 0.99995 and 0.9996, loss ratios 1.002 and
+    0.942; at 30: 0.9997 and 0.981, 1.001 and 0.904). On the previous
     world bfloat16, the default before, missed both: a final loss 10.5 % above float32's for one seed of eight
     (BENCHMARKS.md, "Low precision against float32 on the trained toy world"), and cosines 0.79 and 0.997 at
     this test's two seeds (float16 there: 0.9994 and 0.996)."""
@@ -67,7 +69,7 @@ def test_the_gpu_default_finds_the_seeds_float32_finds_on_the_toy_world():
 
     low = resolve_dtype("auto", torch.device("cuda"))
     concept = "marsh finch"  # a tail concept
-    config = make_config([f"dataset.classes=[{concept}]", "sampler.steps=10", "optim.iterations=30"], name="toyworld")
+    config = make_config([f"dataset.classes=[{concept}]", "sampler.steps=10", "optim.iterations=15"], name="toyworld")
     exact = load_models(config.model, torch.device("cpu"), torch.float32)
     paths = sorted(Path(asset_path(f"toyworld/references/{concept}")).glob("*.png"))
     centroids = load_encodings(exact, paths, config.sampler.height, config.sampler.width, config.dataset.resize_mode,
