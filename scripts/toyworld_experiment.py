@@ -8,7 +8,7 @@ renders and on off-model shapes, which it rejects; used only to score) against t
 real images. Plain sampling is the baseline evaluate draws from the same initial noise. Writes
 OUT/results.md (and .json): by frequency bucket and per concept, for plain sampling, SeedSelect and
 bootstrap, the judge's top-1 accuracy, precision and recall against held-out real images (in the
-judge's features), diversity_ratio and copies; OUT/contact_sheet.png (each tail concept's
+judge's features), diversity_ratio and copies; OUT/contact_sheet.png (a row per concept run: its
 references, then plain, SeedSelect and bootstrap images); and with `--synthetic N` the downstream
 classifier's table (`downstream_classifier.py`) from N images of each tail concept.
 
@@ -116,9 +116,7 @@ def table(figures: dict, concepts: list[str], args) -> str:
 
 
 def contact_sheet(out: Path, concepts: list[str], n: int = 8, cell: int = 64) -> Path:
-    """One row per tail concept: its references | plain | SeedSelect | bootstrap (first n images each)."""
-    info = {c["name"]: c for c in world()}
-    tail = [c for c in concepts if info[c]["bucket"] == "tail"]
+    """One row per concept run: its references | plain | SeedSelect | bootstrap (first n images each)."""
     columns = {
         "references": lambda c: sorted(Path(asset_path(f"toyworld/references/{c}")).glob("*.png"))[:5],
         "plain": lambda c: sorted((out / "seedselect" / "baseline" / "images" / slugify(c)).glob("*.png"))[:n],
@@ -128,13 +126,13 @@ def contact_sheet(out: Path, concepts: list[str], n: int = 8, cell: int = 64) ->
     widths = {"references": 5, "plain": n, "seedselect": n, "bootstrap": n}
     label_w, gap, head = 120, 12, 20
     width = label_w + sum(w * cell + gap for w in widths.values())
-    sheet = Image.new("RGB", (width, head + len(tail) * cell), "white")
+    sheet = Image.new("RGB", (width, head + len(concepts) * cell), "white")
     draw = ImageDraw.Draw(sheet)
     x = label_w
     for name, w in widths.items():
         draw.text((x, 4), name, fill="black")
         x += w * cell + gap
-    for row, concept in enumerate(tail):
+    for row, concept in enumerate(concepts):
         y = head + row * cell
         draw.text((4, y + cell // 2 - 6), concept, fill="black")
         x = label_w

@@ -245,3 +245,24 @@ def test_arithmetic_counts_every_network_pass_of_an_image_forward_and_backward()
     assert select[("image", "unet", "forward")] - plain[("image", "unet", "forward")] == n * s * 2
     assert select[("image", "unet", "backward")] == plain[("image", "unet", "backward")]
     assert plain["unet_equivalents"] == it * s * 2 * 4 + s * 2
+
+
+def test_toyworld_contact_sheet_has_a_row_for_every_concept_run(tmp_path):
+    """A run of head concepts only once gave a sheet of its column titles alone (it drew tail rows only)."""
+    from PIL import Image
+
+    script = load_script("toyworld_experiment")
+    rng = np.random.default_rng(7)
+    concepts = ["pine gull", "marsh finch"]  # a head and a tail concept
+    for concept in concepts:
+        for folder in ("seedselect/baseline", "seedselect", "bootstrap"):
+            (tmp_path / folder / "images" / slugify(concept)).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+                tmp_path / folder / "images" / slugify(concept) / "00000.png")
+    cell, head = 16, 20
+    with Image.open(script.contact_sheet(tmp_path, concepts, n=2, cell=cell)) as sheet:
+        pixels = np.asarray(sheet.convert("RGB"))
+    assert pixels.shape[0] == head + len(concepts) * cell
+    for row in range(len(concepts)):  # the SeedSelect column of each row holds that concept's image
+        x = 120 + 5 * cell + 12 + 2 * cell + 12
+        assert (pixels[head + row * cell:head + (row + 1) * cell, x:x + cell] != 255).any()
