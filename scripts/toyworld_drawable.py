@@ -66,6 +66,7 @@ def figure(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+@torch.no_grad()  # not torch.set_grad_enabled(False): a test calls main in its process, and so may a user
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--world", default=None, help="a toy-world folder (default: the shipped one)")
@@ -85,7 +86,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     looks = {c["name"]: c["looks"] for c in info["concepts"]}
     concepts = (list(looks) if args.all else args.concepts
                 or [c["name"] for c in info["concepts"] if c["bucket"] == "tail"])
-    torch.set_grad_enabled(False)
     pipe = StableDiffusionPipeline.from_pretrained(world, dtype=torch.float32, safety_checker=None,
                                                    requires_safety_checker=False)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)

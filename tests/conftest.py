@@ -24,6 +24,16 @@ os.environ["SEEDSELECT_CACHE_DIR"] = tempfile.mkdtemp(prefix="seedselect-test-ca
 atexit.register(shutil.rmtree, os.environ["SEEDSELECT_CACHE_DIR"], ignore_errors=True)
 
 
+@pytest.fixture(autouse=True)
+def gradients_left_on():
+    """A test, or a script's main it calls, that turns autograd off for the process breaks every later test of
+    that process that optimises (it did: under `-n`, the hostile cases ran after the drawable script's main)."""
+    yield
+    if not torch.is_grad_enabled():
+        torch.set_grad_enabled(True)
+        pytest.fail("autograd was left off for the whole process (torch.set_grad_enabled(False) without undoing it)")
+
+
 def compose_raw(name: str = "tiny", overrides: list[str] | None = None):
     register_resolvers()
     module = "seedselect_cli.tool_configs" if name in ("generate", "evaluate") else "seedselect_cli.configs"
