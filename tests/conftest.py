@@ -19,6 +19,11 @@ from seedselect_cli.core.frozen import FrozenModels
 from seedselect_cli.models import load_models
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never touch the network
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # one of several test processes (`-n`, pyproject.toml): the cores
+    # shared out between them, as on a busy CPU (README, "On a busy CPU"), for the commands they start too
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 # Reference encodings are cached here, not in the user's ~/.cache (subprocesses inherit it); removed at exit.
 os.environ["SEEDSELECT_CACHE_DIR"] = tempfile.mkdtemp(prefix="seedselect-test-cache-")
 atexit.register(shutil.rmtree, os.environ["SEEDSELECT_CACHE_DIR"], ignore_errors=True)
