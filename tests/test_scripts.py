@@ -266,3 +266,27 @@ def test_toyworld_contact_sheet_has_a_row_for_every_concept_run(tmp_path):
     for row in range(len(concepts)):  # the SeedSelect column of each row holds that concept's image
         x = 120 + 5 * cell + 12 + 2 * cell + 12
         assert (pixels[head + row * cell:head + (row + 1) * cell, x:x + cell] != 255).any()
+
+
+def test_toyworld_selection_measures_how_a_score_chooses_among_seeds(tmp_path):
+    script = load_script("toyworld_selection")
+    right = np.array([True, False, True, False, False, False])
+    perfect, backwards = np.array([0.1, 0.9, 0.2, 0.8, 0.7, 0.6]), np.array([0.9, 0.1, 0.8, 0.2, 0.3, 0.4])
+    assert script.auc(perfect, right) == 1.0 and script.auc(backwards, right) == 0.0
+    # 3 of these 6 hold no right seed 4 times in 20: the perfect score is right the other 16; the backwards score
+    # never (it picks a right seed only when all 3 are right); of 2, when both are right: 1 pair in 15
+    assert abs(script.best_of(perfect, right, 3, trials=20000) - 0.8) < 0.01
+    assert script.best_of(backwards, right, 3) == 0.0
+    assert abs(script.best_of(backwards, right, 2, trials=20000) - 1 / 15) < 0.01
+    assert script.best_of(perfect, right, 6) == 1.0 and np.isnan(script.auc(perfect, np.ones(6, bool)))
+
+    figures = script.main(["--concepts", "snow wren", "--n", "8", "--k", "8", "--out", str(tmp_path)])
+    f = figures["snow wren"]
+    # with k = n every draw holds all 8 seeds: the best of them is one seed, right or not
+    assert f["best of 8 by L_sem"] in (0.0, 1.0) and f["best of 8 by L_app nearest"] in (0.0, 1.0)
+    assert f["perfect of 8"] == (1.0 if f["rate"] > 0 else 0.0)
+    assert (tmp_path / "selection.md").read_text().count("| snow wren |") == 1
+    from PIL import Image
+
+    with Image.open(tmp_path / "best_scored.png") as sheet:
+        assert sheet.height == 64 + 14  # one concept's row

@@ -1,0 +1,148 @@
+"""What can choosing among seeds reach? How well the score `init.candidates` chooses by finds the seeds the judge
+calls right, on the shipped toy world.
+
+For each concept (default: the six tail concepts) it draws N plain samples from fresh seeds (10 DDIM steps, the
+toyworld config), asks the world's strict judge (used only to score) which show the concept, and scores every
+seed, from one forward pass without gradients, as `init.candidate_score=semantic` does: L_sem, the k-step CLIP
+distance to the references' centroid; and, as a second score from the same pass, L_app to the nearest reference
+(the mean squared distance of the final latent to the closest reference's latent). It reports per concept: the
+share the model draws right (the base rate), each score's AUC for the judge's verdict (1: every right seed scores
+better than every wrong one; 0.5: chance), how often the best-scored of k candidates is right (the average over random k-subsets of the N seeds: what
+`init.candidates=k` would keep), and how often a perfect chooser would (one right seed among the k). And a contact
+sheet of each concept's 8 seeds best scored by L_sem with the judge's verdicts: what the score prefers, as a person sees it.
+
+    python scripts/toyworld_selection.py --n 128 --out selection        # 1.5 min on 2 CPU cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra import compose, initialize_config_module
+from PIL import Image, ImageDraw
+
+from seedselect_cli.config import load_config, register_resolvers
+from seedselect_cli.core.optimize import seed_objective
+from seedselect_cli.core.sampling import ddim_schedule, encode_prompt, sample_images
+from seedselect_cli.files.assets import asset_path
+from seedselect_cli.files.datasets import fill_template
+from seedselect_cli.files.tensor_cache import TensorCache
+from seedselect_cli.judges import Judge, JudgeConfig
+from seedselect_cli.models import load_models
+from seedselect_cli.references import load_encodings
+
+SEED_BASE = 4_000_000  # far from the seeds the tool and the experiments draw
+
+
+def make_config(overrides: list[str]):
+    register_resolvers()
+    with initialize_config_module("seedselect_cli.configs", version_base="1.3"):
+        return load_config(compose(config_name="toyworld", overrides=overrides))
+
+
+def auc(score: np.ndarray, right: np.ndarray) -> float:
+    """P(a right seed scores lower than a wrong one), ties half: the ranking's quality; NaN without both kinds."""
+    pos, neg = score[right], score[~right]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    return float((pos[:, None] < neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean())
+
+
+def best_of(score: np.ndarray, right: np.ndarray, k: int, trials: int = 2000, seed: int = 0) -> float:
+    """How often the lowest-scored of k seeds drawn at random (without repeats) from these is right."""
+    rng = np.random.default_rng(seed)
+    picks = [rng.choice(len(score), k, replace=False) for _ in range(trials)]
+    return float(np.mean([right[idx[score[idx].argmin()]] for idx in picks]))
+
+
+@torch.no_grad()
+def score_concept(models, judge: Judge, concept: str, n: int, seed_base: int, config) -> dict:
+    """N plain samples of `concept`: their L_sem (as best_candidates scores them), verdicts and images."""
+    paths = sorted(Path(asset_path(f"toyworld/references/{concept}")).glob("*.png"))
+    h, w = config.sampler.height, config.sampler.width
+    centroids = load_encodings(models, paths, h, w, config.dataset.resize_mode, TensorCache(None, "none"),
+                               concept).centroids(appearance="nearest")
+    text = encode_prompt(models, fill_template(config.dataset.prompt_template, concept))
+    schedule = ddim_schedule(models, config.sampler.steps)
+    seeds = torch.randn((n, *models.latent_shape(h, w)), generator=torch.Generator().manual_seed(seed_base))
+    semantic, nearest, images = [], [], []
+    for start in range(0, n, 16):
+        z = seeds[start:start + 16]
+        terms = seed_objective(models, z, centroids, text, schedule, config.objective())
+        semantic.append(terms.semantic.float())
+        nearest.append(terms.appearance.float())
+        images += sample_images(models, z, text, config.sampler.steps, config.sampler.guidance_scale)
+    verdicts = [v[0] for v in judge.classify(images, k=1)[0]]
+    return {"scores": {"L_sem": torch.cat(semantic).numpy(), "L_app nearest": torch.cat(nearest).numpy()},
+            "verdicts": verdicts, "images": images}
+
+
+def sheet(rows: list[tuple[str, list[Image.Image], list[str | None]]], path: Path, cell: int = 64) -> None:
+    """Each concept's best-scored images, left to right, with the judge's verdict under each."""
+    label_w, text_h = 120, 14
+    image = Image.new("RGB", (label_w + 8 * cell, len(rows) * (cell + text_h)), "white")
+    draw = ImageDraw.Draw(image)
+    for r, (concept, images, verdicts) in enumerate(rows):
+        y = r * (cell + text_h)
+        draw.text((4, y + cell // 2 - 6), concept, fill="black")
+        for k, (im, verdict) in enumerate(zip(images, verdicts)):
+            image.paste(im.convert("RGB").resize((cell, cell), Image.NEAREST), (label_w + k * cell, y))
+            right = verdict == concept
+            draw.text((label_w + k * cell + 2, y + cell + 1), "right" if right else (verdict or "off-model")[:10],
+                      fill=(0, 130, 0) if right else (200, 0, 0))
+    image.save(path)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("toyworld_selection"))
+    parser.add_argument("--concepts", nargs="+", default=None, help="default: the tail concepts")
+    parser.add_argument("--n", type=int, default=128, help="plain samples per concept")
+    parser.add_argument("--k", type=int, nargs="+", default=[16, 64], help="candidates per image")
+    parser.add_argument("--seed-base", type=int, default=SEED_BASE)
+    args = parser.parse_args(argv)
+    world = json.loads(Path(asset_path("toyworld/world.json")).read_text())
+    names = [c["name"] for c in world["concepts"]]
+    concepts = args.concepts or [c["name"] for c in world["concepts"] if c["bucket"] == "tail"]
+    unknown = sorted(set(concepts) - set(names))
+    if unknown:
+        parser.error(f"not a toy-world concept: {unknown[0]!r}")
+    ks = [k for k in args.k if k <= args.n]
+    config = make_config(["sampler.steps=10", "runtime.progress=false"])
+    models = load_models(config.model, torch.device("cpu"), torch.float32)
+    judge = Judge(JudgeConfig(model=asset_path("toyworld/judge")), names, torch.device("cpu"))
+    args.out.mkdir(parents=True, exist_ok=True)
+    figures, rows = {}, []
+    for concept in concepts:
+        seen = score_concept(models, judge, concept, args.n, args.seed_base, config)
+        right = np.array([v == concept for v in seen["verdicts"]])
+        figures[concept] = {"rate": float(right.mean()),
+                            **{f"auc {name}": auc(score, right) for name, score in seen["scores"].items()},
+                            **{f"best of {k} by {name}": best_of(score, right, k)
+                               for name, score in seen["scores"].items() for k in ks},
+                            **{f"perfect of {k}": best_of((~right).astype(float), right, k) for k in ks}}
+        order = np.argsort(seen["scores"]["L_sem"], kind="stable")[:8]
+        rows.append((concept, [seen["images"][i] for i in order], [seen["verdicts"][i] for i in order]))
+        print(f"{concept}: " + ", ".join(f"{key} {value:.2f}" for key, value in figures[concept].items()), flush=True)
+    keys = list(next(iter(figures.values())))
+    figures["mean"] = {key: float(np.nanmean([figures[c][key] for c in concepts])) for key in keys}
+    sheet(rows, args.out / "best_scored.png")  # by L_sem
+    lines = ["| concept | " + " | ".join(keys) + " |", "|" + "---|" * (1 + len(keys))]
+    for name, f in figures.items():
+        lines.append(f"| {name} | " + " | ".join(f"{f[key]:.2f}" for key in keys) + " |")
+    text = (f"{args.n} plain samples per concept (seeds from {args.seed_base}), judged by the toy world's judge; "
+            f"rate: the share drawn right; AUC and the best of k by each score (L_sem: as "
+            f"init.candidate_score=semantic scores); perfect: a chooser that knows the verdicts\n\n"
+            + "\n".join(lines) + "\n")
+    (args.out / "selection.md").write_text(text)
+    (args.out / "selection.json").write_text(json.dumps(figures, indent=1) + "\n")
+    print(text + f"\nbest-scored seeds: {args.out / 'best_scored.png'}")
+    return figures
+
+
+if __name__ == "__main__":
+    main()
