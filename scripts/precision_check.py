@@ -84,7 +84,7 @@ def where(concept: str, n: int, iterations: int, device: str, dtype_name: str) -
     centroids, text = concept_targets(models, config, concept)
     shape = models.latent_shape(config.sampler.height, config.sampler.width)
     starts = torch.randn((n, *shape), generator=torch.Generator().manual_seed(20261202))
-    points = {0: starts, 10: None, iterations - 1: None}
+    points = {0: starts, min(10, iterations - 1): None, iterations - 1: None}
     optimize_seeds(models, starts, centroids, text, config.objective(), config.optim_spec(),
                    on_iteration=lambda it, best: points.__setitem__(it, best.cpu().clone()) if it in points else None)
     dtype = getattr(torch, dtype_name)

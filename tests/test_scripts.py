@@ -61,9 +61,9 @@ def test_precision_check_says_which_network_loses_the_precision():
     """`precision_check.py --where` on the toy world: a row per network and iterate, float32's iterates scored with
     one network at a time in float16; float16 keeps the gradient's direction (BENCHMARKS.md)."""
     rows = load_script("precision_check").main(["--where", "--concepts", "marsh finch", "--n-images", "1",
-                                                "--iterations", "11", "--dtypes", "float16"])
-    assert [(r["networks"], r["iteration"]) for r in rows] == [
-        (n, it) for n in ("unet", "vae", "text_encoder", "image_encoder", "all") for it in (0, 10)]
+                                                "--iterations", "4", "--dtypes", "float16"])
+    assert [(r["networks"], r["iteration"]) for r in rows] == [  # the start and the last iterate (10 in longer runs)
+        (n, it) for n in ("unet", "vae", "text_encoder", "image_encoder", "all") for it in (0, 3)]
     assert all(abs(r["loss error"][0]) < 0.01 and r["cosine"][0] > 0.99 for r in rows), rows
 
 
