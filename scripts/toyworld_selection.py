@@ -4,19 +4,22 @@ calls right, on the shipped toy world.
 For each concept (default: the six tail concepts) it draws N plain samples from fresh seeds (10 DDIM steps, the
 toyworld config), asks the world's strict judge (used only to score) which show the concept, and scores every
 seed, from one forward pass without gradients, as `init.candidate_score=semantic` does: L_sem, the k-step CLIP
-distance to the references' centroid; and, as a second score from the same pass, L_app to the nearest reference
-(the mean squared distance of the final latent to the closest reference's latent). It reports per concept: the
+distance to the references' centroid; from the same pass, L_app to the nearest reference (the mean squared
+distance of the final latent to the closest reference's latent); from a second pass, the contrastive L_sem
+(`loss=contrastive`) against the reference centroids of all 20 concepts; and the world's CLIP zero-shot over the
+20 names (-log p of the concept's prompt; its text tower, which the tool does not use to choose). It reports per concept: the
 share the model draws right (the base rate), each score's AUC for the judge's verdict (1: every right seed scores
 better than every wrong one; 0.5: chance), how often the best-scored of k candidates is right (the average over random k-subsets of the N seeds: what
 `init.candidates=k` would keep), and how often a perfect chooser would (one right seed among the k). And a contact
 sheet of each concept's 8 seeds best scored by L_sem with the judge's verdicts: what the score prefers, as a person sees it.
 
-    python scripts/toyworld_selection.py --n 128 --out selection        # 1.5 min on 2 CPU cores
+    python scripts/toyworld_selection.py --n 128 --out selection        # 2.5 min on 2 CPU cores
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -28,10 +31,11 @@ from PIL import Image, ImageDraw
 from seedselect_cli.config import load_config, register_resolvers
 from seedselect_cli.core.optimize import seed_objective
 from seedselect_cli.core.sampling import ddim_schedule, encode_prompt, sample_images
+from seedselect_cli.core.targets import Centroids
 from seedselect_cli.files.assets import asset_path
 from seedselect_cli.files.datasets import fill_template
 from seedselect_cli.files.tensor_cache import TensorCache
-from seedselect_cli.judges import Judge, JudgeConfig
+from seedselect_cli.judges import EvalClip, Judge, JudgeConfig, load_clip
 from seedselect_cli.models import load_models
 from seedselect_cli.references import load_encodings
 
@@ -59,25 +63,39 @@ def best_of(score: np.ndarray, right: np.ndarray, k: int, trials: int = 2000, se
     return float(np.mean([right[idx[score[idx].argmin()]] for idx in picks]))
 
 
-@torch.no_grad()
-def score_concept(models, judge: Judge, concept: str, n: int, seed_base: int, config) -> dict:
-    """N plain samples of `concept`: their L_sem (as best_candidates scores them), verdicts and images."""
+def centroids_of(models, concept: str, config) -> Centroids:
+    """The concept's centroids from its references, with their latents (for L_app to the nearest)."""
     paths = sorted(Path(asset_path(f"toyworld/references/{concept}")).glob("*.png"))
-    h, w = config.sampler.height, config.sampler.width
-    centroids = load_encodings(models, paths, h, w, config.dataset.resize_mode, TensorCache(None, "none"),
-                               concept).centroids(appearance="nearest")
+    return load_encodings(models, paths, config.sampler.height, config.sampler.width, config.dataset.resize_mode,
+                          TensorCache(None, "none"), concept).centroids(appearance="nearest")
+
+
+@torch.no_grad()
+def score_concept(models, judge: Judge, clip: EvalClip, names: list[str], classes: torch.Tensor, concept: str,
+                  n: int, seed_base: int, config, contrastive) -> dict:
+    """N plain samples of `concept`: each score of them (lower: more likely the concept), verdicts and images.
+    `classes`: every concept's mu_v (the contrastive loss's), in the order of `names`; `contrastive`: the config
+    with `loss=contrastive`."""
+    centroids = centroids_of(models, concept, config)
+    against_all = dataclasses.replace(centroids, classes=classes, class_index=names.index(concept))
     text = encode_prompt(models, fill_template(config.dataset.prompt_template, concept))
     schedule = ddim_schedule(models, config.sampler.steps)
+    h, w = config.sampler.height, config.sampler.width
     seeds = torch.randn((n, *models.latent_shape(h, w)), generator=torch.Generator().manual_seed(seed_base))
-    semantic, nearest, images = [], [], []
+    scores, images = {"L_sem": [], "L_app nearest": [], "contrastive L_sem": []}, []
     for start in range(0, n, 16):
         z = seeds[start:start + 16]
         terms = seed_objective(models, z, centroids, text, schedule, config.objective())
-        semantic.append(terms.semantic.float())
-        nearest.append(terms.appearance.float())
+        scores["L_sem"].append(terms.semantic.float())
+        scores["L_app nearest"].append(terms.appearance.float())
+        scores["contrastive L_sem"].append(
+            seed_objective(models, z, against_all, text, schedule, contrastive.objective()).semantic.float())
         images += sample_images(models, z, text, config.sampler.steps, config.sampler.guidance_scale)
+    prompts = clip.texts([fill_template(config.dataset.prompt_template, name) for name in names])
+    logits = clip.images(images) @ prompts.T * clip.model.logit_scale.exp().item()
     verdicts = [v[0] for v in judge.classify(images, k=1)[0]]
-    return {"scores": {"L_sem": torch.cat(semantic).numpy(), "L_app nearest": torch.cat(nearest).numpy()},
+    return {"scores": {**{k: torch.cat(v).numpy() for k, v in scores.items()},
+                       "CLIP zero-shot": -torch.log_softmax(logits, dim=1)[:, names.index(concept)].numpy()},
             "verdicts": verdicts, "images": images}
 
 
@@ -113,12 +131,16 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"not a toy-world concept: {unknown[0]!r}")
     ks = [k for k in args.k if k <= args.n]
     config = make_config(["sampler.steps=10", "runtime.progress=false"])
+    contrastive = make_config(["sampler.steps=10", "runtime.progress=false", "loss=contrastive"])
     models = load_models(config.model, torch.device("cpu"), torch.float32)
     judge = Judge(JudgeConfig(model=asset_path("toyworld/judge")), names, torch.device("cpu"))
+    clip = load_clip(asset_path("toyworld/clip"), torch.device("cpu"))
+    classes = torch.stack([centroids_of(models, name, config).semantic for name in names])
     args.out.mkdir(parents=True, exist_ok=True)
     figures, rows = {}, []
     for concept in concepts:
-        seen = score_concept(models, judge, concept, args.n, args.seed_base, config)
+        seen = score_concept(models, judge, clip, names, classes, concept, args.n, args.seed_base, config,
+                             contrastive)
         right = np.array([v == concept for v in seen["verdicts"]])
         figures[concept] = {"rate": float(right.mean()),
                             **{f"auc {name}": auc(score, right) for name, score in seen["scores"].items()},

@@ -283,7 +283,8 @@ def test_toyworld_selection_measures_how_a_score_chooses_among_seeds(tmp_path):
     figures = script.main(["--concepts", "snow wren", "--n", "8", "--k", "8", "--out", str(tmp_path)])
     f = figures["snow wren"]
     # with k = n every draw holds all 8 seeds: the best of them is one seed, right or not
-    assert f["best of 8 by L_sem"] in (0.0, 1.0) and f["best of 8 by L_app nearest"] in (0.0, 1.0)
+    for score in ("L_sem", "L_app nearest", "contrastive L_sem", "CLIP zero-shot"):
+        assert f[f"best of 8 by {score}"] in (0.0, 1.0) and (np.isnan(f[f"auc {score}"]) or 0 <= f[f"auc {score}"] <= 1)
     assert f["perfect of 8"] == (1.0 if f["rate"] > 0 else 0.0)
     assert (tmp_path / "selection.md").read_text().count("| snow wren |") == 1
     from PIL import Image
