@@ -90,7 +90,7 @@ def test_compile_models_compiles_the_three_networks_in_channels_last_without_cha
             torch.testing.assert_close(run(models), run(tiny_models64), rtol=1e-10, atol=1e-12)
 
 
-def test_busy_cores_sees_a_process_that_keeps_a_core_busy():
+def test_busy_cores_sees_processes_that_keep_the_cores_busy():
     import os
     import subprocess
     import sys
@@ -98,19 +98,20 @@ def test_busy_cores_sees_a_process_that_keeps_a_core_busy():
     from seedselect_cli.models import busy_cores
 
     cores = sorted(os.sched_getaffinity(0))
-    idle = busy_cores(cores, seconds=0.5)
-    if idle > len(cores) - 1:
-        pytest.skip(f"{idle:.1f} of {len(cores)} cores are busy already: one more busy process cannot show")
-    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    idle = busy_cores(cores, seconds=0.5)  # other tests may run beside this one (pytest -n): one core's worth each
+    if idle > len(cores) - 0.6:
+        pytest.skip(f"{idle:.1f} of {len(cores)} cores are busy already: more busy processes cannot show")
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in cores]  # every core busy
     try:
         import time
 
         time.sleep(0.3)  # started and spinning
         busy = busy_cores(cores, seconds=0.5)
     finally:
-        spinner.kill()
-        spinner.wait()
-    assert busy >= idle + 0.6, (idle, busy)
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
+    assert busy >= max(idle + 0.5, len(cores) - 0.4), (idle, busy)
 
 
 def test_threads_fit_the_free_cores_unless_the_user_set_them(monkeypatch):
