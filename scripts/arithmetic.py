@@ -22,10 +22,9 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_module
 
 from seedselect_cli import models as models_module
-from seedselect_cli.config import load_config, register_resolvers
+from seedselect_cli.config import compose_config
 from seedselect_cli.pipeline import run_optimize
 
 NETWORKS = {"unet": "UNet", "decoder": "VAE decoder", "image_encoder": "CLIP"}
@@ -33,11 +32,9 @@ NETWORKS = {"unet": "UNet", "decoder": "VAE decoder", "image_encoder": "CLIP"}
 
 def count_passes(overrides: list[str], n_images: int) -> dict:
     """{network: {"forward": images, "backward": images}} per image, and the per-class part apart."""
-    register_resolvers()
-    with initialize_config_module("seedselect_cli.configs", version_base="1.3"):
-        config = load_config(compose("toyworld", ["model=tiny", "dataset.classes=[marsh finch]", "runtime.progress=false",
-                                                  "runtime.cache=false",
-                                              f"n_images={n_images}", f"runtime.batch_size={n_images}", *overrides]))
+    config = compose_config("toyworld", ["model=tiny", "dataset.classes=[marsh finch]", "runtime.progress=false",
+                                         "runtime.cache=false", f"n_images={n_images}", f"runtime.batch_size={n_images}",
+                                         *overrides])
     counts: Counter = Counter()
     phase = {"now": "class"}
     real_load = models_module.load_models

@@ -44,7 +44,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from seedselect_cli.config import Config, ModelConfig, load_config, register_resolvers
+from seedselect_cli.config import Config, ModelConfig, compose_config
 from seedselect_cli.core.cuda_graphs import graph_cache
 from seedselect_cli.core.frozen import FrozenModels
 from seedselect_cli.core.optimize import scaled_backward, seed_objective
@@ -85,11 +85,7 @@ CLIP_VIT_H_14 = {"hidden_size": 1280, "intermediate_size": 5120, "num_attention_
 
 def bench_config(overrides: list[str]) -> Config:
     """The demo config (its loss and optimiser) with the benchmark's sampler settings."""
-    from hydra import compose, initialize_config_module
-
-    register_resolvers()
-    with initialize_config_module("seedselect_cli.configs", version_base="1.3"):
-        return load_config(compose(config_name="demo", overrides=overrides))
+    return compose_config("demo", overrides)
 
 
 # --model: the architecture and its sampler preset (the model's config in seedselect_cli/configs)

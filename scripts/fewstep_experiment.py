@@ -15,9 +15,8 @@ import time
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_module
 
-from seedselect_cli.config import load_config, register_resolvers
+from seedselect_cli.config import compose_config
 from seedselect_cli.core.initial_seeds import plain_noise
 from seedselect_cli.core.sampling import sample_images, step_noise
 from seedselect_cli.files.assets import asset_path
@@ -44,15 +43,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     world = json.loads(Path(asset_path("toyworld/world.json")).read_text())
     concepts = [c["name"] for c in world["concepts"]]
     tail = [c["name"] for c in world["concepts"] if c["bucket"] == "tail"]
-    register_resolvers()
     judge = Judge(JudgeConfig(model=asset_path("toyworld/judge")), concepts, torch.device("cpu"))
     rows = []
     settings = [(c, n, int(k)) for c, n, k in (s.split(":") for s in args.settings)] if args.settings else SETTINGS
     for config_name, name, steps in settings:
-        with initialize_config_module("seedselect_cli.configs", version_base="1.3"):
-            config = load_config(compose(config_name=config_name, overrides=[
-                f"sampler.name={name}", f"sampler.steps={steps}", "kstep=last", f"optim.iterations={args.iterations}",
-                f"seed={args.seed}", f"runtime.batch_size={n}", "runtime.progress=false"]))
+        config = compose_config(config_name, [
+            f"sampler.name={name}", f"sampler.steps={steps}", "kstep=last", f"optim.iterations={args.iterations}",
+            f"seed={args.seed}", f"runtime.batch_size={n}", "runtime.progress=false"])
         models = load_models(config.model, torch.device("cpu"), torch.float32)
         engine = engine_for(models, config)
         shape = models.latent_shape(config.sampler.height, config.sampler.width)

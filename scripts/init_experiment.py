@@ -23,9 +23,8 @@ import time
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_module
 
-from seedselect_cli.config import load_config, register_resolvers
+from seedselect_cli.config import compose_config
 from seedselect_cli.core.encoders import clip_embed_pil
 from seedselect_cli.core.sampling import sample_images
 from seedselect_cli.files.assets import asset_path
@@ -49,12 +48,6 @@ VARIANTS = {  # without the prior only
 
 def world() -> dict:
     return json.loads(Path(asset_path("toyworld/world.json")).read_text())
-
-
-def make_config(overrides: list[str]):
-    register_resolvers()
-    with initialize_config_module("seedselect_cli.configs", version_base="1.3"):
-        return load_config(compose(config_name="toyworld", overrides=overrides))
 
 
 def run_setting(models, judge, config, concepts, n_images: int, checkpoints: list[int]) -> dict:
@@ -100,7 +93,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     concepts = args.concepts or [c["name"] for c in world()["concepts"] if c["bucket"] == "tail"]
     checkpoints = sorted(set(args.checkpoints))
-    base = make_config([f"seed={args.seed}", "runtime.progress=false", f"runtime.batch_size={args.n_images}"])
+    base = compose_config("toyworld", [f"seed={args.seed}", "runtime.progress=false", f"runtime.batch_size={args.n_images}"])
     models = load_models(base.model, torch.device("cpu"), torch.float32)
     judge = Judge(JudgeConfig(model=asset_path("toyworld/judge")), concepts, torch.device("cpu"))
     args.out.mkdir(parents=True, exist_ok=True)
@@ -110,7 +103,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             overrides = {**SETTINGS, **VARIANTS}[name] + [f"loss.norm_weight={weight}", f"seed={args.seed}"]
             print(f"{name}, norm prior {weight}: " + " ".join(overrides), flush=True)
             start = time.perf_counter()
-            counts = run_setting(models, judge, make_config(overrides), concepts, args.n_images, checkpoints)
+            counts = run_setting(models, judge, compose_config("toyworld", overrides), concepts, args.n_images, checkpoints)
             accuracy = {n: sum(c[n] for c in counts.values()) / (args.n_images * len(concepts)) for n in checkpoints}
             reached = next((n for n in checkpoints if accuracy[n] >= args.target), None)
             diversity = sum(c["diversity"] for c in counts.values()) / len(counts)

@@ -27,11 +27,10 @@ import tempfile
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_module
 from PIL import Image
 from safetensors.torch import load_file
 
-from seedselect_cli.config import load_config, register_resolvers
+from seedselect_cli.config import compose_config
 from seedselect_cli.core.optimize import optimize_seeds, scaled_backward, seed_objective
 from seedselect_cli.core.sampling import ddim_schedule, encode_prompt
 from seedselect_cli.files.assets import asset_path
@@ -44,12 +43,10 @@ from seedselect_cli.references import load_encodings
 
 
 def config_for(concepts: list[str], dtype: str, device: str, n: int, iterations: int):
-    register_resolvers()
-    with initialize_config_module("seedselect_cli.configs", version_base="1.3"):
-        return load_config(compose("toyworld", [
-            "dataset.classes=[" + ",".join(concepts) + "]", f"n_images={n}", f"runtime.batch_size={n}",
-            f"runtime.dtype={dtype}", f"runtime.device={device}", f"optim.iterations={iterations}",
-            "runtime.progress=false", "runtime.cache=false"]))
+    return compose_config("toyworld", [
+        "dataset.classes=[" + ",".join(concepts) + "]", f"n_images={n}", f"runtime.batch_size={n}",
+        f"runtime.dtype={dtype}", f"runtime.device={device}", f"optim.iterations={iterations}",
+        "runtime.progress=false", "runtime.cache=false"])
 
 
 def concept_targets(models, config, concept: str):

@@ -25,10 +25,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hydra import compose, initialize_config_module
 from PIL import Image, ImageDraw
 
-from seedselect_cli.config import load_config, register_resolvers
+from seedselect_cli.config import compose_config
 from seedselect_cli.core.optimize import seed_objective
 from seedselect_cli.core.sampling import ddim_schedule, encode_prompt, sample_images
 from seedselect_cli.core.targets import Centroids
@@ -40,12 +39,6 @@ from seedselect_cli.models import load_models
 from seedselect_cli.references import load_encodings
 
 SEED_BASE = 4_000_000  # far from the seeds the tool and the experiments draw
-
-
-def make_config(overrides: list[str]):
-    register_resolvers()
-    with initialize_config_module("seedselect_cli.configs", version_base="1.3"):
-        return load_config(compose(config_name="toyworld", overrides=overrides))
 
 
 def auc(score: np.ndarray, right: np.ndarray) -> float:
@@ -130,8 +123,8 @@ def main(argv: list[str] | None = None) -> dict:
     if unknown:
         parser.error(f"not a toy-world concept: {unknown[0]!r}")
     ks = [k for k in args.k if k <= args.n]
-    config = make_config(["sampler.steps=10", "runtime.progress=false"])
-    contrastive = make_config(["sampler.steps=10", "runtime.progress=false", "loss=contrastive"])
+    config = compose_config("toyworld", ["sampler.steps=10", "runtime.progress=false"])
+    contrastive = compose_config("toyworld", ["sampler.steps=10", "runtime.progress=false", "loss=contrastive"])
     models = load_models(config.model, torch.device("cpu"), torch.float32)
     judge = Judge(JudgeConfig(model=asset_path("toyworld/judge")), names, torch.device("cpu"))
     clip = load_clip(asset_path("toyworld/clip"), torch.device("cpu"))

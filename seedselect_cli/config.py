@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -149,6 +149,16 @@ def load_config(cfg: DictConfig | dict) -> Config:
     if config.dataset.root:  # RUN/config.yaml then names the references wherever `evaluate` runs from
         config.dataset.root = os.path.abspath(os.path.expanduser(config.dataset.root))
     return config
+
+
+def compose_config(name: str, overrides: Sequence[str] = ()) -> Config:
+    """The checked config of a named file in `configs/` with Hydra overrides, as `seedselect optimize
+    --config-name NAME OVERRIDES...` composes it: for scripts and tests that build a run in process."""
+    from hydra import compose, initialize_config_module
+
+    register_resolvers()
+    with initialize_config_module("seedselect_cli.configs", version_base="1.3"):
+        return load_config(compose(config_name=name, overrides=list(overrides)))
 
 
 def _bad(key: str, value: Any, rule: str) -> UserError:

@@ -14,7 +14,7 @@ import torch
 from hydra import compose, initialize_config_module
 from PIL import Image
 
-from seedselect_cli.config import Config, ModelConfig, load_config, register_resolvers
+from seedselect_cli.config import Config, ModelConfig, compose_config, register_resolvers
 from seedselect_cli.core.frozen import FrozenModels
 from seedselect_cli.models import load_models
 
@@ -49,7 +49,7 @@ def compose_raw(name: str = "tiny", overrides: list[str] | None = None):
 def make_config(overrides: list[str] | None = None, name: str = "tiny") -> Config:
     """A checked config; by default the tiny model with few steps and iterations, for speed."""
     fast = ["sampler.steps=4", "optim.iterations=3", "runtime.progress=false"]
-    return load_config(compose_raw(name, fast + list(overrides or [])))
+    return compose_config(name, fast + list(overrides or []))
 
 
 @pytest.fixture(scope="session")
