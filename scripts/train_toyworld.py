@@ -30,6 +30,9 @@ ordinary code path:
     python scripts/train_toyworld.py --only judge heldout   # redo the judge and the held-out set alone
     python scripts/train_toyworld.py --only decoder         # retrain the decoder of the world in --out, 6 min
     python scripts/train_toyworld.py --only unet          # retrain its UNet on its VAE's latents, 44 min
+    python scripts/train_toyworld.py --only unet --unet-from-world --unet-steps 2000 --unet-lr 2e-4 \
+        --unconditional balanced --unconditional-share 0.2 --out W2   # train a copy's UNet on, the empty
+                                                          # prompt on balanced renders: 12 min (RESULTS.md)
 
 The shipped world was made in three runs: the whole script at --sampling-power 0.75 (then the default),
 `--only decoder`, then `--only unet` at power 1; one run of the whole script follows the same recipe
@@ -303,20 +306,36 @@ def finetune_decoder(vae, steps: int, seed: int):
 
 
 # ---------------------------------------------------------------------------------- UNet + text encoder
+def balanced_latents(vae, per_concept: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The encoder's posteriors of `per_concept` fresh renders of every concept: uncaptioned data that
+    shows every concept as often as the head's (`train_diffusion`'s `unconditional`)."""
+    pixels, _ = balanced_batch(np.random.default_rng(seed), per_concept)
+    return encode_set(vae, pixels)
+
+
 def train_diffusion(tokenizer, mean: torch.Tensor, std: torch.Tensor, labels: torch.Tensor, scale: float, steps: int,
-                    seed: int, sampling_power: float = 1.0):
+                    seed: int, sampling_power: float = 1.0, unconditional: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    unconditional_share: float = 0.1, start: tuple | None = None, lr: float = 5e-4):
     """The UNet and its text encoder on the long-tailed set. Each training image is drawn with probability
     proportional to count(its concept)^(sampling_power - 1): at 1 the long tail as it is, at 0.5 square-root
-    (repeat-factor) sampling, Gupta et al. 2019. The data stay the same few tail images either way."""
+    (repeat-factor) sampling, Gupta et al. 2019. The data stay the same few tail images either way.
+
+    A share `unconditional_share` of each batch is trained with the empty prompt (classifier-free
+    guidance's dropout). Its images are the long-tailed set's, or, given `unconditional` (latent means
+    and stds), those: for example balanced renders, as Stable Diffusion sees many pictures of a rare
+    bird under captions that do not name it. `start` (UNet, text encoder) trains on from those weights."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config(tokenizer, 64)))
-    unet = UNet2DConditionModel(sample_size=SIZE // 4, in_channels=4, out_channels=4, layers_per_block=1,
-                                block_out_channels=(48, 96), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64,
-                                attention_head_dim=8, norm_num_groups=16)
+    if start is not None:
+        unet, text_encoder = (m.float().train().requires_grad_(True) for m in start)
+    else:
+        text_encoder = CLIPTextModel(CLIPTextConfig(**text_config(tokenizer, 64)))
+        unet = UNet2DConditionModel(sample_size=SIZE // 4, in_channels=4, out_channels=4, layers_per_block=1,
+                                    block_out_channels=(48, 96), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64,
+                                    attention_head_dim=8, norm_num_groups=16)
     noise = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
     prompts = tokens(tokenizer, [TEMPLATE.format(c) for c in CONCEPTS] + [""])  # last row: the empty prompt
     g = torch.Generator().manual_seed(seed)
@@ -328,11 +347,16 @@ def train_diffusion(tokenizer, mean: torch.Tensor, std: torch.Tensor, labels: to
         z0 = (mean[pick] + std[pick] * torch.randn(mean[pick].shape, generator=g)) * scale
         eps = torch.randn(z0.shape, generator=g)
         t = torch.randint(0, 1000, (len(pick),), generator=g)
-        rows = torch.where(torch.rand(len(pick), generator=g) < 0.1, len(CONCEPTS), labels[pick])  # 10 %: unconditional
+        empty = torch.rand(len(pick), generator=g) < unconditional_share
+        if unconditional is not None:  # the empty prompt's rows draw from the uncaptioned set instead
+            other = torch.randint(len(unconditional[0]), (len(pick),), generator=g)
+            drawn = (unconditional[0][other] + unconditional[1][other] * torch.randn(z0.shape, generator=g)) * scale
+            z0 = torch.where(empty.view(-1, 1, 1, 1), drawn, z0)
+        rows = torch.where(empty, len(CONCEPTS), labels[pick])
         context = text_encoder(prompts[rows])[0]
         return F.mse_loss(unet(noise.add_noise(z0, eps, t), t, encoder_hidden_states=context).sample, eps)
 
-    fit("unet", [*unet.parameters(), *text_encoder.parameters()], loss_of_step, steps, lr=5e-4, weight_decay=1e-2,
+    fit("unet", [*unet.parameters(), *text_encoder.parameters()], loss_of_step, steps, lr=lr, weight_decay=1e-2,
         every=500, clip_norm=1.0)
     return unet.eval().requires_grad_(False), text_encoder.eval().requires_grad_(False)
 
@@ -430,9 +454,12 @@ def save_heldout(out: Path, seed: int) -> None:
             render(name, rng).save(folder / f"{k:02d}.png", optimize=True)
 
 
-def save_world(out: Path, seconds: dict, unet_steps: int, sampling_power: float) -> None:
-    world = {"template": TEMPLATE, "image_size": SIZE, "seconds": seconds, "unet_steps": unet_steps,
-             "sampling_power": sampling_power,
+UNET_KEYS = ("unet_steps", "sampling_power", "unconditional", "unconditional_share", "trained_on_from")
+
+
+def save_world(out: Path, seconds: dict, unet: dict) -> None:
+    """world.json; `unet`: how the UNet was trained (unet_steps, sampling_power, unconditional, ...)."""
+    world = {"template": TEMPLATE, "image_size": SIZE, "seconds": seconds, **unet,
              "judge": {"labels": [*CONCEPTS, OFF_MODEL], "rejects": list(OFF_KINDS)},
              "heldout_per_concept": HELDOUT_PER_CONCEPT,
              "concepts": [{"name": n, "count": c, "bucket": bucket(c), "looks": looks} for n, c, looks in RANKED]}
@@ -474,10 +501,21 @@ def main(argv: list[str] | None = None) -> None:
                         help="draw each UNet training image with probability ~ count(concept)^(power - 1): 1 keeps "
                              "the long tail as it is (the shipped world: its tail drawn right 0.30 of the time), "
                              "0.75 draws nearly every tail image right")
+    parser.add_argument("--unet-lr", type=float, default=5e-4)
+    parser.add_argument("--unconditional", choices=("long-tail", "balanced"), default="long-tail",
+                        help="the images of the empty prompt's training rows: the long-tailed set (the shipped world) "
+                             "or fresh balanced renders, 200 of every concept (a UNet that learns every look "
+                             "from uncaptioned data while the tail's names stay rare)")
+    parser.add_argument("--unconditional-share", type=float, default=0.1,
+                        help="the share of each UNet batch trained with the empty prompt")
+    parser.add_argument("--unet-from-world", action="store_true",
+                        help="with --only unet: train on from the UNet and text encoder in --out instead of fresh ones")
     parser.add_argument("--clip-steps", type=int, default=800)
     parser.add_argument("--judge-steps", type=int, default=1500)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.unet_from_world and args.only != ["unet"]:
+        parser.error("--unet-from-world goes with --only unet")
     if args.quick:
         args.vae_steps = args.decoder_steps = args.unet_steps = args.clip_steps = args.judge_steps = 3
     torch.use_deterministic_algorithms(True)
@@ -495,8 +533,10 @@ def main(argv: list[str] | None = None) -> None:
         vae, mean, std = train_vae(pixels, args.vae_steps, args.seed + 1)
         seconds["vae"] = time.perf_counter() - stage
         stage = time.perf_counter()
+        unconditional = balanced_latents(vae, 4 if args.quick else 200, args.seed + 7) if args.unconditional == "balanced" else None
         unet, text_encoder = train_diffusion(tokenizer, mean, std, labels, vae.config.scaling_factor, args.unet_steps,
-                                             args.seed + 2, args.sampling_power)
+                                             args.seed + 2, args.sampling_power, unconditional,
+                                             args.unconditional_share, None, args.unet_lr)
         seconds["unet"] = time.perf_counter() - stage
         stage = time.perf_counter()
         clip = train_clip(tokenizer, args.clip_steps, args.seed + 3)
@@ -506,14 +546,20 @@ def main(argv: list[str] | None = None) -> None:
         seconds["decoder"] = time.perf_counter() - stage
         save(out, tokenizer, vae, unet, text_encoder, clip, images, labels)
     elif "unet" in parts:  # the UNet and text encoder of an existing world, on its VAE's latents
-        from diffusers import AutoencoderKL
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel
 
         images, labels = long_tailed_set(args.seed)
         vae = AutoencoderKL.from_pretrained(out / "vae", torch_dtype=torch.float32).eval()
         mean, std = encode_set(vae, to_tensor(images))
+        unconditional = balanced_latents(vae, 4 if args.quick else 200, args.seed + 7) if args.unconditional == "balanced" else None
+        start = ((UNet2DConditionModel.from_pretrained(out / "unet", torch_dtype=torch.float32),
+                  CLIPTextModel.from_pretrained(out / "text_encoder", torch_dtype=torch.float32))
+                 if args.unet_from_world else None)
         stage = time.perf_counter()
         unet, text_encoder = train_diffusion(build_tokenizer(), mean, std, labels, vae.config.scaling_factor,
-                                             args.unet_steps, args.seed + 2, args.sampling_power)
+                                             args.unet_steps, args.seed + 2, args.sampling_power, unconditional,
+                                             args.unconditional_share, start, args.unet_lr)
         seconds["unet"] = time.perf_counter() - stage
         unet.to(torch.float16).save_pretrained(out / "unet", safe_serialization=True)
         text_encoder.to(torch.float16).save_pretrained(out / "text_encoder", safe_serialization=True)
@@ -532,9 +578,16 @@ def main(argv: list[str] | None = None) -> None:
     if "heldout" in parts:
         save_heldout(out, args.seed + 5)
     seconds["total"] = sum(seconds.get(k, 0) for k in ("vae", "decoder", "unet", "clip", "judge"))
-    if "vae" not in parts and "unet" not in parts:  # the UNet kept: its training as the world says
-        args.unet_steps, args.sampling_power = (json.loads(world.read_text())[k] for k in ("unet_steps", "sampling_power"))
-    save_world(out, {k: math.floor(v) for k, v in seconds.items()}, args.unet_steps, args.sampling_power)
+    if "vae" in parts or "unet" in parts:
+        unet_training = {"unet_steps": args.unet_steps, "sampling_power": args.sampling_power,
+                         "unconditional": args.unconditional, "unconditional_share": args.unconditional_share}
+        if args.unet_from_world:  # trained on: the steps before count too, and say so
+            before = json.loads(world.read_text())
+            unet_training["unet_steps"] += before["unet_steps"]
+            unet_training["trained_on_from"] = {k: v for k, v in before.items() if k in UNET_KEYS}
+    else:  # the UNet kept: its training as the world says
+        unet_training = {k: v for k, v in json.loads(world.read_text()).items() if k in UNET_KEYS}
+    save_world(out, {k: math.floor(v) for k, v in seconds.items()}, unet_training)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"saved {out} ({size / 2**20:.1f} MiB) in {time.perf_counter() - begin:.0f} s", flush=True)
 

@@ -291,3 +291,53 @@ def test_toyworld_selection_measures_how_a_score_chooses_among_seeds(tmp_path):
 
     with Image.open(tmp_path / "best_scored.png") as sheet:
         assert sheet.height == 64 + 14  # one concept's row
+
+
+def test_train_toyworld_trains_a_worlds_unet_on_with_the_empty_prompt_on_balanced_renders(tmp_path, monkeypatch):
+    """`train_toyworld.py --only unet --unet-from-world --unconditional balanced` (RESULTS.md's probe): the empty
+    prompt's rows train on the balanced latents and every other row on the long tail; the world's UNet is
+    trained on from its weights and saved, and world.json says how it was trained."""
+    import json
+    import shutil
+
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from seedselect_cli.files.assets import asset_path
+
+    script = load_script("train_toyworld")
+    world = Path(asset_path("toyworld"))
+    unet = UNet2DConditionModel.from_pretrained(world / "unet", torch_dtype=torch.float32)
+    text_encoder = CLIPTextModel.from_pretrained(world / "text_encoder", torch_dtype=torch.float32)
+    tokenizer = script.build_tokenizer()
+    empty = script.tokens(tokenizer, [""])[0]
+    seen = []
+    real_add_noise = DDPMScheduler.add_noise
+    # each step encodes its prompts, then noises its latents: record both
+    text_encoder.register_forward_pre_hook(lambda module, args: seen.append([args[0].clone()]))
+    monkeypatch.setattr(DDPMScheduler, "add_noise", lambda self, z0, eps, t: seen[-1].append(z0.clone()) or
+                        real_add_noise(self, z0, eps, t))
+    shape, n = (4, 8, 8), 12
+    labels = torch.randint(len(script.CONCEPTS), (n,))
+    long_tail = (torch.full((n, *shape), 3.0), torch.zeros(n, *shape))
+    balanced = (torch.full((5, *shape), -3.0), torch.zeros(5, *shape))
+    script.train_diffusion(tokenizer, *long_tail, labels, 1.0, 2, 0, unconditional=balanced, unconditional_share=0.5,
+                           start=(unet, text_encoder))
+    rows = [(z0[i, 0, 0, 0].item(), torch.equal(ids[i], empty)) for ids, z0 in seen for i in range(len(z0))]
+    assert len(seen) == 2 and len(rows) == 128
+    assert {value for value, is_empty in rows if is_empty} == {-3.0} and {value for value, is_empty in rows
+                                                                         if not is_empty} == {3.0}
+    assert 0.3 < sum(is_empty for _, is_empty in rows) / len(rows) < 0.7
+
+    out = tmp_path / "world"
+    shutil.copytree(world, out, ignore=shutil.ignore_patterns("heldout", "references", "judge", "clip"))
+    monkeypatch.setattr(script, "RANKED", [(name, 3, looks) for name, _, looks in script.RANKED])  # for time
+    script.main(["--only", "unet", "--unet-from-world", "--quick", "--unconditional", "balanced",
+                 "--unconditional-share", "0.2", "--out", str(out)])
+    written = json.loads((out / "world.json").read_text())
+    assert (written["unconditional"], written["unconditional_share"], written["unet_steps"]) == ("balanced", 0.2, 9003)
+    assert written["trained_on_from"]["unet_steps"] == 9000
+    trained = UNet2DConditionModel.from_pretrained(out / "unet", torch_dtype=torch.float32).state_dict()
+    shipped = UNet2DConditionModel.from_pretrained(world / "unet", torch_dtype=torch.float32).state_dict()
+    assert any(not torch.equal(trained[k], shipped[k]) for k in shipped)  # trained on from the world's, and saved
+    assert max((trained[k] - shipped[k]).abs().max().item() for k in shipped) < 0.05  # not from scratch
