@@ -487,6 +487,11 @@ def save(out: Path, tokenizer, vae, unet, text_encoder, clip, images: list[Image
             images[i].save(folder / f"{k:02d}.png")
 
 
+def unconditional_latents(vae, args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """What the empty prompt trains on when it is not the long tail (`--unconditional`)."""
+    return balanced_latents(vae, 4 if args.quick else 200, args.seed + 7) if args.unconditional == "balanced" else None
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "seedselect_cli/assets/toyworld"))
@@ -533,7 +538,7 @@ def main(argv: list[str] | None = None) -> None:
         vae, mean, std = train_vae(pixels, args.vae_steps, args.seed + 1)
         seconds["vae"] = time.perf_counter() - stage
         stage = time.perf_counter()
-        unconditional = balanced_latents(vae, 4 if args.quick else 200, args.seed + 7) if args.unconditional == "balanced" else None
+        unconditional = unconditional_latents(vae, args)
         unet, text_encoder = train_diffusion(tokenizer, mean, std, labels, vae.config.scaling_factor, args.unet_steps,
                                              args.seed + 2, args.sampling_power, unconditional,
                                              args.unconditional_share, None, args.unet_lr)
@@ -552,7 +557,7 @@ def main(argv: list[str] | None = None) -> None:
         images, labels = long_tailed_set(args.seed)
         vae = AutoencoderKL.from_pretrained(out / "vae", torch_dtype=torch.float32).eval()
         mean, std = encode_set(vae, to_tensor(images))
-        unconditional = balanced_latents(vae, 4 if args.quick else 200, args.seed + 7) if args.unconditional == "balanced" else None
+        unconditional = unconditional_latents(vae, args)
         start = ((UNet2DConditionModel.from_pretrained(out / "unet", torch_dtype=torch.float32),
                   CLIPTextModel.from_pretrained(out / "text_encoder", torch_dtype=torch.float32))
                  if args.unet_from_world else None)
