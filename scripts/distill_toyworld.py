@@ -111,7 +111,9 @@ def save(student, source: Path, out: Path, info: dict) -> None:
         if target.is_dir():
             shutil.rmtree(target)
         (shutil.copytree if (source / part).is_dir() else shutil.copy)(source / part, target)
-    student.unet.to(torch.float16).save_pretrained(out / "unet", safe_serialization=True)
+    unet = student.unet.to(torch.float16)
+    unet.register_to_config(_name_or_path=out.name)  # not the teacher's folder on this machine
+    unet.save_pretrained(out / "unet", safe_serialization=True)
     (out / "distilled.json").write_text(json.dumps(info, indent=2) + "\n")
 
 

@@ -487,6 +487,17 @@ def save(out: Path, tokenizer, vae, unet, text_encoder, clip, images: list[Image
             images[i].save(folder / f"{k:02d}.png")
 
 
+def unet_from(folder: Path):
+    """A world's UNet in float32, to train on. Built from its config and weights rather than `from_pretrained`,
+    which would write the folder it came from (this machine's path) into the config saved after."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder))
+    unet.load_state_dict(load_file(folder / "diffusion_pytorch_model.safetensors"))
+    return unet.float()
+
+
 def unconditional_latents(vae, args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor] | None:
     """What the empty prompt trains on when it is not the long tail (`--unconditional`)."""
     return balanced_latents(vae, 4 if args.quick else 200, args.seed + 7) if args.unconditional == "balanced" else None
@@ -551,21 +562,21 @@ def main(argv: list[str] | None = None) -> None:
         seconds["decoder"] = time.perf_counter() - stage
         save(out, tokenizer, vae, unet, text_encoder, clip, images, labels)
     elif "unet" in parts:  # the UNet and text encoder of an existing world, on its VAE's latents
-        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from diffusers import AutoencoderKL
         from transformers import CLIPTextModel
 
         images, labels = long_tailed_set(args.seed)
         vae = AutoencoderKL.from_pretrained(out / "vae", torch_dtype=torch.float32).eval()
         mean, std = encode_set(vae, to_tensor(images))
         unconditional = unconditional_latents(vae, args)
-        start = ((UNet2DConditionModel.from_pretrained(out / "unet", torch_dtype=torch.float32),
-                  CLIPTextModel.from_pretrained(out / "text_encoder", torch_dtype=torch.float32))
+        start = ((unet_from(out / "unet"), CLIPTextModel.from_pretrained(out / "text_encoder", torch_dtype=torch.float32))
                  if args.unet_from_world else None)
         stage = time.perf_counter()
         unet, text_encoder = train_diffusion(build_tokenizer(), mean, std, labels, vae.config.scaling_factor,
                                              args.unet_steps, args.seed + 2, args.sampling_power, unconditional,
                                              args.unconditional_share, start, args.unet_lr)
-        seconds["unet"] = time.perf_counter() - stage
+        # trained on: the time before counts too (world.json's trained_on_from says how it was split)
+        seconds["unet"] = time.perf_counter() - stage + (seconds.get("unet", 0) if args.unet_from_world else 0)
         unet.to(torch.float16).save_pretrained(out / "unet", safe_serialization=True)
         text_encoder.to(torch.float16).save_pretrained(out / "text_encoder", safe_serialization=True)
     if "decoder" in parts and "vae" not in parts:  # the decoder of an existing world, its latent space kept
