@@ -87,7 +87,9 @@ def test_bootstrap_run_writes_an_imagefolder_and_resumes(cub, tmp_path):
                                                                                     "00002.png"]
         assert (tmp_path / "bootstrap" / f"{slug}.safetensors").is_file()
     entries = read_manifest(tmp_path)
-    assert {e["method"] for e in entries} == {"bootstrap"} and all(len(e["subset"]) == 3 for e in entries)
+    assert {e["method"] for e in entries} == {"bootstrap"}
+    # the image's own reference first (loss.appearance=assigned, the default's), then the 3 drawn; file names
+    assert all(len(e["subset"]) == 1 + 3 and all("/" not in name for name in e["subset"]) for e in entries)
     assert all(len(e["loss_history"]) == 2 for e in entries)
     metadata = [json.loads(line) for line in (tmp_path / "images" / "metadata.jsonl").read_text().splitlines()]
     assert sorted(m["file_name"] for m in metadata) == sorted(e["image"].removeprefix("images/") for e in entries)

@@ -214,8 +214,8 @@ def test_centres_follow_the_init_method_and_inversions_are_cached(tiny_models, r
 
 @pytest.mark.slow
 def test_optimize_and_bootstrap_start_from_the_nao_centroid(tmp_path, tiny_models):
-    config = make_config(["init=nao", "n_images=2", "runtime.batch_size=2", "bootstrap.n_images=2",
-                          "bootstrap.global_iterations=2", "bootstrap.iterations=2"])
+    config = make_config(["init=nao", "method=paper", "n_images=2", "runtime.batch_size=2", "bootstrap.n_images=2",
+                          "bootstrap.global_iterations=2", "bootstrap.iterations=2"])  # paper: one start per image
     run_optimize(config, tmp_path / "opt")
     entries = read_manifest(tmp_path / "opt")
     assert [e["init"] for e in entries] == ["nao", "nao"]

@@ -4,6 +4,7 @@ assigned appearance targets, per-reference starts, candidate starts, the Gaussia
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -71,6 +72,10 @@ def test_best_candidates_keeps_the_start_of_lowest_score(tiny_models, score):
     assert chosen == losses.argmin(dim=1).tolist() and len(set(chosen)) > 1  # not always the same candidate
     assert torch.equal(starts, candidates[torch.arange(3), losses.argmin(dim=1)])
     assert candidate_seed(11, 0) == 11 and candidate_seed(11, 1) != candidate_seed(11, 2)
+    asked = []  # a stop (SIGTERM, Ctrl-C) during scoring: the choice is made among the candidates scored so far
+    _, chosen = best_candidates(tiny_models, candidates, target, text, config.objective(), score=score,
+                                should_stop=lambda: asked.append(1) or len(asked) == 2)
+    assert len(asked) == 2 and chosen == losses[:, :2].argmin(dim=1).tolist()
 
 
 @pytest.mark.slow
@@ -117,7 +122,7 @@ def test_each_images_semantic_target_is_the_mean_of_its_own_and_the_next_referen
 
     g = torch.Generator().manual_seed(count)
     enc = ReferenceEncodings(torch.nn.functional.normalize(torch.randn(5, 16, generator=g), dim=-1),
-                             torch.randn(5, 4, 16, 16, generator=g), tuple(f"r{i}.png" for i in range(5)))
+                             torch.randn(5, 4, 16, 16, generator=g), tuple(Path(f"r{i}.png") for i in range(5)))
     config = make_config(["loss.appearance=assigned", f"loss.semantic_references={count}"])
     engine = engine_for(tiny_models, config)
     target = ClassTarget("red disc", "a red disc", encode_prompt(tiny_models, "a red disc"), enc)

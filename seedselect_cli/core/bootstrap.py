@@ -57,5 +57,5 @@ def bootstrap_batches(bootstrap: BootstrapSpec, appearance: str, seed: int, clas
             z_init=z_global[None].expand(len(chunk), *z_global.shape).clone(),
             centroids=stack_centroids([encodings.centroids(s, appearance=appearance) for s in subsets]),
             iterations=bootstrap.iterations,
-            extra=[{"subset": [str(encodings.paths[j]) for j in s]} for s in subsets],
+            extra=[{"subset": [encodings.paths[j].name for j in s]} for s in subsets],  # file names, as `reference`
         )

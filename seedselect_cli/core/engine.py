@@ -125,7 +125,8 @@ class Engine:
                 [encodings.centroids(refs, appearance="assigned") for refs in references])
             z_init = self.starts.seeds(centre, init_seeds, own, self.init.candidates)
             uses_reference = self.init.method == "reference" or appearance == "assigned"
-            extra = [{"reference": str(encodings.paths[r])} if uses_reference else {} for r in own]
+            # the reference's file name, not its path: a run directory names nothing of the machine it ran on
+            extra = [{"reference": encodings.paths[r].name} if uses_reference else {} for r in own]
             yield Batch(chunk, init_seeds, z_init, centroids, self.optim.iterations, extra)
 
     def bootstrap_batches(self, target: ClassTarget, blocks: list[list[int]], z_global: torch.Tensor,
@@ -161,7 +162,7 @@ class Engine:
         noise = step_noise(sampler.name, batch.init_seeds, tuple(batch.z_init.shape[-3:]), sampler.steps)
         if batch.z_init.ndim == 5:
             batch.z_init, chosen = best_candidates(self.models, batch.z_init, centroids, target.text_embeds,
-                                                   self.objective, noise, self.init.candidate_score)
+                                                   self.objective, noise, self.init.candidate_score, should_stop)
             for extra, k in zip(batch.extra, chosen):
                 extra["candidate"] = k
         unchecked = self.unchecked_steps(target, batch.z_init, noise)

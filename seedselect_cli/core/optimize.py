@@ -110,17 +110,23 @@ def seed_objective(models: FrozenModels, z_T: torch.Tensor, centroids: Centroids
 
 @torch.no_grad()
 def best_candidates(models: FrozenModels, candidates: torch.Tensor, centroids: Centroids, text_embeds: PromptEmbeds,
-                    objective: Objective, noise: torch.Tensor | None = None, score: str = "semantic"
-                    ) -> tuple[torch.Tensor, list[int]]:
+                    objective: Objective, noise: torch.Tensor | None = None, score: str = "semantic",
+                    should_stop: Callable[[], bool] | None = None) -> tuple[torch.Tensor, list[int]]:
     """Selection in the literal sense: of each image's N candidate starts (B, N, C, h, w), the one of lowest
     `score` ("semantic": L_sem, whether it draws the concept; "loss": the whole loss), scored by one forward pass
     each without gradients (about a third of an iteration's arithmetic). Returns the starts (B, C, h, w) and which
-    candidate each is."""
+    candidate each is. When `should_stop()` turns true the choice is made among the candidates scored so far, so a
+    stop waits for one forward pass, not N."""
     schedule = make_schedule(models, objective.sampler.steps, objective.sampler.name)
     targets = centroids.to(models.device)
-    terms = [seed_objective(models, candidates[:, k].to(models.device, torch.float32), targets, text_embeds, schedule,
-                            objective, noise) for k in range(candidates.shape[1])]
-    losses = torch.stack([(t.semantic if score == "semantic" else t.total).float().cpu() for t in terms], dim=1)
+    losses = []
+    for k in range(candidates.shape[1]):
+        terms = seed_objective(models, candidates[:, k].to(models.device, torch.float32), targets, text_embeds,
+                               schedule, objective, noise)
+        losses.append((terms.semantic if score == "semantic" else terms.total).float().cpu())
+        if should_stop is not None and should_stop():
+            break
+    losses = torch.stack(losses, dim=1)
     best = losses.nan_to_num(nan=float("inf")).argmin(dim=1)
     return candidates[torch.arange(len(best)), best], best.tolist()
 
