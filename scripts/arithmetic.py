@@ -8,7 +8,7 @@ shown apart, as it is shared by all of a class's images. Backward passes are cou
 the usual rule for convolution and attention layers.
 
     python scripts/arithmetic.py                                    # the default settings, toy-world sampler
-    python scripts/arithmetic.py init=random loss.appearance=centroid   # the paper's SeedSelect
+    python scripts/arithmetic.py method=paper                       # the paper's SeedSelect
     python scripts/arithmetic.py --compare "init=random" "init.candidates=8 optim.iterations=20"
 """
 

@@ -14,7 +14,7 @@ classifier's table (`downstream_classifier.py`) from N images of each tail conce
 
     python scripts/toyworld_experiment.py --out toyworld_experiment --synthetic 50   # about 35 min, 2 CPU cores
     python scripts/toyworld_experiment.py --concepts "pine warbler" --n-images 4     # a quick look
-    python scripts/toyworld_experiment.py --override init=random loss.appearance=centroid --out paper  # the paper's
+    python scripts/toyworld_experiment.py --override method=paper --out paper  # the paper's algorithm
 """
 
 from __future__ import annotations
