@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -35,7 +36,7 @@ def test_subsets_are_drawn_with_replacement_and_reproducibly():
 def random_encodings(n: int, seed: int) -> ReferenceEncodings:
     g = torch.Generator().manual_seed(seed)
     semantic = torch.nn.functional.normalize(torch.randn(n, 16, generator=g), dim=-1)
-    return ReferenceEncodings(semantic, torch.randn(n, 4, 16, 16, generator=g), tuple(f"ref{i}.png" for i in range(n)))
+    return ReferenceEncodings(semantic, torch.randn(n, 4, 16, 16, generator=g), tuple(Path(f"ref{i}.png") for i in range(n)))
 
 
 @pytest.mark.slow
