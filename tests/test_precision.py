@@ -69,7 +69,8 @@ def test_the_gpu_default_finds_the_seeds_float32_finds_on_the_toy_world():
 
     low = resolve_dtype("auto", torch.device("cuda"))
     concept = "marsh finch"  # a tail concept
-    config = make_config([f"dataset.classes=[{concept}]", "sampler.steps=10", "optim.iterations=15"], name="toyworld")
+    config = make_config([f"dataset.classes=[{concept}]", "method=paper", "sampler.steps=10", "optim.iterations=15"],
+                         name="toyworld")  # the paper's loss, whose two terms pull against each other
     exact = load_models(config.model, torch.device("cpu"), torch.float32)
     paths = sorted(Path(asset_path(f"toyworld/references/{concept}")).glob("*.png"))
     centroids = load_encodings(exact, paths, config.sampler.height, config.sampler.width, config.dataset.resize_mode,

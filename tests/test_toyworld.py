@@ -185,7 +185,7 @@ def test_seedselect_moves_tail_concepts_towards_the_concept_and_evaluate_says_ho
     0.981). evaluate reports every instrument of the quality issue for both."""
     concepts = ["sea gull", "marsh finch"]
     config = make_config([f"dataset.classes=[{','.join(concepts)}]", "n_images=8", "runtime.batch_size=8",
-                          "sampler.steps=10", "optim.iterations=15"],
+                          "sampler.steps=10", "optim.iterations=15", "init.candidates=16"],  # the default's 16
                          name="toyworld")
     run(config, tmp_path, "optimize")
     metrics = run_evaluate(EvaluateConfig(run_dir=str(tmp_path), dataset_classes=True,
