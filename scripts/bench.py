@@ -84,8 +84,9 @@ CLIP_VIT_H_14 = {"hidden_size": 1280, "intermediate_size": 5120, "num_attention_
 
 
 def bench_config(overrides: list[str]) -> Config:
-    """The demo config (its loss and optimiser) with the benchmark's sampler settings."""
-    return compose_config("demo", overrides)
+    """The demo config with the paper's loss and optimiser (`method=paper`, what the authors' plain path computes)
+    and the benchmark's sampler settings."""
+    return compose_config("demo", ["method=paper", *overrides])
 
 
 # --model: the architecture and its sampler preset (the model's config in seedselect_cli/configs)

@@ -42,8 +42,8 @@ from seedselect_cli.pipeline import run_optimize
 from seedselect_cli.references import load_encodings
 
 
-def config_for(concepts: list[str], dtype: str, device: str, n: int, iterations: int):
-    return compose_config("toyworld", [
+def config_for(concepts: list[str], dtype: str, device: str, n: int, iterations: int, method: str | None = None):
+    return compose_config("toyworld", [*([f"method={method}"] if method else []),
         "dataset.classes=[" + ",".join(concepts) + "]", f"n_images={n}", f"runtime.batch_size={n}",
         f"runtime.dtype={dtype}", f"runtime.device={device}", f"optim.iterations={iterations}",
         "runtime.progress=false", "runtime.cache=false"])
@@ -74,9 +74,9 @@ def in_dtype(models, networks: tuple[str, ...], dtype: torch.dtype):
     return dataclasses.replace(models, **{name: copy.deepcopy(getattr(models, name)).to(dtype) for name in networks})
 
 
-def where(concept: str, n: int, iterations: int, device: str, dtype_name: str) -> list[dict]:
+def where(concept: str, n: int, iterations: int, device: str, dtype_name: str, method: str | None = None) -> list[dict]:
     """The loss's relative error and the gradient's cosine to float32's with each network in the low dtype."""
-    config = config_for([concept], "float32", device, n, iterations)
+    config = config_for([concept], "float32", device, n, iterations, method)
     models = load_models(config.model, torch.device(device), torch.float32)
     centroids, text = concept_targets(models, config, concept)
     shape = models.latent_shape(config.sampler.height, config.sampler.width)
@@ -109,17 +109,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--iterations", type=int, default=30)
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--method", choices=("select", "paper"), default=None,
+                        help="default: the tool's (select); BENCHMARKS.md's tables were measured with paper")
     parser.add_argument("--where", action="store_true", help="which network loses the precision (see above)")
     args = parser.parse_args(argv)
     if args.where:
         print(f"| {args.dtypes[-1]} network | iteration | float32 loss | loss error, mean | largest | "
               "grad cos, mean | lowest |\n|---|---|---|---|---|---|---|")
         return [row for concept in args.concepts
-                for row in where(concept, args.n_images, args.iterations, args.device, args.dtypes[-1])]
+                for row in where(concept, args.n_images, args.iterations, args.device, args.dtypes[-1], args.method)]
     judge = Judge(JudgeConfig(model=asset_path("toyworld/judge")), args.concepts, torch.device("cpu"))
     rows: dict[tuple[str, int], dict] = {}
     for dtype in args.dtypes:
-        config = config_for(args.concepts, dtype, args.device, args.n_images, args.iterations)
+        config = config_for(args.concepts, dtype, args.device, args.n_images, args.iterations, args.method)
         with tempfile.TemporaryDirectory() as folder:
             entries = run_optimize(config, Path(folder))
             images = [Image.open(Path(folder) / e["image"]).convert("RGB") for e in entries]
