@@ -22,10 +22,14 @@ import copy
 import dataclasses
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import train_toyworld as world
 
 from seedselect_cli.config import ModelConfig
 from seedselect_cli.core.sampling import encode_prompt, make_schedule, rollout
@@ -111,9 +115,7 @@ def save(student, source: Path, out: Path, info: dict) -> None:
         if target.is_dir():
             shutil.rmtree(target)
         (shutil.copytree if (source / part).is_dir() else shutil.copy)(source / part, target)
-    unet = student.unet.to(torch.float16)
-    unet.register_to_config(_name_or_path=out.name)  # not the teacher's folder on this machine
-    unet.save_pretrained(out / "unet", safe_serialization=True)
+    world.save_unet(student.unet, out)
     (out / "distilled.json").write_text(json.dumps(info, indent=2) + "\n")
 
 

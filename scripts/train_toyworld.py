@@ -487,15 +487,12 @@ def save(out: Path, tokenizer, vae, unet, text_encoder, clip, images: list[Image
             images[i].save(folder / f"{k:02d}.png")
 
 
-def unet_from(folder: Path):
-    """A world's UNet in float32, to train on. Built from its config and weights rather than `from_pretrained`,
-    which would write the folder it came from (this machine's path) into the config saved after."""
-    from diffusers import UNet2DConditionModel
-    from safetensors.torch import load_file
-
-    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder))
-    unet.load_state_dict(load_file(folder / "diffusion_pytorch_model.safetensors"))
-    return unet.float()
+def save_unet(unet, world: Path) -> None:
+    """`world`/unet in float16 safetensors. A UNet loaded with `from_pretrained` carries the folder it came from
+    (`_name_or_path`, which diffusers writes into the saved config: this machine's path, in a shipped file); it is
+    named by its world's folder name instead, as a Hub model is by its id."""
+    unet.register_to_config(_name_or_path=world.name)
+    unet.to(torch.float16).save_pretrained(world / "unet", safe_serialization=True)
 
 
 def unconditional_latents(vae, args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -562,14 +559,15 @@ def main(argv: list[str] | None = None) -> None:
         seconds["decoder"] = time.perf_counter() - stage
         save(out, tokenizer, vae, unet, text_encoder, clip, images, labels)
     elif "unet" in parts:  # the UNet and text encoder of an existing world, on its VAE's latents
-        from diffusers import AutoencoderKL
+        from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel
 
         images, labels = long_tailed_set(args.seed)
         vae = AutoencoderKL.from_pretrained(out / "vae", torch_dtype=torch.float32).eval()
         mean, std = encode_set(vae, to_tensor(images))
         unconditional = unconditional_latents(vae, args)
-        start = ((unet_from(out / "unet"), CLIPTextModel.from_pretrained(out / "text_encoder", torch_dtype=torch.float32))
+        start = ((UNet2DConditionModel.from_pretrained(out / "unet", torch_dtype=torch.float32),
+                  CLIPTextModel.from_pretrained(out / "text_encoder", torch_dtype=torch.float32))
                  if args.unet_from_world else None)
         stage = time.perf_counter()
         unet, text_encoder = train_diffusion(build_tokenizer(), mean, std, labels, vae.config.scaling_factor,
@@ -577,7 +575,7 @@ def main(argv: list[str] | None = None) -> None:
                                              args.unconditional_share, start, args.unet_lr)
         # trained on: the time before counts too (world.json's trained_on_from says how it was split)
         seconds["unet"] = time.perf_counter() - stage + (seconds.get("unet", 0) if args.unet_from_world else 0)
-        unet.to(torch.float16).save_pretrained(out / "unet", safe_serialization=True)
+        save_unet(unet, out)
         text_encoder.to(torch.float16).save_pretrained(out / "text_encoder", safe_serialization=True)
     if "decoder" in parts and "vae" not in parts:  # the decoder of an existing world, its latent space kept
         from diffusers import AutoencoderKL

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -226,6 +227,8 @@ def test_distill_toyworld_writes_a_loadable_few_step_world(tmp_path):
     models = load_models(ModelConfig(pretrained=str(tmp_path / "turbo"), image_encoder=asset_path("toyworld/clip")),
                          torch.device("cpu"), torch.float32, with_image_encoder=False)
     assert models.unet.config.sample_size == 8 and (tmp_path / "turbo" / "distilled.json").is_file()
+    saved = json.loads((tmp_path / "turbo" / "unet" / "config.json").read_text())
+    assert saved["_name_or_path"] == "turbo"  # the world's name, not the teacher's folder on this machine
 
 
 def test_arithmetic_counts_every_network_pass_of_an_image_forward_and_backward():
@@ -297,7 +300,6 @@ def test_train_toyworld_trains_a_worlds_unet_on_with_the_empty_prompt_on_balance
     """`train_toyworld.py --only unet --unet-from-world --unconditional balanced` (RESULTS.md's probe): the empty
     prompt's rows train on the balanced latents and every other row on the long tail; the world's UNet is
     trained on from its weights and saved, and world.json says how it was trained."""
-    import json
     import shutil
 
     from diffusers import DDPMScheduler, UNet2DConditionModel
@@ -340,7 +342,7 @@ def test_train_toyworld_trains_a_worlds_unet_on_with_the_empty_prompt_on_balance
     assert (written["unet_steps"], written["trained_on_from"]["unet_steps"]) == (before["unet_steps"] + 3,
                                                                                  before["unet_steps"])
     assert written["seconds"]["unet"] >= before["seconds"]["unet"]  # the time before counts too
-    assert "_name_or_path" not in json.loads((out / "unet" / "config.json").read_text())  # no path of this machine
+    assert json.loads((out / "unet" / "config.json").read_text())["_name_or_path"] == "world"  # not this machine's path
     trained = UNet2DConditionModel.from_pretrained(out / "unet", torch_dtype=torch.float32).state_dict()
     shipped = UNet2DConditionModel.from_pretrained(world / "unet", torch_dtype=torch.float32).state_dict()
     assert any(not torch.equal(trained[k], shipped[k]) for k in shipped)  # trained on from the world's, and saved
