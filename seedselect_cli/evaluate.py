@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -153,14 +154,22 @@ BASELINE = ("plain sampling (no optimisation) from fresh noise drawn from each i
             "and for bootstrap, whose starts carry the references, the noise alone")
 
 
-def notes(n_classes: int, top_k: int) -> list[str]:
+SMALL_SET = 8  # images of a class below which the set measures are one or two images' worth of noise
+
+
+def notes(n_classes: int, top_k: int, fewest_images: int, dataset_classes: bool) -> list[str]:
     """What the figures cannot say for this run, said in metrics.json and the report."""
     out = []
     if n_classes == 1:
         out.append("top1 and topk are left out: classifying among one class is right by construction; pass "
-                   "classes=[...] or dataset_classes=true to classify among more")
+                   + ("classes=[...] (the run's data set has this class alone)" if dataset_classes
+                      else "classes=[...] or dataset_classes=true") + " to classify among more")
     elif n_classes <= top_k:
         out.append(f"top{top_k} is left out: among {n_classes} classes every image is in the top {top_k}")
+    if fewest_images < SMALL_SET:
+        out.append(f"a class has {fewest_images} image(s): its precision, recall, density, coverage, kid, "
+                   f"diversity_ratio and copies change by 1/{fewest_images} or more with each image, so they "
+                   f"tell little; draw at least {SMALL_SET} (n_images={SMALL_SET}) to compare sets")
     return out
 
 
@@ -326,7 +335,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         "run_dir": str(run_dir), "n_images": len(entries), "clip": cfg.clip or config.model.image_encoder,
         "judge": cfg.judge.model, "classified_among": len(candidates), "top_k": cfg.top_k,
         "baseline": BASELINE if cfg.baseline else None,
-        "notes": notes(len(candidates), cfg.top_k),
+        "notes": notes(len(candidates), cfg.top_k, min(Counter(names).values()), cfg.dataset_classes),
         "quality_space": "judge features" if judge is not None else "CLIP image embeddings",
         "overall": {method: overall(per_class) for method, per_class in scores.items()},
         "classes": {c: {"references": {"n_images": len(references[c]),
