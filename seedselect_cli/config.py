@@ -78,6 +78,9 @@ class OptimConfig:
     lr_drop_factor: float = 0.1
     shell: bool = False  # after each step, put every seed back on the Gaussian shell (norm sqrt(d - 1))
     patience: int = 0  # stop a batch once no seed's loss has improved by 1 % for this many iterations; 0: never
+    # stop each seed once L_sem is no more than the distance from its target to the nearest other reference:
+    # nearer than the references lie to each other, the image copies its reference rather than draws the concept
+    stop_near_reference: bool = False
 
 
 @dataclass
@@ -124,7 +127,8 @@ class Config:
 
         o = self.optim
         return OptimSpec(lr=o.lr, iterations=o.iterations, lr_drop_at=o.lr_drop_at, lr_drop_factor=o.lr_drop_factor,
-                         shell=o.shell, patience=o.patience, optimizer=instantiate(o.optimizer))
+                         shell=o.shell, patience=o.patience, stop_near_reference=o.stop_near_reference,
+                         optimizer=instantiate(o.optimizer))
 
 
 def load_structured(schema: type, cfg: DictConfig | dict):
@@ -235,6 +239,9 @@ def check_config(c: Config) -> None:
     if c.optim.lr_drop_at < 0:
         raise _bad("optim.lr_drop_at", c.optim.lr_drop_at, "must be >= 0")
     _check_range("optim.patience", c.optim.patience, 0, MAX_ITERATIONS, " (0: never stop early)")
+    if c.optim.stop_near_reference and (c.loss.semantic != "centroid" or c.loss.distance != "cosine" or c.loss.lam <= 0):
+        raise _bad("optim.stop_near_reference", True, "compares L_sem with the references' cosine distances: it needs "
+                   "loss.semantic=centroid, loss.distance=cosine and loss.lam > 0")
     if not c.optim.lr_drop_factor > 0:
         raise _bad("optim.lr_drop_factor", c.optim.lr_drop_factor, "must be positive")
     if "_target_" not in c.optim.optimizer:

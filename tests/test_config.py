@@ -100,6 +100,8 @@ def test_required_root_is_named(tmp_path):
     ("init.nao_length_weight=0", "init.nao_length_weight"), ("init.candidate_score=best", "init.candidate_score"),
     ("loss.semantic_references=0", "loss.semantic_references"),
     ("loss.appearance=centroid loss.semantic_references=3", "loss.semantic_references"),  # only with `assigned`
+    ("optim.stop_near_reference=true loss.semantic=contrastive", "optim.stop_near_reference"),  # cosine L_sem only
+    ("optim.stop_near_reference=true loss.lam=0", "optim.stop_near_reference"),
 ])
 @pytest.mark.slow
 def test_bad_values_are_rejected_naming_the_key(override, key):

@@ -14,7 +14,7 @@ from seedselect_cli.core.losses import nearest_appearance_loss
 from seedselect_cli.core.nao import chi_mode
 from seedselect_cli.core.optimize import best_candidates, optimize_seeds, seed_objective
 from seedselect_cli.core.sampling import ddim_schedule, encode_prompt
-from seedselect_cli.core.targets import ReferenceEncodings
+from seedselect_cli.core.targets import ReferenceEncodings, stack_centroids
 from seedselect_cli.files.run_directory import RunDirectory
 from seedselect_cli.pipeline import run_optimize
 from tests.conftest import make_config
@@ -154,3 +154,51 @@ def test_method_select_runs_and_records_each_images_chosen_start(tmp_path):
     entries = run_optimize(config, tmp_path)
     assert len({e["reference"] for e in entries}) == 3 and all(e["candidate"] in (0, 1, 2) for e in entries)
     assert all(e["loss"] == pytest.approx(e["semantic_loss"]) for e in entries)
+
+
+def test_spacing_is_the_distance_from_the_target_to_the_nearest_other_reference():
+    """`Centroids.spacing`: an image's own reference's cosine distance to the nearest other reference; for a mean of
+    several (the centroid, a bootstrap subset), the distance of the mean to the nearest reference; None alone."""
+    g = torch.Generator().manual_seed(11)
+    unit = torch.nn.functional.normalize(torch.randn(4, 16, generator=g), dim=1)
+    encodings = ReferenceEncodings(semantic=unit, appearance=torch.randn(4, 4, 8, 8, generator=g),
+                                   paths=tuple(Path(f"{i}.png") for i in range(4)))
+    exact = 1 - unit.double() @ unit.double().T
+    own = encodings.centroids([2], appearance="assigned").spacing
+    assert float(own) == pytest.approx(float(exact[2, [0, 1, 3]].min()), abs=1e-6)
+    mean = unit.double().mean(dim=0)
+    centroid = 1 - torch.nn.functional.cosine_similarity(unit.double(), mean[None], dim=1)
+    assert float(encodings.centroids().spacing) == pytest.approx(float(centroid.min()), abs=1e-6)
+    alone = ReferenceEncodings(semantic=unit[:1], appearance=torch.randn(1, 4, 8, 8), paths=(Path("a.png"),))
+    assert alone.centroids([0], appearance="assigned").spacing is None
+    stacked = stack_centroids([encodings.centroids([i], appearance="assigned") for i in range(4)])
+    assert stacked.spacing.shape == (4,)
+
+
+def test_stop_near_reference_keeps_each_seed_where_it_came_within_its_spacing(tiny_models, monkeypatch):
+    """optim.stop_near_reference: a seed whose L_sem falls to its target's spacing is kept at that iterate and
+    stops; the others go on as without it; a batch whose seeds have all stopped ends."""
+    config = make_config(["optim.iterations=6", "optim.stop_near_reference=true", "loss.lam=1"])
+    text = encode_prompt(tiny_models, "a red disc")
+    z = seeds(3, 12)
+    target = random_target(12)
+    free = optimize_seeds(tiny_models, z, target, text, config.objective(),
+                          dataclasses.replace(config.optim_spec(), stop_near_reference=False))
+    # the spacing of each seed: seed 0 near from the start, seed 1 once it has fallen below a level it reaches,
+    # seed 2 never
+    level = sorted(free[1].loss_history)[len(free[1].loss_history) // 2]
+    spacing = torch.tensor([free[0].loss_history[0] + 1.0, level, -1.0])
+    found = optimize_seeds(tiny_models, z, dataclasses.replace(target, spacing=spacing), text, config.objective(),
+                           config.optim_spec())
+    assert found[0].best_iteration == 0 and torch.equal(found[0].optimized, z[0]) and len(found[0].loss_history) == 1
+    reached = next(i for i, loss in enumerate(free[1].loss_history) if loss <= level)
+    assert len(found[1].loss_history) == reached + 1 and found[1].loss <= level
+    # that iterate is the unstopped run's at `reached` (the best of its first reached + 1: the ones before were above)
+    again = optimize_seeds(tiny_models, z, target, text, config.objective(),
+                           dataclasses.replace(config.optim_spec(), stop_near_reference=False, iterations=reached + 1))
+    assert again[1].best_iteration == reached and torch.equal(found[1].optimized, again[1].optimized)
+    assert found[2].loss_history == pytest.approx(free[2].loss_history, rel=1e-5)
+    all_near = optimize_seeds(tiny_models, z, dataclasses.replace(target, spacing=torch.full((3,), 9.0)), text,
+                              config.objective(), config.optim_spec())
+    assert [len(r.loss_history) for r in all_near] == [1, 1, 1]
+

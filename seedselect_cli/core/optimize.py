@@ -3,8 +3,10 @@
 The per-seed losses are summed before the backward pass, so each seed gets exactly the gradient
 it would get alone, and AdamW (element-wise) keeps a separate state for each. The best iterate of
 each seed is kept, with its losses, and the loss curve is recorded. A seed whose loss or gradient
-stops being finite is frozen at its best iterate and the others go on; `should_stop` ends the loop
-after the current step (Ctrl-C, SIGTERM).
+stops being finite is frozen at its best iterate and the others go on; so is, with
+`optim.stop_near_reference`, a seed whose L_sem has fallen to its target's spacing (`Centroids.spacing`: nearer
+than that to its reference, an image copies it). `should_stop` ends the loop after the current step (Ctrl-C,
+SIGTERM).
 """
 
 from __future__ import annotations
@@ -161,6 +163,10 @@ def optimize_seeds(models: FrozenModels, z_init: torch.Tensor, centroids: Centro
     # optim.patience: the iteration of each seed's last improvement by 1 % of its best loss
     settled_best = torch.full((batch,), float("inf"))
     last_gain = torch.zeros(batch, dtype=torch.long)
+    # optim.stop_near_reference: the seeds whose L_sem has come within their target's spacing, kept where they are
+    spacing = (centroids.spacing.float().cpu().expand(batch)
+               if optim.stop_near_reference and centroids.spacing is not None else None)
+    near = torch.zeros(batch, dtype=torch.bool)
 
     for it in range(iterations):
         if it == optim.lr_drop_at and it > 0:  # the authors' schedule: lr / 10 after 3 iterations
@@ -169,7 +175,7 @@ def optimize_seeds(models: FrozenModels, z_init: torch.Tensor, centroids: Centro
         optimizer.zero_grad(set_to_none=True)
         terms = seed_objective(models, z, centroids, text_embeds, schedule, objective, noise, unchecked_steps, graphs)
         total = terms.total.detach().float().cpu()
-        frozen = torch.tensor([reason is not None for reason in stopped])
+        frozen = torch.tensor([reason is not None for reason in stopped]) | near
         # A seed already stopped, or whose loss is not finite, takes no part in the backward pass.
         live = torch.isfinite(total) & ~frozen
         scaled_backward(torch.where(live.to(z.device), terms.total, torch.zeros_like(terms.total)), z)
@@ -180,7 +186,7 @@ def optimize_seeds(models: FrozenModels, z_init: torch.Tensor, centroids: Centro
                 stopped[i] = f"its {what} became {_non_finite(total[i]) if what == 'loss' else 'non-finite'} " \
                              f"at iteration {it}"
                 log.warning("seed %d of the batch stopped: %s; keeping its best iterate", i, stopped[i])
-        frozen = torch.tensor([reason is not None for reason in stopped])
+        frozen = torch.tensor([reason is not None for reason in stopped]) | near
 
         improved = ~frozen & (total < best_loss)
         if improved.any():
@@ -192,6 +198,9 @@ def optimize_seeds(models: FrozenModels, z_init: torch.Tensor, centroids: Centro
         for i, value in enumerate(total.tolist()):
             if not frozen[i]:
                 history[i].append(value)
+        if spacing is not None:  # near enough: this iterate is kept (its best: every one before was farther)
+            near |= ~frozen & improved & (terms.semantic.detach().float().cpu() <= spacing)
+            frozen = frozen | near
         if on_iteration is not None:
             on_iteration(it, best_z.detach())
         if frozen.all():

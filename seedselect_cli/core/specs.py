@@ -98,6 +98,7 @@ class OptimSpec:
     lr_drop_factor: float = 0.1
     shell: bool = False  # after each step, every seed back on the Gaussian shell (norm sqrt(d - 1))
     patience: int = 0  # stop once no seed's loss has improved by 1 % for this many iterations; 0: never
+    stop_near_reference: bool = False  # stop each seed once L_sem <= its target's `Centroids.spacing`
     optimizer: Callable[..., torch.optim.Optimizer] = adamw
 
 

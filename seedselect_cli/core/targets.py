@@ -36,11 +36,14 @@ class Centroids:
     # For loss.appearance=nearest: the references' latents (n, C, h, w), or each seed's (B, n, C, h, w);
     # L_app then pulls z_0 towards the nearest of them instead of towards `appearance`.
     references: torch.Tensor | None = None
+    # The cosine distance from mu_v to the nearest reference that is not the target itself, () or (B,); None with
+    # nothing to compare to. An image nearer its target than that copies a reference (`optim.stop_near_reference`).
+    spacing: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> Centroids:
         move = (lambda t: t.to(device) if t is not None else None)
         return Centroids(move(self.semantic), move(self.appearance), self.count, move(self.classes),
-                         self.class_index, move(self.references))
+                         self.class_index, move(self.references), move(self.spacing))
 
 
 def stack_centroids(items: Sequence[Centroids]) -> Centroids:
@@ -48,8 +51,9 @@ def stack_centroids(items: Sequence[Centroids]) -> Centroids:
     first = items[0]
     semantic = torch.stack([c.semantic for c in items]) if first.semantic is not None else None
     references = torch.stack([c.references for c in items]) if first.references is not None else None
+    spacing = torch.stack([c.spacing for c in items]) if all(c.spacing is not None for c in items) else None
     return Centroids(semantic, torch.stack([c.appearance for c in items]), first.count, first.classes,
-                     first.class_index, references)
+                     first.class_index, references, spacing)
 
 
 @dataclass
@@ -67,11 +71,24 @@ class ReferenceEncodings:
         the first reference's latent alone (the caller passes the image's own reference first)."""
         rows = torch.as_tensor(list(subset) if subset is not None else range(len(self.paths)), dtype=torch.long)
         semantic = self.semantic[rows].mean(dim=0) if self.semantic is not None else None
+        spacing = self.spacing(semantic, rows)
         if appearance == "assigned":
-            return Centroids(semantic=semantic, appearance=self.appearance[rows[0]], count=len(rows))
+            return Centroids(semantic=semantic, appearance=self.appearance[rows[0]], count=len(rows), spacing=spacing)
         references = self.appearance[rows] if appearance == "nearest" else None  # repeats keep subsets stackable
         return Centroids(semantic=semantic, appearance=self.appearance[rows].mean(dim=0), count=len(rows),
-                         references=references)
+                         references=references, spacing=spacing)
+
+    def spacing(self, semantic: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:
+        """The cosine distance from the target `semantic` (the mean of `rows`' embeddings) to the nearest reference
+        other than itself: every reference when the target is a mean of several, the others when it is one."""
+        if semantic is None:
+            return None
+        others = ([r for r in range(len(self.paths)) if r not in set(rows.tolist())] if len(set(rows.tolist())) == 1
+                  else list(range(len(self.paths))))
+        if not others:
+            return None
+        distances = 1.0 - torch.nn.functional.cosine_similarity(self.semantic[others], semantic[None], dim=-1)
+        return distances.min()
 
 
 def encode_images(models: FrozenModels, images: list[Image.Image], height: int, width: int,
