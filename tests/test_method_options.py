@@ -78,6 +78,28 @@ def test_best_candidates_keeps_the_start_of_lowest_score(tiny_models, score):
     assert len(asked) == 2 and chosen == losses[:, :2].argmin(dim=1).tolist()
 
 
+def test_near_enough_keeps_the_first_candidate_within_the_spacing_not_the_nearest(tiny_models):
+    """optim.stop_near_reference in selection: of the candidates whose L_sem is within the target's spacing, the
+    first is kept (the nearest copies its reference); with none within it, the nearest, as without."""
+    config = make_config(["sampler.steps=3"])
+    candidates = torch.stack([seeds(3, 20 + k) for k in range(5)], dim=1)
+    text = encode_prompt(tiny_models, "a red disc")
+    target = random_target(6)
+    with torch.no_grad():
+        losses = torch.stack([seed_objective(tiny_models, candidates[:, k], target, text, ddim_schedule(tiny_models, 3),
+                                             config.objective()).semantic for k in range(5)], dim=1)
+    middle = losses.median(dim=1).values  # a spacing half the candidates are within
+    spacing = torch.stack([middle[0], middle[1], losses[2].min() - 1.0])  # image 2: none within it
+    _, chosen = best_candidates(tiny_models, candidates, dataclasses.replace(target, spacing=spacing), text,
+                                config.objective(), near_enough=True)
+    first_within = [int((losses[i] <= spacing[i]).nonzero()[0]) for i in range(2)]
+    assert first_within != losses[:2].argmin(dim=1).tolist()  # these draws tell the two rules apart
+    assert chosen == [*first_within, int(losses[2].argmin())]
+    _, nearest = best_candidates(tiny_models, candidates, dataclasses.replace(target, spacing=spacing), text,
+                                 config.objective())
+    assert nearest == losses.argmin(dim=1).tolist()  # without near_enough the spacing is not used
+
+
 @pytest.mark.slow
 def test_the_shell_keeps_every_iterate_at_the_chi_mode(tiny_models):
     config = make_config(["optim.shell=true", "optim.iterations=4"])
@@ -201,4 +223,5 @@ def test_stop_near_reference_keeps_each_seed_where_it_came_within_its_spacing(ti
     all_near = optimize_seeds(tiny_models, z, dataclasses.replace(target, spacing=torch.full((3,), 9.0)), text,
                               config.objective(), config.optim_spec())
     assert [len(r.loss_history) for r in all_near] == [1, 1, 1]
+    assert all(r.stopped is None for r in [*found, *all_near])  # stopping near is not a fault
 

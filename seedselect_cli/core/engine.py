@@ -162,7 +162,8 @@ class Engine:
         noise = step_noise(sampler.name, batch.init_seeds, tuple(batch.z_init.shape[-3:]), sampler.steps)
         if batch.z_init.ndim == 5:
             batch.z_init, chosen = best_candidates(self.models, batch.z_init, centroids, target.text_embeds,
-                                                   self.objective, noise, self.init.candidate_score, should_stop)
+                                                   self.objective, noise, self.init.candidate_score, should_stop,
+                                                   near_enough=self.optim.stop_near_reference)
             for extra, k in zip(batch.extra, chosen):
                 extra["candidate"] = k
         unchecked = self.unchecked_steps(target, batch.z_init, noise)

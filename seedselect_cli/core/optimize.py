@@ -113,12 +113,15 @@ def seed_objective(models: FrozenModels, z_T: torch.Tensor, centroids: Centroids
 @torch.no_grad()
 def best_candidates(models: FrozenModels, candidates: torch.Tensor, centroids: Centroids, text_embeds: PromptEmbeds,
                     objective: Objective, noise: torch.Tensor | None = None, score: str = "semantic",
-                    should_stop: Callable[[], bool] | None = None) -> tuple[torch.Tensor, list[int]]:
+                    should_stop: Callable[[], bool] | None = None, near_enough: bool = False
+                    ) -> tuple[torch.Tensor, list[int]]:
     """Selection in the literal sense: of each image's N candidate starts (B, N, C, h, w), the one of lowest
     `score` ("semantic": L_sem, whether it draws the concept; "loss": the whole loss), scored by one forward pass
     each without gradients (about a third of an iteration's arithmetic). Returns the starts (B, C, h, w) and which
     candidate each is. When `should_stop()` turns true the choice is made among the candidates scored so far, so a
-    stop waits for one forward pass, not N."""
+    stop waits for one forward pass, not N. With `near_enough` (`optim.stop_near_reference`) every candidate whose
+    L_sem is within its target's spacing counts as good as the nearest, and the first of them is kept: the nearest
+    of all is the one that copies its reference."""
     schedule = make_schedule(models, objective.sampler.steps, objective.sampler.name)
     targets = centroids.to(models.device)
     losses = []
@@ -129,7 +132,9 @@ def best_candidates(models: FrozenModels, candidates: torch.Tensor, centroids: C
         if should_stop is not None and should_stop():
             break
     losses = torch.stack(losses, dim=1)
-    best = losses.nan_to_num(nan=float("inf")).argmin(dim=1)
+    if near_enough and score == "semantic" and centroids.spacing is not None:
+        losses = losses.clamp_min(centroids.spacing.float().cpu().expand(len(losses))[:, None])
+    best = losses.nan_to_num(nan=float("inf")).argmin(dim=1)  # the first of equals
     return candidates[torch.arange(len(best)), best], best.tolist()
 
 
@@ -181,7 +186,7 @@ def optimize_seeds(models: FrozenModels, z_init: torch.Tensor, centroids: Centro
         scaled_backward(torch.where(live.to(z.device), terms.total, torch.zeros_like(terms.total)), z)
         grad_ok = torch.isfinite(z.grad).flatten(1).all(dim=1).cpu()
         for i in range(batch):
-            if stopped[i] is None and not (live[i] and grad_ok[i]):
+            if stopped[i] is None and not near[i] and not (live[i] and grad_ok[i]):
                 what = "loss" if not live[i] else "gradient"
                 stopped[i] = f"its {what} became {_non_finite(total[i]) if what == 'loss' else 'non-finite'} " \
                              f"at iteration {it}"
