@@ -31,8 +31,10 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from seedselect_cli.config import compose_config
+from seedselect_cli.core.initial_seeds import own_references
 from seedselect_cli.core.optimize import optimize_seeds, scaled_backward, seed_objective
 from seedselect_cli.core.sampling import ddim_schedule, encode_prompt
+from seedselect_cli.core.targets import stack_centroids
 from seedselect_cli.files.assets import asset_path
 from seedselect_cli.files.datasets import fill_template
 from seedselect_cli.files.tensor_cache import TensorCache
@@ -49,12 +51,18 @@ def config_for(concepts: list[str], dtype: str, device: str, n: int, iterations:
         "runtime.progress=false", "runtime.cache=false"])
 
 
-def concept_targets(models, config, concept: str):
-    """The concept's centroids from its toy-world references, and its prompt's embeddings."""
+def concept_targets(models, config, concept: str, indices: list[int] | None = None):
+    """The concept's centroids from its toy-world references, and its prompt's embeddings. With
+    `loss.appearance=assigned` (the default `method=select`) and the images' `indices`, each image's own targets,
+    as `optimize` steered it (`Engine`): the optimised loss, not the class centroid's."""
     paths = sorted(Path(asset_path(f"toyworld/references/{concept}")).glob("*.png"))
     encodings = load_encodings(models, paths, config.sampler.height, config.sampler.width,
                                config.dataset.resize_mode, TensorCache(None, "none"), concept)
-    return encodings.centroids(), encode_prompt(models, fill_template(config.dataset.prompt_template, concept))
+    text = encode_prompt(models, fill_template(config.dataset.prompt_template, concept))
+    if config.loss.appearance == "assigned" and indices is not None:
+        own = [own_references(config.seed, concept, i, len(paths), config.loss.semantic_references) for i in indices]
+        return stack_centroids([encodings.centroids(refs, appearance="assigned") for refs in own]), text
+    return encodings.centroids(appearance=config.loss.appearance), text
 
 
 def loss_and_gradient(models, z: torch.Tensor, centroids, text: torch.Tensor, config
@@ -137,12 +145,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for concept in args.concepts:
         keys = sorted(k for k in rows if k[0] == concept)
         starts = torch.stack([rows[k]["start"] for k in keys])
+        indices = [index for _, index in keys]
         grads = {}
         for d in args.dtypes:
             models = in_dtype(full, NETWORKS, getattr(torch, d))
-            grads[d] = loss_and_gradient(models, starts, *concept_targets(models, config, concept), config)[1]
+            grads[d] = loss_and_gradient(models, starts, *concept_targets(models, config, concept, indices), config)[1]
         rescored = {d: loss_and_gradient(full, torch.stack([rows[k][d]["seed"] for k in keys]),
-                                         *concept_targets(full, config, concept), config)[0] for d in args.dtypes}
+                                         *concept_targets(full, config, concept, indices), config)[0]
+                    for d in args.dtypes}
         for i, key in enumerate(keys):
             for d in args.dtypes:
                 rows[key][d]["cosine"] = torch.nn.functional.cosine_similarity(

@@ -68,6 +68,16 @@ def test_precision_check_says_which_network_loses_the_precision():
     assert all(abs(r["loss error"][0]) < 0.01 and r["cosine"][0] > 0.99 for r in rows), rows
 
 
+def test_precision_check_scores_each_seed_on_the_loss_it_was_optimised_on():
+    """`precision_check.py`'s table: float32's loss at the seed a run found, scored again, is the loss the run
+    recorded, under the default's per-image targets (`method=select`), not the class centroid's."""
+    rows = load_script("precision_check").main(["--concepts", "marsh finch", "--n-images", "2", "--iterations", "2",
+                                                "--dtypes", "float32"])
+    assert len(rows) == 2
+    for row in rows:
+        assert row["float32"]["rescored"] == pytest.approx(row["float32"]["loss"], rel=1e-3), row["float32"]
+
+
 def fresh_tiny_models():
     """New tiny components: `bench.prepare` changes them in place, so not conftest's shared fixture."""
     return load_models(ModelConfig(pretrained="tiny", image_encoder="tiny"), torch.device("cpu"), torch.float32)
