@@ -31,10 +31,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from seedselect_cli.config import compose_config
-from seedselect_cli.core.initial_seeds import own_references
+from seedselect_cli.core.engine import image_centroids
 from seedselect_cli.core.optimize import optimize_seeds, scaled_backward, seed_objective
 from seedselect_cli.core.sampling import ddim_schedule, encode_prompt
-from seedselect_cli.core.targets import stack_centroids
 from seedselect_cli.files.assets import asset_path
 from seedselect_cli.files.datasets import fill_template
 from seedselect_cli.files.tensor_cache import TensorCache
@@ -59,10 +58,9 @@ def concept_targets(models, config, concept: str, indices: list[int] | None = No
     encodings = load_encodings(models, paths, config.sampler.height, config.sampler.width,
                                config.dataset.resize_mode, TensorCache(None, "none"), concept)
     text = encode_prompt(models, fill_template(config.dataset.prompt_template, concept))
-    if config.loss.appearance == "assigned" and indices is not None:
-        own = [own_references(config.seed, concept, i, len(paths), config.loss.semantic_references) for i in indices]
-        return stack_centroids([encodings.centroids(refs, appearance="assigned") for refs in own]), text
-    return encodings.centroids(appearance=config.loss.appearance), text
+    if indices is None:
+        return encodings.centroids(), text
+    return image_centroids(encodings, config.seed, concept, indices, config.loss), text
 
 
 def loss_and_gradient(models, z: torch.Tensor, centroids, text: torch.Tensor, config

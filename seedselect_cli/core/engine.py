@@ -33,7 +33,7 @@ from seedselect_cli.core.sampling import (
     step_activation_bytes,
     step_noise,
 )
-from seedselect_cli.core.specs import BootstrapSpec, InitSpec, Objective, OptimSpec
+from seedselect_cli.core.specs import BootstrapSpec, InitSpec, LossSpec, Objective, OptimSpec
 from seedselect_cli.core.targets import Centroids, ReferenceEncodings, stack_centroids
 
 
@@ -65,6 +65,18 @@ def batch_blocks(missing: list[int], n_images: int, batch_size: int) -> list[lis
     """
     blocks = sorted({i // batch_size for i in missing})
     return [list(range(b * batch_size, min((b + 1) * batch_size, n_images))) for b in blocks]
+
+
+def image_centroids(encodings: ReferenceEncodings, seed: int, class_name: str, indices: list[int], loss: LossSpec
+                    ) -> Centroids:
+    """What images `indices` of a class are steered towards in `optimize`: the class's centroids, shared; or, with
+    loss.appearance=assigned, per image (B, ...), its own reference's latent and the mean CLIP embedding of it and
+    the next `loss.semantic_references` - 1 references."""
+    if loss.appearance != "assigned":
+        return encodings.centroids(appearance=loss.appearance)
+    n = len(encodings.paths)
+    return stack_centroids([encodings.centroids(own_references(seed, class_name, i, n, loss.semantic_references),
+                                                appearance="assigned") for i in indices])
 
 
 @dataclass
@@ -114,15 +126,10 @@ class Engine:
         its own reference's latent for loss.appearance=assigned, and the mean CLIP embedding of its own and the next
         `loss.semantic_references` - 1 references)."""
         encodings, appearance = target.encodings, self.objective.loss.appearance
-        n_refs = len(encodings.paths)
-        shared = encodings.centroids(appearance=appearance) if appearance != "assigned" else None
-        semantic_refs = self.objective.loss.semantic_references
         for chunk in blocks:
             init_seeds = [init_seed_for(self.seed, target.name, i) for i in chunk]
-            references = [own_references(self.seed, target.name, i, n_refs, semantic_refs) for i in chunk]
-            own = [refs[0] for refs in references]  # the image's own: assigned_reference
-            centroids = shared if shared is not None else stack_centroids(
-                [encodings.centroids(refs, appearance="assigned") for refs in references])
+            own = [assigned_reference(self.seed, target.name, i, len(encodings.paths)) for i in chunk]
+            centroids = image_centroids(encodings, self.seed, target.name, chunk, self.objective.loss)
             z_init = self.starts.seeds(centre, init_seeds, own, self.init.candidates)
             uses_reference = self.init.method == "reference" or appearance == "assigned"
             # the reference's file name, not its path: a run directory names nothing of the machine it ran on

@@ -83,8 +83,8 @@ class ReferenceEncodings:
         other than itself: every reference when the target is a mean of several, the others when it is one."""
         if semantic is None:
             return None
-        others = ([r for r in range(len(self.paths)) if r not in set(rows.tolist())] if len(set(rows.tolist())) == 1
-                  else list(range(len(self.paths))))
+        chosen = set(rows.tolist())
+        others = [r for r in range(len(self.paths)) if len(chosen) > 1 or r not in chosen]
         if not others:
             return None
         distances = 1.0 - torch.nn.functional.cosine_similarity(self.semantic[others], semantic[None], dim=-1)
