@@ -25,6 +25,7 @@ process's high-water mark of resident memory.
     python scripts/bench.py --flops --model sd_turbo   # its arithmetic, counted on the meta device (no GPU)
     python scripts/bench.py --model sdxl --batch 1   # SDXL at 1024 px, 20 DDIM steps, CFG 5: memory and speed
     python scripts/bench.py --model sdxl_turbo       # SDXL-Turbo: Euler, 1 step, no guidance, 512 px
+    python scripts/bench.py --memory-budget auto     # runtime.memory_budget: keep the steps that fit, recompute the rest
 """
 
 from __future__ import annotations
@@ -48,7 +49,15 @@ from seedselect_cli.config import Config, ModelConfig, compose_config
 from seedselect_cli.core.cuda_graphs import graph_cache
 from seedselect_cli.core.frozen import FrozenModels
 from seedselect_cli.core.optimize import scaled_backward, seed_objective
-from seedselect_cli.core.sampling import Denoiser, PromptEmbeds, conditioning, make_schedule, sample_images
+from seedselect_cli.core.sampling import (
+    Denoiser,
+    PromptEmbeds,
+    conditioning,
+    make_schedule,
+    sample_images,
+    step_activation_bytes,
+    steps_within_budget,
+)
 from seedselect_cli.core.targets import Centroids
 from seedselect_cli.models import (
     DTYPES,
@@ -58,6 +67,7 @@ from seedselect_cli.models import (
     resolve_dtype,
     vae_dtype,
 )
+from seedselect_cli.pipeline import memory_budget_bytes
 
 SD21_BASE_UNET = {
     "sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2, "cross_attention_dim": 1024,
@@ -290,8 +300,9 @@ def profile(device: torch.device, iteration) -> None:
     print(f"profile: wall {wall:.3f} s (with the profiler), device busy {busy:.3f} s, {launches} kernel launches")
 
 
-def iteration_flops(models: FrozenModels, config, batch: int, args) -> float:
-    """FLOPs of one iteration (forward, backward, recomputation) at this batch size. `models` run it
+def iteration_flops(models: FrozenModels, config, batch: int, args, kept: int = 0) -> float:
+    """FLOPs of one iteration (forward, backward, the recomputation of all but `kept` steps) at this batch size.
+    `models` run it
     eagerly: a replayed CUDA graph dispatches no operation to count. The real architectures are
     counted on the meta device, which allocates nothing (counting on the GPU itself ran out of memory
     at batch 4: FlopCounterMode there held 139 GB)."""
@@ -300,7 +311,7 @@ def iteration_flops(models: FrozenModels, config, batch: int, args) -> float:
     z, target, text = iteration_inputs(models, batch, args)
     with FlopCounterMode(display=False) as counter:
         seed_objective(models, z, target, text, make_schedule(models, args.steps, args.sampler),
-                       config.objective()).total.sum().backward()
+                       config.objective(), unchecked_steps=kept).total.sum().backward()
     return counter.get_total_flops()
 
 
@@ -359,10 +370,16 @@ def measure(models: FrozenModels, mode: str, config, batch: int, args) -> dict:
     timesteps = make_schedule(models, args.steps, args.sampler)
     optimizer = torch.optim.AdamW([z], lr=0.1)
     graphs = graph_cache(device) if mode in ("graphed", "compiled-graphed") else None
+    kept = 0  # runtime.memory_budget: the steps whose activations stay, as the engine counts them
+    if args.memory_budget != "0" and mode != "plain":
+        budget = memory_budget_bytes(args.memory_budget, device)
+        kept = steps_within_budget(budget, step_activation_bytes(models, z.detach(), text, timesteps,
+                                                                 config.sampler.guidance_scale), args.steps)
 
     def iteration() -> None:
         optimizer.zero_grad(set_to_none=True)
-        scaled_backward(seed_objective(models, z, target, text, timesteps, config.objective(), graphs=graphs).total, z)
+        scaled_backward(seed_objective(models, z, target, text, timesteps, config.objective(), unchecked_steps=kept,
+                                       graphs=graphs).total, z)
         optimizer.step()
 
     begin = time.perf_counter()
@@ -388,18 +405,18 @@ def measure(models: FrozenModels, mode: str, config, batch: int, args) -> dict:
     render()  # untimed: with torch.compile the first render compiles, once per run
     render_s = timed(device, render)
     if args.tiny:
-        flops = iteration_flops(models, config, batch, args)
+        flops = iteration_flops(models, config, batch, args, kept)
     else:  # the same work in every mode of one dtype and layout: counted once (tens of seconds each)
-        key = (mode == "plain", models.dtype, args.channels_last, batch)
+        key = (mode == "plain", models.dtype, args.channels_last, batch, kept)
         if key not in COUNTED:
             meta = prepare(real_models(torch.device("meta"), models.dtype, args.model), mode, args, accelerate=False)
-            COUNTED[key] = iteration_flops(meta, config, batch, args)
+            COUNTED[key] = iteration_flops(meta, config, batch, args, kept)
         flops = COUNTED[key]
     return {"batch": batch, "s_per_iteration": seconds, "peak_memory_gb": peak / 2**30,
             "peak_allocated_gb": allocated / 2**30, "tflop_per_iteration":
             flops / 1e12, "tflops": flops / 1e12 / seconds,
             "s_per_bootstrap_image": args.bootstrap_iterations * seconds / batch + render_s, "warmup_s": warmup,
-            "render_s": render_s}
+            "render_s": render_s, "kept_steps": kept}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -438,6 +455,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="torch.backends.cudnn.benchmark: time the convolution algorithms, pick among those that fit")
     parser.add_argument("--cudnn-workspace-mb", type=int, default=None,
                         help="cap cuDNN's workspace per convolution (CUDNN_CONV_WSCAP_DBG)")
+    parser.add_argument("--memory-budget", default="0",
+                        help="runtime.memory_budget for our modes: GB for the activations of kept denoising steps "
+                             "(auto: half the device's free memory); 0 recomputes every step, as by default")
     parser.add_argument("--memory-history", action="store_true",
                         help="record where GPU memory is allocated; on out of memory, print the largest live blocks")
     parser.add_argument("--profile", action="store_true",
@@ -509,8 +529,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         f"{args.height} px, {args.steps} steps, k={args.k}, CFG {args.guidance}, on {name}"
                         + (f", channels-last: {args.channels_last}" if args.channels_last else "")
                         + (f", {args.group_norm} group norm" if args.group_norm != "native" else ""))
-    for column in ("mode", "dtype", "batch", "s/it", "peak GB", "TFLOP/it", "TFLOP/s", "of peak", "s/img boot",
-                   "plain/best", "warm-up s"):
+    for column in ("mode", "dtype", "batch", "kept steps", "s/it", "peak GB", "TFLOP/it", "TFLOP/s", "of peak",
+                   "s/img boot", "plain/best", "warm-up s"):
         table.add_column(column, justify="left" if column in ("mode", "dtype") else "right")
     best: dict[int, float] = {}  # the fastest of our modes, per batch size: plain's ratio is against it
     for r in rows:
@@ -519,10 +539,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     short = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
     for r in rows:
         if r.get("out_of_memory"):
-            table.add_row(r["mode"], short[r["dtype"]], str(r["batch"]), "out of memory", *[""] * 7)
+            table.add_row(r["mode"], short[r["dtype"]], str(r["batch"]), "", "out of memory", *[""] * 7)
             continue
         ratio = r["s_per_iteration"] / best[r["batch"]] if r["mode"] == "plain" and r["batch"] in best else None
-        table.add_row(r["mode"], short[r["dtype"]], str(r["batch"]), f"{r['s_per_iteration']:.3f}",
+        table.add_row(r["mode"], short[r["dtype"]], str(r["batch"]), f"{r['kept_steps']}/{args.steps}",
+                      f"{r['s_per_iteration']:.3f}",
                       f"{r['peak_memory_gb']:.2f}", f"{r['tflop_per_iteration']:.3f}", f"{r['tflops']:.2f}",
                       f"{r['fraction_of_peak']:.1%}", f"{r['s_per_bootstrap_image']:.3f}",
                       f"{ratio:.1f}x" if ratio else "", f"{r['warmup_s']:.1f}")

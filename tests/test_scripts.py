@@ -57,6 +57,19 @@ def test_bench_runs_its_modes_on_the_tiny_components():
     assert [r["tflop_per_iteration"] for r in rows[2:4]] == pytest.approx([r["tflop_per_iteration"] for r in rows[:2]])
 
 
+def test_bench_keeps_the_steps_the_memory_budget_holds_and_recomputes_less():
+    """`bench.py --memory-budget`: as `runtime.memory_budget`, the steps whose activations fit stay (auto: all 3 on
+    this machine), the rest are recomputed; the counted work falls by the recomputed forward passes."""
+    bench = load_script("bench")
+    common = ["--tiny", "--steps", "3", "--batch", "1", "--warmup", "0", "--iterations", "1", "--modes", "fast"]
+    recompute, = bench.main(common)
+    keep_all, = bench.main([*common, "--memory-budget", "auto"])
+    too_small, = bench.main([*common, "--memory-budget", "0.000001"])  # about a kilobyte: not one step
+    assert (recompute["kept_steps"], keep_all["kept_steps"], too_small["kept_steps"]) == (0, 3, 0)
+    assert keep_all["tflop_per_iteration"] < recompute["tflop_per_iteration"]
+    assert too_small["tflop_per_iteration"] == pytest.approx(recompute["tflop_per_iteration"])
+
+
 @pytest.mark.slow
 def test_precision_check_says_which_network_loses_the_precision():
     """`precision_check.py --where` on the toy world: a row per network and iterate, float32's iterates scored with

@@ -32,6 +32,7 @@ from seedselect_cli.core.sampling import (
     make_schedule,
     step_activation_bytes,
     step_noise,
+    steps_within_budget,
 )
 from seedselect_cli.core.specs import BootstrapSpec, InitSpec, LossSpec, Objective, OptimSpec
 from seedselect_cli.core.targets import Centroids, ReferenceEncodings, stack_centroids
@@ -107,7 +108,7 @@ class Engine:
             self._step_bytes[batch] = step_activation_bytes(self.models, z.to(self.models.device, torch.float32),
                                                             target.text_embeds, schedule, sampler.guidance_scale,
                                                             noise)
-        return min(sampler.steps, int(self.memory_budget // max(self._step_bytes[batch], 1)))
+        return steps_within_budget(self.memory_budget, self._step_bytes[batch], sampler.steps)
 
     def class_target(self, name: str, prompt: str, encodings: ReferenceEncodings,
                      contrast: tuple[torch.Tensor, int] | None = None) -> ClassTarget:

@@ -350,6 +350,14 @@ def step_activation_bytes(models: FrozenModels, z_T: torch.Tensor, text_embeds: 
     return sum(seen.values())
 
 
+def steps_within_budget(budget_bytes: float | None, step_bytes: int, steps: int) -> int:
+    """How many of `steps` denoising steps keep their activations (`step_bytes` each, `step_activation_bytes`)
+    within `budget_bytes` (`runtime.memory_budget`); the rest are recomputed. None or 0: none is kept."""
+    if not budget_bytes:
+        return 0
+    return min(steps, int(budget_bytes // max(step_bytes, 1)))
+
+
 def _step_at(denoiser: Denoiser, schedule: Schedule, i: int):
     """x, *context -> step i of the schedule's sampler; the context is the UNet's conditioning, after LCM's noise
     where a step adds it. The timestep is a Python number: the scheduler's
