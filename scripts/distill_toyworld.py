@@ -36,7 +36,9 @@ from seedselect_cli.core.sampling import encode_prompt, make_schedule, rollout
 from seedselect_cli.files.assets import asset_path
 from seedselect_cli.models import load_models
 
-TEACHER = ("ddim", 10, 4.0)  # the toyworld sampler preset: DDIM, 10 steps, guidance 4
+# The teacher the shipped toyworld_turbo was distilled from (distilled.json): DDIM, 10 steps, guidance 4, the
+# toyworld sampler preset of the time (its guidance has been 2 since 2026-12-04, RESULTS.md)
+TEACHER = ("ddim", 10, 4.0)
 STUDENT_STEPS = (1, 2, 4)  # Euler (trailing) step counts the student is trained for, each equally often
 
 

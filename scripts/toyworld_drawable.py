@@ -3,8 +3,8 @@
 SeedSelect selects among what the model can draw: it finds the seeds from which the model draws a
 rare concept, as Stable Diffusion draws a Pine Warbler from some seeds. This measures that premise
 for a toy world (the shipped one, or one `scripts/train_toyworld.py --out` wrote): for each concept,
-N fresh seeds drawn through diffusers' own `StableDiffusionPipeline` (DDIM, CFG as the tool's
-defaults), each image judged by the world's strict judge. Prints per concept the share judged right,
+N fresh seeds drawn through diffusers' own `StableDiffusionPipeline` (DDIM, steps and CFG as the
+toyworld sampler preset's), each image judged by the world's strict judge. Prints per concept the share judged right,
 the share rejected as off-model and what it is mistaken for most; writes a contact sheet.
 
 It also measures the ceiling the decoder sets: N fresh real renders of the concept (the world's own
@@ -37,6 +37,7 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_toyworld as generator
 
+from seedselect_cli.config import compose_config
 from seedselect_cli.files.assets import asset_path
 from seedselect_cli.files.images import load_rgb
 from seedselect_cli.judges import Judge, JudgeConfig, load_clip
@@ -73,11 +74,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--concepts", nargs="+", default=None, help="default: the tail concepts")
     parser.add_argument("--all", action="store_true", help="every concept of the world")
     parser.add_argument("--n", type=int, default=64, help="seeds per concept")
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--guidance", type=float, default=4.0)
+    parser.add_argument("--steps", type=int, default=None, help="default: the toyworld sampler preset's (10)")
+    parser.add_argument("--guidance", type=float, default=None, help="default: the toyworld sampler preset's (2)")
     parser.add_argument("--seed-base", type=int, default=SEED_BASE)
     parser.add_argument("--sheet", default="toyworld_drawable.png", help="contact sheet: 16 images per concept")
     args = parser.parse_args(argv)
+    preset = compose_config("toyworld").sampler
+    args.steps = args.steps or preset.steps
+    args.guidance = args.guidance if args.guidance is not None else preset.guidance_scale
 
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
