@@ -302,8 +302,7 @@ def profile(device: torch.device, iteration) -> None:
 
 def iteration_flops(models: FrozenModels, config, batch: int, args, kept: int = 0) -> float:
     """FLOPs of one iteration (forward, backward, the recomputation of all but `kept` steps) at this batch size.
-    `models` run it
-    eagerly: a replayed CUDA graph dispatches no operation to count. The real architectures are
+    `models` run it eagerly: a replayed CUDA graph dispatches no operation to count. The real architectures are
     counted on the meta device, which allocates nothing (counting on the GPU itself ran out of memory
     at batch 4: FlopCounterMode there held 139 GB)."""
     from torch.utils.flop_counter import FlopCounterMode
