@@ -180,8 +180,19 @@ def load_models(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, with
         parts["image_encoder"], parts["image_processor"] = None, None
     for key in ("vae", "unet", "text_encoder", "text_encoder_2", "image_encoder"):
         if parts.get(key) is not None:
-            parts[key] = _freeze(parts[key], device, vae_dtype(parts, dtype) if key == "vae" else dtype)
+            parts[key] = _freeze(parts[key], device, component_dtype(key, parts, dtype))
     return FrozenModels(**parts, name=cfg.pretrained, device=device, dtype=dtype)
+
+
+def component_dtype(key: str, parts: dict[str, Any], dtype: torch.dtype) -> torch.dtype:
+    """The dtype of component `key` in a run in `dtype`. The text encoders run in float32 in every run: they
+    encode each prompt once, without gradients, so float32 costs no time to speak of (their weights: 0.7 GB more
+    for SD 2.1's at float16), while their float16 rounding changes the conditioning enough to move the seed the
+    optimisation finds (one toy-world seed of 8 to 1.086 of float32's loss; 1.020 with them in float32:
+    BENCHMARKS.md). Their output is cast to the UNet's dtype (`sampling.encode_prompt`). The VAE: `vae_dtype`."""
+    if key in ("text_encoder", "text_encoder_2"):
+        return torch.float32
+    return vae_dtype(parts, dtype) if key == "vae" else dtype
 
 
 def vae_dtype(parts: dict[str, Any], dtype: torch.dtype) -> torch.dtype:
@@ -235,7 +246,7 @@ def _pipeline_index(source: str, kwargs: dict[str, Any]) -> dict[str, Any]:
 
 def _load_diffusers(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
     """The components of a diffusers Stable Diffusion or SDXL folder (SDXL: it has a second text encoder), weights
-    in `dtype` (SDXL's VAE: see `vae_dtype`)."""
+    in `dtype` (the text encoders and SDXL's VAE: see `component_dtype`)."""
     offline = offline_for(os.path.expanduser(cfg.pretrained), "Stable Diffusion model", "model_index.json",
                           cfg.local_files_only)
     kwargs = {"revision": cfg.revision, "local_files_only": offline}
@@ -249,7 +260,8 @@ def _load_diffusers(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
             xl = (index.get("text_encoder_2") or [None])[0] is not None
             parts = {
                 "unet": UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **weights),
-                "text_encoder": CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=dtype, **weights),
+                "text_encoder": CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=torch.float32,
+                                                              **weights),
                 "tokenizer": CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kwargs),
                 # the checkpoint's noise schedule; each sampler builds its own scheduler on it (sampling.py)
                 "scheduler": DDIMScheduler.from_pretrained(source, subfolder="scheduler", **kwargs),
@@ -258,7 +270,7 @@ def _load_diffusers(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
             parts["vae"] = parts["vae"].to(vae_dtype(parts, dtype))
             if xl:
                 parts["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
-                    source, subfolder="text_encoder_2", dtype=dtype, **weights)
+                    source, subfolder="text_encoder_2", dtype=torch.float32, **weights)
                 parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **kwargs)
                 parts["force_zeros_for_empty_prompt"] = bool(index.get("force_zeros_for_empty_prompt", True))
             return parts
