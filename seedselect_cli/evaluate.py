@@ -30,6 +30,8 @@ from tqdm.auto import tqdm
 
 from seedselect_cli import quality
 from seedselect_cli.config import Config, check_config, check_device, check_template, load_structured
+from seedselect_cli.core.encoders import to_pil, vae_decode, vae_encode
+from seedselect_cli.core.frozen import FrozenModels
 from seedselect_cli.core.sampling import encode_prompt, sample_images, step_noise
 from seedselect_cli.errors import UserError, first_line
 from seedselect_cli.files.atomic import atomic_write, slugify
@@ -40,6 +42,7 @@ from seedselect_cli.files.seed_files import load_seed_file
 from seedselect_cli.generate import models_for_seed
 from seedselect_cli.judges import EvalClip, Judge, JudgeConfig, load_clip
 from seedselect_cli.models import DTYPES, resolve_device
+from seedselect_cli.report import ROW_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +64,7 @@ class EvaluateConfig:
     clip: str | None = None  # the two-tower CLIP that judges; None: the run's model.image_encoder
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     baseline: bool = True  # render plain Stable Diffusion from the seeds before optimisation
+    decoder_ceiling: bool = False  # score the held-out images' VAE round trips: the precision the decoder allows
     top_k: int = 5
     batch_size: int = 16
     runtime: EvaluateRuntime = field(default_factory=EvaluateRuntime)
@@ -173,6 +177,49 @@ def notes(n_classes: int, top_k: int, fewest_images: int, dataset_classes: bool)
     return out
 
 
+def run_models(run_dir: Path, entries: list[dict], cfg: EvaluateConfig) -> FrozenModels:
+    """The run's Stable Diffusion, as its first seed file records it (or `cfg.model`), without an image encoder."""
+    first = load_seed_file(run_dir / entries[0]["seed_file"]).metadata
+    return models_for_seed(first, cfg.model, resolve_device(cfg.runtime.device), cfg.runtime.dtype)
+
+
+def decoder_ceiling(models: FrozenModels, config: Config, clip: EvalClip, judge: Judge | None,
+                    heldout: dict[str, tuple[Path, ...]], heldout_seen: dict[str, Embedded | None],
+                    cfg: EvaluateConfig) -> dict[str, dict | None]:
+    """Per class, `quality.round_trip_precision` of its held-out images after the run's VAE (the posterior's mean,
+    decoded at the run's size) against the held-out images themselves, in the space precision is measured in: the
+    precision an image drawn as well as the decoder can draw an unseen real one would score; and beside it, each
+    held-out image itself against the others (the precision real images score on this manifold)."""
+    out: dict[str, dict | None] = {}
+    for name, paths in tqdm(heldout.items(), desc="decoder ceiling", unit="class", disable=not sys.stderr.isatty()):
+        images = readable(paths)  # one class at a time, as `embed` reads them
+        if heldout_seen[name] is None or len(images) != len(heldout_seen[name].clip):
+            out[name] = None
+            continue
+        latents = vae_encode(models, images, config.sampler.height, config.sampler.width, config.dataset.resize_mode,
+                             cfg.batch_size)
+        with torch.no_grad():
+            trips = [image for chunk in latents.split(cfg.batch_size)
+                     for image in to_pil(models, vae_decode(models, chunk))]
+        real = heldout_seen[name].features
+        out[name] = {"round_trip_precision": quality.round_trip_precision(real, embed(clip, judge, trips, cfg).features),
+                     "precision": quality.round_trip_precision(real, real)}  # each real image against the others
+    return out
+
+
+def ceiling_note(ceiling: dict[str, dict | None], heldout_seen: dict[str, Embedded | None], overall: dict) -> dict:
+    """The decoder ceiling over the classes (weighted by their held-out images), beside each set's precision."""
+    rows = [(v, len(heldout_seen[c].clip)) for c, v in ceiling.items()
+            if v is not None and v["round_trip_precision"] is not None]
+    if not rows:
+        return {"round_trip_precision": None, "precision": None,
+                "note": "decoder ceiling: no class has enough held-out images to measure it"}
+    mean = {key: sum(v[key] * n for v, n in rows) / sum(n for _, n in rows) for key in ("round_trip_precision", "precision")}
+    sets = ", ".join(f"{ROW_NAMES[m]} {o['precision']:.3f}" for m, o in overall.items() if o.get("precision") is not None)
+    return {**mean, "note": f"decoder ceiling: the held-out images score precision {mean['precision']:.3f} against "
+                            f"the others, {mean['round_trip_precision']:.3f} after the run's VAE (the images: {sets})"}
+
+
 def render_baseline(run_dir: Path, config: Config, entries: list[dict], cfg: EvaluateConfig) -> dict[tuple, Path]:
     """Plain sampling for every entry (`BASELINE`); rendered once and kept in RUN/baseline/."""
     from seedselect_cli.core.initial_seeds import init_seed_for, plain_noise
@@ -182,8 +229,7 @@ def render_baseline(run_dir: Path, config: Config, entries: list[dict], cfg: Eva
     size = (config.sampler.width, config.sampler.height)
     missing = [e for e in entries if not _usable_image(paths[(e["class"], e["index"])], size)]
     if missing:
-        first = load_seed_file(run_dir / missing[0]["seed_file"]).metadata
-        models = models_for_seed(first, cfg.model, resolve_device(cfg.runtime.device), cfg.runtime.dtype)
+        models = run_models(run_dir, missing, cfg)
         shape = models.latent_shape(config.sampler.height, config.sampler.width)
         prompts: dict[str, torch.Tensor] = {}
         for entry in tqdm(missing, desc="plain Stable Diffusion", unit="img", disable=not sys.stderr.isatty()):
@@ -330,6 +376,11 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
                             class_index, names, cfg, ref_seen, heldout_seen)
               for method, paths in sets.items()}
 
+    ceiling: dict[str, dict | None] = dict.fromkeys(run_classes)
+    if cfg.decoder_ceiling:
+        ceiling = decoder_ceiling(run_models(run_dir, entries, cfg), config, clip, judge,
+                                  {c: h.images for c, h in heldout_of.items()}, heldout_seen, cfg)
+
     # 4. metrics.json, contact sheets, loss curves, index.html; a table in the terminal.
     metrics = {
         "run_dir": str(run_dir), "n_images": len(entries), "clip": cfg.clip or config.model.image_encoder,
@@ -341,9 +392,12 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         "classes": {c: {"references": {"n_images": len(references[c]),
                                        "diversity": mean_pairwise_distance(ref_seen[c].clip)},
                         "heldout": {"n_images": len(heldout_seen[c].clip) if heldout_seen[c] else 0,
-                                    "source": heldout_of[c].source},
+                                    "source": heldout_of[c].source, **(ceiling[c] or {})},
                         **{method: scores[method][c] for method in scores}} for c in run_classes},
     }
+    if cfg.decoder_ceiling:
+        metrics["decoder_ceiling"] = ceiling_note(ceiling, heldout_seen, metrics["overall"])
+        metrics["notes"].append(metrics["decoder_ceiling"]["note"])
     with out.writing(run_dir / "report"):
         write_report(run_dir, metrics, entries, references, sets)
     print_table(metrics)

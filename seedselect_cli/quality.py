@@ -51,6 +51,17 @@ def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = K) -> tupl
     return precision, recall
 
 
+def round_trip_precision(real: torch.Tensor, round_trips: torch.Tensor, k: int = K) -> float | None:
+    """Precision of `round_trips` (n, D) against `real` (n, D), where row i is real row i after some passage (a
+    VAE's encode and decode), each judged against the real rows other than its own original: the precision that
+    unseen real images score after that passage. None with k + 1 real rows or fewer."""
+    if len(real) <= k + 1:
+        return None
+    inside = torch.cdist(round_trips, real) <= _radii(real, k)[None]
+    inside.fill_diagonal_(False)  # not against its own original
+    return float(inside.any(dim=1).float().mean())
+
+
 def density_coverage(real: torch.Tensor, fake: torch.Tensor, k: int = K) -> tuple[float | None, float | None]:
     """(density, coverage) of `fake` against `real`; None with k real rows or fewer."""
     if len(real) <= k:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -106,9 +107,8 @@ def test_report_with_the_baseline_beside_the_result(demo_run, monkeypatch):
 QUALITY = ("precision", "recall", "density", "coverage", "kid", "diversity_ratio", "copies")
 
 
-def test_held_out_images_give_precision_recall_and_kid_in_the_judges_space(demo_run, tmp_path):
-    """With 60 held-out images of the class: every quality figure, measured in the judge's features; the
-    references themselves as the run's images would be copies."""
+def judge_and_heldout(tmp_path: Path) -> dict:
+    """A tiny random judge of the demo run's class and 60 held-out images of it: EvaluateConfig's arguments."""
     from transformers import ResNetConfig, ResNetForImageClassification, ViTImageProcessor
 
     torch.manual_seed(0)
@@ -121,8 +121,13 @@ def test_held_out_images_give_precision_recall_and_kid_in_the_judges_space(demo_
     (tmp_path / "heldout" / "red_disc").mkdir(parents=True)
     for i in range(60):
         random_image(rng, (32, 32)).save(tmp_path / "heldout" / "red_disc" / f"{i}.png")
-    metrics = run_evaluate(EvaluateConfig(run_dir=str(demo_run), baseline=False, heldout=str(tmp_path / "heldout"),
-                                          judge=JudgeConfig(model=str(tmp_path / "judge"))))
+    return {"heldout": str(tmp_path / "heldout"), "judge": JudgeConfig(model=str(tmp_path / "judge"))}
+
+
+def test_held_out_images_give_precision_recall_and_kid_in_the_judges_space(demo_run, tmp_path):
+    """With 60 held-out images of the class: every quality figure, measured in the judge's features; the
+    references themselves as the run's images would be copies."""
+    metrics = run_evaluate(EvaluateConfig(run_dir=str(demo_run), baseline=False, **judge_and_heldout(tmp_path)))
     red = metrics["classes"]["red_disc"]
     assert metrics["quality_space"] == "judge features"
     assert red["heldout"] == {"n_images": 60, "source": f"{tmp_path / 'heldout'}/<class>"}
@@ -130,6 +135,25 @@ def test_held_out_images_give_precision_recall_and_kid_in_the_judges_space(demo_
     assert red["seedselect"]["recall"] is None  # 3 images: no k-NN ball of k = 3 among them
     assert 0 <= red["seedselect"]["precision"] <= 1
     assert metrics["overall"]["seedselect"]["kid"] == pytest.approx(red["seedselect"]["kid"])
+
+
+def test_the_decoder_ceiling_scores_the_held_out_images_through_the_runs_vae(demo_run, tmp_path, monkeypatch):
+    """`decoder_ceiling=true`: each held-out image after the run's VAE, against the other held-out images, in the
+    judge's features; the figures per class and over the classes, and a note beside the images' precision."""
+    passed = []
+    real_encode = evaluate_module.vae_encode
+    monkeypatch.setattr(evaluate_module, "vae_encode", lambda models, images, *a: passed.append(len(images))
+                        or real_encode(models, images, *a))
+    metrics = run_evaluate(EvaluateConfig(run_dir=str(demo_run), baseline=False, decoder_ceiling=True,
+                                          **judge_and_heldout(tmp_path)))
+    heldout = metrics["classes"]["red_disc"]["heldout"]
+    assert passed == [60]  # every held-out image, once
+    assert 0 <= heldout["round_trip_precision"] <= 1 and 0 <= heldout["precision"] <= 1
+    ceiling = metrics["decoder_ceiling"]
+    assert ceiling["round_trip_precision"] == heldout["round_trip_precision"]
+    assert ceiling["note"] in metrics["notes"] and "SeedSelect" in ceiling["note"]
+    without = run_evaluate(EvaluateConfig(run_dir=str(demo_run), baseline=False, **judge_and_heldout(tmp_path / "b")))
+    assert "decoder_ceiling" not in without and "round_trip_precision" not in without["classes"]["red_disc"]["heldout"]
 
 
 @pytest.mark.slow
