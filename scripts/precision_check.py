@@ -12,6 +12,12 @@ whose verdict matches float32's.
     python scripts/precision_check.py --device cuda --dtypes float32 bfloat16 float16
     python scripts/precision_check.py --where --concepts "marsh finch"   # which network loses the precision
 
+`--moved-starts EPS N`: afterwards, each dtype optimises every seed again from its start moved by EPS of the
+starts' spread (N draws), each scored by float32 against float32's own run: how far a seed's end moves with the
+start, in float32 itself (a chaotic seed ends elsewhere from 1e-4) and in the low dtypes.
+
+    python scripts/precision_check.py --dtypes float32 float16 --concepts "marsh finch" --moved-starts 1e-4 3
+
 `--where`: float32 optimises the seeds; at its iterates (the start, and iterations 10 and the last), the loss and
 its gradient are computed again with one network at a time in the low dtype (the UNet, the VAE, the text encoder,
 CLIP's image encoder), then all of them, and compared with float32's: the loss's relative error and the gradient's
@@ -73,6 +79,7 @@ def loss_and_gradient(models, z: torch.Tensor, centroids, text: torch.Tensor, co
 
 
 NETWORKS = ("unet", "vae", "text_encoder", "image_encoder")
+RUN_NETWORKS = ("unet", "vae", "image_encoder")  # in the run's dtype; the text encoder is float32 in every run
 
 
 def in_dtype(models, networks: tuple[str, ...], dtype: torch.dtype):
@@ -118,6 +125,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--method", choices=("select", "paper"), default=None,
                         help="default: the tool's (select); BENCHMARKS.md's tables were measured with paper")
     parser.add_argument("--where", action="store_true", help="which network loses the precision (see above)")
+    parser.add_argument("--moved-starts", nargs=2, type=float, metavar=("EPS", "N"), default=None,
+                        help="optimise again from starts moved by EPS of their spread, N draws (see above)")
     args = parser.parse_args(argv)
     if args.where:
         print(f"| {args.dtypes[-1]} network | iteration | float32 loss | loss error, mean | largest | "
@@ -146,7 +155,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         indices = [index for _, index in keys]
         grads = {}
         for d in args.dtypes:
-            models = in_dtype(full, NETWORKS, getattr(torch, d))
+            models = in_dtype(full, RUN_NETWORKS, getattr(torch, d))
             grads[d] = loss_and_gradient(models, starts, *concept_targets(models, config, concept, indices), config)[1]
         rescored = {d: loss_and_gradient(full, torch.stack([rows[k][d]["seed"] for k in keys]),
                                          *concept_targets(full, config, concept, indices), config)[0]
@@ -175,7 +184,37 @@ def main(argv: list[str] | None = None) -> list[dict]:
         cosines = [row[d]["cosine"] for row in rows.values()]
         print(f"{d}: largest loss ratio to {base} {worst:.3f} (scored by float32: {worst_rescored:.3f}); verdicts as {base}'s {same:.2f}; "
               f"start-gradient cosine min {min(cosines):.4f}, mean {sum(cosines) / len(cosines):.4f}")
+    if args.moved_starts:
+        moved_starts(rows, args, config, full)
     return list(rows.values())
+
+
+def moved_starts(rows: dict, args, config, full) -> None:
+    """Each dtype's ends from moved starts, scored by float32, over float32's own end (`--moved-starts`), printed and
+    kept in each row's dtype entry as `moved`."""
+    eps, draws = args.moved_starts[0], int(args.moved_starts[1])
+    print(f"\nFrom starts moved by {eps:g} of their spread ({draws} draws), each scored by float32 over float32's own "
+          f"end:\n\n| dtype | concept | seed | ends |\n|---|---|---|---|")
+    for d in args.dtypes:
+        models = load_models(config.model, torch.device(args.device), getattr(torch, d))  # as a run loads them
+        for concept in args.concepts:
+            keys = sorted(k for k in rows if k[0] == concept)
+            starts = torch.stack([rows[k]["start"] for k in keys])
+            indices = [index for _, index in keys]
+            targets, text = concept_targets(models, config, concept, indices)
+            exact = concept_targets(full, config, concept, indices)
+            generator = torch.Generator().manual_seed(1234)
+            ends = []
+            for _ in range(draws):
+                moved = starts + eps * starts.std() * torch.randn(starts.shape, generator=generator)
+                found = torch.stack([r.optimized for r in optimize_seeds(models, moved, targets, text,
+                                                                         config.objective(), config.optim_spec())])
+                ends.append(loss_and_gradient(full, found, *exact, config)[0])
+            for i, key in enumerate(keys):
+                own = rows[key][args.dtypes[0]]["rescored"]
+                rows[key][d]["moved"] = [e[i].item() / own for e in ends]
+                print(f"| {d} | {concept} | {key[1]} | " + ", ".join(f"{e[i].item() / own:.3f}" for e in ends) + " |",
+                      flush=True)
 
 
 if __name__ == "__main__":
