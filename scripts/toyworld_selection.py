@@ -14,6 +14,7 @@ better than every wrong one; 0.5: chance), how often the best-scored of k candid
 sheet of each concept's 8 seeds best scored by L_sem with the judge's verdicts: what the score prefers, as a person sees it.
 
     python scripts/toyworld_selection.py --n 128 --out selection        # 2.5 min on 2 CPU cores
+    python scripts/toyworld_selection.py --label manifold --n 64 --k 16  # right: on the real manifold (precision's)
 """
 
 from __future__ import annotations
@@ -27,12 +28,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from seedselect_cli import quality
 from seedselect_cli.config import compose_config
 from seedselect_cli.core.optimize import seed_objective
 from seedselect_cli.core.sampling import ddim_schedule, encode_prompt, sample_images
 from seedselect_cli.core.targets import Centroids
 from seedselect_cli.files.assets import asset_path
 from seedselect_cli.files.datasets import fill_template
+from seedselect_cli.files.images import load_rgb
 from seedselect_cli.files.tensor_cache import TensorCache
 from seedselect_cli.judges import EvalClip, Judge, JudgeConfig, load_clip
 from seedselect_cli.models import load_models
@@ -86,10 +89,17 @@ def score_concept(models, judge: Judge, clip: EvalClip, names: list[str], classe
         images += sample_images(models, z, text, config.sampler.steps, config.sampler.guidance_scale)
     prompts = clip.texts([fill_template(config.dataset.prompt_template, name) for name in names])
     logits = clip.images(images) @ prompts.T * clip.model.logit_scale.exp().item()
-    verdicts = [v[0] for v in judge.classify(images, k=1)[0]]
+    verdicts, features = judge.classify(images, k=1)
     return {"scores": {**{k: torch.cat(v).numpy() for k, v in scores.items()},
                        "CLIP zero-shot": -torch.log_softmax(logits, dim=1)[:, names.index(concept)].numpy()},
-            "verdicts": verdicts, "images": images}
+            "verdicts": [v[0] for v in verdicts], "features": features, "images": images}
+
+
+def on_real_manifold(judge: Judge, concept: str, features: torch.Tensor) -> np.ndarray:
+    """`--label manifold`: whether each image lies on the concept's real manifold, as `precision` counts it
+    (the judge's features, against the world's 64 held-out real images of the concept)."""
+    heldout = [load_rgb(p) for p in sorted(Path(asset_path(f"toyworld/heldout/{concept}")).glob("*.png"))]
+    return quality.on_manifold(judge.classify(heldout, k=1)[1], features).numpy()
 
 
 def sheet(rows: list[tuple[str, list[Image.Image], list[str | None]]], path: Path, cell: int = 64) -> None:
@@ -115,6 +125,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--n", type=int, default=128, help="plain samples per concept")
     parser.add_argument("--k", type=int, nargs="+", default=[16, 64], help="candidates per image")
     parser.add_argument("--seed-base", type=int, default=SEED_BASE)
+    parser.add_argument("--label", choices=("judge", "manifold"), default="judge",
+                        help="what counts as right: the judge's verdict, or lying on the real manifold (precision's)")
     args = parser.parse_args(argv)
     world = json.loads(Path(asset_path("toyworld/world.json")).read_text())
     names = [c["name"] for c in world["concepts"]]
@@ -134,7 +146,8 @@ def main(argv: list[str] | None = None) -> dict:
     for concept in concepts:
         seen = score_concept(models, judge, clip, names, classes, concept, args.n, args.seed_base, config,
                              contrastive)
-        right = np.array([v == concept for v in seen["verdicts"]])
+        right = (np.array([v == concept for v in seen["verdicts"]]) if args.label == "judge"
+                 else on_real_manifold(judge, concept, seen["features"]))
         figures[concept] = {"rate": float(right.mean()),
                             **{f"auc {name}": auc(score, right) for name, score in seen["scores"].items()},
                             **{f"best of {k} by {name}": best_of(score, right, k)
@@ -149,7 +162,9 @@ def main(argv: list[str] | None = None) -> dict:
     lines = ["| concept | " + " | ".join(keys) + " |", "|" + "---|" * (1 + len(keys))]
     for name, f in figures.items():
         lines.append(f"| {name} | " + " | ".join(f"{f[key]:.2f}" for key in keys) + " |")
-    text = (f"{args.n} plain samples per concept (seeds from {args.seed_base}), judged by the toy world's judge; "
+    judged = ("judged by the toy world's judge" if args.label == "judge" else
+              "right: on the real manifold as precision counts it (judge features, 64 held-out images)")
+    text = (f"{args.n} plain samples per concept (seeds from {args.seed_base}), {judged}; "
             f"rate: the share drawn right; AUC and the best of k by each score (L_sem: as "
             f"init.candidate_score=semantic scores); perfect: a chooser that knows the verdicts\n\n"
             + "\n".join(lines) + "\n")

@@ -39,12 +39,17 @@ def _radii(features: torch.Tensor, k: int) -> torch.Tensor:
     return distances.kthvalue(k + 1, dim=1).values  # the first is the row itself, at 0
 
 
+def on_manifold(real: torch.Tensor, fake: torch.Tensor, k: int = K) -> torch.Tensor:
+    """Whether each row of `fake` (n, D) lies in the k-NN ball of some row of `real` (m, D), m > k: what precision
+    counts, row by row."""
+    return (torch.cdist(fake, real) <= _radii(real, k)[None]).any(dim=1)
+
+
 def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = K) -> tuple[float | None, float | None]:
     """(precision, recall) of `fake` (n, D) against `real` (m, D); None where a set has k rows or fewer."""
     precision = recall = None
     if len(real) > k:
-        inside = torch.cdist(fake, real) <= _radii(real, k)[None]
-        precision = float(inside.any(dim=1).float().mean())
+        precision = float(on_manifold(real, fake, k).float().mean())
     if len(fake) > k:
         inside = torch.cdist(real, fake) <= _radii(fake, k)[None]
         recall = float(inside.any(dim=1).float().mean())

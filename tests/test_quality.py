@@ -46,6 +46,9 @@ def test_precision_recall_density_coverage_and_kid_match_plain_loops(seed):
     fake = rng.normal(loc=0.8, scale=0.7, size=(17, 5))
     p, r = quality.precision_recall(torch.from_numpy(real), torch.from_numpy(fake))
     assert (p, r) == pytest.approx(plain_precision_recall(real, fake, 3))
+    radii = [plain_radius(real, i, 3) for i in range(len(real))]
+    assert quality.on_manifold(torch.from_numpy(real), torch.from_numpy(fake)).tolist() == [
+        any(math.dist(f, x) <= radii[i] for i, x in enumerate(real)) for f in fake]
     assert not (p in (0.0, 1.0) and r in (0.0, 1.0))  # a case where the answer is not trivially 0 or 1
     real_r = [plain_radius(real, i, 3) for i in range(len(real))]
     inside = [[math.dist(f, x) <= real_r[i] for f in fake] for i, x in enumerate(real)]

@@ -320,6 +320,12 @@ def test_toyworld_selection_measures_how_a_score_chooses_among_seeds(tmp_path):
     with Image.open(tmp_path / "best_scored.png") as sheet:
         assert sheet.height == 64 + 14  # one concept's row
 
+    # --label manifold: right is lying on the real manifold, as evaluate's precision counts it (the same 8 seeds)
+    on = script.main(["--concepts", "snow wren", "--n", "8", "--k", "8", "--out", str(tmp_path / "m"),
+                      "--label", "manifold"])["snow wren"]
+    assert 0 <= on["rate"] <= 1 and on["perfect of 8"] == (1.0 if on["rate"] > 0 else 0.0)
+    assert "on the real manifold" in (tmp_path / "m" / "selection.md").read_text()
+
 
 def test_train_toyworld_trains_a_worlds_unet_on_with_the_empty_prompt_on_balanced_renders(tmp_path, monkeypatch):
     """`train_toyworld.py --only unet --unet-from-world --unconditional balanced` (RESULTS.md's probe): the empty
