@@ -44,7 +44,7 @@ from seedselect_cli.files.assets import asset_path
 from seedselect_cli.files.datasets import fill_template
 from seedselect_cli.files.tensor_cache import TensorCache
 from seedselect_cli.judges import Judge, JudgeConfig
-from seedselect_cli.models import load_models
+from seedselect_cli.models import component_dtype, load_models
 from seedselect_cli.pipeline import run_optimize
 from seedselect_cli.references import load_encodings
 
@@ -79,7 +79,12 @@ def loss_and_gradient(models, z: torch.Tensor, centroids, text: torch.Tensor, co
 
 
 NETWORKS = ("unet", "vae", "text_encoder", "image_encoder")
-RUN_NETWORKS = ("unet", "vae", "image_encoder")  # in the run's dtype; the text encoder is float32 in every run
+
+
+def run_networks(models, dtype: torch.dtype) -> tuple[str, ...]:
+    """The networks a run in `dtype` keeps in it (`models.component_dtype`: not the text encoder)."""
+    parts = {"unet": models.unet, "vae": models.vae}
+    return tuple(name for name in NETWORKS if component_dtype(name, parts, dtype) == dtype)
 
 
 def in_dtype(models, networks: tuple[str, ...], dtype: torch.dtype):
@@ -155,7 +160,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         indices = [index for _, index in keys]
         grads = {}
         for d in args.dtypes:
-            models = in_dtype(full, RUN_NETWORKS, getattr(torch, d))
+            models = in_dtype(full, run_networks(full, getattr(torch, d)), getattr(torch, d))
             grads[d] = loss_and_gradient(models, starts, *concept_targets(models, config, concept, indices), config)[1]
         rescored = {d: loss_and_gradient(full, torch.stack([rows[k][d]["seed"] for k in keys]),
                                          *concept_targets(full, config, concept, indices), config)[0]

@@ -39,10 +39,15 @@ def _radii(features: torch.Tensor, k: int) -> torch.Tensor:
     return distances.kthvalue(k + 1, dim=1).values  # the first is the row itself, at 0
 
 
+def _in_balls(real: torch.Tensor, fake: torch.Tensor, k: int) -> torch.Tensor:
+    """(n, m): whether fake row j lies in the k-NN ball of real row i, at [j, i]."""
+    return torch.cdist(fake, real) <= _radii(real, k)[None]
+
+
 def on_manifold(real: torch.Tensor, fake: torch.Tensor, k: int = K) -> torch.Tensor:
     """Whether each row of `fake` (n, D) lies in the k-NN ball of some row of `real` (m, D), m > k: what precision
     counts, row by row."""
-    return (torch.cdist(fake, real) <= _radii(real, k)[None]).any(dim=1)
+    return _in_balls(real, fake, k).any(dim=1)
 
 
 def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = K) -> tuple[float | None, float | None]:
@@ -51,8 +56,7 @@ def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = K) -> tupl
     if len(real) > k:
         precision = float(on_manifold(real, fake, k).float().mean())
     if len(fake) > k:
-        inside = torch.cdist(real, fake) <= _radii(fake, k)[None]
-        recall = float(inside.any(dim=1).float().mean())
+        recall = float(on_manifold(fake, real, k).float().mean())
     return precision, recall
 
 
@@ -62,7 +66,7 @@ def round_trip_precision(real: torch.Tensor, round_trips: torch.Tensor, k: int =
     unseen real images score after that passage. None with k + 1 real rows or fewer."""
     if len(real) <= k + 1:
         return None
-    inside = torch.cdist(round_trips, real) <= _radii(real, k)[None]
+    inside = _in_balls(real, round_trips, k)
     inside.fill_diagonal_(False)  # not against its own original
     return float(inside.any(dim=1).float().mean())
 
@@ -71,8 +75,8 @@ def density_coverage(real: torch.Tensor, fake: torch.Tensor, k: int = K) -> tupl
     """(density, coverage) of `fake` against `real`; None with k real rows or fewer."""
     if len(real) <= k:
         return None, None
-    inside = torch.cdist(real, fake) <= _radii(real, k)[:, None]  # (m, n): fake j in real i's ball
-    return float(inside.float().sum() / (k * len(fake))), float(inside.any(dim=1).float().mean())
+    inside = _in_balls(real, fake, k)  # (n, m): fake j in real i's ball
+    return float(inside.float().sum() / (k * len(fake))), float(inside.any(dim=0).float().mean())
 
 
 def kid(real: torch.Tensor, fake: torch.Tensor) -> float:
