@@ -296,6 +296,39 @@ def test_toyworld_contact_sheet_has_a_row_for_every_concept_run(tmp_path):
         assert (pixels[head + row * cell:head + (row + 1) * cell, x:x + cell] != 255).any()
 
 
+def test_toyworld_encoder_check_draws_off_model_shapes_in_the_concepts_colour_and_ranks_real_ones_nearer():
+    script = load_script("toyworld_encoder_check")
+    rng = np.random.default_rng(0)
+    colours = dict(script.generator.COLOURS)
+    purple = np.array(colours[script.generator.LOOKS["marsh finch"].split()[0]], dtype=float)
+    for kind in script.OFF_KINDS:
+        for image in script.in_colour("marsh finch", kind, 3, rng):
+            pixels = np.asarray(image.convert("RGB"), dtype=float).reshape(-1, 3)
+            vivid = pixels[pixels.max(axis=1) - pixels.min(axis=1) > 60]  # the shape, not the grey background
+            assert len(vivid) and np.abs(vivid.mean(axis=0) - purple).max() < 60, kind
+    assert script.generator.COLOURS == colours  # the generator's palette is put back
+
+    rows = {r["set"]: r for r in script.check(*_encoder_and_judge(), "snow wren", 16, np.random.default_rng(1))}
+    assert set(rows) == {"real", *script.OFF_KINDS, "marsh wren (yellow cross)", "snow finch (yellow square)",
+                         "rock gull (yellow circle)"}
+    assert np.isnan(rows["real"]["auc"]) and rows["real"]["judge_right"] >= 0.9
+    # in the shipped world the encoder tells a yellow triangle from every other yellow concept; the judge
+    # rejects every off-model drawing
+    assert all(rows[name]["auc"] > 0.9 for name in rows if "(" in name)
+    assert all(rows[kind]["judge_right"] <= 0.1 for kind in script.OFF_KINDS)
+
+
+def _encoder_and_judge():
+    from seedselect_cli.config import compose_config
+    from seedselect_cli.files.assets import asset_path
+    from seedselect_cli.judges import Judge, JudgeConfig
+
+    world = json.loads(Path(asset_path("toyworld/world.json")).read_text())
+    models = load_models(compose_config("toyworld").model, torch.device("cpu"), torch.float32)
+    return models, Judge(JudgeConfig(model=asset_path("toyworld/judge")), [c["name"] for c in world["concepts"]],
+                         torch.device("cpu"))
+
+
 def test_toyworld_selection_measures_how_a_score_chooses_among_seeds(tmp_path):
     script = load_script("toyworld_selection")
     right = np.array([True, False, True, False, False, False])
