@@ -15,6 +15,11 @@ sheet of each concept's 8 seeds best scored by L_sem with the judge's verdicts: 
 
     python scripts/toyworld_selection.py --n 128 --out selection        # 2.5 min on 2 CPU cores
     python scripts/toyworld_selection.py --label manifold --n 64 --k 16  # right: on the real manifold (precision's)
+    python scripts/toyworld_selection.py --demo-sheet demo_candidates.png  # what the demo chose among: 15 s
+
+`--demo-sheet` draws, instead, what the demo (`seedselect optimize`, seed 0) chooses among: for each of its
+images, its reference, then its 16 candidate starts' images from the lowest L_sem to its own reference (the score
+`method=select` keeps the lowest of) to the highest, each with that L_sem and the judge's verdict (R: right).
 """
 
 from __future__ import annotations
@@ -30,8 +35,9 @@ from PIL import Image, ImageDraw
 
 from seedselect_cli import quality
 from seedselect_cli.config import compose_config
+from seedselect_cli.core.initial_seeds import candidate_seed, init_seed_for, initial_noise, own_references
 from seedselect_cli.core.optimize import seed_objective
-from seedselect_cli.core.sampling import ddim_schedule, encode_prompt, sample_images
+from seedselect_cli.core.sampling import ddim_schedule, encode_prompt, make_schedule, sample_images
 from seedselect_cli.core.targets import Centroids
 from seedselect_cli.files.assets import asset_path
 from seedselect_cli.files.datasets import fill_template
@@ -118,6 +124,39 @@ def sheet(rows: list[tuple[str, list[Image.Image], list[str | None]]], path: Pat
     image.save(path)
 
 
+@torch.no_grad()
+def demo_sheet(models, judge: Judge, path: Path, cell: int = 64) -> None:
+    """The demo's images, a row each: the image's own reference, then its candidate starts' images by L_sem to
+    that reference, lowest first (the one the demo refines), with the L_sem and the judge's verdict under each."""
+    config = compose_config("demo", ["runtime.progress=false"])
+    concept = Path(config.dataset.root).name
+    candidates = config.init.candidates
+    paths = sorted(Path(config.dataset.root).glob("*.png"))
+    encodings = load_encodings(models, paths, config.sampler.height, config.sampler.width,
+                               config.dataset.resize_mode, TensorCache(None, "none"), concept)
+    text = encode_prompt(models, fill_template(config.dataset.prompt_template, concept))
+    schedule = make_schedule(models, config.sampler.steps, config.sampler.name)
+    shape = (1, *models.latent_shape(config.sampler.height, config.sampler.width))
+    image = Image.new("RGB", (cell * (candidates + 1), (cell + 14) * config.n_images), "white")
+    draw = ImageDraw.Draw(image)
+    for i in range(config.n_images):
+        reference = own_references(config.seed, concept, i, len(paths), 1)[0]
+        init_seed = init_seed_for(config.seed, concept, i)
+        z = torch.cat([initial_noise(models, shape, candidate_seed(init_seed, k)) for k in range(candidates)])
+        semantic = seed_objective(models, z, encodings.centroids([reference], appearance="nearest"), text, schedule,
+                                  config.objective()).semantic.float()
+        drawn = sample_images(models, z, text, config.sampler.steps, config.sampler.guidance_scale,
+                              config.sampler.name)
+        verdicts = [v[0] for v in judge.classify(drawn, k=1)[0]]
+        y = i * (cell + 14)
+        image.paste(load_rgb(paths[reference]).resize((cell, cell), Image.NEAREST), (0, y))
+        for j, k in enumerate(semantic.argsort().tolist()):
+            image.paste(drawn[k].convert("RGB").resize((cell, cell), Image.NEAREST), ((j + 1) * cell, y))
+            draw.text(((j + 1) * cell + 2, y + cell), f"{semantic[k]:.3f} {'R' if verdicts[k] == concept else 'x'}",
+                      fill=(0, 130, 0) if verdicts[k] == concept else (200, 0, 0))
+    image.save(path)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("toyworld_selection"))
@@ -127,6 +166,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed-base", type=int, default=SEED_BASE)
     parser.add_argument("--label", choices=("judge", "manifold"), default="judge",
                         help="what counts as right: the judge's verdict, or lying on the real manifold (precision's)")
+    parser.add_argument("--demo-sheet", type=Path, default=None,
+                        help="instead: draw what the demo's images chose among, by L_sem, into this PNG")
     args = parser.parse_args(argv)
     world = json.loads(Path(asset_path("toyworld/world.json")).read_text())
     names = [c["name"] for c in world["concepts"]]
@@ -139,6 +180,10 @@ def main(argv: list[str] | None = None) -> dict:
     contrastive = compose_config("toyworld", ["sampler.steps=10", "runtime.progress=false", "loss=contrastive"])
     models = load_models(config.model, torch.device("cpu"), torch.float32)
     judge = Judge(JudgeConfig(model=asset_path("toyworld/judge")), names, torch.device("cpu"))
+    if args.demo_sheet is not None:
+        demo_sheet(models, judge, args.demo_sheet)
+        print(f"the demo's candidate starts: {args.demo_sheet}")
+        return {}
     clip = load_clip(asset_path("toyworld/clip"), torch.device("cpu"))
     classes = torch.stack([centroids_of(models, name, config).semantic for name in names])
     args.out.mkdir(parents=True, exist_ok=True)

@@ -359,6 +359,11 @@ def test_toyworld_selection_measures_how_a_score_chooses_among_seeds(tmp_path):
     assert 0 <= on["rate"] <= 1 and on["perfect of 8"] == (1.0 if on["rate"] > 0 else 0.0)
     assert "on the real manifold" in (tmp_path / "m" / "selection.md").read_text()
 
+    # --demo-sheet: each of the demo's 4 images, its reference and its 16 candidate starts
+    assert script.main(["--demo-sheet", str(tmp_path / "demo.png")]) == {}
+    with Image.open(tmp_path / "demo.png") as sheet:
+        assert sheet.size == (64 * 17, (64 + 14) * 4)
+
 
 def test_train_toyworld_trains_a_worlds_unet_on_with_the_empty_prompt_on_balanced_renders(tmp_path, monkeypatch):
     """`train_toyworld.py --only unet --unet-from-world --unconditional balanced` (RESULTS.md's probe): the empty
