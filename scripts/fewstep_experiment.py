@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                        config.dataset.resize_mode, TensorCache(None, ""), concept)
             target = engine.class_target(concept, config.dataset.prompt_template.format(concept), encodings)
             [batch] = engine.optimize_batches(target, [list(range(n))], engine.centre(target))
-            plain_z = torch.stack([plain_noise(models, shape, config.seed, concept, i) for i in range(n)])
+            plain_z = torch.stack([plain_noise(shape, config.seed, concept, i) for i in range(n)])
             noise = step_noise(name, batch.init_seeds, shape, steps)
             w = config.sampler.guidance_scale
             plain = sample_images(models, plain_z, target.text_embeds, steps, w, name, noise)

@@ -142,7 +142,7 @@ def demo_sheet(models, judge: Judge, path: Path, cell: int = 64) -> None:
     for i in range(config.n_images):
         reference = own_references(config.seed, concept, i, len(paths), 1)[0]
         init_seed = init_seed_for(config.seed, concept, i)
-        z = torch.cat([initial_noise(models, shape, candidate_seed(init_seed, k)) for k in range(candidates)])
+        z = torch.cat([initial_noise(shape, candidate_seed(init_seed, k)) for k in range(candidates)])
         semantic = seed_objective(models, z, encodings.centroids([reference], appearance="nearest"), text, schedule,
                                   config.objective()).semantic.float()
         drawn = sample_images(models, z, text, config.sampler.steps, config.sampler.guidance_scale,

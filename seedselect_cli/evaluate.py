@@ -234,7 +234,7 @@ def render_baseline(run_dir: Path, config: Config, entries: list[dict], cfg: Eva
         prompts: dict[str, torch.Tensor] = {}
         for entry in tqdm(missing, desc="plain Stable Diffusion", unit="img", disable=not sys.stderr.isatty()):
             # not the seed file's start: a bootstrap image starts from z_T^G, an init=nao one from a centroid
-            z_T = plain_noise(models, shape, config.seed, entry["class"], entry["index"])
+            z_T = plain_noise(shape, config.seed, entry["class"], entry["index"])
             noise = step_noise(config.sampler.name, [init_seed_for(config.seed, entry["class"], entry["index"])], shape,
                                config.sampler.steps)
             if entry["prompt"] not in prompts:

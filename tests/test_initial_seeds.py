@@ -209,7 +209,7 @@ def test_centres_follow_the_init_method_and_inversions_are_cached(tiny_models, r
 
     seeds = seed_starts(tiny_models, make_config(["init=nao", "init.noise=0.3"]), None).seeds(centre, [11, 12])
     for row, s in zip(seeds, (11, 12)):
-        torch.testing.assert_close(row, math.sqrt(0.7) * centre + math.sqrt(0.3) * initial_noise(tiny_models, shape, s))
+        torch.testing.assert_close(row, math.sqrt(0.7) * centre + math.sqrt(0.3) * initial_noise(shape, s))
 
 
 @pytest.mark.slow
@@ -234,7 +234,7 @@ def test_optimize_and_bootstrap_start_from_the_nao_centroid(tmp_path, tiny_model
     run_config, finished = read_run(tmp_path / "opt")
     paths = render_baseline(tmp_path / "opt", run_config, finished, EvaluateConfig(run_dir=str(tmp_path / "opt")))
     entry = finished[0]
-    noise = initial_noise(tiny_models, (4, 16, 16), init_seed_for(config.seed, "red_disc", entry["index"]))
+    noise = initial_noise((4, 16, 16), init_seed_for(config.seed, "red_disc", entry["index"]))
     plain = sample_images(tiny_models, noise[None], embeds, config.sampler.steps, config.sampler.guidance_scale)[0]
     assert list(Image.open(paths[("red_disc", entry["index"])]).getdata()) == list(plain.getdata())
 

@@ -63,16 +63,16 @@ def own_references(seed: int, class_name: str, index: int, n_references: int, co
     return [assigned_reference(seed, class_name, index + j, n_references) for j in range(min(count, n_references))]
 
 
-def initial_noise(models: FrozenModels, shape: tuple[int, ...], init_seed: int) -> torch.Tensor:
+def initial_noise(shape: tuple[int, ...], init_seed: int) -> torch.Tensor:
     """z_T ~ N(0, I), drawn on the CPU so every device gets the same seed (the rollout scales it by the
     sampler's init_noise_sigma, 1 for DDIM)."""
     return torch.randn(shape, generator=torch.Generator().manual_seed(init_seed), dtype=torch.float32)
 
 
-def plain_noise(models: FrozenModels, shape: tuple[int, ...], seed: int, class_name: str, index: int) -> torch.Tensor:
+def plain_noise(shape: tuple[int, ...], seed: int, class_name: str, index: int) -> torch.Tensor:
     """The noise plain sampling of image `index` starts from: what `init=random` starts that image from, and
     what `evaluate` compares every image with, whatever its start was."""
-    return initial_noise(models, shape, init_seed_for(seed, class_name, index))
+    return initial_noise(shape, init_seed_for(seed, class_name, index))
 
 
 def mix(centre: torch.Tensor | None, noise: torch.Tensor, share: float) -> torch.Tensor:
@@ -160,7 +160,7 @@ class SeedStarts:
         candidate starts (B, N, C, h, w). For init=reference, `references` are the images' references."""
         def start(i: int, init_seed: int) -> torch.Tensor:
             own = centre[references[i]] if centre is not None and centre.ndim == len(self.shape) + 1 else centre
-            return mix(own, initial_noise(self.models, self.shape, init_seed), self.init.noise)
+            return mix(own, initial_noise(self.shape, init_seed), self.init.noise)
 
         if candidates == 1:
             return torch.stack([start(i, s) for i, s in enumerate(init_seeds)])
