@@ -10,6 +10,10 @@ the usual rule for convolution and attention layers.
     python scripts/arithmetic.py                                    # the default settings, toy-world sampler
     python scripts/arithmetic.py method=paper                       # the paper's SeedSelect
     python scripts/arithmetic.py --compare "init=random" "init.candidates=8 optim.iterations=20"
+    python scripts/arithmetic.py --bootstrap --compare "" "method=paper"   # seedselect bootstrap, per image
+
+With `--bootstrap` it runs `seedselect bootstrap` instead (`bootstrap.n_images` images); the class's z_T^G, where
+the setting makes one, counts as per-class work.
 """
 
 from __future__ import annotations
@@ -25,16 +29,16 @@ import torch
 
 from seedselect_cli import models as models_module
 from seedselect_cli.config import compose_config
-from seedselect_cli.pipeline import run_optimize
+from seedselect_cli.pipeline import run_bootstrap, run_optimize
 
 NETWORKS = {"unet": "UNet", "decoder": "VAE decoder", "image_encoder": "CLIP"}
 
 
-def count_passes(overrides: list[str], n_images: int) -> dict:
+def count_passes(overrides: list[str], n_images: int, bootstrap: bool = False) -> dict:
     """{network: {"forward": images, "backward": images}} per image, and the per-class part apart."""
     config = compose_config("toyworld", ["model=tiny", "dataset.classes=[marsh finch]", "runtime.progress=false",
                                          "runtime.cache=false", f"n_images={n_images}", f"runtime.batch_size={n_images}",
-                                         *overrides])
+                                         f"bootstrap.n_images={n_images}", *overrides])
     counts: Counter = Counter()
     phase = {"now": "class"}
     real_load = models_module.load_models
@@ -59,21 +63,31 @@ def count_passes(overrides: list[str], n_images: int) -> dict:
     from seedselect_cli.core import engine  # where each batch's candidates are scored and its seeds optimised
 
     real_best, real_optimize = engine.best_candidates, engine.optimize_seeds
+    real_global = engine.Engine.optimize_global_seed
 
     def per_image(fn):
         def wrapped(*args, **kwargs):
-            phase["now"] = "image"
+            phase["now"] = "class" if phase.get("global") else "image"
             return fn(*args, **kwargs)
         return wrapped
+
+    def per_class(self, *args, **kwargs):  # bootstrap's z_T^G serves every image of the class
+        phase["global"] = True
+        try:
+            return real_global(self, *args, **kwargs)
+        finally:
+            phase["global"] = False
 
     pipeline.load_models = counting_load
     engine.best_candidates = per_image(real_best)
     engine.optimize_seeds = per_image(real_optimize)
+    engine.Engine.optimize_global_seed = per_class
     try:
         with tempfile.TemporaryDirectory() as run_dir:
-            entries = run_optimize(config, Path(run_dir))
+            entries = (run_bootstrap if bootstrap else run_optimize)(config, Path(run_dir))
     finally:
         pipeline.load_models, engine.best_candidates, engine.optimize_seeds = real_load, real_best, real_optimize
+        engine.Engine.optimize_global_seed = real_global
     made = len(entries)
     out: dict = {"images": made, "iterations": sum(len(e["loss_history"]) for e in entries) / made}
     for where in ("class", "image"):
@@ -82,6 +96,7 @@ def count_passes(overrides: list[str], n_images: int) -> dict:
                 value = counts[(where, network, direction)]
                 out[(where, network, direction)] = value / made if where == "image" else value
     out["unet_equivalents"] = (out[("image", "unet", "forward")] + 2 * out[("image", "unet", "backward")])
+    out["class_unet_equivalents"] = (out[("class", "unet", "forward")] + 2 * out[("class", "unet", "backward")])
     return out
 
 
@@ -100,12 +115,12 @@ def _first_tensor(output) -> torch.Tensor | None:
 
 def table(rows: dict[str, dict]) -> str:
     header = ("| setting | iterations | UNet fwd / bwd | decoder fwd / bwd | CLIP fwd / bwd | UNet forward-"
-              "equivalents per image | per class (references: UNet fwd) |")
+              "equivalents per image | per class (references, z_T^G: UNet forward-equivalents) |")
     lines = [header, "|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         cells = [f"{r[('image', n, 'forward')]:.0f} / {r[('image', n, 'backward')]:.0f}" for n in NETWORKS]
         lines.append(f"| {name} | {r['iterations']:.1f} | " + " | ".join(cells)
-                     + f" | {r['unet_equivalents']:.0f} | {r[('class', 'unet', 'forward')]:.0f} |")
+                     + f" | {r['unet_equivalents']:.0f} | {r['class_unet_equivalents']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -114,10 +129,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("overrides", nargs="*", help="config overrides of one setting")
     parser.add_argument("--compare", nargs="+", default=None, help="settings, each a quoted list of overrides")
     parser.add_argument("--n-images", type=int, default=4)
+    parser.add_argument("--bootstrap", action="store_true", help="count `seedselect bootstrap`, not `optimize`")
     args = parser.parse_args(argv)
     settings = {s or "defaults": s.split() for s in args.compare} if args.compare else {
         " ".join(args.overrides) or "defaults": args.overrides}
-    rows = {name: count_passes(overrides, args.n_images) for name, overrides in settings.items()}
+    rows = {name: count_passes(overrides, args.n_images, args.bootstrap) for name, overrides in settings.items()}
     print(table(rows))
     return rows
 

@@ -257,6 +257,10 @@ def check_config(c: Config) -> None:
     check_template("dataset.prompt_template", c.dataset.prompt_template)
     for key in ("subset_size", "iterations", "global_iterations"):
         _check_range(f"bootstrap.{key}", getattr(c.bootstrap, key), 1, MAX_ITERATIONS)
+    _check_range("bootstrap.candidates", c.bootstrap.candidates, 1, 1024)
+    if not (math.isfinite(c.bootstrap.noise) and 0.0 <= c.bootstrap.noise <= 1.0):
+        raise _bad("bootstrap.noise", c.bootstrap.noise, "must be between 0 (every image from z_T^G) and 1 (fresh noise "
+                   "alone)")
     if c.init.method not in INIT_METHODS:
         raise _bad("init.method", c.init.method, f"choose one of {', '.join(INIT_METHODS)} (or init=NAME)")
     if not (math.isfinite(c.init.noise) and 0.0 <= c.init.noise <= 1.0):

@@ -109,7 +109,11 @@ def run_optimize(config: Config, run_dir: Path) -> list[dict]:
 
 
 def run_bootstrap(config: Config, run_dir: Path) -> list[dict]:
-    """`bootstrap.n_images` images per class, each seed optimised from the class's z_T^G."""
+    """`bootstrap.n_images` images per class, each seed chosen among `bootstrap.candidates` starts (its own noise
+    mixed with the class's z_T^G where `bootstrap.noise` < 1) and optimised towards its subset of references."""
+    if config.init.method != "random" and config.bootstrap.noise >= 1:
+        log.warning("init=%s does not change `seedselect bootstrap` with bootstrap.noise=1 (each image starts from "
+                    "its own noise); set bootstrap.noise below 1 to start its images from z_T^G", config.init.method)
     return run(config, run_dir, "bootstrap")
 
 
@@ -245,7 +249,7 @@ class ClassRun:
         if self.method == "optimize":
             batches = engine.optimize_batches(target, blocks, engine.centre(target))
         else:
-            z_global = self.global_seed(record, slug, target)
+            z_global = self.global_seed(record, slug, target) if engine.uses_global_seed else None
             batches = engine.bootstrap_batches(target, blocks, z_global, engine.global_init_seed(target))
         made: list[dict] = []
         for batch in batches:

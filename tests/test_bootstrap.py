@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from seedselect_cli.config import resolve_shard
 from seedselect_cli.core.bootstrap import bootstrap_batches, draw_subset
+from seedselect_cli.core.initial_seeds import candidate_seed, init_seed_for, initial_noise, plain_noise
 from seedselect_cli.core.optimize import optimize_seeds
 from seedselect_cli.core.sampling import encode_prompt
 from seedselect_cli.core.targets import ReferenceEncodings
@@ -45,9 +46,9 @@ def test_a_batch_of_bootstrap_seeds_matches_each_seed_optimised_alone(tiny_model
     encodings = random_encodings(5, 0)
     z_global = torch.randn(4, 16, 16, generator=torch.Generator().manual_seed(1))
     embeds = encode_prompt(tiny_models, "a photo of a Pine Warbler")
-    config = make_config(["bootstrap.iterations=3", "bootstrap.subset_size=2"])
-    [batch] = list(bootstrap_batches(config.bootstrap, config.loss.appearance, config.seed, "Pine Warbler", [[0, 1, 2]], encodings, z_global, 42))
-    singles = list(bootstrap_batches(config.bootstrap, config.loss.appearance, config.seed, "Pine Warbler", [[0], [1], [2]], encodings, z_global, 42))
+    config = make_config(["method=paper", "bootstrap.iterations=3", "bootstrap.subset_size=2"])
+    [batch] = list(bootstrap_batches(config.bootstrap, config.loss.appearance, config.seed, "Pine Warbler", [[0, 1, 2]], encodings, z_global, 42, (4, 16, 16)))
+    singles = list(bootstrap_batches(config.bootstrap, config.loss.appearance, config.seed, "Pine Warbler", [[0], [1], [2]], encodings, z_global, 42, (4, 16, 16)))
     assert [s.extra[0] for s in singles] == batch.extra and len({str(e) for e in batch.extra}) > 1
     assert batch.centroids.semantic.shape == (3, 16) and torch.equal(batch.z_init[2], z_global)
 
@@ -59,6 +60,47 @@ def test_a_batch_of_bootstrap_seeds_matches_each_seed_optimised_alone(tiny_model
         # As in test_optimize: float32 rounding of batched kernels, amplified by Adam where v ~ 0.
         torch.testing.assert_close(together[i].optimized, alone.optimized, rtol=1e-3, atol=2e-4)
         assert together[i].loss_history == pytest.approx(alone.loss_history, rel=1e-4)
+
+
+def test_bootstrap_noise_mixes_each_images_own_noise_into_the_global_seed():
+    """`bootstrap.noise=a`: image i starts from sqrt(1 - a) z_T^G + sqrt(a) eps_i, eps_i the noise plain sampling
+    draws for it, whatever block it is in, and records its own init seed; 0 keeps the paper's z_T^G."""
+    import math
+
+    encodings = random_encodings(5, 0)
+    z_global = torch.randn(4, 16, 16, generator=torch.Generator().manual_seed(1))
+
+    def batches(noise, blocks, candidates=1, z=z_global):
+        config = make_config([f"bootstrap.noise={noise}", f"bootstrap.candidates={candidates}"])
+        return list(bootstrap_batches(config.bootstrap, config.loss.appearance, config.seed, "Pine Warbler", blocks,
+                                      encodings, z, 42, (4, 16, 16)))
+
+    [paper] = batches(0, [[0, 1, 2]])
+    assert paper.init_seeds == [42] * 3 and all(torch.equal(row, z_global) for row in paper.z_init)
+    [mixed] = batches(0.3, [[0, 1, 2]])
+    assert mixed.init_seeds == [init_seed_for(0, "Pine Warbler", i) for i in range(3)]
+    for i, row in enumerate(mixed.z_init):
+        expected = math.sqrt(0.7) * z_global + math.sqrt(0.3) * plain_noise((4, 16, 16), 0, "Pine Warbler", i)
+        torch.testing.assert_close(row, expected, rtol=0, atol=1e-6)
+        assert not torch.allclose(row, mixed.z_init[(i + 1) % 3])
+    singles = batches(0.3, [[0], [1], [2]])
+    assert all(torch.equal(single.z_init[0], mixed.z_init[i]) for i, single in enumerate(singles))
+    assert mixed.extra == paper.extra  # the same subsets
+    [fresh] = batches(1, [[2]])
+    torch.testing.assert_close(fresh.z_init[0], plain_noise((4, 16, 16), 0, "Pine Warbler", 2), rtol=0, atol=1e-6)
+    [alone] = batches(1, [[2]], z=None)  # noise 1 needs no z_T^G
+    assert torch.equal(alone.z_init, fresh.z_init)
+    # bootstrap.candidates: that many starts an image (B, N, C, h, w), the first its own, for run_batch to choose
+    [chosen] = batches(0.3, [[0, 1]], candidates=3)
+    assert chosen.z_init.shape == (2, 3, 4, 16, 16) and torch.equal(chosen.z_init[:, 0], mixed.z_init[:2])
+    expected = math.sqrt(0.7) * z_global + math.sqrt(0.3) * initial_noise((4, 16, 16), candidate_seed(
+        init_seed_for(0, "Pine Warbler", 1), 2))
+    torch.testing.assert_close(chosen.z_init[1, 2], expected, rtol=0, atol=1e-6)
+    for bad in ("-0.1", "1.5", "nan"):
+        with pytest.raises(UserError, match="bootstrap.noise"):
+            make_config([f"bootstrap.noise={bad}"])
+    with pytest.raises(UserError, match="bootstrap.candidates"):
+        make_config(["bootstrap.candidates=0"])
 
 
 FAST = ["sampler.steps=3", "bootstrap.global_iterations=2", "bootstrap.iterations=2", "runtime.progress=false",
@@ -80,7 +122,8 @@ def seeds_of(run_dir):
 
 @pytest.mark.slow
 def test_bootstrap_run_writes_an_imagefolder_and_resumes(cub, tmp_path):
-    config = bootstrap_config(cub, "bootstrap.n_images=3", "runtime.batch_size=2")
+    """The paper's scheme (`method=paper`): every image of a class from its z_T^G."""
+    config = bootstrap_config(cub, "method=paper", "bootstrap.n_images=3", "runtime.batch_size=2")
     entries = run_bootstrap(config, tmp_path)
     assert len(entries) == 9
     for slug in ("Black_footed_Albatross", "Pine_Warbler", "Cerulean_Warbler"):
@@ -89,8 +132,7 @@ def test_bootstrap_run_writes_an_imagefolder_and_resumes(cub, tmp_path):
         assert (tmp_path / "bootstrap" / f"{slug}.safetensors").is_file()
     entries = read_manifest(tmp_path)
     assert {e["method"] for e in entries} == {"bootstrap"}
-    # the image's own reference first (loss.appearance=assigned, the default's), then the 3 drawn; file names
-    assert all(len(e["subset"]) == 1 + 3 and all("/" not in name for name in e["subset"]) for e in entries)
+    assert all(len(e["subset"]) == 3 and all("/" not in name for name in e["subset"]) for e in entries)  # file names
     assert all(len(e["loss_history"]) == 2 for e in entries)
     metadata = [json.loads(line) for line in (tmp_path / "images" / "metadata.jsonl").read_text().splitlines()]
     assert sorted(m["file_name"] for m in metadata) == sorted(e["image"].removeprefix("images/") for e in entries)
@@ -105,7 +147,8 @@ def test_bootstrap_run_writes_an_imagefolder_and_resumes(cub, tmp_path):
     # Lose an image and ask for more: only the missing and the new ones are made.
     before = seeds_of(tmp_path)
     (tmp_path / "images" / "Pine_Warbler" / "00001.png").unlink()
-    more = run_bootstrap(bootstrap_config(cub, "bootstrap.n_images=4", "runtime.batch_size=2"), tmp_path)
+    more = run_bootstrap(bootstrap_config(cub, "method=paper", "bootstrap.n_images=4", "runtime.batch_size=2"),
+                         tmp_path)
     assert sorted((e["class"], e["index"]) for e in more) == [
         ("Black footed Albatross", 3), ("Cerulean Warbler", 3), ("Pine Warbler", 1), ("Pine Warbler", 3)]
     assert len(read_manifest(tmp_path)) == 12
@@ -114,7 +157,43 @@ def test_bootstrap_run_writes_an_imagefolder_and_resumes(cub, tmp_path):
     with pytest.raises(UserError, match="seedselect bootstrap"):
         from seedselect_cli.pipeline import run_optimize
 
-        run_optimize(bootstrap_config(cub), tmp_path)
+        run_optimize(bootstrap_config(cub, "method=paper"), tmp_path)
+    # a run of the paper's scheme is not resumed with another start
+    with pytest.raises(UserError, match="bootstrap.noise"):
+        run_bootstrap(bootstrap_config(cub, "method=paper", "bootstrap.n_images=4", "bootstrap.noise=0.5"), tmp_path)
+
+    # bootstrap.noise: each image from z_T^G mixed with its own noise, recorded as its init seed
+    mixed = tmp_path / "mixed"
+    run_bootstrap(bootstrap_config(cub, "method=paper", "bootstrap.n_images=2", "runtime.batch_size=2",
+                                   "bootstrap.noise=0.5", "dataset.classes=[Pine Warbler]"), mixed)
+    z_global = load_file(mixed / "bootstrap" / "Pine_Warbler.safetensors")["optimized"]
+    starts = []
+    for entry in read_manifest(mixed):
+        initial = load_file(mixed / entry["seed_file"])["initial"]
+        noise = plain_noise(tuple(z_global.shape), 0, "Pine Warbler", entry["index"])
+        torch.testing.assert_close(initial, 0.5 ** 0.5 * (z_global + noise), rtol=0, atol=1e-6)
+        assert entry["init_seed"] == init_seed_for(0, "Pine Warbler", entry["index"])
+        starts.append(initial)
+    assert not torch.equal(*starts)
+
+
+@pytest.mark.slow
+def test_the_default_bootstrap_chooses_each_images_start_among_its_own_and_needs_no_global_seed(cub, tmp_path):
+    """`method=select` (the default): bootstrap.noise=1, bootstrap.candidates=8: each image keeps the best of 8 fresh
+    starts of its own (by L_sem to its subset), then its iterations; no z_T^G is made."""
+    config = bootstrap_config(cub, "bootstrap.n_images=3", "runtime.batch_size=2", "dataset.classes=[Pine Warbler]")
+    assert (config.bootstrap.noise, config.bootstrap.candidates) == (1.0, 8)
+    run_bootstrap(config, tmp_path)
+    assert not (tmp_path / "bootstrap").exists() or not any((tmp_path / "bootstrap").iterdir())
+    entries = read_manifest(tmp_path)
+    assert len(entries) == 3 and len({e["candidate"] for e in entries} | {-1}) >= 2
+    # the image's own reference first (loss.appearance=assigned, the default's), then the 3 drawn
+    assert all(len(e["subset"]) == 1 + 3 for e in entries)
+    shape = tuple(load_file(tmp_path / entries[0]["seed_file"])["initial"].shape)
+    for entry in entries:
+        assert entry["init_seed"] == init_seed_for(0, "Pine Warbler", entry["index"])
+        start = initial_noise(shape, candidate_seed(entry["init_seed"], entry["candidate"]))
+        assert torch.equal(load_file(tmp_path / entry["seed_file"])["initial"], start)
 
 
 @pytest.mark.slow

@@ -55,6 +55,10 @@ def test_bench_runs_its_modes_on_the_tiny_components():
     assert rows[1]["tflop_per_iteration"] > rows[0]["tflop_per_iteration"]  # twice the seeds, more work
     # the graphed calls do the fast path's work (their FLOPs are counted with the graphs set aside)
     assert [r["tflop_per_iteration"] for r in rows[2:4]] == pytest.approx([r["tflop_per_iteration"] for r in rows[:2]])
+    # a bootstrapped image: its scored starts, its iterations and its render, per image of the batch
+    for r in rows:
+        assert r["score_s"] > 0 and r["s_per_bootstrap_image"] == pytest.approx(
+            (5 * r["s_per_iteration"] + 8 * r["score_s"]) / r["batch"] + r["render_s"])
 
 
 def test_bench_keeps_the_steps_the_memory_budget_holds_and_recomputes_less():
@@ -273,6 +277,17 @@ def test_arithmetic_counts_every_network_pass_of_an_image_forward_and_backward()
     assert select[("image", "unet", "forward")] - plain[("image", "unet", "forward")] == n * s * 2
     assert select[("image", "unet", "backward")] == plain[("image", "unet", "backward")]
     assert plain["unet_equivalents"] == it * s * 2 * 4 + s * 2
+
+    # --bootstrap: the paper's scheme counts z_T^G (its iterations) per class, its images `bootstrap.iterations`
+    # each; with bootstrap.candidates each image scores that many starts of its own and no z_T^G is made
+    g, b = 2, 1
+    common = [f"sampler.steps={s}", f"bootstrap.global_iterations={g}", f"bootstrap.iterations={b}"]
+    rows = script.main(["--bootstrap", "--n-images", "2", "--compare", " ".join(["method=paper", *common]),
+                        " ".join([*common, "bootstrap.noise=1", f"bootstrap.candidates={n}"])])
+    paper, chosen = rows.values()
+    assert paper["class_unet_equivalents"] == g * s * 2 * 4 and paper["unet_equivalents"] == b * s * 2 * 4 + s * 2
+    assert chosen["class_unet_equivalents"] == 0
+    assert chosen["unet_equivalents"] == n * s * 2 + b * s * 2 * 4 + s * 2
 
 
 def test_toyworld_contact_sheet_has_a_row_for_every_concept_run(tmp_path):

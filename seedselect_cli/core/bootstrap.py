@@ -2,12 +2,13 @@
 
     1. z_T^G: optimise one seed on the centroids of all references, `bootstrap.global_iterations`.
     2. For each image: draw `bootstrap.subset_size` references with replacement and optimise a seed
-       from z_T^G towards that subset's centroids for `bootstrap.iterations`.
+       from z_T^G (with `bootstrap.noise` > 0, from z_T^G mixed with the image's own noise) towards that
+       subset's centroids for `bootstrap.iterations`.
 
 A batch of images shares z_T^G as its start but each seed has its own subset, so the batch carries
 per-seed centroids; the summed loss keeps every seed's gradient and AdamW state its own. The subset
-of image `index` depends only on (`seed`, class, index), and z_T^G is saved in the run directory,
-so a resumed run, another batch size or another shard draws exactly the same images.
+and the noise of image `index` depend only on (`seed`, class, index), and z_T^G is saved in the run
+directory, so a resumed run, another batch size or another shard draws exactly the same images.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from seedselect_cli.core.initial_seeds import assigned_reference
+from seedselect_cli.core.initial_seeds import assigned_reference, candidate_seed, init_seed_for, initial_noise, mix
 from seedselect_cli.core.specs import BootstrapSpec
 from seedselect_cli.core.targets import Centroids, ReferenceEncodings, stack_centroids
 from seedselect_cli.derive import derived_int
@@ -44,17 +45,29 @@ def draw_subset(seed: int, class_name: str, index: int, n_references: int, size:
 
 
 def bootstrap_batches(bootstrap: BootstrapSpec, appearance: str, seed: int, class_name: str, blocks: list[list[int]],
-                      encodings: ReferenceEncodings, z_global: torch.Tensor, global_init_seed: int) -> Iterator[Batch]:
-    """Stage 2: a batch per block of image indices, seeds starting from z_T^G, each steered towards its
-    own reference subset (`appearance`: `loss.appearance`; `seed`: the run's)."""
+                      encodings: ReferenceEncodings, z_global: torch.Tensor | None, global_init_seed: int,
+                      shape: tuple[int, ...]) -> Iterator[Batch]:
+    """Stage 2: a batch per block of image indices, seeds (of `shape`) starting from z_T^G mixed with each image's
+    own noise, `bootstrap.noise` of its variance (z_T^G None: noise 1, from the image's own noise alone; with
+    `bootstrap.candidates` > 1 that many starts an image, to be chosen among), each steered towards its own
+    reference subset (`appearance`: `loss.appearance`; `seed`: the run's). An image's init seed is z_T^G's, or
+    with noise its own."""
     n_refs, size = len(encodings.paths), bootstrap.subset_size
     for chunk in blocks:
         subsets = [draw_subset(seed, class_name, i, n_refs, size) for i in chunk]
         if appearance == "assigned":  # the image's own reference first: its latent is the target
             subsets = [[assigned_reference(seed, class_name, i, n_refs), *s] for i, s in zip(chunk, subsets)]
+        if bootstrap.noise > 0:
+            init_seeds = [init_seed_for(seed, class_name, i) for i in chunk]
+            z_init = torch.stack([torch.stack([mix(z_global, initial_noise(shape, candidate_seed(s, k)), bootstrap.noise)
+                                               for k in range(bootstrap.candidates)]) for s in init_seeds])
+            if bootstrap.candidates == 1:
+                z_init = z_init[:, 0]
+        else:
+            init_seeds = [global_init_seed] * len(chunk)
+            z_init = z_global[None].expand(len(chunk), *z_global.shape).clone()
         yield Batch(
-            indices=chunk, init_seeds=[global_init_seed] * len(chunk),
-            z_init=z_global[None].expand(len(chunk), *z_global.shape).clone(),
+            indices=chunk, init_seeds=init_seeds, z_init=z_init,
             centroids=stack_centroids([encodings.centroids(s, appearance=appearance) for s in subsets]),
             iterations=bootstrap.iterations,
             extra=[{"subset": [encodings.paths[j].name for j in s]} for s in subsets],  # file names, as `reference`

@@ -5,6 +5,7 @@
     for batch in engine.optimize_batches(target, blocks, engine.centre(target)):   # `seedselect optimize`
         results = engine.run_batch(target, batch)
     z_global = engine.optimize_global_seed(target, engine.centre(target))   # `seedselect bootstrap`, stage 1
+                                                                # (skipped with bootstrap.noise=1: z_global None)
     for batch in engine.bootstrap_batches(target, blocks, z_global.optimized, engine.global_init_seed(target)):
         results = engine.run_batch(target, batch)
 
@@ -137,11 +138,19 @@ class Engine:
             extra = [{"reference": encodings.paths[r].name} if uses_reference else {} for r in own]
             yield Batch(chunk, init_seeds, z_init, centroids, self.optim.iterations, extra)
 
-    def bootstrap_batches(self, target: ClassTarget, blocks: list[list[int]], z_global: torch.Tensor,
+    def bootstrap_batches(self, target: ClassTarget, blocks: list[list[int]], z_global: torch.Tensor | None,
                           global_init_seed: int) -> Iterator[Batch]:
-        """`seedselect bootstrap`, stage 2: each image from z_T^G towards its own subset of references."""
+        """`seedselect bootstrap`, stage 2: each image from z_T^G (mixed with its own noise; None: with
+        `bootstrap.noise=1`, from its own noise alone) towards its own subset of references."""
+        sampler = self.objective.sampler
         return bootstrap_batches(self.bootstrap, self.objective.loss.appearance, self.seed, target.name, blocks,
-                                 target.encodings, z_global, global_init_seed)
+                                 target.encodings, z_global, global_init_seed,
+                                 self.models.latent_shape(sampler.height, sampler.width))
+
+    @property
+    def uses_global_seed(self) -> bool:
+        """Whether `seedselect bootstrap` starts its images from a z_T^G (`bootstrap.noise` < 1)."""
+        return self.bootstrap.noise < 1
 
     def global_init_seed(self, target: ClassTarget) -> int:
         return init_seed_for(self.seed, target.name, "bootstrap")
