@@ -19,7 +19,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from seedselect_cli.core.initial_seeds import assigned_reference, candidate_seed, init_seed_for, initial_noise, mix
+from seedselect_cli.core.initial_seeds import (
+    assigned_reference,
+    candidate_seed,
+    init_seed_for,
+    initial_noise,
+    mix,
+)
 from seedselect_cli.core.specs import BootstrapSpec
 from seedselect_cli.core.targets import Centroids, ReferenceEncodings, stack_centroids
 from seedselect_cli.derive import derived_int
