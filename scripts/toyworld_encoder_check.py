@@ -17,7 +17,6 @@ concept.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_toyworld as generator
-from toyworld_selection import auc
+from toyworld_selection import auc, world_concepts
 
 from seedselect_cli.config import compose_config
 from seedselect_cli.core.encoders import clip_embed_pil
@@ -78,12 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--n", type=int, default=64, help="drawings per set")
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args(argv)
-    world = json.loads(Path(asset_path("toyworld/world.json")).read_text())
-    names = [c["name"] for c in world["concepts"]]
-    concepts = args.concepts or [c["name"] for c in world["concepts"] if c["bucket"] == "tail"]
-    unknown = sorted(set(concepts) - set(names))
-    if unknown:
-        parser.error(f"not a toy-world concept: {unknown[0]!r}")
+    names, concepts = world_concepts(parser, args.concepts)
     models = load_models(compose_config("toyworld").model, torch.device("cpu"), torch.float32)
     judge = Judge(JudgeConfig(model=asset_path("toyworld/judge")), names, torch.device("cpu"))
     rng = np.random.default_rng(args.seed)

@@ -65,6 +65,18 @@ def best_of(score: np.ndarray, right: np.ndarray, k: int, trials: int = 2000, se
     return float(np.mean([right[idx[score[idx].argmin()]] for idx in picks]))
 
 
+def world_concepts(parser: argparse.ArgumentParser, requested: list[str] | None) -> tuple[list[str], list[str]]:
+    """The world's 20 concept names, and those asked for (default: the tail concepts); a usage error for a name
+    the world does not have."""
+    world = json.loads(Path(asset_path("toyworld/world.json")).read_text())
+    names = [c["name"] for c in world["concepts"]]
+    concepts = requested or [c["name"] for c in world["concepts"] if c["bucket"] == "tail"]
+    unknown = sorted(set(concepts) - set(names))
+    if unknown:
+        parser.error(f"not a toy-world concept: {unknown[0]!r}")
+    return names, concepts
+
+
 def centroids_of(models, concept: str, config) -> Centroids:
     """The concept's centroids from its references, with their latents (for L_app to the nearest)."""
     paths = sorted(Path(asset_path(f"toyworld/references/{concept}")).glob("*.png"))
@@ -169,12 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--demo-sheet", type=Path, default=None,
                         help="instead: draw what the demo's images chose among, by L_sem, into this PNG")
     args = parser.parse_args(argv)
-    world = json.loads(Path(asset_path("toyworld/world.json")).read_text())
-    names = [c["name"] for c in world["concepts"]]
-    concepts = args.concepts or [c["name"] for c in world["concepts"] if c["bucket"] == "tail"]
-    unknown = sorted(set(concepts) - set(names))
-    if unknown:
-        parser.error(f"not a toy-world concept: {unknown[0]!r}")
+    names, concepts = world_concepts(parser, args.concepts)
     ks = [k for k in args.k if k <= args.n]
     config = compose_config("toyworld", ["sampler.steps=10", "runtime.progress=false"])
     contrastive = compose_config("toyworld", ["sampler.steps=10", "runtime.progress=false", "loss=contrastive"])
