@@ -258,6 +258,9 @@ def check_config(c: Config) -> None:
     for key in ("subset_size", "iterations", "global_iterations"):
         _check_range(f"bootstrap.{key}", getattr(c.bootstrap, key), 1, MAX_ITERATIONS)
     _check_range("bootstrap.candidates", c.bootstrap.candidates, 1, 1024)
+    if c.bootstrap.candidates > 1 and c.bootstrap.noise == 0:
+        raise _bad("bootstrap.candidates", c.bootstrap.candidates, "needs bootstrap.noise above 0: without noise "
+                   "every start is z_T^G (for the paper's scheme set bootstrap.candidates=1 too, or method=paper)")
     if not (math.isfinite(c.bootstrap.noise) and 0.0 <= c.bootstrap.noise <= 1.0):
         raise _bad("bootstrap.noise", c.bootstrap.noise, "must be between 0 (every image from z_T^G) and 1 (fresh noise "
                    "alone)")

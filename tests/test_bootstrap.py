@@ -101,6 +101,8 @@ def test_bootstrap_noise_mixes_each_images_own_noise_into_the_global_seed():
             make_config([f"bootstrap.noise={bad}"])
     with pytest.raises(UserError, match="bootstrap.candidates"):
         make_config(["bootstrap.candidates=0"])
+    with pytest.raises(UserError, match="bootstrap.candidates=4.*bootstrap.noise"):
+        make_config(["bootstrap.noise=0", "bootstrap.candidates=4"])
 
 
 FAST = ["sampler.steps=3", "bootstrap.global_iterations=2", "bootstrap.iterations=2", "runtime.progress=false",

@@ -1,14 +1,16 @@
-"""Bulk image sets: the paper's bootstrap scheme (README, "The method, as implemented"), one class at a time.
+"""Bulk image sets (README, "Bulk image sets"), one class at a time.
 
+The paper's scheme (`bootstrap.noise=0`, `method=paper`):
     1. z_T^G: optimise one seed on the centroids of all references, `bootstrap.global_iterations`.
     2. For each image: draw `bootstrap.subset_size` references with replacement and optimise a seed
-       from z_T^G (with `bootstrap.noise` > 0, from z_T^G mixed with the image's own noise) towards that
-       subset's centroids for `bootstrap.iterations`.
+       from z_T^G towards that subset's centroids for `bootstrap.iterations`.
+With `bootstrap.noise=a` each image starts from sqrt(1 - a) z_T^G + sqrt(a) eps, eps its own noise, and keeps the
+best of `bootstrap.candidates` such starts; with a = 1 (`method=select`, the default) no z_T^G is needed.
 
-A batch of images shares z_T^G as its start but each seed has its own subset, so the batch carries
-per-seed centroids; the summed loss keeps every seed's gradient and AdamW state its own. The subset
-and the noise of image `index` depend only on (`seed`, class, index), and z_T^G is saved in the run
-directory, so a resumed run, another batch size or another shard draws exactly the same images.
+Each seed of a batch has its own subset, so the batch carries per-seed centroids; the summed loss keeps every
+seed's gradient and AdamW state its own. The subset and the noise of image `index` depend only on (`seed`, class,
+index), and z_T^G is saved in the run directory, so a resumed run, another batch size or another shard draws
+exactly the same images.
 """
 
 from __future__ import annotations

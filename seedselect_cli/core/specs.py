@@ -79,7 +79,7 @@ class BootstrapSpec:
 
     n_images: int = 10  # images per class
     subset_size: int = 3  # references drawn, with replacement, for each image's centroids
-    iterations: int = 5  # per image, starting from z_T^G
+    iterations: int = 5  # per image, from its start
     global_iterations: int = 10  # for z_T^G, on all references
     # share of fresh noise's variance in each image's start, sqrt(1 - a) z_T^G + sqrt(a) eps (eps: the image's own
     # init seed's noise, as plain sampling draws it); 0: the paper's, every image of a class from z_T^G itself
