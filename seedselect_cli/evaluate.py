@@ -4,8 +4,8 @@ For each class and overall: zero-shot CLIP accuracy among the run's classes (or 
 top-1 and top-k; optionally a judge's accuracy (any `transformers` image classifier); fidelity,
 the cosine similarity of each image to its class's reference centroid; diversity, the mean
 pairwise CLIP distance among a class's images (and among its references). The baseline is plain
-Stable Diffusion from the seeds before optimisation (for `bootstrap` runs, whose images share one
-start, and `init=inversion` or `nao` runs, whose starts carry the references, from the noise
+Stable Diffusion from the seeds before optimisation (for `bootstrap` runs, whose starts may hold the
+shared z_T^G, and `init=inversion` or `nao` runs, whose starts carry the references, from the noise
 `optimize` would have drawn), rendered once and cached in RUN/baseline/.
 """
 
@@ -42,7 +42,7 @@ from seedselect_cli.files.seed_files import load_seed_file
 from seedselect_cli.generate import models_for_seed
 from seedselect_cli.judges import EvalClip, Judge, JudgeConfig, load_clip
 from seedselect_cli.models import DTYPES, resolve_device
-from seedselect_cli.report import ROW_NAMES
+from seedselect_cli.report import row_names
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +120,13 @@ def read_run(run_dir: Path) -> tuple[Config, list[dict]]:
     return config, entries
 
 
+def made_by(entries: list[dict]) -> str | None:
+    """The command that wrote the run's images (`optimize` or `bootstrap`, from their manifest entries); None
+    where entries disagree or an older manifest does not say."""
+    commands = {e.get("method") for e in entries}
+    return commands.pop() if len(commands) == 1 and None not in commands else None
+
+
 def _usable_entry(entry: dict) -> bool:
     """What evaluate reads of a manifest entry besides its files: a prompt and a finite loss curve."""
     history = entry.get("loss_history")
@@ -155,7 +162,7 @@ def _usable_image(path: Path, size: tuple[int, int]) -> bool:
 
 BASELINE = ("plain sampling (no optimisation) from fresh noise drawn from each image's init seed: for an "
             "`optimize` run with init=random, the seed before optimisation; for init=inversion, nao or reference "
-            "and for bootstrap, whose starts carry the references, the noise alone")
+            "and for bootstrap, whose starts may carry z_T^G, the noise alone")
 
 
 SMALL_SET = 8  # images of a class below which the set measures are one or two images' worth of noise
@@ -207,7 +214,8 @@ def decoder_ceiling(models: FrozenModels, config: Config, clip: EvalClip, judge:
     return out
 
 
-def ceiling_note(ceiling: dict[str, dict | None], heldout_seen: dict[str, Embedded | None], overall: dict) -> dict:
+def ceiling_note(ceiling: dict[str, dict | None], heldout_seen: dict[str, Embedded | None], overall: dict,
+                 made_by: str | None) -> dict:
     """The decoder ceiling over the classes (weighted by their held-out images), beside each set's precision."""
     rows = [(v, len(heldout_seen[c].clip)) for c, v in ceiling.items()
             if v is not None and v["round_trip_precision"] is not None]
@@ -215,7 +223,8 @@ def ceiling_note(ceiling: dict[str, dict | None], heldout_seen: dict[str, Embedd
         return {"round_trip_precision": None, "precision": None,
                 "note": "decoder ceiling: no class has enough held-out images to measure it"}
     mean = {key: sum(v[key] * n for v, n in rows) / sum(n for _, n in rows) for key in ("round_trip_precision", "precision")}
-    sets = ", ".join(f"{ROW_NAMES[m]} {o['precision']:.3f}" for m, o in overall.items() if o.get("precision") is not None)
+    names = row_names(made_by)
+    sets = ", ".join(f"{names[m]} {o['precision']:.3f}" for m, o in overall.items() if o.get("precision") is not None)
     return {**mean, "note": f"decoder ceiling: the held-out images score precision {mean['precision']:.3f} against "
                             f"the others, {mean['round_trip_precision']:.3f} after the run's VAE (the images: {sets})"}
 
@@ -383,7 +392,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
 
     # 4. metrics.json, contact sheets, loss curves, index.html; a table in the terminal.
     metrics = {
-        "run_dir": str(run_dir), "n_images": len(entries), "clip": cfg.clip or config.model.image_encoder,
+        "run_dir": str(run_dir), "made_by": made_by(entries), "n_images": len(entries), "clip": cfg.clip or config.model.image_encoder,
         "judge": cfg.judge.model, "classified_among": len(candidates), "top_k": cfg.top_k,
         "baseline": BASELINE if cfg.baseline else None,
         "notes": notes(len(candidates), cfg.top_k, min(Counter(names).values()), cfg.dataset_classes),
@@ -396,7 +405,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
                         **{method: scores[method][c] for method in scores}} for c in run_classes},
     }
     if cfg.decoder_ceiling:
-        metrics["decoder_ceiling"] = ceiling_note(ceiling, heldout_seen, metrics["overall"])
+        metrics["decoder_ceiling"] = ceiling_note(ceiling, heldout_seen, metrics["overall"], metrics["made_by"])
         metrics["notes"].append(metrics["decoder_ceiling"]["note"])
     with out.writing(run_dir / "report"):
         write_report(run_dir, metrics, entries, references, sets)

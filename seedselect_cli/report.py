@@ -24,7 +24,12 @@ from seedselect_cli.files.images import load_rgb
 THUMB = 128
 PER_ROW = 8
 LABEL_WIDTH = 120
-ROW_NAMES = {"seedselect": "SeedSelect", "plain": "plain"}
+
+
+def row_names(made_by: str | None) -> dict[str, str]:
+    """What each set of images is called in tables and sheets (the keys of metrics.json's sets); a
+    `bootstrap` run's own images say so (`made_by`: the command that wrote the run, None when unknown)."""
+    return {"seedselect": "SeedSelect bootstrap" if made_by == "bootstrap" else "SeedSelect", "plain": "plain"}
 
 
 def contact_sheet(rows: list[tuple[str, list[Image.Image]]]) -> Image.Image:
@@ -81,11 +86,11 @@ def metric_keys(metrics: dict) -> list[str]:
 
 
 def index_html(metrics: dict, sheets: dict[str, str]) -> str:
-    keys, methods = metric_keys(metrics), list(metrics["overall"])
-    overall = _table([[ROW_NAMES[m], metrics["overall"][m]["n_images"], *(metrics["overall"][m][k] for k in keys)]
+    keys, methods, names = metric_keys(metrics), list(metrics["overall"]), row_names(metrics.get("made_by"))
+    overall = _table([[names[m], metrics["overall"][m]["n_images"], *(metrics["overall"][m][k] for k in keys)]
                       for m in methods], ["images", "n", *keys])
     per_class = _table(
-        [[name, ROW_NAMES[m], c[m]["n_images"], *(c[m][k] for k in keys)]
+        [[name, names[m], c[m]["n_images"], *(c[m][k] for k in keys)]
          for name, c in metrics["classes"].items() for m in methods],
         ["class", "images", "n", *keys])
     refs = _table([[name, c["references"]["n_images"], c["references"]["diversity"],
@@ -113,7 +118,7 @@ Numbers: <a href="metrics.json">metrics.json</a>.</p>
 <h2>Per class</h2>{per_class}
 <h2>References</h2>{refs}
 <h2>Loss</h2><img src="loss.png" alt="loss curves">
-<h2>Images (references | plain Stable Diffusion | SeedSelect)</h2>{figures}
+<h2>Images (references | plain Stable Diffusion | {names["seedselect"]})</h2>{figures}
 </body></html>
 """
 
@@ -121,14 +126,14 @@ Numbers: <a href="metrics.json">metrics.json</a>.</p>
 def write_report(run_dir: Path, metrics: dict, entries: list[dict], references: dict[str, list[Image.Image]],
                  sets: dict[str, list[Path]]) -> Path:
     """Write RUN/report/ and return it."""
-    report = run_dir / "report"
+    report, names = run_dir / "report", row_names(metrics.get("made_by"))
     sheets = {}
     for name, refs in references.items():
         rows = [("references", refs)]
         for method in ("plain", "seedselect"):
             if method in sets:
                 paths = [p for p, e in zip(sets[method], entries) if e["class"] == name]
-                rows.append((ROW_NAMES[method], [load_rgb(p) for p in paths[:PER_ROW]]))
+                rows.append((names[method], [load_rgb(p) for p in paths[:PER_ROW]]))
         relative = f"sheets/{slugify(name)}.png"
         sheet = contact_sheet(rows)
         atomic_write(report / relative, lambda tmp, sheet=sheet: sheet.save(tmp, format="PNG"))
@@ -145,7 +150,7 @@ QUALITY_KEYS = ("precision", "recall", "density", "coverage", "kid", "diversity_
 def print_table(metrics: dict) -> None:
     """Two tables, one row per class and kind of image (SeedSelect, plain Stable Diffusion): how often the
     images are the class, then how they sit among held-out real images. Wide enough when piped."""
-    keys = metric_keys(metrics)
+    keys, names = metric_keys(metrics), row_names(metrics.get("made_by"))
     groups = {"accuracy": [k for k in keys if k not in QUALITY_KEYS],
               f"beside real images ({metrics.get('quality_space', 'CLIP')})": [k for k in keys if k in QUALITY_KEYS]}
     console = Console(width=None if sys.stdout.isatty() else 160)
@@ -159,7 +164,7 @@ def print_table(metrics: dict) -> None:
         rows = [*metrics["classes"].items(), ("overall", metrics["overall"])]
         for r, (name, c) in enumerate(rows):
             for i, method in enumerate(metrics["overall"]):
-                table.add_row(name if i == 0 else "", ROW_NAMES[method], str(c[method]["n_images"]),
+                table.add_row(name if i == 0 else "", names[method], str(c[method]["n_images"]),
                               *(_cell(c[method][k]) for k in columns), end_section=i == len(metrics["overall"]) - 1
                               and r < len(rows) - 1)
         console.print(table)

@@ -102,6 +102,7 @@ def test_report_with_the_baseline_beside_the_result(demo_run, monkeypatch):
     monkeypatch.setattr(evaluate_module, "sample_images", lambda *a, **k: calls.append(1))
     again = run_evaluate(EvaluateConfig(run_dir=str(demo_run)))
     assert calls == [] and again["classes"] == metrics["classes"]  # the baseline is cached
+    assert metrics["made_by"] == "optimize" and "SeedSelect bootstrap" not in page
 
 
 QUALITY = ("precision", "recall", "density", "coverage", "kid", "diversity_ratio", "copies")
@@ -157,12 +158,16 @@ def test_the_decoder_ceiling_scores_the_held_out_images_through_the_runs_vae(dem
 
 
 @pytest.mark.slow
-def test_the_plain_baseline_of_a_bootstrap_run_starts_from_independent_seeds(tmp_path):
+def test_the_plain_baseline_of_a_bootstrap_run_starts_from_independent_seeds(tmp_path, capsys):
+    """The paper's scheme, every image from one z_T^G: the baseline is drawn from each image's own noise, and
+    the report calls the run's images what they are."""
     run_dir = tmp_path / "run"
     run_bootstrap(make_config(["bootstrap.n_images=2", "bootstrap.global_iterations=2", "bootstrap.iterations=2",
-                               "runtime.batch_size=2"]), run_dir)
-    plain = run_evaluate(EvaluateConfig(run_dir=str(run_dir)))["classes"]["red_disc"]["plain"]
-    assert plain["diversity"] > 0  # not the same z_T^G twice
+                               "bootstrap.noise=0", "bootstrap.candidates=1", "runtime.batch_size=2"]), run_dir)
+    metrics = run_evaluate(EvaluateConfig(run_dir=str(run_dir)))
+    assert metrics["classes"]["red_disc"]["plain"]["diversity"] > 0  # not the same z_T^G twice
+    assert metrics["made_by"] == "bootstrap" and "SeedSelect bootstrap" in capsys.readouterr().out
+    assert "SeedSelect bootstrap" in (run_dir / "report" / "index.html").read_text()
 
 
 def test_a_judge_with_mapped_labels(demo_run, tmp_path):
