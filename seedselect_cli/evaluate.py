@@ -392,7 +392,8 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
 
     # 4. metrics.json, contact sheets, loss curves, index.html; a table in the terminal.
     metrics = {
-        "run_dir": str(run_dir), "made_by": made_by(entries), "n_images": len(entries), "clip": cfg.clip or config.model.image_encoder,
+        "run_dir": str(run_dir), "made_by": made_by(entries), "n_images": len(entries),
+        "clip": cfg.clip or config.model.image_encoder,
         "judge": cfg.judge.model, "classified_among": len(candidates), "top_k": cfg.top_k,
         "baseline": BASELINE if cfg.baseline else None,
         "notes": notes(len(candidates), cfg.top_k, min(Counter(names).values()), cfg.dataset_classes),
