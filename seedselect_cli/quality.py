@@ -62,11 +62,17 @@ def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = K) -> tupl
 
 def round_trip_precision(real: torch.Tensor, round_trips: torch.Tensor, k: int = K) -> float | None:
     """Precision of `round_trips` (n, D) against `real` (n, D), where row i is real row i after some passage (a
-    VAE's encode and decode), each judged against the real rows other than its own original: the precision that
-    unseen real images score after that passage. None with k + 1 real rows or fewer."""
+    VAE's encode and decode), each judged against the real rows other than its own original, as if that original
+    had never been among them: its ball is left out and so is its part in the other rows' k-NN radii (each radius
+    then its row's k-th nearest without row i). This is the precision an unseen real image scores after that
+    passage; with `round_trips` = `real`, an unseen real image's precision. None with k + 1 real rows or fewer."""
     if len(real) <= k + 1:
         return None
-    inside = _in_balls(real, round_trips, k)
+    distances = torch.cdist(real, real)  # [j, i]
+    nearest = distances.topk(k + 2, dim=1, largest=False).values  # column 0: the row itself
+    # real j's radius without real i: its (k+1)-th nearest other row where i is one of its k nearest, else its k-th
+    radii = torch.where(distances <= nearest[:, k, None], nearest[:, k + 1, None], nearest[:, k, None])
+    inside = torch.cdist(round_trips, real) <= radii.T  # [i, j]: round trip i in real j's ball without real i
     inside.fill_diagonal_(False)  # not against its own original
     return float(inside.any(dim=1).float().mean())
 

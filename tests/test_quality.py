@@ -61,14 +61,21 @@ def test_precision_recall_density_coverage_and_kid_match_plain_loops(seed):
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_round_trip_precision_matches_a_plain_loop_without_each_images_own_original(seed):
+    """Round trip i against the real rows with real row i taken out: its ball and its part in the radii."""
     rng = np.random.default_rng(seed)
     real = rng.normal(size=(23, 5))
     trips = real + rng.normal(scale=0.6, size=real.shape)  # row i: real row i after a lossy passage
-    radii = [plain_radius(real, i, 3) for i in range(len(real))]
-    plain = np.mean([any(math.dist(t, real[j]) <= radii[j] for j in range(len(real)) if j != i)
-                     for i, t in enumerate(trips)])
+    hits = []
+    for i, t in enumerate(trips):
+        rest = np.delete(real, i, axis=0)
+        hits.append(any(math.dist(t, rest[j]) <= plain_radius(rest, j, 3) for j in range(len(rest))))
     ours = quality.round_trip_precision(torch.from_numpy(real), torch.from_numpy(trips))
-    assert ours == pytest.approx(plain) and 0 < ours < 1
+    assert ours == pytest.approx(np.mean(hits)) and 0 < ours < 1
+    # the radii without the original matter: keeping real row i in them scores lower on these draws
+    kept = [plain_radius(real, j, 3) for j in range(len(real))]
+    with_original = np.mean([any(math.dist(t, real[j]) <= kept[j] for j in range(len(real)) if j != i)
+                             for i, t in enumerate(trips)])
+    assert with_original < ours
     outlier = torch.cat([torch.from_numpy(real), torch.full((1, 5), 50.0, dtype=torch.float64)])
     assert quality.precision_recall(outlier, outlier)[0] == 1.0  # each row is in its own ball
     assert quality.round_trip_precision(outlier, outlier) == pytest.approx(1 - 1 / 24, abs=0.05)  # not the outlier
