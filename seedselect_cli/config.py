@@ -81,6 +81,9 @@ class OptimConfig:
     # stop each seed once L_sem is no more than the distance from its target to the nearest other reference:
     # nearer than the references lie to each other, the image copies its reference rather than draws the concept
     stop_near_reference: bool = False
+    # a seed whose loss rises above its best by this share goes halfway back to its best iterate and takes half-size
+    # steps from then on; None: never (the authors' plain AdamW)
+    backtrack: float | None = None
 
 
 @dataclass
@@ -128,7 +131,7 @@ class Config:
         o = self.optim
         return OptimSpec(lr=o.lr, iterations=o.iterations, lr_drop_at=o.lr_drop_at, lr_drop_factor=o.lr_drop_factor,
                          shell=o.shell, patience=o.patience, stop_near_reference=o.stop_near_reference,
-                         optimizer=instantiate(o.optimizer))
+                         backtrack=o.backtrack, optimizer=instantiate(o.optimizer))
 
 
 def load_structured(schema: type, cfg: DictConfig | dict):
@@ -242,6 +245,9 @@ def check_config(c: Config) -> None:
     if c.optim.stop_near_reference and (c.loss.semantic != "centroid" or c.loss.distance != "cosine" or c.loss.lam <= 0):
         raise _bad("optim.stop_near_reference", True, "compares L_sem with the references' cosine distances: it needs "
                    "loss.semantic=centroid, loss.distance=cosine and loss.lam > 0")
+    if c.optim.backtrack is not None and not (math.isfinite(c.optim.backtrack) and c.optim.backtrack >= 0):
+        raise _bad("optim.backtrack", c.optim.backtrack, "must be null (off) or a share >= 0 of a seed's best loss, "
+                   "e.g. 0.5")
     if not c.optim.lr_drop_factor > 0:
         raise _bad("optim.lr_drop_factor", c.optim.lr_drop_factor, "must be positive")
     if "_target_" not in c.optim.optimizer:

@@ -69,6 +69,7 @@ def test_method_select_is_the_default_and_the_paper_one_setting_away(tmp_path):
     paper = load_config(compose_raw("cub_tail", [f"dataset.root={tmp_path}", "method=paper"]))
     assert (paper.init.candidates, paper.optim.iterations, paper.loss.appearance) == (1, 30, "centroid")
     assert paper.loss.lam == pytest.approx(10 / 11)
+    assert select.optim.backtrack is None and paper.optim.backtrack is None  # an option, not a default: RESULTS.md
     assert select.init.method == "random" and select.sampler == paper.sampler and select.model == paper.model
     mine = load_config(compose_raw("cub_tail", [f"dataset.root={tmp_path}", "optim.iterations=10", "loss.lam=0.5"]))
     assert (mine.optim.iterations, mine.loss.lam, mine.init.candidates) == (10, 0.5, 16)
@@ -102,6 +103,7 @@ def test_required_root_is_named(tmp_path):
     ("loss.appearance=centroid loss.semantic_references=3", "loss.semantic_references"),  # only with `assigned`
     ("optim.stop_near_reference=true loss.semantic=contrastive", "optim.stop_near_reference"),  # cosine L_sem only
     ("optim.stop_near_reference=true loss.lam=0", "optim.stop_near_reference"),
+    ("optim.backtrack=-0.5", "optim.backtrack"), ("optim.backtrack=nan", "optim.backtrack"),
 ])
 @pytest.mark.slow
 def test_bad_values_are_rejected_naming_the_key(override, key):

@@ -1,4 +1,4 @@
-"""The SeedSelect loop on the tiny components: gradients, lambda, k-step, best iterate, batching."""
+"""The SeedSelect loop on the tiny components: gradients, lambda, k-step, best iterate, batching, backtracking."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 
 import seedselect_cli.core.optimize as optimize_module
 from seedselect_cli.core.losses import semantic_distance
-from seedselect_cli.core.optimize import optimize_seeds, seed_objective, semantic_embedding
+from seedselect_cli.core.optimize import backtracking_step, optimize_seeds, seed_objective, semantic_embedding
 from seedselect_cli.core.sampling import ddim_schedule, encode_prompt, rollout
 from seedselect_cli.core.targets import Centroids
 from tests.conftest import make_config
@@ -132,3 +132,32 @@ def test_the_seed_norm_prior_adds_exactly_its_weighted_term(tiny_models):
         prior = seed_objective(tiny_models, z, random_target(41), encode_prompt(tiny_models, "a red disc"),
                                ddim_schedule(tiny_models, 4), make_config(["loss.norm_weight=0.5"]).objective())
     torch.testing.assert_close(prior.total - plain.total, 0.5 * seed_norm_prior(z))
+
+
+def test_backtracking_steps_each_seed_by_its_share_and_sends_a_risen_seed_halfway_back():
+    """`optim.backtrack`'s step against AdamW stepping alone, on fresh random seeds and gradients: a seed at full
+    share steps exactly as AdamW does, one at a quarter a quarter as far, and a seed whose loss rose goes halfway
+    back to its best iterate with its AdamW moments as they were before the step."""
+    g = torch.Generator().manual_seed(41)
+    z = torch.randn(3, 4, 5, 5, generator=g).requires_grad_(True)
+    plain = z.detach().clone().requires_grad_(True)
+    ours_opt, plain_opt = torch.optim.AdamW([z], lr=0.1), torch.optim.AdamW([plain], lr=0.1)
+    for _ in range(2):  # moments that are not zero
+        grad = torch.randn(z.shape, generator=g)
+        z.grad, plain.grad = grad.clone(), grad.clone()
+        ours_opt.step()
+        plain_opt.step()
+    torch.testing.assert_close(z, plain, rtol=0, atol=0)
+    best = torch.randn(z.shape, generator=g)
+    before = z.detach().clone()
+    moments = {k: v.clone() for k, v in ours_opt.state[z].items() if k != "step"}
+    grad = torch.randn(z.shape, generator=g)
+    z.grad, plain.grad = grad.clone(), grad.clone()
+    backtracking_step(ours_opt, z, best, torch.tensor([1.0, 0.25, 0.5]), torch.tensor([False, False, True]))
+    plain_opt.step()
+    torch.testing.assert_close(z[0], plain[0], rtol=0, atol=0)
+    torch.testing.assert_close(z[1], before[1] + 0.25 * (plain[1] - before[1]))
+    torch.testing.assert_close(z[2], (best[2] + before[2]) / 2)
+    for key, value in moments.items():
+        torch.testing.assert_close(ours_opt.state[z][key][2], value[2], rtol=0, atol=0)
+        torch.testing.assert_close(ours_opt.state[z][key][:2], plain_opt.state[plain][key][:2], rtol=0, atol=0)

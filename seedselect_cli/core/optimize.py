@@ -5,8 +5,10 @@ it would get alone, and AdamW (element-wise) keeps a separate state for each. Th
 each seed is kept, with its losses, and the loss curve is recorded. A seed whose loss or gradient
 stops being finite is frozen at its best iterate and the others go on; so is, with
 `optim.stop_near_reference`, a seed whose L_sem has fallen to its target's spacing (`Centroids.spacing`: nearer
-than that to its reference, an image copies it). `should_stop` ends the loop after the current step (Ctrl-C,
-SIGTERM).
+than that to its reference, an image copies it). With `optim.backtrack`, a seed whose loss rises above its best
+by that share goes halfway back to its best iterate instead of stepping, and steps half as far from then on: the
+authors' AdamW at lr 0.1 often leaps out of a seed's basin at the first step, and where the seed then ends is
+chaotic (RESULTS.md). `should_stop` ends the loop after the current step (Ctrl-C, SIGTERM).
 """
 
 from __future__ import annotations
@@ -138,6 +140,24 @@ def best_candidates(models: FrozenModels, candidates: torch.Tensor, centroids: C
     return candidates[torch.arange(len(best)), best], best.tolist()
 
 
+def backtracking_step(optimizer: torch.optim.Optimizer, z: torch.Tensor, best_z: torch.Tensor,
+                      step_scale: torch.Tensor, rose: torch.Tensor) -> None:
+    """`optim.backtrack`: the optimiser's step on the seeds `z` (B, ...), each seed's step times its `step_scale`
+    (B,); a seed whose loss `rose` (B, bool) takes no step but goes halfway back to its best iterate `best_z`, and its
+    optimiser state (AdamW's moments) is left as it was, untouched by the gradient of the point it leaves."""
+    before = z.detach().clone()
+    state = optimizer.state[z]
+    kept = {key: value.clone() for key, value in state.items() if torch.is_tensor(value) and value.shape == z.shape}
+    optimizer.step()
+    with torch.no_grad():
+        z.copy_(torch.lerp(before, z, step_scale.to(z.device, z.dtype).view(-1, *[1] * (z.ndim - 1))))
+        back = rose.to(z.device)
+        if back.any():
+            z[back] = torch.lerp(best_z[back], before[back], 0.5)
+            for key, value in kept.items():
+                state[key][back] = value[back]
+
+
 def optimize_seeds(models: FrozenModels, z_init: torch.Tensor, centroids: Centroids, text_embeds: PromptEmbeds,
                    objective: Objective, optim: OptimSpec, iterations: int | None = None, progress=None,
                    should_stop: Callable[[], bool] | None = None,
@@ -172,6 +192,7 @@ def optimize_seeds(models: FrozenModels, z_init: torch.Tensor, centroids: Centro
     spacing = (centroids.spacing.float().cpu().expand(batch)
                if optim.stop_near_reference and centroids.spacing is not None else None)
     near = torch.zeros(batch, dtype=torch.bool)
+    step_scale = torch.ones(batch)  # optim.backtrack: each seed's share of the optimiser's step, halved at each rise
 
     for it in range(iterations):
         if it == optim.lr_drop_at and it > 0:  # the authors' schedule: lr / 10 after 3 iterations
@@ -217,7 +238,12 @@ def optimize_seeds(models: FrozenModels, z_init: torch.Tensor, centroids: Centro
             break  # no seed has improved for optim.patience iterations: the rest would change nothing
         if frozen.any():
             z.grad[frozen.to(z.device)] = 0.0
-        optimizer.step()
+        if optim.backtrack is None:
+            optimizer.step()
+        else:
+            rose = ~frozen & (total > best_loss + optim.backtrack * best_loss.abs())
+            backtracking_step(optimizer, z, best_z, step_scale, rose)
+            step_scale = torch.where(rose, step_scale / 2, step_scale)
         if optim.shell:  # back onto the Gaussian shell, where the model has seen its seeds
             with torch.no_grad():
                 z.mul_(chi_mode(z[0].numel()) / z.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (z.ndim - 1)))

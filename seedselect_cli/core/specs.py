@@ -103,6 +103,9 @@ class OptimSpec:
     shell: bool = False  # after each step, every seed back on the Gaussian shell (norm sqrt(d - 1))
     patience: int = 0  # stop once no seed's loss has improved by 1 % for this many iterations; 0: never
     stop_near_reference: bool = False  # stop each seed once L_sem <= its target's `Centroids.spacing`
+    # a seed whose loss rises above its best by this share goes halfway back to its best iterate and steps half as
+    # far from then on; None: never (the authors' plain AdamW)
+    backtrack: float | None = None
     optimizer: Callable[..., torch.optim.Optimizer] = adamw
 
 
