@@ -98,6 +98,15 @@ measure "compiled, warm cache" 120 "${bench[@]}" --modes compiled-graphed --batc
   --json /tmp/gpu_session/compiled_warm.json
 # 8. The samplers' open figures: SDXL at 1024 px, batch 1 (peak within 40 GB), beside the plain path.
 measure "SDXL 1024 px" 150 "${bench[@]}" --model sdxl --modes graphed plain --batch 1 --json /tmp/gpu_session/sdxl.json
+# 9. Part 1 again with optim.backtrack=0.5 (BENCHMARKS.md, "The chaotic seed is AdamW's first step"): does float16
+#    on CUDA then end where float32 does on all 8 seeds, as it does on the CPU? Last: it matters least.
+if [ -n "$tiny" ]; then
+  measure "precision with backtracking" 120 python3 scripts/precision_check.py --device "$device" \
+    --concepts "marsh finch" --n-images 1 --iterations 2 --dtypes float32 float16 --set optim.backtrack=0.5
+else
+  measure "precision with backtracking" 120 python3 scripts/precision_check.py --device "$device" \
+    --n-images 4 --iterations 30 --dtypes float32 float16 --set optim.backtrack=0.5
+fi
 
 shopt -s nullglob
 python3 - "$out/bench.json" /tmp/gpu_session/*.json <<'EOF'

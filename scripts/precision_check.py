@@ -11,6 +11,7 @@ whose verdict matches float32's.
     python scripts/precision_check.py                              # 8 seeds, 30 iterations: ~10 min on 2 CPU cores
     python scripts/precision_check.py --device cuda --dtypes float32 bfloat16 float16
     python scripts/precision_check.py --where --concepts "marsh finch"   # which network loses the precision
+    python scripts/precision_check.py --dtypes float32 float16 --set optim.backtrack=0.5   # with a config override
 
 `--moved-starts EPS N`: afterwards, each dtype optimises every seed again from its start moved by EPS of the
 starts' spread (N draws), each scored by float32 against float32's own run: how far a seed's end moves with the
@@ -49,8 +50,9 @@ from seedselect_cli.pipeline import run_optimize
 from seedselect_cli.references import load_encodings
 
 
-def config_for(concepts: list[str], dtype: str, device: str, n: int, iterations: int, method: str | None = None):
-    return compose_config("toyworld", [*([f"method={method}"] if method else []),
+def config_for(concepts: list[str], dtype: str, device: str, n: int, iterations: int, method: str | None = None,
+               overrides: tuple[str, ...] = ()):
+    return compose_config("toyworld", [*([f"method={method}"] if method else []), *overrides,
         "dataset.classes=[" + ",".join(concepts) + "]", f"n_images={n}", f"runtime.batch_size={n}",
         f"runtime.dtype={dtype}", f"runtime.device={device}", f"optim.iterations={iterations}",
         "runtime.progress=false", "runtime.cache=false"])
@@ -92,9 +94,10 @@ def in_dtype(models, networks: tuple[str, ...], dtype: torch.dtype):
     return dataclasses.replace(models, **{name: copy.deepcopy(getattr(models, name)).to(dtype) for name in networks})
 
 
-def where(concept: str, n: int, iterations: int, device: str, dtype_name: str, method: str | None = None) -> list[dict]:
+def where(concept: str, n: int, iterations: int, device: str, dtype_name: str, method: str | None = None,
+          overrides: tuple[str, ...] = ()) -> list[dict]:
     """The loss's relative error and the gradient's cosine to float32's with each network in the low dtype."""
-    config = config_for([concept], "float32", device, n, iterations, method)
+    config = config_for([concept], "float32", device, n, iterations, method, overrides)
     models = load_models(config.model, torch.device(device), torch.float32)
     centroids, text = concept_targets(models, config, concept)
     shape = models.latent_shape(config.sampler.height, config.sampler.width)
@@ -129,6 +132,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--method", choices=("select", "paper"), default=None,
                         help="default: the tool's (select); BENCHMARKS.md's tables were measured with paper")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every run, e.g. --set optim.backtrack=0.5 (repeatable)")
     parser.add_argument("--where", action="store_true", help="which network loses the precision (see above)")
     parser.add_argument("--moved-starts", nargs=2, type=float, metavar=("EPS", "N"), default=None,
                         help="optimise again from starts moved by EPS of their spread, N draws (see above)")
@@ -137,11 +142,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"| {args.dtypes[-1]} network | iteration | float32 loss | loss error, mean | largest | "
               "grad cos, mean | lowest |\n|---|---|---|---|---|---|---|")
         return [row for concept in args.concepts
-                for row in where(concept, args.n_images, args.iterations, args.device, args.dtypes[-1], args.method)]
+                for row in where(concept, args.n_images, args.iterations, args.device, args.dtypes[-1], args.method,
+                                 tuple(args.overrides))]
     judge = Judge(JudgeConfig(model=asset_path("toyworld/judge")), args.concepts, torch.device("cpu"))
     rows: dict[tuple[str, int], dict] = {}
     for dtype in args.dtypes:
-        config = config_for(args.concepts, dtype, args.device, args.n_images, args.iterations, args.method)
+        config = config_for(args.concepts, dtype, args.device, args.n_images, args.iterations, args.method,
+                            tuple(args.overrides))
         with tempfile.TemporaryDirectory() as folder:
             entries = run_optimize(config, Path(folder))
             images = [Image.open(Path(folder) / e["image"]).convert("RGB") for e in entries]
