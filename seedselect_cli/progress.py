@@ -78,8 +78,10 @@ class RunProgress:
         first = sum(e["loss_history"][0] for e in entries) / len(entries)
         best = sum(e["loss"] for e in entries) / len(entries)
         seconds = sum(e["seconds"] for e in entries) / len(entries)
-        log.info("%s: %d/%d images (%d new), %.2f s/image, loss %.4f -> %.4f", name, already + len(entries),
-                 wanted, len(entries), seconds, first, best)
+        unrefined = never_improved([e["loss_history"] for e in entries])
+        log.info("%s: %d/%d images (%d new), %.2f s/image, loss %.4f -> %.4f%s", name, already + len(entries),
+                 wanted, len(entries), seconds, first, best,
+                 f"; unrefined (loss never below the start's): {unrefined}" if unrefined else "")
 
     def close(self, failed: bool = False) -> None:
         for bar in (self.images, self.classes):
@@ -109,10 +111,17 @@ def run_progress(n_classes: int, n_images: int, enabled: bool) -> Iterator[RunPr
         progress.close(failed)
 
 
+def never_improved(histories: list[list[float]]) -> int:
+    """How many of these loss curves never got below their start: those images are their start, unrefined (AdamW's
+    first step at the authors' lr often throws a seed out of its basin; RESULTS.md)."""
+    return sum(min(h) >= h[0] for h in histories)
+
+
 def print_summary(entries: list[dict], run_dir: Path) -> None:
-    """A table of the new images per class: count, mean loss before and after, seconds per image."""
+    """A table of the new images per class: count, mean loss before and after, how many never got below their
+    start's loss, seconds per image."""
     table = Table(title=f"seedselect: {count_of(len(entries), 'new image')} in {run_dir}")
-    for column in ("class", "images", "first loss", "best loss", "s / image"):
+    for column in ("class", "images", "first loss", "best loss", "unrefined", "s / image"):
         table.add_column(column, justify="left" if column == "class" else "right")
     by_class: dict[str, list[dict]] = {}
     for entry in entries:
@@ -121,5 +130,6 @@ def print_summary(entries: list[dict], run_dir: Path) -> None:
         first = sum(r["loss_history"][0] for r in rows) / len(rows)
         best = sum(r["loss"] for r in rows) / len(rows)
         seconds = sum(r["seconds"] for r in rows) / len(rows)
-        table.add_row(name, str(len(rows)), f"{first:.4f}", f"{best:.4f}", f"{seconds:.2f}")
+        unrefined = never_improved([r["loss_history"] for r in rows])
+        table.add_row(name, str(len(rows)), f"{first:.4f}", f"{best:.4f}", str(unrefined), f"{seconds:.2f}")
     Console().print(table)

@@ -2,7 +2,7 @@
 
     report/metrics.json           the metrics, per class and overall (the contract for scripts)
     report/sheets/<class>.png     references | plain Stable Diffusion | SeedSelect, one row each
-    report/loss.png               the mean loss curve of each class
+    report/loss.png               each class's loss curves: the images' kept losses and their current iterates'
     report/index.html             all of it, offline, relative links only
 """
 
@@ -20,6 +20,7 @@ from rich.table import Table
 
 from seedselect_cli.files.atomic import atomic_write, slugify
 from seedselect_cli.files.images import load_rgb
+from seedselect_cli.progress import never_improved
 
 THUMB = 128
 PER_ROW = 8
@@ -46,8 +47,23 @@ def contact_sheet(rows: list[tuple[str, list[Image.Image]]]) -> Image.Image:
     return sheet
 
 
+def loss_curves(histories: list[list[float]]) -> tuple[list[float], list[float]]:
+    """A class's loss against iteration, mean over its images: of what each image keeps (its best iterate so far,
+    carried to the end once its optimisation stopped) and of where each still-running seed is. The first ends at
+    the mean of the images' kept losses; the second is what the optimiser sees, and AdamW's first step at the
+    authors' lr often throws seeds far above their start (RESULTS.md)."""
+    length = max(len(h) for h in histories)
+    kept, current = [], []
+    for i in range(length):
+        kept.append(sum(min(h[:i + 1]) for h in histories) / len(histories))
+        running = [h[i] for h in histories if i < len(h)]
+        current.append(sum(running) / len(running))
+    return kept, current
+
+
 def loss_plot(entries: list[dict], path: Path) -> None:
-    """The mean loss against iteration, one line per class (the first 20 classes)."""
+    """The loss against iteration of each class (the first 20): the mean of the images' kept losses (solid) and of
+    their current iterates' (dashed), with how many images never got below their start."""
     logging.getLogger("matplotlib").setLevel(logging.ERROR)  # no "building the font cache" line in a run's output
     import matplotlib
 
@@ -59,13 +75,16 @@ def loss_plot(entries: list[dict], path: Path) -> None:
         by_class.setdefault(entry["class"], []).append(entry["loss_history"])
     figure, axes = plt.subplots(figsize=(7, 4), dpi=100)
     for name, curves in list(by_class.items())[:20]:
-        length = max(len(c) for c in curves)
-        mean = [sum(c[i] for c in curves if i < len(c)) / sum(i < len(c) for c in curves) for i in range(length)]
-        axes.plot(range(length), mean, marker="o", markersize=3, label=f"{name} ({len(curves)})")
+        kept, current = loss_curves(curves)
+        stuck = never_improved(curves)
+        line, = axes.plot(range(len(kept)), kept, marker="o", markersize=3,
+                          label=f"{name} ({len(curves)}" + (f", {stuck} never below start)" if stuck else ")"))
+        axes.plot(range(len(current)), current, linestyle="--", alpha=0.5, color=line.get_color())
     axes.set_xlabel("iteration")
     axes.set_ylabel("loss (mean over the class's images)")
     axes.grid(alpha=0.3)
-    axes.legend(fontsize=7, loc="upper right")
+    axes.set_title("solid: what each image keeps (its best iterate so far); dashed: its current iterate", fontsize=8)
+    axes.legend(fontsize=7, loc="best")
     figure.tight_layout()
     atomic_write(path, lambda tmp: figure.savefig(tmp, format="png"))
     plt.close(figure)

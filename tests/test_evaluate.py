@@ -3,6 +3,7 @@ baseline, the report and the judge."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import shutil
@@ -22,6 +23,8 @@ from seedselect_cli.evaluate import (
     topk_correct,
 )
 from seedselect_cli.pipeline import run_bootstrap, run_optimize
+from seedselect_cli.progress import never_improved
+from seedselect_cli.report import loss_curves
 from tests.conftest import make_config, random_image
 
 
@@ -78,6 +81,23 @@ def test_notes_say_what_the_figures_cannot():
     assert len(few) == 1 and "a class has 2 image(s)" in few[0] and f"n_images={SMALL_SET}" in few[0]
     assert "dataset_classes=true" in notes(1, 5, 16, False)[0]
     assert "dataset_classes=true" not in notes(1, 5, 16, True)[0]
+
+
+def test_loss_curves_keep_each_images_best_so_far_and_end_at_the_runs_kept_losses(demo_run):
+    """The report's loss plot: the kept curve against a plain loop on fresh random curves of different lengths (a seed
+    that stopped keeps its best to the end), and on a real run it ends at the mean of the manifest's kept losses."""
+    g = torch.Generator().manual_seed(7)
+    histories = [(torch.rand(n, generator=g) + 0.1).tolist() for n in (9, 4, 9, 1)]
+    kept, current = loss_curves(histories)
+    for i in range(9):
+        best = [min(h[:i + 1]) for h in histories]  # h[:i + 1] of a shorter curve is all of it
+        assert kept[i] == pytest.approx(sum(best) / 4)
+        assert current[i] == pytest.approx(np.mean([h[i] for h in histories if len(h) > i]))
+    assert never_improved([[0.3, 0.5, 0.4], [0.3, 0.2], [0.1]]) == 2  # a curve of one iterate is its start
+    entries = [json.loads(line) for line in (demo_run / "manifest.jsonl").read_text().splitlines()]
+    kept, current = loss_curves([e["loss_history"] for e in entries])
+    assert kept[-1] == pytest.approx(np.mean([e["loss"] for e in entries]))
+    assert all(b <= a for a, b in itertools.pairwise(kept)) and kept[0] == pytest.approx(current[0])
 
 
 def test_report_with_the_baseline_beside_the_result(demo_run, monkeypatch):
