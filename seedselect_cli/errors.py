@@ -11,9 +11,9 @@ def first_line(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
-def count_of(n: int, noun: str) -> str:
-    """"1 image", "2 images"."""
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+def count_of(n: int, noun: str, plural: str | None = None) -> str:
+    """"1 image", "2 images"; "1 class", "2 classes" with `plural`."""
+    return f"{n} {noun}" if n == 1 else f"{n} {plural or noun + 's'}"
 
 
 class UserError(Exception):

@@ -149,8 +149,8 @@ def _run(config: Config, run_dir: Path, method: str, stop: GracefulStop) -> list
     done = out.finished()
     todo = {r.name: [i for i in range(n_images) if (r.name, i) not in done] for r in records}
     if not any(todo.values()):
-        log.info("nothing to do: all %d images of %d classes are in %s", n_images * len(records), len(records),
-                 run_dir)
+        log.info("nothing to do: every image is already in %s (%s of %s)", run_dir,
+                 count_of(n_images * len(records), "image"), count_of(len(records), "class", "classes"))
         return []
 
     # 4. The frozen models, and the cache of reference encodings. A signal stops this at once.
@@ -213,8 +213,9 @@ def _run(config: Config, run_dir: Path, method: str, stop: GracefulStop) -> list
         raise Interrupted(stop.signum, f"stopped by {name}: {count_of(len(entries), 'new image')} kept in {run_dir}; "
                                        f"run the same command again to resume")
     if busy:
-        log.warning("%d classes were left to the other process working in %s (%s); run the command again when it "
-                    "has ended to check that nothing is missing", len(busy), run_dir, ", ".join(busy[:5]))
+        log.warning("%s left to the other process working in %s (%s); run the command again when it has ended to "
+                    "check that nothing is missing", count_of(len(busy), "class was", "classes were"), run_dir,
+                    ", ".join(busy[:5]))
     if failed:
         raise UserError(f"{count_of(len(failed), 'image')} could not be made ({failed[0]}): their loss was never finite; "
                         f"lower optim.lr or use runtime.dtype=float32")
@@ -243,8 +244,8 @@ class ClassRun:
             self.progress.class_done(record.name, [], n_images, n_images)
             return []
         target = engine.class_target(record.name, record.prompt, encode(record), contrast)
-        log.info("class %r: %d references, prompt %r, %d images to make", record.name, len(target.encodings.paths),
-                 record.prompt, len(indices))
+        log.info("class %r: %s, prompt %r, %s to make", record.name, count_of(len(target.encodings.paths), "reference"),
+                 record.prompt, count_of(len(indices), "image"))
         blocks = batch_blocks(indices, n_images, config.runtime.batch_size)
         if self.method == "optimize":
             batches = engine.optimize_batches(target, blocks, engine.centre(target))
