@@ -42,6 +42,7 @@ from seedselect_cli.files.seed_files import load_seed_file
 from seedselect_cli.generate import models_for_seed
 from seedselect_cli.judges import EvalClip, Judge, JudgeConfig, load_clip
 from seedselect_cli.models import DTYPES, resolve_device
+from seedselect_cli.progress import never_improved
 from seedselect_cli.report import row_names
 
 log = logging.getLogger(__name__)
@@ -263,6 +264,7 @@ class Embedded:
     clip: torch.Tensor  # (N, D) unit rows
     verdicts: list[list[str | None]] | None
     judge: torch.Tensor | None  # (N, F)
+    labels: list[str] | None  # the judge's top-1 label of each image, in its own words
     pixels: torch.Tensor  # (N, P)
 
     @property
@@ -275,7 +277,7 @@ class Embedded:
 def embed(clip: EvalClip, judge: Judge | None, paths_or_images: list, cfg: EvaluateConfig, what: str | None = None
           ) -> Embedded:
     """Embed images (paths are read a batch at a time: only what is measured is kept)."""
-    parts: dict[str, list] = {"clip": [], "verdicts": [], "judge": [], "pixels": []}
+    parts: dict[str, list] = {"clip": [], "verdicts": [], "labels": [], "judge": [], "pixels": []}
     starts = range(0, len(paths_or_images), cfg.batch_size)
     for start in (tqdm(starts, desc=what, unit="batch", disable=not sys.stderr.isatty()) if what else starts):
         chunk = paths_or_images[start:start + cfg.batch_size]
@@ -283,13 +285,16 @@ def embed(clip: EvalClip, judge: Judge | None, paths_or_images: list, cfg: Evalu
         parts["clip"].append(clip.images(images, cfg.batch_size))
         parts["pixels"].append(quality.pixel_features(images))
         if judge is not None:
-            verdicts, features = judge.classify(images, cfg.top_k, cfg.batch_size)
+            verdicts, labels, features = judge.classify_labelled(images, cfg.top_k, cfg.batch_size)
             parts["verdicts"] += verdicts
+            parts["labels"] += labels
             parts["judge"].append(features)
     if not parts["clip"]:
-        return Embedded(torch.empty(0, 0), None, None, torch.empty(0, 0))
-    return Embedded(torch.cat(parts["clip"]), parts["verdicts"] if judge is not None else None,
-                    torch.cat(parts["judge"]) if judge is not None else None, torch.cat(parts["pixels"]))
+        return Embedded(torch.empty(0, 0), None, None, None, torch.empty(0, 0))
+    judged = judge is not None
+    return Embedded(torch.cat(parts["clip"]), parts["verdicts"] if judged else None,
+                    torch.cat(parts["judge"]) if judged else None, parts["labels"] if judged else None,
+                    torch.cat(parts["pixels"]))
 
 
 def score(seen: Embedded, labels: list[int], text: torch.Tensor, centroids: torch.Tensor, class_index: dict[str, int],
@@ -319,6 +324,31 @@ def score(seen: Embedded, labels: list[int], text: torch.Tensor, centroids: torc
             seen.pixels[rows], real.pixels if real is not None else None))
         result[name] = metrics
     return result
+
+
+def image_rows(seen: Embedded, names: list[str], text: torch.Tensor, centroids: torch.Tensor,
+               class_index: dict[str, int], candidates: list[str], references: dict[str, Embedded],
+               heldout: dict[str, Embedded | None]) -> list[dict]:
+    """What each instrument says of each image of one set (in `names`' order), for report/images.jsonl: the
+    per-image parts of `score`'s means (judge_top1, fidelity, precision, copies), so a person can set them beside
+    the picture and a script can keep the images they pass."""
+    top1 = (seen.clip @ text.T).argmax(dim=1).tolist()
+    rows = []
+    for i, name in enumerate(names):
+        rows.append({"clip_top1": candidates[top1[i]] if len(candidates) > 1 else None,
+                     "judge_top1": seen.verdicts[i][0] if seen.verdicts is not None else None,
+                     "judge_label": seen.labels[i] if seen.labels is not None else None,
+                     "fidelity": float(F.cosine_similarity(seen.clip[i], centroids[class_index[name]], dim=0))})
+    for name in dict.fromkeys(names):
+        at = [i for i, n in enumerate(names) if n == name]
+        real = heldout[name]
+        inside = (quality.on_manifold(real.features, seen.features[at]).tolist()
+                  if real is not None and len(real.features) > quality.K else [None] * len(at))
+        copied = quality.copied(references[name].pixels, seen.pixels[at], real.pixels if real is not None else None)
+        for j, i in enumerate(at):
+            rows[i]["on_real_manifold"] = inside[j]
+            rows[i]["copy"] = bool(copied[j]) if copied is not None else None
+    return rows
 
 
 def readable_references(record) -> list[Image.Image]:
@@ -381,9 +411,17 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         with out.writing(run_dir / "baseline"):
             baseline = render_baseline(run_dir, config, entries, cfg)
         sets["plain"] = [baseline[(e["class"], e["index"])] for e in entries]
-    scores = {method: score(embed(clip, judge, paths, cfg, f"scoring {method}"), labels, text, centroids,
-                            class_index, names, cfg, ref_seen, heldout_seen)
-              for method, paths in sets.items()}
+    seen = {method: embed(clip, judge, paths, cfg, f"scoring {method}") for method, paths in sets.items()}
+    scores = {method: score(seen[method], labels, text, centroids, class_index, names, cfg, ref_seen, heldout_seen)
+              for method in sets}
+    per_image = []
+    for method, paths in sets.items():
+        rows = image_rows(seen[method], names, text, centroids, class_index, candidates, ref_seen, heldout_seen)
+        for entry, path, row in zip(entries, paths, rows):
+            own = {"loss": entry["loss"], "unrefined": bool(never_improved([entry["loss_history"]]))} \
+                if method == "seedselect" else {}
+            per_image.append({"set": method, "class": entry["class"], "index": entry["index"],
+                              "image": path.relative_to(run_dir).as_posix(), **own, **row})
 
     ceiling: dict[str, dict | None] = dict.fromkeys(run_classes)
     if cfg.decoder_ceiling:
@@ -409,7 +447,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         metrics["decoder_ceiling"] = ceiling_note(ceiling, heldout_seen, metrics["overall"], metrics["made_by"])
         metrics["notes"].append(metrics["decoder_ceiling"]["note"])
     with out.writing(run_dir / "report"):
-        write_report(run_dir, metrics, entries, references, sets)
+        write_report(run_dir, metrics, entries, references, sets, per_image)
     print_table(metrics)
     return metrics
 

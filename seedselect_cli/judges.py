@@ -97,19 +97,27 @@ class Judge:
                             f"judge.label_map={{judge label: class}}")
         self.device = device
 
-    @torch.no_grad()
     def classify(self, images: list[Image.Image], k: int, batch_size: int = 16
                  ) -> tuple[list[list[str | None]], torch.Tensor]:
         """Each image's k most likely classes (None for a label that is no class of the run, such as a
         rejected "off-model"), and its features: the last hidden state, pooled (N, D)."""
-        verdicts, features = [], []
+        verdicts, _, features = self.classify_labelled(images, k, batch_size)
+        return verdicts, features
+
+    @torch.no_grad()
+    def classify_labelled(self, images: list[Image.Image], k: int, batch_size: int = 16
+                          ) -> tuple[list[list[str | None]], list[str], torch.Tensor]:
+        """As `classify`, with each image's most likely label in the judge's own words besides (what it saw where
+        the class is None)."""
+        verdicts, labels, features = [], [], []
         for start in range(0, len(images), batch_size):
             inputs = self.processor(images=images[start:start + batch_size], return_tensors="pt").to(self.device)
             output = self.model(**inputs, output_hidden_states=True)
             indices = output.logits.topk(min(k, output.logits.shape[1]), dim=1).indices.tolist()
             verdicts += [[self.to_class.get(i) for i in row] for row in indices]
+            labels += [str(self.model.config.id2label[row[0]]) for row in indices]
             hidden = output.hidden_states[-1]
             features.append((hidden.mean(dim=(2, 3)) if hidden.ndim == 4 else hidden[:, 0]).float().cpu())
-        return verdicts, torch.cat(features) if features else torch.empty(0)
+        return verdicts, labels, torch.cat(features) if features else torch.empty(0)
 
 

@@ -116,8 +116,8 @@ def pixel_features(images: list[Image.Image], side: int = COPY_SIDE) -> torch.Te
     return torch.from_numpy(np.stack(rows))
 
 
-def copies(references: torch.Tensor, images: torch.Tensor, real: torch.Tensor | None = None) -> float | None:
-    """Share of `images` nearer some reference than any of the `real` held-out images is (or, without
+def copied(references: torch.Tensor, images: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Whether each of `images` is nearer some reference than any of the `real` held-out images is (or, without
     them, than the two nearest references are to each other); None with nothing to compare to."""
     if real is not None and len(real):
         threshold = torch.cdist(real, references).min()
@@ -127,7 +127,13 @@ def copies(references: torch.Tensor, images: torch.Tensor, real: torch.Tensor | 
         threshold = between.min()
     else:
         return None
-    return float((torch.cdist(images, references).min(dim=1).values < threshold).float().mean())
+    return torch.cdist(images, references).min(dim=1).values < threshold
+
+
+def copies(references: torch.Tensor, images: torch.Tensor, real: torch.Tensor | None = None) -> float | None:
+    """Share of `images` that are `copied` from a reference; None with nothing to compare to."""
+    flags = copied(references, images, real)
+    return float(flags.float().mean()) if flags is not None else None
 
 
 def set_quality(real: torch.Tensor | None, fake: torch.Tensor, reference_variety: torch.Tensor,

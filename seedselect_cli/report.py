@@ -1,7 +1,10 @@
 """The report of `seedselect evaluate`, in RUN/report/: what scripts read and what people look at.
 
     report/metrics.json           the metrics, per class and overall (the contract for scripts)
-    report/sheets/<class>.png     references | plain Stable Diffusion | SeedSelect, one row each
+    report/images.jsonl           what each instrument says of each image (judge, CLIP, precision, copies)
+    report/sheets/<class>.png     references | plain Stable Diffusion | SeedSelect, one row each, each image marked
+                                  where the judge names another class, where it copies a reference, and where its
+                                  seed was never refined
     report/loss.png               each class's loss curves: the images' kept losses and their current iterates'
     report/index.html             all of it, offline, relative links only
 """
@@ -33,18 +36,39 @@ def row_names(made_by: str | None) -> dict[str, str]:
     return {"seedselect": "SeedSelect bootstrap" if made_by == "bootstrap" else "SeedSelect", "plain": "plain"}
 
 
-def contact_sheet(rows: list[tuple[str, list[Image.Image]]]) -> Image.Image:
-    """One labelled row of thumbnails per (label, images), at most `PER_ROW` images a row."""
+def contact_sheet(rows: list[tuple[str, list[Image.Image], list[list[tuple[str, str]]] | None]]) -> Image.Image:
+    """One labelled row of thumbnails per (label, images, marks), at most `PER_ROW` images a row; `marks`, if given,
+    are each image's (text, colour) lines, written across its foot (`image_marks`)."""
     width = LABEL_WIDTH + PER_ROW * THUMB
     sheet = Image.new("RGB", (width, THUMB * len(rows)), "white")
     draw, font = ImageDraw.Draw(sheet), ImageFont.load_default()
-    for r, (label, images) in enumerate(rows):
+    small = ImageFont.load_default(size=11)
+    for r, (label, images, marks) in enumerate(rows):
         draw.text((8, r * THUMB + THUMB // 2 - 6), label, fill="black", font=font)
         for c, image in enumerate(images[:PER_ROW]):
             thumb = ImageOps.contain(image, (THUMB - 4, THUMB - 4))  # small images are scaled up too
             x = LABEL_WIDTH + c * THUMB + (THUMB - thumb.width) // 2
             sheet.paste(thumb, (x, r * THUMB + (THUMB - thumb.height) // 2))
+            lines = marks[c] if marks else []
+            for n, (text, colour) in enumerate(reversed(lines)):
+                y = (r + 1) * THUMB - 4 - 13 * (n + 1)
+                box = draw.textbbox((x + 2, y), text, font=small)
+                draw.rectangle((box[0] - 2, box[1] - 1, box[2] + 2, box[3] + 1), fill="white")
+                draw.text((x + 2, y), text, fill=colour, font=small)
     return sheet
+
+
+def image_marks(row: dict, name: str) -> list[tuple[str, str]]:
+    """What a person should check on an image of class `name`, from its report/images.jsonl row: the judge's class
+    where it is not `name`, a copy of a reference, a seed never refined (its start)."""
+    marks = []
+    if row.get("judge_label") is not None and row.get("judge_top1") != name:
+        marks.append((f"judge: {row['judge_label']}"[:22], "red"))
+    if row.get("copy"):
+        marks.append(("copy", "darkorange"))
+    if row.get("unrefined"):
+        marks.append(("unrefined", "dimgray"))
+    return marks
 
 
 def loss_curves(histories: list[list[float]]) -> tuple[list[float], list[float]]:
@@ -137,27 +161,34 @@ Numbers: <a href="metrics.json">metrics.json</a>.</p>
 <h2>Per class</h2>{per_class}
 <h2>References</h2>{refs}
 <h2>Loss</h2><img src="loss.png" alt="loss curves">
-<h2>Images (references | plain Stable Diffusion | {names["seedselect"]})</h2>{figures}
+<h2>Images (references | plain Stable Diffusion | {names["seedselect"]})</h2>
+<p>Marks on an image: <i>judge: X</i>, the judge's label where it is not the image's class; <i>copy</i>, nearer a
+reference than any held-out real image (or two references to each other); <i>unrefined</i>, its seed never got below
+its start's loss. Every image, with what each measure says of it: <a href="images.jsonl">images.jsonl</a>.</p>
+{figures}
 </body></html>
 """
 
 
 def write_report(run_dir: Path, metrics: dict, entries: list[dict], references: dict[str, list[Image.Image]],
-                 sets: dict[str, list[Path]]) -> Path:
-    """Write RUN/report/ and return it."""
+                 sets: dict[str, list[Path]], per_image: list[dict]) -> Path:
+    """Write RUN/report/ and return it (`per_image`: what each instrument says of each image, in `sets`' order)."""
     report, names = run_dir / "report", row_names(metrics.get("made_by"))
     sheets = {}
     for name, refs in references.items():
-        rows = [("references", refs)]
+        rows = [("references", refs, None)]
         for method in ("plain", "seedselect"):
             if method in sets:
-                paths = [p for p, e in zip(sets[method], entries) if e["class"] == name]
-                rows.append((names[method], [load_rgb(p) for p in paths[:PER_ROW]]))
+                shown = [(p, r) for p, r in zip(sets[method], (r for r in per_image if r["set"] == method))
+                         if r["class"] == name][:PER_ROW]
+                rows.append((names[method], [load_rgb(p) for p, _ in shown], [image_marks(r, name) for _, r in shown]))
         relative = f"sheets/{slugify(name)}.png"
         sheet = contact_sheet(rows)
         atomic_write(report / relative, lambda tmp, sheet=sheet: sheet.save(tmp, format="PNG"))
         sheets[name] = relative
     loss_plot(entries, report / "loss.png")
+    lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in per_image)
+    atomic_write(report / "images.jsonl", lambda tmp: tmp.write_text(lines, encoding="utf-8"))
     atomic_write(report / "metrics.json", lambda tmp: tmp.write_text(json.dumps(metrics, indent=2, ensure_ascii=False)))
     atomic_write(report / "index.html", lambda tmp: tmp.write_text(index_html(metrics, sheets), encoding="utf-8"))
     return report

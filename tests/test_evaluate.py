@@ -22,9 +22,10 @@ from seedselect_cli.evaluate import (
     run_evaluate,
     topk_correct,
 )
+from seedselect_cli.files.assets import asset_path
 from seedselect_cli.pipeline import run_bootstrap, run_optimize
 from seedselect_cli.progress import never_improved
-from seedselect_cli.report import loss_curves
+from seedselect_cli.report import image_marks, loss_curves
 from tests.conftest import make_config, random_image
 
 
@@ -188,6 +189,43 @@ def test_the_plain_baseline_of_a_bootstrap_run_starts_from_independent_seeds(tmp
     assert metrics["classes"]["red_disc"]["plain"]["diversity"] > 0  # not the same z_T^G twice
     assert metrics["made_by"] == "bootstrap" and "SeedSelect bootstrap" in capsys.readouterr().out
     assert "SeedSelect bootstrap" in (run_dir / "report" / "index.html").read_text()
+
+
+def test_images_jsonl_says_of_each_image_what_metrics_json_says_of_its_class(demo_run, tmp_path):
+    """report/images.jsonl, image by image, against metrics.json's means: the judge's top-1, fidelity, precision's
+    k-NN membership and copies, for the run's images and plain sampling's; the marks on the contact sheet. The
+    run's images are replaced by toy-world references the toy judge tells apart: a purple disc (its "marsh finch",
+    mapped to the run's class), a yellow triangle, and another purple disc."""
+    run = tmp_path / "run"
+    shutil.copytree(demo_run, run)
+    shapes = Path(asset_path("toyworld/references"))
+    for index, picture in enumerate(["marsh finch/00.png", "snow wren/00.png", "marsh finch/01.png"]):
+        shutil.copyfile(shapes / picture, run / "images" / "red_disc" / f"{index:05d}.png")
+    args = judge_and_heldout(tmp_path)  # its held-out images, and the toy world's judge instead of its random one
+    args["judge"] = JudgeConfig(model=asset_path("toyworld/judge"), label_map={"marsh finch": "red_disc"})
+    metrics = run_evaluate(EvaluateConfig(run_dir=str(run), **args))
+    rows = [json.loads(line) for line in (run / "report" / "images.jsonl").read_text().splitlines()]
+    entries = {e["index"]: e for e in map(json.loads, (run / "manifest.jsonl").read_text().splitlines())}
+    assert sorted((r["set"], r["index"]) for r in rows) == sorted((s, i) for s in ("seedselect", "plain")
+                                                                    for i in entries)
+    for method in ("seedselect", "plain"):
+        mine, red = [r for r in rows if r["set"] == method], metrics["classes"]["red_disc"][method]
+        assert np.mean([r["judge_top1"] == "red_disc" for r in mine]) == pytest.approx(red["judge_top1"])
+        assert np.mean([r["fidelity"] for r in mine]) == pytest.approx(red["fidelity"], abs=1e-6)
+        assert np.mean([r["on_real_manifold"] for r in mine]) == pytest.approx(red["precision"])
+        assert np.mean([r["copy"] for r in mine]) == pytest.approx(red["copies"])
+        assert all((r["judge_top1"] == "red_disc") == (r["judge_label"] == "marsh finch") for r in mine)
+        assert all((run / r["image"]).is_file() for r in mine)
+    ours = sorted((r for r in rows if r["set"] == "seedselect"), key=lambda r: r["index"])
+    assert [r["judge_label"] for r in ours] == ["marsh finch", "snow wren", "marsh finch"]
+    assert [r["judge_top1"] for r in ours] == ["red_disc", None, "red_disc"]
+    for r in (r for r in rows if r["set"] == "seedselect"):
+        history = entries[r["index"]]["loss_history"]
+        assert r["unrefined"] == (min(history) >= history[0]) and r["loss"] == entries[r["index"]]["loss"]
+    assert image_marks({"judge_top1": None, "judge_label": "off-model", "copy": True, "unrefined": True}, "a") == [
+        ("judge: off-model", "red"), ("copy", "darkorange"), ("unrefined", "dimgray")]
+    assert image_marks({"judge_top1": "a", "judge_label": "A", "copy": False, "unrefined": False}, "a") == []
+    assert image_marks({"judge_top1": None, "judge_label": None, "copy": None}, "a") == []  # no judge, no measure
 
 
 def test_a_judge_with_mapped_labels(demo_run, tmp_path):
