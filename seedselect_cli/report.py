@@ -93,6 +93,7 @@ def loss_plot(entries: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     by_class: dict[str, list[list[float]]] = {}
     for entry in entries:
@@ -105,6 +106,7 @@ def loss_plot(entries: list[dict], path: Path) -> None:
                           label=f"{name} ({len(curves)}" + (f", {stuck} never below start)" if stuck else ")"))
         axes.plot(range(len(current)), current, linestyle="--", alpha=0.5, color=line.get_color())
     axes.set_xlabel("iteration")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_ylabel("loss (mean over the class's images)")
     axes.grid(alpha=0.3)
     axes.set_title("solid: what each image keeps (its best iterate so far); dashed: its current iterate", fontsize=8)
