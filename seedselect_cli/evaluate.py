@@ -448,7 +448,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         metrics["notes"].append(metrics["decoder_ceiling"]["note"])
     with out.writing(run_dir / "report"):
         write_report(run_dir, metrics, entries, references, sets, per_image)
-    print_table(metrics)
+    print_table(metrics, per_image)
     return metrics
 
 

@@ -199,9 +199,21 @@ def write_report(run_dir: Path, metrics: dict, entries: list[dict], references: 
 QUALITY_KEYS = ("precision", "recall", "density", "coverage", "kid", "diversity_ratio", "copies")
 
 
-def print_table(metrics: dict) -> None:
+def marks_line(per_image: list[dict], report: Path) -> str:
+    """How many of the run's own images the contact sheets mark, and where to look."""
+    ours = [r for r in per_image if r["set"] == "seedselect"]
+    counts = [f"{sum(bool(r['copy']) for r in ours)} copies of a reference",
+              f"{sum(r['unrefined'] for r in ours)} unrefined"]
+    if any(r["judge_label"] is not None for r in ours):
+        counts.insert(0, f"{sum(r['judge_top1'] != r['class'] for r in ours)} rejected by the judge")
+    return (f"marked on the contact sheets ({report / 'sheets'}), of the run's {len(ours)} images: "
+            f"{', '.join(counts)}; every image's measures in {report / 'images.jsonl'}")
+
+
+def print_table(metrics: dict, per_image: list[dict] | None = None) -> None:
     """Two tables, one row per class and kind of image (SeedSelect, plain Stable Diffusion): how often the
-    images are the class, then how they sit among held-out real images. Wide enough when piped."""
+    images are the class, then how they sit among held-out real images; the notes, and with `per_image` (the rows
+    of report/images.jsonl) what the contact sheets mark. Wide enough when piped."""
     keys, names = metric_keys(metrics), row_names(metrics.get("made_by"))
     groups = {"accuracy": [k for k in keys if k not in QUALITY_KEYS],
               f"beside real images ({metrics.get('quality_space', 'CLIP')})": [k for k in keys if k in QUALITY_KEYS]}
@@ -222,6 +234,8 @@ def print_table(metrics: dict) -> None:
         console.print(table)
     for note in metrics.get("notes", []):
         console.print(f"note: {note}")
+    if per_image:
+        console.print(marks_line(per_image, Path(metrics["run_dir"]) / "report"))
 
 
 def training_table(results: dict) -> str:

@@ -25,7 +25,7 @@ from seedselect_cli.evaluate import (
 from seedselect_cli.files.assets import asset_path
 from seedselect_cli.pipeline import run_bootstrap, run_optimize
 from seedselect_cli.progress import never_improved
-from seedselect_cli.report import image_marks, loss_curves
+from seedselect_cli.report import image_marks, loss_curves, marks_line
 from tests.conftest import make_config, random_image
 
 
@@ -222,6 +222,9 @@ def test_images_jsonl_says_of_each_image_what_metrics_json_says_of_its_class(dem
     for r in (r for r in rows if r["set"] == "seedselect"):
         history = entries[r["index"]]["loss_history"]
         assert r["unrefined"] == (min(history) >= history[0]) and r["loss"] == entries[r["index"]]["loss"]
+    line = marks_line(rows, Path("R"))
+    assert f"of the run's 3 images: 1 rejected by the judge, {sum(r['copy'] for r in ours)} copies of a reference, " \
+           f"{sum(r['unrefined'] for r in ours)} unrefined" in line and str(Path("R") / "images.jsonl") in line
     assert image_marks({"judge_top1": None, "judge_label": "off-model", "copy": True, "unrefined": True}, "a") == [
         ("judge: off-model", "red"), ("copy", "darkorange"), ("unrefined", "dimgray")]
     assert image_marks({"judge_top1": "a", "judge_label": "A", "copy": False, "unrefined": False}, "a") == []
