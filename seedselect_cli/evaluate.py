@@ -418,7 +418,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     for method, paths in sets.items():
         rows = image_rows(seen[method], names, text, centroids, class_index, candidates, ref_seen, heldout_seen)
         for entry, path, row in zip(entries, paths, rows):
-            own = {"loss": entry["loss"], "unrefined": bool(never_improved([entry["loss_history"]]))} \
+            own = {"loss": entry.get("loss"), "unrefined": bool(never_improved([entry["loss_history"]]))} \
                 if method == "seedselect" else {}
             per_image.append({"set": method, "class": entry["class"], "index": entry["index"],
                               "image": path.relative_to(run_dir).as_posix(), **own, **row})
