@@ -4,7 +4,7 @@
     report/images.jsonl           what each instrument says of each image (judge, CLIP, precision, copies)
     report/sheets/<class>.png     references | plain Stable Diffusion | SeedSelect, one row each, each image marked
                                   where the judge names another class, where it copies a reference, and where its
-                                  seed was never refined
+                                  seed was never refined; then the first of the run's other marked images
     report/loss.png               each class's loss curves: the images' kept losses and their current iterates'
     report/index.html             all of it, offline, relative links only
 """
@@ -179,11 +179,13 @@ def write_report(run_dir: Path, metrics: dict, entries: list[dict], references: 
     sheets = {}
     for name, refs in references.items():
         rows = [("references", refs, None)]
-        for method in ("plain", "seedselect"):
-            if method in sets:
-                shown = [(p, r) for p, r in zip(sets[method], (r for r in per_image if r["set"] == method))
-                         if r["class"] == name][:PER_ROW]
-                rows.append((names[method], [load_rgb(p) for p, _ in shown], [image_marks(r, name) for _, r in shown]))
+        of_class = {method: [(p, r) for p, r in zip(paths, (r for r in per_image if r["set"] == method))
+                             if r["class"] == name] for method, paths in sets.items()}
+        # the run's marked images beyond its first row, so a class of hundreds shows what its marks point at
+        later = [(p, r) for p, r in of_class["seedselect"][PER_ROW:] if image_marks(r, name)]
+        for label, shown in (*((names[m], of_class[m][:PER_ROW]) for m in ("plain", "seedselect") if m in sets),
+                             *([(f"marked ({len(later)} more)", later[:PER_ROW])] if later else [])):
+            rows.append((label, [load_rgb(p) for p, _ in shown], [image_marks(r, name) for _, r in shown]))
         relative = f"sheets/{slugify(name)}.png"
         sheet = contact_sheet(rows)
         atomic_write(report / relative, lambda tmp, sheet=sheet: sheet.save(tmp, format="PNG"))

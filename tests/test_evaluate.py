@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import seedselect_cli.evaluate as evaluate_module
 from seedselect_cli.errors import UserError
@@ -25,7 +26,7 @@ from seedselect_cli.evaluate import (
 from seedselect_cli.files.assets import asset_path
 from seedselect_cli.pipeline import run_bootstrap, run_optimize
 from seedselect_cli.progress import never_improved
-from seedselect_cli.report import image_marks, loss_curves, marks_line
+from seedselect_cli.report import THUMB, image_marks, loss_curves, marks_line, write_report
 from tests.conftest import make_config, random_image
 
 
@@ -229,6 +230,33 @@ def test_images_jsonl_says_of_each_image_what_metrics_json_says_of_its_class(dem
         ("judge: off-model", "red"), ("copy", "darkorange"), ("unrefined", "dimgray")]
     assert image_marks({"judge_top1": "a", "judge_label": "A", "copy": False, "unrefined": False}, "a") == []
     assert image_marks({"judge_top1": None, "judge_label": None, "copy": None}, "a") == []  # no judge, no measure
+
+
+def test_a_class_sheet_shows_the_marked_images_beyond_its_first_row(tmp_path):
+    """A class of 11 images, of which images 3, 9 and 10 are marked: the sheet shows the first 8 and then, in a row of
+    their own, the marked ones among the rest (9 and 10); with none marked beyond the first 8, no such row."""
+    rng = np.random.default_rng(5)
+    paths = []
+    for i in range(11):
+        paths.append(tmp_path / f"{i}.png")
+        random_image(rng, (32, 32)).save(paths[-1])
+    entries = [{"class": "c", "index": i, "loss_history": [0.5, 0.4]} for i in range(11)]
+    figures = {"n_images": 11, "fidelity": 0.5}
+    metrics = {"n_images": 11, "clip": "x", "classified_among": 1, "baseline": None, "overall": {"seedselect": figures},
+               "classes": {"c": {"references": {"n_images": 1, "diversity": None},
+                                 "heldout": {"n_images": 0, "source": None}, "seedselect": figures}}}
+
+    def sheet_rows(marked: set[int]) -> int:
+        rows = [{"set": "seedselect", "class": "c", "index": i, "judge_top1": None if i in marked else "c",
+                 "judge_label": "off-model" if i in marked else "c", "copy": False, "unrefined": False}
+                for i in range(11)]
+        report = write_report(tmp_path, metrics, entries, {"c": [random_image(rng, (32, 32))]},
+                              {"seedselect": paths}, rows)
+        with Image.open(report / "sheets" / "c.png") as sheet:
+            return sheet.height // THUMB
+
+    assert sheet_rows({3, 9, 10}) == 3  # references, the first 8, "marked (2 more)"
+    assert sheet_rows({3}) == 2
 
 
 def test_a_judge_with_mapped_labels(demo_run, tmp_path):
