@@ -333,12 +333,11 @@ def image_rows(seen: Embedded, names: list[str], text: torch.Tensor, centroids: 
     per-image parts of `score`'s means (judge_top1, fidelity, precision, copies), so a person can set them beside
     the picture and a script can keep the images they pass."""
     top1 = (seen.clip @ text.T).argmax(dim=1).tolist()
-    rows = []
-    for i, name in enumerate(names):
-        rows.append({"clip_top1": candidates[top1[i]] if len(candidates) > 1 else None,
-                     "judge_top1": seen.verdicts[i][0] if seen.verdicts is not None else None,
-                     "judge_label": seen.labels[i] if seen.labels is not None else None,
-                     "fidelity": float(F.cosine_similarity(seen.clip[i], centroids[class_index[name]], dim=0))})
+    fidelity = F.cosine_similarity(seen.clip, centroids[[class_index[n] for n in names]], dim=-1).tolist()
+    rows = [{"clip_top1": candidates[top1[i]] if len(candidates) > 1 else None,
+             "judge_top1": seen.verdicts[i][0] if seen.verdicts is not None else None,
+             "judge_label": seen.labels[i] if seen.labels is not None else None,
+             "fidelity": fidelity[i]} for i in range(len(names))]
     for name in dict.fromkeys(names):
         at = [i for i, n in enumerate(names) if n == name]
         real = heldout[name]
