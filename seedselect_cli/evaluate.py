@@ -7,6 +7,9 @@ pairwise CLIP distance among a class's images (and among its references). The ba
 Stable Diffusion from the seeds before optimisation (for `bootstrap` runs, whose starts may hold the
 shared z_T^G, and `init=inversion` or `nao` runs, whose starts carry the references, from the noise
 `optimize` would have drawn), rendered once and cached in RUN/baseline/.
+
+This module is the command: it reads the run, its references and held-out images, renders the baseline
+and the decoder ceiling, and hands every set to `scoring` (the measures) and `report` (what is written).
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -44,6 +46,7 @@ from seedselect_cli.judges import EvalClip, Judge, JudgeConfig, load_clip
 from seedselect_cli.models import DTYPES, resolve_device
 from seedselect_cli.progress import never_improved
 from seedselect_cli.report import row_names
+from seedselect_cli.scoring import Embedded, embed, image_rows, mean_pairwise_distance, overall, score
 
 log = logging.getLogger(__name__)
 
@@ -69,21 +72,6 @@ class EvaluateConfig:
     top_k: int = 5
     batch_size: int = 16
     runtime: EvaluateRuntime = field(default_factory=EvaluateRuntime)
-
-
-def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
-    """Whether each row's label is among its k highest logits: (N,) bool."""
-    k = min(k, logits.shape[1])
-    return (logits.topk(k, dim=1).indices == labels[:, None]).any(dim=1)
-
-
-def mean_pairwise_distance(embeds: torch.Tensor) -> float | None:
-    """Mean of 1 - cos over all pairs of unit rows; None for fewer than two."""
-    n = embeds.shape[0]
-    if n < 2:
-        return None
-    cos = embeds @ embeds.T
-    return float((1 - cos)[torch.triu_indices(n, n, offset=1).unbind()].mean())
 
 
 def check_evaluate(cfg: EvaluateConfig) -> None:
@@ -210,12 +198,13 @@ def decoder_ceiling(models: FrozenModels, config: Config, clip: EvalClip, judge:
             trips = [image for chunk in latents.split(cfg.batch_size)
                      for image in to_pil(models, vae_decode(models, chunk))]
         real = heldout_seen[name].features
-        out[name] = {"round_trip_precision": quality.round_trip_precision(real, embed(clip, judge, trips, cfg).features),
+        trips_seen = embed(clip, judge, trips, cfg.top_k, cfg.batch_size)
+        out[name] = {"round_trip_precision": quality.round_trip_precision(real, trips_seen.features),
                      "precision": quality.round_trip_precision(real, real)}  # each real image against the others
     return out
 
 
-def ceiling_note(ceiling: dict[str, dict | None], heldout_seen: dict[str, Embedded | None], overall: dict,
+def ceiling_note(ceiling: dict[str, dict | None], heldout_seen: dict[str, Embedded | None], set_means: dict,
                  made_by: str | None) -> dict:
     """The decoder ceiling over the classes (weighted by their held-out images), beside each set's precision."""
     rows = [(v, len(heldout_seen[c].clip)) for c, v in ceiling.items()
@@ -225,7 +214,7 @@ def ceiling_note(ceiling: dict[str, dict | None], heldout_seen: dict[str, Embedd
                 "note": "decoder ceiling: no class has enough held-out images to measure it"}
     mean = {key: sum(v[key] * n for v, n in rows) / sum(n for _, n in rows) for key in ("round_trip_precision", "precision")}
     names = row_names(made_by)
-    sets = ", ".join(f"{names[m]} {o['precision']:.3f}" for m, o in overall.items() if o.get("precision") is not None)
+    sets = ", ".join(f"{names[m]} {o['precision']:.3f}" for m, o in set_means.items() if o.get("precision") is not None)
     return {**mean, "note": f"decoder ceiling: the held-out images score precision {mean['precision']:.3f} against "
                             f"the others, {mean['round_trip_precision']:.3f} after the run's VAE (the images: {sets})"}
 
@@ -254,100 +243,6 @@ def render_baseline(run_dir: Path, config: Config, entries: list[dict], cfg: Eva
             path = paths[(entry["class"], entry["index"])]
             atomic_write(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
     return paths
-
-
-@dataclass
-class Embedded:
-    """A set of images as evaluate sees them: CLIP embeddings, the judge's verdicts and features (if
-    there is a judge), pixels for `copies`."""
-
-    clip: torch.Tensor  # (N, D) unit rows
-    verdicts: list[list[str | None]] | None
-    judge: torch.Tensor | None  # (N, F)
-    labels: list[str] | None  # the judge's top-1 label of each image, in its own words
-    pixels: torch.Tensor  # (N, P)
-
-    @property
-    def features(self) -> torch.Tensor:
-        """Where precision, recall, KID and diversity_ratio are measured: the judge's features where there
-        is a judge (a space that did not drive the optimisation), else CLIP's."""
-        return self.judge if self.judge is not None else self.clip
-
-
-def embed(clip: EvalClip, judge: Judge | None, paths_or_images: list, cfg: EvaluateConfig, what: str | None = None
-          ) -> Embedded:
-    """Embed images (paths are read a batch at a time: only what is measured is kept)."""
-    parts: dict[str, list] = {"clip": [], "verdicts": [], "labels": [], "judge": [], "pixels": []}
-    starts = range(0, len(paths_or_images), cfg.batch_size)
-    for start in (tqdm(starts, desc=what, unit="batch", disable=not sys.stderr.isatty()) if what else starts):
-        chunk = paths_or_images[start:start + cfg.batch_size]
-        images = [load_rgb(p) if isinstance(p, Path) else p for p in chunk]
-        parts["clip"].append(clip.images(images, cfg.batch_size))
-        parts["pixels"].append(quality.pixel_features(images))
-        if judge is not None:
-            verdicts, labels, features = judge.classify_labelled(images, cfg.top_k, cfg.batch_size)
-            parts["verdicts"] += verdicts
-            parts["labels"] += labels
-            parts["judge"].append(features)
-    if not parts["clip"]:
-        return Embedded(torch.empty(0, 0), None, None, None, torch.empty(0, 0))
-    judged = judge is not None
-    return Embedded(torch.cat(parts["clip"]), parts["verdicts"] if judged else None,
-                    torch.cat(parts["judge"]) if judged else None, parts["labels"] if judged else None,
-                    torch.cat(parts["pixels"]))
-
-
-def score(seen: Embedded, labels: list[int], text: torch.Tensor, centroids: torch.Tensor, class_index: dict[str, int],
-          names: list[str], cfg: EvaluateConfig, references: dict[str, Embedded],
-          heldout: dict[str, Embedded | None]) -> dict[str, dict]:
-    """Per-class metrics of one set of images (all classes together), keyed by class name."""
-    embeds = seen.clip
-    label_tensor = torch.tensor(labels)
-    logits = embeds @ text.T
-    top1, topk = topk_correct(logits, label_tensor, 1), topk_correct(logits, label_tensor, cfg.top_k)
-    rows_of: dict[str, list[int]] = {}
-    for i, name in enumerate(names):
-        rows_of.setdefault(name, []).append(i)
-    result = {}
-    for name, rows in rows_of.items():
-        fidelity = F.cosine_similarity(embeds[rows], centroids[class_index[name]][None], dim=-1)
-        n_classes = text.shape[0]  # top-1 among one class, or top-k among k or fewer, is right by construction
-        metrics = {"n_images": len(rows), "top1": float(top1[rows].float().mean()) if n_classes > 1 else None,
-                   f"top{cfg.top_k}": float(topk[rows].float().mean()) if n_classes > cfg.top_k else None,
-                   "fidelity": float(fidelity.mean()), "diversity": mean_pairwise_distance(embeds[rows])}
-        if seen.verdicts is not None:
-            metrics["judge_top1"] = sum(seen.verdicts[i][0] == name for i in rows) / len(rows)
-            metrics[f"judge_top{cfg.top_k}"] = sum(name in seen.verdicts[i] for i in rows) / len(rows)
-        real, refs = heldout[name], references[name]
-        metrics.update(quality.set_quality(
-            real.features if real is not None else None, seen.features[rows], refs.clip, embeds[rows], refs.pixels,
-            seen.pixels[rows], real.pixels if real is not None else None))
-        result[name] = metrics
-    return result
-
-
-def image_rows(seen: Embedded, names: list[str], text: torch.Tensor, centroids: torch.Tensor,
-               class_index: dict[str, int], candidates: list[str], references: dict[str, Embedded],
-               heldout: dict[str, Embedded | None]) -> list[dict]:
-    """What each instrument says of each image of one set (in `names`' order), for report/images.jsonl: the
-    per-image parts of `score`'s means (judge_top1, fidelity, precision, copies), so a person can set them beside
-    the picture and a script can keep the images they pass."""
-    top1 = (seen.clip @ text.T).argmax(dim=1).tolist()
-    fidelity = F.cosine_similarity(seen.clip, centroids[[class_index[n] for n in names]], dim=-1).tolist()
-    rows = [{"clip_top1": candidates[top1[i]] if len(candidates) > 1 else None,
-             "judge_top1": seen.verdicts[i][0] if seen.verdicts is not None else None,
-             "judge_label": seen.labels[i] if seen.labels is not None else None,
-             "fidelity": fidelity[i]} for i in range(len(names))]
-    for name in dict.fromkeys(names):
-        at = [i for i, n in enumerate(names) if n == name]
-        real = heldout[name]
-        inside = (quality.on_manifold(real.features, seen.features[at]).tolist()
-                  if real is not None and len(real.features) > quality.K else [None] * len(at))
-        copied = quality.copied(references[name].pixels, seen.pixels[at], real.pixels if real is not None else None)
-        for j, i in enumerate(at):
-            rows[i]["on_real_manifold"] = inside[j]
-            rows[i]["copy"] = bool(copied[j]) if copied is not None else None
-    return rows
 
 
 def readable_references(record) -> list[Image.Image]:
@@ -393,13 +288,14 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     text = clip.texts([fill_template(template, c) for c in candidates])
     class_index = {c: i for i, c in enumerate(candidates)}
     references = {c: readable_references(records[c]) for c in run_classes}
-    ref_seen = {c: embed(clip, judge, images, cfg) for c, images in references.items()}
+    ref_seen = {c: embed(clip, judge, images, cfg.top_k, cfg.batch_size) for c, images in references.items()}
     centroids = torch.zeros(len(candidates), text.shape[1])
     for c in run_classes:
         centroids[class_index[c]] = ref_seen[c].clip.mean(dim=0)
     heldout_dir = cfg.heldout or config.dataset.heldout
     heldout_of = {c: heldout_images(config.dataset, config.seed, records[c], heldout_dir) for c in run_classes}
-    heldout_seen = {c: embed(clip, judge, readable(h.images), cfg) if h.images else None for c, h in heldout_of.items()}
+    heldout_seen = {c: embed(clip, judge, readable(h.images), cfg.top_k, cfg.batch_size) if h.images else None
+                    for c, h in heldout_of.items()}
 
     # 3. SeedSelect's images and, beside them, plain Stable Diffusion's from the same seeds.
     names = [e["class"] for e in entries]
@@ -410,8 +306,10 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         with out.writing(run_dir / "baseline"):
             baseline = render_baseline(run_dir, config, entries, cfg)
         sets["plain"] = [baseline[(e["class"], e["index"])] for e in entries]
-    seen = {method: embed(clip, judge, paths, cfg, f"scoring {method}") for method, paths in sets.items()}
-    scores = {method: score(seen[method], labels, text, centroids, class_index, names, cfg, ref_seen, heldout_seen)
+    seen = {method: embed(clip, judge, paths, cfg.top_k, cfg.batch_size, f"scoring {method}")
+            for method, paths in sets.items()}
+    scores = {method: score(seen[method], labels, text, centroids, class_index, names, cfg.top_k, ref_seen,
+                             heldout_seen)
               for method in sets}
     per_image = []
     for method, paths in sets.items():
@@ -460,14 +358,3 @@ def readable(paths: tuple[Path, ...]) -> list[Image.Image]:
         except UserError as exc:
             log.warning("skipping held-out image %s", str(exc).replace("\n", "\\n"))
     return images
-
-
-def overall(per_class: dict[str, dict]) -> dict:
-    """Image-weighted means of every metric over the classes (diversity: over classes that have one)."""
-    total = sum(m["n_images"] for m in per_class.values())
-    out = {"n_images": total}
-    keys = [k for k in next(iter(per_class.values())) if k != "n_images"]
-    for key in keys:
-        rows = [(m[key], m["n_images"]) for m in per_class.values() if m[key] is not None]
-        out[key] = sum(v * n for v, n in rows) / sum(n for _, n in rows) if rows else None
-    return out

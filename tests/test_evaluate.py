@@ -16,30 +16,12 @@ from PIL import Image
 
 import seedselect_cli.evaluate as evaluate_module
 from seedselect_cli.errors import UserError
-from seedselect_cli.evaluate import (
-    EvaluateConfig,
-    JudgeConfig,
-    mean_pairwise_distance,
-    run_evaluate,
-    topk_correct,
-)
+from seedselect_cli.evaluate import EvaluateConfig, JudgeConfig, run_evaluate
 from seedselect_cli.files.assets import asset_path
 from seedselect_cli.pipeline import run_bootstrap, run_optimize
 from seedselect_cli.progress import never_improved
 from seedselect_cli.report import THUMB, image_marks, loss_curves, marks_line, write_report
 from tests.conftest import make_config, random_image
-
-
-def test_topk_and_diversity_match_plain_loops():
-    g = torch.Generator().manual_seed(0)
-    logits, labels = torch.randn(50, 7, generator=g), torch.randint(0, 7, (50,), generator=g)
-    for k in (1, 3, 9):
-        expected = [labels[i].item() in sorted(range(7), key=lambda c: -logits[i, c].item())[:k] for i in range(50)]
-        assert topk_correct(logits, labels, k).tolist() == expected
-    embeds = torch.nn.functional.normalize(torch.randn(6, 16, generator=g, dtype=torch.float64), dim=-1)
-    pairs = [1 - float(embeds[i] @ embeds[j]) for i in range(6) for j in range(i + 1, 6)]
-    assert mean_pairwise_distance(embeds) == pytest.approx(sum(pairs) / len(pairs))
-    assert mean_pairwise_distance(embeds[:1]) is None
 
 
 @pytest.fixture(scope="module")
