@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 from safetensors import safe_open
 
+import seedselect_cli
 from seedselect_cli.cli import main
 from tests.runs import read_manifest, seedselect
 
@@ -93,6 +97,16 @@ def test_help(capsys):
     assert "optimize" in capsys.readouterr().out
     done = seedselect("optimize", "--help", cwd=os.getcwd())
     assert done.returncode == 0 and "seedselect optimize" in done.stdout and "dataset: cifar_fs, cub, folder, imagefolder, imagenet_lt, mini_imagenet" in done.stdout
+
+
+def test_help_names_every_named_config():
+    """`seedselect optimize --help` lists the named configs: each file of configs/ that is one, and no other."""
+    configs = Path(seedselect_cli.__file__).parent / "configs"
+    named = {p.stem for p in configs.glob("*.yaml") if not p.stem.startswith("_")}
+    header = yaml.safe_load((configs / "hydra" / "help" / "seedselect.yaml").read_text())["header"]
+    sentence = header.split("Named configs:")[1].split(".\n")[0]
+    listed = {re.sub(r"\s*\(.*", "", part).strip() for part in re.sub(r"\([^)]*\)", "", sentence).split(",")}
+    assert listed == named
 
 
 @pytest.mark.parametrize("args, message", [  # the rest of the bad values: tests/test_bad_input.py
