@@ -99,6 +99,16 @@ def test_help(capsys):
     assert done.returncode == 0 and "seedselect optimize" in done.stdout and "dataset: cifar_fs, cub, folder, imagefolder, imagenet_lt, mini_imagenet" in done.stdout
 
 
+@pytest.mark.parametrize("command, line", [
+    ("evaluate", "seedselect evaluate run_dir=RUN 'judge.model=${asset:toyworld/judge}'"),
+    ("generate", "seedselect generate seed_file="),
+])
+def test_tool_help_prints_its_examples_as_typed(command, line, capsys):
+    """The help text goes through OmegaConf and string.Template: a `${...}` a user types must come out whole."""
+    assert main([command, "--help"]) == 0
+    assert line in capsys.readouterr().out
+
+
 def test_help_names_every_named_config():
     """`seedselect optimize --help` lists the named configs: each file of configs/ that is one, and no other."""
     configs = Path(seedselect_cli.__file__).parent / "configs"
