@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shlex
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -207,7 +208,7 @@ def _run(config: Config, run_dir: Path, method: str, stop: GracefulStop) -> list
                 f"{config.sampler.width}x{config.sampler.height}: lower runtime.batch_size (1 needs least), keep "
                 f"sampler.checkpointing=true, or use runtime.dtype=float16; {len(entries)} finished images are kept"
             ) from None
-    print_summary(entries, run_dir)
+    print_summary(entries, run_dir, None if stop.requested or not entries else evaluate_command(config, run_dir))
     if stop.requested:
         name = signal.Signals(stop.signum).name
         raise Interrupted(stop.signum, f"stopped by {name}: {count_of(len(entries), 'new image')} kept in {run_dir}; "
@@ -220,6 +221,13 @@ def _run(config: Config, run_dir: Path, method: str, stop: GracefulStop) -> list
         raise UserError(f"{count_of(len(failed), 'image')} could not be made ({failed[0]}): their loss was never finite; "
                         f"lower optim.lr or use runtime.dtype=float32")
     return entries
+
+
+def evaluate_command(config: Config, run_dir: Path) -> str:
+    """The command that scores this run: with the toy world's judge for a toy-world run (its image encoder is the
+    world's CLIP), whose classes no public classifier knows."""
+    judge = " 'judge.model=${asset:toyworld/judge}'" if portable(config.model.image_encoder) == "asset:toyworld/clip" else ""
+    return f"seedselect evaluate run_dir={shlex.quote(str(run_dir))}{judge}"
 
 
 @dataclass

@@ -117,9 +117,9 @@ def never_improved(histories: list[list[float]]) -> int:
     return sum(min(h) >= h[0] for h in histories)
 
 
-def print_summary(entries: list[dict], run_dir: Path) -> None:
+def print_summary(entries: list[dict], run_dir: Path, next_command: str | None = None) -> None:
     """A table of the new images per class: count, mean loss before and after, how many never got below their
-    start's loss, seconds per image."""
+    start's loss, seconds per image; below it, `next_command` (what to run next), if given."""
     table = Table(title=f"seedselect: {count_of(len(entries), 'new image')} in {run_dir}")
     for column in ("class", "images", "first loss", "best loss", "unrefined", "s / image"):
         table.add_column(column, justify="left" if column == "class" else "right")
@@ -132,4 +132,8 @@ def print_summary(entries: list[dict], run_dir: Path) -> None:
         seconds = sum(r["seconds"] for r in rows) / len(rows)
         unrefined = never_improved([r["loss_history"] for r in rows])
         table.add_row(name, str(len(rows)), f"{first:.4f}", f"{best:.4f}", str(unrefined), f"{seconds:.2f}")
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    if next_command:
+        console.print(f"next, the metrics and contact sheets: {next_command}", markup=False, highlight=False,
+                      soft_wrap=True)

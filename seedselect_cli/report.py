@@ -21,6 +21,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 from rich.console import Console
 from rich.table import Table
 
+from seedselect_cli.errors import count_of
 from seedselect_cli.files.atomic import atomic_write, slugify
 from seedselect_cli.files.images import load_rgb
 from seedselect_cli.progress import never_improved
@@ -150,8 +151,8 @@ def index_html(metrics: dict, sheets: dict[str, str]) -> str:
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:first-child{{text-align:left}}
 img{{max-width:100%}}</style></head><body>
 <h1>seedselect report</h1>
-<p>{metrics['n_images']} images; zero-shot CLIP ({html.escape(str(metrics['clip']))}) among
-{metrics['classified_among']} classes; fidelity: cosine similarity to the class's reference centroid;
+<p>{count_of(metrics['n_images'], 'image')}; zero-shot CLIP ({html.escape(str(metrics['clip']))}) among
+{count_of(metrics['classified_among'], 'class', 'classes')}; fidelity: cosine similarity to the class's reference centroid;
 diversity: mean pairwise CLIP distance. Against held-out real images, in
 {html.escape(str(metrics.get('quality_space')))}: precision and recall (k-NN manifolds, k = 3), density
 and coverage, KID; diversity_ratio: the images' diversity over the references'; copies: the share of
@@ -204,11 +205,11 @@ QUALITY_KEYS = ("precision", "recall", "density", "coverage", "kid", "diversity_
 def marks_line(per_image: list[dict], report: Path) -> str:
     """How many of the run's own images the contact sheets mark, and where to look."""
     ours = [r for r in per_image if r["set"] == "seedselect"]
-    counts = [f"{sum(bool(r['copy']) for r in ours)} copies of a reference",
+    counts = [count_of(sum(bool(r['copy']) for r in ours), "copy of a reference", "copies of a reference"),
               f"{sum(r['unrefined'] for r in ours)} unrefined"]
     if any(r["judge_label"] is not None for r in ours):
         counts.insert(0, f"{sum(r['judge_top1'] != r['class'] for r in ours)} rejected by the judge")
-    return (f"marked on the contact sheets ({report / 'sheets'}), of the run's {len(ours)} images: "
+    return (f"marked on the contact sheets ({report / 'sheets'}), of the run's {count_of(len(ours), 'image')}: "
             f"{', '.join(counts)}; every image's measures in {report / 'images.jsonl'}")
 
 
@@ -223,7 +224,7 @@ def print_table(metrics: dict, per_image: list[dict] | None = None) -> None:
     for title, columns in groups.items():
         if not columns:
             continue
-        table = Table(title=f"seedselect evaluate, {title}: {metrics['n_images']} images; report in "
+        table = Table(title=f"seedselect evaluate, {title}: {count_of(metrics['n_images'], 'image')}; report in "
                             f"{metrics['run_dir']}/report")
         for column in ("class", "images", "n", *columns):
             table.add_column(column, justify="left" if column in ("class", "images") else "right")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from safetensors import safe_open
 
 import seedselect_cli
 from seedselect_cli.cli import main
+from seedselect_cli.pipeline import evaluate_command
+from tests.conftest import make_config
 from tests.runs import read_manifest, seedselect
 
 TINY = "--config-name=tiny"  # the random tiny components: the default config is the toy world
@@ -169,6 +172,26 @@ def test_evaluate_writes_the_report_of_a_demo_run(demo_run):
         assert (run_dir / "report" / name).is_file(), name
     done = seedselect("evaluate", f"run_dir={elsewhere / 'nothing'}", cwd=elsewhere)
     assert done.returncode == 2 and done.stderr.startswith("error: run_dir=") and "Traceback" not in done.stderr
+
+
+@pytest.mark.slow
+def test_the_next_command_a_run_prints_runs_as_printed(tmp_path):
+    """The last line of `optimize` is the `evaluate` command for its run, quoted for a shell (a folder with a space)."""
+    done = seedselect("optimize", TINY, *FAST, "n_images=1", "hydra.run.dir='my run'", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    line = done.stdout.strip().splitlines()[-1]
+    assert line.startswith("next, the metrics and contact sheets: seedselect evaluate run_dir=")
+    program, command, *args = shlex.split(line.split(": ", 1)[1])
+    assert (program, command) == ("seedselect", "evaluate") and args == [f"run_dir={tmp_path / 'my run'}"]
+    done = seedselect(command, *args, "baseline=false", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "my run" / "report" / "metrics.json").is_file()
+
+
+def test_a_toy_world_run_is_told_to_evaluate_with_the_toy_judge():
+    assert evaluate_command(make_config(name="demo"), Path("r")).endswith(" 'judge.model=${asset:toyworld/judge}'")
+    assert evaluate_command(make_config(name="toyworld_turbo"), Path("r")).endswith("'judge.model=${asset:toyworld/judge}'")
+    assert evaluate_command(make_config(), Path("a b")) == "seedselect evaluate run_dir='a b'"
 
 
 @pytest.mark.parametrize("args", [["optimize", "loss.lam=0.5", "--cfg", "job"],

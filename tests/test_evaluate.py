@@ -206,8 +206,11 @@ def test_images_jsonl_says_of_each_image_what_metrics_json_says_of_its_class(dem
         history = entries[r["index"]]["loss_history"]
         assert r["unrefined"] == (min(history) >= history[0]) and r["loss"] == entries[r["index"]]["loss"]
     line = marks_line(rows, Path("R"))
-    assert f"of the run's 3 images: 1 rejected by the judge, {sum(r['copy'] for r in ours)} copies of a reference, " \
-           f"{sum(r['unrefined'] for r in ours)} unrefined" in line and str(Path("R") / "images.jsonl") in line
+    n_copies = sum(r['copy'] for r in ours)
+    assert f"of the run's 3 images: 1 rejected by the judge, {n_copies} {'copy' if n_copies == 1 else 'copies'} of a " \
+           f"reference, {sum(r['unrefined'] for r in ours)} unrefined" in line and str(Path("R") / "images.jsonl") in line
+    one = [{"set": "seedselect", "class": "a", "copy": True, "unrefined": True, "judge_label": "b", "judge_top1": None}]
+    assert "of the run's 1 image: 1 rejected by the judge, 1 copy of a reference, 1 unrefined;" in marks_line(one, Path("R"))
     assert image_marks({"judge_top1": None, "judge_label": "off-model", "copy": True, "unrefined": True}, "a") == [
         ("judge: off-model", "red"), ("copy", "darkorange"), ("unrefined", "dimgray")]
     assert image_marks({"judge_top1": "a", "judge_label": "A", "copy": False, "unrefined": False}, "a") == []
