@@ -35,13 +35,14 @@ from seedselect_cli.config import Config, check_config, check_device, check_temp
 from seedselect_cli.core.encoders import to_pil, vae_decode, vae_encode
 from seedselect_cli.core.frozen import FrozenModels
 from seedselect_cli.core.sampling import encode_prompt, sample_images, step_noise
-from seedselect_cli.errors import UserError, first_line
+from seedselect_cli.errors import UserError, count_of, first_line
 from seedselect_cli.files.atomic import atomic_write, slugify
 from seedselect_cli.files.datasets import fill_template, heldout_images, load_classes
 from seedselect_cli.files.images import load_rgb
 from seedselect_cli.files.run_directory import CONFIG, RunDirectory
 from seedselect_cli.files.seed_files import load_seed_file
 from seedselect_cli.generate import models_for_seed
+from seedselect_cli.job_dir import others_active
 from seedselect_cli.judges import EvalClip, Judge, JudgeConfig, load_clip
 from seedselect_cli.models import DTYPES, resolve_device
 from seedselect_cli.progress import never_improved
@@ -173,6 +174,21 @@ def notes(n_classes: int, top_k: int, fewest_images: int, dataset_classes: bool)
     return out
 
 
+def unfinished_note(config: Config, entries: list[dict], method: str | None, n_classes: int, active: bool
+                    ) -> str | None:
+    """What a report of a run still being made (or stopped) covers: None where every image it asks for is there."""
+    if method not in ("optimize", "bootstrap"):
+        return None
+    per_class = config.n_images if method == "optimize" else config.bootstrap.n_images
+    wanted = per_class * n_classes
+    if len(entries) >= wanted:
+        return None
+    then = ("another process is still making them (RUN/.active)" if active
+            else f"run the same `seedselect {method}` in it to finish")
+    return (f"the run is not finished: these figures are of {count_of(len(entries), 'image')} of the {wanted} it asks "
+            f"for ({per_class} of each of {count_of(n_classes, 'class', 'classes')}); {then}")
+
+
 def run_models(run_dir: Path, entries: list[dict], cfg: EvaluateConfig) -> FrozenModels:
     """The run's Stable Diffusion, as its first seed file records it (or `cfg.model`), without an image encoder."""
     first = load_seed_file(run_dir / entries[0]["seed_file"]).metadata
@@ -279,6 +295,11 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     if absent:
         raise UserError(f"classes: the run's class {absent[0]!r} is not in the list to classify among; add it")
     template = cfg.prompt_template or config.dataset.prompt_template
+    asked = len(config.dataset.classes) if config.dataset.classes is not None else len(
+        load_classes(dataclasses.replace(config.dataset, shots=1), config.seed))
+    unfinished = unfinished_note(config, entries, made_by(entries), asked, others_active(run_dir))
+    if unfinished:
+        log.warning(unfinished)
 
     # 2. The judges: the CLIP (zero-shot, fidelity, diversity) and, if asked for, a classifier, whose
     #    features then measure how the images sit among held-out real ones (else CLIP's do).
@@ -331,7 +352,8 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         "clip": cfg.clip or config.model.image_encoder,
         "judge": cfg.judge.model, "classified_among": len(candidates), "top_k": cfg.top_k,
         "baseline": BASELINE if cfg.baseline else None,
-        "notes": notes(len(candidates), cfg.top_k, min(Counter(names).values()), cfg.dataset_classes),
+        "notes": [*([unfinished] if unfinished else []),
+                  *notes(len(candidates), cfg.top_k, min(Counter(names).values()), cfg.dataset_classes)],
         "quality_space": "judge features" if judge is not None else "CLIP image embeddings",
         "overall": {method: overall(per_class) for method, per_class in scores.items()},
         "classes": {c: {"references": {"n_images": len(references[c]),

@@ -54,6 +54,31 @@ def test_copies_of_the_references_score_fidelity_one_and_diversity_zero(tmp_path
     assert "plain" not in result and metrics["baseline"] is None
 
 
+def test_a_run_not_finished_says_whose_images_the_figures_are(demo_run, tmp_path):
+    """A run stopped early, or still being made by another process, is reported with how many of its images the
+    figures cover, and what to do; a finished run is not."""
+    from seedselect_cli.job_dir import ActiveMark
+
+    done = run_evaluate(EvaluateConfig(run_dir=str(demo_run), baseline=False))
+    assert not any("not finished" in note for note in done["notes"])
+    run = tmp_path / "run"
+    shutil.copytree(demo_run, run, ignore=shutil.ignore_patterns("report", "baseline"))
+    lines = (run / "manifest.jsonl").read_text().splitlines(keepends=True)
+    (run / "manifest.jsonl").write_text("".join(lines[:2]))
+    metrics = run_evaluate(EvaluateConfig(run_dir=str(run), baseline=False))
+    assert metrics["n_images"] == 2 and metrics["notes"][0] == (
+        "the run is not finished: these figures are of 2 images of the 3 it asks for (3 of each of 1 class); run the "
+        "same `seedselect optimize` in it to finish")
+    mark = ActiveMark()
+    mark.hold(run)  # as a running `seedselect optimize` holds it
+    try:
+        metrics = run_evaluate(EvaluateConfig(run_dir=str(run), baseline=False))
+    finally:
+        mark.release()
+    assert metrics["notes"][0].endswith("; another process is still making them (RUN/.active)")
+    assert "not finished" in (run / "report" / "index.html").read_text()
+
+
 def test_notes_say_what_the_figures_cannot():
     """One class: no top-1; a set smaller than SMALL_SET: its set measures are noise; a run whose data set has
     one class is not told to pass dataset_classes=true, which it did."""
