@@ -174,6 +174,15 @@ def notes(n_classes: int, top_k: int, fewest_images: int, dataset_classes: bool)
     return out
 
 
+def classes_asked(config: Config) -> int:
+    """How many classes a run without `dataset.classes` makes: every class of its data set (as far as it can still
+    be read; else none is counted beyond what the run holds)."""
+    try:
+        return len(load_classes(dataclasses.replace(config.dataset, shots=1), config.seed))
+    except UserError:
+        return 0
+
+
 def unfinished_note(config: Config, entries: list[dict], method: str | None, n_classes: int, active: bool
                     ) -> str | None:
     """What a report of a run still being made (or stopped) covers: None where every image it asks for is there."""
@@ -295,8 +304,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     if absent:
         raise UserError(f"classes: the run's class {absent[0]!r} is not in the list to classify among; add it")
     template = cfg.prompt_template or config.dataset.prompt_template
-    asked = len(config.dataset.classes) if config.dataset.classes is not None else len(
-        load_classes(dataclasses.replace(config.dataset, shots=1), config.seed))
+    asked = len(config.dataset.classes) if config.dataset.classes is not None else classes_asked(config)
     unfinished = unfinished_note(config, entries, made_by(entries), asked, others_active(run_dir))
     if unfinished:
         log.warning(unfinished)
