@@ -71,7 +71,7 @@ class EvaluateConfig:
     baseline: bool = True  # render plain Stable Diffusion from the seeds before optimisation
     decoder_ceiling: bool = False  # score the held-out images' VAE round trips: the precision the decoder allows
     top_k: int = 5
-    batch_size: int = 16
+    batch_size: int = 16  # images per CLIP, judge, VAE and baseline batch
     runtime: EvaluateRuntime = field(default_factory=EvaluateRuntime)
 
 
@@ -245,28 +245,35 @@ def ceiling_note(ceiling: dict[str, dict | None], heldout_seen: dict[str, Embedd
 
 
 def render_baseline(run_dir: Path, config: Config, entries: list[dict], cfg: EvaluateConfig) -> dict[tuple, Path]:
-    """Plain sampling for every entry (`BASELINE`); rendered once and kept in RUN/baseline/."""
+    """Plain sampling for every entry (`BASELINE`), `cfg.batch_size` images of one prompt at a time; rendered once
+    and kept in RUN/baseline/."""
     from seedselect_cli.core.initial_seeds import init_seed_for, plain_noise
 
     paths = {(e["class"], e["index"]): run_dir / "baseline" / "images" / slugify(e["class"]) / f"{e['index']:05d}.png"
              for e in entries}
     size = (config.sampler.width, config.sampler.height)
     missing = [e for e in entries if not _usable_image(paths[(e["class"], e["index"])], size)]
-    if missing:
-        models = run_models(run_dir, missing, cfg)
-        shape = models.latent_shape(config.sampler.height, config.sampler.width)
-        prompts: dict[str, torch.Tensor] = {}
-        for entry in tqdm(missing, desc="plain Stable Diffusion", unit="img", disable=not sys.stderr.isatty()):
-            # not the seed file's start: a bootstrap image starts from z_T^G, an init=nao one from a centroid
-            z_T = plain_noise(shape, config.seed, entry["class"], entry["index"])
-            noise = step_noise(config.sampler.name, [init_seed_for(config.seed, entry["class"], entry["index"])], shape,
-                               config.sampler.steps)
-            if entry["prompt"] not in prompts:
-                prompts[entry["prompt"]] = encode_prompt(models, entry["prompt"], config.sampler.negative_prompt)
-            image = sample_images(models, z_T[None], prompts[entry["prompt"]], config.sampler.steps,
-                                  config.sampler.guidance_scale, config.sampler.name, noise)[0]
-            path = paths[(entry["class"], entry["index"])]
-            atomic_write(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
+    if not missing:
+        return paths
+    models = run_models(run_dir, missing, cfg)
+    shape = models.latent_shape(config.sampler.height, config.sampler.width)
+    by_prompt: dict[str, list[dict]] = {}
+    for entry in missing:
+        by_prompt.setdefault(entry["prompt"], []).append(entry)
+    with tqdm(total=len(missing), desc="plain Stable Diffusion", unit="img", disable=not sys.stderr.isatty()) as bar:
+        for prompt, group in by_prompt.items():
+            text_embeds = encode_prompt(models, prompt, config.sampler.negative_prompt)
+            for batch in (group[i:i + cfg.batch_size] for i in range(0, len(group), cfg.batch_size)):
+                # not the seed files' starts: a bootstrap image starts from z_T^G, an init=nao one from a centroid
+                z_T = torch.stack([plain_noise(shape, config.seed, e["class"], e["index"]) for e in batch])
+                init_seeds = [init_seed_for(config.seed, e["class"], e["index"]) for e in batch]
+                noise = step_noise(config.sampler.name, init_seeds, shape, config.sampler.steps)
+                images = sample_images(models, z_T, text_embeds, config.sampler.steps, config.sampler.guidance_scale,
+                                       config.sampler.name, noise)
+                for entry, image in zip(batch, images):
+                    path = paths[(entry["class"], entry["index"])]
+                    atomic_write(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
+                bar.update(len(batch))
     return paths
 
 

@@ -134,6 +134,28 @@ def test_report_with_the_baseline_beside_the_result(demo_run, monkeypatch):
     assert metrics["made_by"] == "optimize" and "SeedSelect bootstrap" not in page
 
 
+@pytest.mark.slow
+def test_the_baseline_drawn_in_batches_is_what_one_at_a_time_draws_on_the_toy_world(tmp_path):
+    """evaluate renders plain sampling `batch_size` images at a time: on the trained toy world each image is the one
+    drawn alone (as `generate tensor=initial` draws it) to the last bit of a pixel, and in a batch the same image
+    whatever its batch."""
+    from seedselect_cli.evaluate import read_run, render_baseline
+
+    run = tmp_path / "run"
+    run_optimize(make_config(["n_images=5", "runtime.batch_size=5", "optim.iterations=1", "init.candidates=1"],
+                             name="demo"), run)
+    config, entries = read_run(run)
+    drawn = {}
+    for batch_size in (1, 2, 5):
+        shutil.rmtree(run / "baseline", ignore_errors=True)
+        paths = render_baseline(run, config, entries, EvaluateConfig(run_dir=str(run), batch_size=batch_size))
+        drawn[batch_size] = {key: np.asarray(Image.open(path), dtype=int) for key, path in paths.items()}
+    for key, alone in drawn[1].items():
+        assert alone.std() > 10  # a drawing, not a flat image
+        for batch_size in (2, 5):
+            assert np.abs(drawn[batch_size][key] - alone).max() <= 1, (key, batch_size)
+
+
 QUALITY = ("precision", "recall", "density", "coverage", "kid", "diversity_ratio", "copies")
 
 

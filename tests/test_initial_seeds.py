@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -236,7 +237,8 @@ def test_optimize_and_bootstrap_start_from_the_nao_centroid(tmp_path, tiny_model
     entry = finished[0]
     noise = initial_noise((4, 16, 16), init_seed_for(config.seed, "red_disc", entry["index"]))
     plain = sample_images(tiny_models, noise[None], embeds, config.sampler.steps, config.sampler.guidance_scale)[0]
-    assert list(Image.open(paths[("red_disc", entry["index"])]).getdata()) == list(plain.getdata())
+    drawn = np.asarray(Image.open(paths[("red_disc", entry["index"])]), dtype=int)  # rendered in a batch: the last
+    assert np.abs(drawn - np.asarray(plain, dtype=int)).max() <= 1                  # bit of a pixel may round apart
 
     run_bootstrap(config, tmp_path / "boot")
     global_seed = load_file(next((tmp_path / "boot" / "bootstrap").iterdir()))["initial"]
