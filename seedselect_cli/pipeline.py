@@ -150,8 +150,9 @@ def _run(config: Config, run_dir: Path, method: str, stop: GracefulStop) -> list
     done = out.finished()
     todo = {r.name: [i for i in range(n_images) if (r.name, i) not in done] for r in records}
     if not any(todo.values()):
-        log.info("nothing to do: every image is already in %s (%s of %s)", run_dir,
-                 count_of(n_images * len(records), "image"), count_of(len(records), "class", "classes"))
+        log.info("nothing to do: every image is already in %s (%s of %s); next, the metrics and contact sheets: %s",
+                 run_dir, count_of(n_images * len(records), "image"), count_of(len(records), "class", "classes"),
+                 evaluate_command(config, run_dir))
         return []
 
     # 4. The frozen models, and the cache of reference encodings. A signal stops this at once.
