@@ -45,7 +45,7 @@ from seedselect_cli.files.assets import asset_path
 from seedselect_cli.files.datasets import fill_template
 from seedselect_cli.files.tensor_cache import TensorCache
 from seedselect_cli.judges import Judge, JudgeConfig
-from seedselect_cli.models import component_dtype, load_models
+from seedselect_cli.models import cast, component_dtype, load_models
 from seedselect_cli.pipeline import run_optimize
 from seedselect_cli.references import load_encodings
 
@@ -91,7 +91,7 @@ def run_networks(models, dtype: torch.dtype) -> tuple[str, ...]:
 
 def in_dtype(models, networks: tuple[str, ...], dtype: torch.dtype):
     """A copy of float32 `models` with `networks` in `dtype` (the others, the seed and the loss stay float32)."""
-    return dataclasses.replace(models, **{name: copy.deepcopy(getattr(models, name)).to(dtype) for name in networks})
+    return dataclasses.replace(models, **{name: cast(copy.deepcopy(getattr(models, name)), dtype) for name in networks})
 
 
 def where(concept: str, n: int, iterations: int, device: str, dtype_name: str, method: str | None = None,

@@ -127,14 +127,20 @@ def compile_models(models: FrozenModels, mode: str | None = None) -> FrozenModel
     return models
 
 
+def cast(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """`module.to(dtype)` without diffusers' advice to load checkpoints in their dtype instead: for modules built in
+    code or already loaded."""
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        return module.to(dtype=dtype)
+    finally:
+        diffusers_logging.set_verbosity(level)
+
+
 def _freeze(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     if module.dtype != dtype:  # loaded checkpoints already come in `dtype`; this is the tiny components
-        level = diffusers_logging.get_verbosity()
-        diffusers_logging.set_verbosity_error()  # its advice on .to(dtype) is for checkpoints, not these
-        try:
-            module = module.to(dtype=dtype)
-        finally:
-            diffusers_logging.set_verbosity(level)
+        module = cast(module, dtype)
     return module.to(device=device).eval().requires_grad_(False)
 
 
