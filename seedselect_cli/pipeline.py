@@ -38,7 +38,7 @@ from seedselect_cli.files.seed_files import load_seed_file, png_text, save_seed_
 from seedselect_cli.files.tensor_cache import TensorCache, default_cache_dir
 from seedselect_cli.interrupt import GracefulStop, catching_signals
 from seedselect_cli.models import check_steps, compile_models, load_models, resolve_device, resolve_dtype
-from seedselect_cli.progress import RunProgress, print_summary, run_progress
+from seedselect_cli.progress import NEXT, RunProgress, print_summary, run_progress
 from seedselect_cli.references import load_encodings
 
 log = logging.getLogger(__name__)
@@ -150,8 +150,8 @@ def _run(config: Config, run_dir: Path, method: str, stop: GracefulStop) -> list
     done = out.finished()
     todo = {r.name: [i for i in range(n_images) if (r.name, i) not in done] for r in records}
     if not any(todo.values()):
-        log.info("nothing to do: every image is already in %s (%s of %s); next, the metrics and contact sheets: %s",
-                 run_dir, count_of(n_images * len(records), "image"), count_of(len(records), "class", "classes"),
+        log.info("nothing to do: every image is already in %s (%s of %s); %s %s", run_dir,
+                 count_of(n_images * len(records), "image"), count_of(len(records), "class", "classes"), NEXT,
                  evaluate_command(config, run_dir))
         return []
 
@@ -227,7 +227,8 @@ def _run(config: Config, run_dir: Path, method: str, stop: GracefulStop) -> list
 def evaluate_command(config: Config, run_dir: Path) -> str:
     """The command that scores this run: with the toy world's judge for a toy-world run (its image encoder is the
     world's CLIP), whose classes no public classifier knows."""
-    judge = " 'judge.model=${asset:toyworld/judge}'" if portable(config.model.image_encoder) == "asset:toyworld/clip" else ""
+    toy_world = portable(config.model.image_encoder) == "asset:toyworld/clip"
+    judge = " 'judge.model=${asset:toyworld/judge}'" if toy_world else ""
     return f"seedselect evaluate run_dir={shlex.quote(str(run_dir))}{judge}"
 
 

@@ -117,6 +117,9 @@ def never_improved(histories: list[list[float]]) -> int:
     return sum(min(h) >= h[0] for h in histories)
 
 
+NEXT = "next, the metrics and contact sheets:"  # before the evaluate command a finished run prints
+
+
 def print_summary(entries: list[dict], run_dir: Path, next_command: str | None = None) -> None:
     """A table of the new images per class: count, mean loss before and after, how many never got below their
     start's loss, seconds per image; below it, `next_command` (what to run next), if given."""
@@ -135,5 +138,4 @@ def print_summary(entries: list[dict], run_dir: Path, next_command: str | None =
     console = Console()
     console.print(table)
     if next_command:
-        console.print(f"next, the metrics and contact sheets: {next_command}", markup=False, highlight=False,
-                      soft_wrap=True)
+        console.print(f"{NEXT} {next_command}", markup=False, highlight=False, soft_wrap=True)
