@@ -50,15 +50,9 @@ from seedselect_cli.config import Config, ModelConfig, compose_config
 from seedselect_cli.core.cuda_graphs import graph_cache
 from seedselect_cli.core.frozen import FrozenModels
 from seedselect_cli.core.optimize import scaled_backward, seed_objective
-from seedselect_cli.core.sampling import (
-    Denoiser,
-    PromptEmbeds,
-    conditioning,
-    make_schedule,
-    sample_images,
-    step_activation_bytes,
-    steps_within_budget,
-)
+from seedselect_cli.core.prompts import PromptEmbeds, conditioning
+from seedselect_cli.core.samplers import Denoiser, make_schedule
+from seedselect_cli.core.sampling import sample_images, step_activation_bytes, steps_within_budget
 from seedselect_cli.core.targets import Centroids
 from seedselect_cli.models import (
     DTYPES,

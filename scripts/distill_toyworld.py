@@ -32,7 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_toyworld as world
 
 from seedselect_cli.config import ModelConfig
-from seedselect_cli.core.sampling import encode_prompt, make_schedule, rollout
+from seedselect_cli.core.prompts import encode_prompt
+from seedselect_cli.core.samplers import make_schedule
+from seedselect_cli.core.sampling import rollout
 from seedselect_cli.files.assets import asset_path
 from seedselect_cli.models import load_models
 

@@ -18,7 +18,8 @@ import torch
 
 from seedselect_cli.config import compose_config
 from seedselect_cli.core.initial_seeds import plain_noise
-from seedselect_cli.core.sampling import sample_images, step_noise
+from seedselect_cli.core.samplers import step_noise
+from seedselect_cli.core.sampling import sample_images
 from seedselect_cli.files.assets import asset_path
 from seedselect_cli.files.tensor_cache import TensorCache
 from seedselect_cli.judges import Judge, JudgeConfig

@@ -17,7 +17,9 @@ import torch
 
 from seedselect_cli.config import ModelConfig
 from seedselect_cli.core.cuda_graphs import GraphCache, graph_cache
-from seedselect_cli.core.sampling import ddim_schedule, encode_prompt, rollout
+from seedselect_cli.core.prompts import encode_prompt
+from seedselect_cli.core.samplers import ddim_schedule
+from seedselect_cli.core.sampling import rollout
 from seedselect_cli.models import load_models
 
 

@@ -37,7 +37,9 @@ from seedselect_cli import quality
 from seedselect_cli.config import compose_config
 from seedselect_cli.core.initial_seeds import candidate_seed, init_seed_for, initial_noise, own_references
 from seedselect_cli.core.optimize import seed_objective
-from seedselect_cli.core.sampling import ddim_schedule, encode_prompt, make_schedule, sample_images
+from seedselect_cli.core.prompts import encode_prompt
+from seedselect_cli.core.samplers import ddim_schedule, make_schedule
+from seedselect_cli.core.sampling import sample_images
 from seedselect_cli.core.targets import Centroids
 from seedselect_cli.files.assets import asset_path
 from seedselect_cli.files.datasets import fill_template

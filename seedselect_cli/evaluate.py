@@ -34,7 +34,9 @@ from seedselect_cli import quality
 from seedselect_cli.config import Config, check_config, check_device, check_template, load_structured
 from seedselect_cli.core.encoders import to_pil, vae_decode, vae_encode
 from seedselect_cli.core.frozen import FrozenModels
-from seedselect_cli.core.sampling import encode_prompt, sample_images, step_noise
+from seedselect_cli.core.prompts import encode_prompt
+from seedselect_cli.core.samplers import step_noise
+from seedselect_cli.core.sampling import sample_images
 from seedselect_cli.errors import UserError, count_of, first_line
 from seedselect_cli.files.atomic import atomic_write, slugify
 from seedselect_cli.files.datasets import fill_template, heldout_images, load_classes

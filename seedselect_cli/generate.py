@@ -12,7 +12,9 @@ from PIL import PngImagePlugin
 
 from seedselect_cli.config import ModelConfig, check_device
 from seedselect_cli.core.frozen import FrozenModels
-from seedselect_cli.core.sampling import encode_prompt, sample_images, step_noise
+from seedselect_cli.core.prompts import encode_prompt
+from seedselect_cli.core.samplers import step_noise
+from seedselect_cli.core.sampling import sample_images
 from seedselect_cli.errors import UserError
 from seedselect_cli.files.assets import resolve_location
 from seedselect_cli.files.atomic import atomic_write

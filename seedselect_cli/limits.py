@@ -3,7 +3,7 @@
 A leaf module (it imports nothing), so every layer may use it, as it may `errors.py`.
 """
 
-SAMPLER_NAMES = ("ddim", "euler", "dpmpp_2m", "lcm")  # `sampler.name`; core/sampling.py says what each is
+SAMPLER_NAMES = ("ddim", "euler", "dpmpp_2m", "lcm")  # `sampler.name`; core/samplers.py says what each is
 DTYPE_NAMES = ("float32", "float16", "bfloat16")  # `runtime.dtype` besides auto, and a seed file's `dtype`
 # Beyond these a value is a slip (10**12 images, a 65536-pixel side), refused before anything is allocated.
 MAX_IMAGES = 100_000  # per class and run

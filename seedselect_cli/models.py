@@ -195,7 +195,7 @@ def component_dtype(key: str, parts: dict[str, Any], dtype: torch.dtype) -> torc
     encode each prompt once, without gradients, so float32 costs no time to speak of (their weights: 0.7 GB more
     for SD 2.1's at float16), while their float16 rounding changes the conditioning enough to move the seed the
     optimisation finds (one toy-world seed of 8 to 1.086 of float32's loss; 1.020 with them in float32:
-    BENCHMARKS.md). Their output is cast to the UNet's dtype (`sampling.encode_prompt`). The VAE: `vae_dtype`."""
+    BENCHMARKS.md). Their output is cast to the UNet's dtype (`prompts.encode_prompt`). The VAE: `vae_dtype`."""
     if key in ("text_encoder", "text_encoder_2"):
         return torch.float32
     return vae_dtype(parts, dtype) if key == "vae" else dtype
@@ -269,7 +269,7 @@ def _load_diffusers(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
                 "text_encoder": CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=torch.float32,
                                                               **weights),
                 "tokenizer": CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kwargs),
-                # the checkpoint's noise schedule; each sampler builds its own scheduler on it (sampling.py)
+                # the checkpoint's noise schedule; each sampler builds its own scheduler on it (samplers.py)
                 "scheduler": DDIMScheduler.from_pretrained(source, subfolder="scheduler", **kwargs),
             }
             parts["vae"] = AutoencoderKL.from_pretrained(source, subfolder="vae", **weights)

@@ -27,7 +27,8 @@ from seedselect_cli.core.engine import ClassTarget, Engine, batch_blocks
 from seedselect_cli.core.frozen import FrozenModels
 from seedselect_cli.core.initial_seeds import SeedStarts, inversion_fingerprint
 from seedselect_cli.core.optimize import SeedResult
-from seedselect_cli.core.sampling import sample_images, step_noise
+from seedselect_cli.core.samplers import step_noise
+from seedselect_cli.core.sampling import sample_images
 from seedselect_cli.core.targets import ReferenceEncodings, encoder_fingerprint
 from seedselect_cli.errors import Interrupted, UserError, count_of
 from seedselect_cli.files.assets import portable

@@ -13,7 +13,7 @@ from seedselect_cli.config import resolve_shard
 from seedselect_cli.core.bootstrap import bootstrap_batches, draw_subset
 from seedselect_cli.core.initial_seeds import candidate_seed, init_seed_for, initial_noise, plain_noise
 from seedselect_cli.core.optimize import optimize_seeds
-from seedselect_cli.core.sampling import encode_prompt
+from seedselect_cli.core.prompts import encode_prompt
 from seedselect_cli.core.targets import ReferenceEncodings
 from seedselect_cli.errors import UserError
 from seedselect_cli.pipeline import run_bootstrap

@@ -17,7 +17,9 @@ import torch
 import seedselect_cli.core.cuda_graphs as cuda_graphs_module
 from seedselect_cli.core.cuda_graphs import CACHED_SHAPES, GraphCache, graph_cache, resolve_cuda_graphs
 from seedselect_cli.core.optimize import optimize_seeds, seed_objective
-from seedselect_cli.core.sampling import ddim_schedule, encode_prompt, rollout
+from seedselect_cli.core.prompts import encode_prompt
+from seedselect_cli.core.samplers import ddim_schedule
+from seedselect_cli.core.sampling import rollout
 from seedselect_cli.core.targets import Centroids
 from seedselect_cli.errors import UserError
 from tests.conftest import make_config
@@ -69,7 +71,7 @@ def test_sdxls_three_conditioning_tensors_go_through_the_graphed_steps_in_float6
     """SDXL's steps carry the pooled embedding and the added time ids beside the hidden states: through the graph
     cache's static buffers the latents and dL/dz_T are autograd's without checkpoints, in float64."""
     from seedselect_cli.config import ModelConfig
-    from seedselect_cli.core.sampling import make_schedule
+    from seedselect_cli.core.samplers import make_schedule
     from seedselect_cli.models import load_models
 
     models = load_models(ModelConfig(pretrained="tiny_sdxl", image_encoder="tiny"), torch.device("cpu"),

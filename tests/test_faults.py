@@ -22,7 +22,7 @@ import seedselect_cli.core.optimize as optimize_module
 from seedselect_cli import pipeline
 from seedselect_cli.core import initial_seeds
 from seedselect_cli.core.optimize import optimize_seeds
-from seedselect_cli.core.sampling import encode_prompt
+from seedselect_cli.core.prompts import encode_prompt
 from seedselect_cli.errors import Interrupted, UserError
 from seedselect_cli.files.atomic import atomic_write
 from seedselect_cli.files.run_directory import RunDirectory

@@ -18,13 +18,9 @@ from seedselect_cli.config import ModelConfig
 from seedselect_cli.core import initial_seeds
 from seedselect_cli.core.initial_seeds import init_seed_for, initial_noise, mix
 from seedselect_cli.core.nao import chi_mode, nao_centroid, rescaled_centroid
-from seedselect_cli.core.sampling import (
-    ddim_invert,
-    ddim_schedule,
-    encode_prompt,
-    rollout,
-    sample_images,
-)
+from seedselect_cli.core.prompts import encode_prompt
+from seedselect_cli.core.samplers import ddim_schedule
+from seedselect_cli.core.sampling import ddim_invert, rollout, sample_images
 from seedselect_cli.core.targets import ReferenceEncodings
 from seedselect_cli.evaluate import EvaluateConfig, read_run, render_baseline
 from seedselect_cli.files.assets import asset_path

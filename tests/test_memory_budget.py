@@ -7,7 +7,9 @@ import torch
 
 from seedselect_cli.config import ModelConfig
 from seedselect_cli.core.optimize import optimize_seeds
-from seedselect_cli.core.sampling import encode_prompt, make_schedule, rollout, step_activation_bytes
+from seedselect_cli.core.prompts import encode_prompt
+from seedselect_cli.core.samplers import make_schedule
+from seedselect_cli.core.sampling import rollout, step_activation_bytes
 from seedselect_cli.core.targets import Centroids
 from seedselect_cli.errors import UserError
 from seedselect_cli.files.assets import asset_path

@@ -13,7 +13,8 @@ from seedselect_cli.core.initial_seeds import assigned_reference, candidate_seed
 from seedselect_cli.core.losses import nearest_appearance_loss
 from seedselect_cli.core.nao import chi_mode
 from seedselect_cli.core.optimize import best_candidates, optimize_seeds, seed_objective
-from seedselect_cli.core.sampling import ddim_schedule, encode_prompt
+from seedselect_cli.core.prompts import encode_prompt
+from seedselect_cli.core.samplers import ddim_schedule
 from seedselect_cli.core.targets import ReferenceEncodings, stack_centroids
 from seedselect_cli.files.run_directory import RunDirectory
 from seedselect_cli.pipeline import run_optimize

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from seedselect_cli.config import ModelConfig
-from seedselect_cli.core.sampling import encode_prompt
+from seedselect_cli.core.prompts import encode_prompt
 from seedselect_cli.errors import UserError
 from seedselect_cli.models import load_models, resolve_device
 

@@ -10,7 +10,9 @@ import torch
 import seedselect_cli.core.optimize as optimize_module
 from seedselect_cli.core.losses import semantic_distance
 from seedselect_cli.core.optimize import backtracking_step, optimize_seeds, seed_objective, semantic_embedding
-from seedselect_cli.core.sampling import ddim_schedule, encode_prompt, rollout
+from seedselect_cli.core.prompts import encode_prompt
+from seedselect_cli.core.samplers import ddim_schedule
+from seedselect_cli.core.sampling import rollout
 from seedselect_cli.core.targets import Centroids
 from tests.conftest import make_config
 

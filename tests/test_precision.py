@@ -12,7 +12,9 @@ import torch
 
 from seedselect_cli.config import ModelConfig
 from seedselect_cli.core.optimize import optimize_seeds, scaled_backward, seed_objective
-from seedselect_cli.core.sampling import ddim_schedule, encode_prompt, sample_images
+from seedselect_cli.core.prompts import encode_prompt
+from seedselect_cli.core.samplers import ddim_schedule
+from seedselect_cli.core.sampling import sample_images
 from seedselect_cli.files.assets import asset_path
 from seedselect_cli.files.datasets import fill_template
 from seedselect_cli.files.tensor_cache import TensorCache

@@ -9,7 +9,9 @@ import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from seedselect_cli.config import ModelConfig
-from seedselect_cli.core.sampling import SAMPLERS, encode_prompt, make_schedule, rollout, scheduler_for
+from seedselect_cli.core.prompts import encode_prompt
+from seedselect_cli.core.samplers import SAMPLERS, make_schedule, scheduler_for
+from seedselect_cli.core.sampling import rollout
 from seedselect_cli.files.assets import asset_path
 from seedselect_cli.limits import SAMPLER_NAMES
 from seedselect_cli.models import load_models, vae_dtype
@@ -110,7 +112,7 @@ def test_sdxl_conditioning_matters_pooled_and_time_ids_too(tiny_sdxl):
     """The pooled embedding and the image size reach the UNet: change either and the image changes."""
     import dataclasses
 
-    from seedselect_cli.core.sampling import PromptEmbeds, guided_embeddings
+    from seedselect_cli.core.prompts import PromptEmbeds, guided_embeddings
 
     z_T = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(2))
     embeds = encode_prompt(tiny_sdxl, "a hand")
@@ -210,7 +212,7 @@ def test_a_run_with_another_sampler_records_it_and_generate_redraws_its_images(n
 
 
 def test_lcm_noise_is_each_images_own_and_required():
-    from seedselect_cli.core.sampling import lcm_noise
+    from seedselect_cli.core.samplers import lcm_noise
 
     together = lcm_noise([7, 8], (4, 2, 2), 3)
     assert together.shape == (2, 2, 4, 2, 2)

@@ -4,14 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from seedselect_cli.core.sampling import (
-    Denoiser,
-    ddim_schedule,
-    ddim_step,
-    encode_prompt,
-    guided_embeddings,
-    rollout,
-)
+from seedselect_cli.core.prompts import encode_prompt, guided_embeddings
+from seedselect_cli.core.samplers import Denoiser, ddim_schedule, ddim_step
+from seedselect_cli.core.sampling import rollout
 
 
 def plain_ddim(models, z, text_embeds, timesteps, w):

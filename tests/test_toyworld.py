@@ -46,7 +46,9 @@ def test_the_distilled_few_step_world_draws_in_one_step_what_the_world_draws_in_
     """`toyworld_turbo` (scripts/distill_toyworld.py): under 10 MB, loaded by its named config, and on fresh seeds
     (not the distillation's) 1, 2 and 4 Euler steps without guidance land far closer to the toy world's 10 guided
     DDIM steps than the toy world's own Euler steps do."""
-    from seedselect_cli.core.sampling import encode_prompt, make_schedule, rollout
+    from seedselect_cli.core.prompts import encode_prompt
+    from seedselect_cli.core.samplers import make_schedule
+    from seedselect_cli.core.sampling import rollout
     from seedselect_cli.models import load_models
 
     turbo = Path(asset_path("toyworld_turbo"))

@@ -27,14 +27,9 @@ from seedselect_cli.core.cuda_graphs import GraphCache
 from seedselect_cli.core.frozen import FrozenModels
 from seedselect_cli.core.initial_seeds import SeedStarts, assigned_reference, init_seed_for, own_references
 from seedselect_cli.core.optimize import SeedResult, best_candidates, optimize_seeds
-from seedselect_cli.core.sampling import (
-    PromptEmbeds,
-    encode_prompt,
-    make_schedule,
-    step_activation_bytes,
-    step_noise,
-    steps_within_budget,
-)
+from seedselect_cli.core.prompts import PromptEmbeds, encode_prompt
+from seedselect_cli.core.samplers import make_schedule, step_noise
+from seedselect_cli.core.sampling import step_activation_bytes, steps_within_budget
 from seedselect_cli.core.specs import BootstrapSpec, InitSpec, LossSpec, Objective, OptimSpec
 from seedselect_cli.core.targets import Centroids, ReferenceEncodings, stack_centroids
 

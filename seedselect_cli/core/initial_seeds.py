@@ -28,7 +28,8 @@ import torch
 
 from seedselect_cli.core.frozen import FrozenModels
 from seedselect_cli.core.nao import nao_centroid, rescaled_centroid
-from seedselect_cli.core.sampling import PromptEmbeds, ddim_invert
+from seedselect_cli.core.prompts import PromptEmbeds
+from seedselect_cli.core.sampling import ddim_invert
 from seedselect_cli.core.specs import InitSpec, SamplerSpec
 from seedselect_cli.core.targets import ReferenceEncodings, weights_fingerprint
 from seedselect_cli.derive import derived_int

@@ -34,7 +34,9 @@ from seedselect_cli.core.losses import (
     seed_norm_prior,
 )
 from seedselect_cli.core.nao import chi_mode
-from seedselect_cli.core.sampling import PromptEmbeds, Schedule, make_schedule, rollout
+from seedselect_cli.core.prompts import PromptEmbeds
+from seedselect_cli.core.samplers import Schedule, make_schedule
+from seedselect_cli.core.sampling import rollout
 from seedselect_cli.core.specs import Objective, OptimSpec
 from seedselect_cli.core.targets import Centroids
 

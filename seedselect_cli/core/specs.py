@@ -43,7 +43,7 @@ class KStepSpec:
 class SamplerSpec:
     """`sampler`: the sampling the seeds are optimised through and their images drawn with."""
 
-    name: str = "ddim"  # ddim | euler (trailing timesteps) | dpmpp_2m: core/sampling.py
+    name: str = "ddim"  # ddim | euler (trailing timesteps) | dpmpp_2m | lcm: core/samplers.py
 
     steps: int = 20
     guidance_scale: float = 7.5
