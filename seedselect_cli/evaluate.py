@@ -172,7 +172,28 @@ def notes(n_classes: int, top_k: int, fewest_images: int, dataset_classes: bool)
     if fewest_images < SMALL_SET:
         out.append(f"a class has {fewest_images} image(s): its precision, recall, density, coverage, kid, "
                    f"diversity_ratio and copies change by 1/{fewest_images} or more with each image, so they "
-                   f"tell little; draw at least {SMALL_SET} (n_images={SMALL_SET}) to compare sets")
+                   f"tell little; draw at least {SMALL_SET} (n_images={SMALL_SET}) to compare sets"
+                   + (f" (with {quality.K} or fewer, recall is left out)" if fewest_images <= quality.K else ""))
+    return out
+
+
+def heldout_notes(real_images: dict[str, int], sources: dict[str, str]) -> list[str]:
+    """Why measures against held-out real images are blank for some classes: too few real images of them
+    (`real_images`, per class; `sources`, where each class's were looked for), and where to point for more."""
+    blank = {c: n for c, n in real_images.items() if n <= quality.K}
+    no_kid = {c: n for c, n in real_images.items() if quality.K < n < quality.KID_MINIMUM}
+    out = []
+    for measures, short_of, needed in (("precision, density, coverage and kid are", blank, quality.K + 1),
+                                       ("kid is", no_kid, quality.KID_MINIMUM)):
+        if short_of:
+            low, high = min(short_of.values()), max(short_of.values())
+            have = f"{low} to {high} images" if low != high else count_of(low, "image") + (
+                " each" if len(short_of) > 1 else "")
+            where = "; ".join(dict.fromkeys(sources[c] for c in short_of))
+            out.append(f"{measures} left out for {count_of(len(short_of), 'class', 'classes')} of {len(real_images)}: "
+                       f"they need {needed} held-out real images of a class or more, "
+                       f"{'it has' if len(short_of) == 1 else 'they have'} {have} ({where}); "
+                       f"point heldout=DIR at more (DIR/<class>/<image>)")
     return out
 
 
@@ -364,18 +385,20 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
                                   {c: h.images for c, h in heldout_of.items()}, heldout_seen, cfg)
 
     # 4. metrics.json, contact sheets, loss curves, index.html; a table in the terminal.
+    real_counts = {c: len(s.clip) if s is not None else 0 for c, s in heldout_seen.items()}
     metrics = {
         "run_dir": str(run_dir), "made_by": made_by(entries), "n_images": len(entries),
         "clip": cfg.clip or config.model.image_encoder,
         "judge": cfg.judge.model, "classified_among": len(candidates), "top_k": cfg.top_k,
         "baseline": BASELINE if cfg.baseline else None,
         "notes": [*([unfinished] if unfinished else []),
-                  *notes(len(candidates), cfg.top_k, min(Counter(names).values()), cfg.dataset_classes)],
+                  *notes(len(candidates), cfg.top_k, min(Counter(names).values()), cfg.dataset_classes),
+                  *heldout_notes(real_counts, {c: h.source for c, h in heldout_of.items()})],
         "quality_space": "judge features" if judge is not None else "CLIP image embeddings",
         "overall": {method: overall(per_class) for method, per_class in scores.items()},
         "classes": {c: {"references": {"n_images": len(references[c]),
                                        "diversity": mean_pairwise_distance(ref_seen[c].clip)},
-                        "heldout": {"n_images": len(heldout_seen[c].clip) if heldout_seen[c] else 0,
+                        "heldout": {"n_images": real_counts[c],
                                     "source": heldout_of[c].source, **(ceiling[c] or {})},
                         **{method: scores[method][c] for method in scores}} for c in run_classes},
     }

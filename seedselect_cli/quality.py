@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-K = 3
+K = 3  # neighbours: precision, recall, density and coverage need more than K images on either side they measure
+KID_MINIMUM = 50  # real images of a class below which KID is left out (its estimate is mostly noise)
 COPY_SIDE = 32  # pixels: the size images are compared at for `copies`
 
 
@@ -138,7 +139,7 @@ def copies(references: torch.Tensor, images: torch.Tensor, real: torch.Tensor | 
 
 def set_quality(real: torch.Tensor | None, fake: torch.Tensor, reference_variety: torch.Tensor,
                 fake_variety: torch.Tensor, reference_pixels: torch.Tensor, fake_pixels: torch.Tensor,
-                real_pixels: torch.Tensor | None, kid_minimum: int = 50) -> dict:
+                real_pixels: torch.Tensor | None, kid_minimum: int = KID_MINIMUM) -> dict:
     """Every measure of one class's images: features of held-out real images (or None) and of the images
     (precision, recall, density, coverage, KID); the embeddings whose spread is the variety of the
     references and of the images (diversity_ratio); pixels of references, images and real images (copies)."""

@@ -92,6 +92,23 @@ def test_notes_say_what_the_figures_cannot():
     assert "dataset_classes=true" not in notes(1, 5, 16, True)[0]
 
 
+def test_heldout_notes_name_the_classes_short_of_real_images_and_where_they_were_looked_for():
+    """Precision, density and coverage need more than K real images of a class, KID at least KID_MINIMUM: a class
+    below either is counted in a note that says how many it has and where they came from; at the bounds, none."""
+    from seedselect_cli import quality
+    from seedselect_cli.evaluate import heldout_notes
+
+    sources = {"a": "dataset.split=test", "b": "dataset.split=test", "c": "/h/<class>", "d": "/h/<class>"}
+    assert heldout_notes({"a": quality.KID_MINIMUM, "d": quality.KID_MINIMUM + 9}, sources) == []
+    blank, no_kid = heldout_notes({"a": 0, "b": quality.K, "c": quality.K + 1, "d": quality.KID_MINIMUM}, sources)
+    assert blank.startswith("precision, density, coverage and kid are left out for 2 classes of 4:")
+    assert f"they have 0 to {quality.K} images (dataset.split=test)" in blank and "heldout=DIR" in blank
+    assert no_kid.startswith("kid is left out for 1 class of 4:")
+    assert f"{quality.KID_MINIMUM} held-out real images" in no_kid and f"it has {quality.K + 1} images (/h/<class>)" in no_kid
+    [same] = heldout_notes({"a": 1, "b": 1}, sources)
+    assert "they have 1 image each (dataset.split=test);" in same
+
+
 def test_loss_curves_keep_each_images_best_so_far_and_end_at_the_runs_kept_losses(demo_run):
     """The report's loss plot: the kept curve against a plain loop on fresh random curves of different lengths (a seed
     that stopped keeps its best to the end), and on a real run it ends at the mean of the manifest's kept losses."""
@@ -318,7 +335,8 @@ def test_bad_run_directories_are_user_errors(tmp_path, demo_run):
 
 
 @pytest.mark.slow
-def test_zero_shot_among_every_class_of_the_data_set(tmp_path):
+def test_zero_shot_among_every_class_of_the_data_set(tmp_path, caplog):
+    from seedselect_cli.files.datasets import MAX_HELDOUT
     from tests.layouts import make_cub
 
     root = make_cub(tmp_path / "CUB_200_2011", classes=("001.Black_footed_Albatross", "094.Pine_Warbler",
@@ -333,3 +351,9 @@ def test_zero_shot_among_every_class_of_the_data_set(tmp_path):
     assert among_all["classes"]["Pine Warbler"]["seedselect"]["top1"] in (0.0, 1.0)  # one image, among 3
     assert set(among_all["classes"]) == {"Pine Warbler"}
     assert among_all["classes"]["Pine Warbler"]["heldout"]["source"] == "dataset.split=test"
+    # the test split's one image of the class: evaluate says why the measures against real images are blank, and
+    # does not warn about dataset.shots, which is the references' setting, not its own draw of real images
+    assert among_all["classes"]["Pine Warbler"]["heldout"]["n_images"] == 1
+    assert any(n.startswith("precision, density, coverage and kid are left out for 1 class of 1") and
+               "it has 1 image (dataset.split=test)" in n for n in among_all["notes"])
+    assert f"dataset.shots={MAX_HELDOUT}" not in caplog.text

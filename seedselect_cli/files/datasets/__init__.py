@@ -198,8 +198,9 @@ def heldout_images(cfg: DatasetConfig, seed: int, record: ClassRecord, folder: s
     other = OTHER_SPLIT.get(cfg.name, {}).get(cfg.split)
     if other:
         with contextlib.suppress(UserError):
-            [found] = load_classes(replace(cfg, split=other, classes=[record.name], shots=MAX_HELDOUT), seed)
-            return HeldOut(found.images, f"dataset.split={other}")
+            [found] = load_classes(replace(cfg, split=other, classes=[record.name], shots=None), seed)
+            return HeldOut(tuple(draw_shots(list(found.images), MAX_HELDOUT, seed, record.name)),
+                           f"dataset.split={other}")
     [found] = load_classes(replace(cfg, classes=[record.name], shots=None), seed)
     rest = [p for p in found.images if p not in set(record.images)]
     return HeldOut(tuple(draw_shots(rest, MAX_HELDOUT, seed, record.name)),
