@@ -89,6 +89,9 @@ def check_evaluate(cfg: EvaluateConfig) -> None:
         raise UserError(f"runtime.dtype={cfg.runtime.dtype!r} is invalid: choose one of auto, {', '.join(DTYPES)} "
                         f"(or leave it unset for the dtype the run's seeds were made in)")
     check_device(cfg.runtime.device)
+    if cfg.heldout is not None and not Path(cfg.heldout).expanduser().is_dir():
+        raise UserError(f"heldout={cfg.heldout} is not an existing folder: pass a folder of DIR/<class>/<image>, "
+                        f"or leave heldout out for the data set's own held-out images")
 
 
 def read_run(run_dir: Path) -> tuple[Config, list[dict]]:
@@ -338,6 +341,10 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     unfinished = unfinished_note(config, entries, made_by(entries), asked, others_active(run_dir))
     if unfinished:
         log.warning(unfinished)
+    heldout_dir = cfg.heldout or config.dataset.heldout
+    if heldout_dir and not Path(heldout_dir).expanduser().is_dir():
+        raise UserError(f"the run's dataset.heldout={heldout_dir} is not an existing folder here: pass "
+                        f"heldout=DIR (DIR/<class>/<image>) for where its real images are")
 
     # 2. The judges: the CLIP (zero-shot, fidelity, diversity) and, if asked for, a classifier, whose
     #    features then measure how the images sit among held-out real ones (else CLIP's do).
@@ -351,7 +358,6 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     centroids = torch.zeros(len(candidates), text.shape[1])
     for c in run_classes:
         centroids[class_index[c]] = ref_seen[c].clip.mean(dim=0)
-    heldout_dir = cfg.heldout or config.dataset.heldout
     heldout_of = {c: heldout_images(config.dataset, config.seed, records[c], heldout_dir) for c in run_classes}
     heldout_seen = {c: embed(clip, judge, readable(h.images), cfg.top_k, cfg.batch_size) if h.images else None
                     for c, h in heldout_of.items()}

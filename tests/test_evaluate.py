@@ -334,6 +334,27 @@ def test_bad_run_directories_are_user_errors(tmp_path, demo_run):
         run_evaluate(EvaluateConfig(run_dir=str(demo_run), classes=["cat", "dog"], baseline=False))
 
 
+def test_a_held_out_folder_that_is_not_there_is_a_user_error(tmp_path, demo_run):
+    """A mistyped heldout=DIR, or a run whose dataset.heldout is not on this machine, would otherwise give a report
+    with every measure against real images blank."""
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    from seedselect_cli.files.run_directory import CONFIG
+
+    with pytest.raises(UserError, match=r"^heldout=.*/nope is not an existing folder"):
+        run_evaluate(EvaluateConfig(run_dir=str(demo_run), baseline=False, heldout=str(tmp_path / "nope")))
+    run = shutil.copytree(demo_run, tmp_path / "run")
+    config = OmegaConf.load(run / CONFIG)
+    config.dataset.heldout = str(tmp_path / "moved")
+    OmegaConf.save(config, run / CONFIG)
+    with pytest.raises(UserError, match=r"^the run's dataset.heldout=.*/moved is not an existing folder here"):
+        run_evaluate(EvaluateConfig(run_dir=str(run), baseline=False))
+    (tmp_path / "moved").mkdir()
+    assert "heldout=DIR" in " ".join(run_evaluate(EvaluateConfig(run_dir=str(run), baseline=False))["notes"])
+
+
 @pytest.mark.slow
 def test_zero_shot_among_every_class_of_the_data_set(tmp_path, caplog):
     from seedselect_cli.files.datasets import MAX_HELDOUT
