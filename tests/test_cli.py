@@ -222,6 +222,7 @@ def test_seeds_and_runs_travel_to_another_folder_and_install(tmp_path, monkeypat
     shutil.move(tmp_path / "a" / "run", tmp_path / "moved")
     elsewhere = tmp_path / "env2" / "assets"
     shutil.copytree(install, elsewhere, ignore=shutil.ignore_patterns("heldout", "judge", "*.tsv"))
+    (elsewhere / "toyworld" / "heldout").mkdir()  # there, but empty: evaluate need not read 1,280 real images here
     monkeypatch.setattr(assets_module, "asset_path", lambda relative: str(elsewhere / relative))
     loaded = []
     real_load = generate_module.load_models
