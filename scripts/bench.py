@@ -54,15 +54,8 @@ from seedselect_cli.core.prompts import PromptEmbeds, conditioning
 from seedselect_cli.core.samplers import Denoiser, make_schedule
 from seedselect_cli.core.sampling import sample_images, step_activation_bytes, steps_within_budget
 from seedselect_cli.core.targets import Centroids
-from seedselect_cli.models import (
-    DTYPES,
-    compile_models,
-    load_models,
-    resolve_device,
-    resolve_dtype,
-    vae_dtype,
-)
-from seedselect_cli.pipeline import memory_budget_bytes
+from seedselect_cli.devices import DTYPES, memory_budget_bytes, resolve_device, resolve_dtype
+from seedselect_cli.models import compile_models, load_models, vae_dtype
 
 SD21_BASE_UNET = {
     "sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2, "cross_attention_dim": 1024,

@@ -26,11 +26,11 @@ import torch
 from omegaconf import OmegaConf
 
 from seedselect_cli.config import Config, load_structured
+from seedselect_cli.devices import resolve_device
 from seedselect_cli.files.datasets import DatasetConfig, load_classes
 from seedselect_cli.files.images import load_rgb
 from seedselect_cli.files.run_directory import RunDirectory
 from seedselect_cli.judges import load_clip
-from seedselect_cli.models import resolve_device
 from seedselect_cli.report import training_table
 
 

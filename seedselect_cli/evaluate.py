@@ -37,6 +37,7 @@ from seedselect_cli.core.frozen import FrozenModels
 from seedselect_cli.core.prompts import encode_prompt
 from seedselect_cli.core.samplers import step_noise
 from seedselect_cli.core.sampling import sample_images
+from seedselect_cli.devices import check_redraw_dtype, resolve_device
 from seedselect_cli.errors import UserError, count_of, first_line
 from seedselect_cli.files.atomic import atomic_write, slugify
 from seedselect_cli.files.datasets import fill_template, heldout_images, load_classes
@@ -46,7 +47,6 @@ from seedselect_cli.files.seed_files import load_seed_file
 from seedselect_cli.generate import models_for_seed
 from seedselect_cli.job_dir import others_active
 from seedselect_cli.judges import EvalClip, Judge, JudgeConfig, load_clip
-from seedselect_cli.models import DTYPES, resolve_device
 from seedselect_cli.progress import never_improved
 from seedselect_cli.report import row_names
 from seedselect_cli.scoring import Embedded, embed, image_rows, mean_pairwise_distance, overall, score
@@ -85,9 +85,7 @@ def check_evaluate(cfg: EvaluateConfig) -> None:
         raise UserError(f"batch_size={cfg.batch_size} is invalid: must be between 1 and 1024")
     if cfg.prompt_template is not None:
         check_template("prompt_template", cfg.prompt_template)
-    if cfg.runtime.dtype is not None and cfg.runtime.dtype not in ("auto", *DTYPES):
-        raise UserError(f"runtime.dtype={cfg.runtime.dtype!r} is invalid: choose one of auto, {', '.join(DTYPES)} "
-                        f"(or leave it unset for the dtype the run's seeds were made in)")
+    check_redraw_dtype(cfg.runtime.dtype)
     check_device(cfg.runtime.device)
     if cfg.heldout is not None and not Path(cfg.heldout).expanduser().is_dir():
         raise UserError(f"heldout={cfg.heldout} is not an existing folder: pass a folder of DIR/<class>/<image>, "

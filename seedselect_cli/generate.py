@@ -15,11 +15,12 @@ from seedselect_cli.core.frozen import FrozenModels
 from seedselect_cli.core.prompts import encode_prompt
 from seedselect_cli.core.samplers import step_noise
 from seedselect_cli.core.sampling import sample_images
+from seedselect_cli.devices import check_redraw_dtype, resolve_device, seed_dtype
 from seedselect_cli.errors import UserError
 from seedselect_cli.files.assets import resolve_location
 from seedselect_cli.files.atomic import atomic_write
 from seedselect_cli.files.seed_files import load_seed_file
-from seedselect_cli.models import DTYPES, load_models, resolve_device, resolve_dtype, scheduler_from_json
+from seedselect_cli.models import load_models, scheduler_from_json
 
 SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 
@@ -62,23 +63,9 @@ def check_generate(cfg: GenerateConfig) -> Path:
     """Every value of `seedselect generate`, before anything is read or loaded; returns the output path."""
     if cfg.tensor not in ("optimized", "initial"):
         raise UserError(f"tensor={cfg.tensor!r} is invalid: choose optimized or initial")
-    if cfg.runtime.dtype is not None and cfg.runtime.dtype != "auto" and cfg.runtime.dtype not in DTYPES:
-        raise UserError(f"runtime.dtype={cfg.runtime.dtype!r} is invalid: choose one of auto, {', '.join(DTYPES)} (or "
-                        f"leave it unset for the dtype the seed was made in)")
+    check_redraw_dtype(cfg.runtime.dtype)
     check_device(cfg.runtime.device)
     return check_output(cfg.out)
-
-
-def seed_dtype(name: str | None, recorded: str, device: torch.device) -> torch.dtype:
-    """`runtime.dtype` of generate and evaluate: null for the seed file's own, auto as for a run."""
-    if name is None:
-        name = recorded
-    if name == "auto":
-        return resolve_dtype("auto", device)
-    if name not in DTYPES:
-        raise UserError(f"runtime.dtype={name!r} is invalid: choose one of auto, {', '.join(DTYPES)} (or leave it "
-                        f"unset for the dtype the seed was made in)")
-    return DTYPES[name]
 
 
 def models_for_seed(metadata: dict[str, str], model: str | None, device: torch.device, dtype: str | None

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import socket
-import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,85 +29,15 @@ from transformers import (
 )
 from transformers.utils import logging as transformers_logging
 
-from seedselect_cli.config import ModelConfig, check_device
+from seedselect_cli.config import ModelConfig
 from seedselect_cli.core.frozen import FrozenModels, is_sdxl_unet
 from seedselect_cli.errors import UserError
-from seedselect_cli.limits import DTYPE_NAMES
 
 log = logging.getLogger(__name__)
 
 TINY = "tiny"
 TINY_SDXL = "tiny_sdxl"  # the same, in SDXL's shape: two text encoders, pooled embedding, added time ids
-DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}  # the names, as torch dtypes
 
-
-def resolve_device(name: str) -> torch.device:
-    """`runtime.device`: auto picks CUDA when present, else the CPU. Under `torchrun` (LOCAL_RANK set)
-    each process takes its own GPU."""
-    fit_cpu_threads()
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    check_device(name)
-    if name == "cuda" and os.environ.get("LOCAL_RANK", "").isdigit():
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
-        torch.cuda.set_device(device)
-        return device
-    return torch.device(name)
-
-
-_threads_fitted: list[bool] = []
-
-
-def fit_cpu_threads() -> None:
-    """Use no more CPU threads than there are cores free for this process. A job given 1 core (Slurm,
-    submitit, taskset) that starts one OpenMP thread per core of the machine runs many times slower, and so
-    does one that shares its cores with other busy processes: each parallel region waits for its slowest
-    thread, which waits for a core (README, "On a busy CPU"). Decided once per process, at its first
-    command; OMP_NUM_THREADS, where the user set it, is kept."""
-    if os.environ.get("OMP_NUM_THREADS", "").strip() or _threads_fitted:
-        return
-    _threads_fitted.append(True)
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
-    free = max(1, len(cores) - round(busy_cores(cores)))
-    if torch.get_num_threads() != free:
-        torch.set_num_threads(free)
-
-
-def busy_cores(cores: list[int], seconds: float = 0.2) -> float:
-    """How many of `cores` other processes keep busy now: the non-idle share of each core in /proc/stat
-    over `seconds` (while this process sleeps), summed. 0 where /proc/stat cannot be read."""
-
-    def sample() -> dict[int, tuple[int, int]]:
-        times = {}
-        with open("/proc/stat") as stat:
-            for line in stat:
-                name, *fields = line.split()
-                if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cores:
-                    numbers = [int(x) for x in fields[:8]]
-                    times[int(name[3:])] = (sum(numbers), numbers[3] + numbers[4])  # all, idle + iowait
-        return times
-
-    try:
-        before = sample()
-        time.sleep(seconds)
-        after = sample()
-    except (OSError, ValueError, IndexError):
-        return 0.0
-    busy = 0.0
-    for core, (total, idle) in after.items():
-        spent = total - before.get(core, (total, idle))[0]
-        if spent > 0:
-            busy += 1.0 - (idle - before[core][1]) / spent
-    return busy
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`runtime.dtype`: auto is float32 on the CPU and float16 on an accelerator. Not bfloat16: its 8-bit
-    significand loses the seed's gradient near the optimum, where the loss's terms pull against each other
-    (gradient cosine to float32's 0.88 on the toy world, float16's 0.9996; BENCHMARKS.md)."""
-    if name == "auto":
-        return torch.float32 if device.type == "cpu" else torch.float16
-    return DTYPES[name]
 
 
 def compile_models(models: FrozenModels, mode: str | None = None) -> FrozenModels:

@@ -9,7 +9,6 @@ resumption, and the image is rendered from the best seed exactly as `generate` d
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import shlex
 import signal
@@ -30,6 +29,7 @@ from seedselect_cli.core.optimize import SeedResult
 from seedselect_cli.core.samplers import step_noise
 from seedselect_cli.core.sampling import sample_images
 from seedselect_cli.core.targets import ReferenceEncodings, encoder_fingerprint
+from seedselect_cli.devices import memory_budget_bytes, resolve_device, resolve_dtype
 from seedselect_cli.errors import Interrupted, UserError, count_of
 from seedselect_cli.files.assets import portable
 from seedselect_cli.files.atomic import slugify
@@ -38,7 +38,7 @@ from seedselect_cli.files.run_directory import RunDirectory
 from seedselect_cli.files.seed_files import load_seed_file, png_text, save_seed_file, seed_metadata
 from seedselect_cli.files.tensor_cache import TensorCache, default_cache_dir
 from seedselect_cli.interrupt import GracefulStop, catching_signals
-from seedselect_cli.models import check_steps, compile_models, load_models, resolve_device, resolve_dtype
+from seedselect_cli.models import check_steps, compile_models, load_models
 from seedselect_cli.progress import NEXT, RunProgress, print_summary, run_progress
 from seedselect_cli.references import load_encodings
 
@@ -86,23 +86,6 @@ def engine_for(models: FrozenModels, config: Config, cache_root: Path | None = N
                   seed_starts(models, config, cache_root, should_stop),
                   memory_budget_bytes(config.runtime.memory_budget, models.device),
                   graph_cache(models.device) if use_graphs else None)
-
-
-def memory_budget_bytes(setting: str, device: torch.device) -> float:
-    """`runtime.memory_budget` in bytes: GB as given, or for auto half of what the device has free now (the
-    models loaded): CUDA's free memory, else the machine's available memory."""
-    setting = str(setting).strip().lower()
-    if setting != "auto":
-        return float(setting) * 2**30
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-    else:
-        free = 0
-        with contextlib.suppress(OSError, ValueError, IndexError), open("/proc/meminfo") as meminfo:
-            free = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
-    budget = free / 2
-    log.info("runtime.memory_budget=auto: %.1f GB for kept denoising steps", budget / 2**30)
-    return budget
 
 
 def run_optimize(config: Config, run_dir: Path) -> list[dict]:

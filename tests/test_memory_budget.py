@@ -11,10 +11,11 @@ from seedselect_cli.core.prompts import encode_prompt
 from seedselect_cli.core.samplers import make_schedule
 from seedselect_cli.core.sampling import rollout, step_activation_bytes
 from seedselect_cli.core.targets import Centroids
+from seedselect_cli.devices import memory_budget_bytes
 from seedselect_cli.errors import UserError
 from seedselect_cli.files.assets import asset_path
 from seedselect_cli.models import load_models
-from seedselect_cli.pipeline import engine_for, memory_budget_bytes
+from seedselect_cli.pipeline import engine_for
 from tests.conftest import make_config
 
 

@@ -7,8 +7,9 @@ import torch
 
 from seedselect_cli.config import ModelConfig
 from seedselect_cli.core.prompts import encode_prompt
+from seedselect_cli.devices import resolve_device
 from seedselect_cli.errors import UserError
-from seedselect_cli.models import load_models, resolve_device
+from seedselect_cli.models import load_models
 
 
 def test_tiny_components_are_frozen_and_reproducible(tiny_models):
@@ -95,7 +96,7 @@ def test_busy_cores_sees_processes_that_keep_the_cores_busy():
     import subprocess
     import sys
 
-    from seedselect_cli.models import busy_cores
+    from seedselect_cli.devices import busy_cores
 
     cores = sorted(os.sched_getaffinity(0))
     idle = busy_cores(cores, seconds=0.5)  # other tests may run beside this one (pytest -n): one core's worth each
@@ -115,21 +116,21 @@ def test_busy_cores_sees_processes_that_keep_the_cores_busy():
 
 
 def test_threads_fit_the_free_cores_unless_the_user_set_them(monkeypatch):
-    from seedselect_cli import models
+    from seedselect_cli import devices
 
     threads = torch.get_num_threads()
     try:
-        monkeypatch.setattr(models, "_threads_fitted", [])
-        monkeypatch.setattr(models, "busy_cores", lambda cores: len(cores) - 0.6)  # all but one core busy
+        monkeypatch.setattr(devices, "_threads_fitted", [])
+        monkeypatch.setattr(devices, "busy_cores", lambda cores: len(cores) - 0.6)  # all but one core busy
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-        models.fit_cpu_threads()
+        devices.fit_cpu_threads()
         assert torch.get_num_threads() == 1
-        models.fit_cpu_threads()  # decided once per process
-        assert models._threads_fitted == [True]
-        monkeypatch.setattr(models, "_threads_fitted", [])
+        devices.fit_cpu_threads()  # decided once per process
+        assert devices._threads_fitted == [True]
+        monkeypatch.setattr(devices, "_threads_fitted", [])
         monkeypatch.setenv("OMP_NUM_THREADS", "2")
         torch.set_num_threads(2)
-        models.fit_cpu_threads()
+        devices.fit_cpu_threads()
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)

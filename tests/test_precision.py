@@ -15,10 +15,11 @@ from seedselect_cli.core.optimize import optimize_seeds, scaled_backward, seed_o
 from seedselect_cli.core.prompts import encode_prompt
 from seedselect_cli.core.samplers import ddim_schedule
 from seedselect_cli.core.sampling import sample_images
+from seedselect_cli.devices import resolve_dtype
 from seedselect_cli.files.assets import asset_path
 from seedselect_cli.files.datasets import fill_template
 from seedselect_cli.files.tensor_cache import TensorCache
-from seedselect_cli.models import load_models, resolve_dtype
+from seedselect_cli.models import load_models
 from seedselect_cli.references import load_encodings
 from tests.conftest import make_config
 from tests.test_optimize import random_target, seeds

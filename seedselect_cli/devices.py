@@ -1,0 +1,123 @@
+"""Where the work runs: the device (`runtime.device`), the dtype (`runtime.dtype`, and the seeds' own when
+`generate` and `evaluate` redraw them), how many CPU threads, and how much memory the kept denoising steps may
+take (`runtime.memory_budget`)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+
+import torch
+
+from seedselect_cli.config import check_device
+from seedselect_cli.errors import UserError
+from seedselect_cli.limits import DTYPE_NAMES
+
+log = logging.getLogger(__name__)
+
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}  # the names, as torch dtypes
+
+
+def resolve_device(name: str) -> torch.device:
+    """`runtime.device`: auto picks CUDA when present, else the CPU. Under `torchrun` (LOCAL_RANK set)
+    each process takes its own GPU."""
+    fit_cpu_threads()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    check_device(name)
+    if name == "cuda" and os.environ.get("LOCAL_RANK", "").isdigit():
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        return device
+    return torch.device(name)
+
+
+_threads_fitted: list[bool] = []
+
+
+def fit_cpu_threads() -> None:
+    """Use no more CPU threads than there are cores free for this process. A job given 1 core (Slurm,
+    submitit, taskset) that starts one OpenMP thread per core of the machine runs many times slower, and so
+    does one that shares its cores with other busy processes: each parallel region waits for its slowest
+    thread, which waits for a core (README, "On a busy CPU"). Decided once per process, at its first
+    command; OMP_NUM_THREADS, where the user set it, is kept."""
+    if os.environ.get("OMP_NUM_THREADS", "").strip() or _threads_fitted:
+        return
+    _threads_fitted.append(True)
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    free = max(1, len(cores) - round(busy_cores(cores)))
+    if torch.get_num_threads() != free:
+        torch.set_num_threads(free)
+
+
+def busy_cores(cores: list[int], seconds: float = 0.2) -> float:
+    """How many of `cores` other processes keep busy now: the non-idle share of each core in /proc/stat
+    over `seconds` (while this process sleeps), summed. 0 where /proc/stat cannot be read."""
+
+    def sample() -> dict[int, tuple[int, int]]:
+        times = {}
+        with open("/proc/stat") as stat:
+            for line in stat:
+                name, *fields = line.split()
+                if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cores:
+                    numbers = [int(x) for x in fields[:8]]
+                    times[int(name[3:])] = (sum(numbers), numbers[3] + numbers[4])  # all, idle + iowait
+        return times
+
+    try:
+        before = sample()
+        time.sleep(seconds)
+        after = sample()
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    busy = 0.0
+    for core, (total, idle) in after.items():
+        spent = total - before.get(core, (total, idle))[0]
+        if spent > 0:
+            busy += 1.0 - (idle - before[core][1]) / spent
+    return busy
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`runtime.dtype`: auto is float32 on the CPU and float16 on an accelerator. Not bfloat16: its 8-bit
+    significand loses the seed's gradient near the optimum, where the loss's terms pull against each other
+    (gradient cosine to float32's 0.88 on the toy world, float16's 0.9996; BENCHMARKS.md)."""
+    if name == "auto":
+        return torch.float32 if device.type == "cpu" else torch.float16
+    return DTYPES[name]
+
+
+def check_redraw_dtype(name: str | None) -> None:
+    """`runtime.dtype` of generate and evaluate: a dtype's name, auto, or null (unset) for the seeds' own."""
+    if name is not None and name not in ("auto", *DTYPES):
+        raise UserError(f"runtime.dtype={name!r} is invalid: choose one of auto, {', '.join(DTYPES)} (or leave it "
+                        f"unset for the dtype the seeds were made in)")
+
+
+def seed_dtype(name: str | None, recorded: str, device: torch.device) -> torch.dtype:
+    """`runtime.dtype` of generate and evaluate: null for the seed file's own, auto as for a run."""
+    if name is None:
+        name = recorded
+    if name == "auto":
+        return resolve_dtype("auto", device)
+    check_redraw_dtype(name)
+    return DTYPES[name]
+
+
+def memory_budget_bytes(setting: str, device: torch.device) -> float:
+    """`runtime.memory_budget` in bytes: GB as given, or for auto half of what the device has free now (the
+    models loaded): CUDA's free memory, else the machine's available memory."""
+    setting = str(setting).strip().lower()
+    if setting != "auto":
+        return float(setting) * 2**30
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+    else:
+        free = 0
+        with contextlib.suppress(OSError, ValueError, IndexError), open("/proc/meminfo") as meminfo:
+            free = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
+    budget = free / 2
+    log.info("runtime.memory_budget=auto: %.1f GB for kept denoising steps", budget / 2**30)
+    return budget
