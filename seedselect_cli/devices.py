@@ -118,6 +118,4 @@ def memory_budget_bytes(setting: str, device: torch.device) -> float:
         free = 0
         with contextlib.suppress(OSError, ValueError, IndexError), open("/proc/meminfo") as meminfo:
             free = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
-    budget = free / 2
-    log.info("runtime.memory_budget=auto: %.1f GB for kept denoising steps", budget / 2**30)
-    return budget
+    return free / 2

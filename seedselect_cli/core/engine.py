@@ -17,6 +17,7 @@ Each image's starting noise depends only on (`seed`, class, index), never on the
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -32,6 +33,8 @@ from seedselect_cli.core.samplers import make_schedule, step_noise
 from seedselect_cli.core.sampling import step_activation_bytes, steps_within_budget
 from seedselect_cli.core.specs import BootstrapSpec, InitSpec, LossSpec, Objective, OptimSpec
 from seedselect_cli.core.targets import Centroids, ReferenceEncodings, stack_centroids
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -104,6 +107,10 @@ class Engine:
             self._step_bytes[batch] = step_activation_bytes(self.models, z.to(self.models.device, torch.float32),
                                                             target.text_embeds, schedule, sampler.guidance_scale,
                                                             noise)
+            kept = steps_within_budget(self.memory_budget, self._step_bytes[batch], sampler.steps)
+            log.info("memory budget %.1f GB: %d of %d denoising steps keep their activations (%.0f MB each at "
+                     "batch %d), %d recomputed", self.memory_budget / 2**30, kept, sampler.steps,
+                     self._step_bytes[batch] / 2**20, batch, sampler.steps - kept)
         return steps_within_budget(self.memory_budget, self._step_bytes[batch], sampler.steps)
 
     def class_target(self, name: str, prompt: str, encodings: ReferenceEncodings,
