@@ -188,11 +188,10 @@ def _run(config: Config, run_dir: Path, method: str, stop: GracefulStop) -> list
         except Interrupted:
             pass  # a stop between steps before the class's first batch: said below
         except torch.OutOfMemoryError:
-            raise UserError(
-                f"out of GPU memory with runtime.batch_size={config.runtime.batch_size} at "
-                f"{config.sampler.width}x{config.sampler.height}: lower runtime.batch_size (1 needs least), keep "
-                f"sampler.checkpointing=true, or use runtime.dtype=float16; {len(entries)} finished images are kept"
-            ) from None
+            raise UserError(f"out of GPU memory with runtime.batch_size={config.runtime.batch_size} at "
+                            f"{config.sampler.width}x{config.sampler.height}: {memory_advice(config, dtype)}; the "
+                            f"{count_of(len(out.finished()), 'image')} finished in {run_dir} stay, and the same "
+                            f"command with the change resumes") from None
     print_summary(entries, run_dir, None if stop.requested or not entries else evaluate_command(config, run_dir))
     if stop.requested:
         name = signal.Signals(stop.signum).name
@@ -206,6 +205,22 @@ def _run(config: Config, run_dir: Path, method: str, stop: GracefulStop) -> list
         raise UserError(f"{count_of(len(failed), 'image')} could not be made ({failed[0]}): their loss was never finite; "
                         f"lower optim.lr or use runtime.dtype=float32")
     return entries
+
+
+def memory_advice(config: Config, dtype: torch.dtype) -> str:
+    """What this run can change to need less device memory, from what it set, the biggest saving first."""
+    fixes = []
+    if str(config.runtime.memory_budget).strip().lower() not in ("0", "0.0"):
+        fixes.append(f"lower runtime.memory_budget (now {config.runtime.memory_budget}; 0 recomputes every step)")
+    if not config.sampler.checkpointing:
+        fixes.append("set sampler.checkpointing=true")
+    if config.runtime.batch_size > 1:
+        fixes.append("lower runtime.batch_size (1 needs least)")
+    if dtype == torch.float32:
+        fixes.append("use runtime.dtype=float16")
+    if not fixes:
+        return "every setting that saves memory is on already: use a device with more memory, or smaller images"
+    return ", or ".join(fixes)
 
 
 def evaluate_command(config: Config, run_dir: Path) -> str:

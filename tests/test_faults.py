@@ -106,9 +106,21 @@ def test_out_of_memory_names_the_setting_and_keeps_what_is_done(tmp_path, monkey
         return real(*args, **kwargs)
 
     monkeypatch.setattr(engine_module, "optimize_seeds", second_batch_runs_out)
-    with pytest.raises(UserError, match=r"out of GPU memory with runtime.batch_size=1 .* lower runtime.batch_size"):
+    with pytest.raises(UserError, match=r"^out of GPU memory with runtime.batch_size=1 at 32x32: use runtime.dtype="
+                                        r"float16; the 1 image finished in .* stay"):
         run_optimize(make_config(["n_images=3", "runtime.batch_size=1"]), tmp_path)
     assert sorted(RunDirectory(tmp_path).finished()) == [("red_disc", 0)]
+
+
+def test_out_of_memory_advice_names_only_what_the_run_can_still_change():
+    from seedselect_cli.pipeline import memory_advice
+
+    lean = make_config(["runtime.batch_size=1", "runtime.dtype=float16"])
+    assert memory_advice(lean, torch.float16).startswith("every setting that saves memory is on already")
+    heavy = make_config(["runtime.batch_size=4", "runtime.memory_budget=auto", "sampler.checkpointing=false"])
+    assert memory_advice(heavy, torch.float32) == (
+        "lower runtime.memory_budget (now auto; 0 recomputes every step), or set sampler.checkpointing=true, or "
+        "lower runtime.batch_size (1 needs least), or use runtime.dtype=float16")
 
 
 # --- Ctrl-C and SIGTERM --------------------------------------------------------------------------

@@ -59,6 +59,7 @@ def test_manifest_drops_half_written_and_orphaned_lines(tmp_path):
 def test_a_run_directory_of_another_config_is_refused(tmp_path):
     RunDirectory(tmp_path).start("seed: 0\nn_images: 1\nloss:\n  lam: 0.5\nruntime:\n  batch_size: 1\n")
     RunDirectory(tmp_path).start("seed: 0\nn_images: 3\nloss:\n  lam: 0.5\nruntime:\n  batch_size: 4\n")
+    RunDirectory(tmp_path).start("seed: 0\nn_images: 3\nloss:\n  lam: 0.5\nsampler:\n  checkpointing: false\n")
     with pytest.raises(UserError, match=r"another config \(loss.lam"):
         RunDirectory(tmp_path).start("seed: 0\nn_images: 3\nloss:\n  lam: 0.9\n")
 

@@ -38,9 +38,11 @@ METADATA = "images/metadata.jsonl"
 CONFIG = "config.yaml"
 LOCK = ".lock"
 CLAIMS = ".claims"
-# May change between a run and its resumption: how it runs, how many images, which classes (a loop
-# over classes may fill one run directory), and what evaluate compares against.
-RESUMABLE_KEYS = ("runtime", "n_images", "bootstrap.n_images", "dataset.classes", "dataset.heldout")
+# May change between a run and its resumption: how it runs (the runtime, and whether the steps are recomputed in the
+# backward pass: the same numbers), how many images, which classes (a loop over classes may fill one run directory),
+# and what evaluate compares against.
+RESUMABLE_KEYS = ("runtime", "sampler.checkpointing", "n_images", "bootstrap.n_images", "dataset.classes",
+                  "dataset.heldout")
 
 
 class RunDirectory:
