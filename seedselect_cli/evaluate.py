@@ -161,8 +161,11 @@ BASELINE = ("plain sampling (no optimisation) from fresh noise drawn from each i
 SMALL_SET = 8  # images of a class below which the set measures are one or two images' worth of noise
 
 
-def notes(n_classes: int, top_k: int, fewest_images: int, dataset_classes: bool) -> list[str]:
-    """What the figures cannot say for this run, said in metrics.json and the report."""
+def notes(n_classes: int, top_k: int, fewest_images: int, dataset_classes: bool, method: str | None = None
+          ) -> list[str]:
+    """What the figures cannot say for this run, said in metrics.json and the report. `method`: the command that
+    made the run (`made_by`), whose key sets its images per class."""
+    images_key = "bootstrap.n_images" if method == "bootstrap" else "n_images"
     out = []
     if n_classes == 1:
         out.append("top1 and topk are left out: classifying among one class is right by construction; pass "
@@ -171,9 +174,9 @@ def notes(n_classes: int, top_k: int, fewest_images: int, dataset_classes: bool)
     elif n_classes <= top_k:
         out.append(f"top{top_k} is left out: among {n_classes} classes every image is in the top {top_k}")
     if fewest_images < SMALL_SET:
-        out.append(f"a class has {fewest_images} image(s): its precision, recall, density, coverage, kid, "
+        out.append(f"a class has {count_of(fewest_images, 'image')}: its precision, recall, density, coverage, kid, "
                    f"diversity_ratio and copies change by 1/{fewest_images} or more with each image, so they "
-                   f"tell little; draw at least {SMALL_SET} (n_images={SMALL_SET}) to compare sets"
+                   f"tell little; draw at least {SMALL_SET} ({images_key}={SMALL_SET}) to compare sets"
                    + (f" (with {quality.K} or fewer, recall is left out)" if fewest_images <= quality.K else ""))
     return out
 
@@ -396,7 +399,8 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         "judge": cfg.judge.model, "classified_among": len(candidates), "top_k": cfg.top_k,
         "baseline": BASELINE if cfg.baseline else None,
         "notes": [*([unfinished] if unfinished else []),
-                  *notes(len(candidates), cfg.top_k, min(Counter(names).values()), cfg.dataset_classes),
+                  *notes(len(candidates), cfg.top_k, min(Counter(names).values()), cfg.dataset_classes,
+                         made_by(entries)),
                   *heldout_notes(real_counts, {c: h.source for c, h in heldout_of.items()})],
         "quality_space": "judge features" if judge is not None else "CLIP image embeddings",
         "overall": {method: overall(per_class) for method, per_class in scores.items()},

@@ -50,7 +50,7 @@ def test_copies_of_the_references_score_fidelity_one_and_diversity_zero(tmp_path
     assert result["references"] == {"n_images": 3, "diversity": pytest.approx(0.0, abs=1e-5)}
     assert result["seedselect"]["top1"] is None  # the only class: no figure, and a note that says why
     assert "classifying among one class is right by construction" in metrics["notes"][0]
-    assert "a class has 2 image(s)" in metrics["notes"][1]  # and the set measures say little at that size
+    assert "a class has 2 images:" in metrics["notes"][1]  # and the set measures say little at that size
     assert "plain" not in result and metrics["baseline"] is None
 
 
@@ -87,7 +87,8 @@ def test_notes_say_what_the_figures_cannot():
     assert notes(5, 5, SMALL_SET, False) == ["top5 is left out: among 5 classes every image is in the top 5"]
     assert notes(20, 5, SMALL_SET, False) == []
     few = notes(20, 5, 2, False)
-    assert len(few) == 1 and "a class has 2 image(s)" in few[0] and f"n_images={SMALL_SET}" in few[0]
+    assert len(few) == 1 and "a class has 2 images:" in few[0] and f"(n_images={SMALL_SET})" in few[0]
+    assert f"(bootstrap.n_images={SMALL_SET})" in notes(20, 5, 2, False, "bootstrap")[0]
     assert "dataset_classes=true" in notes(1, 5, 16, False)[0]
     assert "dataset_classes=true" not in notes(1, 5, 16, True)[0]
 
