@@ -36,9 +36,12 @@ NETWORKS = {"unet": "UNet", "decoder": "VAE decoder", "image_encoder": "CLIP"}
 
 def count_passes(overrides: list[str], n_images: int, bootstrap: bool = False) -> dict:
     """{network: {"forward": images, "backward": images}} per image, and the per-class part apart."""
+    # every denoising step recomputed in the backward pass, as `_base` does (the toy world's configs keep theirs;
+    # `runtime.memory_budget=auto` among the overrides counts that)
     config = compose_config("toyworld", ["model=tiny", "dataset.classes=[marsh finch]", "runtime.progress=false",
-                                         "runtime.cache=false", f"n_images={n_images}", f"runtime.batch_size={n_images}",
-                                         f"bootstrap.n_images={n_images}", *overrides])
+                                         "runtime.cache=false", "runtime.memory_budget=0", f"n_images={n_images}",
+                                         f"runtime.batch_size={n_images}", f"bootstrap.n_images={n_images}",
+                                         *overrides])
     counts: Counter = Counter()
     phase = {"now": "class"}
     real_load = models_module.load_models
