@@ -13,7 +13,6 @@ same way by composing the config once before Hydra runs the job.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import signal
 import sys
@@ -188,12 +187,7 @@ def preflight(command: str, args: list[str]) -> Path | None:
 
     # The references exist and the classes are known: before any model loads. Its warnings are said
     # once, by the job, which loads the classes again with its log set up.
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)
-    try:
-        load_classes(config.dataset, config.seed)
-    finally:
-        logging.disable(previous)
+    load_classes(config.dataset, config.seed, quiet=True)
     return path
 
 

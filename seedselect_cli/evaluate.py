@@ -205,7 +205,7 @@ def classes_asked(config: Config) -> int:
     """How many classes a run without `dataset.classes` makes: every class of its data set (as far as it can still
     be read; else none is counted beyond what the run holds)."""
     try:
-        return len(load_classes(dataclasses.replace(config.dataset, shots=1), config.seed))
+        return len(load_classes(dataclasses.replace(config.dataset, shots=1), config.seed, quiet=True))
     except UserError:
         return 0
 
@@ -328,10 +328,12 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     config, entries = read_run(run_dir)
     check_writable(run_dir)
     run_classes = list(dict.fromkeys(e["class"] for e in entries))
-    records = {r.name: r for r in load_classes(dataclasses.replace(config.dataset, classes=run_classes), config.seed)}
+    # the run's classes again, without the warnings the run said (fewer references than dataset.shots, ...)
+    records = {r.name: r for r in load_classes(dataclasses.replace(config.dataset, classes=run_classes), config.seed,
+                                               quiet=True)}
     if cfg.dataset_classes:
         every = dataclasses.replace(config.dataset, classes=None, shots=1)
-        candidates = list(dict.fromkeys([*run_classes, *(r.name for r in load_classes(every, config.seed))]))
+        candidates = list(dict.fromkeys([*run_classes, *(r.name for r in load_classes(every, config.seed, quiet=True))]))
     else:
         candidates = list(cfg.classes) if cfg.classes else run_classes
     absent = [c for c in run_classes if c not in candidates]

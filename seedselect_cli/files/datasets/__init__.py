@@ -207,8 +207,10 @@ def heldout_images(cfg: DatasetConfig, seed: int, record: ClassRecord, folder: s
                    f"dataset.split={cfg.split}, the images not drawn as references")
 
 
-def load_classes(cfg: DatasetConfig, seed: int) -> list[ClassRecord]:
-    """The classes of the configured dataset, each with its prompt and reference image paths."""
+def load_classes(cfg: DatasetConfig, seed: int, quiet: bool = False) -> list[ClassRecord]:
+    """The classes of the configured dataset, each with its prompt and reference image paths. `quiet`: without
+    the warnings (empty classes skipped, fewer images than `dataset.shots`), for a second reading of a data set
+    whose first reading said them (the job after the preflight check, evaluate after the run)."""
     from seedselect_cli.files.datasets import cifar_fs, cub, folder, imagefolder, imagenet_lt, mini_imagenet
 
     adapters = {"folder": folder, "imagefolder": imagefolder, "cub": cub, "mini_imagenet": mini_imagenet,
@@ -216,4 +218,11 @@ def load_classes(cfg: DatasetConfig, seed: int) -> list[ClassRecord]:
     assert tuple(adapters) == DATASETS
     if cfg.name not in adapters:
         raise UserError(f"dataset.name={cfg.name!r} is unknown: choose one of {', '.join(DATASETS)}")
-    return adapters[cfg.name].load(cfg, seed)
+    if not quiet:
+        return adapters[cfg.name].load(cfg, seed)
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        return adapters[cfg.name].load(cfg, seed)
+    finally:
+        logging.disable(previous)
