@@ -69,6 +69,10 @@ measure() {
 #    peak reserved GB (<= 12); its s/img boot column is bootstrap's figure at batch 1.
 measure "paper setting, default path beside the plain one" 150 \
   "${bench[@]}" --modes graphed plain --batch 1 --json /tmp/gpu_session/paper.json
+# 1b. The demo as a GPU user runs it first: the toy world on CUDA with its steps kept (its configs set
+#     runtime.memory_budget=auto) beside CUDA-graphed decodes and CLIP calls, a path no CPU test takes.
+measure "the demo on $device" 40 python3 -m seedselect_cli optimize runtime.device="$device" runtime.progress=false \
+  hydra.run.dir=/tmp/gpu_session/demo
 # 2. Part 1 on CUDA: does float16 (the GPU default) find float32's seeds? 8 seeds, 30 iterations, the toy world.
 if [ -n "$tiny" ]; then
   measure "precision on the toy world" 120 python3 scripts/precision_check.py --device "$device" \
