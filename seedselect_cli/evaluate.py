@@ -38,7 +38,7 @@ from seedselect_cli.core.prompts import encode_prompt
 from seedselect_cli.core.samplers import step_noise
 from seedselect_cli.core.sampling import sample_images
 from seedselect_cli.devices import check_redraw_dtype, resolve_device
-from seedselect_cli.errors import UserError, count_of, first_line
+from seedselect_cli.errors import UserError, first_line
 from seedselect_cli.files.atomic import atomic_write, slugify
 from seedselect_cli.files.datasets import fill_template, heldout_images, load_classes
 from seedselect_cli.files.images import load_rgb
@@ -49,6 +49,7 @@ from seedselect_cli.job_dir import others_active
 from seedselect_cli.judges import EvalClip, Judge, JudgeConfig, load_clip
 from seedselect_cli.progress import never_improved
 from seedselect_cli.report import row_names
+from seedselect_cli.report_notes import classes_asked, heldout_notes, set_notes, unfinished_note
 from seedselect_cli.scoring import Embedded, embed, image_rows, mean_pairwise_distance, overall, score
 
 log = logging.getLogger(__name__)
@@ -156,73 +157,6 @@ def _usable_image(path: Path, size: tuple[int, int]) -> bool:
 BASELINE = ("plain sampling (no optimisation) from fresh noise drawn from each image's init seed: for an "
             "`optimize` run with init=random, the seed before optimisation; for init=inversion, nao or reference "
             "and for bootstrap, whose starts may carry z_T^G, the noise alone")
-
-
-SMALL_SET = 8  # images of a class below which the set measures are one or two images' worth of noise
-
-
-def notes(n_classes: int, top_k: int, fewest_images: int, dataset_classes: bool, method: str | None = None
-          ) -> list[str]:
-    """What the figures cannot say for this run, said in metrics.json and the report. `method`: the command that
-    made the run (`made_by`), whose key sets its images per class."""
-    images_key = "bootstrap.n_images" if method == "bootstrap" else "n_images"
-    out = []
-    if n_classes == 1:
-        out.append("top1 and topk are left out: classifying among one class is right by construction; pass "
-                   + ("classes=[...] (the run's data set has this class alone)" if dataset_classes
-                      else "classes=[...] or dataset_classes=true") + " to classify among more")
-    elif n_classes <= top_k:
-        out.append(f"top{top_k} is left out: among {n_classes} classes every image is in the top {top_k}")
-    if fewest_images < SMALL_SET:
-        out.append(f"a class has {count_of(fewest_images, 'image')}: its precision, recall, density, coverage, kid, "
-                   f"diversity_ratio and copies change by 1/{fewest_images} or more with each image, so they "
-                   f"tell little; draw at least {SMALL_SET} ({images_key}={SMALL_SET}) to compare sets"
-                   + (f" (with {quality.K} or fewer, recall is left out)" if fewest_images <= quality.K else ""))
-    return out
-
-
-def heldout_notes(real_images: dict[str, int], sources: dict[str, str]) -> list[str]:
-    """Why measures against held-out real images are blank for some classes: too few real images of them
-    (`real_images`, per class; `sources`, where each class's were looked for), and where to point for more."""
-    blank = {c: n for c, n in real_images.items() if n <= quality.K}
-    no_kid = {c: n for c, n in real_images.items() if quality.K < n < quality.KID_MINIMUM}
-    out = []
-    for measures, short_of, needed in (("precision, density, coverage and kid are", blank, quality.K + 1),
-                                       ("kid is", no_kid, quality.KID_MINIMUM)):
-        if short_of:
-            low, high = min(short_of.values()), max(short_of.values())
-            have = f"{low} to {high} images" if low != high else count_of(low, "image") + (
-                " each" if len(short_of) > 1 else "")
-            where = "; ".join(dict.fromkeys(sources[c] for c in short_of))
-            out.append(f"{measures} left out for {count_of(len(short_of), 'class', 'classes')} of {len(real_images)}: "
-                       f"they need {needed} held-out real images of a class or more, "
-                       f"{'it has' if len(short_of) == 1 else 'they have'} {have} ({where}); "
-                       f"point heldout=DIR at more (DIR/<class>/<image>)")
-    return out
-
-
-def classes_asked(config: Config) -> int:
-    """How many classes a run without `dataset.classes` makes: every class of its data set (as far as it can still
-    be read; else none is counted beyond what the run holds)."""
-    try:
-        return len(load_classes(dataclasses.replace(config.dataset, shots=1), config.seed, quiet=True))
-    except UserError:
-        return 0
-
-
-def unfinished_note(config: Config, entries: list[dict], method: str | None, n_classes: int, active: bool
-                    ) -> str | None:
-    """What a report of a run still being made (or stopped) covers: None where every image it asks for is there."""
-    if method not in ("optimize", "bootstrap"):
-        return None
-    per_class = config.n_images if method == "optimize" else config.bootstrap.n_images
-    wanted = per_class * n_classes
-    if len(entries) >= wanted:
-        return None
-    then = ("another process is still making them (RUN/.active)" if active
-            else f"run the same `seedselect {method}` in it to finish")
-    return (f"the run is not finished: these figures are of {count_of(len(entries), 'image')} of the {wanted} it asks "
-            f"for ({per_class} of each of {count_of(n_classes, 'class', 'classes')}); {then}")
 
 
 def run_models(run_dir: Path, entries: list[dict], cfg: EvaluateConfig) -> FrozenModels:
@@ -401,8 +335,8 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         "judge": cfg.judge.model, "classified_among": len(candidates), "top_k": cfg.top_k,
         "baseline": BASELINE if cfg.baseline else None,
         "notes": [*([unfinished] if unfinished else []),
-                  *notes(len(candidates), cfg.top_k, min(Counter(names).values()), cfg.dataset_classes,
-                         made_by(entries)),
+                  *set_notes(len(candidates), cfg.top_k, min(Counter(names).values()), cfg.dataset_classes,
+                             made_by(entries)),
                   *heldout_notes(real_counts, {c: h.source for c, h in heldout_of.items()})],
         "quality_space": "judge features" if judge is not None else "CLIP image embeddings",
         "overall": {method: overall(per_class) for method, per_class in scores.items()},

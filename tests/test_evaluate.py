@@ -82,22 +82,22 @@ def test_a_run_not_finished_says_whose_images_the_figures_are(demo_run, tmp_path
 def test_notes_say_what_the_figures_cannot():
     """One class: no top-1; a set smaller than SMALL_SET: its set measures are noise; a run whose data set has
     one class is not told to pass dataset_classes=true, which it did."""
-    from seedselect_cli.evaluate import SMALL_SET, notes
+    from seedselect_cli.report_notes import SMALL_SET, set_notes
 
-    assert notes(5, 5, SMALL_SET, False) == ["top5 is left out: among 5 classes every image is in the top 5"]
-    assert notes(20, 5, SMALL_SET, False) == []
-    few = notes(20, 5, 2, False)
+    assert set_notes(5, 5, SMALL_SET, False) == ["top5 is left out: among 5 classes every image is in the top 5"]
+    assert set_notes(20, 5, SMALL_SET, False) == []
+    few = set_notes(20, 5, 2, False)
     assert len(few) == 1 and "a class has 2 images:" in few[0] and f"(n_images={SMALL_SET})" in few[0]
-    assert f"(bootstrap.n_images={SMALL_SET})" in notes(20, 5, 2, False, "bootstrap")[0]
-    assert "dataset_classes=true" in notes(1, 5, 16, False)[0]
-    assert "dataset_classes=true" not in notes(1, 5, 16, True)[0]
+    assert f"(bootstrap.n_images={SMALL_SET})" in set_notes(20, 5, 2, False, "bootstrap")[0]
+    assert "dataset_classes=true" in set_notes(1, 5, 16, False)[0]
+    assert "dataset_classes=true" not in set_notes(1, 5, 16, True)[0]
 
 
 def test_heldout_notes_name_the_classes_short_of_real_images_and_where_they_were_looked_for():
     """Precision, density and coverage need more than K real images of a class, KID at least KID_MINIMUM: a class
     below either is counted in a note that says how many it has and where they came from; at the bounds, none."""
     from seedselect_cli import quality
-    from seedselect_cli.evaluate import heldout_notes
+    from seedselect_cli.report_notes import heldout_notes
 
     sources = {"a": "dataset.split=test", "b": "dataset.split=test", "c": "/h/<class>", "d": "/h/<class>"}
     assert heldout_notes({"a": quality.KID_MINIMUM, "d": quality.KID_MINIMUM + 9}, sources) == []
