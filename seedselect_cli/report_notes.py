@@ -43,8 +43,10 @@ def heldout_notes(real_images: dict[str, int], sources: dict[str, str]) -> list[
                                        ("kid is", no_kid, quality.KID_MINIMUM)):
         if short_of:
             low, high = min(short_of.values()), max(short_of.values())
-            have = f"{low} to {high} images" if low != high else count_of(low, "image") + (
-                " each" if len(short_of) > 1 else "")
+            if low != high:
+                have = f"{low} to {high} images"
+            else:
+                have = "none" if low == 0 else count_of(low, "image") + (" each" if len(short_of) > 1 else "")
             where = "; ".join(dict.fromkeys(sources[c] for c in short_of))
             out.append(f"{measures} left out for {count_of(len(short_of), 'class', 'classes')} of {len(real_images)}: "
                        f"they need {needed} held-out real images of a class or more, "

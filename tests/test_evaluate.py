@@ -108,6 +108,9 @@ def test_heldout_notes_name_the_classes_short_of_real_images_and_where_they_were
     assert f"{quality.KID_MINIMUM} held-out real images" in no_kid and f"it has {quality.K + 1} images (/h/<class>)" in no_kid
     [same] = heldout_notes({"a": 1, "b": 1}, sources)
     assert "they have 1 image each (dataset.split=test);" in same
+    [none] = heldout_notes({"c": 0, "d": 0}, sources)
+    assert none.startswith("precision, density, coverage and kid are left out for 2 classes of 2:")
+    assert "they have none (/h/<class>);" in none
 
 
 def test_loss_curves_keep_each_images_best_so_far_and_end_at_the_runs_kept_losses(demo_run):
