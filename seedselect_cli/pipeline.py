@@ -210,7 +210,8 @@ def _run(config: Config, run_dir: Path, method: str, stop: GracefulStop) -> list
 def memory_advice(config: Config, dtype: torch.dtype) -> str:
     """What this run can change to need less device memory, from what it set, the biggest saving first."""
     fixes = []
-    if str(config.runtime.memory_budget).strip().lower() not in ("0", "0.0"):
+    budget = str(config.runtime.memory_budget).strip().lower()
+    if budget == "auto" or float(budget) > 0:
         fixes.append(f"lower runtime.memory_budget (now {config.runtime.memory_budget}; 0 recomputes every step)")
     if not config.sampler.checkpointing:
         fixes.append("set sampler.checkpointing=true")

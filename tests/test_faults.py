@@ -115,7 +115,7 @@ def test_out_of_memory_names_the_setting_and_keeps_what_is_done(tmp_path, monkey
 def test_out_of_memory_advice_names_only_what_the_run_can_still_change():
     from seedselect_cli.pipeline import memory_advice
 
-    lean = make_config(["runtime.batch_size=1", "runtime.dtype=float16"])
+    lean = make_config(["runtime.batch_size=1", "runtime.dtype=float16", "runtime.memory_budget=0.00"])
     assert memory_advice(lean, torch.float16).startswith("every setting that saves memory is on already")
     heavy = make_config(["runtime.batch_size=4", "runtime.memory_budget=auto", "sampler.checkpointing=false"])
     assert memory_advice(heavy, torch.float32) == (

@@ -102,16 +102,18 @@ class Engine:
         if not self.memory_budget or not sampler.checkpointing:
             return 0
         batch = z.shape[0]
-        if batch not in self._step_bytes:
+        measured = batch in self._step_bytes
+        if not measured:
             schedule = make_schedule(self.models, sampler.steps, sampler.name)
             self._step_bytes[batch] = step_activation_bytes(self.models, z.to(self.models.device, torch.float32),
                                                             target.text_embeds, schedule, sampler.guidance_scale,
                                                             noise)
-            kept = steps_within_budget(self.memory_budget, self._step_bytes[batch], sampler.steps)
+        kept = steps_within_budget(self.memory_budget, self._step_bytes[batch], sampler.steps)
+        if not measured:
             log.info("memory budget %.1f GB: %d of %d denoising steps keep their activations (%.0f MB each at "
                      "batch %d), %d recomputed", self.memory_budget / 2**30, kept, sampler.steps,
                      self._step_bytes[batch] / 2**20, batch, sampler.steps - kept)
-        return steps_within_budget(self.memory_budget, self._step_bytes[batch], sampler.steps)
+        return kept
 
     def class_target(self, name: str, prompt: str, encodings: ReferenceEncodings,
                      contrast: tuple[torch.Tensor, int] | None = None) -> ClassTarget:
