@@ -5,7 +5,6 @@ take (`runtime.memory_budget`)."""
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import time
 
@@ -14,8 +13,6 @@ import torch
 from seedselect_cli.config import check_device
 from seedselect_cli.errors import UserError
 from seedselect_cli.limits import DTYPE_NAMES
-
-log = logging.getLogger(__name__)
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}  # the names, as torch dtypes
 
