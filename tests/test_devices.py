@@ -1,0 +1,70 @@
+"""Where the work runs: the device, the dtype of a redrawn seed, and the CPU threads a command takes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from seedselect_cli import devices
+from seedselect_cli.devices import busy_cores, check_redraw_dtype, resolve_device, seed_dtype
+from seedselect_cli.errors import UserError
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_requested_without_cuda_is_a_user_error():
+    with pytest.raises(UserError, match="runtime.device=cpu"):
+        resolve_device("cuda")
+
+
+def test_a_redrawn_seed_takes_its_own_dtype_unless_told():
+    cpu = torch.device("cpu")
+    assert seed_dtype(None, "float16", cpu) == torch.float16  # unset: the dtype the seed was made in
+    assert seed_dtype("auto", "float16", cpu) == torch.float32  # auto: as a run on this device
+    assert seed_dtype("bfloat16", "float32", cpu) == torch.bfloat16
+    for value in (None, "auto", "float32"):
+        check_redraw_dtype(value)
+    with pytest.raises(UserError, match=r"^runtime.dtype='half' is invalid: choose one of auto, float32, float16, "):
+        check_redraw_dtype("half")
+    with pytest.raises(UserError, match="runtime.dtype='fp8' is invalid"):
+        seed_dtype(None, "fp8", cpu)  # a seed file's own dtype is checked too
+
+
+def test_busy_cores_sees_processes_that_keep_the_cores_busy():
+    import os
+    import subprocess
+    import sys
+
+    cores = sorted(os.sched_getaffinity(0))
+    idle = busy_cores(cores, seconds=0.5)  # other tests may run beside this one (pytest -n): one core's worth each
+    if idle > len(cores) - 0.6:
+        pytest.skip(f"{idle:.1f} of {len(cores)} cores are busy already: more busy processes cannot show")
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in cores]  # every core busy
+    try:
+        import time
+
+        time.sleep(0.3)  # started and spinning
+        busy = busy_cores(cores, seconds=0.5)
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
+    assert busy >= max(idle + 0.5, len(cores) - 0.4), (idle, busy)
+
+
+def test_threads_fit_the_free_cores_unless_the_user_set_them(monkeypatch):
+    threads = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(devices, "_threads_fitted", [])
+        monkeypatch.setattr(devices, "busy_cores", lambda cores: len(cores) - 0.6)  # all but one core busy
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        devices.fit_cpu_threads()
+        assert torch.get_num_threads() == 1
+        devices.fit_cpu_threads()  # decided once per process
+        assert devices._threads_fitted == [True]
+        monkeypatch.setattr(devices, "_threads_fitted", [])
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        torch.set_num_threads(2)
+        devices.fit_cpu_threads()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)

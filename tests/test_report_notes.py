@@ -1,0 +1,35 @@
+"""The report's notes: what its figures cannot say, and what to do about it."""
+
+from __future__ import annotations
+
+from seedselect_cli import quality
+from seedselect_cli.report_notes import SMALL_SET, heldout_notes, set_notes
+
+
+def test_notes_say_what_the_figures_cannot():
+    """One class: no top-1; a set smaller than SMALL_SET: its set measures are noise; a run whose data set has
+    one class is not told to pass dataset_classes=true, which it did."""
+    assert set_notes(5, 5, SMALL_SET, False) == ["top5 is left out: among 5 classes every image is in the top 5"]
+    assert set_notes(20, 5, SMALL_SET, False) == []
+    few = set_notes(20, 5, 2, False)
+    assert len(few) == 1 and "a class has 2 images:" in few[0] and f"(n_images={SMALL_SET})" in few[0]
+    assert f"(bootstrap.n_images={SMALL_SET})" in set_notes(20, 5, 2, False, "bootstrap")[0]
+    assert "dataset_classes=true" in set_notes(1, 5, 16, False)[0]
+    assert "dataset_classes=true" not in set_notes(1, 5, 16, True)[0]
+
+
+def test_heldout_notes_name_the_classes_short_of_real_images_and_where_they_were_looked_for():
+    """Precision, density and coverage need more than K real images of a class, KID at least KID_MINIMUM: a class
+    below either is counted in a note that says how many it has and where they came from; at the bounds, none."""
+    sources = {"a": "dataset.split=test", "b": "dataset.split=test", "c": "/h/<class>", "d": "/h/<class>"}
+    assert heldout_notes({"a": quality.KID_MINIMUM, "d": quality.KID_MINIMUM + 9}, sources) == []
+    blank, no_kid = heldout_notes({"a": 0, "b": quality.K, "c": quality.K + 1, "d": quality.KID_MINIMUM}, sources)
+    assert blank.startswith("precision, density, coverage and kid are left out for 2 classes of 4:")
+    assert f"they have 0 to {quality.K} images (dataset.split=test)" in blank and "heldout=DIR" in blank
+    assert no_kid.startswith("kid is left out for 1 class of 4:")
+    assert f"{quality.KID_MINIMUM} held-out real images" in no_kid and f"it has {quality.K + 1} images (/h/<class>)" in no_kid
+    [same] = heldout_notes({"a": 1, "b": 1}, sources)
+    assert "they have 1 image each (dataset.split=test);" in same
+    [none] = heldout_notes({"c": 0, "d": 0}, sources)
+    assert none.startswith("precision, density, coverage and kid are left out for 2 classes of 2:")
+    assert "they have none (/h/<class>);" in none
