@@ -41,7 +41,7 @@ from seedselect_cli.devices import check_redraw_dtype, resolve_device
 from seedselect_cli.errors import UserError, first_line
 from seedselect_cli.files.atomic import atomic_write, slugify
 from seedselect_cli.files.datasets import fill_template, heldout_images, load_classes
-from seedselect_cli.files.images import load_rgb
+from seedselect_cli.files.images import UnreadableImage, load_rgb
 from seedselect_cli.files.run_directory import CONFIG, RunDirectory
 from seedselect_cli.files.seed_files import load_seed_file
 from seedselect_cli.generate import models_for_seed
@@ -238,6 +238,15 @@ def render_baseline(run_dir: Path, config: Config, entries: list[dict], cfg: Eva
     return paths
 
 
+def damaged_run_image(exc: UnreadableImage, run_dir: Path, entries: list[dict]) -> UserError:
+    """A run's own image that no longer reads: its seed file draws it again, pixel for pixel."""
+    for entry in entries:
+        if run_dir / entry["image"] == exc.path:
+            return UserError(f"{exc.path}, one of the run's images, is damaged ({exc.reason}); draw it again from its "
+                             f"seed: seedselect generate seed_file={run_dir / entry['seed_file']} out={exc.path}")
+    return exc
+
+
 def readable_references(record) -> list[Image.Image]:
     """A class's reference images; a broken one is skipped with a warning, as `optimize` skipped it."""
     images = []
@@ -308,8 +317,11 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         with out.writing(run_dir / "baseline"):
             baseline = render_baseline(run_dir, config, entries, cfg)
         sets["plain"] = [baseline[(e["class"], e["index"])] for e in entries]
-    seen = {method: embed(clip, judge, paths, cfg.top_k, cfg.batch_size, f"scoring {method}")
-            for method, paths in sets.items()}
+    try:
+        seen = {method: embed(clip, judge, paths, cfg.top_k, cfg.batch_size, f"scoring {method}")
+                for method, paths in sets.items()}
+    except UnreadableImage as exc:
+        raise damaged_run_image(exc, run_dir, entries) from None
     scores = {method: score(seen[method], labels, text, centroids, class_index, names, cfg.top_k, ref_seen,
                              heldout_seen)
               for method in sets}

@@ -199,3 +199,24 @@ def test_a_damaged_baseline_image_is_rendered_again(clean, tmp_path, monkeypatch
     assert main(["evaluate", f"run_dir={work / 'run'}"]) == 0
     assert {p: p.read_bytes() for p in baseline} == first
 
+
+
+def test_a_damaged_run_image_stops_evaluate_with_the_command_that_draws_it_again(clean, tmp_path, capsys):
+    import shlex
+
+    import numpy as np
+    from PIL import Image
+
+    work = copy_work(clean, tmp_path / "work")
+    image = sorted((work / "run" / "images").rglob("*.png"))[1]
+    pixels = np.asarray(Image.open(image))
+    truncate(image)
+    capsys.readouterr()
+    assert main(["evaluate", f"run_dir={work / 'run'}", "baseline=false"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {image}, one of the run's images, is damaged"), lines
+    command = shlex.split(lines[0].split("draw it again from its seed: ")[1])
+    assert command[:2] == ["seedselect", "generate"]
+    assert main(command[1:]) == 0
+    assert np.array_equal(np.asarray(Image.open(image)), pixels)
+    assert main(["evaluate", f"run_dir={work / 'run'}", "baseline=false"]) == 0

@@ -1,7 +1,7 @@
 """Reading reference images robustly, whatever their mode, orientation or bit depth.
 
 Every image comes out as 8-bit RGB PIL, upright (EXIF orientation applied), transparency
-composited onto white. A broken file raises `UserError` naming it.
+composited onto white. A broken file raises `UnreadableImage` (a `UserError`) naming it.
 """
 
 from __future__ import annotations
@@ -25,6 +25,15 @@ CHUNK = 1 << 20
 
 
 VECTOR_SUFFIXES = {".svg", ".svgz", ".eps", ".pdf", ".ai"}
+
+
+class UnreadableImage(UserError):
+    """An image file Pillow cannot read whole; `path` and `reason` let a caller say what to do with it."""
+
+    def __init__(self, path: Path, reason: str, message: str):
+        super().__init__(message)
+        self.path = path
+        self.reason = reason  # what Pillow said, e.g. "Truncated File Read"
 
 
 def no_images_hint(folder: Path) -> str:
@@ -94,10 +103,11 @@ def load_rgb(path: Path) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise UserError(f"{path}: image is too large (over Pillow's decompression-bomb limit); resize it") from None
     except UnidentifiedImageError:
-        raise UserError(f"{path}: not an image Pillow can read; remove it or convert it to PNG or JPEG") from None
+        raise UnreadableImage(path, "not an image Pillow can read",
+                              f"{path}: not an image Pillow can read; remove it or convert it to PNG or JPEG") from None
     except (OSError, ValueError, SyntaxError) as exc:
-        raise UserError(f"{path}: unreadable image ({str(exc).splitlines()[0] or type(exc).__name__}); remove it or "
-                        f"save it again") from None
+        reason = str(exc).splitlines()[0] or type(exc).__name__
+        raise UnreadableImage(path, reason, f"{path}: unreadable image ({reason}); remove it or save it again") from None
     if min(rgb.size) < MIN_SIDE:
         raise UserError(f"{path}: image is only {rgb.size[0]}x{rgb.size[1]} pixels (at least {MIN_SIDE} needed); use a "
                         f"larger reference")
