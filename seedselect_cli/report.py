@@ -40,7 +40,7 @@ def row_names(made_by: str | None) -> dict[str, str]:
 def contact_sheet(rows: list[tuple[str, list[Image.Image], list[list[tuple[str, str]]] | None]]) -> Image.Image:
     """One labelled row of thumbnails per (label, images, marks), at most `PER_ROW` images a row; `marks`, if given,
     are each image's (text, colour) lines, written across its foot (`image_marks`)."""
-    width = LABEL_WIDTH + PER_ROW * THUMB
+    width = LABEL_WIDTH + min(PER_ROW, max((len(images) for _, images, _ in rows), default=1)) * THUMB
     sheet = Image.new("RGB", (width, THUMB * len(rows)), "white")
     draw, font = ImageDraw.Draw(sheet), ImageFont.load_default()
     small = ImageFont.load_default(size=11)

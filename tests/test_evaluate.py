@@ -20,7 +20,15 @@ from seedselect_cli.evaluate import EvaluateConfig, JudgeConfig, run_evaluate
 from seedselect_cli.files.assets import asset_path
 from seedselect_cli.pipeline import run_bootstrap, run_optimize
 from seedselect_cli.progress import never_improved
-from seedselect_cli.report import THUMB, image_marks, loss_curves, marks_line, write_report
+from seedselect_cli.report import (
+    LABEL_WIDTH,
+    PER_ROW,
+    THUMB,
+    image_marks,
+    loss_curves,
+    marks_line,
+    write_report,
+)
 from tests.conftest import make_config, random_image
 
 
@@ -265,17 +273,18 @@ def test_a_class_sheet_shows_the_marked_images_beyond_its_first_row(tmp_path):
                "classes": {"c": {"references": {"n_images": 1, "diversity": None},
                                  "heldout": {"n_images": 0, "source": None}, "seedselect": figures}}}
 
-    def sheet_rows(marked: set[int]) -> int:
+    def sheet_shape(marked: set[int], n: int = 11) -> tuple[int, int]:
         rows = [{"set": "seedselect", "class": "c", "index": i, "judge_top1": None if i in marked else "c",
                  "judge_label": "off-model" if i in marked else "c", "copy": False, "unrefined": False}
-                for i in range(11)]
-        report = write_report(tmp_path, metrics, entries, {"c": [random_image(rng, (32, 32))]},
-                              {"seedselect": paths}, rows)
+                for i in range(n)]
+        report = write_report(tmp_path, metrics, entries[:n], {"c": [random_image(rng, (32, 32))]},
+                              {"seedselect": paths[:n]}, rows)
         with Image.open(report / "sheets" / "c.png") as sheet:
-            return sheet.height // THUMB
+            return sheet.height // THUMB, (sheet.width - LABEL_WIDTH) // THUMB
 
-    assert sheet_rows({3, 9, 10}) == 3  # references, the first 8, "marked (2 more)"
-    assert sheet_rows({3}) == 2
+    assert sheet_shape({3, 9, 10}) == (3, PER_ROW)  # references, the first 8, "marked (2 more)"
+    assert sheet_shape({3}) == (2, PER_ROW)
+    assert sheet_shape({1}, n=3) == (2, 3)  # as wide as its longest row: no empty columns
 
 
 def test_a_judge_with_mapped_labels(demo_run, tmp_path):
