@@ -49,7 +49,13 @@ from seedselect_cli.job_dir import others_active
 from seedselect_cli.judges import EvalClip, Judge, JudgeConfig, load_clip
 from seedselect_cli.progress import never_improved
 from seedselect_cli.report import row_names
-from seedselect_cli.report_notes import classes_asked, heldout_notes, set_notes, unfinished_note
+from seedselect_cli.report_notes import (
+    classes_asked,
+    heldout_folder_note,
+    heldout_notes,
+    set_notes,
+    unfinished_note,
+)
 from seedselect_cli.scoring import Embedded, embed, image_rows, mean_pairwise_distance, overall, score
 
 log = logging.getLogger(__name__)
@@ -291,6 +297,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     if heldout_dir and not Path(heldout_dir).expanduser().is_dir():
         raise UserError(f"the run's dataset.heldout={heldout_dir} is not an existing folder here: pass "
                         f"heldout=DIR (DIR/<class>/<image>) for where its real images are")
+    folder_note = heldout_folder_note(Path(heldout_dir).expanduser(), run_classes) if heldout_dir else None
 
     # 2. The judges: the CLIP (zero-shot, fidelity, diversity) and, if asked for, a classifier, whose
     #    features then measure how the images sit among held-out real ones (else CLIP's do).
@@ -349,6 +356,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         "notes": [*([unfinished] if unfinished else []),
                   *set_notes(len(candidates), cfg.top_k, min(Counter(names).values()), cfg.dataset_classes,
                              made_by(entries)),
+                  *([folder_note] if folder_note else []),
                   *heldout_notes(real_counts, {c: h.source for c, h in heldout_of.items()})],
         "quality_space": "judge features" if judge is not None else "CLIP image embeddings",
         "overall": {method: overall(per_class) for method, per_class in scores.items()},

@@ -4,11 +4,14 @@ classification among too few classes, sets too small to measure, too few held-ou
 from __future__ import annotations
 
 import dataclasses
+import difflib
+from pathlib import Path
 
 from seedselect_cli import quality
 from seedselect_cli.config import Config
 from seedselect_cli.errors import UserError, count_of
-from seedselect_cli.files.datasets import load_classes
+from seedselect_cli.files.atomic import slugify
+from seedselect_cli.files.datasets import class_folder, folder_key, load_classes, subfolders
 
 SMALL_SET = 8  # images of a class below which the set measures are one or two images' worth of noise
 
@@ -53,6 +56,26 @@ def heldout_notes(real_images: dict[str, int], sources: dict[str, str]) -> list[
                        f"{'it has' if len(short_of) == 1 else 'they have'} {have} ({where}); "
                        f"point heldout=DIR at more (DIR/<class>/<image>)")
     return out
+
+
+def heldout_folder_note(root: Path, classes: list[str]) -> str | None:
+    """The classes that a `heldout=DIR` holds no folder for (a typo, or another naming), and the folders it does
+    hold, with the nearest to the first such class; None where every class has its folder."""
+    missing = [c for c in classes if class_folder(root, c) is None]
+    if not missing:
+        return None
+    folders = [child.name for child in subfolders(root)]
+    if not folders:
+        has = "it has no sub-folders"
+    else:
+        near = difflib.get_close_matches(folder_key(missing[0]), [folder_key(f) for f in folders], n=1, cutoff=0.6)
+        guess = next((f for f in folders if near and folder_key(f) == near[0]), None)
+        has = (f"its folders: {', '.join(folders[:8])}{f', ... ({len(folders)} in all)' if len(folders) > 8 else ''}"
+               + (f"; rename {guess} to {slugify(missing[0])} if it holds {missing[0]!r}" if guess else ""))
+    shown = ", ".join(repr(c) for c in missing[:5]) + (", ..." if len(missing) > 5 else "")
+    return (f"held-out images: {root} has no folder for {count_of(len(missing), 'class', 'classes')} of {len(classes)} ({shown}): a "
+            f"class's folder is named as the class (in any case, with _ or - for spaces), as its folder in the run's "
+            f"images/, or by its WordNet id; {has}")
 
 
 def classes_asked(config: Config) -> int:

@@ -125,3 +125,25 @@ def test_prompts_say_an_before_a_vowel_and_fewer_images_than_shots_are_said(tmp_
         records = load_classes(DatasetConfig(name="cub", root=str(root), shots=50), seed=0)
     assert all(len(r.images) == 3 for r in records)
     assert "has 3 images, fewer than dataset.shots=50: using all of them" in caplog.text
+
+
+def test_a_held_out_class_folder_is_found_however_it_is_named(tmp_path):
+    """heldout=DIR: a class's folder may be named as the class in any case, with `_` or `-` for spaces, with a
+    CUB-style number, as its run-directory slug, or by its WordNet id (ImageNet's own val/ layout); an exact name
+    wins over a looser one, and another class's folder is never taken."""
+    from seedselect_cli.files.datasets import class_folder
+
+    for folder in ("Marsh Finch", "marsh-finch", "094.Marsh_Finch", "MARSH_FINCH"):
+        (tmp_path / folder).mkdir()
+        assert class_folder(tmp_path, "marsh finch") == tmp_path / folder, folder
+        (tmp_path / folder).rmdir()
+    (tmp_path / "marsh_finches").mkdir()
+    (tmp_path / "n01532829").mkdir()  # house finch
+    assert class_folder(tmp_path, "marsh finch") is None
+    assert class_folder(tmp_path, "house finch") == tmp_path / "n01532829"
+    (tmp_path / "house finch").mkdir()
+    (tmp_path / "House-Finch").mkdir()
+    assert class_folder(tmp_path, "house finch") == tmp_path / "house finch"
+    assert class_folder(tmp_path, "café crème") is None
+    (tmp_path / "Café Crème").mkdir()
+    assert class_folder(tmp_path, "café crème") == tmp_path / "Café Crème"

@@ -33,3 +33,17 @@ def test_heldout_notes_name_the_classes_short_of_real_images_and_where_they_were
     [none] = heldout_notes({"c": 0, "d": 0}, sources)
     assert none.startswith("precision, density, coverage and kid are left out for 2 classes of 2:")
     assert "they have none (/h/<class>);" in none
+
+
+def test_a_heldout_folder_without_a_class_s_folder_is_said_with_the_folders_it_has(tmp_path):
+    from seedselect_cli.report_notes import heldout_folder_note
+
+    assert "it has no sub-folders" in heldout_folder_note(tmp_path, ["marsh finch"])
+    (tmp_path / "marsh_fnch").mkdir()
+    (tmp_path / "Sea-Gull").mkdir()
+    note = heldout_folder_note(tmp_path, ["marsh finch", "sea gull", "snow wren"])
+    assert note.startswith(f"held-out images: {tmp_path} has no folder for 2 classes of 3 ('marsh finch', 'snow wren')")
+    assert "its folders: Sea-Gull, marsh_fnch; rename marsh_fnch to marsh_finch if it holds 'marsh finch'" in note
+    (tmp_path / "marsh_finch").mkdir()
+    (tmp_path / "snow wren").mkdir()
+    assert heldout_folder_note(tmp_path, ["marsh finch", "sea gull", "snow wren"]) is None

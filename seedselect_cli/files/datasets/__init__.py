@@ -182,19 +182,47 @@ class HeldOut:
     source: str
 
 
+def folder_key(name: str) -> str:
+    """How a class folder's name is matched to a class: in any case, with `_`, `-` or spaces between its words
+    and without a CUB-style number (`094.Pine_Warbler`, `pine-warbler` and `Pine Warbler` are one class)."""
+    return " ".join(re.split(r"[\s_-]+", re.sub(r"^\d+\.", "", name.strip()).lower())).strip()
+
+
+def class_folder(root: Path, name: str) -> Path | None:
+    """The sub-folder of `root` that holds class `name`'s images: named as the class (`folder_key`), as its run
+    directory slug, or by its WordNet id where it is an ImageNet class (ImageNet's own `val/n01440764/` layout)."""
+    from seedselect_cli.files.atomic import slugify
+    from seedselect_cli.files.datasets.imagenet_names import imagenet_classes
+
+    exact = (name, name.replace(" ", "_"), slugify(name))
+    for candidate in exact:
+        if (root / candidate).is_dir():
+            return root / candidate
+    wnids = {wnid for wnid, readable in imagenet_classes() if readable == name}
+    key = folder_key(name)
+    return next((child for child in subfolders(root) if folder_key(child.name) == key or child.name in wnids), None)
+
+
+def subfolders(root: Path) -> list[Path]:
+    """The folders in `root`, sorted; `UserError` where it cannot be listed."""
+    try:
+        return sorted(child for child in root.iterdir() if child.is_dir())
+    except OSError as exc:
+        raise UserError(f"{root} cannot be read ({exc.strerror or exc}); check its permissions") from None
+
+
 def heldout_images(cfg: DatasetConfig, seed: int, record: ClassRecord, folder: str | None) -> HeldOut:
     """A class's held-out real images: from `folder/<class>` (`dataset.heldout`, or evaluate's `heldout=`)
     if given, else the data set's other split where it has one, else the images of the class's split
     that were not drawn as references."""
     if folder:
         root = Path(folder).expanduser()
-        for name in (record.name, record.name.replace(" ", "_")):
-            if (root / name).is_dir():
-                from seedselect_cli.files.images import list_images
+        found = class_folder(root, record.name)
+        if found is None:
+            return HeldOut((), f"{root}/<class> (none for this class)")
+        from seedselect_cli.files.images import list_images
 
-                paths = list_images(root / name)
-                return HeldOut(tuple(draw_shots(paths, MAX_HELDOUT, seed, record.name)), f"{root}/<class>")
-        return HeldOut((), f"{root}/<class> (none for this class)")
+        return HeldOut(tuple(draw_shots(list_images(found), MAX_HELDOUT, seed, record.name)), f"{root}/<class>")
     other = OTHER_SPLIT.get(cfg.name, {}).get(cfg.split)
     if other:
         with contextlib.suppress(UserError):
