@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +19,10 @@ from seedselect_cli.devices import check_redraw_dtype, resolve_device, seed_dtyp
 from seedselect_cli.errors import UserError
 from seedselect_cli.files.assets import resolve_location
 from seedselect_cli.files.atomic import atomic_write
-from seedselect_cli.files.seed_files import load_seed_file
+from seedselect_cli.files.seed_files import load_seed_file, png_text
 from seedselect_cli.models import load_models, scheduler_from_json
+
+log = logging.getLogger(__name__)
 
 SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 
@@ -84,7 +86,12 @@ def run_generate(cfg: GenerateConfig) -> Path:
     out = check_generate(cfg)
     seed = load_seed_file(cfg.seed_file)
     meta = seed.metadata
-    models = models_for_seed(meta, cfg.model, resolve_device(cfg.runtime.device), cfg.runtime.dtype)
+    device = resolve_device(cfg.runtime.device)
+    models = models_for_seed(meta, cfg.model, device, cfg.runtime.dtype)
+    here, there = f"{str(models.dtype).removeprefix('torch.')} on {device.type}", f"{meta['dtype']} on {meta['device']}"
+    if here != there:
+        log.warning("drawing in %s; the seed's run drew in %s, so the image is the seed's but not pixel for pixel "
+                    "the run's", here, there)
 
     z_T = seed.optimized if cfg.tensor == "optimized" else seed.initial
     expected = models.latent_shape(seed.height, seed.width)
@@ -97,7 +104,8 @@ def run_generate(cfg: GenerateConfig) -> Path:
 
     fmt = SUFFIXES[out.suffix.lower()]
     info = PngImagePlugin.PngInfo()
-    info.add_text("seedselect", json.dumps({**meta, "tensor": cfg.tensor}, sort_keys=True))
+    for key, text in png_text({**meta, "tensor": cfg.tensor}).items():
+        info.add_text(key, text)
     save_kwargs = {"pnginfo": info} if fmt == "PNG" else {"quality": 95}
     try:
         atomic_write(out, lambda tmp: image.save(tmp, format=fmt, **save_kwargs))

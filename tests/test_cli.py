@@ -68,6 +68,12 @@ def test_generate_reproduces_the_image_pixel_for_pixel(demo_run):
     assert done.returncode == 0, done.stderr
     again = np.asarray(Image.open(elsewhere / "again.png"))
     assert np.array_equal(again, np.asarray(Image.open(run_dir / entry["image"])))
+    assert "drawing in" not in done.stdout  # the run's own dtype and device: nothing to warn of
+    with Image.open(elsewhere / "again.png") as image:  # the text chunks a run's image has, but the loss
+        assert image.info["parameters"].startswith(entry["prompt"]) and "SeedSelect loss" not in image.info["parameters"]
+    done = seedselect("generate", f"seed_file={run_dir / entry['seed_file']}", "out=half.png", "runtime.dtype=bfloat16",
+                      cwd=elsewhere)
+    assert done.returncode == 0 and "drawing in bfloat16 on cpu; the seed's run drew in float32 on cpu" in done.stdout
     done = seedselect("generate", f"seed_file={run_dir / entry['seed_file']}", "out=plain.png", "tensor=initial",
                       cwd=elsewhere)
     assert done.returncode == 0, done.stderr

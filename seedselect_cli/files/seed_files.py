@@ -45,15 +45,15 @@ def seed_metadata(*, prompt: str, negative_prompt: str, class_name: str, index: 
     }
 
 
-def png_text(metadata: dict[str, str], loss: float) -> dict[str, str]:
+def png_text(metadata: dict[str, str], loss: float | None = None) -> dict[str, str]:
     """An image's PNG text chunks: `parameters` in the form other Stable Diffusion tools write, and the
-    seed file's metadata."""
+    seed file's metadata (`loss`: the seed's, where it is known)."""
     parameters = (
         f"{metadata['prompt']}\nNegative prompt: {metadata['negative_prompt']}\n"
         f"Steps: {metadata['steps']}, Sampler: {SAMPLER_LABELS[metadata.get('sampler', 'ddim')]}, "
         f"CFG scale: {metadata['guidance_scale']}, "
         f"Seed: {metadata['init_seed']}, Size: {metadata['width']}x{metadata['height']}, "
-        f"Model: {metadata['model']}, SeedSelect loss: {loss:.6g}"
+        f"Model: {metadata['model']}" + (f", SeedSelect loss: {loss:.6g}" if loss is not None else "")
     )
     return {"parameters": parameters, "seedselect": json.dumps(metadata, sort_keys=True)}
 
