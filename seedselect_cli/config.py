@@ -142,11 +142,19 @@ def load_structured(schema: type, cfg: DictConfig | dict):
         # Before the merge: merging `???` onto the schema's default would keep the default.
         missing = sorted(OmegaConf.missing_keys(cfg)) if isinstance(cfg, DictConfig) else []
         if missing:
-            raise UserError(f"{missing[0]} is required: pass {missing[0]}=...")
+            raise UserError(f"{missing[0]} is required: pass {REQUIRED_FORM.get(missing[0], missing[0] + '=...')}")
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), cfg))
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None)
+        if key and "is not a ListConfig, list or tuple" in str(exc):  # dataset.classes=Pine Warbler
+            raise UserError(f"{key}={exc.value!r} is invalid: it takes a list, e.g. '{key}=[{exc.value}]' (with the "
+                            f"quotes for the shell)") from None
         raise UserError(f"invalid config{f' key {key}' if key else ''}: {first_line(exc)}") from None
+
+
+# How a required key of generate and evaluate is written, for the error that says it is missing.
+REQUIRED_FORM = {"seed_file": "seed_file=RUN/seeds/<class>/<index>.safetensors", "out": "out=IMAGE.png",
+                 "run_dir": "run_dir=RUN (the folder an optimize or bootstrap run wrote)"}
 
 
 def load_config(cfg: DictConfig | dict) -> Config:

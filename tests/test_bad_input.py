@@ -99,6 +99,10 @@ CASES = {
     "seed file that does not exist": (["generate", "seed_file=nope.safetensors", "out=x.png"], "does not exist"),
     "output that is not an image": (["generate", "seed_file={inputs}/small.safetensors", "out=x.txt"], "out=x.txt"),
     "unknown command": (["optimise"], "unknown command 'optimise'"),
+    "one class not in a list": (["optimize", "dataset.classes=Pine Warbler"],
+                                "it takes a list, e.g. 'dataset.classes=[Pine Warbler]'"),
+    "generate without out": (["generate", "seed_file={inputs}/small.safetensors"], "out is required: pass out=IMAGE.png"),
+    "evaluate without a run": (["evaluate"], "run_dir is required: pass run_dir=RUN (the folder"),
 }
 
 
