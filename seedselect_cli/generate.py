@@ -88,7 +88,8 @@ def run_generate(cfg: GenerateConfig) -> Path:
     meta = seed.metadata
     device = resolve_device(cfg.runtime.device)
     models = models_for_seed(meta, cfg.model, device, cfg.runtime.dtype)
-    here, there = f"{str(models.dtype).removeprefix('torch.')} on {device.type}", f"{meta['dtype']} on {meta['device']}"
+    here = f"{str(models.dtype).removeprefix('torch.')} on {device.type}"
+    there = f"{meta['dtype']} on {meta.get('device') or device.type}"  # device is optional in a seed file
     if here != there:
         log.warning("drawing in %s; the seed's run drew in %s, so the image is the seed's but not pixel for pixel "
                     "the run's", here, there)
