@@ -77,7 +77,17 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _not_available(what: str, source: str, exc: Exception) -> UserError:
+def _why_offline(offline: bool, local_files_only: bool) -> str | None:
+    """Why a load read the cache alone (`offline_for` said so), in the words of the setting; None if it did not."""
+    if not offline:
+        return None
+    return "HF_HUB_OFFLINE is set" if _offline() else \
+        "model.local_files_only=true" if local_files_only else "the Hub cannot be reached"
+
+
+def _not_available(what: str, source: str, exc: Exception, offline: str | None = None) -> UserError:
+    """The one line for weights that did not load: pickled or broken folders, a missing folder, a Hub id that is
+    not in the cache while the Hub is kept out (`offline`: why), or a Hub id that failed to load."""
     if os.path.isdir(source):
         pickled = [str(p) for p in Path(source).rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
         if pickled:
@@ -89,6 +99,11 @@ def _not_available(what: str, source: str, exc: Exception) -> UserError:
     if source.startswith((".", "/", "~")) or source.count("/") > 1:  # a path, not an "org/name" id
         return UserError(f"the {what} folder {source} does not exist; pass an existing folder")
     hint = f"download it once with `hf download {source}` where there is internet"
+    if offline:
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        return UserError(f"the {what} '{source}' is not (wholly) in the Hugging Face cache ({HF_HUB_CACHE}), and "
+                         f"{offline}: {hint}, or pass a local folder (model.pretrained=/path or model.image_encoder=/path)")
     return UserError(
         f"cannot load the {what} '{source}' ({type(exc).__name__}): {hint}, "
         f"or pass a local folder (model.pretrained=/path or model.image_encoder=/path)"
@@ -210,7 +225,8 @@ def _load_diffusers(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
                 parts["force_zeros_for_empty_prompt"] = bool(index.get("force_zeros_for_empty_prompt", True))
             return parts
     except (OSError, ValueError) as exc:
-        raise _not_available("Stable Diffusion model", cfg.pretrained, exc) from None
+        raise _not_available("Stable Diffusion model", cfg.pretrained, exc,
+                             _why_offline(offline, cfg.local_files_only)) from None
 
 
 @contextlib.contextmanager
@@ -242,7 +258,8 @@ def _load_image_encoder(cfg: ModelConfig, dtype: torch.dtype) -> tuple[CLIPVisio
             encoder = CLIPVisionModelWithProjection.from_pretrained(source, dtype=dtype, use_safetensors=True, **kwargs)
             processor = AutoImageProcessor.from_pretrained(source, backend="pil", **kwargs)
     except (OSError, ValueError) as exc:
-        raise _not_available("CLIP image encoder", cfg.image_encoder, exc) from None
+        raise _not_available("CLIP image encoder", cfg.image_encoder, exc,
+                             _why_offline(kwargs["local_files_only"], cfg.local_files_only)) from None
     return encoder, processor
 
 

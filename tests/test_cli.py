@@ -165,7 +165,8 @@ def test_real_model_offline_without_weights_is_one_line(tmp_path, reference_fold
                       "model.pretrained=no-such-org/no-such-model", "runtime.progress=false", cwd=tmp_path)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [done.stderr.strip()], done.stderr
-    assert done.stderr.startswith("error: cannot load the Stable Diffusion model 'no-such-org/no-such-model'")
+    assert done.stderr.startswith("error: the Stable Diffusion model 'no-such-org/no-such-model' is not (wholly) in "
+                                  "the Hugging Face cache")
 
 
 @pytest.mark.slow

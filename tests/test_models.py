@@ -47,8 +47,16 @@ def test_pickled_weights_are_refused(tmp_path, tiny_models):
 
 def test_missing_weights_offline_say_how_to_get_them(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(UserError, match=r"hf download no-such-org/no-such-model.*local folder"):
+    with pytest.raises(UserError, match=r"^the Stable Diffusion model 'no-such-org/no-such-model' is not \(wholly\) in "
+                                        r"the Hugging Face cache \(.+\), and HF_HUB_OFFLINE is set: download it once "
+                                        r"with `hf download no-such-org/no-such-model`.*local folder"):
         load_models(ModelConfig(pretrained="no-such-org/no-such-model", image_encoder="tiny"),
+                    torch.device("cpu"), torch.float32)
+    with pytest.raises(UserError, match=r"^the CLIP image encoder 'no-such-org/clip' is not \(wholly\) in the"):
+        load_models(ModelConfig(pretrained="tiny", image_encoder="no-such-org/clip"), torch.device("cpu"), torch.float32)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    with pytest.raises(UserError, match=r"Hugging Face cache \(.+\), and model.local_files_only=true: download"):
+        load_models(ModelConfig(pretrained="no-such-org/no-such-model", image_encoder="tiny", local_files_only=True),
                     torch.device("cpu"), torch.float32)
     with pytest.raises(UserError, match="does not exist"):
         load_models(ModelConfig(pretrained=str(tmp_path / "missing" / "sd"), image_encoder="tiny"),
