@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from seedselect_cli.errors import UserError
@@ -92,6 +94,9 @@ def test_imagenet_lt_layout(tmp_path):
 def test_imagefolder_layout(tmp_path):
     root = make_imagefolder(tmp_path / "classes")
     (root / "empty_class").mkdir()
+    for litter in (".ipynb_checkpoints", "__MACOSX"):  # a notebook's and an unzipped archive's
+        (root / litter).mkdir(parents=True)
+        shutil.copy(root / "red_fox" / "0.png", root / litter / "0.png")
     records = load_classes(DatasetConfig(name="imagefolder", root=str(root)), 0)
     assert [r.name for r in records] == ["red fox", "snow leopard"]  # the empty folder is passed over
     assert all(len(r.images) == 3 for r in records)

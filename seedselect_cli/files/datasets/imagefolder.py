@@ -13,7 +13,8 @@ from seedselect_cli.files.images import list_images
 
 def load(cfg: DatasetConfig, seed: int) -> list[ClassRecord]:
     root = require_root(cfg)
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    # hidden folders and the like of __MACOSX (a zip's resource forks) are no classes, as in HF `imagefolder`
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "__")))
     if not folders:
         raise UserError(f"dataset.root={cfg.root} has no class sub-folders (expected ROOT/<class>/<image>); for one "
                         f"folder of images of one concept use --config-name folder")
