@@ -40,7 +40,7 @@ from seedselect_cli.core.sampling import sample_images
 from seedselect_cli.devices import check_redraw_dtype, resolve_device
 from seedselect_cli.errors import UserError, first_line
 from seedselect_cli.files.atomic import atomic_write, slugify
-from seedselect_cli.files.datasets import fill_template, heldout_images, load_classes
+from seedselect_cli.files.datasets import DatasetConfig, fill_template, heldout_images, load_classes
 from seedselect_cli.files.images import UnreadableImage, load_rgb
 from seedselect_cli.files.run_directory import CONFIG, RunDirectory
 from seedselect_cli.files.seed_files import load_seed_file
@@ -74,6 +74,7 @@ class EvaluateConfig:
     dataset_classes: bool = False  # zero-shot among every class of the run's data set (e.g. all 200 of CUB)
     prompt_template: str | None = None  # None: the run's dataset.prompt_template
     heldout: str | None = None  # real images as <heldout>/<class>/<image>; None: the run's dataset.heldout
+    dataset_root: str | None = None  # where the run's data set is here; None: the run's dataset.root
     model: str | None = None  # the Stable Diffusion weights for the baseline (folder or Hub id); None: the run's
     clip: str | None = None  # the two-tower CLIP that judges; None: the run's model.image_encoder
     judge: JudgeConfig = field(default_factory=JudgeConfig)
@@ -118,6 +119,19 @@ def read_run(run_dir: Path) -> tuple[Config, list[dict]]:
         raise UserError(f"run_dir={run_dir} holds no finished images yet; run `seedselect optimize` or `bootstrap` "
                         f"in it first (same hydra.run.dir) and evaluate then")
     return config, entries
+
+
+def dataset_here(dataset: DatasetConfig, moved_to: str | None) -> DatasetConfig:
+    """The run's data set where it is on this machine: at `dataset_root=` if given, else where the run read it."""
+    if moved_to is not None:
+        if not Path(moved_to).expanduser().is_dir():
+            raise UserError(f"dataset_root={moved_to} is not an existing folder; pass the folder that holds the run's "
+                            f"data set here")
+        return dataclasses.replace(dataset, root=moved_to)
+    if dataset.root and not Path(dataset.root).expanduser().is_dir():
+        raise UserError(f"the run's dataset.root={dataset.root} is not an existing folder here; evaluate reads the "
+                        f"run's references from it: pass dataset_root=DIR for where that data set is now")
+    return dataset
 
 
 def made_by(entries: list[dict]) -> str | None:
@@ -276,6 +290,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     # 1. The run: its config, finished images, classes, and each class's references.
     config, entries = read_run(run_dir)
     check_writable(run_dir)
+    config.dataset = dataset_here(config.dataset, cfg.dataset_root)
     run_classes = list(dict.fromkeys(e["class"] for e in entries))
     # the run's classes again, without the warnings the run said (fewer references than dataset.shots, ...)
     records = {r.name: r for r in load_classes(dataclasses.replace(config.dataset, classes=run_classes), config.seed,

@@ -334,6 +334,30 @@ def test_a_held_out_folder_that_is_not_there_is_a_user_error(tmp_path, demo_run)
     assert "heldout=DIR" in " ".join(run_evaluate(EvaluateConfig(run_dir=str(run), baseline=False))["notes"])
 
 
+def test_a_run_whose_data_set_moved_is_evaluated_with_dataset_root(tmp_path, demo_run):
+    """The run's dataset.root, recorded on the machine it ran on, may not be here: evaluate says so and takes
+    dataset_root=DIR for where the data set is now."""
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    from seedselect_cli.files.run_directory import CONFIG
+
+    run = shutil.copytree(demo_run, tmp_path / "run")
+    config = OmegaConf.load(run / CONFIG)
+    moved = shutil.copytree(config.dataset.root, tmp_path / "moved")
+    config.dataset.root = str(tmp_path / "gone")
+    OmegaConf.save(config, run / CONFIG)
+    with pytest.raises(UserError, match=r"^the run's dataset.root=.*/gone is not an existing folder here; .* pass "
+                                        r"dataset_root=DIR"):
+        run_evaluate(EvaluateConfig(run_dir=str(run), baseline=False))
+    with pytest.raises(UserError, match=r"^dataset_root=.*/nope is not an existing folder"):
+        run_evaluate(EvaluateConfig(run_dir=str(run), baseline=False, dataset_root=str(tmp_path / "nope")))
+    metrics = run_evaluate(EvaluateConfig(run_dir=str(run), baseline=False, dataset_root=str(moved)))
+    before = run_evaluate(EvaluateConfig(run_dir=str(demo_run), baseline=False))
+    assert metrics["overall"] == before["overall"]
+
+
 @pytest.mark.slow
 def test_zero_shot_among_every_class_of_the_data_set(tmp_path, caplog):
     from tests.layouts import make_cub
