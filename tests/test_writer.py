@@ -62,6 +62,11 @@ def test_a_run_directory_of_another_config_is_refused(tmp_path):
     RunDirectory(tmp_path).start("seed: 0\nn_images: 3\nloss:\n  lam: 0.5\nsampler:\n  checkpointing: false\n")
     with pytest.raises(UserError, match=r"another config \(loss.lam"):
         RunDirectory(tmp_path).start("seed: 0\nn_images: 3\nloss:\n  lam: 0.9\n")
+    # every key that differs is named, up to three, so that a user does not find them one failed command at a time
+    with pytest.raises(UserError, match=r"another config \(loss.lam: 0.5 there, 0.9 now; seed: 0 there, 1 now\)"):
+        RunDirectory(tmp_path).start("seed: 1\nn_images: 3\nloss:\n  lam: 0.9\n")
+    with pytest.raises(UserError, match=r"; optim.x: None there, 2 now; 2 more\)"):
+        RunDirectory(tmp_path).start("seed: 1\nn_images: 3\nloss:\n  lam: 0.9\noptim:\n  lr: 1\n  x: 2\nz: 0\n")
 
 
 def test_a_run_of_an_older_version_resumes_when_a_new_key_keeps_its_default(tmp_path):

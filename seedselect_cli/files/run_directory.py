@@ -131,10 +131,12 @@ class RunDirectory:
             if defaults_yaml is not None:
                 before = _comparable(defaults_yaml, skip) | before
             if before != after:
-                key = next(k for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k))
+                keys = [k for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)]
+                differ = "; ".join(f"{k}: {before.get(k)!r} there, {after.get(k)!r} now" for k in keys[:3])
+                more = f"; {len(keys) - 3} more" if len(keys) > 3 else ""
                 raise UserError(
-                    f"{self.root} holds a run made with another config ({key}: {before.get(key)!r} there, "
-                    f"{after.get(key)!r} now); resume with the same settings or pass a new hydra.run.dir"
+                    f"{self.root} holds a run made with another config ({differ}{more}); resume with the same "
+                    f"settings or pass a new hydra.run.dir"
                 )
         with self.locked():
             others = {e.get("method", "optimize") for e in self._read_manifest()} - {method}
