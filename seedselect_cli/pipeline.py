@@ -120,7 +120,9 @@ def _run(config: Config, run_dir: Path, method: str, stop: GracefulStop) -> list
     records = shard_classes(all_records, config.runtime.shard)
     slugs = {r.name: slugify(r.name) for r in all_records}
     if len(set(slugs.values())) != len(slugs):
-        raise UserError("two classes map to the same folder name; rename one of them")
+        first, second = next((a, b) for a in slugs for b in slugs if a < b and slugs[a] == slugs[b])
+        raise UserError(f"classes {first!r} and {second!r} map to the same folder name ({slugs[first]}); rename one "
+                        f"of them")
     contrastive = config.loss.semantic == "contrastive" and config.loss.lam > 0
     if contrastive and len(all_records) < 2:
         raise UserError("loss=contrastive needs at least 2 classes in the run; add some to dataset.classes "

@@ -160,3 +160,19 @@ def test_any_class_name_stays_inside_the_run_directory(name, inputs, tmp_path, m
         assert path.is_file() and run in path.parents
     outside = {p for p in tmp_path.rglob("*") if p.is_file()} - set(run.rglob("*")) - {refs / "ref.png"}
     assert outside == set()
+
+
+def test_two_classes_of_one_folder_name_are_refused_before_anything_is_written(tmp_path, monkeypatch, reference_folder):
+    """No adapter makes two class names of one slug today (imagefolder refuses 'a b' beside 'a_b'); should one, the
+    run names both classes instead of writing one class's images over the other's."""
+    from seedselect_cli import pipeline
+    from seedselect_cli.errors import UserError
+    from seedselect_cli.files.datasets import ClassRecord
+    from tests.conftest import make_config
+
+    images = tuple(sorted(reference_folder.iterdir()))
+    twins = [ClassRecord("red fox", "a photo of a red fox", images), ClassRecord("red_fox", "a red_fox", images)]
+    monkeypatch.setattr(pipeline, "load_classes", lambda *args, **kwargs: twins)
+    with pytest.raises(UserError, match=r"classes 'red fox' and 'red_fox' map to the same folder name \(red_fox\)"):
+        pipeline.run_optimize(make_config([f"dataset.root={reference_folder}"]), tmp_path / "run")
+    assert not (tmp_path / "run").exists()

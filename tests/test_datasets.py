@@ -104,6 +104,9 @@ def test_imagefolder_layout(tmp_path):
         load_classes(DatasetConfig(name="imagefolder", root=str(root), classes=["empty_class"]), 0)
     with pytest.raises(UserError, match="no class sub-folders"):
         load_classes(DatasetConfig(name="imagefolder", root=str(root / "red_fox")), 0)
+    shutil.copytree(root / "red_fox", root / "red fox")  # one class in two folders: neither may hide the other
+    with pytest.raises(UserError, match="the folders 'red fox' and 'red_fox' are both class 'red fox'"):
+        load_classes(DatasetConfig(name="imagefolder", root=str(root)), 0)
 
 
 def test_every_adapter_is_known_to_the_config_check():

@@ -19,5 +19,11 @@ def load(cfg: DatasetConfig, seed: int) -> list[ClassRecord]:
         raise UserError(f"dataset.root={cfg.root} has no class sub-folders (expected ROOT/<class>/<image>); for one "
                         f"folder of images of one concept use --config-name folder")
     names = {f.name: f.name.replace("_", " ") for f in folders}
+    seen: dict[str, str] = {}
+    for folder, name in names.items():
+        if name in seen:
+            raise UserError(f"dataset.root={cfg.root}: the folders {seen[name]!r} and {folder!r} are both class "
+                            f"{name!r} (underscores read as spaces); merge them or rename one")
+        seen[name] = folder
     images = {names[f.name]: list_images(f) for f in folders}
     return build_records(cfg, seed, images, list(names.values()), names, "imagefolder")
