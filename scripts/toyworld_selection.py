@@ -42,7 +42,7 @@ from seedselect_cli.core.samplers import ddim_schedule, make_schedule
 from seedselect_cli.core.sampling import sample_images
 from seedselect_cli.core.targets import Centroids
 from seedselect_cli.files.assets import asset_path
-from seedselect_cli.files.datasets import fill_template
+from seedselect_cli.files.datasets import fill_template, load_classes
 from seedselect_cli.files.images import load_rgb
 from seedselect_cli.files.tensor_cache import TensorCache
 from seedselect_cli.judges import EvalClip, Judge, JudgeConfig, load_clip
@@ -143,9 +143,8 @@ def demo_sheet(models, judge: Judge, path: Path, cell: int = 64) -> None:
     """The demo's images, a row each: the image's own reference, then its candidate starts' images by L_sem to
     that reference, lowest first (the one the demo refines), with the L_sem and the judge's verdict under each."""
     config = compose_config("demo", ["runtime.progress=false"])
-    concept = Path(config.dataset.root).name
-    candidates = config.init.candidates
-    paths = sorted(Path(config.dataset.root).glob("*.png"))
+    [record] = load_classes(config.dataset, config.seed)
+    concept, paths, candidates = record.name, list(record.images), config.init.candidates
     encodings = load_encodings(models, paths, config.sampler.height, config.sampler.width,
                                config.dataset.resize_mode, TensorCache(None, "none"), concept)
     text = encode_prompt(models, fill_template(config.dataset.prompt_template, concept))

@@ -228,10 +228,12 @@ def memory_advice(config: Config, dtype: torch.dtype) -> str:
 
 def evaluate_command(config: Config, run_dir: Path) -> str:
     """The command that scores this run: with the toy world's judge for a toy-world run (its image encoder is the
-    world's CLIP), whose classes no public classifier knows."""
+    world's CLIP), whose classes no public classifier knows, and zero-shot among all of the world's concepts where
+    the run read them from the world's folder of every concept (the demo does)."""
     toy_world = portable(config.model.image_encoder) == "asset:toyworld/clip"
     judge = " 'judge.model=${asset:toyworld/judge}'" if toy_world else ""
-    return f"seedselect evaluate run_dir={shlex.quote(str(run_dir))}{judge}"
+    among = " dataset_classes=true" if toy_world and config.dataset.name == "imagefolder" else ""
+    return f"seedselect evaluate run_dir={shlex.quote(str(run_dir))}{judge}{among}"
 
 
 @dataclass

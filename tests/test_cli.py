@@ -196,8 +196,15 @@ def test_the_next_command_a_run_prints_runs_as_printed(tmp_path):
 
 
 def test_a_toy_world_run_is_told_to_evaluate_with_the_toy_judge():
-    assert evaluate_command(make_config(name="demo"), Path("r")).endswith(" 'judge.model=${asset:toyworld/judge}'")
-    assert evaluate_command(make_config(name="toyworld_turbo"), Path("r")).endswith("'judge.model=${asset:toyworld/judge}'")
+    """...and among all of the world's concepts where its data set holds them all (a folder of one concept does not)."""
+    from seedselect_cli.files.assets import asset_path
+
+    among_all = " 'judge.model=${asset:toyworld/judge}' dataset_classes=true"
+    assert evaluate_command(make_config(name="demo"), Path("r")).endswith(among_all)
+    assert evaluate_command(make_config(name="toyworld_turbo"), Path("r")).endswith(among_all)
+    refs = Path(asset_path("toyworld/references")) / "marsh finch"
+    assert evaluate_command(make_config(["dataset=folder", f"dataset.root='{refs}'"], name="demo"), Path("r")).endswith(
+        " 'judge.model=${asset:toyworld/judge}'")
     assert evaluate_command(make_config(), Path("a b")) == "seedselect evaluate run_dir='a b'"
 
 
