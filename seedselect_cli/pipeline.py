@@ -48,9 +48,13 @@ log = logging.getLogger(__name__)
 def shard_classes(records: list[ClassRecord], shard: str) -> list[ClassRecord]:
     """This process's classes: every N-th from the I-th, for `runtime.shard=I/N` (or torchrun's rank)."""
     index, count = resolve_shard(shard)
-    if count > 1:
-        log.info("shard %d/%d: %d of the run's %d classes", index, count, len(records[index::count]), len(records))
-    return records[index::count]
+    mine = records[index::count]
+    if count > 1 and not mine:
+        log.warning("shard %d/%d has no classes: the run has %s, fewer than its %d shards; nothing to do here",
+                    index, count, count_of(len(records), "class", "classes"), count)
+    elif count > 1:
+        log.info("shard %d/%d: %d of the run's %s", index, count, len(mine), count_of(len(records), "class", "classes"))
+    return mine
 
 
 def metadata_for(models: FrozenModels, config: Config, record: ClassRecord, index: int, init_seed: int) -> dict:
@@ -135,6 +139,8 @@ def _run(config: Config, run_dir: Path, method: str, stop: GracefulStop) -> list
               defaults_yaml=to_yaml(Config()), check_config=lambda text: load_config(OmegaConf.create(text)))
     done = out.finished()
     todo = {r.name: [i for i in range(n_images) if (r.name, i) not in done] for r in records}
+    if not records:
+        return []
     if not any(todo.values()):
         log.info("nothing to do: every image is already in %s (%s of %s); %s %s", run_dir,
                  count_of(n_images * len(records), "image"), count_of(len(records), "class", "classes"), NEXT,

@@ -228,6 +228,18 @@ def test_torchrun_rank_and_world_size_pick_the_shard():
     assert resolve_shard("1/2", {"RANK": "3", "WORLD_SIZE": "4"}) == (1, 2)  # an explicit shard wins
 
 
+def test_a_shard_without_classes_says_so(caplog):
+    from seedselect_cli.files.datasets import ClassRecord
+    from seedselect_cli.pipeline import shard_classes
+
+    caplog.set_level("INFO")
+    records = [ClassRecord(name, name, ()) for name in ("a", "b", "c")]
+    assert [r.name for r in shard_classes(records, "1/2")] == ["b"]
+    assert "shard 1/2: 1 of the run's 3 classes" in caplog.text
+    assert shard_classes(records, "3/4") == []
+    assert "shard 3/4 has no classes: the run has 3 classes, fewer than its 4 shards" in caplog.text
+
+
 @pytest.mark.slow
 def test_contrastive_loss_runs_over_the_classes_of_the_run(cub, tmp_path):
     config = bootstrap_config(cub, "loss=contrastive", "bootstrap.n_images=1", "dataset.classes=[Pine Warbler,"
