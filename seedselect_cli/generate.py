@@ -76,7 +76,8 @@ def models_for_seed(metadata: dict[str, str], model: str | None, device: torch.d
     here), with its revision, variant and scheduler, in its dtype unless `dtype` says otherwise. No image encoder."""
     model_cfg = ModelConfig(pretrained=model or resolve_location(metadata["model"]),
                             revision=metadata.get("model_revision") or None, variant=metadata.get("model_variant") or None)
-    models = load_models(model_cfg, device, seed_dtype(dtype, metadata["dtype"], device), with_image_encoder=False)
+    models = load_models(model_cfg, device, seed_dtype(dtype, metadata["dtype"], device), with_image_encoder=False,
+                         weights_key="model")
     models.scheduler = scheduler_from_json(metadata["scheduler_config"])
     return models
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from seedselect_cli.errors import UserError
-from seedselect_cli.models import quiet_libraries
+from seedselect_cli.models import offline_for, quiet_libraries, weights_not_available, why_offline
 
 
 @dataclass
@@ -57,14 +57,16 @@ def load_clip(name: str, device: torch.device) -> EvalClip:
         from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
         source = os.path.expanduser(name)
+        offline = offline_for(source, "CLIP model", "clip", "config.json")
         try:
             with quiet_libraries():
-                model = CLIPModel.from_pretrained(source, use_safetensors=True, dtype=torch.float32)
-                tokenizer = AutoTokenizer.from_pretrained(source)
-                processor = AutoImageProcessor.from_pretrained(source, backend="pil")
+                model = CLIPModel.from_pretrained(source, use_safetensors=True, dtype=torch.float32,
+                                                  local_files_only=offline)
+                tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=offline)
+                processor = AutoImageProcessor.from_pretrained(source, backend="pil", local_files_only=offline)
         except (OSError, ValueError) as exc:
-            raise UserError(f"cannot load the CLIP model {name!r} for evaluation ({type(exc).__name__}): "
-                            f"pass clip=<Hub id or folder of a two-tower CLIP>") from None
+            raise weights_not_available("two-tower CLIP model", "clip", name, exc, why_offline(offline, False),
+                                        "the transformers layout") from None
     return EvalClip(model.to(device).eval(), tokenizer, processor, device)
 
 
@@ -75,14 +77,15 @@ class Judge:
         from transformers import AutoImageProcessor, AutoModelForImageClassification
 
         source = os.path.expanduser(cfg.model)
+        offline = offline_for(source, "judge", "judge.model", "config.json")
         try:
             with quiet_libraries():
                 self.model = AutoModelForImageClassification.from_pretrained(
-                    source, use_safetensors=True, dtype=torch.float32).to(device).eval()
-                self.processor = AutoImageProcessor.from_pretrained(source)
+                    source, use_safetensors=True, dtype=torch.float32, local_files_only=offline).to(device).eval()
+                self.processor = AutoImageProcessor.from_pretrained(source, local_files_only=offline)
         except (OSError, ValueError) as exc:
-            raise UserError(f"cannot load the judge {cfg.model!r} ({type(exc).__name__}): pass judge.model=<Hub id or "
-                            f"folder of an image-classification model>") from None
+            raise weights_not_available("judge (an image-classification model)", "judge.model", cfg.model, exc,
+                                        why_offline(offline, False), "the transformers layout") from None
         lookup = {name.lower(): name for name in class_names}
         mapping = {str(k).lower(): v for k, v in (cfg.label_map or {}).items()}
         self.to_class = {}

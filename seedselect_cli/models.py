@@ -77,7 +77,7 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _why_offline(offline: bool, local_files_only: bool) -> str | None:
+def why_offline(offline: bool, local_files_only: bool) -> str | None:
     """Why a load read the cache alone (`offline_for` said so), in the words of the setting; None if it did not."""
     if not offline:
         return None
@@ -85,9 +85,11 @@ def _why_offline(offline: bool, local_files_only: bool) -> str | None:
         "model.local_files_only=true" if local_files_only else "the Hub cannot be reached"
 
 
-def _not_available(what: str, source: str, exc: Exception, offline: str | None = None) -> UserError:
-    """The one line for weights that did not load: pickled or broken folders, a missing folder, a Hub id that is
-    not in the cache while the Hub is kept out (`offline`: why), or a Hub id that failed to load."""
+def weights_not_available(what: str, key: str, source: str, exc: Exception, offline: str | None = None,
+                          layout: str = "the diffusers layout") -> UserError:
+    """The one line for weights that did not load from `key`=`source`: pickled or broken folders (not in `layout`),
+    a missing folder, a Hub id that is not in the cache while the Hub is kept out (`offline`: why, from
+    `why_offline`), or a Hub id that failed to load."""
     if os.path.isdir(source):
         pickled = [str(p) for p in Path(source).rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
         if pickled:
@@ -95,30 +97,28 @@ def _not_available(what: str, source: str, exc: Exception, offline: str | None =
                              f"which can run code when loaded; seedselect reads only .safetensors: convert the folder "
                              f"(save_pretrained(..., safe_serialization=True)) or pass another")
         return UserError(f"cannot load the {what} from folder {source}: {str(exc).splitlines()[0]}; pass a folder in "
-                         f"the diffusers layout with .safetensors weights")
+                         f"{layout} with .safetensors weights")
     if source.startswith((".", "/", "~")) or source.count("/") > 1:  # a path, not an "org/name" id
-        return UserError(f"the {what} folder {source} does not exist; pass an existing folder")
-    hint = f"download it once with `hf download {source}` where there is internet"
+        return UserError(f"the {what} folder {source} does not exist; pass an existing folder ({key}=/path)")
+    hint = f"download it once with `hf download {source}` where there is internet, or pass a local folder ({key}=/path)"
     if offline:
         from huggingface_hub.constants import HF_HUB_CACHE
 
         return UserError(f"the {what} '{source}' is not (wholly) in the Hugging Face cache ({HF_HUB_CACHE}), and "
-                         f"{offline}: {hint}, or pass a local folder (model.pretrained=/path or model.image_encoder=/path)")
-    return UserError(
-        f"cannot load the {what} '{source}' ({type(exc).__name__}): {hint}, "
-        f"or pass a local folder (model.pretrained=/path or model.image_encoder=/path)"
-    )
+                         f"{offline}: {hint}")
+    return UserError(f"cannot load the {what} '{source}' ({type(exc).__name__}): {hint}")
 
 
-def load_models(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, with_image_encoder: bool = True
-                ) -> FrozenModels:
-    """Load frozen Stable Diffusion components and the CLIP image encoder named by `cfg`."""
+def load_models(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, with_image_encoder: bool = True,
+                weights_key: str = "model.pretrained") -> FrozenModels:
+    """Load frozen Stable Diffusion components and the CLIP image encoder named by `cfg`. `weights_key`: the
+    command's key for where the Stable Diffusion weights are, named in an error that they are not there."""
     if cfg.pretrained in (TINY, TINY_SDXL):
         from seedselect_cli.tiny import build_tiny_models, build_tiny_sdxl_models
 
         parts = build_tiny_models() if cfg.pretrained == TINY else build_tiny_sdxl_models()
     else:
-        parts = _load_diffusers(cfg, dtype)
+        parts = _load_diffusers(cfg, dtype, weights_key)
     if with_image_encoder:
         if cfg.image_encoder == TINY:
             from seedselect_cli.tiny import build_tiny_image_encoder
@@ -166,9 +166,9 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def offline_for(source: str, what: str, file: str, local_files_only: bool) -> bool:
-    """Whether to load `source` from the cache alone: asked for, HF_HUB_OFFLINE, or a Hub that cannot be
-    reached. Raises `UserError` at once when it cannot be reached and `source` is not in the cache."""
+def offline_for(source: str, what: str, key: str, file: str, local_files_only: bool = False) -> bool:
+    """Whether to load `source` (the value of `key`) from the cache alone: asked for, HF_HUB_OFFLINE, or a Hub that
+    cannot be reached. Raises `UserError` at once when it cannot be reached and `source` is not in the cache."""
     if local_files_only or _offline() or os.path.isdir(source) or source.startswith((".", "/", "~")):
         return local_files_only or _offline()
     if hub_reachable():
@@ -180,7 +180,7 @@ def offline_for(source: str, what: str, file: str, local_files_only: bool) -> bo
         return True
     raise UserError(f"cannot reach the Hugging Face Hub, and the {what} '{source}' is not in its cache "
                     f"(HF_HOME): download it once with `hf download {source}` where there is internet, or pass a "
-                    f"local folder (model.pretrained=/path or model.image_encoder=/path)")
+                    f"local folder ({key}=/path)")
 
 
 def _pipeline_index(source: str, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -194,11 +194,11 @@ def _pipeline_index(source: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     return DiffusionPipeline.load_config(source, **kwargs)
 
 
-def _load_diffusers(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
+def _load_diffusers(cfg: ModelConfig, dtype: torch.dtype, key: str = "model.pretrained") -> dict[str, Any]:
     """The components of a diffusers Stable Diffusion or SDXL folder (SDXL: it has a second text encoder), weights
     in `dtype` (the text encoders and SDXL's VAE: see `component_dtype`)."""
-    offline = offline_for(os.path.expanduser(cfg.pretrained), "Stable Diffusion model", "model_index.json",
-                          cfg.local_files_only)
+    offline = offline_for(os.path.expanduser(cfg.pretrained), "Stable Diffusion model", key,
+                          "model_index.json", cfg.local_files_only)
     kwargs = {"revision": cfg.revision, "local_files_only": offline}
     # Weights only ever from safetensors files: a pickled checkpoint can run code when loaded.
     weights = {"variant": cfg.variant, "use_safetensors": True, **kwargs}
@@ -225,8 +225,8 @@ def _load_diffusers(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
                 parts["force_zeros_for_empty_prompt"] = bool(index.get("force_zeros_for_empty_prompt", True))
             return parts
     except (OSError, ValueError) as exc:
-        raise _not_available("Stable Diffusion model", cfg.pretrained, exc,
-                             _why_offline(offline, cfg.local_files_only)) from None
+        raise weights_not_available("Stable Diffusion model", key, cfg.pretrained, exc,
+                                    why_offline(offline, cfg.local_files_only)) from None
 
 
 @contextlib.contextmanager
@@ -250,16 +250,17 @@ def quiet_libraries() -> Iterator[None]:
 
 
 def _load_image_encoder(cfg: ModelConfig, dtype: torch.dtype) -> tuple[CLIPVisionModelWithProjection, Any]:
-    kwargs = {"local_files_only": offline_for(os.path.expanduser(cfg.image_encoder), "CLIP image encoder", "config.json",
-                                              cfg.local_files_only)}
     source = os.path.expanduser(cfg.image_encoder)
+    kwargs = {"local_files_only": offline_for(source, "CLIP image encoder", "model.image_encoder", "config.json",
+                                              cfg.local_files_only)}
     try:
         with quiet_libraries():  # a two-tower checkpoint's text weights go unused: no report
             encoder = CLIPVisionModelWithProjection.from_pretrained(source, dtype=dtype, use_safetensors=True, **kwargs)
             processor = AutoImageProcessor.from_pretrained(source, backend="pil", **kwargs)
     except (OSError, ValueError) as exc:
-        raise _not_available("CLIP image encoder", cfg.image_encoder, exc,
-                             _why_offline(kwargs["local_files_only"], cfg.local_files_only)) from None
+        raise weights_not_available("CLIP image encoder", "model.image_encoder", cfg.image_encoder, exc,
+                                    why_offline(kwargs["local_files_only"], cfg.local_files_only),
+                                    "the transformers layout") from None
     return encoder, processor
 
 

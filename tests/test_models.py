@@ -90,3 +90,19 @@ def test_compile_models_compiles_the_three_networks_in_channels_last_without_cha
                "vae": lambda m: m.vae.decode(z).sample}[net]
         with torch.no_grad():
             torch.testing.assert_close(run(models), run(tiny_models64), rtol=1e-10, atol=1e-12)
+
+
+def test_every_loader_names_its_own_key_when_weights_are_missing(monkeypatch, tmp_path):
+    """The judge, evaluate's CLIP and generate's model each say which of their keys to point at a folder."""
+    from seedselect_cli.generate import models_for_seed
+    from seedselect_cli.judges import Judge, JudgeConfig, load_clip
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match=r"^the two-tower CLIP model 'no-such-org/clip' is not \(wholly\) in the Hugging "
+                                        r"Face cache .*, or pass a local folder \(clip=/path\)$"):
+        load_clip("no-such-org/clip", torch.device("cpu"))
+    with pytest.raises(UserError, match=r"^the judge \(an image-classification model\) folder .*/nope does not exist; "
+                                        r"pass an existing folder \(judge.model=/path\)$"):
+        Judge(JudgeConfig(model=str(tmp_path / "nope")), ["a"], torch.device("cpu"))
+    with pytest.raises(UserError, match=r"HF_HUB_OFFLINE is set: download it once .*\(model=/path\)$"):
+        models_for_seed({"model": "no-such-org/sd", "dtype": "float32"}, None, torch.device("cpu"), None)
