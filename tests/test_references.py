@@ -136,3 +136,16 @@ def test_the_cache_key_follows_weights_and_preprocessing(tiny_models, tiny_model
             assert key != encoder_fingerprint(tiny_models, 32, 32, "default")
         finally:
             weight.view(-1)[0] -= 1.0
+
+
+def test_a_cache_that_cannot_be_written_is_said_once_and_then_left_alone(tmp_path, caplog):
+    """runtime.cache_dir on a file (or a read-only disk): one warning, no error, nothing read back."""
+    (tmp_path / "a_file").write_text("")
+    cache = TensorCache(tmp_path / "a_file", "x")
+    tensors = {"v": torch.randn(3, generator=torch.Generator().manual_seed(5))}
+    with caplog.at_level(logging.WARNING):
+        for key in ("ab" * 32, "cd" * 32, "ef" * 32):
+            cache.put(key, tensors)
+            assert cache.get(key, {"v": (3,)}) is None
+    warnings = [r.getMessage() for r in caplog.records if "cache: cannot write" in r.getMessage()]
+    assert len(warnings) == 1 and "going on without writing to the cache" in warnings[0], warnings

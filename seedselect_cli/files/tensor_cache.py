@@ -38,6 +38,7 @@ class TensorCache:
 
     def __init__(self, root: Path | None, fingerprint: str):
         self.folder = Path(root) / fingerprint if root is not None else None
+        self.writable = True  # until a write fails
         self._warned = False
 
     def _path(self, key: str) -> Path:
@@ -68,10 +69,12 @@ class TensorCache:
             self._warned = True
 
     def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
-        if self.folder is None:
+        if self.folder is None or not self.writable:
             return
         try:
             atomic_write(self._path(key), lambda tmp: save_file(
                 {k: v.float().contiguous() for k, v in tensors.items()}, tmp))
-        except OSError as exc:  # a read-only or full cache only costs time
-            log.warning("cache: cannot write %s (%s)", self._path(key), exc.strerror)
+        except OSError as exc:  # a read-only or full cache only costs time: say it once, then write no more
+            log.warning("cache: cannot write %s (%s); going on without writing to the cache (runtime.cache_dir: a "
+                        "writable folder; runtime.cache=false: no cache)", self._path(key), exc.strerror or exc)
+            self.writable = False
