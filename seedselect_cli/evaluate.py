@@ -18,6 +18,7 @@ import dataclasses
 import logging
 import math
 import os
+import shlex
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -262,8 +263,9 @@ def damaged_run_image(exc: UnreadableImage, run_dir: Path, entries: list[dict]) 
     """A run's own image that no longer reads: its seed file draws it again, pixel for pixel."""
     for entry in entries:
         if run_dir / entry["image"] == exc.path:
+            seed_file, out = shlex.quote(str(run_dir / entry["seed_file"])), shlex.quote(str(exc.path))
             return UserError(f"{exc.path}, one of the run's images, is damaged ({exc.reason}); draw it again from its "
-                             f"seed: seedselect generate seed_file={run_dir / entry['seed_file']} out={exc.path}")
+                             f"seed: seedselect generate seed_file={seed_file} out={out}")
     return exc
 
 

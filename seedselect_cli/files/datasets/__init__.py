@@ -194,9 +194,8 @@ def class_folder(root: Path, name: str) -> Path | None:
     from seedselect_cli.files.atomic import slugify
     from seedselect_cli.files.datasets.imagenet_names import imagenet_classes
 
-    exact = (name, name.replace(" ", "_"), slugify(name))
-    for candidate in exact:
-        if (root / candidate).is_dir():
+    for candidate in (name, name.replace(" ", "_"), slugify(name)):
+        if "/" not in candidate and candidate not in (".", "..") and (root / candidate).is_dir():
             return root / candidate
     wnids = {wnid for wnid, readable in imagenet_classes() if readable == name}
     key = folder_key(name)
