@@ -13,6 +13,7 @@ same way by composing the config once before Hydra runs the job.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import sys
@@ -24,10 +25,18 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 from seedselect_cli import __version__
-from seedselect_cli.config import Config, load_config, load_structured, register_resolvers
+from seedselect_cli.config import (
+    Config,
+    load_config,
+    load_structured,
+    other_commands_keys,
+    register_resolvers,
+)
 from seedselect_cli.errors import Interrupted, UserError
 from seedselect_cli.interrupt import StopNow, catching_signals
 from seedselect_cli.job_dir import ActiveMark, JobDirSnapshot, take_snapshot, undo_failed_start
+
+log = logging.getLogger(__name__)
 
 COMMANDS = {
     "optimize": ("SeedSelect: n_images fully optimised seeds per class", "demo"),
@@ -83,10 +92,14 @@ _active = ActiveMark()
 
 def run_in_job_dir(run: Callable[[Config, Path], object], cfg: DictConfig) -> None:
     """Run `optimize` or `bootstrap` in Hydra's job directory, marked as worked in by this process."""
-    _active.hold(Path(HydraConfig.get().runtime.output_dir))
+    hydra_config = HydraConfig.get()
+    _active.hold(Path(hydra_config.runtime.output_dir))
     with user_errors():
+        config = load_config(cfg)
+        for said in other_commands_keys(hydra_config.job.name, list(hydra_config.overrides.task), config):
+            log.warning(said)
         try:
-            run(load_config(cfg), Path(HydraConfig.get().runtime.output_dir))
+            run(config, Path(hydra_config.runtime.output_dir))
         except Interrupted as exc:  # said by `main` once it knows whether anything was kept
             stop = StopNow(exc.signum)
             stop.message = str(exc)

@@ -152,6 +152,24 @@ def load_structured(schema: type, cfg: DictConfig | dict):
         raise UserError(f"invalid config{f' key {key}' if key else ''}: {first_line(exc)}") from None
 
 
+def other_commands_keys(command: str, overrides: list[str], config: Config) -> list[str]:
+    """What the command line set that the other of `optimize` and `bootstrap` reads and this one does not (each
+    says what this command reads instead): `seedselect bootstrap n_images=100` makes bootstrap.n_images."""
+    said = []
+    for override in overrides:
+        key, _, value = override.lstrip("+~").partition("=")
+        if command == "bootstrap" and key == "n_images":
+            said.append(f"n_images={value} is `seedselect optimize`'s: bootstrap makes bootstrap.n_images="
+                        f"{config.bootstrap.n_images} images per class; pass bootstrap.n_images={value}")
+        elif command == "bootstrap" and key == "optim.iterations":
+            said.append(f"optim.iterations={value} is `seedselect optimize`'s: bootstrap refines each image "
+                        f"bootstrap.iterations={config.bootstrap.iterations} times")
+        elif command == "optimize" and key.startswith("bootstrap."):
+            said.append(f"{key}={value} is `seedselect bootstrap`'s: optimize makes n_images={config.n_images} "
+                        f"images per class, each refined optim.iterations={config.optim.iterations} times")
+    return said
+
+
 # How a required key of generate and evaluate is written, for the error that says it is missing.
 REQUIRED_FORM = {"seed_file": "seed_file=RUN/seeds/<class>/<index>.safetensors", "out": "out=IMAGE.png",
                  "run_dir": "run_dir=RUN (the folder an optimize or bootstrap run wrote)"}

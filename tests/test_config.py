@@ -120,3 +120,20 @@ def test_every_group_option_composes(tmp_path):
     for dataset in ("folder", "imagefolder", "cub", "mini_imagenet", "cifar_fs", "imagenet_lt"):
         assert load_config(compose_raw("cub_tail", [f"dataset={dataset}", f"dataset.root={tmp_path}"])).dataset.name \
             == dataset
+
+
+def test_a_key_of_the_other_command_is_said_with_what_this_one_reads():
+    """`seedselect bootstrap n_images=100` makes bootstrap.n_images images: the user is told, not left to count."""
+    from seedselect_cli.config import other_commands_keys
+
+    config = make_config(["bootstrap.n_images=7", "n_images=2"])
+    said = other_commands_keys("bootstrap", ["n_images=100", "optim.iterations=9", "loss.lam=0.5"], config)
+    assert said == [("n_images=100 is `seedselect optimize`'s: bootstrap makes bootstrap.n_images=7 images per class; "
+                    "pass bootstrap.n_images=100"),
+                    (f"optim.iterations=9 is `seedselect optimize`'s: bootstrap refines each image "
+                    f"bootstrap.iterations={config.bootstrap.iterations} times")]
+    said = other_commands_keys("optimize", ["bootstrap.n_images=100", "n_images=2"], config)
+    assert len(said) == 1 and said[0].startswith("bootstrap.n_images=100 is `seedselect bootstrap`'s: optimize makes "
+                                                 "n_images=2 images per class")
+    assert other_commands_keys("optimize", ["n_images=2", "optim.iterations=9"], config) == []
+    assert other_commands_keys("bootstrap", ["bootstrap.n_images=3", "seed=1"], config) == []
