@@ -233,7 +233,13 @@ def suggestion(message: str, command: str, config_name: str) -> str:
         with initialize_config_module(config_module(command), version_base="1.3"):
             known = _flat_keys(compose(config_name=config_name))
         close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-        return f"; did you mean {close[0]}?" if close else ""
+        if close:
+            return f"; did you mean {close[0]}?"
+        if command == "generate":  # a handful of keys; the rest of what draws the image is in the seed file
+            return f"; generate takes {', '.join(known)}, and draws with the sampler, steps and size the seed file records"
+        if command == "evaluate":
+            return f"; evaluate takes {', '.join(known)}"
+        return ""
     return ""
 
 

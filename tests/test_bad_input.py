@@ -103,6 +103,9 @@ CASES = {
                                 "it takes a list, e.g. 'dataset.classes=[Pine Warbler]'"),
     "generate without out": (["generate", "seed_file={inputs}/small.safetensors"], "out is required: pass out=IMAGE.png"),
     "evaluate without a run": (["evaluate"], "run_dir is required: pass run_dir=RUN (the folder"),
+    "a run's key given to generate": (["generate", "seed_file={inputs}/small.safetensors", "out=x.png", "sampler.steps=5"],
+                                      "generate takes seed_file, out, tensor, model, runtime.device, runtime.dtype, and "),
+    "a run's key given to evaluate": (["evaluate", "run_dir={inputs}", "n_images=3"], "evaluate takes run_dir, classes,"),
 }
 
 
