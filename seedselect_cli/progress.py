@@ -135,7 +135,7 @@ def print_summary(entries: list[dict], run_dir: Path, next_command: str | None =
         seconds = sum(r["seconds"] for r in rows) / len(rows)
         unrefined = never_improved([r["loss_history"] for r in rows])
         table.add_row(name, str(len(rows)), f"{first:.4f}", f"{best:.4f}", str(unrefined), f"{seconds:.2f}")
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 160)  # a log or pipe: long class names unwrapped
     console.print(table)
     if next_command:
         console.print(f"{NEXT} {next_command}", markup=False, highlight=False, soft_wrap=True)
