@@ -372,7 +372,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         "baseline": BASELINE if cfg.baseline else None,
         "notes": [*([unfinished] if unfinished else []),
                   *set_notes(len(candidates), cfg.top_k, min(Counter(names).values()), cfg.dataset_classes,
-                             made_by(entries)),
+                             made_by(entries), one_concept=config.dataset.name == "folder"),
                   *([folder_note] if folder_note else []),
                   *heldout_notes(real_counts, {c: h.source for c, h in heldout_of.items()})],
         "quality_space": "judge features" if judge is not None else "CLIP image embeddings",

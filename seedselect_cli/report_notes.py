@@ -16,15 +16,16 @@ from seedselect_cli.files.datasets import class_folder, folder_key, load_classes
 SMALL_SET = 8  # images of a class below which the set measures are one or two images' worth of noise
 
 
-def set_notes(n_classes: int, top_k: int, fewest_images: int, dataset_classes: bool, method: str | None = None
-          ) -> list[str]:
+def set_notes(n_classes: int, top_k: int, fewest_images: int, dataset_classes: bool, method: str | None = None,
+              one_concept: bool = False) -> list[str]:
     """What the figures cannot say for this run, said in metrics.json and the report. `method`: the command that
-    made the run (`made_by`), whose key sets its images per class."""
+    made the run (`made_by`), whose key sets its images per class; `one_concept`: its data set holds one class
+    (the `folder` layout), so that dataset_classes=true adds none."""
     images_key = "bootstrap.n_images" if method == "bootstrap" else "n_images"
     out = []
     if n_classes == 1:
         out.append("top1 and topk are left out: classifying among one class is right by construction; pass "
-                   + ("classes=[...] (the run's data set has this class alone)" if dataset_classes
+                   + ("classes=[...] (the run's data set has this class alone)" if dataset_classes or one_concept
                       else "classes=[...] or dataset_classes=true") + " to classify among more")
     elif n_classes <= top_k:
         out.append(f"top{top_k} is left out: among {n_classes} classes every image is in the top {top_k}")

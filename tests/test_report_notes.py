@@ -16,6 +16,7 @@ def test_notes_say_what_the_figures_cannot():
     assert f"(bootstrap.n_images={SMALL_SET})" in set_notes(20, 5, 2, False, "bootstrap")[0]
     assert "dataset_classes=true" in set_notes(1, 5, 16, False)[0]
     assert "dataset_classes=true" not in set_notes(1, 5, 16, True)[0]
+    assert "dataset_classes=true" not in set_notes(1, 5, 16, False, one_concept=True)[0]  # a folder of one concept
 
 
 def test_heldout_notes_name_the_classes_short_of_real_images_and_where_they_were_looked_for():
