@@ -106,6 +106,11 @@ def read_run(run_dir: Path) -> tuple[Config, list[dict]]:
     if run_dir.is_file():
         raise UserError(f"run_dir={run_dir} is a file; pass the run's folder (the one holding {CONFIG} and images/)")
     if not (run_dir / CONFIG).is_file():
+        runs = sorted(p.parent.name for p in run_dir.glob(f"*/{CONFIG}")) if run_dir.is_dir() else []
+        if runs:  # a sweep's folder (-m): one run directory per job
+            shown = ", ".join(runs[:3]) + (f", ... ({len(runs)} in all)" if len(runs) > 3 else "")
+            raise UserError(f"run_dir={run_dir} holds run directories, not a run ({shown}): evaluate each, e.g. "
+                            f"run_dir={shlex.quote(str(run_dir / runs[0]))}")
         raise UserError(f"run_dir={run_dir} is not a seedselect run directory (no {CONFIG}); pass the folder a "
                         f"`seedselect optimize` or `bootstrap` run wrote")
     try:
