@@ -97,6 +97,10 @@ CASES = {
     "seed file of the wrong shape": (
         ["generate", "seed_file={inputs}/small.safetensors", "out=x.png"], "does not fit model tiny"),
     "seed file that does not exist": (["generate", "seed_file=nope.safetensors", "out=x.png"], "does not exist"),
+    "seed file that is a folder": (["generate", "seed_file={inputs}", "out=x.png"],
+                                   "seed_file={inputs} is a folder; pass one seed file, e.g. seed_file={inputs}/"),
+    "an image for a seed file": (["generate", "seed_file={inputs}/good.png", "out=x.png"],
+                                 "is an image; pass its seed file"),
     "output that is not an image": (["generate", "seed_file={inputs}/small.safetensors", "out=x.txt"], "out=x.txt"),
     "unknown command": (["optimise"], "unknown command 'optimise'"),
     "one class not in a list": (["optimize", "dataset.classes=Pine Warbler"],
@@ -179,3 +183,15 @@ def test_two_classes_of_one_folder_name_are_refused_before_anything_is_written(t
     with pytest.raises(UserError, match=r"classes 'red fox' and 'red_fox' map to the same folder name \(red_fox\)"):
         pipeline.run_optimize(make_config([f"dataset.root={reference_folder}"]), tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_s_image_given_as_seed_file_is_answered_with_its_seed_file(tmp_path):
+    from seedselect_cli.errors import UserError
+    from seedselect_cli.files.seed_files import load_seed_file
+
+    image, seed = tmp_path / "RUN" / "images" / "c" / "00003.png", tmp_path / "RUN" / "seeds" / "c" / "00003.safetensors"
+    for path in (image, seed):
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"x")
+    with pytest.raises(UserError, match=f"^seed_file={image} is an image; its seed file is {seed}$"):
+        load_seed_file(image)

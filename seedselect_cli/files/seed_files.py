@@ -101,8 +101,17 @@ def load_seed_file(path: str | Path) -> SeedFile:
     """Read and check a seed file; `UserError` if it is missing, not safetensors, or malformed: tensors
     of another dtype or shape or with values that are not finite, metadata out of range."""
     path = Path(path).expanduser()
+    if path.is_dir():  # a run directory, its seeds/ or a class's folder there
+        files = sorted(path.glob("*.safetensors")) or sorted(path.glob("seeds/*/*.safetensors")) or \
+            sorted(path.glob("*/*.safetensors"))
+        example = files[0] if files else "RUN/seeds/<class>/<index>.safetensors"
+        raise UserError(f"seed_file={path} is a folder; pass one seed file, e.g. seed_file={example}")
     if not path.is_file():
         raise UserError(f"seed_file={path} does not exist; pass RUN/seeds/<class>/<index>.safetensors")
+    if path.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"):  # e.g. RUN/images/<class>/<index>.png
+        seed = path.parent.parent.parent / "seeds" / path.parent.name / f"{path.stem}.safetensors"
+        raise UserError(f"seed_file={path} is an image; its seed file is {seed}" if seed.is_file() else
+                        f"seed_file={path} is an image; pass its seed file, RUN/seeds/<class>/<index>.safetensors")
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
