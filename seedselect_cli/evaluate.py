@@ -106,6 +106,9 @@ def read_run(run_dir: Path) -> tuple[Config, list[dict]]:
     if run_dir.is_file():
         raise UserError(f"run_dir={run_dir} is a file; pass the run's folder (the one holding {CONFIG} and images/)")
     if not (run_dir / CONFIG).is_file():
+        if (run_dir.parent / CONFIG).is_file():  # RUN/images, RUN/seeds, RUN/report
+            raise UserError(f"run_dir={run_dir} is a folder inside a run; pass the run directory, "
+                            f"run_dir={shlex.quote(str(run_dir.parent))}")
         runs = sorted(p.parent.name for p in run_dir.glob(f"*/{CONFIG}")) if run_dir.is_dir() else []
         if runs:  # a sweep's folder (-m): one run directory per job
             shown = ", ".join(runs[:3]) + (f", ... ({len(runs)} in all)" if len(runs) > 3 else "")

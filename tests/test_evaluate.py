@@ -309,6 +309,8 @@ def test_a_judge_with_mapped_labels(demo_run, tmp_path):
 def test_bad_run_directories_are_user_errors(tmp_path, demo_run):
     with pytest.raises(UserError, match="not a seedselect run directory"):
         run_evaluate(EvaluateConfig(run_dir=str(tmp_path)))
+    with pytest.raises(UserError, match=r"images is a folder inside a run; pass the run directory, run_dir="):
+        run_evaluate(EvaluateConfig(run_dir=str(demo_run / "images")))
     shutil.copytree(demo_run, tmp_path / "sweep" / "seed-1")  # a sweep's folder (-m): a run directory per job
     shutil.copytree(demo_run, tmp_path / "sweep" / "seed-0")
     with pytest.raises(UserError, match=r"holds run directories, not a run \(seed-0, seed-1\): evaluate each, e.g. "
