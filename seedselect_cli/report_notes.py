@@ -43,8 +43,8 @@ def heldout_notes(real_images: dict[str, int], sources: dict[str, str]) -> list[
     blank = {c: n for c, n in real_images.items() if n <= quality.K}
     no_kid = {c: n for c, n in real_images.items() if quality.K < n < quality.KID_MINIMUM}
     out = []
-    for measures, short_of, needed in (("precision, density, coverage and kid are", blank, quality.K + 1),
-                                       ("kid is", no_kid, quality.KID_MINIMUM)):
+    for measures, need, short_of, needed in (("precision, density, coverage and kid are", "they need", blank, quality.K + 1),
+                                             ("kid is", "it needs", no_kid, quality.KID_MINIMUM)):
         if short_of:
             low, high = min(short_of.values()), max(short_of.values())
             if low != high:
@@ -53,7 +53,7 @@ def heldout_notes(real_images: dict[str, int], sources: dict[str, str]) -> list[
                 have = "none" if low == 0 else count_of(low, "image") + (" each" if len(short_of) > 1 else "")
             where = "; ".join(dict.fromkeys(sources[c] for c in short_of))
             out.append(f"{measures} left out for {count_of(len(short_of), 'class', 'classes')} of {len(real_images)}: "
-                       f"they need {needed} held-out real images of a class or more, "
+                       f"{need} {needed} held-out real images of a class or more, "
                        f"{'it has' if len(short_of) == 1 else 'they have'} {have} ({where}); "
                        f"point heldout=DIR at more (DIR/<class>/<image>)")
     return out

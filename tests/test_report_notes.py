@@ -28,7 +28,7 @@ def test_heldout_notes_name_the_classes_short_of_real_images_and_where_they_were
     assert blank.startswith("precision, density, coverage and kid are left out for 2 classes of 4:")
     assert f"they have 0 to {quality.K} images (dataset.split=test)" in blank and "heldout=DIR" in blank
     assert no_kid.startswith("kid is left out for 1 class of 4:")
-    assert f"{quality.KID_MINIMUM} held-out real images" in no_kid and f"it has {quality.K + 1} images (/h/<class>)" in no_kid
+    assert f"it needs {quality.KID_MINIMUM} held-out real images" in no_kid and "they need 4" in blank and f"it has {quality.K + 1} images (/h/<class>)" in no_kid
     [same] = heldout_notes({"a": 1, "b": 1}, sources)
     assert "they have 1 image each (dataset.split=test);" in same
     [none] = heldout_notes({"c": 0, "d": 0}, sources)
