@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from seedselect_cli.errors import UserError, first_line
 from seedselect_cli.files.atomic import atomic_write
+from seedselect_cli.files.images import IMAGE_SUFFIXES
 from seedselect_cli.limits import DTYPE_NAMES, MAX_SIDE, MAX_STEPS, SAMPLER_NAMES
 
 # a sampler's diffusers class (recorded, as tools that read the file expect) and its name in PNG `parameters`
@@ -108,7 +109,7 @@ def load_seed_file(path: str | Path) -> SeedFile:
         raise UserError(f"seed_file={path} is a folder; pass one seed file, e.g. seed_file={example}")
     if not path.is_file():
         raise UserError(f"seed_file={path} does not exist; pass RUN/seeds/<class>/<index>.safetensors")
-    if path.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"):  # e.g. RUN/images/<class>/<index>.png
+    if path.suffix.lower() in IMAGE_SUFFIXES:  # e.g. RUN/images/<class>/<index>.png
         seed = path.parent.parent.parent / "seeds" / path.parent.name / f"{path.stem}.safetensors"
         raise UserError(f"seed_file={path} is an image; its seed file is {seed}" if seed.is_file() else
                         f"seed_file={path} is an image; pass its seed file, RUN/seeds/<class>/<index>.safetensors")
