@@ -96,6 +96,26 @@ def test_loss_falls_and_best_iterate_is_kept(tiny_models):
     assert not torch.equal(result.optimized, result.initial)
 
 
+def test_the_last_iteration_runs_no_backward_pass_and_finds_the_same_seeds(tiny_models, monkeypatch):
+    """Its step would never be evaluated: 4 iterations take 3 backward passes, and their losses and best iterates are
+    those of the first 4 of a longer run, whose fourth iteration did run one."""
+    config = make_config(["optim.iterations=6"])
+    target, z = random_target(31), seeds(2, 32)
+    embeds = encode_prompt(tiny_models, "a red disc")
+    backward = []
+    original = optimize_module.scaled_backward
+    monkeypatch.setattr(optimize_module, "scaled_backward", lambda *a: backward.append(1) or original(*a))
+    longer = optimize_seeds(tiny_models, z, target, embeds, config.objective(), config.optim_spec())
+    assert len(backward) == 5
+    backward.clear()
+    shorter = optimize_seeds(tiny_models, z, target, embeds, config.objective(), config.optim_spec(), iterations=4)
+    assert len(backward) == 3
+    for short, long in zip(shorter, longer):
+        assert short.loss_history == pytest.approx(long.loss_history[:4], rel=1e-6)
+        assert short.best_iteration == min(range(4), key=long.loss_history.__getitem__)
+        assert short.loss == pytest.approx(min(long.loss_history[:4]), rel=1e-6)
+
+
 @pytest.mark.slow
 def test_prompt_is_encoded_once_not_per_iteration(tiny_models, monkeypatch):
     calls = []

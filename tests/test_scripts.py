@@ -266,32 +266,35 @@ def test_distill_toyworld_writes_a_loadable_few_step_world(tmp_path):
 
 def test_arithmetic_counts_every_network_pass_of_an_image_forward_and_backward():
     """The counts follow from the settings: per iteration each of S steps runs the UNet on 2 rows (CFG) forward,
-    again when its checkpoint is recomputed, and backward; the last k decodes and CLIP calls the same; each
-    candidate start one forward pass; the final image S more UNet calls and a decode."""
+    again when its checkpoint is recomputed, and backward; the last k decodes and CLIP calls the same; the last
+    iteration forward only (its step would never be evaluated); each candidate start one forward pass; the final
+    image S more UNet calls and a decode."""
     script = load_script("arithmetic")
     s, it, k, n = 3, 2, 3, 4
     base = ["method=paper", f"sampler.steps={s}", f"optim.iterations={it}"]  # one start: counted from the paper's
     rows = script.main(["--n-images", "2", "--compare", " ".join(base), " ".join([*base, f"init.candidates={n}"])])
     plain, select = rows.values()
-    assert plain[("image", "unet", "forward")] == it * s * 2 * 2 + s * 2
-    assert plain[("image", "unet", "backward")] == it * s * 2
-    assert plain[("image", "image_encoder", "forward")] == it * k * 2
-    assert plain[("image", "image_encoder", "backward")] == plain[("image", "decoder", "backward")] == it * k
-    assert plain[("image", "decoder", "forward")] == it * k * 2 + 1
+    assert plain[("image", "unet", "forward")] == (it - 1) * s * 2 * 2 + s * 2 + s * 2
+    assert plain[("image", "unet", "backward")] == (it - 1) * s * 2
+    assert plain[("image", "image_encoder", "forward")] == (it - 1) * k * 2 + k
+    assert plain[("image", "image_encoder", "backward")] == plain[("image", "decoder", "backward")] == (it - 1) * k
+    assert plain[("image", "decoder", "forward")] == (it - 1) * k * 2 + k + 1
     assert select[("image", "unet", "forward")] - plain[("image", "unet", "forward")] == n * s * 2
     assert select[("image", "unet", "backward")] == plain[("image", "unet", "backward")]
-    assert plain["unet_equivalents"] == it * s * 2 * 4 + s * 2
+    assert plain["unet_equivalents"] == (it - 1) * s * 2 * 4 + s * 2 + s * 2
 
     # --bootstrap: the paper's scheme counts z_T^G (its iterations) per class, its images `bootstrap.iterations`
     # each; with bootstrap.candidates each image scores that many starts of its own and no z_T^G is made
-    g, b = 2, 1
+    g, b = 3, 2
     common = [f"sampler.steps={s}", f"bootstrap.global_iterations={g}", f"bootstrap.iterations={b}"]
     rows = script.main(["--bootstrap", "--n-images", "2", "--compare", " ".join(["method=paper", *common]),
                         " ".join([*common, "bootstrap.noise=1", f"bootstrap.candidates={n}"])])
     paper, chosen = rows.values()
-    assert paper["class_unet_equivalents"] == g * s * 2 * 4 and paper["unet_equivalents"] == b * s * 2 * 4 + s * 2
+    refine = (b - 1) * s * 2 * 4 + s * 2  # b iterations, the last forward only
+    assert paper["class_unet_equivalents"] == (g - 1) * s * 2 * 4 + s * 2
+    assert paper["unet_equivalents"] == refine + s * 2
     assert chosen["class_unet_equivalents"] == 0
-    assert chosen["unet_equivalents"] == n * s * 2 + b * s * 2 * 4 + s * 2
+    assert chosen["unet_equivalents"] == n * s * 2 + refine + s * 2
 
 
 def test_toyworld_contact_sheet_has_a_row_for_every_concept_run(tmp_path):
