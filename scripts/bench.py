@@ -6,7 +6,8 @@ depend on the weights' values. For each mode and batch size it measures seconds 
 (median after warm-up; CUDA events on a GPU), peak memory, the FLOPs of one iteration
 (`torch.utils.flop_counter`, recomputation included) and the rate achieved, and seconds per
 bootstrapped image (`--bootstrap-candidates` scored starts, each a forward pass without gradients, and
-`--bootstrap-iterations` iterations at that batch size, plus the render: the default method's bootstrap).
+`--bootstrap-iterations` iterations at that batch size, the last a forward pass alone, plus the render: the
+default method's bootstrap).
 On a GPU, peak memory is the most PyTorch held on the device while timing (reserved memory, with
 the CUDA graphs' pools: their working memory is never "allocated" during a replay); on the CPU, the
 process's high-water mark of resident memory.
@@ -392,14 +393,14 @@ def measure(models: FrozenModels, mode: str, config, batch: int, args) -> dict:
     render()  # untimed: with torch.compile the first render compiles, once per run
     render_s = timed(device, render)
 
-    def score() -> None:  # one candidate start per seed of the batch, scored without gradients (bootstrap.candidates)
-        with torch.no_grad():
+    def score() -> None:  # the loss of each seed of the batch without gradients: one candidate start
+        with torch.no_grad():  # (bootstrap.candidates), or the last iteration, whose step is never taken
             seed_objective(models, z.detach(), target, text, timesteps, config.objective())
 
-    score_s = 0.0  # one start is not scored: the engine keeps it
-    if args.bootstrap_candidates > 1:
-        score()  # untimed, as the render: with torch.compile the first call compiles
-        score_s = timed(device, score)
+    score()  # untimed, as the render: with torch.compile the first call compiles
+    score_s = timed(device, score)
+    # a single start is not scored (the engine keeps it); the last of the iterations is a forward pass alone
+    forward_only = (args.bootstrap_candidates if args.bootstrap_candidates > 1 else 0) + min(args.bootstrap_iterations, 1)
     if args.tiny:
         flops = iteration_flops(models, config, batch, args, kept)
     else:  # the same work in every mode of one dtype and layout: counted once (tens of seconds each)
@@ -411,7 +412,7 @@ def measure(models: FrozenModels, mode: str, config, batch: int, args) -> dict:
     return {"batch": batch, "s_per_iteration": seconds, "peak_memory_gb": peak / 2**30,
             "peak_allocated_gb": allocated / 2**30, "tflop_per_iteration":
             flops / 1e12, "tflops": flops / 1e12 / seconds,
-            "s_per_bootstrap_image": (args.bootstrap_iterations * seconds + args.bootstrap_candidates * score_s) / batch
+            "s_per_bootstrap_image": (max(args.bootstrap_iterations - 1, 0) * seconds + forward_only * score_s) / batch
             + render_s, "warmup_s": warmup, "render_s": render_s, "score_s": score_s, "kept_steps": kept}
 
 
