@@ -26,8 +26,6 @@ from seedselect_cli.core.engine import ClassTarget, Engine, batch_blocks
 from seedselect_cli.core.frozen import FrozenModels
 from seedselect_cli.core.initial_seeds import SeedStarts, inversion_fingerprint
 from seedselect_cli.core.optimize import SeedResult
-from seedselect_cli.core.samplers import step_noise
-from seedselect_cli.core.sampling import sample_images
 from seedselect_cli.core.targets import ReferenceEncodings, encoder_fingerprint
 from seedselect_cli.devices import memory_budget_bytes, resolve_device, resolve_dtype
 from seedselect_cli.errors import Interrupted, UserError, count_of
@@ -331,10 +329,8 @@ class ClassRun:
     def write_image(self, record: ClassRecord, slug: str, index: int, init_seed: int, result: SeedResult,
                     target: ClassTarget, extra: dict) -> dict:
         """Render the best seed, then write seed file, image, and last the manifest line."""
-        out, models, sampler = self.out, self.engine.models, self.config.sampler
-        noise = step_noise(sampler.name, [init_seed], tuple(result.optimized.shape), sampler.steps)
-        image = sample_images(models, result.optimized[None], target.text_embeds, sampler.steps,
-                              sampler.guidance_scale, sampler.name, noise)[0]
+        out, models = self.out, self.engine.models
+        image = self.engine.render(target, init_seed, result.optimized)
         metadata = metadata_for(models, self.config, record, index, init_seed)
         seed_path, image_path = out.seed_path(slug, index), out.image_path(slug, index)
         with out.writing(seed_path):

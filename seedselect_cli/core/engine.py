@@ -4,6 +4,7 @@
     target = engine.class_target(name, prompt, encodings)
     for batch in engine.optimize_batches(target, blocks, engine.centre(target)):   # `seedselect optimize`
         results = engine.run_batch(target, batch)
+        images = [engine.render(target, s, r.optimized) for s, r in zip(batch.init_seeds, results)]
     z_global = engine.optimize_global_seed(target, engine.centre(target))   # `seedselect bootstrap`, stage 1
                                                                 # (skipped with bootstrap.noise=1: z_global None)
     for batch in engine.bootstrap_batches(target, blocks, z_global.optimized, engine.global_init_seed(target)):
@@ -22,6 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+from PIL import Image
 
 from seedselect_cli.core.bootstrap import Batch, bootstrap_batches
 from seedselect_cli.core.cuda_graphs import GraphCache
@@ -30,7 +32,7 @@ from seedselect_cli.core.initial_seeds import SeedStarts, assigned_reference, in
 from seedselect_cli.core.optimize import SeedResult, best_candidates, optimize_seeds
 from seedselect_cli.core.prompts import PromptEmbeds, encode_prompt
 from seedselect_cli.core.samplers import make_schedule, step_noise
-from seedselect_cli.core.sampling import step_activation_bytes, steps_within_budget
+from seedselect_cli.core.sampling import sample_images, step_activation_bytes, steps_within_budget
 from seedselect_cli.core.specs import BootstrapSpec, InitSpec, LossSpec, Objective, OptimSpec
 from seedselect_cli.core.targets import Centroids, ReferenceEncodings, stack_centroids
 
@@ -191,3 +193,11 @@ class Engine:
         return optimize_seeds(self.models, batch.z_init, centroids, target.text_embeds, self.objective, self.optim,
                               iterations=batch.iterations, progress=progress, should_stop=should_stop,
                               on_iteration=on_iteration, noise=noise, unchecked_steps=unchecked, graphs=self.graphs)
+
+    def render(self, target: ClassTarget, init_seed: int, z_T: torch.Tensor) -> Image.Image:
+        """The image the seed `z_T` (C, h, w) of the image whose init seed is `init_seed` (its sampler noise) gives:
+        sampled alone, as `seedselect generate` redraws it pixel for pixel."""
+        sampler = self.objective.sampler
+        noise = step_noise(sampler.name, [init_seed], tuple(z_T.shape), sampler.steps)
+        return sample_images(self.models, z_T[None], target.text_embeds, sampler.steps, sampler.guidance_scale,
+                             sampler.name, noise)[0]
