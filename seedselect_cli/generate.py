@@ -19,7 +19,7 @@ from seedselect_cli.devices import check_redraw_dtype, resolve_device, seed_dtyp
 from seedselect_cli.errors import UserError
 from seedselect_cli.files.assets import resolve_location
 from seedselect_cli.files.atomic import atomic_write
-from seedselect_cli.files.seed_files import load_seed_file, png_text
+from seedselect_cli.files.seed_files import library_versions, load_seed_file, png_text
 from seedselect_cli.models import load_models, scheduler_from_json
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,12 @@ def run_generate(cfg: GenerateConfig) -> Path:
     if here != there:
         log.warning("drawing in %s; the seed's run drew in %s, so the image is the seed's but not pixel for pixel "
                     "the run's", here, there)
+    else:
+        others = [f"{name} {ours} here, {meta[key]} in the seed's run" for key, ours in library_versions().items()
+                  if meta.get(key, ours) != ours for name in [key.removesuffix("_version")]]
+        if others:
+            log.warning("drawing with %s: other versions may round differently, so the image is the seed's but "
+                        "perhaps not pixel for pixel the run's", "; ".join(others))
 
     z_T = seed.optimized if cfg.tensor == "optimized" else seed.initial
     expected = models.latent_shape(seed.height, seed.width)

@@ -11,12 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 from safetensors import safe_open
 
 import seedselect_cli
 from seedselect_cli.cli import main
+from seedselect_cli.files.seed_files import load_seed_file, save_seed_file
 from seedselect_cli.pipeline import evaluate_command
 from tests.conftest import make_config
 from tests.runs import read_manifest, seedselect
@@ -68,7 +70,7 @@ def test_generate_reproduces_the_image_pixel_for_pixel(demo_run):
     assert done.returncode == 0, done.stderr
     again = np.asarray(Image.open(elsewhere / "again.png"))
     assert np.array_equal(again, np.asarray(Image.open(run_dir / entry["image"])))
-    assert "drawing in" not in done.stdout  # the run's own dtype and device: nothing to warn of
+    assert "drawing in" not in done.stdout and "drawing with" not in done.stdout  # the run's own: nothing to warn of
     with Image.open(elsewhere / "again.png") as image:  # the text chunks a run's image has, but the loss
         assert image.info["parameters"].startswith(entry["prompt"]) and "SeedSelect loss" not in image.info["parameters"]
     done = seedselect("generate", f"seed_file={run_dir / entry['seed_file']}", "out=half.png", "runtime.dtype=bfloat16",
@@ -78,6 +80,14 @@ def test_generate_reproduces_the_image_pixel_for_pixel(demo_run):
                       cwd=elsewhere)
     assert done.returncode == 0, done.stderr
     assert not np.array_equal(np.asarray(Image.open(elsewhere / "plain.png")), again)
+    # a seed drawn with another torch: said, since kernels may round differently (here they do not: same pixels)
+    seed = load_seed_file(run_dir / entry["seed_file"])
+    assert seed.metadata["torch_version"] == torch.__version__ and seed.metadata["diffusers_version"]
+    save_seed_file(elsewhere / "old.safetensors", seed.initial, seed.optimized,
+                   {**seed.metadata, "torch_version": "2.1.0"})
+    done = seedselect("generate", "seed_file=old.safetensors", "out=old.png", cwd=elsewhere)
+    assert done.returncode == 0 and f"drawing with torch {torch.__version__} here, 2.1.0 in the seed's run" in done.stdout
+    assert np.array_equal(np.asarray(Image.open(elsewhere / "old.png")), again)
     assert not (elsewhere / ".hydra").exists()
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from importlib.metadata import version as installed_version
 from pathlib import Path
 
 import torch
@@ -27,6 +28,14 @@ SAMPLER_LABELS = {"ddim": "DDIM", "euler": "Euler", "dpmpp_2m": "DPM++ 2M", "lcm
 
 FORMAT = "seedselect-seed/1"
 REQUIRED = ("prompt", "model", "steps", "guidance_scale", "height", "width", "scheduler_config", "dtype")
+# the libraries whose kernels and schedulers make the pixels: recorded, so that `generate` can say when it redraws
+# with others (the same seed, but not necessarily the same pixels)
+LIBRARIES = ("torch", "diffusers")
+
+
+def library_versions() -> dict[str, str]:
+    """{"torch_version": ..., "diffusers_version": ...} of this process."""
+    return {f"{name}_version": installed_version(name) for name in LIBRARIES}
 
 
 def seed_metadata(*, prompt: str, negative_prompt: str, class_name: str, index: int, init_seed: int, model: str,
@@ -35,14 +44,15 @@ def seed_metadata(*, prompt: str, negative_prompt: str, class_name: str, index: 
                   version: str) -> dict[str, str]:
     """What a seed file records so that `generate` can redraw its image without the run's config: every
     value a string, as safetensors metadata holds them (`index` -1 is a class's bootstrap seed z_T^G).
-    `scheduler_config` is the model's own scheduler config, from which `sampler` (a `sampler.name`) is built."""
+    `scheduler_config` is the model's own scheduler config, from which `sampler` (a `sampler.name`) is built. The
+    versions of torch and diffusers that drew it are added (`library_versions`)."""
     return {
         "prompt": prompt, "negative_prompt": negative_prompt, "class": class_name, "index": str(index),
         "init_seed": str(init_seed), "model": model, "model_revision": model_revision or "",
         "model_variant": model_variant or "", "steps": str(steps), "guidance_scale": repr(float(guidance_scale)),
         "height": str(height), "width": str(width), "sampler": sampler, "scheduler": SAMPLER_CLASSES[sampler],
         "scheduler_config": scheduler_config,
-        "dtype": dtype, "device": device, "seedselect_version": version,
+        "dtype": dtype, "device": device, "seedselect_version": version, **library_versions(),
     }
 
 
