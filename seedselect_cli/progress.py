@@ -118,23 +118,36 @@ def never_improved(histories: list[list[float]]) -> int:
 
 
 NEXT = "next, the metrics and contact sheets:"  # before the evaluate command a finished run prints
+SUMMARY_ROWS = 20  # classes shown one by one at the end of a run; a sweep over hundreds gets these and the total
+
+
+def summary_cells(rows: list[dict]) -> list[str]:
+    """A summary row's figures for these manifest entries: count, mean first and best loss, unrefined, s / image."""
+    first = sum(r["loss_history"][0] for r in rows) / len(rows)
+    best = sum(r["loss"] for r in rows) / len(rows)
+    seconds = sum(r["seconds"] for r in rows) / len(rows)
+    unrefined = never_improved([r["loss_history"] for r in rows])
+    return [str(len(rows)), f"{first:.4f}", f"{best:.4f}", str(unrefined), f"{seconds:.2f}"]
 
 
 def print_summary(entries: list[dict], run_dir: Path, next_command: str | None = None) -> None:
     """A table of the new images per class: count, mean loss before and after, how many never got below their
-    start's loss, seconds per image; below it, `next_command` (what to run next), if given."""
+    start's loss, seconds per image, the first `SUMMARY_ROWS` classes one by one and, for more than one, all of them
+    together; below it, `next_command` (what to run next), if given."""
     table = Table(title=f"seedselect: {count_of(len(entries), 'new image')} in {run_dir}")
     for column in ("class", "images", "first loss", "best loss", "unrefined", "s / image"):
         table.add_column(column, justify="left" if column == "class" else "right")
     by_class: dict[str, list[dict]] = {}
     for entry in entries:
         by_class.setdefault(entry["class"], []).append(entry)
-    for name, rows in by_class.items():
-        first = sum(r["loss_history"][0] for r in rows) / len(rows)
-        best = sum(r["loss"] for r in rows) / len(rows)
-        seconds = sum(r["seconds"] for r in rows) / len(rows)
-        unrefined = never_improved([r["loss_history"] for r in rows])
-        table.add_row(name, str(len(rows)), f"{first:.4f}", f"{best:.4f}", str(unrefined), f"{seconds:.2f}")
+    for name, rows in list(by_class.items())[:SUMMARY_ROWS]:
+        table.add_row(name, *summary_cells(rows))
+    if len(by_class) > SUMMARY_ROWS:
+        table.add_row(f"... {count_of(len(by_class) - SUMMARY_ROWS, 'more class', 'more classes')}",
+                      str(sum(len(rows) for rows in list(by_class.values())[SUMMARY_ROWS:])), "", "", "", "")
+    if len(by_class) > 1:
+        table.add_section()
+        table.add_row(f"all {len(by_class)} classes", *summary_cells(entries))
     console = Console(width=None if sys.stdout.isatty() else 160)  # a log or pipe: long class names unwrapped
     console.print(table)
     if next_command:
