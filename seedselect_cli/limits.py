@@ -11,3 +11,6 @@ MAX_SIDE = 4096  # pixels
 MAX_STEPS = 1000  # a scheduler's training timesteps
 MAX_ITERATIONS = 100_000
 MAX_BATCH = 1024
+# The tables a command prints at its end show this many classes one by one, then the rest together: a sweep over
+# hundreds of classes gets a screen, not pages (every class is in the manifest and in RUN/report/).
+SHOWN_CLASSES = 20

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from seedselect_cli.errors import count_of
+from seedselect_cli.limits import SHOWN_CLASSES
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,6 @@ def never_improved(histories: list[list[float]]) -> int:
 
 
 NEXT = "next, the metrics and contact sheets:"  # before the evaluate command a finished run prints
-SUMMARY_ROWS = 20  # classes shown one by one at the end of a run; a sweep over hundreds gets these and the total
 
 
 def summary_cells(rows: list[dict]) -> list[str]:
@@ -132,7 +132,7 @@ def summary_cells(rows: list[dict]) -> list[str]:
 
 def print_summary(entries: list[dict], run_dir: Path, next_command: str | None = None) -> None:
     """A table of the new images per class: count, mean loss before and after, how many never got below their
-    start's loss, seconds per image, the first `SUMMARY_ROWS` classes one by one and, for more than one, all of them
+    start's loss, seconds per image, the first `SHOWN_CLASSES` classes one by one and, for more than one, all of them
     together; below it, `next_command` (what to run next), if given."""
     table = Table(title=f"seedselect: {count_of(len(entries), 'new image')} in {run_dir}")
     for column in ("class", "images", "first loss", "best loss", "unrefined", "s / image"):
@@ -140,11 +140,11 @@ def print_summary(entries: list[dict], run_dir: Path, next_command: str | None =
     by_class: dict[str, list[dict]] = {}
     for entry in entries:
         by_class.setdefault(entry["class"], []).append(entry)
-    for name, rows in list(by_class.items())[:SUMMARY_ROWS]:
+    for name, rows in list(by_class.items())[:SHOWN_CLASSES]:
         table.add_row(name, *summary_cells(rows))
-    if len(by_class) > SUMMARY_ROWS:
-        table.add_row(f"... {count_of(len(by_class) - SUMMARY_ROWS, 'more class', 'more classes')}",
-                      str(sum(len(rows) for rows in list(by_class.values())[SUMMARY_ROWS:])), "", "", "", "")
+    if len(by_class) > SHOWN_CLASSES:
+        table.add_row(f"... {count_of(len(by_class) - SHOWN_CLASSES, 'more class', 'more classes')}",
+                      str(sum(len(rows) for rows in list(by_class.values())[SHOWN_CLASSES:])), "", "", "", "")
     if len(by_class) > 1:
         table.add_section()
         table.add_row(f"all {len(by_class)} classes", *summary_cells(entries))

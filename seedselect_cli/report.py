@@ -24,6 +24,7 @@ from rich.table import Table
 from seedselect_cli.errors import count_of
 from seedselect_cli.files.atomic import atomic_write, slugify
 from seedselect_cli.files.images import load_rgb
+from seedselect_cli.limits import SHOWN_CLASSES
 from seedselect_cli.progress import never_improved
 
 THUMB = 128
@@ -214,9 +215,10 @@ def marks_line(per_image: list[dict], report: Path) -> str:
 
 
 def print_table(metrics: dict, per_image: list[dict] | None = None) -> None:
-    """Two tables, one row per class and kind of image (SeedSelect, plain Stable Diffusion): how often the
-    images are the class, then how they sit among held-out real images; the notes, and with `per_image` (the rows
-    of report/images.jsonl) what the contact sheets mark. Wide enough when piped."""
+    """Two tables, one row per class and kind of image (SeedSelect, plain Stable Diffusion), the first
+    `SHOWN_CLASSES` classes and overall: how often the images are the class, then how they sit among held-out real
+    images; the notes, and with `per_image` (the rows of report/images.jsonl) what the contact sheets mark. Wide
+    enough when piped."""
     keys, names = metric_keys(metrics), row_names(metrics.get("made_by"))
     groups = {"accuracy": [k for k in keys if k not in QUALITY_KEYS],
               f"beside real images ({metrics.get('quality_space', 'CLIP')})": [k for k in keys if k in QUALITY_KEYS]}
@@ -228,13 +230,19 @@ def print_table(metrics: dict, per_image: list[dict] | None = None) -> None:
                             f"{metrics['run_dir']}/report")
         for column in ("class", "images", "n", *columns):
             table.add_column(column, justify="left" if column in ("class", "images") else "right")
-        rows = [*metrics["classes"].items(), ("overall", metrics["overall"])]
+        classes = list(metrics["classes"].items())
+        rows = [*classes[:SHOWN_CLASSES], ("overall", metrics["overall"])]
         for r, (name, c) in enumerate(rows):
+            if name == "overall" and len(classes) > SHOWN_CLASSES:
+                table.add_row(f"... {count_of(len(classes) - SHOWN_CLASSES, 'more class', 'more classes')}", "",
+                              "", *("" for _ in columns), end_section=True)
             for i, method in enumerate(metrics["overall"]):
                 table.add_row(name if i == 0 else "", names[method], str(c[method]["n_images"]),
                               *(_cell(c[method][k]) for k in columns), end_section=i == len(metrics["overall"]) - 1
                               and r < len(rows) - 1)
         console.print(table)
+    if len(metrics["classes"]) > SHOWN_CLASSES:
+        console.print(f"every class: {Path(metrics['run_dir']) / 'report' / 'index.html'} and metrics.json there")
     for note in metrics.get("notes", []):
         console.print(f"note: {note}")
     if per_image:

@@ -1,11 +1,12 @@
-"""The end-of-run table: one row per class, and for a sweep over many classes the first of them and the total."""
+"""The tables a command prints at its end: one row per class, and for many classes the first of them and the total."""
 
 from __future__ import annotations
 
 import random
 from pathlib import Path
 
-from seedselect_cli.progress import SUMMARY_ROWS, print_summary
+from seedselect_cli.limits import SHOWN_CLASSES
+from seedselect_cli.progress import print_summary
 
 
 def entries_of(n_classes: int, per_class: int, rng: random.Random) -> list[dict]:
@@ -21,12 +22,12 @@ def entries_of(n_classes: int, per_class: int, rng: random.Random) -> list[dict]
 
 
 def test_a_sweep_over_many_classes_shows_the_first_and_the_total(capsys):
-    entries = entries_of(SUMMARY_ROWS + 7, 3, random.Random(41))
+    entries = entries_of(SHOWN_CLASSES + 7, 3, random.Random(41))
     print_summary(entries, Path("RUN"), "seedselect evaluate run_dir=RUN")
     out = capsys.readouterr().out
-    shown = [f"class {c:03d}" for c in range(SUMMARY_ROWS + 7) if f"class {c:03d}" in out]
-    assert shown == [f"class {c:03d}" for c in range(SUMMARY_ROWS)]
-    assert "... 7 more classes" in out and f"all {SUMMARY_ROWS + 7} classes" in out
+    shown = [f"class {c:03d}" for c in range(SHOWN_CLASSES + 7) if f"class {c:03d}" in out]
+    assert shown == [f"class {c:03d}" for c in range(SHOWN_CLASSES)]
+    assert "... 7 more classes" in out and f"all {SHOWN_CLASSES + 7} classes" in out
     total = next(line for line in out.splitlines() if "all " in line).split("│")
     unrefined = sum(min(e["loss_history"]) >= e["loss_history"][0] for e in entries)
     first = sum(e["loss_history"][0] for e in entries) / len(entries)
@@ -40,3 +41,23 @@ def test_one_class_has_no_total_row(capsys):
     print_summary(entries_of(1, 4, random.Random(42)), Path("RUN"))
     out = capsys.readouterr().out
     assert "class 000" in out and "all " not in out and "more class" not in out
+
+
+def test_evaluate_of_many_classes_prints_the_first_and_overall(capsys):
+    """`seedselect evaluate`'s tables, as the end-of-run one: the first classes, a count of the rest, overall."""
+    from seedselect_cli.report import print_table
+
+    rng = random.Random(43)
+    n = SHOWN_CLASSES + 4
+
+    def cells() -> dict:
+        return {m: {"n_images": 3, "top1": rng.random(), "precision": rng.random()} for m in ("seedselect", "plain")}
+
+    metrics = {"classes": {f"class {c:03d}": cells() for c in range(n)}, "overall": cells(), "n_images": 3 * n,
+               "run_dir": "RUN", "made_by": "optimize", "notes": []}
+    print_table(metrics)
+    out = capsys.readouterr().out
+    assert [c for c in range(n) if f"class {c:03d}" in out] == list(range(SHOWN_CLASSES))
+    assert out.count("... 4 more classes") == 2 and out.count("overall") == 2  # both tables
+    assert f"{metrics['overall']['plain']['precision']:.3f}" in out
+    assert "every class: RUN/report/index.html" in out
