@@ -164,6 +164,10 @@ def other_commands_keys(command: str, overrides: list[str], config: Config) -> l
         elif command == "bootstrap" and key == "optim.iterations":
             said.append(f"optim.iterations={value} is `seedselect optimize`'s: bootstrap refines each image "
                         f"bootstrap.iterations={config.bootstrap.iterations} times")
+        elif command == "bootstrap" and key == "optim.backtrack":
+            share = "null (never)" if config.bootstrap.backtrack is None else config.bootstrap.backtrack
+            said.append(f"optim.backtrack={value} is `seedselect optimize`'s: bootstrap backtracks by "
+                        f"bootstrap.backtrack={share}; pass bootstrap.backtrack={value}")
         elif command == "optimize" and key.startswith("bootstrap."):
             said.append(f"{key}={value} is `seedselect bootstrap`'s: optimize makes n_images={config.n_images} "
                         f"images per class, each refined optim.iterations={config.optim.iterations} times")
@@ -271,9 +275,9 @@ def check_config(c: Config) -> None:
     if c.optim.stop_near_reference and (c.loss.semantic != "centroid" or c.loss.distance != "cosine" or c.loss.lam <= 0):
         raise _bad("optim.stop_near_reference", True, "compares L_sem with the references' cosine distances: it needs "
                    "loss.semantic=centroid, loss.distance=cosine and loss.lam > 0")
-    if c.optim.backtrack is not None and not (math.isfinite(c.optim.backtrack) and c.optim.backtrack >= 0):
-        raise _bad("optim.backtrack", c.optim.backtrack, "must be null (off) or a share >= 0 of a seed's best loss, "
-                   "e.g. 0.5")
+    for key, share in (("optim.backtrack", c.optim.backtrack), ("bootstrap.backtrack", c.bootstrap.backtrack)):
+        if share is not None and not (math.isfinite(share) and share >= 0):
+            raise _bad(key, share, "must be null (off) or a share >= 0 of a seed's best loss, e.g. 0.5")
     if not c.optim.lr_drop_factor > 0:
         raise _bad("optim.lr_drop_factor", c.optim.lr_drop_factor, "must be positive")
     if "_target_" not in c.optim.optimizer:

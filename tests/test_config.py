@@ -69,7 +69,8 @@ def test_method_select_is_the_default_and_the_paper_one_setting_away(tmp_path):
     paper = load_config(compose_raw("cub_tail", [f"dataset.root={tmp_path}", "method=paper"]))
     assert (paper.init.candidates, paper.optim.iterations, paper.loss.appearance) == (1, 30, "centroid")
     assert paper.loss.lam == pytest.approx(10 / 11)
-    assert select.optim.backtrack is None and paper.optim.backtrack is None  # an option, not a default: RESULTS.md
+    # select backtracks in optimize (its seeds' ends no longer chaotic), not in bootstrap, nor does the paper's AdamW
+    assert select.optim.backtrack == 0.5 and select.bootstrap.backtrack is None and paper.optim.backtrack is None
     assert select.init.method == "random" and select.sampler == paper.sampler and select.model == paper.model
     mine = load_config(compose_raw("cub_tail", [f"dataset.root={tmp_path}", "optim.iterations=10", "loss.lam=0.5"]))
     assert (mine.optim.iterations, mine.loss.lam, mine.init.candidates) == (10, 0.5, 16)
@@ -104,6 +105,7 @@ def test_required_root_is_named(tmp_path):
     ("optim.stop_near_reference=true loss.semantic=contrastive", "optim.stop_near_reference"),  # cosine L_sem only
     ("optim.stop_near_reference=true loss.lam=0", "optim.stop_near_reference"),
     ("optim.backtrack=-0.5", "optim.backtrack"), ("optim.backtrack=nan", "optim.backtrack"),
+    ("bootstrap.backtrack=-1", "bootstrap.backtrack"),
 ])
 @pytest.mark.slow
 def test_bad_values_are_rejected_naming_the_key(override, key):
@@ -127,11 +129,14 @@ def test_a_key_of_the_other_command_is_said_with_what_this_one_reads():
     from seedselect_cli.config import other_commands_keys
 
     config = make_config(["bootstrap.n_images=7", "n_images=2"])
-    said = other_commands_keys("bootstrap", ["n_images=100", "optim.iterations=9", "loss.lam=0.5"], config)
+    said = other_commands_keys("bootstrap", ["n_images=100", "optim.iterations=9", "loss.lam=0.5",
+                                             "optim.backtrack=0.2"], config)
     assert said == [("n_images=100 is `seedselect optimize`'s: bootstrap makes bootstrap.n_images=7 images per class; "
                     "pass bootstrap.n_images=100"),
                     (f"optim.iterations=9 is `seedselect optimize`'s: bootstrap refines each image "
-                    f"bootstrap.iterations={config.bootstrap.iterations} times")]
+                    f"bootstrap.iterations={config.bootstrap.iterations} times"),
+                    ("optim.backtrack=0.2 is `seedselect optimize`'s: bootstrap backtracks by bootstrap.backtrack=null (never); "
+                     "pass bootstrap.backtrack=0.2")]
     said = other_commands_keys("optimize", ["bootstrap.n_images=100", "n_images=2"], config)
     assert len(said) == 1 and said[0].startswith("bootstrap.n_images=100 is `seedselect bootstrap`'s: optimize makes "
                                                  "n_images=2 images per class")

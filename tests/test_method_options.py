@@ -226,3 +226,30 @@ def test_stop_near_reference_keeps_each_seed_where_it_came_within_its_spacing(ti
     assert [len(r.loss_history) for r in all_near] == [1, 1, 1]
     assert all(r.stopped is None for r in [*found, *all_near])  # stopping near is not a fault
 
+
+
+@pytest.mark.parametrize("bootstrap_share", [None, 0.3])
+def test_optimize_backtracks_by_optim_backtrack_and_bootstrap_by_its_own(tiny_models, monkeypatch, bootstrap_share):
+    """The default backtracks in optimize (`optim.backtrack=0.5`) and not in bootstrap (`bootstrap.backtrack`, null):
+    each batch carries its command's share to the optimiser, z_T^G's too."""
+    import seedselect_cli.core.engine as engine_module
+    from seedselect_cli.core.engine import ClassTarget
+    from seedselect_cli.pipeline import engine_for
+
+    g = torch.Generator().manual_seed(51)
+    enc = ReferenceEncodings(torch.nn.functional.normalize(torch.randn(4, 16, generator=g), dim=-1),
+                             torch.randn(4, 4, 16, 16, generator=g), tuple(Path(f"r{i}.png") for i in range(4)))
+    extra = [] if bootstrap_share is None else [f"bootstrap.backtrack={bootstrap_share}"]
+    config = make_config(["bootstrap.candidates=1", "bootstrap.noise=0.5", *extra])
+    assert config.optim.backtrack == 0.5 and config.bootstrap.backtrack == bootstrap_share
+    engine = engine_for(tiny_models, config)
+    target = ClassTarget("red disc", "a red disc", encode_prompt(tiny_models, "a red disc"), enc)
+    shares = []
+    monkeypatch.setattr(engine_module, "optimize_seeds",
+                        lambda *args, **kwargs: shares.append(args[5].backtrack) or optimize_seeds(*args, **kwargs))
+    [batch] = engine.optimize_batches(target, [[0, 1]], None)
+    engine.run_batch(target, batch)
+    z_global = engine.optimize_global_seed(target, None).optimized
+    [batch] = engine.bootstrap_batches(target, [[0, 1]], z_global, engine.global_init_seed(target))
+    engine.run_batch(target, batch)
+    assert shares == [0.5, bootstrap_share, bootstrap_share]

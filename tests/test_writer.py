@@ -63,9 +63,14 @@ def test_a_run_directory_of_another_config_is_refused(tmp_path):
     with pytest.raises(UserError, match=r"another config \(loss.lam"):
         RunDirectory(tmp_path).start("seed: 0\nn_images: 3\nloss:\n  lam: 0.9\n")
     # every key that differs is named, up to three, so that a user does not find them one failed command at a time
-    with pytest.raises(UserError, match=r"another config \(loss.lam: 0.5 there, 0.9 now; seed: 0 there, 1 now\)"):
+    with pytest.raises(UserError, match=r"another config \(loss.lam: 0.5 there, 0.9 now; seed: 0 there, 1 now\); resume "
+                                        r"with the same settings \(loss.lam=0.5 seed=0\) or"):
         RunDirectory(tmp_path).start("seed: 1\nn_images: 3\nloss:\n  lam: 0.9\n")
-    with pytest.raises(UserError, match=r"; optim.x: None there, 2 now; 2 more\)"):
+    with pytest.raises(UserError, match=r"another config \(optim.backtrack: null there, 0.5 now\); resume with the "
+                                        r"same settings \(optim.backtrack=null\) or"):  # as typed, not Python's None
+        RunDirectory(tmp_path).start("seed: 0\nn_images: 3\nloss:\n  lam: 0.5\noptim:\n  backtrack: 0.5\n",
+                                     defaults_yaml="optim:\n  backtrack: null\n")
+    with pytest.raises(UserError, match=r"; optim.x: null there, 2 now; 2 more\); resume with the same settings or"):
         RunDirectory(tmp_path).start("seed: 1\nn_images: 3\nloss:\n  lam: 0.9\noptim:\n  lr: 1\n  x: 2\nz: 0\n")
 
 

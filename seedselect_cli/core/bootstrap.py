@@ -35,7 +35,8 @@ from seedselect_cli.derive import derived_int
 
 @dataclass
 class Batch:
-    """Seeds to optimise together: their image indices, starting seeds, targets and iteration count."""
+    """Seeds to optimise together: their image indices, starting seeds, targets, and the command's schedule for
+    them: iteration count and backtracking share (`optim.*` for optimize's, `bootstrap.*` for bootstrap's)."""
 
     indices: list[int]
     init_seeds: list[int]
@@ -43,6 +44,7 @@ class Batch:
     centroids: Centroids  # shared, or per seed
     iterations: int
     extra: list[dict] = field(default_factory=list)  # per seed: what the manifest records besides
+    backtrack: float | None = None  # `OptimSpec.backtrack` for this batch; None: the authors' plain AdamW
 
 
 def draw_subset(seed: int, class_name: str, index: int, n_references: int, size: int) -> list[int]:
@@ -79,4 +81,5 @@ def bootstrap_batches(bootstrap: BootstrapSpec, appearance: str, seed: int, clas
             centroids=stack_centroids([encodings.centroids(s, appearance=appearance) for s in subsets]),
             iterations=bootstrap.iterations,
             extra=[{"subset": [encodings.paths[j].name for j in s]} for s in subsets],  # file names, as `reference`
+            backtrack=bootstrap.backtrack,
         )

@@ -142,7 +142,7 @@ class Engine:
             uses_reference = self.init.method == "reference" or appearance == "assigned"
             # the reference's file name, not its path: a run directory names nothing of the machine it ran on
             extra = [{"reference": encodings.paths[r].name} if uses_reference else {} for r in own]
-            yield Batch(chunk, init_seeds, z_init, centroids, self.optim.iterations, extra)
+            yield Batch(chunk, init_seeds, z_init, centroids, self.optim.iterations, extra, self.optim.backtrack)
 
     def bootstrap_batches(self, target: ClassTarget, blocks: list[list[int]], z_global: torch.Tensor | None,
                           global_init_seed: int) -> Iterator[Batch]:
@@ -170,7 +170,7 @@ class Engine:
         appearance = "nearest" if self.objective.loss.appearance == "nearest" else "centroid"  # z_T^G serves all
         z_init = self.starts.seeds(centre, [self.global_init_seed(target)], [own], self.init.candidates)
         batch = Batch([-1], [self.global_init_seed(target)], z_init, encodings.centroids(appearance=appearance),
-                      self.bootstrap.global_iterations, [{}])
+                      self.bootstrap.global_iterations, [{}], self.bootstrap.backtrack)
         [result] = self.run_batch(target, batch, progress, should_stop)
         return result
 
@@ -178,8 +178,8 @@ class Engine:
                   should_stop: Callable[[], bool] | None = None,
                   on_iteration: Callable[[int, torch.Tensor], None] | None = None) -> list[SeedResult]:
         """Optimise one batch: with `init.candidates` > 1 first keep each image's best start (recorded in
-        `batch.extra` as `candidate`), then `batch.iterations` of gradient descent (`progress`, `should_stop`,
-        `on_iteration`: as `optimize_seeds`)."""
+        `batch.extra` as `candidate`), then `batch.iterations` of gradient descent, backtracking by `batch.backtrack`
+        (`progress`, `should_stop`, `on_iteration`: as `optimize_seeds`)."""
         centroids = target.targets(batch.centroids)
         sampler = self.objective.sampler
         noise = step_noise(sampler.name, batch.init_seeds, tuple(batch.z_init.shape[-3:]), sampler.steps)
@@ -190,7 +190,8 @@ class Engine:
             for extra, k in zip(batch.extra, chosen):
                 extra["candidate"] = k
         unchecked = self.unchecked_steps(target, batch.z_init, noise)
-        return optimize_seeds(self.models, batch.z_init, centroids, target.text_embeds, self.objective, self.optim,
+        optim = dataclasses.replace(self.optim, backtrack=batch.backtrack)
+        return optimize_seeds(self.models, batch.z_init, centroids, target.text_embeds, self.objective, optim,
                               iterations=batch.iterations, progress=progress, should_stop=should_stop,
                               on_iteration=on_iteration, noise=noise, unchecked_steps=unchecked, graphs=self.graphs)
 

@@ -85,6 +85,9 @@ class BootstrapSpec:
     # init seed's noise, as plain sampling draws it); 0: the paper's, every image of a class from z_T^G itself
     noise: float = 0.0
     candidates: int = 1  # with noise: starts drawn per image (its own and more), the best kept as `init.candidates`
+    # bootstrap's `optim.backtrack` (its own, as its iteration counts are): None, the authors' plain AdamW, in
+    # every method; backtracking cost bootstrap's images precision where it cost optimize's none (RESULTS.md)
+    backtrack: float | None = None
 
 
 def adamw(params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:

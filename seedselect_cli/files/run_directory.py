@@ -132,11 +132,13 @@ class RunDirectory:
                 before = _comparable(defaults_yaml, skip) | before
             if before != after:
                 keys = [k for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)]
-                differ = "; ".join(f"{k}: {before.get(k)!r} there, {after.get(k)!r} now" for k in keys[:3])
+                differ = "; ".join(f"{k}: {_as_typed(before.get(k))} there, {_as_typed(after.get(k))} now"
+                                   for k in keys[:3])
                 more = f"; {len(keys) - 3} more" if len(keys) > 3 else ""
+                same = " ".join(f"{k}={_as_typed(before[k])}" for k in keys if k in before) if len(keys) <= 3 else ""
                 raise UserError(
                     f"{self.root} holds a run made with another config ({differ}{more}); resume with the same "
-                    f"settings or pass a new hydra.run.dir"
+                    f"settings{f' ({same})' if same else ''} or pass a new hydra.run.dir"
                 )
         with self.locked():
             others = {e.get("method", "optimize") for e in self._read_manifest()} - {method}
@@ -295,6 +297,13 @@ def _append_line(path: Path, entry: dict) -> None:
         handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def _as_typed(value) -> str:
+    """A config value as it is typed on the command line: null, true, 0.5, 'a name'."""
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    return repr(value) if isinstance(value, str) else str(value)
 
 
 def _comparable(config_yaml: str, skip: Sequence[str]) -> dict:
