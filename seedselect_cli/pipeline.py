@@ -133,7 +133,9 @@ def _run(config: Config, run_dir: Path, method: str, stop: GracefulStop) -> list
     # 3. The run directory: its config, and what an earlier run of it already finished.
     n_images = config.n_images if method == "optimize" else config.bootstrap.n_images
     out = RunDirectory(run_dir)
-    out.start(to_yaml(config), method, ignored=("bootstrap",) if method == "optimize" else ("optim.iterations",),
+    # what the other command reads and this one does not may differ (bootstrap reads its own iterations and share)
+    unread = ("bootstrap",) if method == "optimize" else ("optim.iterations", "optim.backtrack")
+    out.start(to_yaml(config), method, ignored=unread,
               defaults_yaml=to_yaml(Config()), check_config=lambda text: load_config(OmegaConf.create(text)))
     done = out.finished()
     todo = {r.name: [i for i in range(n_images) if (r.name, i) not in done] for r in records}

@@ -196,6 +196,10 @@ def test_the_default_bootstrap_chooses_each_images_start_among_its_own_and_needs
         assert entry["init_seed"] == init_seed_for(0, "Pine Warbler", entry["index"])
         start = initial_noise(shape, candidate_seed(entry["init_seed"], entry["candidate"]))
         assert torch.equal(load_file(tmp_path / entry["seed_file"])["initial"], start)
+    # optimize's keys that bootstrap does not read may differ on resume (a run made before the default backtracked)
+    again = bootstrap_config(cub, "bootstrap.n_images=4", "runtime.batch_size=2", "dataset.classes=[Pine Warbler]",
+                             "optim.backtrack=null", "optim.iterations=7")
+    assert [e["index"] for e in run_bootstrap(again, tmp_path)] == [3]
 
 
 @pytest.mark.slow
