@@ -187,7 +187,7 @@ def _run(config: Config, run_dir: Path, method: str, stop: GracefulStop) -> list
                                     record.name, run_dir)
                         progress.class_done(record.name, [], n_images, n_images, skipped=True)
                         continue
-                    finished = out.finished()  # again: another process may have finished some meanwhile
+                    finished = out.finished(record.name)  # again: another process may have finished some meanwhile
                     indices = [i for i in todo[record.name] if (record.name, i) not in finished]
                     contrast = None if class_semantic is None else (class_semantic, class_rows[record.name])
                     entries += run.make(record, indices, slugs[record.name], encode, contrast, failed)

@@ -92,3 +92,56 @@ def test_unwritable_run_directory_is_a_user_error(tmp_path):
             RunDirectory(tmp_path / "run").start("seed: 0\n")
     finally:
         tmp_path.chmod(0o700)
+
+
+def test_the_manifest_read_again_is_what_a_fresh_read_sees_whatever_happened_to_it_between(tmp_path):
+    """A run reads the manifest before each class, parsing only what was appended since. Against a fresh read after
+    each of a random sequence of what happens to it: appends by another process, a line half written then finished,
+    a repair that rewrites it (same length, other content), a cut, a name with U+2028 in it."""
+    import random
+
+    rng = random.Random(61)
+    root = tmp_path / "run"
+    ours = RunDirectory(root)
+    path = root / "manifest.jsonl"
+    for c in ("a", "b\u2028c"):
+        (root / "images" / slugify(c)).mkdir(parents=True)
+        (root / "seeds" / slugify(c)).mkdir(parents=True)
+
+    def line(index: int) -> bytes:
+        name = rng.choice(["a", "b\u2028c"])
+        entry = {"class": name, "index": index, "image": f"images/{slugify(name)}/{index:05d}.png",
+                 "seed_file": f"seeds/{slugify(name)}/{index:05d}.safetensors", "loss": rng.random()}
+        for key in ("image", "seed_file"):
+            (root / entry[key]).touch()
+        return (json.dumps(entry, ensure_ascii=False) + "\n").encode()
+
+    path.write_bytes(b"")
+    kinds = []
+    for step in range(60):
+        data = path.read_bytes()
+        kind = rng.choice(["append", "append", "half", "rewrite", "cut"])
+        kinds.append(kind)
+        if kind == "append":
+            data += line(step)
+        elif kind == "half":  # a line half written: not counted, then counted once finished
+            new = line(step)
+            path.write_bytes(data + new[: len(new) // 2])
+            assert ours._read_manifest() == RunDirectory(root)._read_manifest()
+            data += new
+        elif kind == "rewrite" and data.count(b"\n") >= 1:  # a repair: a new file, its length, another loss
+            lines = data[: data.rfind(b"\n")].split(b"\n")
+            rewritten = b"\n".join([*lines[:-1], lines[-1].replace(b'"loss": 0.', b'"loss": 1.'), b""])
+            atomic_write(path, lambda tmp, rewritten=rewritten: tmp.write_bytes(rewritten))
+            data = path.read_bytes()
+        elif kind == "cut":
+            data = data[: rng.randrange(len(data) + 1)]
+        if kind != "rewrite":
+            with open(path, "r+b") as handle:  # in place, as appends and a truncation are: the same file
+                handle.truncate(0)
+                handle.write(data)
+        seen, fresh = ours._read_manifest(), RunDirectory(root)._read_manifest()
+        assert seen == fresh, (step, kind)
+        assert ours.finished("a") == {k: v for k, v in RunDirectory(root).finished().items() if k[0] == "a"}
+    assert {"append", "half", "rewrite", "cut"} <= set(kinds)
+    assert any(e["class"] == "b\u2028c" for e in RunDirectory(root)._read_manifest())  # one line, not two halves

@@ -54,6 +54,10 @@ class RunDirectory:
 
     def __init__(self, root: Path):
         self.root = Path(root)
+        # What this object has read of the manifest, which only grows (appends under the lock) until a repair
+        # replaces it: (device, inode, bytes read, the bytes just before that point, the entries read). A later read
+        # parses only what was appended: a run of hundreds of classes reads the manifest before each class.
+        self._manifest_seen: tuple[int, int, int, bytes, list[dict]] | None = None
 
     def inside(self, path: Path) -> Path:
         """`path`, if writing it stays inside the run directory; else `UserError` (a symbolic link
@@ -206,9 +210,11 @@ class RunDirectory:
     def bootstrap_seed_path(self, slug: str) -> Path:
         return self.root / "bootstrap" / f"{slug}.safetensors"
 
-    def finished(self) -> dict[tuple[str, int], dict]:
-        """Manifest entries whose image and seed file both exist, keyed by (class, index)."""
-        return {(e["class"], int(e["index"])): e for e in self._read_manifest() if self._complete(e)}
+    def finished(self, class_name: str | None = None) -> dict[tuple[str, int], dict]:
+        """Manifest entries whose image and seed file both exist, keyed by (class, index); with `class_name`, that
+        class's alone (the files of the others are not looked at: what a check before each class needs)."""
+        return {(e["class"], int(e["index"])): e for e in self._read_manifest()
+                if (class_name is None or e["class"] == class_name) and self._complete(e)}
 
     def save_image(self, path: Path, image: Image.Image, text: dict[str, str]) -> None:
         info = PngImagePlugin.PngInfo()
@@ -234,25 +240,36 @@ class RunDirectory:
         return True
 
     def _read_manifest(self) -> list[dict]:
-        """The manifest's well-formed entries: a class name, an index >= 0, and both paths as strings; a line
-        cut short or edited into something else is passed over."""
+        """The manifest's well-formed entries (`_manifest_entries`), in file order, parsing only what was appended
+        since this object last read it."""
         path = self.inside(self.root / MANIFEST)
         if not path.exists():
             return []
         try:
-            text = path.read_text(encoding="utf-8", errors="replace")
+            with open(path, "rb") as handle:
+                status = os.fstat(handle.fileno())
+                start, last, entries = self._manifest_read_before(handle, status)
+                data = handle.read()
         except OSError as exc:
             raise UserError(f"cannot read {path} ({exc.strerror}); make it readable or pass a new "
                             f"hydra.run.dir") from None
-        entries = []
-        for line in text.splitlines():
-            try:
-                entry = json.loads(line)
-            except (json.JSONDecodeError, RecursionError):
-                continue
-            if _well_formed(entry):
-                entries.append(entry)
-        return entries
+        whole = data.rfind(b"\n") + 1  # the complete lines; one being appended is read again next time
+        entries = entries + _manifest_entries(data[:whole])
+        self._manifest_seen = (status.st_dev, status.st_ino, start + whole, (last + data[:whole])[-256:], entries)
+        return entries + _manifest_entries(data[whole:])
+
+    def _manifest_read_before(self, handle, status: os.stat_result) -> tuple[int, bytes, list[dict]]:
+        """Where to go on reading the open manifest, the bytes just before, and the entries read up to there: where
+        this object stopped last time if the file is the same one, grown (its bytes before that point unchanged),
+        else from its start. `handle` is left there."""
+        seen = self._manifest_seen
+        if seen is not None and seen[:2] == (status.st_dev, status.st_ino) and status.st_size >= seen[2]:
+            _, _, offset, last, entries = seen
+            handle.seek(offset - len(last))
+            if handle.read(len(last)) == last:
+                return offset, last, list(entries)
+        handle.seek(0)
+        return 0, b"", []
 
     def _remove_abandoned_temporaries(self) -> None:
         """Delete the temporary files of writers that were killed (never of a live shard's writer)."""
@@ -289,6 +306,20 @@ def metadata_row(entry: dict) -> dict:
     row.update({k: entry[k] for k in ("prompt", "index", "init_seed", "loss", "method") if k in entry})
     row["seed_file"] = f"../{entry['seed_file']}"
     return row
+
+
+def _manifest_entries(data: bytes) -> list[dict]:
+    """The well-formed entries of manifest lines: a class name, an index >= 0, and both paths as strings; a line
+    cut short or edited into something else is passed over. Lines end at newlines only (a name may hold U+2028)."""
+    entries = []
+    for line in data.split(b"\n"):
+        try:
+            entry = json.loads(line.decode("utf-8", errors="replace"))
+        except (json.JSONDecodeError, RecursionError):
+            continue
+        if _well_formed(entry):
+            entries.append(entry)
+    return entries
 
 
 def _append_line(path: Path, entry: dict) -> None:
