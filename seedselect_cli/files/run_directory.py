@@ -287,7 +287,7 @@ class RunDirectory:
         lines = "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in good)
         if lines != text:
             log.warning("manifest: dropping %d incomplete entries left by an interrupted run",
-                        len(text.splitlines()) - len(good))
+                        sum(1 for line in text.split("\n") if line.strip()) - len(good))
             atomic_write(path, lambda tmp: tmp.write_text(lines, encoding="utf-8"))
         metadata = "".join(json.dumps(metadata_row(e), ensure_ascii=False) + "\n" for e in good)
         atomic_write(self.inside(self.root / METADATA), lambda tmp: tmp.write_text(metadata, encoding="utf-8"))
