@@ -52,6 +52,7 @@ from seedselect_cli.progress import never_improved
 from seedselect_cli.report import row_names
 from seedselect_cli.report_notes import (
     classes_asked,
+    first_images_note,
     heldout_folder_note,
     heldout_notes,
     set_notes,
@@ -80,6 +81,9 @@ class EvaluateConfig:
     clip: str | None = None  # the two-tower CLIP that judges; None: the run's model.image_encoder
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     baseline: bool = True  # render plain Stable Diffusion from the seeds before optimisation
+    # score the first N images of each class (of both sets, which stay comparable); None: every image. Of a bulk set
+    # of 500 images a class, 50 cost a tenth of the rendering, CLIP and judge calls
+    images_per_class: int | None = None
     decoder_ceiling: bool = False  # score the held-out images' VAE round trips: the precision the decoder allows
     top_k: int = 5
     batch_size: int = 16  # images per CLIP, judge, VAE and baseline batch
@@ -90,6 +94,8 @@ def check_evaluate(cfg: EvaluateConfig) -> None:
     """Every value of `seedselect evaluate`, before anything is read or loaded."""
     if cfg.top_k < 1:
         raise UserError(f"top_k={cfg.top_k} is invalid: must be at least 1")
+    if cfg.images_per_class is not None and cfg.images_per_class < 1:
+        raise UserError(f"images_per_class={cfg.images_per_class} is invalid: must be at least 1 (null: every image)")
     if not 1 <= cfg.batch_size <= 1024:
         raise UserError(f"batch_size={cfg.batch_size} is invalid: must be between 1 and 1024")
     if cfg.prompt_template is not None:
@@ -128,6 +134,19 @@ def read_run(run_dir: Path) -> tuple[Config, list[dict]]:
         raise UserError(f"run_dir={run_dir} holds no finished images yet; run `seedselect optimize` or `bootstrap` "
                         f"in it first (same hydra.run.dir) and evaluate then")
     return config, entries
+
+
+def first_of_each_class(entries: list[dict], n: int | None) -> list[dict]:
+    """The entries of each class's first `n` images by index (`images_per_class`), in their order; None: all."""
+    if n is None:
+        return entries
+    ranked = sorted(entries, key=lambda e: (e["class"], int(e["index"])))
+    kept, seen = set(), Counter()
+    for entry in ranked:
+        if seen[entry["class"]] < n:
+            seen[entry["class"]] += 1
+            kept.add((entry["class"], int(entry["index"])))
+    return [e for e in entries if (e["class"], int(e["index"])) in kept]
 
 
 def dataset_here(dataset: DatasetConfig, moved_to: str | None) -> DatasetConfig:
@@ -298,7 +317,8 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     check_evaluate(cfg)
     run_dir = Path(cfg.run_dir).expanduser()
     # 1. The run: its config, finished images, classes, and each class's references.
-    config, entries = read_run(run_dir)
+    config, every_entry = read_run(run_dir)
+    entries = first_of_each_class(every_entry, cfg.images_per_class)
     check_writable(run_dir)
     config.dataset = dataset_here(config.dataset, cfg.dataset_root)
     run_classes = list(dict.fromkeys(e["class"] for e in entries))
@@ -315,7 +335,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         raise UserError(f"classes: the run's class {absent[0]!r} is not in the list to classify among; add it")
     template = cfg.prompt_template or config.dataset.prompt_template
     asked = len(config.dataset.classes) if config.dataset.classes is not None else classes_asked(config)
-    unfinished = unfinished_note(config, entries, made_by(entries), asked, others_active(run_dir))
+    unfinished = unfinished_note(config, every_entry, made_by(every_entry), asked, others_active(run_dir))
     if unfinished:
         log.warning(unfinished)
     heldout_dir = cfg.heldout or config.dataset.heldout
@@ -382,6 +402,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
                   *set_notes(len(candidates), cfg.top_k, min(Counter(names).values()), cfg.dataset_classes,
                              made_by(entries), one_concept=config.dataset.name == "folder"),
                   *([folder_note] if folder_note else []),
+                  *first_images_note(cfg.images_per_class, len(entries), len(every_entry)),
                   *heldout_notes(real_counts, {c: h.source for c, h in heldout_of.items()})],
         "quality_space": "judge features" if judge is not None else "CLIP image embeddings",
         "overall": {method: overall(per_class) for method, per_class in scores.items()},

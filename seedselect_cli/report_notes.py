@@ -101,3 +101,12 @@ def unfinished_note(config: Config, entries: list[dict], method: str | None, n_c
             else f"run the same `seedselect {method}` in it to finish")
     return (f"the run is not finished: these figures are of {count_of(len(entries), 'image')} of the {wanted} it asks "
             f"for ({per_class} of each of {count_of(n_classes, 'class', 'classes')}); {then}")
+
+
+def first_images_note(per_class: int | None, scored: int, made: int) -> list[str]:
+    """That the figures are of each class's first images (`images_per_class`), where that left some out."""
+    if per_class is None or scored == made:
+        return []
+    note = (f"the figures are of the first {count_of(per_class, 'image')} of each class (images_per_class="
+            f"{per_class}): {scored} of the run's {made}, the same indices for plain sampling")
+    return [note]

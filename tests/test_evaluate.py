@@ -30,6 +30,7 @@ from seedselect_cli.report import (
     write_report,
 )
 from tests.conftest import make_config, random_image
+from tests.runs import read_manifest
 
 
 @pytest.fixture(scope="module")
@@ -389,3 +390,31 @@ def test_zero_shot_among_every_class_of_the_data_set(tmp_path, caplog):
     assert any(n.startswith("precision, density, coverage and kid are left out for 1 class of 1") and
                "it has 1 image (dataset.split=test)" in n for n in among_all["notes"])
     assert "dataset.shots" not in caplog.text
+
+
+def test_images_per_class_scores_each_classs_first_images_in_both_sets(demo_run, tmp_path):
+    """`images_per_class=2` on a run of 3 images: the first two indices of the class, for the run and for plain
+    sampling alike, the same figures as a run of those two alone, and a note that says so; the run stays whole."""
+    from seedselect_cli.evaluate import first_of_each_class
+
+    rng = np.random.default_rng(71)
+    entries = [{"class": c, "index": int(i)} for c, i in zip(rng.choice(["a", "b"], 12), rng.permutation(12))]
+    kept = first_of_each_class(entries, 2)
+    assert kept == [e for e in entries if e["index"] in sorted(x["index"] for x in entries if x["class"] == e["class"])[:2]]
+    assert first_of_each_class(entries, None) is entries and len(first_of_each_class(entries, 99)) == 12
+
+    metrics = run_evaluate(EvaluateConfig(run_dir=str(demo_run), images_per_class=2))
+    rows = [json.loads(line) for line in (demo_run / "report" / "images.jsonl").read_text().splitlines()]
+    assert sorted((r["set"], r["index"]) for r in rows) == [("plain", 0), ("plain", 1), ("seedselect", 0),
+                                                            ("seedselect", 1)]
+    assert metrics["n_images"] == 2 and metrics["classes"]["red_disc"]["plain"]["n_images"] == 2
+    assert any("first 2 images of each class (images_per_class=2): 2 of the run's 3" in n for n in metrics["notes"])
+    alone = tmp_path / "two"  # the same run cut to its first two images, evaluated whole
+    shutil.copytree(demo_run, alone, ignore=shutil.ignore_patterns("report"))
+    lines = (alone / "manifest.jsonl").read_text().splitlines()
+    (alone / "manifest.jsonl").write_text("".join(line + "\n" for line in lines if json.loads(line)["index"] < 2))
+    whole = run_evaluate(EvaluateConfig(run_dir=str(alone)))
+    for method in ("seedselect", "plain"):
+        assert metrics["overall"][method] == whole["overall"][method], method
+    assert not any("images_per_class" in n for n in whole["notes"])
+    assert len(read_manifest(demo_run)) == 3
