@@ -107,6 +107,7 @@ def first_images_note(per_class: int | None, scored: int, made: int) -> list[str
     """That the figures are of each class's first images (`images_per_class`), where that left some out."""
     if per_class is None or scored == made:
         return []
-    note = (f"the figures are of the first {count_of(per_class, 'image')} of each class (images_per_class="
-            f"{per_class}): {scored} of the run's {made}, the same indices for plain sampling")
+    first = "the first image" if per_class == 1 else f"the first {per_class} images"
+    note = (f"the figures are of {first} of each class (images_per_class={per_class}): {scored} of the run's "
+            f"{made}, the same indices for plain sampling")
     return [note]
