@@ -17,11 +17,13 @@ SMALL_SET = 8  # images of a class below which the set measures are one or two i
 
 
 def set_notes(n_classes: int, top_k: int, fewest_images: int, dataset_classes: bool, method: str | None = None,
-              one_concept: bool = False) -> list[str]:
+              one_concept: bool = False, capped: bool = False) -> list[str]:
     """What the figures cannot say for this run, said in metrics.json and the report. `method`: the command that
     made the run (`made_by`), whose key sets its images per class; `one_concept`: its data set holds one class
-    (the `folder` layout), so that dataset_classes=true adds none."""
-    images_key = "bootstrap.n_images" if method == "bootstrap" else "n_images"
+    (the `folder` layout), so that dataset_classes=true adds none; `capped`: evaluate's `images_per_class` left
+    out images the run has, so more are scored by raising it."""
+    images_key = "images_per_class" if capped else "bootstrap.n_images" if method == "bootstrap" else "n_images"
+    verb = "score" if capped else "draw"
     out = []
     if n_classes == 1:
         out.append("top1 and topk are left out: classifying among one class is right by construction; pass "
@@ -32,7 +34,7 @@ def set_notes(n_classes: int, top_k: int, fewest_images: int, dataset_classes: b
     if fewest_images < SMALL_SET:
         out.append(f"a class has {count_of(fewest_images, 'image')}: its precision, recall, density, coverage, kid, "
                    f"diversity_ratio and copies change by 1/{fewest_images} or more with each image, so they "
-                   f"tell little; draw at least {SMALL_SET} ({images_key}={SMALL_SET}) to compare sets"
+                   f"tell little; {verb} at least {SMALL_SET} ({images_key}={SMALL_SET}) to compare sets"
                    + (f" (with {quality.K} or fewer, recall is left out)" if fewest_images <= quality.K else ""))
     return out
 
