@@ -267,7 +267,7 @@ class RunDirectory:
             _, _, offset, last, entries = seen
             handle.seek(offset - len(last))
             if handle.read(len(last)) == last:
-                return offset, last, list(entries)
+                return offset, last, entries  # not changed in place: the next read makes a new list
         handle.seek(0)
         return 0, b"", []
 
