@@ -9,6 +9,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -218,3 +219,27 @@ def test_drawable_measures_the_models_own_samples_with_evaluates_instruments(tmp
     assert head["right"] == 1.0 and head["precision"] >= 0.6 and head["precision"] == head["precision_of_right"]
     assert tail["right"] < 0.5 and tail["precision"] <= 0.25
     assert 0 < head["diversity_ratio"] and 0 <= head["recall"] <= 1 and (tmp_path / "sheet.png").is_file()
+
+
+def test_another_batch_size_makes_the_same_images(tmp_path):
+    """The seeds found do not depend on how many are optimised together: each seed's loss is its own (summed
+    before the backward pass) and AdamW's state is element-wise, so a batch of 3 and batches of 2 and 1 differ only
+    in the kernels' rounding, and on the trained world that stays in the last digits. Measured on the demo at batch
+    1, 2 and 4 (24 iterations): the same losses to 4 digits, pixels within 1 of 255, with and without backtracking.
+    Here seed 26, 12 iterations (fails when one seed's rise makes the whole batch backtrack: checked)."""
+    from seedselect_cli.config import compose_config
+
+    made = {}
+    for batch_size in (3, 2):
+        config = compose_config("demo", ["seed=26", "n_images=3", "optim.iterations=12", "runtime.progress=false",
+                                         f"runtime.batch_size={batch_size}"])
+        entries = run(config, tmp_path / f"b{batch_size}", "optimize")
+        made[batch_size] = {e["index"]: e for e in entries}
+    assert sorted(made[3]) == sorted(made[2]) == [0, 1, 2]
+    for index, together in made[3].items():
+        apart = made[2][index]
+        assert apart["loss"] == pytest.approx(together["loss"], rel=1e-3), index
+        assert apart["loss_history"] == pytest.approx(together["loss_history"], rel=1e-2, abs=1e-4), index
+        a, b = (np.asarray(Image.open(tmp_path / f"b{n}" / made[n][index]["image"]), dtype=float) for n in (3, 2))
+        assert np.abs(a - b).max() <= 2, index
+    assert min(e["loss"] / e["loss_history"][0] for e in made[3].values()) < 0.8  # the seeds did move
