@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable
@@ -267,12 +268,20 @@ def check_override_syntax(overrides: list[str]) -> None:
             if value.startswith("[") and value.endswith("]"):
                 items = ",".join('"' + v.strip().strip("'\"").replace('"', '\\"') + '"'
                                  for v in value[1:-1].split(","))
-                hint = f"'{key}=[{items}]'"
+                quoted = f"{key}=[{items}]"
             else:
-                hint = "'" + key + '="' + value.replace('"', '\\"') + "\"'"
+                quoted = key + '="' + value.replace('"', '\\"') + '"'
             raise UserError(f"cannot read the override {override!r}: values with spaces, non-ASCII letters, ~ or "
-                            f"other special characters must be quoted, e.g. {hint} (with the outer single quotes "
-                            f"for the shell)") from None
+                            f"other special characters must be quoted, e.g. {for_the_shell(quoted)} (the outer "
+                            f"quotes for the shell)") from None
+
+
+def for_the_shell(argument: str) -> str:
+    """`argument` quoted for a POSIX shell as a person would write it: in single quotes, or in double quotes where
+    it holds an apostrophe ("Brewer's Blackbird")."""
+    if "'" not in argument:
+        return f"'{argument}'"
+    return '"' + re.sub(r'([\\"$`])', r"\\\1", argument) + '"'
 
 
 def pin_run_dir(args: list[str], run_dir: Path) -> list[str]:

@@ -7,6 +7,7 @@ import os
 import re
 import shlex
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -271,3 +272,21 @@ def test_progress_written_to_a_file_is_lines_not_bars(tmp_path):
                       cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "\x1b[" not in done.stderr and "\r" not in done.stderr
+
+
+def test_the_quoting_an_unreadable_override_is_shown_with_reads_back_in_a_shell(capsys):
+    """The hint of an unreadable override is pasted into a shell: the shell must hand Hydra an override it reads,
+    with apostrophes ("Brewer's Blackbird"), double quotes, `$`, backslashes and backquotes as typed."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from seedselect_cli.cli import for_the_shell
+
+    def shell_echo(words: str) -> str:  # what a POSIX shell makes of `words` typed as one argument
+        return subprocess.run(["sh", "-c", f"printf %s {words}"], check=True, capture_output=True, text=True).stdout
+
+    for text in ['dataset.classes=["Café"]', 'dataset.classes=["Black-footed Albatross","Brewer\'s Blackbird"]',
+                 'sampler.negative_prompt="it\'s \\"bad\\" $HOME `x` \\\\"']:
+        assert shell_echo(for_the_shell(text)) == text, (text, for_the_shell(text))
+    assert main(["optimize", "dataset.classes=[Black-footed Albatross,Brewer's Blackbird]"]) == 2
+    hint = re.search(r"e\.g\. (.*) \(the outer quotes", capsys.readouterr().err).group(1)
+    assert OverridesParser.create().parse_override(shell_echo(hint)).value() == ["Black-footed Albatross", "Brewer's Blackbird"]
