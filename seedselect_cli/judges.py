@@ -14,13 +14,14 @@ import torch.nn.functional as F
 from PIL import Image
 
 from seedselect_cli.errors import UserError
+from seedselect_cli.files.datasets import NameLookup
 from seedselect_cli.models import offline_for, quiet_libraries, weights_not_available, why_offline
 
 
 @dataclass
 class JudgeConfig:
     model: str | None = None  # a transformers image-classification model: Hub id or folder
-    label_map: dict[str, str] | None = None  # judge label -> run class; None: labels equal to class names
+    label_map: dict[str, str] | None = None  # judge label -> run class; else a label names its class (`NameLookup`)
 
 
 @dataclass
@@ -86,12 +87,13 @@ class Judge:
         except (OSError, ValueError) as exc:
             raise weights_not_available("judge (an image-classification model)", "judge.model", cfg.model, exc,
                                         why_offline(offline, False), "the transformers layout") from None
-        lookup = {name.lower(): name for name in class_names}
+        # a label is its class by judge.label_map, else by name as `dataset.classes` finds one: a CUB classifier's
+        # "094.Pine_Warbler" or "Pine-Warbler" is the run's "Pine Warbler"
+        lookup = NameLookup(class_names)
         mapping = {str(k).lower(): v for k, v in (cfg.label_map or {}).items()}
         self.to_class = {}
         for index, label in self.model.config.id2label.items():
-            target = mapping.get(str(label).lower(), label)
-            self.to_class[int(index)] = lookup.get(str(target).lower())
+            self.to_class[int(index)] = lookup.find(str(mapping.get(str(label).lower(), label)))
         if not any(self.to_class.values()):
             if cfg.label_map:
                 raise UserError(f"judge.label_map maps the labels of judge.model={cfg.model} to no class of the run "

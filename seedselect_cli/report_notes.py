@@ -11,7 +11,7 @@ from seedselect_cli import quality
 from seedselect_cli.config import Config
 from seedselect_cli.errors import UserError, count_of
 from seedselect_cli.files.atomic import slugify
-from seedselect_cli.files.datasets import class_folder, folder_key, load_classes, subfolders
+from seedselect_cli.files.datasets import class_folder, load_classes, name_key, subfolders
 
 SMALL_SET = 8  # images of a class below which the set measures are one or two images' worth of noise
 
@@ -71,8 +71,8 @@ def heldout_folder_note(root: Path, classes: list[str]) -> str | None:
     if not folders:
         has = "it has no sub-folders"
     else:
-        near = difflib.get_close_matches(folder_key(missing[0]), [folder_key(f) for f in folders], n=1, cutoff=0.6)
-        guess = next((f for f in folders if near and folder_key(f) == near[0]), None)
+        near = difflib.get_close_matches(name_key(missing[0]), [name_key(f) for f in folders], n=1, cutoff=0.6)
+        guess = next((f for f in folders if near and name_key(f) == near[0]), None)
         has = (f"its folders: {', '.join(folders[:8])}{f', ... ({len(folders)} in all)' if len(folders) > 8 else ''}"
                + (f"; rename {guess} to {slugify(missing[0])} if it holds {missing[0]!r}" if guess else ""))
     shown = ", ".join(repr(c) for c in missing[:5]) + (", ..." if len(missing) > 5 else "")

@@ -45,11 +45,32 @@ def test_cub_layout(tmp_path):
     assert warbler.name == "Pine Warbler" and len(warbler.images) == 3
     with pytest.raises(UserError, match="no class named 'Pine Warblr'"):
         load_classes(DatasetConfig(name="cub", root=str(root), classes=["Pine Warblr"]), 0)
+    for typed in ("pine-warbler", "PINE_WARBLER", " Pine  Warbler "):  # spellings that name one class
+        assert load_classes(DatasetConfig(name="cub", root=str(root), classes=[typed]), 0) == [warbler], typed
     one_level_up = load_classes(DatasetConfig(name="cub", root=str(root.parent), classes=["Pine Warbler"]), 0)
     assert one_level_up[0].images == warbler.images
     (root / "classes.txt").unlink()
     with pytest.raises(UserError, match="classes.txt missing"):
         load_classes(DatasetConfig(name="cub", root=str(root)), 0)
+
+
+def test_cub_classes_are_found_as_field_guides_spell_them(tmp_path):
+    """CUB's folders drop hyphens and possessives (`Black_footed_Albatross`, `Brewer_Blackbird`, `Chuck_will_Widow`);
+    a list copied from a field guide spells them ("Black-footed Albatross", "Brewer's Blackbird", "Chuck-will's-widow",
+    a typographic apostrophe too). Each names its class, which keeps the data set's name (its folder, prompt and
+    shots as before); a loose spelling that two classes share names neither."""
+    root = make_cub(tmp_path / "CUB_200_2011", classes=("001.Black_footed_Albatross", "009.Brewer_Blackbird",
+                                                        "020.Chuck_will_Widow", "094.Pine_Warbler"))
+    canonical = load_classes(DatasetConfig(name="cub", root=str(root)), 0)
+    typed = ["Black-footed Albatross", "Brewer's Blackbird", "Chuck-will\u2019s-widow", "pine warbler"]
+    assert load_classes(DatasetConfig(name="cub", root=str(root), classes=typed), 0) == canonical
+    assert canonical[1].prompt == "a photo of a Brewer Blackbird"  # the data set's name, whatever was typed
+
+    folders = make_imagefolder(tmp_path / "twins", classes=("rock-wren", "rock's wren", "sea gull"))
+    with pytest.raises(UserError, match="no class named 'Rock Wren'"):  # two classes spelled that way: neither
+        load_classes(DatasetConfig(name="imagefolder", root=str(folders), classes=["Rock Wren"]), 0)
+    [wren] = load_classes(DatasetConfig(name="imagefolder", root=str(folders), classes=["ROCK'S WREN"]), 0)
+    assert wren.name == "rock's wren"  # an exact name (in any case) is not loose
 
 
 def test_mini_imagenet_layout(tmp_path):
@@ -141,7 +162,7 @@ def test_a_held_out_class_folder_is_found_however_it_is_named(tmp_path):
     wins over a looser one, and another class's folder is never taken."""
     from seedselect_cli.files.datasets import class_folder
 
-    for folder in ("Marsh Finch", "marsh-finch", "094.Marsh_Finch", "MARSH_FINCH"):
+    for folder in ("Marsh Finch", "marsh-finch", "094.Marsh_Finch", "MARSH_FINCH", "Marsh's Finch"):
         (tmp_path / folder).mkdir()
         assert class_folder(tmp_path, "marsh finch") == tmp_path / folder, folder
         (tmp_path / folder).rmdir()

@@ -306,6 +306,21 @@ def test_a_judge_with_mapped_labels(demo_run, tmp_path):
         run_evaluate(EvaluateConfig(run_dir=str(demo_run), baseline=False,
                                     judge=JudgeConfig(model=str(tmp_path / "judge"))))
 
+    # a classifier's labels as its data set spells them (CUB's "094.Pine_Warbler") are the run's classes unmapped
+    from seedselect_cli.judges import Judge
+
+    judge.config.id2label = {0: "042.Red-Disc", 1: "Brewer_Blackbird", 2: "Chuck-will's-widow"}
+    judge.config.label2id = {label: index for index, label in judge.config.id2label.items()}
+    judge.save_pretrained(tmp_path / "judge")
+    classes = ["red disc", "Brewer's Blackbird", "Chuck will Widow", "Pine Warbler"]
+    assert Judge(JudgeConfig(model=str(tmp_path / "judge")), classes, torch.device("cpu")).to_class == {
+        0: "red disc", 1: "Brewer's Blackbird", 2: "Chuck will Widow"}
+    assert Judge(JudgeConfig(model=str(tmp_path / "judge"), label_map={"Brewer_Blackbird": "Pine Warbler"}),
+                 classes, torch.device("cpu")).to_class[1] == "Pine Warbler"  # judge.label_map first
+    metrics = run_evaluate(EvaluateConfig(run_dir=str(demo_run), baseline=False, top_k=2,
+                                          judge=JudgeConfig(model=str(tmp_path / "judge"))))
+    assert metrics["classes"]["red_disc"]["seedselect"]["judge_top1"] is not None
+
 
 def test_bad_run_directories_are_user_errors(tmp_path, demo_run):
     with pytest.raises(UserError, match="not a seedselect run directory"):

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import random
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -62,16 +62,41 @@ def draw_shots(paths: list[Path], shots: int | None, seed: int, class_name: str)
     return sorted(random.Random(key).sample(paths, shots))
 
 
+def name_key(name: str) -> str:
+    """A class name as spelled loosely, to match a class folder or a name the user typed: in any case, with `_`, `-`
+    or spaces between its words, without a CUB-style number and without apostrophes and possessive s
+    (`094.Pine_Warbler`, `pine-warbler` and `Pine Warbler` are one class; CUB's `Brewer_Blackbird` and the field
+    guides' `Brewer's Blackbird` too)."""
+    name = re.sub("['\u2019]s\\b", "", re.sub(r"^\d+\.", "", name.strip()).lower())  # straight or typographic
+    return " ".join(re.split(r"[\s_-]+", re.sub("['\u2019]", "", name))).strip()
+
+
+class NameLookup:
+    """Class names found as typed: exactly in any case (an alias too), else spelled loosely (`name_key`) where that
+    spelling names one class."""
+
+    def __init__(self, names: Iterable[str], aliases: Mapping[str, str] | None = None):
+        self.exact = {name.lower(): name for name in names}
+        self.exact.update({alias.lower(): name for alias, name in (aliases or {}).items()})
+        loose: dict[str, set[str]] = {}
+        for spelled, name in self.exact.items():
+            loose.setdefault(name_key(spelled), set()).add(name)
+        self.loose = {key: next(iter(found)) for key, found in loose.items() if len(found) == 1}
+
+    def find(self, name: str) -> str | None:
+        return self.exact.get(str(name).lower()) or self.loose.get(name_key(str(name)))
+
+
 def select_classes(available: list[str], wanted: list[str] | None, aliases: dict[str, str] | None = None
                    ) -> list[str]:
-    """The classes named by `dataset.classes` (case-insensitive, aliases allowed), or all of them."""
+    """The classes named by `dataset.classes` (as `NameLookup` finds them), or all of them."""
     if wanted is None:
         return available
-    lookup = {name.lower(): name for name in available}
-    lookup.update({alias.lower(): name for alias, name in (aliases or {}).items()})
+    lookup = NameLookup(available, aliases)
     chosen = []
     for name in wanted:
-        if str(name).lower() not in lookup:
+        found = lookup.find(name)
+        if found is None:
             import difflib
 
             close = list(dict.fromkeys([a for a in available if str(name).lower() in a.lower()]
@@ -79,7 +104,7 @@ def select_classes(available: list[str], wanted: list[str] | None, aliases: dict
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             shown = ", ".join(available[:8]) + (f", ... ({len(available)} in all)" if len(available) > 8 else "")
             raise UserError(f"dataset.classes: no class named {name!r} in this dataset{hint} Its classes: {shown}")
-        chosen.append(lookup[str(name).lower()])
+        chosen.append(found)
     return list(dict.fromkeys(chosen))
 
 
@@ -182,14 +207,8 @@ class HeldOut:
     source: str
 
 
-def folder_key(name: str) -> str:
-    """How a class folder's name is matched to a class: in any case, with `_`, `-` or spaces between its words
-    and without a CUB-style number (`094.Pine_Warbler`, `pine-warbler` and `Pine Warbler` are one class)."""
-    return " ".join(re.split(r"[\s_-]+", re.sub(r"^\d+\.", "", name.strip()).lower())).strip()
-
-
 def class_folder(root: Path, name: str) -> Path | None:
-    """The sub-folder of `root` that holds class `name`'s images: named as the class (`folder_key`), as its run
+    """The sub-folder of `root` that holds class `name`'s images: named as the class (`name_key`), as its run
     directory slug, or by its WordNet id where it is an ImageNet class (ImageNet's own `val/n01440764/` layout)."""
     from seedselect_cli.files.atomic import slugify
     from seedselect_cli.files.datasets.imagenet_names import imagenet_classes
@@ -198,8 +217,8 @@ def class_folder(root: Path, name: str) -> Path | None:
         if "/" not in candidate and candidate not in (".", "..") and (root / candidate).is_dir():
             return root / candidate
     wnids = {wnid for wnid, readable in imagenet_classes() if readable == name}
-    key = folder_key(name)
-    return next((child for child in subfolders(root) if folder_key(child.name) == key or child.name in wnids), None)
+    key = name_key(name)
+    return next((child for child in subfolders(root) if name_key(child.name) == key or child.name in wnids), None)
 
 
 def subfolders(root: Path) -> list[Path]:
