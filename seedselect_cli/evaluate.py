@@ -41,7 +41,13 @@ from seedselect_cli.core.sampling import sample_images
 from seedselect_cli.devices import check_redraw_dtype, resolve_device
 from seedselect_cli.errors import UserError, first_line
 from seedselect_cli.files.atomic import atomic_write, slugify
-from seedselect_cli.files.datasets import DatasetConfig, fill_template, heldout_images, load_classes
+from seedselect_cli.files.datasets import (
+    DatasetConfig,
+    NameLookup,
+    fill_template,
+    heldout_images,
+    load_classes,
+)
 from seedselect_cli.files.images import UnreadableImage, load_rgb
 from seedselect_cli.files.run_directory import CONFIG, RunDirectory
 from seedselect_cli.files.seed_files import load_seed_file
@@ -330,6 +336,9 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         candidates = list(dict.fromkeys([*run_classes, *(r.name for r in load_classes(every, config.seed, quiet=True))]))
     else:
         candidates = list(cfg.classes) if cfg.classes else run_classes
+        # the run's classes as the list spells them ("Black-footed Albatross" for the run's "Black footed Albatross")
+        spelled = NameLookup(candidates)
+        candidates = [next((c for c in run_classes if spelled.find(c) == name), name) for name in candidates]
     absent = [c for c in run_classes if c not in candidates]
     if absent:
         raise UserError(f"classes: the run's class {absent[0]!r} is not in the list to classify among; add it")

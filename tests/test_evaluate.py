@@ -334,6 +334,8 @@ def test_bad_run_directories_are_user_errors(tmp_path, demo_run):
         run_evaluate(EvaluateConfig(run_dir=str(tmp_path / "sweep")))
     with pytest.raises(UserError, match="not in the list to classify among"):
         run_evaluate(EvaluateConfig(run_dir=str(demo_run), classes=["cat", "dog"], baseline=False))
+    spelled = run_evaluate(EvaluateConfig(run_dir=str(demo_run), classes=["Red-Disc", "dog"], baseline=False))
+    assert spelled["classified_among"] == 2 and spelled["classes"]["red_disc"]["seedselect"]["top1"] is not None
 
 
 def test_a_held_out_folder_that_is_not_there_is_a_user_error(tmp_path, demo_run):
