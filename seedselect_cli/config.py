@@ -286,6 +286,8 @@ def check_config(c: Config) -> None:
         raise _bad("dataset.name", c.dataset.name, f"choose one of {', '.join(DATASETS)}")
     if c.dataset.shots is not None and c.dataset.shots < 1:
         raise _bad("dataset.shots", c.dataset.shots, "must be at least 1 (or null for all images)")
+    if c.dataset.max_images is not None and c.dataset.max_images < 1:
+        raise _bad("dataset.max_images", c.dataset.max_images, "must be at least 1 (or null for every class)")
     if c.dataset.resize_mode not in RESIZE_MODES:
         raise _bad("dataset.resize_mode", c.dataset.resize_mode, f"choose one of {', '.join(RESIZE_MODES)}")
     if c.dataset.classes is not None and not c.dataset.classes:

@@ -329,10 +329,10 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     config.dataset = dataset_here(config.dataset, cfg.dataset_root)
     run_classes = list(dict.fromkeys(e["class"] for e in entries))
     # the run's classes again, without the warnings the run said (fewer references than dataset.shots, ...)
-    records = {r.name: r for r in load_classes(dataclasses.replace(config.dataset, classes=run_classes), config.seed,
-                                               quiet=True)}
+    run_dataset = dataclasses.replace(config.dataset, classes=run_classes, max_images=None)
+    records = {r.name: r for r in load_classes(run_dataset, config.seed, quiet=True)}
     if cfg.dataset_classes:
-        every = dataclasses.replace(config.dataset, classes=None, shots=1)
+        every = dataclasses.replace(config.dataset, classes=None, shots=1, max_images=None)
         candidates = list(dict.fromkeys([*run_classes, *(r.name for r in load_classes(every, config.seed, quiet=True))]))
     else:
         candidates = list(cfg.classes) if cfg.classes else run_classes

@@ -112,6 +112,42 @@ def test_imagenet_lt_layout(tmp_path):
         load_classes(DatasetConfig(name="imagenet_lt", root=str(root)), 0)
 
 
+def test_max_images_takes_the_rare_classes_of_the_split(tmp_path, caplog):
+    """`dataset.max_images=N`: the classes with at most N images in the split (ImageNet-LT's few-shot classes are
+    those with fewer than 20), their references drawn as before; a named class with more is left out with a warning;
+    none left, or N below 1, is an error. Held-out images come from all of a class's images, whatever N is."""
+    from seedselect_cli.files.datasets import heldout_images
+    from tests.conftest import make_config
+
+    root = make_imagenet_lt(tmp_path / "imagenet", counts={0: 5, 12: 2, 999: 1, 1: 3})
+    every = load_classes(DatasetConfig(name="imagenet_lt", root=str(root), shots=1), 0)
+    rare = load_classes(DatasetConfig(name="imagenet_lt", root=str(root), shots=1, max_images=2), 0)
+    assert [r.name for r in rare] == ["house finch", "toilet paper"]  # tench 5 and goldfish 3 left out
+    assert rare == [r for r in every if r.name in ("house finch", "toilet paper")]  # the same references
+    named = DatasetConfig(name="imagenet_lt", root=str(root), classes=["tench", "house finch"], max_images=2)
+    with caplog.at_level("WARNING"):
+        assert [r.name for r in load_classes(named, 0)] == ["house finch"]
+    assert "'tench' has 5 images in dataset.split=train, more than dataset.max_images=2: leaving it out" in caplog.text
+    with pytest.raises(UserError, match=r"dataset.max_images=2: no ImageNet-LT class of dataset.split=train named "
+                                        r"in dataset.classes has so few images \(the fewest: 3\)"):
+        load_classes(DatasetConfig(name="imagenet_lt", root=str(root), classes=["tench", "goldfish"], max_images=2), 0)
+    rare_finch = DatasetConfig(name="imagenet_lt", root=str(root), shots=1, max_images=1)
+    [toilet] = load_classes(rare_finch, 0)
+    assert len(heldout_images(rare_finch, 0, toilet, None).images) == 0  # its one image is its reference
+    few = DatasetConfig(name="imagenet_lt", root=str(root), shots=1, max_images=3)
+    [goldfish] = [r for r in load_classes(few, 0) if r.name == "goldfish"]
+    assert len(heldout_images(few, 0, goldfish, None).images) == 2
+    val = [f"val/finch_{i}.JPEG" for i in range(4)]  # the other split has more of a class than max_images
+    (root / "val").mkdir()
+    for path in val:
+        shutil.copy(rare[0].images[0], root / path)
+    (root / "ImageNet_LT_val.txt").write_text("".join(f"{path} 12\n" for path in val))
+    held = heldout_images(DatasetConfig(name="imagenet_lt", root=str(root), max_images=2), 0, rare[0], None)
+    assert held.source == "dataset.split=val" and len(held.images) == 4
+    with pytest.raises(UserError, match="dataset.max_images=0 is invalid: must be at least 1"):
+        make_config(["dataset.max_images=0"])
+
+
 def test_imagefolder_layout(tmp_path):
     root = make_imagefolder(tmp_path / "classes")
     (root / "empty_class").mkdir()

@@ -60,6 +60,7 @@ def test_a_run_directory_of_another_config_is_refused(tmp_path):
     RunDirectory(tmp_path).start("seed: 0\nn_images: 1\nloss:\n  lam: 0.5\nruntime:\n  batch_size: 1\n")
     RunDirectory(tmp_path).start("seed: 0\nn_images: 3\nloss:\n  lam: 0.5\nruntime:\n  batch_size: 4\n")
     RunDirectory(tmp_path).start("seed: 0\nn_images: 3\nloss:\n  lam: 0.5\nsampler:\n  checkpointing: false\n")
+    RunDirectory(tmp_path).start("seed: 0\nn_images: 3\nloss:\n  lam: 0.5\ndataset:\n  max_images: 19\n")  # classes
     with pytest.raises(UserError, match=r"another config \(loss.lam"):
         RunDirectory(tmp_path).start("seed: 0\nn_images: 3\nloss:\n  lam: 0.9\n")
     # every key that differs is named, up to three, so that a user does not find them one failed command at a time

@@ -42,7 +42,7 @@ CLAIMS = ".claims"
 # backward pass: the same numbers), how many images, which classes (a loop over classes may fill one run directory),
 # and what evaluate compares against.
 RESUMABLE_KEYS = ("runtime", "sampler.checkpointing", "n_images", "bootstrap.n_images", "dataset.classes",
-                  "dataset.heldout")
+                  "dataset.max_images", "dataset.heldout")
 
 
 class RunDirectory:

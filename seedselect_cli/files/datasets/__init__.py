@@ -30,6 +30,8 @@ class DatasetConfig:
     root: str | None = None
     classes: list[str] | None = None  # None: every class the adapter finds
     shots: int | None = None  # references per class; None: all of them
+    # only the classes with at most this many images in the split (ImageNet-LT's few-shot classes: 19); None: any
+    max_images: int | None = None
     split: str = "train"
     prompt_template: str = "a photo of a {}"
     resize_mode: str = "default"  # how references meet the sampler's size (diffusers' VaeImageProcessor)
@@ -131,10 +133,13 @@ def require_files(root: Path, names: Sequence[str], dataset: str) -> None:
 
 def build_records(cfg: DatasetConfig, seed: int, images: Mapping[str, Sequence[Path]], names: Sequence[str],
                   aliases: Mapping[str, str] | None = None, dataset: str = "dataset") -> list[ClassRecord]:
-    """Records of the classes `dataset.classes` picks from `names` (all by default), in that order,
-    each with its prompt and `dataset.shots` of its `images`."""
+    """Records of the classes `dataset.classes` picks from `names` (all by default), in that order, those with at
+    most `dataset.max_images` images, each with its prompt and `dataset.shots` of its `images`."""
     records = []
-    for name in select_classes(list(names), cfg.classes, aliases):
+    chosen = select_classes(list(names), cfg.classes, aliases)
+    if cfg.max_images is not None:
+        chosen = rare_classes(cfg, chosen, images, dataset)
+    for name in chosen:
         if not images.get(name):
             if cfg.classes is None:  # every class by default: pass over an empty one, say so
                 log.warning("%s class %r has no images (dataset.split=%s); skipping it", dataset, name, cfg.split)
@@ -146,6 +151,24 @@ def build_records(cfg: DatasetConfig, seed: int, images: Mapping[str, Sequence[P
         paths = draw_shots(list(images[name]), cfg.shots, seed, name)
         records.append(ClassRecord(name=name, prompt=fill_template(cfg.prompt_template, name), images=tuple(paths)))
     return records
+
+
+def rare_classes(cfg: DatasetConfig, chosen: list[str], images: Mapping[str, Sequence[Path]], dataset: str
+                 ) -> list[str]:
+    """Those of the `chosen` classes with at most `dataset.max_images` images in the split; a class named in
+    `dataset.classes` that has more is left out with a warning, and none left is an error."""
+    rare = [name for name in chosen if len(images.get(name, ())) <= cfg.max_images]
+    if cfg.classes is not None:
+        for name in chosen:
+            if name not in rare:
+                log.warning("%s class %r has %s in dataset.split=%s, more than dataset.max_images=%d: leaving it "
+                            "out", dataset, name, count_of(len(images[name]), "image"), cfg.split, cfg.max_images)
+    if not rare:
+        fewest = min((len(images.get(name, ())) for name in chosen), default=0)
+        raise UserError(f"dataset.max_images={cfg.max_images}: no {dataset} class of dataset.split={cfg.split} "
+                        f"{'named in dataset.classes ' if cfg.classes is not None else ''}has so few images (the "
+                        f"fewest: {fewest}); raise it or set it to null")
+    return rare
 
 
 def read_lines(path: Path) -> list[str]:
@@ -244,10 +267,10 @@ def heldout_images(cfg: DatasetConfig, seed: int, record: ClassRecord, folder: s
     other = OTHER_SPLIT.get(cfg.name, {}).get(cfg.split)
     if other:
         with contextlib.suppress(UserError):
-            [found] = load_classes(replace(cfg, split=other, classes=[record.name], shots=None), seed)
+            [found] = load_classes(replace(cfg, split=other, classes=[record.name], shots=None, max_images=None), seed)
             return HeldOut(tuple(draw_shots(list(found.images), MAX_HELDOUT, seed, record.name)),
                            f"dataset.split={other}")
-    [found] = load_classes(replace(cfg, classes=[record.name], shots=None), seed)
+    [found] = load_classes(replace(cfg, classes=[record.name], shots=None, max_images=None), seed)
     rest = [p for p in found.images if p not in set(record.images)]
     return HeldOut(tuple(draw_shots(rest, MAX_HELDOUT, seed, record.name)),
                    f"dataset.split={cfg.split}, the images not drawn as references")
