@@ -15,6 +15,7 @@ from PIL import Image
 
 from seedselect_cli.errors import UserError
 from seedselect_cli.files.datasets import NameLookup
+from seedselect_cli.files.datasets.imagenet_names import imagenet_label_names
 from seedselect_cli.models import offline_for, quiet_libraries, weights_not_available, why_offline
 
 
@@ -88,12 +89,16 @@ class Judge:
             raise weights_not_available("judge (an image-classification model)", "judge.model", cfg.model, exc,
                                         why_offline(offline, False), "the transformers layout") from None
         # a label is its class by judge.label_map, else by name as `dataset.classes` finds one: a CUB classifier's
-        # "094.Pine_Warbler" or "Pine-Warbler" is the run's "Pine Warbler"
+        # "094.Pine_Warbler" or "Pine-Warbler" is the run's "Pine Warbler", an ImageNet classifier's label 12
+        # ("house finch, linnet, Carpodacus mexicanus") the run's "house finch"
         lookup = NameLookup(class_names)
         mapping = {str(k).lower(): v for k, v in (cfg.label_map or {}).items()}
+        readable = imagenet_label_names(self.model.config.id2label)
         self.to_class = {}
         for index, label in self.model.config.id2label.items():
-            self.to_class[int(index)] = lookup.find(str(mapping.get(str(label).lower(), label)))
+            names = [mapping[str(label).lower()]] if str(label).lower() in mapping else [readable.get(int(index)), label]
+            found = (lookup.find(str(name)) for name in names if name)
+            self.to_class[int(index)] = next((name for name in found if name), None)
         if not any(self.to_class.values()):
             if cfg.label_map:
                 raise UserError(f"judge.label_map maps the labels of judge.model={cfg.model} to no class of the run "

@@ -322,6 +322,39 @@ def test_a_judge_with_mapped_labels(demo_run, tmp_path):
     assert metrics["classes"]["red_disc"]["seedselect"]["judge_top1"] is not None
 
 
+def test_an_imagenet_classifier_judges_imagenet_classes_without_a_label_map(tmp_path):
+    """transformers' ImageNet-1k classifiers name their labels by synonym lists ("house finch, linnet, Carpodacus
+    mexicanus", 999 "toilet tissue, toilet paper, bathroom tissue"), where a run of ImageNet-LT or miniImageNet
+    classes has CLIP's names ("house finch", "toilet paper"); the label's index says which class it is. A synonym
+    that is another class's name is not taken for it; a judge labelled by WordNet id maps too."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    from seedselect_cli.files.datasets.imagenet_names import imagenet_classes
+    from seedselect_cli.judges import Judge
+
+    id2label = {i: f"{name}, synonym {i}" for i, (_, name) in enumerate(imagenet_classes())}
+    id2label.update({0: "tench, Tinca tinca", 12: "house finch, linnet, Carpodacus mexicanus",
+                     999: "toilet tissue, toilet paper, bathroom tissue", 5: "electric ray, toilet paper"})
+    torch.manual_seed(0)
+    judge = ViTForImageClassification(ViTConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37, image_size=32,
+        patch_size=8, num_labels=1000, id2label=id2label, label2id={v: k for k, v in id2label.items()}))
+    judge.save_pretrained(tmp_path / "imagenet")
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "imagenet")
+    mapped = Judge(JudgeConfig(model=str(tmp_path / "imagenet")), ["house finch", "toilet paper", "Tench"],
+                   torch.device("cpu")).to_class
+    assert {i: c for i, c in mapped.items() if c} == {0: "Tench", 12: "house finch", 999: "toilet paper"}
+
+    judge.config.id2label = {0: "n01532829", 1: "n15075141", 2: "off-model"}  # WordNet ids
+    judge.config.label2id = {v: k for k, v in judge.config.id2label.items()}
+    judge.config.num_labels = 3
+    judge.classifier = torch.nn.Linear(32, 3)
+    judge.save_pretrained(tmp_path / "wnids")
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "wnids")
+    assert Judge(JudgeConfig(model=str(tmp_path / "wnids")), ["house finch", "toilet paper"],
+                 torch.device("cpu")).to_class == {0: "house finch", 1: "toilet paper", 2: None}
+
+
 def test_bad_run_directories_are_user_errors(tmp_path, demo_run):
     with pytest.raises(UserError, match="not a seedselect run directory"):
         run_evaluate(EvaluateConfig(run_dir=str(tmp_path)))
