@@ -2,7 +2,8 @@
 
 A record is a class name, its prompt, and the paths of its reference images (`dataset.shots` of
 them, drawn reproducibly from the chosen split). `load_classes` picks the adapter by `dataset.name`;
-each adapter only finds its classes' images and hands them to `build_records`.
+each adapter only finds its classes' images and hands them to `build_records`, which picks the classes
+(`dataset.classes`, found however they are spelled: `NameLookup`; `dataset.max_images`) and draws their shots.
 """
 
 from __future__ import annotations
