@@ -33,3 +33,23 @@ def test_the_from_python_block_draws_the_images_that_optimize_writes(tmp_path):
     assert config.n_images == 2 and len(namespace["images"]) == len(written) == 2
     for image, path in zip(namespace["images"], written):
         assert np.array_equal(np.asarray(image), np.asarray(Image.open(path).convert("RGB"))), path
+
+
+@pytest.mark.slow
+def test_the_imagenet_lt_list_block_writes_the_runs_images_with_their_imagenet_labels(tmp_path, monkeypatch):
+    """The block after "training list": on an ImageNet-LT run (the tiny components, its few-shot classes as
+    `dataset.max_images` picks them), one line per image, `<path> <label>`, the path a file, the label its class's."""
+    from seedselect_cli.config import compose_config
+    from seedselect_cli.pipeline import run_bootstrap
+    from tests.layouts import make_imagenet_lt
+
+    root = make_imagenet_lt(tmp_path / "imagenet", counts={0: 30, 12: 6, 999: 8})
+    monkeypatch.chdir(tmp_path)
+    config = compose_config("imagenet_lt", ["model=tiny", "sampler=tiny", f"dataset.root={root}",
+                                            "dataset.max_images=19", "bootstrap.n_images=2", "runtime.device=cpu",
+                                            "runtime.progress=false", "bootstrap.iterations=1"])
+    run_bootstrap(config, Path("runs/imagenet_lt_few"))
+    exec(compile(python_block("training list"), "README.md", "exec"), {})  # noqa: S102 (our own README)
+    lines = [line.split() for line in Path("synthetic_train.txt").read_text().splitlines()]
+    assert sorted(label for _, label in lines) == ["12", "12", "999", "999"]  # house finch, toilet paper
+    assert all(Path(path).is_file() for path, _ in lines)
