@@ -337,8 +337,9 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     else:
         candidates = list(cfg.classes) if cfg.classes else run_classes
         # the run's classes as the list spells them ("Black-footed Albatross" for the run's "Black footed Albatross")
-        spelled = NameLookup(candidates)
-        candidates = [next((c for c in run_classes if spelled.find(c) == name), name) for name in candidates]
+        listed = NameLookup(candidates)
+        as_listed = {listed.find(c): c for c in run_classes}
+        candidates = [as_listed.get(name, name) for name in candidates]
     absent = [c for c in run_classes if c not in candidates]
     if absent:
         raise UserError(f"classes: the run's class {absent[0]!r} is not in the list to classify among; add it")
