@@ -120,6 +120,15 @@ class Config:
     init: InitSpec = field(default_factory=InitSpec)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
+    def images_asked(self, method: str, split_images: int) -> int:
+        """How many images `seedselect METHOD` makes of a class that has `split_images` images in dataset.split:
+        `n_images` (optimize), `bootstrap.n_images`, or with `bootstrap.fill_to` those that fill the class up to it."""
+        if method == "optimize":
+            return self.n_images
+        if self.bootstrap.fill_to is None:
+            return self.bootstrap.n_images
+        return max(0, self.bootstrap.fill_to - split_images)
+
     def objective(self) -> Objective:
         """The loss, k-step and sampler sections, as the method's `seed_objective` takes them."""
         return Objective(self.loss, self.kstep, self.sampler)
@@ -161,6 +170,9 @@ def other_commands_keys(command: str, overrides: list[str], config: Config) -> l
         if command == "bootstrap" and key == "n_images":
             said.append(f"n_images={value} is `seedselect optimize`'s: bootstrap makes bootstrap.n_images="
                         f"{config.bootstrap.n_images} images per class; pass bootstrap.n_images={value}")
+        elif command == "bootstrap" and key == "bootstrap.n_images" and config.bootstrap.fill_to is not None:
+            said.append(f"bootstrap.n_images={value} is not read with bootstrap.fill_to={config.bootstrap.fill_to}: "
+                        f"each class gets the images that fill it up to {config.bootstrap.fill_to}")
         elif command == "bootstrap" and key == "optim.iterations":
             said.append(f"optim.iterations={value} is `seedselect optimize`'s: bootstrap refines each image "
                         f"bootstrap.iterations={config.bootstrap.iterations} times")
@@ -232,6 +244,9 @@ def check_config(c: Config) -> None:
     """Range checks, one `UserError` naming the first bad key and value."""
     _check_range("n_images", c.n_images, 1, MAX_IMAGES, " per class: split a larger set over runs")
     _check_range("bootstrap.n_images", c.bootstrap.n_images, 1, MAX_IMAGES, " per class: split a larger set over runs")
+    if c.bootstrap.fill_to is not None:
+        _check_range("bootstrap.fill_to", c.bootstrap.fill_to, 1, MAX_IMAGES, " (or null for bootstrap.n_images of "
+                     "every class)")
     if not 0.0 <= c.loss.lam <= 1.0:
         raise _bad("loss.lam", c.loss.lam, "must be between 0 and 1")
     if c.loss.distance not in DISTANCES:

@@ -57,7 +57,6 @@ from seedselect_cli.judges import EvalClip, Judge, JudgeConfig, load_clip
 from seedselect_cli.progress import never_improved
 from seedselect_cli.report import row_names
 from seedselect_cli.report_notes import (
-    classes_asked,
     first_images_note,
     heldout_folder_note,
     heldout_notes,
@@ -344,8 +343,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     if absent:
         raise UserError(f"classes: the run's class {absent[0]!r} is not in the list to classify among; add it")
     template = cfg.prompt_template or config.dataset.prompt_template
-    asked = len(config.dataset.classes) if config.dataset.classes is not None else classes_asked(config)
-    unfinished = unfinished_note(config, every_entry, made_by(every_entry), asked, others_active(run_dir))
+    unfinished = unfinished_note(config, every_entry, made_by(every_entry), others_active(run_dir))
     if unfinished:
         log.warning(unfinished)
     heldout_dir = cfg.heldout or config.dataset.heldout
@@ -411,7 +409,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         "notes": [*([unfinished] if unfinished else []),
                   *set_notes(len(candidates), cfg.top_k, min(Counter(names).values()), cfg.dataset_classes,
                              made_by(entries), one_concept=config.dataset.name == "folder",
-                             capped=len(entries) < len(every_entry)),
+                             capped=len(entries) < len(every_entry), fill_to=config.bootstrap.fill_to),
                   *([folder_note] if folder_note else []),
                   *first_images_note(cfg.images_per_class, len(entries), len(every_entry)),
                   *heldout_notes(real_counts, {c: h.source for c, h in heldout_of.items()})],

@@ -96,7 +96,7 @@ def run_optimize(config: Config, run_dir: Path) -> list[dict]:
 
 
 def run_bootstrap(config: Config, run_dir: Path) -> list[dict]:
-    """`bootstrap.n_images` images per class, each seed chosen among `bootstrap.candidates` starts (its own noise
+    """`bootstrap.n_images` images per class (or up to `bootstrap.fill_to` with its real ones), each seed chosen among `bootstrap.candidates` starts (its own noise
     mixed with the class's z_T^G where `bootstrap.noise` < 1) and optimised towards its subset of references."""
     if config.init.method != "random" and config.bootstrap.noise >= 1:
         log.warning("init=%s does not change `seedselect bootstrap` with bootstrap.noise=1 (each image starts from "
@@ -131,20 +131,33 @@ def _run(config: Config, run_dir: Path, method: str, stop: GracefulStop) -> list
                         "or use loss=default")
 
     # 3. The run directory: its config, and what an earlier run of it already finished.
-    n_images = config.n_images if method == "optimize" else config.bootstrap.n_images
+    wanted = {r.name: config.images_asked(method, r.split_images) for r in all_records}
+    if all_records and not any(wanted.values()):  # bootstrap.fill_to at or below every class's real images
+        fewest = min(r.split_images for r in all_records)
+        fill_to = config.bootstrap.fill_to
+        raise UserError(f"bootstrap.fill_to={fill_to}: every class of the run already has {fill_to} or more images in "
+                        f"dataset.split={config.dataset.split} (the fewest: {fewest}); raise it")
     out = RunDirectory(run_dir)
     # what the other command reads and this one does not may differ (bootstrap reads its own iterations and share)
     unread = ("bootstrap",) if method == "optimize" else ("optim.iterations", "optim.backtrack")
     out.start(to_yaml(config), method, ignored=unread,
               defaults_yaml=to_yaml(Config()), check_config=lambda text: load_config(OmegaConf.create(text)))
     done = out.finished()
-    todo = {r.name: [i for i in range(n_images) if (r.name, i) not in done] for r in records}
+    full = [r.name for r in records if not wanted[r.name]]
+    if full:
+        which = (repr(full[0]) + " already has" if len(full) == 1 else
+                 f"{len(full)} classes ({', '.join(full[:5])}{', ...' if len(full) > 5 else ''}) already have")
+        log.info("bootstrap.fill_to=%d: %s %d or more images in dataset.split=%s; none made for %s",
+                 config.bootstrap.fill_to, which, config.bootstrap.fill_to, config.dataset.split,
+                 "it" if len(full) == 1 else "them")
+        records = [r for r in records if wanted[r.name]]
+    todo = {r.name: [i for i in range(wanted[r.name]) if (r.name, i) not in done] for r in records}
     if not records:
         return []
     if not any(todo.values()):
         log.info("nothing to do: every image is already in %s (%s of %s); %s %s", run_dir,
-                 count_of(n_images * len(records), "image"), count_of(len(records), "class", "classes"), NEXT,
-                 evaluate_command(config, run_dir))
+                 count_of(sum(wanted[r.name] for r in records), "image"), count_of(len(records), "class", "classes"),
+                 NEXT, evaluate_command(config, run_dir))
         return []
 
     # 4. The frozen models, and the cache of reference encodings. A signal stops this at once.
@@ -177,7 +190,7 @@ def _run(config: Config, run_dir: Path, method: str, stop: GracefulStop) -> list
             class_rows = {r.name: i for i, r in enumerate(all_records)}
             # 6. Each class that no other process is making: its targets and prompt, then its seeds a batch
             #    at a time, each image written when done.
-            run = ClassRun(config, method, n_images, out, engine, progress, stop)
+            run = ClassRun(config, method, out, engine, progress, stop)
             for record in records:
                 out.check_class(slugs[record.name])
                 with out.claim(slugs[record.name]) as claimed:
@@ -185,12 +198,13 @@ def _run(config: Config, run_dir: Path, method: str, stop: GracefulStop) -> list
                         busy.append(record.name)
                         log.warning("class %r is being made by another process in %s; leaving it to that one",
                                     record.name, run_dir)
-                        progress.class_done(record.name, [], n_images, n_images, skipped=True)
+                        progress.class_done(record.name, [], 0, wanted[record.name], skipped=True)
                         continue
                     finished = out.finished(record.name)  # again: another process may have finished some meanwhile
                     indices = [i for i in todo[record.name] if (record.name, i) not in finished]
                     contrast = None if class_semantic is None else (class_semantic, class_rows[record.name])
-                    entries += run.make(record, indices, slugs[record.name], encode, contrast, failed)
+                    entries += run.make(record, wanted[record.name], indices, slugs[record.name], encode, contrast,
+                                        failed)
                 if stop.requested:
                     break
         except Interrupted:
@@ -248,17 +262,16 @@ class ClassRun:
 
     config: Config
     method: str
-    n_images: int
     out: RunDirectory
     engine: Engine
     progress: RunProgress
     stop: GracefulStop
 
-    def make(self, record: ClassRecord, indices: list[int], slug: str,
+    def make(self, record: ClassRecord, n_images: int, indices: list[int], slug: str,
              encode: Callable[[ClassRecord], ReferenceEncodings], contrast: tuple[torch.Tensor, int] | None,
              failed: list[str]) -> list[dict]:
-        """The class's missing images `indices`; appends to `failed` those that could not be made."""
-        config, n_images, engine = self.config, self.n_images, self.engine
+        """The class's missing images `indices` of its `n_images`; appends to `failed` those that could not be made."""
+        config, engine = self.config, self.engine
         self.progress.start_class(record.name)
         if not indices:
             self.progress.class_done(record.name, [], n_images, n_images)

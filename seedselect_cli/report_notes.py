@@ -3,6 +3,7 @@ classification among too few classes, sets too small to measure, too few held-ou
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import difflib
 from pathlib import Path
@@ -17,12 +18,15 @@ SMALL_SET = 8  # images of a class below which the set measures are one or two i
 
 
 def set_notes(n_classes: int, top_k: int, fewest_images: int, dataset_classes: bool, method: str | None = None,
-              one_concept: bool = False, capped: bool = False) -> list[str]:
+              one_concept: bool = False, capped: bool = False, fill_to: int | None = None) -> list[str]:
     """What the figures cannot say for this run, said in metrics.json and the report. `method`: the command that
-    made the run (`made_by`), whose key sets its images per class; `one_concept`: its data set holds one class
-    (the `folder` layout), so that dataset_classes=true adds none; `capped`: evaluate's `images_per_class` left
-    out images the run has, so more are scored by raising it."""
+    made the run (`made_by`), whose key sets its images per class (`fill_to`: its bootstrap.fill_to, which does
+    instead); `one_concept`: its data set holds one class (the `folder` layout), so that dataset_classes=true adds
+    none; `capped`: evaluate's `images_per_class` left out images the run has, so more are scored by raising it."""
     images_key = "images_per_class" if capped else "bootstrap.n_images" if method == "bootstrap" else "n_images"
+    how = f"{images_key}={SMALL_SET}"
+    if not capped and method == "bootstrap" and fill_to is not None:
+        how = f"bootstrap.fill_to={fill_to + SMALL_SET - fewest_images}: {SMALL_SET} of the class with the fewest"
     verb = "score" if capped else "draw"
     out = []
     if n_classes == 1:
@@ -34,7 +38,7 @@ def set_notes(n_classes: int, top_k: int, fewest_images: int, dataset_classes: b
     if fewest_images < SMALL_SET:
         out.append(f"a class has {count_of(fewest_images, 'image')}: its precision, recall, density, coverage, kid, "
                    f"diversity_ratio and copies change by 1/{fewest_images} or more with each image, so they "
-                   f"tell little; {verb} at least {SMALL_SET} ({images_key}={SMALL_SET}) to compare sets"
+                   f"tell little; {verb} at least {SMALL_SET} ({how}) to compare sets"
                    + (f" (with {quality.K} or fewer, recall is left out)" if fewest_images <= quality.K else ""))
     return out
 
@@ -81,28 +85,34 @@ def heldout_folder_note(root: Path, classes: list[str]) -> str | None:
             f"images/, or by its WordNet id; {has}")
 
 
-def classes_asked(config: Config) -> int:
-    """How many classes a run without `dataset.classes` makes: every class of its data set (as far as it can still
-    be read; else none is counted beyond what the run holds)."""
+def images_asked(config: Config, method: str) -> dict[str, int]:
+    """The images a run's command asks for of each class, its data set read as the run read it (with
+    `bootstrap.fill_to`, those that fill each class up; a class it leaves full is not counted); {} where the data set
+    can no longer be read."""
     try:
-        return len(load_classes(dataclasses.replace(config.dataset, shots=1), config.seed, quiet=True))
+        records = load_classes(dataclasses.replace(config.dataset, shots=1), config.seed, quiet=True)
     except UserError:
-        return 0
+        return {}
+    return {r.name: n for r in records if (n := config.images_asked(method, r.split_images))}
 
 
-def unfinished_note(config: Config, entries: list[dict], method: str | None, n_classes: int, active: bool
-                    ) -> str | None:
+def unfinished_note(config: Config, entries: list[dict], method: str | None, active: bool) -> str | None:
     """What a report of a run still being made (or stopped) covers: None where every image it asks for is there."""
     if method not in ("optimize", "bootstrap"):
         return None
-    per_class = config.n_images if method == "optimize" else config.bootstrap.n_images
-    wanted = per_class * n_classes
-    if len(entries) >= wanted:
+    asked = images_asked(config, method)
+    made = collections.Counter(e["class"] for e in entries)
+    have = sum(min(made[c], n) for c, n in asked.items())
+    wanted = sum(asked.values())
+    if have >= wanted:
         return None
     then = ("another process is still making them (RUN/.active)" if active
             else f"run the same `seedselect {method}` in it to finish")
-    return (f"the run is not finished: these figures are of {count_of(len(entries), 'image')} of the {wanted} it asks "
-            f"for ({per_class} of each of {count_of(n_classes, 'class', 'classes')}); {then}")
+    classes = count_of(len(asked), "class", "classes")
+    fill_to = config.bootstrap.fill_to if method == "bootstrap" else None
+    each = (f"{classes}, each filled up to bootstrap.fill_to={fill_to} with its real images" if fill_to is not None
+            else f"{config.images_asked(method, 0)} of each of {classes}")
+    return f"the run is not finished: these figures are of {count_of(have, 'image')} of the {wanted} it asks for ({each}); {then}"
 
 
 def first_images_note(per_class: int | None, scored: int, made: int) -> list[str]:

@@ -178,7 +178,8 @@ def test_two_classes_of_one_folder_name_are_refused_before_anything_is_written(t
     from tests.conftest import make_config
 
     images = tuple(sorted(reference_folder.iterdir()))
-    twins = [ClassRecord("red fox", "a photo of a red fox", images), ClassRecord("red_fox", "a red_fox", images)]
+    twins = [ClassRecord("red fox", "a photo of a red fox", images, len(images)),
+             ClassRecord("red_fox", "a red_fox", images, len(images))]
     monkeypatch.setattr(pipeline, "load_classes", lambda *args, **kwargs: twins)
     with pytest.raises(UserError, match=r"classes 'red fox' and 'red_fox' map to the same folder name \(red_fox\)"):
         pipeline.run_optimize(make_config([f"dataset.root={reference_folder}"]), tmp_path / "run")

@@ -18,7 +18,7 @@ from seedselect_cli.core.targets import ReferenceEncodings
 from seedselect_cli.errors import UserError
 from seedselect_cli.pipeline import run_bootstrap
 from tests.conftest import make_config
-from tests.layouts import make_cub
+from tests.layouts import make_cub, make_imagenet_lt
 from tests.runs import read_manifest
 
 CLASSES = ("001.Black_footed_Albatross", "094.Pine_Warbler", "095.Cerulean_Warbler")
@@ -237,7 +237,7 @@ def test_a_shard_without_classes_says_so(caplog):
     from seedselect_cli.pipeline import shard_classes
 
     caplog.set_level("INFO")
-    records = [ClassRecord(name, name, ()) for name in ("a", "b", "c")]
+    records = [ClassRecord(name, name, (), 0) for name in ("a", "b", "c")]
     assert [r.name for r in shard_classes(records, "1/2")] == ["b"]
     assert "shard 1/2: 1 of the run's 3 classes" in caplog.text
     assert shard_classes(records, "3/4") == []
@@ -255,3 +255,52 @@ def test_contrastive_loss_runs_over_the_classes_of_the_run(cub, tmp_path):
     assert [e["semantic_loss"] for e in plain] != pytest.approx([e["semantic_loss"] for e in entries])
     with pytest.raises(UserError, match="at least 2 classes"):
         run_bootstrap(bootstrap_config(cub, "loss=contrastive", "dataset.classes=[Pine Warbler]"), tmp_path / "x")
+
+
+def test_fill_to_makes_each_class_up_to_a_count_with_its_real_images(tmp_path, caplog):
+    """`bootstrap.fill_to=N`: a class with k real images in the split gets N - k (a long tail made even), one with N
+    or more none; raising N on resume makes the difference; N at or below every class's count is an error before
+    anything is written."""
+    root = make_imagenet_lt(tmp_path / "imagenet", counts={0: 5, 12: 2, 999: 1})  # tench, house finch, toilet tissue
+
+    def fill(n, *more):
+        return make_config([f"dataset.root={root}", *FAST, "init.candidates=1", "bootstrap.candidates=1",
+                            "bootstrap.iterations=1", f"bootstrap.fill_to={n}", "bootstrap.n_images=9", *more],
+                           name="imagenet_lt")
+
+    caplog.set_level("INFO")
+    run_dir = tmp_path / "run"
+    made = run_bootstrap(fill(4), run_dir)
+    assert sorted((e["class"], e["index"]) for e in made) == [
+        ("house finch", 0), ("house finch", 1), ("toilet paper", 0), ("toilet paper", 1), ("toilet paper", 2)]
+    assert "bootstrap.fill_to=4: 'tench' already has 4 or more images in dataset.split=train; none made for it" in (
+        caplog.text)
+    assert not (run_dir / "images" / "tench").exists()
+    more = run_bootstrap(fill(6, "runtime.batch_size=2"), run_dir)
+    assert sorted((e["class"], e["index"]) for e in more) == [
+        ("house finch", 2), ("house finch", 3), ("tench", 0), ("toilet paper", 3), ("toilet paper", 4)]
+    assert len(read_manifest(run_dir)) == 10
+    with pytest.raises(UserError, match=r"bootstrap.fill_to=1: every class of the run already has 1 or more images "
+                                        r"in dataset.split=train \(the fewest: 1\); raise it"):
+        run_bootstrap(fill(1), tmp_path / "none")
+    assert not (tmp_path / "none").exists()
+    with pytest.raises(UserError, match="bootstrap.fill_to=0 is invalid"):
+        fill(0)
+
+
+def test_an_unfinished_fill_is_counted_class_by_class(tmp_path):
+    """evaluate's note of a run not finished counts, with `bootstrap.fill_to`, each class's own share."""
+    from seedselect_cli.report_notes import unfinished_note
+
+    root = make_imagenet_lt(tmp_path / "imagenet", counts={0: 5, 12: 2, 999: 1})
+    config = make_config([f"dataset.root={root}", "bootstrap.fill_to=4"], name="imagenet_lt")
+    entries = [{"class": "house finch"}] * 3 + [{"class": "toilet paper"}]  # 3 of finch's 2 count as 2
+    assert unfinished_note(config, entries, "bootstrap", active=False) == (
+        "the run is not finished: these figures are of 3 images of the 5 it asks for (2 classes, each filled up to "
+        "bootstrap.fill_to=4 with its real images); run the same `seedselect bootstrap` in it to finish")
+    entries += [{"class": "toilet paper"}] * 2
+    assert unfinished_note(config, entries, "bootstrap", active=False) is None
+    config.bootstrap.fill_to = None
+    assert unfinished_note(config, entries, "bootstrap", active=True) == (
+        "the run is not finished: these figures are of 6 images of the 30 it asks for (10 of each of 3 classes); "
+        "another process is still making them (RUN/.active)")

@@ -142,3 +142,24 @@ def test_a_key_of_the_other_command_is_said_with_what_this_one_reads():
                                                  "n_images=2 images per class")
     assert other_commands_keys("optimize", ["n_images=2", "optim.iterations=9"], config) == []
     assert other_commands_keys("bootstrap", ["bootstrap.n_images=3", "seed=1"], config) == []
+    filling = make_config(["bootstrap.fill_to=50"])
+    assert other_commands_keys("bootstrap", ["bootstrap.n_images=3", "bootstrap.fill_to=50"], filling) == [
+        "bootstrap.n_images=3 is not read with bootstrap.fill_to=50: each class gets the images that fill it up to 50"]
+
+
+def test_a_sweep_names_its_run_directories_without_what_a_run_may_change_on_resume():
+    """The keys a run may change and still be resumed (`RESUMABLE_KEYS`: how it runs, which classes, how many
+    images) are left out of a multirun job's folder name: a sweep submitted again with more images or another shard
+    fills the same run directory instead of starting one beside it."""
+    import dataclasses
+
+    from omegaconf import OmegaConf
+
+    from seedselect_cli.config import RuntimeConfig
+    from seedselect_cli.files.run_directory import RESUMABLE_KEYS
+
+    hydra = OmegaConf.load(files("seedselect_cli").joinpath("configs", "_hydra.yaml"))
+    excluded = set(hydra.hydra.job.config.override_dirname.exclude_keys)
+    resumable = {f"runtime.{f.name}" for f in dataclasses.fields(RuntimeConfig)} | set(RESUMABLE_KEYS) - {"runtime"}
+    assert resumable - excluded == set()
+    assert excluded - resumable == {"dataset.root"}  # a path, no name for a folder (a resume checks it)

@@ -105,6 +105,7 @@ def test_imagenet_lt_layout(tmp_path):
     root = make_imagenet_lt(tmp_path / "imagenet")
     records = load_classes(DatasetConfig(name="imagenet_lt", root=str(root), shots=3), 0)
     assert [(r.name, len(r.images)) for r in records] == [("tench", 3), ("house finch", 2), ("toilet paper", 1)]
+    assert [r.split_images for r in records] == [5, 2, 1]  # all of the split's, not the shots
     [finch] = load_classes(DatasetConfig(name="imagenet_lt", root=str(root), classes=["n01532829"]), 0)
     assert finch.name == "house finch" and all(p.parent.name == "n01532829" for p in finch.images)
     (root / "ImageNet_LT_train.txt").write_text("train/x.JPEG 1000\n")

@@ -14,6 +14,9 @@ def test_notes_say_what_the_figures_cannot():
     few = set_notes(20, 5, 2, False)
     assert len(few) == 1 and "a class has 2 images:" in few[0] and f"(n_images={SMALL_SET})" in few[0]
     assert f"(bootstrap.n_images={SMALL_SET})" in set_notes(20, 5, 2, False, "bootstrap")[0]
+    # a run that fills each class up to 10 images, the fewest made 2: 16 gives that class 8
+    assert f"(bootstrap.fill_to=16: {SMALL_SET} of the class with the fewest)" in set_notes(
+        20, 5, 2, False, "bootstrap", fill_to=10)[0]
     # evaluate's images_per_class left images out: scoring more of them is the way, not drawing more
     assert f"; score at least {SMALL_SET} (images_per_class={SMALL_SET}) to compare sets" in \
         set_notes(20, 5, 2, False, "bootstrap", capped=True)[0]

@@ -41,8 +41,8 @@ CLAIMS = ".claims"
 # May change between a run and its resumption: how it runs (the runtime, and whether the steps are recomputed in the
 # backward pass: the same numbers), how many images, which classes (a loop over classes may fill one run directory),
 # and what evaluate compares against.
-RESUMABLE_KEYS = ("runtime", "sampler.checkpointing", "n_images", "bootstrap.n_images", "dataset.classes",
-                  "dataset.max_images", "dataset.heldout")
+RESUMABLE_KEYS = ("runtime", "sampler.checkpointing", "n_images", "bootstrap.n_images", "bootstrap.fill_to",
+                  "dataset.classes", "dataset.max_images", "dataset.heldout")
 
 
 class RunDirectory:

@@ -45,7 +45,8 @@ class DatasetConfig:
 class ClassRecord:
     name: str
     prompt: str
-    images: tuple[Path, ...]
+    images: tuple[Path, ...]  # its references: `dataset.shots` of its images in the split
+    split_images: int  # how many images it has in `dataset.split` (what `bootstrap.fill_to` fills up)
 
 
 def fill_template(template: str, name: str) -> str:
@@ -150,7 +151,8 @@ def build_records(cfg: DatasetConfig, seed: int, images: Mapping[str, Sequence[P
             log.warning("%s class %r has %s, fewer than dataset.shots=%d: using all of them", dataset, name,
                         count_of(len(images[name]), "image"), cfg.shots)
         paths = draw_shots(list(images[name]), cfg.shots, seed, name)
-        records.append(ClassRecord(name=name, prompt=fill_template(cfg.prompt_template, name), images=tuple(paths)))
+        records.append(ClassRecord(name=name, prompt=fill_template(cfg.prompt_template, name), images=tuple(paths),
+                                   split_images=len(images[name])))
     return records
 
 

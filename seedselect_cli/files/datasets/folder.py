@@ -20,4 +20,5 @@ def load(cfg: DatasetConfig, seed: int) -> list[ClassRecord]:
     if not paths:
         raise UserError(f"dataset.root={cfg.root} holds no image files (png, jpg, webp, ...); {no_images_hint(root)}")
     prompt = fill_template(cfg.prompt_template, name.replace("_", " "))
-    return [ClassRecord(name=name, prompt=prompt, images=tuple(draw_shots(paths, cfg.shots, seed, name)))]
+    return [ClassRecord(name=name, prompt=prompt, images=tuple(draw_shots(paths, cfg.shots, seed, name)),
+                        split_images=len(paths))]
