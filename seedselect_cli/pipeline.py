@@ -31,7 +31,7 @@ from seedselect_cli.devices import memory_budget_bytes, resolve_device, resolve_
 from seedselect_cli.errors import Interrupted, UserError, count_of
 from seedselect_cli.files.assets import portable
 from seedselect_cli.files.atomic import slugify
-from seedselect_cli.files.datasets import ClassRecord, load_classes
+from seedselect_cli.files.datasets import ClassRecord, load_classes, split_of
 from seedselect_cli.files.run_directory import RunDirectory
 from seedselect_cli.files.seed_files import load_seed_file, png_text, save_seed_file, seed_metadata
 from seedselect_cli.files.tensor_cache import TensorCache, default_cache_dir
@@ -136,7 +136,7 @@ def _run(config: Config, run_dir: Path, method: str, stop: GracefulStop) -> list
         fewest = min(r.split_images for r in all_records)
         fill_to = config.bootstrap.fill_to
         raise UserError(f"bootstrap.fill_to={fill_to}: every class of the run already has {fill_to} or more images in "
-                        f"dataset.split={config.dataset.split} (the fewest: {fewest}); raise it")
+                        f"{split_of(config.dataset)} (the fewest: {fewest}); raise it")
     out = RunDirectory(run_dir)
     # what the other command reads and this one does not may differ (bootstrap reads its own iterations and share)
     unread = ("bootstrap",) if method == "optimize" else ("optim.iterations", "optim.backtrack")
@@ -147,8 +147,8 @@ def _run(config: Config, run_dir: Path, method: str, stop: GracefulStop) -> list
     if full:
         which = (repr(full[0]) + " already has" if len(full) == 1 else
                  f"{len(full)} classes ({', '.join(full[:5])}{', ...' if len(full) > 5 else ''}) already have")
-        log.info("bootstrap.fill_to=%d: %s %d or more images in dataset.split=%s; none made for %s",
-                 config.bootstrap.fill_to, which, config.bootstrap.fill_to, config.dataset.split,
+        log.info("bootstrap.fill_to=%d: %s %d or more images in %s; none made for %s",
+                 config.bootstrap.fill_to, which, config.bootstrap.fill_to, split_of(config.dataset),
                  "it" if len(full) == 1 else "them")
         records = [r for r in records if wanted[r.name]]
     todo = {r.name: [i for i in range(wanted[r.name]) if (r.name, i) not in done] for r in records}
@@ -159,6 +159,10 @@ def _run(config: Config, run_dir: Path, method: str, stop: GracefulStop) -> list
                  count_of(sum(wanted[r.name] for r in records), "image"), count_of(len(records), "class", "classes"),
                  NEXT, evaluate_command(config, run_dir))
         return []
+    kept = sum(wanted[r.name] - len(todo[r.name]) for r in records)
+    log.info("%s to make for %s%s", count_of(sum(map(len, todo.values())), "image"),
+             count_of(sum(1 for t in todo.values() if t), "class", "classes"),
+             f" ({kept} already in {run_dir})" if kept else "")
 
     # 4. The frozen models, and the cache of reference encodings. A signal stops this at once.
     models = load_models(config.model, device, dtype)

@@ -49,6 +49,12 @@ class ClassRecord:
     split_images: int  # how many images it has in `dataset.split` (what `bootstrap.fill_to` fills up)
 
 
+def split_of(cfg: DatasetConfig) -> str:
+    """Where a class's images are, as a message names it: `dataset.split=train`, or `dataset.root` for the layouts
+    that have no splits (`folder`, `imagefolder`: the root is the split)."""
+    return "dataset.root" if cfg.name in ("folder", "imagefolder") else f"dataset.split={cfg.split}"
+
+
 def fill_template(template: str, name: str) -> str:
     """The prompt of a class: `template` with the name in it, "a {}" read as "an" before a vowel
     ("a photo of an apple")."""
@@ -144,9 +150,9 @@ def build_records(cfg: DatasetConfig, seed: int, images: Mapping[str, Sequence[P
     for name in chosen:
         if not images.get(name):
             if cfg.classes is None:  # every class by default: pass over an empty one, say so
-                log.warning("%s class %r has no images (dataset.split=%s); skipping it", dataset, name, cfg.split)
+                log.warning("%s class %r has no images (%s); skipping it", dataset, name, split_of(cfg))
                 continue
-            raise UserError(f"{dataset} class {name!r} has no images (dataset.split={cfg.split})")
+            raise UserError(f"{dataset} class {name!r} has no images ({split_of(cfg)})")
         if cfg.shots is not None and cfg.shots > len(images[name]):
             log.warning("%s class %r has %s, fewer than dataset.shots=%d: using all of them", dataset, name,
                         count_of(len(images[name]), "image"), cfg.shots)
@@ -164,11 +170,11 @@ def rare_classes(cfg: DatasetConfig, chosen: list[str], images: Mapping[str, Seq
     if cfg.classes is not None:
         for name in chosen:
             if name not in rare:
-                log.warning("%s class %r has %s in dataset.split=%s, more than dataset.max_images=%d: leaving it "
-                            "out", dataset, name, count_of(len(images[name]), "image"), cfg.split, cfg.max_images)
+                log.warning("%s class %r has %s in %s, more than dataset.max_images=%d: leaving it "
+                            "out", dataset, name, count_of(len(images[name]), "image"), split_of(cfg), cfg.max_images)
     if not rare:
         fewest = min((len(images.get(name, ())) for name in chosen), default=0)
-        raise UserError(f"dataset.max_images={cfg.max_images}: no {dataset} class of dataset.split={cfg.split} "
+        raise UserError(f"dataset.max_images={cfg.max_images}: no {dataset} class of {split_of(cfg)} "
                         f"{'named in dataset.classes ' if cfg.classes is not None else ''}has so few images (the "
                         f"fewest: {fewest}); raise it or set it to null")
     return rare
@@ -276,7 +282,7 @@ def heldout_images(cfg: DatasetConfig, seed: int, record: ClassRecord, folder: s
     [found] = load_classes(replace(cfg, classes=[record.name], shots=None, max_images=None), seed)
     rest = [p for p in found.images if p not in set(record.images)]
     return HeldOut(tuple(draw_shots(rest, MAX_HELDOUT, seed, record.name)),
-                   f"dataset.split={cfg.split}, the images not drawn as references")
+                   f"{split_of(cfg)}, the images not drawn as references")
 
 
 def load_classes(cfg: DatasetConfig, seed: int, quiet: bool = False) -> list[ClassRecord]:
