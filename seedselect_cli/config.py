@@ -87,6 +87,15 @@ class OptimConfig:
 
 
 @dataclass
+class BootstrapConfig(BootstrapSpec):
+    """The `bootstrap` section: the method's settings, and how many images of each class the command makes."""
+
+    n_images: int = 10  # images per class
+    # each class's images up to this many with its real images in dataset.split (n_images is then not read)
+    fill_to: int | None = None
+
+
+@dataclass
 class RuntimeConfig:
     device: str = "auto"
     dtype: str = "auto"  # auto: float32 on CPU, float16 on CUDA (not bfloat16: BENCHMARKS.md)
@@ -116,7 +125,7 @@ class Config:
     sampler: SamplerSpec = field(default_factory=SamplerSpec)
     optim: OptimConfig = field(default_factory=OptimConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
-    bootstrap: BootstrapSpec = field(default_factory=BootstrapSpec)
+    bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
     init: InitSpec = field(default_factory=InitSpec)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 

@@ -77,10 +77,6 @@ class InitSpec:
 class BootstrapSpec:
     """`seedselect bootstrap`: one seed z_T^G per class on all references, then each image from it."""
 
-    n_images: int = 10  # images per class
-    # each class's images up to this many with its real images in dataset.split (n_images is then not read); read by
-    # the run's pipeline, which knows the data set, not by the method
-    fill_to: int | None = None
     subset_size: int = 3  # references drawn, with replacement, for each image's centroids
     iterations: int = 5  # per image, from its start
     global_iterations: int = 10  # for z_T^G, on all references
