@@ -141,7 +141,8 @@ def _run(config: Config, run_dir: Path, method: str, stop: GracefulStop) -> list
     # what the other command reads and this one does not may differ (bootstrap reads its own iterations and share)
     unread = ("bootstrap",) if method == "optimize" else ("optim.iterations", "optim.backtrack")
     out.start(to_yaml(config), method, ignored=unread,
-              defaults_yaml=to_yaml(Config()), check_config=lambda text: load_config(OmegaConf.create(text)))
+              defaults_yaml=to_yaml(Config()), check_config=lambda text: load_config(OmegaConf.create(text)),
+              labels={r.name: r.label for r in all_records if r.label is not None})
     done = out.finished()
     full = [r.name for r in records if not wanted[r.name]]
     if full:
@@ -364,6 +365,8 @@ class ClassRun:
             "semantic_loss": result.semantic_loss, "appearance_loss": result.appearance_loss,
             "best_iteration": result.best_iteration, "seconds": round(result.seconds, 4), **extra,
         }
+        if record.label is not None:
+            entry["dataset_label"] = record.label
         out.append_manifest(entry)
         return entry
 

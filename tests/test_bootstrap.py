@@ -276,6 +276,8 @@ def test_fill_to_makes_each_class_up_to_a_count_with_its_real_images(tmp_path, c
     assert "bootstrap.fill_to=4: 'tench' already has 4 or more images in dataset.split=train; none made for it" in (
         caplog.text)
     assert not (run_dir / "images" / "tench").exists()
+    rows = [json.loads(line) for line in (run_dir / "images" / "metadata.jsonl").read_text().splitlines()]
+    assert {(r["label"], r["dataset_label"]) for r in rows} == {("house finch", 12), ("toilet paper", 999)}
     more = run_bootstrap(fill(6, "runtime.batch_size=2"), run_dir)
     assert sorted((e["class"], e["index"]) for e in more) == [
         ("house finch", 2), ("house finch", 3), ("tench", 0), ("toilet paper", 3), ("toilet paper", 4)]

@@ -14,6 +14,7 @@ from tests.layouts import make_cifar_fs, make_cub, make_imagefolder, make_imagen
 def test_folder_is_named_after_the_directory_or_the_given_class(reference_folder):
     [record] = load_classes(DatasetConfig(name="folder", root=str(reference_folder)), seed=0)
     assert record.name == "blue_thing" and record.prompt == "a photo of a blue thing" and len(record.images) == 4
+    assert record.label is None  # one concept: no numbering of classes to share
     [named] = load_classes(DatasetConfig(name="folder", root=str(reference_folder), classes=["tiger cat"]), 0)
     assert named.name == "tiger cat" and named.prompt == "a photo of a tiger cat"
 
@@ -39,6 +40,9 @@ def test_cub_layout(tmp_path):
     records = load_classes(cfg, seed=0)
     assert [r.name for r in records] == ["Black footed Albatross", "Pine Warbler"]
     assert records[1].prompt == "a photo of a Pine Warbler, a type of bird."
+    # classes.txt's id - 1, as ImageFolder(CUB_200_2011/images) numbers its sorted folders
+    assert [r.label for r in records] == [0, 1] == [sorted(p.name for p in (root / "images").iterdir()).index(d)
+                                                    for d in ("001.Black_footed_Albatross", "094.Pine_Warbler")]
     assert all(len(r.images) == 2 and all(p.is_file() and "_3.jpg" not in p.name for p in r.images)
                for r in records)  # image 3 of each class is in the test split
     [warbler] = load_classes(DatasetConfig(name="cub", root=str(root), classes=["094.Pine_Warbler"]), 0)
@@ -77,6 +81,7 @@ def test_mini_imagenet_layout(tmp_path):
     root = make_mini_imagenet(tmp_path / "mini")
     records = load_classes(DatasetConfig(name="mini_imagenet", root=str(root), shots=2), 0)
     assert [r.name for r in records] == ["house finch", "American robin"]  # n01532829, n01558993: the train csv
+    assert [r.label for r in records] == [12, 15]  # their ImageNet-1k labels
     assert all(len(r.images) == 2 and all(p.is_file() for p in r.images) for r in records)
     novel = load_classes(DatasetConfig(name="mini_imagenet", root=str(root), split="test"), 0)
     assert [r.name for r in novel] == ["nematode", "red king crab"] and all(len(r.images) == 3 for r in novel)
@@ -94,6 +99,8 @@ def test_cifar_fs_layout(tmp_path):
     records = load_classes(DatasetConfig(name="cifar_fs", root=str(root), shots=2), 0)
     assert [r.name for r in records] == ["apple", "aquarium fish"]
     assert records[1].prompt == "a photo of an aquarium fish" and all(len(r.images) == 2 for r in records)
+    every = sorted(p.name for p in (root / "data").iterdir())  # all splits' classes: CIFAR-100's fine labels
+    assert [r.label for r in records] == [every.index("apple"), every.index("aquarium_fish")] == [0, 1]
     [pepper] = load_classes(DatasetConfig(name="cifar_fs", root=str(root), split="test",
                                           classes=["sweet_pepper"]), 0)
     assert pepper.name == "sweet pepper" and all("sweet_pepper" in p.parent.name for p in pepper.images)
@@ -106,6 +113,7 @@ def test_imagenet_lt_layout(tmp_path):
     records = load_classes(DatasetConfig(name="imagenet_lt", root=str(root), shots=3), 0)
     assert [(r.name, len(r.images)) for r in records] == [("tench", 3), ("house finch", 2), ("toilet paper", 1)]
     assert [r.split_images for r in records] == [5, 2, 1]  # all of the split's, not the shots
+    assert [r.label for r in records] == [0, 12, 999]  # the list's labels
     [finch] = load_classes(DatasetConfig(name="imagenet_lt", root=str(root), classes=["n01532829"]), 0)
     assert finch.name == "house finch" and all(p.parent.name == "n01532829" for p in finch.images)
     (root / "ImageNet_LT_train.txt").write_text("train/x.JPEG 1000\n")
@@ -157,6 +165,7 @@ def test_imagefolder_layout(tmp_path):
         shutil.copy(root / "red_fox" / "0.png", root / litter / "0.png")
     records = load_classes(DatasetConfig(name="imagefolder", root=str(root)), 0)
     assert [r.name for r in records] == ["red fox", "snow leopard"]  # the empty folder is passed over
+    assert [r.label for r in records] == [1, 2]  # among the sorted class folders: empty_class, red_fox, snow leopard
     assert all(len(r.images) == 3 for r in records)
     with pytest.raises(UserError, match="'empty class' has no images"):
         load_classes(DatasetConfig(name="imagefolder", root=str(root), classes=["empty_class"]), 0)

@@ -56,6 +56,30 @@ def test_manifest_drops_half_written_and_orphaned_lines(tmp_path):
     assert set(RunDirectory(tmp_path).finished()) == {("c", 0)}
 
 
+def test_the_metadata_of_images_made_before_they_carried_a_dataset_label_gets_it_on_the_next_start(tmp_path):
+    """`dataset_label` (the class's label as the data set numbers it) is in each new entry; images of an older
+    version have none in their manifest line, and the next command in the run directory writes it into
+    images/metadata.jsonl from the data set, leaving the manifest as it was."""
+    run = RunDirectory(tmp_path)
+    run.start("seed: 0\n")
+    for name, index, label in (("Pine Warbler", 0, None), ("Pine Warbler", 1, 93), ("Sea Gull", 0, None)):
+        slug = slugify(name)
+        for path in (run.image_path(slug, index), run.seed_path(slug, index)):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("x")
+        entry = {"class": name, "index": index, "image": f"images/{slug}/{index:05d}.png",
+                 "seed_file": f"seeds/{slug}/{index:05d}.safetensors"}
+        run.append_manifest(entry if label is None else {**entry, "dataset_label": label})
+    manifest = (tmp_path / "manifest.jsonl").read_text()
+
+    def labels():
+        return [json.loads(line).get("dataset_label") for line in (tmp_path / "images" / "metadata.jsonl").open()]
+
+    assert labels() == [None, 93, None]
+    RunDirectory(tmp_path).start("seed: 0\n", labels={"Pine Warbler": 93, "Sea Gull": 7})
+    assert labels() == [93, 93, 7] and (tmp_path / "manifest.jsonl").read_text() == manifest
+
+
 def test_a_run_directory_of_another_config_is_refused(tmp_path):
     RunDirectory(tmp_path).start("seed: 0\nn_images: 1\nloss:\n  lam: 0.5\nruntime:\n  batch_size: 1\n")
     RunDirectory(tmp_path).start("seed: 0\nn_images: 3\nloss:\n  lam: 0.5\nruntime:\n  batch_size: 4\n")

@@ -20,7 +20,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import yaml
@@ -116,11 +116,13 @@ class RunDirectory:
             os.close(fd)
 
     def start(self, config_yaml: str, method: str = "optimize", ignored: Sequence[str] = (),
-              defaults_yaml: str | None = None, check_config: Callable[[str], object] | None = None) -> None:
+              defaults_yaml: str | None = None, check_config: Callable[[str], object] | None = None,
+              labels: Mapping[str, int] | None = None) -> None:
         """Create the directory, check it is writable and holds no run of another config or method, save
         the config. Keys in `ignored` (besides the resumable ones) may differ from the earlier run's; a
         key the earlier run's config lacks (made by an older version) counts as its `defaults_yaml` value.
-        `check_config(text)` checks the earlier run's config (read back: untrusted) and raises if it is bad."""
+        `check_config(text)` checks the earlier run's config (read back: untrusted) and raises if it is bad.
+        `labels`: each class's `dataset_label`, for the metadata of images made before entries carried it."""
         self.check_writable()
         old = self.root / CONFIG
         if old.exists():
@@ -151,7 +153,7 @@ class RunDirectory:
                                 f"`seedselect {method}` needs a new hydra.run.dir")
             with self.writing(old):
                 atomic_write(old, lambda tmp: tmp.write_text(config_yaml))
-                self._repair_manifest()
+                self._repair_manifest(labels or {})
             self._remove_abandoned_temporaries()
 
     def check_writable(self) -> None:
@@ -278,7 +280,7 @@ class RunDirectory:
             if abandoned(tmp, now) and not tmp.is_symlink():
                 tmp.unlink(missing_ok=True)
 
-    def _repair_manifest(self) -> None:
+    def _repair_manifest(self, labels: Mapping[str, int]) -> None:
         """Drop lines a killed run left half-written, whose files are gone, or repeated, so appends stay
         clean; rewrite the metadata from the manifest. Call with the lock held."""
         path = self.root / MANIFEST
@@ -289,7 +291,7 @@ class RunDirectory:
             log.warning("manifest: dropping %d incomplete entries left by an interrupted run",
                         sum(1 for line in text.split("\n") if line.strip()) - len(good))
             atomic_write(path, lambda tmp: tmp.write_text(lines, encoding="utf-8"))
-        metadata = "".join(json.dumps(metadata_row(e), ensure_ascii=False) + "\n" for e in good)
+        metadata = "".join(json.dumps(metadata_row(e, labels), ensure_ascii=False) + "\n" for e in good)
         atomic_write(self.inside(self.root / METADATA), lambda tmp: tmp.write_text(metadata, encoding="utf-8"))
 
 
@@ -300,9 +302,13 @@ def _well_formed(entry: object) -> bool:
             and isinstance(entry.get("image"), str) and isinstance(entry.get("seed_file"), str))
 
 
-def metadata_row(entry: dict) -> dict:
-    """A manifest entry as a line of Hugging Face `imagefolder` metadata (paths relative to RUN/images)."""
+def metadata_row(entry: dict, labels: Mapping[str, int] | None = None) -> dict:
+    """A manifest entry as a line of Hugging Face `imagefolder` metadata (paths relative to RUN/images); `labels`:
+    the `dataset_label` of an entry's class where the entry has none (made by an older version)."""
     row = {"file_name": Path(entry["image"]).relative_to("images").as_posix(), "label": entry["class"]}
+    label = entry.get("dataset_label", (labels or {}).get(entry["class"]))
+    if label is not None:
+        row["dataset_label"] = label
     row.update({k: entry[k] for k in ("prompt", "index", "init_seed", "loss", "method") if k in entry})
     row["seed_file"] = f"../{entry['seed_file']}"
     return row

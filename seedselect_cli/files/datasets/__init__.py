@@ -47,6 +47,9 @@ class ClassRecord:
     prompt: str
     images: tuple[Path, ...]  # its references: `dataset.shots` of its images in the split
     split_images: int  # how many images it has in `dataset.split` (what `bootstrap.fill_to` fills up)
+    # its label as the data set numbers its classes, for training on real and generated images together: CUB's class
+    # id - 1, the ImageNet-1k index, an ImageFolder's (its sorted class folders); None where it has none
+    label: int | None = None
 
 
 def split_of(cfg: DatasetConfig) -> str:
@@ -140,9 +143,10 @@ def require_files(root: Path, names: Sequence[str], dataset: str) -> None:
 
 
 def build_records(cfg: DatasetConfig, seed: int, images: Mapping[str, Sequence[Path]], names: Sequence[str],
-                  aliases: Mapping[str, str] | None = None, dataset: str = "dataset") -> list[ClassRecord]:
+                  aliases: Mapping[str, str] | None = None, dataset: str = "dataset",
+                  labels: Mapping[str, int] | None = None) -> list[ClassRecord]:
     """Records of the classes `dataset.classes` picks from `names` (all by default), in that order, those with at
-    most `dataset.max_images` images, each with its prompt and `dataset.shots` of its `images`."""
+    most `dataset.max_images` images, each with its prompt, `dataset.shots` of its `images` and its `labels`."""
     records = []
     chosen = select_classes(list(names), cfg.classes, aliases)
     if cfg.max_images is not None:
@@ -158,7 +162,7 @@ def build_records(cfg: DatasetConfig, seed: int, images: Mapping[str, Sequence[P
                         count_of(len(images[name]), "image"), cfg.shots)
         paths = draw_shots(list(images[name]), cfg.shots, seed, name)
         records.append(ClassRecord(name=name, prompt=fill_template(cfg.prompt_template, name), images=tuple(paths),
-                                   split_images=len(images[name])))
+                                   split_images=len(images[name]), label=(labels or {}).get(name)))
     return records
 
 

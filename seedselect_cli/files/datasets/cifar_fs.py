@@ -33,4 +33,8 @@ def load(cfg: DatasetConfig, seed: int) -> list[ClassRecord]:
         inside_root(data, folder, root / split_file, number)
     names = {folder: folder.replace("_", " ") for folder in folders}
     images = {names[f]: list_images(data / f) if (data / f).is_dir() else [] for f in folders}
-    return build_records(cfg, seed, images, list(names.values()), names, "CIFAR-FS")
+    # the label ImageFolder(data) gives, which is CIFAR-100's fine label (its classes in alphabetical order)
+    every = sorted(p.name for p in data.iterdir() if p.is_dir() and not p.name.startswith((".", "__")))
+    label_of = {folder: i for i, folder in enumerate(every)}
+    labels = {names[f]: label_of[f] for f in folders if f in label_of}
+    return build_records(cfg, seed, images, list(names.values()), names, "CIFAR-FS", labels)

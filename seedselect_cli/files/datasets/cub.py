@@ -47,4 +47,5 @@ def load(cfg: DatasetConfig, seed: int) -> list[ClassRecord]:
             path = inside_root(root / "images", relative, root / "images.txt")
             by_class[display_name(classes[labels[image_id]])].append(path)
     names = [display_name(d) for _, d in sorted(classes.items(), key=lambda kv: int(kv[0]))]
-    return build_records(cfg, seed, by_class, names, {d: display_name(d) for d in classes.values()}, "CUB")
+    labels = {display_name(d): int(i) - 1 for i, d in classes.items()}  # ImageFolder(CUB_200_2011/images)'s too
+    return build_records(cfg, seed, by_class, names, {d: display_name(d) for d in classes.values()}, "CUB", labels)

@@ -26,4 +26,5 @@ def load(cfg: DatasetConfig, seed: int) -> list[ClassRecord]:
                             f"{name!r} (underscores read as spaces); merge them or rename one")
         seen[name] = folder
     images = {names[f.name]: list_images(f) for f in folders}
-    return build_records(cfg, seed, images, list(names.values()), names, "imagefolder")
+    labels = {names[f.name]: i for i, f in enumerate(folders)}  # as torchvision's ImageFolder numbers them
+    return build_records(cfg, seed, images, list(names.values()), names, "imagefolder", labels)

@@ -38,4 +38,5 @@ def load(cfg: DatasetConfig, seed: int) -> list[ClassRecord]:
     labels = sorted(by_label)
     images = {classes[i][1]: by_label[i] for i in labels}
     aliases = {classes[i][0]: classes[i][1] for i in labels}
-    return build_records(cfg, seed, images, [classes[i][1] for i in labels], aliases, "ImageNet-LT")
+    return build_records(cfg, seed, images, [classes[i][1] for i in labels], aliases, "ImageNet-LT",
+                         {classes[i][1]: i for i in labels})

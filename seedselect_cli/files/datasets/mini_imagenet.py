@@ -22,7 +22,7 @@ from seedselect_cli.files.datasets import (
     require_root,
     require_split,
 )
-from seedselect_cli.files.datasets.imagenet_names import name_of_wnid
+from seedselect_cli.files.datasets.imagenet_names import imagenet_classes, name_of_wnid
 
 SPLITS = ("train", "val", "test")
 
@@ -43,4 +43,7 @@ def load(cfg: DatasetConfig, seed: int) -> list[ClassRecord]:
                                                          reader.line_num))
     names = {wnid: name_of_wnid(wnid) for wnid in by_wnid}
     images = {names[wnid]: paths for wnid, paths in by_wnid.items()}
-    return build_records(cfg, seed, images, list(names.values()), {w: n for w, n in names.items()}, "miniImageNet")
+    index = {wnid: i for i, (wnid, _) in enumerate(imagenet_classes())}
+    labels = {names[wnid]: index[wnid] for wnid in by_wnid if wnid in index}  # the ImageNet-1k label
+    return build_records(cfg, seed, images, list(names.values()), {w: n for w, n in names.items()}, "miniImageNet",
+                         labels)
