@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 COMMANDS = {
     "optimize": ("SeedSelect: n_images fully optimised seeds per class", "demo"),
-    "bootstrap": ("bulk image sets: bootstrap.n_images per class, seconds per image", "demo"),
+    "bootstrap": ("bulk image sets, seconds an image: bootstrap.n_images a class, or up to bootstrap.fill_to", "demo"),
     "generate": ("redraw the image of a saved seed file, pixel for pixel", "generate"),
     "evaluate": ("metrics of a run beside plain Stable Diffusion, and a report in RUN/report", "evaluate"),
 }
@@ -58,6 +58,7 @@ examples:
   seedselect optimize --config-name folder dataset.root=imgs/tiger_cat
   seedselect optimize --config-name cub_tail dataset.root=CUB_200_2011 dataset.classes="[Pine Warbler]"
   seedselect bootstrap --config-name cub_tail dataset.root=CUB_200_2011 bootstrap.n_images=100
+  seedselect bootstrap --config-name imagenet_lt dataset.root=imagenet dataset.max_images=19 bootstrap.fill_to=100
   seedselect generate seed_file=outputs/demo/<time>/seeds/marsh_finch/00000.safetensors out=finch.png
   seedselect evaluate run_dir=outputs/demo/<time>
 
