@@ -55,6 +55,28 @@ def shard_classes(records: list[ClassRecord], shard: str) -> list[ClassRecord]:
     return mine
 
 
+def images_wanted(config: Config, method: str, records: list[ClassRecord]) -> dict[str, int]:
+    """How many images the command makes of each class of the run; an error where `bootstrap.fill_to` leaves it none
+    to make of any class."""
+    wanted = {r.name: config.images_asked(method, r.split_images) for r in records}
+    if records and not any(wanted.values()):
+        fill_to = config.bootstrap.fill_to
+        raise UserError(f"bootstrap.fill_to={fill_to}: every class of the run already has {fill_to} or more images in "
+                        f"{split_of(config.dataset)} (the fewest: {min(r.split_images for r in records)}); raise it")
+    return wanted
+
+
+def not_yet_full(config: Config, records: list[ClassRecord], wanted: dict[str, int]) -> list[ClassRecord]:
+    """The classes with images to make: those `bootstrap.fill_to` leaves full are said once and left out."""
+    full = [r.name for r in records if not wanted[r.name]]
+    if full:
+        which = (repr(full[0]) + " already has" if len(full) == 1 else
+                 f"{len(full)} classes ({', '.join(full[:5])}{', ...' if len(full) > 5 else ''}) already have")
+        log.info("bootstrap.fill_to=%d: %s %d or more images in %s; none made for %s", config.bootstrap.fill_to,
+                 which, config.bootstrap.fill_to, split_of(config.dataset), "it" if len(full) == 1 else "them")
+    return [r for r in records if wanted[r.name]]
+
+
 def metadata_for(models: FrozenModels, config: Config, record: ClassRecord, index: int, init_seed: int) -> dict:
     """The seed file's metadata of image `index` of `record` (-1: the class's z_T^G) in this run."""
     sampler = config.sampler
@@ -131,12 +153,7 @@ def _run(config: Config, run_dir: Path, method: str, stop: GracefulStop) -> list
                         "or use loss=default")
 
     # 3. The run directory: its config, and what an earlier run of it already finished.
-    wanted = {r.name: config.images_asked(method, r.split_images) for r in all_records}
-    if all_records and not any(wanted.values()):  # bootstrap.fill_to at or below every class's real images
-        fewest = min(r.split_images for r in all_records)
-        fill_to = config.bootstrap.fill_to
-        raise UserError(f"bootstrap.fill_to={fill_to}: every class of the run already has {fill_to} or more images in "
-                        f"{split_of(config.dataset)} (the fewest: {fewest}); raise it")
+    wanted = images_wanted(config, method, all_records)
     out = RunDirectory(run_dir)
     # what the other command reads and this one does not may differ (bootstrap reads its own iterations and share)
     unread = ("bootstrap",) if method == "optimize" else ("optim.iterations", "optim.backtrack")
@@ -144,14 +161,7 @@ def _run(config: Config, run_dir: Path, method: str, stop: GracefulStop) -> list
               defaults_yaml=to_yaml(Config()), check_config=lambda text: load_config(OmegaConf.create(text)),
               labels={r.name: r.label for r in all_records if r.label is not None})
     done = out.finished()
-    full = [r.name for r in records if not wanted[r.name]]
-    if full:
-        which = (repr(full[0]) + " already has" if len(full) == 1 else
-                 f"{len(full)} classes ({', '.join(full[:5])}{', ...' if len(full) > 5 else ''}) already have")
-        log.info("bootstrap.fill_to=%d: %s %d or more images in %s; none made for %s",
-                 config.bootstrap.fill_to, which, config.bootstrap.fill_to, split_of(config.dataset),
-                 "it" if len(full) == 1 else "them")
-        records = [r for r in records if wanted[r.name]]
+    records = not_yet_full(config, records, wanted)
     todo = {r.name: [i for i in range(wanted[r.name]) if (r.name, i) not in done] for r in records}
     if not records:
         return []
