@@ -28,7 +28,7 @@ ACTIVE = ".active"
 HYDRA = ".hydra"
 # What seedselect writes at the top of a run directory, besides Hydra's `.hydra/` and `<job>.log`.
 OWN_FILES = ("config.yaml", "manifest.jsonl", ".lock", ACTIVE)
-OWN_DIRS = ("images", "seeds", "bootstrap", ".claims", HYDRA)
+OWN_DIRS = ("images", "seeds", "bootstrap", "references", ".claims", HYDRA)
 WORK_DIRS = ("images", "seeds", "bootstrap")
 HYDRA_FILES = ("config.yaml", "hydra.yaml", "overrides.yaml")
 MAX_BACKUP = 1 << 20  # bytes: Hydra's files are a few kB; a larger file there is not Hydra's
@@ -224,9 +224,10 @@ def _remove_own_tree(folder: Path) -> None:
 
 def _remove_own_file(path: Path) -> None:
     """Remove `path` if it is a file seedselect or Hydra writes and holds no work (Hydra's yaml, a claim
-    lock, empty metadata)."""
+    lock, a class's list of references, empty metadata)."""
     with contextlib.suppress(OSError):
         if (path.name in HYDRA_FILES and path.parent.name == HYDRA) or (
                 path.suffix == ".lock" and path.parent.name == ".claims") or (
+                path.suffix == ".sha256" and path.parent.name == "references") or (
                 path.name == "metadata.jsonl" and not path.stat().st_size):
             path.unlink()

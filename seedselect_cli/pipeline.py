@@ -292,6 +292,7 @@ class ClassRun:
             self.progress.class_done(record.name, [], n_images, n_images)
             return []
         target = engine.class_target(record.name, record.prompt, encode(record), contrast)
+        self.out.record_references(slug, target.encodings.paths, target.encodings.hashes, config.dataset.root)
         log.info("class %r: %s, prompt %r, %s to make", record.name, count_of(len(target.encodings.paths), "reference"),
                  record.prompt, count_of(len(indices), "image"))
         blocks = batch_blocks(indices, n_images, config.runtime.batch_size)

@@ -133,6 +133,9 @@ CASES = {
     "planted link images/<class> to outside": Case(
         ["optimize", *TINY, "hydra.run.dir=run"], "leads outside the run directory",
         _link("run/images/red_disc", "outside/images", directory=True)),
+    "planted link references/<class>.sha256 to outside": Case(
+        ["optimize", *TINY, "hydra.run.dir=run"], "leads outside the run directory",
+        _link("run/references/red_disc.sha256", "outside/sums", directory=False)),
     "planted link manifest.jsonl to outside": Case(
         ["optimize", *TINY, "hydra.run.dir=run"], "leads outside the run directory",
         _link("run/manifest.jsonl", "outside/manifest.jsonl", directory=False)),
@@ -381,3 +384,26 @@ def test_evaluate_takes_dtype_auto(inputs, tmp_path, monkeypatch):
     shutil.copytree(inputs / "run", tmp_path / "run", symlinks=True)
     assert main(["evaluate", f"run_dir={tmp_path / 'run'}", "runtime.dtype=auto"]) == 0
     assert (tmp_path / "run" / "report" / "metrics.json").is_file()
+
+
+def test_a_first_start_that_makes_no_image_takes_back_its_list_of_references(tmp_path, monkeypatch, capsys):
+    """RUN/references/<class>.sha256 is written once the class's references are encoded, before its first image:
+    a command that then makes none (here every start is not finite) leaves no run directory behind."""
+    from seedselect_cli.core import initial_seeds
+
+    real = initial_seeds.initial_noise
+
+    def not_finite(shape, init_seed):
+        noise = real(shape, init_seed)
+        noise[0, 0, 0] = float("nan")
+        return noise
+
+    monkeypatch.setattr(initial_seeds, "initial_noise", not_finite)
+    monkeypatch.chdir(tmp_path)
+    assert main(["optimize", *TINY, "method=paper", "hydra.run.dir=run"]) == 2
+    assert "could not be made" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    monkeypatch.setattr(initial_seeds, "initial_noise", real)  # and a run that makes its image keeps the list
+    assert main(["optimize", *TINY, "method=paper", "hydra.run.dir=run"]) == 0
+    [listed] = (tmp_path / "run" / "references").iterdir()
+    assert listed.name == "red_disc.sha256" and len(listed.read_text().splitlines()) >= 1

@@ -170,3 +170,38 @@ def test_the_manifest_read_again_is_what_a_fresh_read_sees_whatever_happened_to_
         assert ours.finished("a") == {k: v for k, v in RunDirectory(root).finished().items() if k[0] == "a"}
     assert {"append", "half", "rewrite", "cut"} <= set(kinds)
     assert any(e["class"] == "b\u2028c" for e in RunDirectory(root)._read_manifest())  # one line, not two halves
+
+
+def test_a_class_references_are_listed_as_sha256sum_checks_them(tmp_path, caplog):
+    """RUN/references/<class>.sha256: `sha256sum -c` run in dataset.root checks it (GNU coreutils' format, a name
+    with a line break or backslash escaped); a list that changes (the data set's files changed) is said."""
+    import hashlib
+    import shutil
+    import subprocess
+
+    from seedselect_cli.files.images import file_sha256
+
+    data = tmp_path / "data"
+    names = ["a.png", "sub/b c.png", "new\nline.png", "back\\slash.png"]
+    for name in names:
+        (data / name).parent.mkdir(parents=True, exist_ok=True)
+        (data / name).write_bytes(name.encode() * 3)
+    paths = [data / n for n in names]
+    digests = [file_sha256(p) for p in paths]
+    assert digests[0] == hashlib.sha256(b"a.png" * 3).hexdigest()
+    run = RunDirectory(tmp_path / "run")
+    run.start("seed: 0\n")
+    run.record_references("c", paths, digests, str(data))
+    listed = run.references_path("c")
+    assert listed.read_text().splitlines()[:2] == [f"{digests[0]}  a.png", f"{digests[1]}  sub/b c.png"]
+    if shutil.which("sha256sum"):
+        checked = subprocess.run(["sha256sum", "-c", str(listed)], check=False, cwd=data, capture_output=True,
+                                 text=True)
+        assert checked.returncode == 0 and checked.stdout.count(": OK") == 4, checked.stdout + checked.stderr
+    caplog.set_level("WARNING")
+    run.record_references("c", paths, digests, str(data))
+    assert "listed other references" not in caplog.text
+    run.record_references("c", paths[:2], digests[:2], str(data))
+    assert "listed other references" in caplog.text and len(listed.read_text().splitlines()) == 2
+    run.record_references("d", [tmp_path / "elsewhere.png"], [digests[0]], str(data))  # outside the root: absolute
+    assert run.references_path("d").read_text() == f"{digests[0]}  {tmp_path / 'elsewhere.png'}\n"

@@ -6,6 +6,7 @@
     RUN/images/metadata.jsonl                the same images for Hugging Face `imagefolder` (file_name, label, ...)
     RUN/seeds/<class>/<index:05d>.safetensors
     RUN/bootstrap/<class>.safetensors        `seedselect bootstrap`: the class's seed z_T^G
+    RUN/references/<class>.sha256            the class's references, as `sha256sum -c` reads them in dataset.root
 
 An image counts as finished when its manifest line is there and its files exist; anything else is
 redone by the next run of the same command in the same directory. Several processes (shards) may
@@ -163,7 +164,7 @@ class RunDirectory:
         except OSError as exc:
             raise UserError(f"run directory {self.root} cannot be made ({exc.strerror}); choose another with "
                             f"hydra.run.dir=DIR") from None
-        for name in ("images", "seeds", "bootstrap", ".claims"):  # where a run writes later
+        for name in ("images", "seeds", "bootstrap", "references", ".claims"):  # where a run writes later
             folder = self.inside(self.root / name)
             if folder.exists() and not folder.is_dir():
                 raise UserError(f"{folder} is not a folder; move it away or pass a new hydra.run.dir")
@@ -200,7 +201,8 @@ class RunDirectory:
 
     def check_class(self, slug: str) -> None:
         """Before a class's work: its folders and z_T^G file lead nowhere outside the run directory."""
-        for path in (self.image_path(slug, 0).parent, self.seed_path(slug, 0).parent, self.bootstrap_seed_path(slug)):
+        for path in (self.image_path(slug, 0).parent, self.seed_path(slug, 0).parent, self.bootstrap_seed_path(slug),
+                     self.references_path(slug)):
             self.inside(path)
 
     def image_path(self, slug: str, index: int) -> Path:
@@ -211,6 +213,23 @@ class RunDirectory:
 
     def bootstrap_seed_path(self, slug: str) -> Path:
         return self.root / "bootstrap" / f"{slug}.safetensors"
+
+    def references_path(self, slug: str) -> Path:
+        return self.root / "references" / f"{slug}.sha256"
+
+    def record_references(self, slug: str, paths: Sequence[Path], hashes: Sequence[str], dataset_root: str | None,
+                          ) -> None:
+        """List the references a class's images were made from, with their SHA-256, in `sha256sum`'s format and
+        relative to `dataset_root` (`cd ROOT && sha256sum -c RUN/references/<class>.sha256` checks them): a
+        few-shot evaluation leaves them out of its queries or takes them as its support set."""
+        lines = "".join(_checksum_line(digest, _relative(Path(p), dataset_root)) for p, digest in zip(paths, hashes))
+        path = self.references_path(slug)
+        with self.writing(path):
+            path.parent.mkdir(exist_ok=True)
+            if path.is_file() and not path.is_symlink() and path.read_text(encoding="utf-8", errors="replace") != lines:
+                log.warning("%s listed other references (the class's files changed since its earlier images were "
+                            "made): it now lists those of the images made from here on", path)
+            atomic_write(path, lambda tmp: tmp.write_text(lines, encoding="utf-8"))
 
     def finished(self, class_name: str | None = None) -> dict[tuple[str, int], dict]:
         """Manifest entries whose image and seed file both exist, keyed by (class, index); with `class_name`, that
@@ -300,6 +319,23 @@ def _well_formed(entry: object) -> bool:
     return (isinstance(entry, dict) and isinstance(entry.get("class"), str) and entry["class"] != ""
             and type(entry.get("index")) is int and 0 <= entry["index"] < 10**9
             and isinstance(entry.get("image"), str) and isinstance(entry.get("seed_file"), str))
+
+
+def _relative(path: Path, root: str | None) -> str:
+    """`path` relative to `root` where it lies inside it (links not followed: a data set's images may be links to
+    files elsewhere), else absolute."""
+    path = Path(os.path.abspath(path))
+    if root:
+        with contextlib.suppress(ValueError):
+            return path.relative_to(os.path.abspath(root)).as_posix()
+    return path.as_posix()
+
+
+def _checksum_line(digest: str, name: str) -> str:
+    """One line of `sha256sum` output; a name with a backslash or a line break escaped as GNU coreutils does."""
+    if any(c in name for c in "\\\n\r"):
+        return f"\\{digest}  " + name.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r") + "\n"
+    return f"{digest}  {name}\n"
 
 
 def metadata_row(entry: dict, labels: Mapping[str, int] | None = None) -> dict:
