@@ -29,7 +29,7 @@ from seedselect_cli.core.specs import (
 from seedselect_cli.errors import UserError, first_line
 from seedselect_cli.files import assets
 from seedselect_cli.files.assets import ASSET, portable
-from seedselect_cli.files.datasets import DATASETS, DatasetConfig
+from seedselect_cli.files.datasets import DATASETS, DatasetConfig, read_class_list
 from seedselect_cli.limits import (
     DTYPE_NAMES,
     MAX_BATCH,
@@ -204,6 +204,10 @@ def load_config(cfg: DictConfig | dict) -> Config:
     """The typed, checked config of `optimize` from a composed config."""
     config = load_structured(Config, cfg)
     check_config(config)
+    if config.dataset.classes_file is not None:  # the list itself is the run's config (RUN/config.yaml), not the file
+        if config.dataset.classes is not None:
+            raise UserError("dataset.classes and dataset.classes_file both name the classes: pass one of them")
+        config.dataset.classes, config.dataset.classes_file = read_class_list(config.dataset.classes_file), None
     if config.dataset.root:  # RUN/config.yaml then names the references wherever `evaluate` runs from
         config.dataset.root = os.path.abspath(os.path.expanduser(config.dataset.root))
     return config

@@ -162,4 +162,5 @@ def test_a_sweep_names_its_run_directories_without_what_a_run_may_change_on_resu
     excluded = set(hydra.hydra.job.config.override_dirname.exclude_keys)
     resumable = {f"runtime.{f.name}" for f in dataclasses.fields(RuntimeConfig)} | set(RESUMABLE_KEYS) - {"runtime"}
     assert resumable - excluded == set()
-    assert excluded - resumable == {"dataset.root"}  # a path, no name for a folder (a resume checks it)
+    # a path, no name for a folder (a resume checks it); a file of classes, read into dataset.classes when loaded
+    assert excluded - resumable == {"dataset.root", "dataset.classes_file"}

@@ -222,3 +222,28 @@ def test_a_held_out_class_folder_is_found_however_it_is_named(tmp_path):
     assert class_folder(tmp_path, "café crème") is None
     (tmp_path / "Café Crème").mkdir()
     assert class_folder(tmp_path, "café crème") == tmp_path / "Café Crème"
+
+
+def test_classes_can_be_listed_in_a_file(tmp_path):
+    """`dataset.classes_file=tail.txt`: one name a line (as typed or as the data set spells it), blank lines and
+    `#` comments passed over, a BOM too; read into dataset.classes, which the run directory keeps, not the file."""
+    from tests.conftest import make_config
+
+    root = make_cub(tmp_path / "CUB_200_2011", classes=("001.Black_footed_Albatross", "009.Brewer_Blackbird",
+                                                        "094.Pine_Warbler"))
+    listed = tmp_path / "tail.txt"
+    listed.write_text("\ufeff# the tail\nBlack-footed Albatross\n\n  094.Pine_Warbler  \n", encoding="utf-8")
+    config = make_config([f"dataset.root={root}", f"dataset.classes_file={listed}"], name="cub_tail")
+    assert config.dataset.classes == ["Black-footed Albatross", "094.Pine_Warbler"]
+    assert config.dataset.classes_file is None
+    assert [r.name for r in load_classes(config.dataset, 0)] == ["Black footed Albatross", "Pine Warbler"]
+    with pytest.raises(UserError, match="dataset.classes and dataset.classes_file both name the classes"):
+        make_config([f"dataset.root={root}", f"dataset.classes_file={listed}", "dataset.classes=[Pine Warbler]"])
+    with pytest.raises(UserError, match=r"dataset.classes_file=.*nope.txt cannot be read \(No such file"):
+        make_config([f"dataset.classes_file={tmp_path / 'nope.txt'}"])
+    listed.write_text("# nothing but comments\n\n")
+    with pytest.raises(UserError, match="names no class: write one name a line"):
+        make_config([f"dataset.classes_file={listed}"])
+    listed.write_bytes(b"Pine Warbler\ncaf\xe9\n")
+    with pytest.raises(UserError, match="is not UTF-8 text"):
+        make_config([f"dataset.classes_file={listed}"])

@@ -30,6 +30,8 @@ class DatasetConfig:
     name: str = "folder"  # the adapter: one of DATASETS
     root: str | None = None
     classes: list[str] | None = None  # None: every class the adapter finds
+    # a text file of class names, one a line: read into `classes` when the config is loaded (`load_config`)
+    classes_file: str | None = None
     shots: int | None = None  # references per class; None: all of them
     # only the classes with at most this many images in the split (ImageNet-LT's few-shot classes: 19); None: any
     max_images: int | None = None
@@ -182,6 +184,23 @@ def rare_classes(cfg: DatasetConfig, chosen: list[str], images: Mapping[str, Seq
                         f"{'named in dataset.classes ' if cfg.classes is not None else ''}has so few images (the "
                         f"fewest: {fewest}); raise it or set it to null")
     return rare
+
+
+def read_class_list(path: str) -> list[str]:
+    """The class names of `dataset.classes_file`, one a line; blank lines and lines that begin with `#` are passed
+    over. `UserError` where the file cannot be read or names none."""
+    file = Path(path).expanduser()
+    try:
+        text = file.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise UserError(f"dataset.classes_file={path} is not UTF-8 text; save it as UTF-8") from None
+    except OSError as exc:
+        raise UserError(f"dataset.classes_file={path} cannot be read ({exc.strerror or exc}); write the class "
+                        f"names there, one a line") from None
+    names = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if not names:
+        raise UserError(f"dataset.classes_file={path} names no class: write one name a line (# begins a comment)")
+    return names
 
 
 def read_lines(path: Path) -> list[str]:
