@@ -85,7 +85,7 @@ def heldout_folder_note(root: Path, classes: list[str]) -> str | None:
             f"images/, or by its WordNet id; {has}")
 
 
-def images_asked(config: Config, method: str) -> dict[str, int]:
+def run_images_asked(config: Config, method: str) -> dict[str, int]:
     """The images a run's command asks for of each class, its data set read as the run read it (with
     `bootstrap.fill_to`, those that fill each class up; a class it leaves full is not counted); {} where the data set
     can no longer be read."""
@@ -100,7 +100,7 @@ def unfinished_note(config: Config, entries: list[dict], method: str | None, act
     """What a report of a run still being made (or stopped) covers: None where every image it asks for is there."""
     if method not in ("optimize", "bootstrap"):
         return None
-    asked = images_asked(config, method)
+    asked = run_images_asked(config, method)
     made = collections.Counter(e["class"] for e in entries)
     have = sum(min(made[c], n) for c, n in asked.items())
     wanted = sum(asked.values())
