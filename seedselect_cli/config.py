@@ -204,13 +204,27 @@ def load_config(cfg: DictConfig | dict) -> Config:
     """The typed, checked config of `optimize` from a composed config."""
     config = load_structured(Config, cfg)
     check_config(config)
-    if config.dataset.classes_file is not None:  # the list itself is the run's config (RUN/config.yaml), not the file
-        if config.dataset.classes is not None:
+    # paths from where the command was started (also under hydra.job.chdir=true), absolute: RUN/config.yaml then
+    # names the references wherever `evaluate` runs from
+    dataset = config.dataset
+    dataset.root, dataset.heldout, dataset.classes_file = map(user_path, (dataset.root, dataset.heldout,
+                                                                          dataset.classes_file))
+    config.runtime.cache_dir = user_path(config.runtime.cache_dir)
+    if dataset.classes_file is not None:  # the list itself is the run's config (RUN/config.yaml), not the file
+        if dataset.classes is not None:
             raise UserError("dataset.classes and dataset.classes_file both name the classes: pass one of them")
-        config.dataset.classes, config.dataset.classes_file = read_class_list(config.dataset.classes_file), None
-    if config.dataset.root:  # RUN/config.yaml then names the references wherever `evaluate` runs from
-        config.dataset.root = os.path.abspath(os.path.expanduser(config.dataset.root))
+        dataset.classes, dataset.classes_file = read_class_list(dataset.classes_file), None
     return config
+
+
+def user_path(path: str | None) -> str | None:
+    """A path as the user typed it, absolute from the folder the command was started in: Hydra's original working
+    directory, which a job run with hydra.job.chdir=true has left (`hydra.utils.to_absolute_path`)."""
+    if not path:
+        return path
+    from hydra.utils import to_absolute_path
+
+    return to_absolute_path(os.path.expanduser(path))
 
 
 def compose_config(name: str, overrides: Sequence[str] = ()) -> Config:

@@ -171,6 +171,23 @@ def test_folder_of_non_images_is_a_user_error(tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.slow
+def test_paths_are_read_from_where_the_command_was_started_also_when_hydra_changes_into_the_run(
+        tmp_path, reference_folder, monkeypatch):
+    """With hydra.job.chdir=true (Hydra 1.1's default, kept in many users' configs) the job runs inside its run
+    directory; dataset.root, dataset.classes_file and dataset.heldout typed relative to where the command started
+    still name the same folders, and RUN/config.yaml names them absolutely."""
+    monkeypatch.chdir(tmp_path)  # the references are in refs/blue_thing
+    Path("classes.txt").write_text("blue thing\n")
+    Path("held/blue thing").mkdir(parents=True)
+    assert main(["optimize", TINY, *FAST, "n_images=1", "init.candidates=1", "dataset.root=refs/blue_thing",
+                 "dataset.classes_file=classes.txt", "dataset.heldout=held", "hydra.run.dir=run",
+                 "hydra.job.chdir=true"]) == 0
+    saved = yaml.safe_load(Path("run/config.yaml").read_text())["dataset"]
+    assert (saved["root"], saved["heldout"]) == (str(reference_folder), str(tmp_path / "held"))
+    assert saved["classes"] == ["blue thing"] and saved["classes_file"] is None
+    assert Path.cwd() == tmp_path and len(read_manifest(tmp_path / "run")) == 1
+
+
 def test_real_model_offline_without_weights_is_one_line(tmp_path, reference_folder):
     done = seedselect("optimize", "--config-name", "folder", f"dataset.root={reference_folder}",
                       "model.pretrained=no-such-org/no-such-model", "runtime.progress=false", cwd=tmp_path)
