@@ -97,7 +97,7 @@ def run_in_job_dir(run: Callable[[Config, Path], object], cfg: DictConfig) -> No
     hydra_config = HydraConfig.get()
     _active.hold(Path(hydra_config.runtime.output_dir))
     with user_errors():
-        config = load_config(cfg)
+        config = load_config(cfg, start_dir=hydra_config.runtime.cwd)  # where the command was started
         for said in other_commands_keys(hydra_config.job.name, list(hydra_config.overrides.task), config):
             log.warning(said)
         try:

@@ -200,16 +200,15 @@ REQUIRED_FORM = {"seed_file": "seed_file=RUN/seeds/<class>/<index>.safetensors",
                  "run_dir": "run_dir=RUN (the folder an optimize or bootstrap run wrote)"}
 
 
-def load_config(cfg: DictConfig | dict) -> Config:
-    """The typed, checked config of `optimize` from a composed config."""
+def load_config(cfg: DictConfig | dict, start_dir: str | None = None) -> Config:
+    """The typed, checked config of `optimize` from a composed config, its paths made absolute from `start_dir`
+    (where the command was started: a Hydra job under hydra.job.chdir=true runs elsewhere; default: here)."""
     config = load_structured(Config, cfg)
     check_config(config)
-    # paths from where the command was started (also under hydra.job.chdir=true), absolute: RUN/config.yaml then
-    # names the references wherever `evaluate` runs from
+    # absolute, so that RUN/config.yaml names the references wherever `evaluate` runs from
     dataset = config.dataset
-    dataset.root, dataset.heldout, dataset.classes_file = map(user_path, (dataset.root, dataset.heldout,
-                                                                          dataset.classes_file))
-    config.runtime.cache_dir = user_path(config.runtime.cache_dir)
+    dataset.root, dataset.heldout, dataset.classes_file, config.runtime.cache_dir = (
+        user_path(p, start_dir) for p in (dataset.root, dataset.heldout, dataset.classes_file, config.runtime.cache_dir))
     if dataset.classes_file is not None:  # the list itself is the run's config (RUN/config.yaml), not the file
         if dataset.classes is not None:
             raise UserError("dataset.classes and dataset.classes_file both name the classes: pass one of them")
@@ -217,14 +216,11 @@ def load_config(cfg: DictConfig | dict) -> Config:
     return config
 
 
-def user_path(path: str | None) -> str | None:
-    """A path as the user typed it, absolute from the folder the command was started in: Hydra's original working
-    directory, which a job run with hydra.job.chdir=true has left (`hydra.utils.to_absolute_path`)."""
+def user_path(path: str | None, start_dir: str | None = None) -> str | None:
+    """A path as the user typed it (`~` expanded), absolute from `start_dir` (default: here)."""
     if not path:
         return path
-    from hydra.utils import to_absolute_path
-
-    return to_absolute_path(os.path.expanduser(path))
+    return os.path.abspath(os.path.join(start_dir or os.getcwd(), os.path.expanduser(path)))
 
 
 def compose_config(name: str, overrides: Sequence[str] = ()) -> Config:
