@@ -106,7 +106,45 @@ def weights_not_available(what: str, key: str, source: str, exc: Exception, offl
 
         return UserError(f"the {what} '{source}' is not (wholly) in the Hugging Face cache ({HF_HUB_CACHE}), and "
                          f"{offline}: {hint}")
+    refusal = hub_refusal(exc, what, key, source)
+    if refusal is not None:
+        return refusal
     return UserError(f"cannot load the {what} '{source}' ({type(exc).__name__}): {hint}")
+
+
+def hub_refusal(exc: BaseException, what: str, key: str, source: str) -> UserError | None:
+    """The Hub's own reason a load of `key`=`source` failed, found along the exception's chain (diffusers and
+    transformers raise an OSError inside their `except` of huggingface_hub's error): a gated repository, none of
+    that name, no such revision, or no such file. None where the chain holds none of these."""
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    folder = f"or pass a local folder ({key}=/path)"
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, GatedRepoError):
+            return UserError(f"the {what} '{source}' is a gated repository on the Hugging Face Hub: accept its terms at "
+                             f"https://huggingface.co/{source} and log in here (`hf auth login`, or set HF_TOKEN), "
+                             f"{folder}")
+        if isinstance(cause, RepositoryNotFoundError):
+            return UserError(f"the Hugging Face Hub has no {what} '{source}' (or it is private and this machine is not "
+                             f"logged in: `hf auth login`): check the id in {key}, {folder}")
+        if isinstance(cause, RevisionNotFoundError):
+            return UserError(f"the {what} '{source}' has no revision named by model.revision on the Hugging Face Hub: "
+                             f"check it (a branch, tag or commit), or set model.revision=null for the default branch")
+        if isinstance(cause, EntryNotFoundError) and not isinstance(cause, LocalEntryNotFoundError):  # not: uncached
+            return UserError(f"the {what} '{source}' on the Hugging Face Hub lacks a file it needs "
+                             f"({str(exc).splitlines()[0]}); seedselect reads only .safetensors weights: pick a "
+                             f"repository or model.variant that has them, {folder}")
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 def load_models(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, with_image_encoder: bool = True,

@@ -106,3 +106,41 @@ def test_every_loader_names_its_own_key_when_weights_are_missing(monkeypatch, tm
         Judge(JudgeConfig(model=str(tmp_path / "nope")), ["a"], torch.device("cpu"))
     with pytest.raises(UserError, match=r"HF_HUB_OFFLINE is set: download it once .*\(model=/path\)$"):
         models_for_seed({"model": "no-such-org/sd", "dtype": "float32"}, None, torch.device("cpu"), None)
+
+
+@pytest.mark.parametrize("hub_error, said", [
+    ("GatedRepoError", (r"^the Stable Diffusion model 'org/model' is a gated repository on the Hugging Face Hub: accept "
+                       r"its terms at https://huggingface.co/org/model and log in here \(`hf auth login`, or set "
+                       r"HF_TOKEN\), or pass a local folder \(model.pretrained=/path\)$")),
+    ("RepositoryNotFoundError", (r"^the Hugging Face Hub has no Stable Diffusion model 'org/model' \(or it is private "
+                                r"and this machine is not logged in: `hf auth login`\): check the id in "
+                                r"model.pretrained, or pass a local folder")),
+    ("RevisionNotFoundError", r"has no revision named by model.revision on the Hugging Face Hub"),
+    ("RemoteEntryNotFoundError", (r"lacks a file it needs \(org/model does not appear to have a file named x\); "
+                                 r"seedselect reads only .safetensors weights")),
+    # not in the cache and the Hub not reached after all: no refusal of the Hub's, the line of a failed download
+    ("LocalEntryNotFoundError", r"^cannot load the Stable Diffusion model 'org/model' \(OSError\): download it once"),
+])
+def test_the_hubs_own_refusal_is_said(monkeypatch, hub_error, said):
+    """Online, diffusers and transformers raise an OSError from inside their `except` of huggingface_hub's error; the
+    line says which it was (a gated repository, a typo in the id, ...) rather than 'download it once'."""
+    from types import SimpleNamespace
+
+    from diffusers import DiffusionPipeline
+    from huggingface_hub import errors
+
+    from seedselect_cli import models
+
+    response = SimpleNamespace(headers={}, request=None)  # what the error reads of the Hub's HTTP response
+
+    def load_config(*args, **kwargs):
+        kind = getattr(errors, hub_error)
+        try:
+            raise kind("from the Hub", response=response) if issubclass(kind, errors.HfHubHTTPError) else kind("no")
+        except kind:  # as diffusers does: the Hub's error is the OSError's context
+            raise OSError("org/model does not appear to have a file named x")
+
+    monkeypatch.setattr(models, "offline_for", lambda *args, **kwargs: False)  # as if the Hub answered
+    monkeypatch.setattr(DiffusionPipeline, "load_config", load_config)
+    with pytest.raises(UserError, match=said):
+        load_models(ModelConfig(pretrained="org/model", image_encoder="tiny"), torch.device("cpu"), torch.float32)
