@@ -207,8 +207,9 @@ def load_config(cfg: DictConfig | dict, start_dir: str | None = None) -> Config:
     check_config(config)
     # absolute, so that RUN/config.yaml names the references wherever `evaluate` runs from
     dataset = config.dataset
-    dataset.root, dataset.heldout, dataset.classes_file, config.runtime.cache_dir = (
-        user_path(p, start_dir) for p in (dataset.root, dataset.heldout, dataset.classes_file, config.runtime.cache_dir))
+    paths = (dataset.root, dataset.heldout, dataset.classes_file, config.runtime.cache_dir)
+    dataset.root, dataset.heldout, dataset.classes_file, config.runtime.cache_dir = (user_path(p, start_dir)
+                                                                                     for p in paths)
     if dataset.classes_file is not None:  # the list itself is the run's config (RUN/config.yaml), not the file
         if dataset.classes is not None:
             raise UserError("dataset.classes and dataset.classes_file both name the classes: pass one of them")

@@ -118,8 +118,9 @@ def run_optimize(config: Config, run_dir: Path) -> list[dict]:
 
 
 def run_bootstrap(config: Config, run_dir: Path) -> list[dict]:
-    """`bootstrap.n_images` images per class (or up to `bootstrap.fill_to` with its real ones), each seed chosen among `bootstrap.candidates` starts (its own noise
-    mixed with the class's z_T^G where `bootstrap.noise` < 1) and optimised towards its subset of references."""
+    """`bootstrap.n_images` images per class (or up to `bootstrap.fill_to` with its real ones), each seed chosen among
+    `bootstrap.candidates` starts (its own noise mixed with the class's z_T^G where `bootstrap.noise` < 1) and
+    optimised towards its subset of references."""
     if config.init.method != "random" and config.bootstrap.noise >= 1:
         log.warning("init=%s does not change `seedselect bootstrap` with bootstrap.noise=1 (each image starts from "
                     "its own noise); set bootstrap.noise below 1 to start its images from z_T^G", config.init.method)

@@ -112,7 +112,8 @@ def unfinished_note(config: Config, entries: list[dict], method: str | None, act
     fill_to = config.bootstrap.fill_to if method == "bootstrap" else None
     each = (f"{classes}, each filled up to bootstrap.fill_to={fill_to} with its real images" if fill_to is not None
             else f"{config.images_asked(method, 0)} of each of {classes}")
-    return f"the run is not finished: these figures are of {count_of(have, 'image')} of the {wanted} it asks for ({each}); {then}"
+    return (f"the run is not finished: these figures are of {count_of(have, 'image')} of the {wanted} it asks for "
+            f"({each}); {then}")
 
 
 def first_images_note(per_class: int | None, scored: int, made: int) -> list[str]:
