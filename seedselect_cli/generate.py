@@ -11,7 +11,7 @@ import torch
 from PIL import PngImagePlugin
 
 from seedselect_cli.config import ModelConfig, check_device
-from seedselect_cli.core.frozen import FrozenModels
+from seedselect_cli.core.frozen import FrozenModels, HubCommits
 from seedselect_cli.core.prompts import encode_prompt
 from seedselect_cli.core.samplers import step_noise
 from seedselect_cli.core.sampling import sample_images
@@ -72,12 +72,18 @@ def check_generate(cfg: GenerateConfig) -> Path:
 
 def models_for_seed(metadata: dict[str, str], model: str | None, device: torch.device, dtype: str | None
                     ) -> FrozenModels:
-    """The frozen models that redraw a seed file's image: the model it records (or `model`, where its weights are
-    here), with its revision, variant and scheduler, in its dtype unless `dtype` says otherwise. No image encoder."""
+    """The frozen models that redraw a seed file's image: the model it records, from the Hub commit it records (or
+    `model`, where its weights are here), with its revision, variant and scheduler, in its dtype unless `dtype` says
+    otherwise. No image encoder."""
+    recorded = metadata.get("model_commit") or None
     model_cfg = ModelConfig(pretrained=model or resolve_location(metadata["model"]),
                             revision=metadata.get("model_revision") or None, variant=metadata.get("model_variant") or None)
     models = load_models(model_cfg, device, seed_dtype(dtype, metadata["dtype"], device), with_image_encoder=False,
-                         weights_key="model")
+                         weights_key="model", commits=HubCommits(model=None if model else recorded))
+    if recorded and models.commits.model != recorded:
+        here = f"Hub commit {models.commits.model}" if models.commits.model else f"the folder {model_cfg.pretrained}"
+        log.warning("the seed was drawn with the weights of Hub commit %s, these are %s's: the image is the seed's "
+                    "but perhaps not pixel for pixel the run's", recorded, here)
     models.scheduler = scheduler_from_json(metadata["scheduler_config"])
     return models
 

@@ -30,7 +30,7 @@ from transformers import (
 from transformers.utils import logging as transformers_logging
 
 from seedselect_cli.config import ModelConfig
-from seedselect_cli.core.frozen import FrozenModels, is_sdxl_unet
+from seedselect_cli.core.frozen import FrozenModels, HubCommits, is_sdxl_unet
 from seedselect_cli.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -86,10 +86,10 @@ def why_offline(offline: bool, local_files_only: bool) -> str | None:
 
 
 def weights_not_available(what: str, key: str, source: str, exc: Exception, offline: str | None = None,
-                          layout: str = "the diffusers layout") -> UserError:
-    """The one line for weights that did not load from `key`=`source`: pickled or broken folders (not in `layout`),
-    a missing folder, a Hub id that is not in the cache while the Hub is kept out (`offline`: why, from
-    `why_offline`), or a Hub id that failed to load."""
+                          layout: str = "the diffusers layout", revision: str | None = None) -> UserError:
+    """The one line for weights that did not load from `key`=`source` (at `revision`, where one was asked for):
+    pickled or broken folders (not in `layout`), a missing folder, a Hub id that is not in the cache while the Hub is
+    kept out (`offline`: why, from `why_offline`), or a Hub id that failed to load."""
     if os.path.isdir(source):
         pickled = [str(p) for p in Path(source).rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
         if pickled:
@@ -100,12 +100,15 @@ def weights_not_available(what: str, key: str, source: str, exc: Exception, offl
                          f"{layout} with .safetensors weights")
     if source.startswith((".", "/", "~")) or source.count("/") > 1:  # a path, not an "org/name" id
         return UserError(f"the {what} folder {source} does not exist; pass an existing folder ({key}=/path)")
-    hint = f"download it once with `hf download {source}` where there is internet, or pass a local folder ({key}=/path)"
+    at = f" --revision {revision}" if revision else ""
+    hint = (f"download it once with `hf download {source}{at}` where there is internet, or pass a local folder "
+            f"({key}=/path)")
     if offline:
         from huggingface_hub.constants import HF_HUB_CACHE
 
-        return UserError(f"the {what} '{source}' is not (wholly) in the Hugging Face cache ({HF_HUB_CACHE}), and "
-                         f"{offline}: {hint}")
+        which = f" at revision {revision}" if revision else ""
+        return UserError(f"the {what} '{source}'{which} is not (wholly) in the Hugging Face cache ({HF_HUB_CACHE}), "
+                         f"and {offline}: {hint}")
     refusal = hub_refusal(exc, what, key, source)
     if refusal is not None:
         return refusal
@@ -148,28 +151,39 @@ def hub_refusal(exc: BaseException, what: str, key: str, source: str) -> UserErr
 
 
 def load_models(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, with_image_encoder: bool = True,
-                weights_key: str = "model.pretrained") -> FrozenModels:
+                weights_key: str = "model.pretrained", commits: HubCommits | None = None) -> FrozenModels:
     """Load frozen Stable Diffusion components and the CLIP image encoder named by `cfg`. `weights_key`: the
-    command's key for where the Stable Diffusion weights are, named in an error that they are not there."""
+    command's key for where the Stable Diffusion weights are, named in an error that they are not there. `commits`:
+    the Hub commits to load (those a run's earlier images were drawn with), before `cfg.revision`; what was loaded
+    is in the models' `commits` (None for a folder)."""
+    commits = commits or HubCommits()
     if cfg.pretrained in (TINY, TINY_SDXL):
         from seedselect_cli.tiny import build_tiny_models, build_tiny_sdxl_models
 
         parts = build_tiny_models() if cfg.pretrained == TINY else build_tiny_sdxl_models()
+        model_commit = None
     else:
-        parts = _load_diffusers(cfg, dtype, weights_key)
+        parts, model_commit = _load_diffusers(cfg, dtype, weights_key, commits.model or cfg.revision)
+    encoder_commit = None
     if with_image_encoder:
         if cfg.image_encoder == TINY:
             from seedselect_cli.tiny import build_tiny_image_encoder
 
             parts["image_encoder"], parts["image_processor"] = build_tiny_image_encoder()
         else:
-            parts["image_encoder"], parts["image_processor"] = _load_image_encoder(cfg, dtype)
+            parts["image_encoder"], parts["image_processor"], encoder_commit = _load_image_encoder(
+                cfg, dtype, commits.image_encoder)
     else:
         parts["image_encoder"], parts["image_processor"] = None, None
+    loaded = HubCommits(model_commit, encoder_commit)
+    for source, commit, pinned in ((cfg.pretrained, loaded.model, commits.model),
+                                   (cfg.image_encoder, loaded.image_encoder, commits.image_encoder)):
+        if commit:
+            log.info("%s: Hub commit %s%s", source, commit, ", as the run's earlier images" if commit == pinned else "")
     for key in ("vae", "unet", "text_encoder", "text_encoder_2", "image_encoder"):
         if parts.get(key) is not None:
             parts[key] = _freeze(parts[key], device, component_dtype(key, parts, dtype))
-    return FrozenModels(**parts, name=cfg.pretrained, device=device, dtype=dtype)
+    return FrozenModels(**parts, name=cfg.pretrained, device=device, dtype=dtype, commits=loaded)
 
 
 def component_dtype(key: str, parts: dict[str, Any], dtype: torch.dtype) -> torch.dtype:
@@ -204,21 +218,36 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def offline_for(source: str, what: str, key: str, file: str, local_files_only: bool = False) -> bool:
+def offline_for(source: str, what: str, key: str, file: str, local_files_only: bool = False,
+                revision: str | None = None) -> bool:
     """Whether to load `source` (the value of `key`) from the cache alone: asked for, HF_HUB_OFFLINE, or a Hub that
-    cannot be reached. Raises `UserError` at once when it cannot be reached and `source` is not in the cache."""
+    cannot be reached. Raises `UserError` at once when it cannot be reached and `source` (at `revision`) is not in
+    the cache."""
     if local_files_only or _offline() or os.path.isdir(source) or source.startswith((".", "/", "~")):
         return local_files_only or _offline()
     if hub_reachable():
         return False
     from huggingface_hub import try_to_load_from_cache
 
-    if isinstance(try_to_load_from_cache(source, file), str):
+    if isinstance(try_to_load_from_cache(source, file, revision=revision), str):
         log.warning("the Hugging Face Hub cannot be reached: loading %s from the local cache", source)
         return True
-    raise UserError(f"cannot reach the Hugging Face Hub, and the {what} '{source}' is not in its cache "
-                    f"(HF_HOME): download it once with `hf download {source}` where there is internet, or pass a "
+    which, at = (f" at revision {revision}", f" --revision {revision}") if revision else ("", "")
+    raise UserError(f"cannot reach the Hugging Face Hub, and the {what} '{source}'{which} is not in its cache "
+                    f"(HF_HOME): download it once with `hf download {source}{at}` where there is internet, or pass a "
                     f"local folder ({key}=/path)")
+
+
+def hub_commit(source: str, file: str, revision: str | None) -> str | None:
+    """The commit of the Hub snapshot that `source` at `revision` (None: the default branch) was read from, found
+    by where its `file` lies in the local cache; None for a folder."""
+    if os.path.isdir(source):
+        return None
+    from diffusers.utils.hub_utils import extract_commit_hash
+    from huggingface_hub import try_to_load_from_cache
+
+    path = try_to_load_from_cache(source, file, revision=revision)
+    return extract_commit_hash(path) if isinstance(path, str) else None
 
 
 def _pipeline_index(source: str, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -232,19 +261,24 @@ def _pipeline_index(source: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     return DiffusionPipeline.load_config(source, **kwargs)
 
 
-def _load_diffusers(cfg: ModelConfig, dtype: torch.dtype, key: str = "model.pretrained") -> dict[str, Any]:
-    """The components of a diffusers Stable Diffusion or SDXL folder (SDXL: it has a second text encoder), weights
-    in `dtype` (the text encoders and SDXL's VAE: see `component_dtype`)."""
-    offline = offline_for(os.path.expanduser(cfg.pretrained), "Stable Diffusion model", key,
-                          "model_index.json", cfg.local_files_only)
-    kwargs = {"revision": cfg.revision, "local_files_only": offline}
-    # Weights only ever from safetensors files: a pickled checkpoint can run code when loaded.
-    weights = {"variant": cfg.variant, "use_safetensors": True, **kwargs}
+def _load_diffusers(cfg: ModelConfig, dtype: torch.dtype, key: str, revision: str | None
+                    ) -> tuple[dict[str, Any], str | None]:
+    """The components of a diffusers Stable Diffusion or SDXL folder or Hub id at `revision` (SDXL: it has a second
+    text encoder), weights in `dtype` (the text encoders and SDXL's VAE: see `component_dtype`), and the Hub commit
+    they came from (None for a folder)."""
     source = os.path.expanduser(cfg.pretrained)
+    offline = offline_for(source, "Stable Diffusion model", key, "model_index.json", cfg.local_files_only, revision)
+    kwargs = {"revision": revision, "local_files_only": offline}
+    commit = None
     try:
         with warnings.catch_warnings(), quiet_libraries():  # their failures come back as one UserError
             warnings.simplefilter("ignore", UserWarning)
             index = _pipeline_index(source, kwargs)
+            # every component from the snapshot the index came from, even if the branch moves meanwhile
+            commit = hub_commit(source, "model_index.json", revision)
+            kwargs["revision"] = commit or revision
+            # Weights only ever from safetensors files: a pickled checkpoint can run code when loaded.
+            weights = {"variant": cfg.variant, "use_safetensors": True, **kwargs}
             xl = (index.get("text_encoder_2") or [None])[0] is not None
             parts = {
                 "unet": UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **weights),
@@ -261,10 +295,10 @@ def _load_diffusers(cfg: ModelConfig, dtype: torch.dtype, key: str = "model.pret
                     source, subfolder="text_encoder_2", dtype=torch.float32, **weights)
                 parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **kwargs)
                 parts["force_zeros_for_empty_prompt"] = bool(index.get("force_zeros_for_empty_prompt", True))
-            return parts
+            return parts, commit
     except (OSError, ValueError) as exc:
         raise weights_not_available("Stable Diffusion model", key, cfg.pretrained, exc,
-                                    why_offline(offline, cfg.local_files_only)) from None
+                                    why_offline(offline, cfg.local_files_only), revision=commit or revision) from None
 
 
 @contextlib.contextmanager
@@ -287,10 +321,14 @@ def quiet_libraries() -> Iterator[None]:
                 lib.enable_progress_bar()
 
 
-def _load_image_encoder(cfg: ModelConfig, dtype: torch.dtype) -> tuple[CLIPVisionModelWithProjection, Any]:
+def _load_image_encoder(cfg: ModelConfig, dtype: torch.dtype, revision: str | None
+                        ) -> tuple[CLIPVisionModelWithProjection, Any, str | None]:
+    """The CLIP image encoder at `revision` (None: the default branch), its processor, and the Hub commit it came
+    from (None for a folder)."""
     source = os.path.expanduser(cfg.image_encoder)
-    kwargs = {"local_files_only": offline_for(source, "CLIP image encoder", "model.image_encoder", "config.json",
-                                              cfg.local_files_only)}
+    kwargs = {"revision": revision,
+              "local_files_only": offline_for(source, "CLIP image encoder", "model.image_encoder", "config.json",
+                                              cfg.local_files_only, revision)}
     try:
         with quiet_libraries():  # a two-tower checkpoint's text weights go unused: no report
             encoder = CLIPVisionModelWithProjection.from_pretrained(source, dtype=dtype, use_safetensors=True, **kwargs)
@@ -298,8 +336,8 @@ def _load_image_encoder(cfg: ModelConfig, dtype: torch.dtype) -> tuple[CLIPVisio
     except (OSError, ValueError) as exc:
         raise weights_not_available("CLIP image encoder", "model.image_encoder", cfg.image_encoder, exc,
                                     why_offline(kwargs["local_files_only"], cfg.local_files_only),
-                                    "the transformers layout") from None
-    return encoder, processor
+                                    "the transformers layout", revision) from None
+    return encoder, processor, hub_commit(source, "config.json", revision)
 
 
 def scheduler_from_json(text: str) -> DDIMScheduler:

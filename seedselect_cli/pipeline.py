@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import shlex
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +23,7 @@ from seedselect_cli import __version__
 from seedselect_cli.config import Config, load_config, resolve_shard, to_yaml
 from seedselect_cli.core.cuda_graphs import graph_cache, resolve_cuda_graphs
 from seedselect_cli.core.engine import ClassTarget, Engine, batch_blocks
-from seedselect_cli.core.frozen import FrozenModels
+from seedselect_cli.core.frozen import FrozenModels, HubCommits
 from seedselect_cli.core.initial_seeds import SeedStarts, inversion_fingerprint
 from seedselect_cli.core.optimize import SeedResult
 from seedselect_cli.core.targets import ReferenceEncodings, encoder_fingerprint
@@ -36,6 +36,7 @@ from seedselect_cli.files.run_directory import RunDirectory
 from seedselect_cli.files.seed_files import load_seed_file, png_text, save_seed_file, seed_metadata
 from seedselect_cli.files.tensor_cache import TensorCache, default_cache_dir
 from seedselect_cli.interrupt import GracefulStop, catching_signals
+from seedselect_cli.limits import is_commit
 from seedselect_cli.models import check_steps, compile_models, load_models
 from seedselect_cli.progress import NEXT, RunProgress, print_summary, run_progress
 from seedselect_cli.references import load_encodings
@@ -83,7 +84,7 @@ def metadata_for(models: FrozenModels, config: Config, record: ClassRecord, inde
     return seed_metadata(
         prompt=record.prompt, negative_prompt=sampler.negative_prompt, class_name=record.name, index=index,
         init_seed=init_seed, model=portable(models.name), model_revision=config.model.revision,
-        model_variant=config.model.variant, steps=sampler.steps, guidance_scale=sampler.guidance_scale,
+        model_commit=models.commits.model, model_variant=config.model.variant, steps=sampler.steps, guidance_scale=sampler.guidance_scale,
         height=sampler.height, width=sampler.width, sampler=sampler.name,
         scheduler_config=models.scheduler_json(), dtype=str(models.dtype).removeprefix("torch."),
         device=models.device.type, version=__version__)
@@ -176,8 +177,9 @@ def _run(config: Config, run_dir: Path, method: str, stop: GracefulStop) -> list
              count_of(sum(1 for t in todo.values() if t), "class", "classes"),
              f" ({kept} already in {run_dir})" if kept else "")
 
-    # 4. The frozen models, and the cache of reference encodings. A signal stops this at once.
-    models = load_models(config.model, device, dtype)
+    # 4. The frozen models (from the Hub: the commits the run's earlier images were drawn with), and the cache of
+    #    reference encodings. A signal stops this at once.
+    models = load_models(config.model, device, dtype, commits=earlier_commits(done.values()))
     check_steps(models.scheduler, config.sampler.steps, "sampler.steps")
     if config.init.inversion_steps:
         check_steps(models.scheduler, config.init.inversion_steps, "init.inversion_steps")
@@ -379,8 +381,24 @@ class ClassRun:
         }
         if record.label is not None:
             entry["dataset_label"] = record.label
+        for key, commit in (("model_commit", models.commits.model),
+                            ("image_encoder_commit", models.commits.image_encoder)):
+            if commit:
+                entry[key] = commit
         out.append_manifest(entry)
         return entry
+
+
+def earlier_commits(entries: Iterable[dict]) -> HubCommits:
+    """The Hub commits of the weights a run's finished images were drawn with (the first entry's that says them),
+    for a resumed run to load again: a branch that moved since would otherwise mix two models' images in one run."""
+    found: dict[str, str] = {}
+    for entry in entries:
+        for key in ("model_commit", "image_encoder_commit"):
+            value = entry.get(key)
+            if key not in found and is_commit(value):
+                found[key] = value
+    return HubCommits(found.get("model_commit"), found.get("image_encoder_commit"))
 
 
 def check_global_seed(path: Path, shape: tuple[int, ...], init_seed: int) -> torch.Tensor | None:

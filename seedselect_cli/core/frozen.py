@@ -23,6 +23,15 @@ def is_sdxl_unet(unet: UNet2DConditionModel) -> bool:
     return unet.config.addition_embed_type == "text_time"
 
 
+@dataclass(frozen=True)
+class HubCommits:
+    """The Hugging Face Hub commits the weights came from (None: a folder, the tiny components, or not loaded): what
+    a seed file records and a resumed run loads again, so that one run's images come from one set of weights."""
+
+    model: str | None = None  # model.pretrained's
+    image_encoder: str | None = None  # model.image_encoder's
+
+
 @dataclass
 class FrozenModels:
     """Everything SeedSelect needs from Stable Diffusion and CLIP, frozen and on one device. SDXL adds a second
@@ -42,6 +51,7 @@ class FrozenModels:
     text_encoder_2: CLIPTextModelWithProjection | None = None
     tokenizer_2: CLIPTokenizer | None = None
     force_zeros_for_empty_prompt: bool = False
+    commits: HubCommits = HubCommits()
 
     @property
     def is_xl(self) -> bool:

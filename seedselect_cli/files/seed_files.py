@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from seedselect_cli.errors import UserError, first_line
 from seedselect_cli.files.atomic import atomic_write
 from seedselect_cli.files.images import IMAGE_SUFFIXES
-from seedselect_cli.limits import DTYPE_NAMES, MAX_SIDE, MAX_STEPS, SAMPLER_NAMES
+from seedselect_cli.limits import DTYPE_NAMES, MAX_SIDE, MAX_STEPS, SAMPLER_NAMES, is_commit
 
 # a sampler's diffusers class (recorded, as tools that read the file expect) and its name in PNG `parameters`
 SAMPLER_CLASSES = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler", "dpmpp_2m": "DPMSolverMultistepScheduler",
@@ -39,16 +39,19 @@ def library_versions() -> dict[str, str]:
 
 
 def seed_metadata(*, prompt: str, negative_prompt: str, class_name: str, index: int, init_seed: int, model: str,
-                  model_revision: str | None, model_variant: str | None, steps: int, guidance_scale: float,
+                  model_revision: str | None, model_commit: str | None, model_variant: str | None, steps: int,
+                  guidance_scale: float,
                   height: int, width: int, sampler: str, scheduler_config: str, dtype: str, device: str,
                   version: str) -> dict[str, str]:
     """What a seed file records so that `generate` can redraw its image without the run's config: every
     value a string, as safetensors metadata holds them (`index` -1 is a class's bootstrap seed z_T^G).
-    `scheduler_config` is the model's own scheduler config, from which `sampler` (a `sampler.name`) is built. The
-    versions of torch and diffusers that drew it are added (`library_versions`)."""
+    `scheduler_config` is the model's own scheduler config, from which `sampler` (a `sampler.name`) is built;
+    `model_commit` the Hub commit its weights came from (None: a folder). The versions of torch and diffusers that
+    drew it are added (`library_versions`)."""
     return {
         "prompt": prompt, "negative_prompt": negative_prompt, "class": class_name, "index": str(index),
         "init_seed": str(init_seed), "model": model, "model_revision": model_revision or "",
+        "model_commit": model_commit or "",
         "model_variant": model_variant or "", "steps": str(steps), "guidance_scale": repr(float(guidance_scale)),
         "height": str(height), "width": str(width), "sampler": sampler, "scheduler": SAMPLER_CLASSES[sampler],
         "scheduler_config": scheduler_config,
@@ -174,6 +177,8 @@ def metadata_problem(metadata: dict[str, str]) -> str | None:
         return f"sampler={metadata['sampler']!r} is not one of {', '.join(SAMPLER_NAMES)}"
     if not metadata["model"].strip():
         return "names no model"
+    if metadata.get("model_commit") and not is_commit(metadata["model_commit"]):
+        return f"model_commit={metadata['model_commit']!r} is not a Hub commit id (40 hexadecimal digits)"
     try:
         scheduler = json.loads(metadata["scheduler_config"])
     except (json.JSONDecodeError, RecursionError):

@@ -1,0 +1,120 @@
+"""A model loaded by its Hub id, offline from the Hugging Face cache, as on a cluster node: the run records the
+Hub commit its weights came from, a resumed run and `generate` load that commit again after the branch has moved
+(one run's images from one set of weights, a seed's image pixel for pixel), and a commit not in the cache is one
+line that says how to get it. The cache is built here from the toy world's files (models--org--name/snapshots/)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from seedselect_cli.files.assets import asset_path
+from seedselect_cli.files.seed_files import load_seed_file
+from tests.runs import read_manifest, seedselect
+
+MODEL, ENCODER = "seedselect/toyworld", "seedselect/toyworld-clip"
+FIRST, SECOND, ENCODER_COMMIT = "1" * 40, "2" * 40, "c" * 40
+PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "model_index.json")
+
+
+def snapshot(cache: Path, repo: str, commit: str, files: Path, parts: tuple[str, ...]) -> Path:
+    """`files`' `parts` as the cached snapshot `commit` of Hub repository `repo`."""
+    folder = cache / f"models--{repo.replace('/', '--')}" / "snapshots" / commit
+    folder.mkdir(parents=True)
+    for part in parts:
+        source = files / part
+        (shutil.copytree if source.is_dir() else shutil.copy)(source, folder / part)
+    return folder
+
+
+def point_main(cache: Path, repo: str, commit: str) -> None:
+    refs = cache / f"models--{repo.replace('/', '--')}" / "refs"
+    refs.mkdir(parents=True, exist_ok=True)
+    (refs / "main").write_text(commit)
+
+
+def build_cache(cache: Path) -> None:
+    """The toy world at FIRST and, its UNet's output bias moved, at SECOND; its CLIP at ENCODER_COMMIT; main: FIRST."""
+    world = Path(asset_path("toyworld"))
+    snapshot(cache, MODEL, FIRST, world, PARTS)
+    second = snapshot(cache, MODEL, SECOND, world, PARTS)
+    weights = second / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    generator = torch.Generator().manual_seed(31)
+    bias = tensors["conv_out.bias"]
+    tensors["conv_out.bias"] = (bias.float() + 0.3 * torch.randn(bias.shape, generator=generator)).to(bias.dtype)
+    save_file(tensors, weights, metadata={"format": "pt"})
+    encoder = world / "clip"
+    snapshot(cache, ENCODER, ENCODER_COMMIT, encoder, tuple(p.name for p in encoder.iterdir()))
+    point_main(cache, MODEL, FIRST)
+    point_main(cache, ENCODER, ENCODER_COMMIT)
+
+
+def pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+@pytest.mark.slow  # five commands, each loading the models: 40 s
+def test_a_run_keeps_the_hub_commit_it_began_with_and_generate_redraws_from_it(tmp_path):
+    cache = tmp_path / "hub"
+    build_cache(cache)
+    env = {"HF_HUB_CACHE": str(cache)}
+    run = ["optimize", f"model.pretrained={MODEL}", f"model.image_encoder={ENCODER}", "optim.iterations=2",
+           "runtime.batch_size=1", "runtime.progress=false", "hydra.run.dir=run"]
+    first = seedselect(*run, "n_images=1", cwd=tmp_path, env=env)
+    assert first.returncode == 0, first.stderr
+    assert f"{MODEL}: Hub commit {FIRST}" in first.stdout + first.stderr
+    [entry] = read_manifest(tmp_path / "run")
+    assert (entry["model_commit"], entry["image_encoder_commit"]) == (FIRST, ENCODER_COMMIT)
+    seed_file = tmp_path / "run" / entry["seed_file"]
+    assert load_seed_file(seed_file).metadata["model_commit"] == FIRST
+
+    point_main(cache, MODEL, SECOND)  # the repository moved on: new UNet weights on main
+    again = seedselect("generate", f"seed_file={seed_file}", "out=again.png", cwd=tmp_path, env=env)
+    assert again.returncode == 0, again.stderr
+    assert np.array_equal(pixels(tmp_path / "again.png"), pixels(tmp_path / "run" / entry["image"]))
+    moved = seedselect("generate", f"seed_file={seed_file}", "out=moved.png", f"model={MODEL}", cwd=tmp_path, env=env)
+    assert moved.returncode == 0, moved.stderr
+    assert f"Hub commit {FIRST}, these are Hub commit {SECOND}'s" in moved.stdout + moved.stderr
+    assert not np.array_equal(pixels(tmp_path / "moved.png"), pixels(tmp_path / "again.png"))  # SECOND is another model
+
+    resumed = seedselect(*run, "n_images=2", cwd=tmp_path, env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"{MODEL}: Hub commit {FIRST}, as the run's earlier images" in resumed.stdout + resumed.stderr
+    assert [e["model_commit"] for e in read_manifest(tmp_path / "run")] == [FIRST, FIRST]
+
+    fresh = seedselect(*run, "n_images=1", "hydra.run.dir=fresh", cwd=tmp_path, env=env)
+    assert fresh.returncode == 0, fresh.stderr
+    assert [e["model_commit"] for e in read_manifest(tmp_path / "fresh")] == [SECOND]
+
+
+def test_a_recorded_commit_missing_from_the_cache_says_how_to_download_it(tmp_path):
+    cache = tmp_path / "hub"
+    build_cache(cache)
+    seed = {"initial": torch.randn(4, 8, 8), "optimized": torch.randn(4, 8, 8)}
+    metadata = load_seed_file_metadata_for(FIRST)
+    save_file(seed, tmp_path / "seed.safetensors", metadata=metadata)
+    shutil.rmtree(cache / "models--seedselect--toyworld" / "snapshots" / FIRST)
+    done = seedselect("generate", "seed_file=seed.safetensors", "out=x.png", cwd=tmp_path, env={"HF_HUB_CACHE": str(cache)})
+    assert done.returncode == 2
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith(f"error: the Stable Diffusion model '{MODEL}' at revision {FIRST} is not (wholly) in the "
+                           f"Hugging Face cache")
+    assert f"`hf download {MODEL} --revision {FIRST}`" in line
+
+
+def load_seed_file_metadata_for(commit: str) -> dict[str, str]:
+    """A seed file's metadata for the toy world `MODEL` at `commit` (as a run on the Hub id writes it)."""
+    scheduler = json.loads((Path(asset_path("toyworld")) / "scheduler" / "scheduler_config.json").read_text())
+    return {"prompt": "a photo of a marsh finch", "negative_prompt": "", "model": MODEL, "model_revision": "",
+            "model_commit": commit, "steps": "10", "guidance_scale": "2.0", "height": "32", "width": "32",
+            "sampler": "ddim", "scheduler_config": json.dumps(scheduler), "dtype": "float32", "device": "cpu",
+            "init_seed": "5"}
