@@ -438,3 +438,21 @@ def test_train_toyworld_trains_a_worlds_unet_on_with_the_empty_prompt_on_balance
     shipped = UNet2DConditionModel.from_pretrained(world / "unet", torch_dtype=torch.float32).state_dict()
     assert any(not torch.equal(trained[k], shipped[k]) for k in shipped)  # trained on from the world's, and saved
     assert max((trained[k] - shipped[k]).abs().max().item() for k in shipped) < 0.05  # not from scratch
+
+
+def test_copies_floor_counts_references_as_copies_and_real_images_not(tmp_path):
+    script = load_script("copies_floor")
+    world = Path(script.asset_path("toyworld"))
+    for concept in ("pine gull", "snow wren"):  # a head and a tail concept
+        for source, target in (("references", tmp_path / "images"), ("heldout", tmp_path / "baseline" / "images")):
+            folder = target / slugify(concept)
+            folder.mkdir(parents=True)
+            for path in sorted((world / source / concept).glob("*.png"))[:8]:
+                (folder / path.name).write_bytes(path.read_bytes())
+    table = script.floor_table(tmp_path, [32, 8])
+    assert {bucket for _, bucket, _ in table} == {"head", "tail"}
+    for side in (32, 8):
+        for bucket in ("head", "tail"):
+            assert table[side, bucket, "run"] == 1.0  # a reference is its own copy
+            assert table[side, bucket, "plain"] == 0.0  # no real image is nearer than the nearest real image
+            assert 0.0 <= table[side, bucket, "held-out real"] <= 0.1
