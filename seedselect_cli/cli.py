@@ -137,7 +137,8 @@ def generate_main(cfg: DictConfig) -> None:
 
     with user_errors():
         out = run_generate(load_structured(GenerateConfig, cfg))
-        print(f"wrote {out}")
+        if out.is_file():  # a folder's images are counted in the log
+            print(f"wrote {out}")
 
 
 @hydra.main(version_base="1.3", config_path="tool_configs", config_name="evaluate")

@@ -1,4 +1,5 @@
-"""`seedselect generate`: redraw the image of a saved seed, pixel for pixel on the same device and dtype."""
+"""`seedselect generate`: redraw the image of a saved seed (or of every seed in a folder, as RUN/seeds), pixel for
+pixel on the same device and dtype."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
-from PIL import PngImagePlugin
+from PIL import Image, PngImagePlugin
+from tqdm.auto import tqdm
 
 from seedselect_cli.config import ModelConfig, check_device
 from seedselect_cli.core.frozen import FrozenModels, HubCommits
@@ -19,7 +22,7 @@ from seedselect_cli.devices import check_redraw_dtype, resolve_device, seed_dtyp
 from seedselect_cli.errors import UserError
 from seedselect_cli.files.assets import resolve_location
 from seedselect_cli.files.atomic import atomic_write
-from seedselect_cli.files.seed_files import library_versions, load_seed_file, png_text
+from seedselect_cli.files.seed_files import SeedFile, library_versions, load_seed_file, png_text
 from seedselect_cli.models import load_models, scheduler_from_json
 
 log = logging.getLogger(__name__)
@@ -62,12 +65,13 @@ def check_output(out_arg: str) -> Path:
 
 
 def check_generate(cfg: GenerateConfig) -> Path:
-    """Every value of `seedselect generate`, before anything is read or loaded; returns the output path."""
+    """Every value of `seedselect generate`, before anything is read or loaded; returns the output path (a folder
+    where `seed_file` is one: made if missing)."""
     if cfg.tensor not in ("optimized", "initial"):
         raise UserError(f"tensor={cfg.tensor!r} is invalid: choose optimized or initial")
     check_redraw_dtype(cfg.runtime.dtype)
     check_device(cfg.runtime.device)
-    return check_output(cfg.out)
+    return check_output_folder(cfg.out) if Path(cfg.seed_file).expanduser().is_dir() else check_output(cfg.out)
 
 
 def models_for_seed(metadata: dict[str, str], model: str | None, device: torch.device, dtype: str | None
@@ -89,40 +93,134 @@ def models_for_seed(metadata: dict[str, str], model: str | None, device: torch.d
 
 
 def run_generate(cfg: GenerateConfig) -> Path:
-    """Load the seed file, rebuild its sampler, draw the image, write it atomically to `cfg.out`."""
+    """Draw the image of `cfg.seed_file` to `cfg.out`, or, where `seed_file` is a folder, every seed file in it to
+    the folder `out` (`generate_folder`)."""
+    if Path(cfg.seed_file).expanduser().is_dir():
+        return generate_folder(cfg)
     out = check_generate(cfg)
     seed = load_seed_file(cfg.seed_file)
-    meta = seed.metadata
     device = resolve_device(cfg.runtime.device)
-    models = models_for_seed(meta, cfg.model, device, cfg.runtime.dtype)
-    here = f"{str(models.dtype).removeprefix('torch.')} on {device.type}"
-    there = f"{meta['dtype']} on {meta.get('device') or device.type}"  # device is optional in a seed file
-    if here != there:
-        log.warning("drawing in %s; the seed's run drew in %s, so the image is the seed's but not pixel for pixel "
-                    "the run's", here, there)
-    else:
-        others = [f"{name} {ours} here, {meta[key]} in the seed's run" for key, ours in library_versions().items()
-                  if meta.get(key, ours) != ours for name in [key.removesuffix("_version")]]
-        if others:
-            log.warning("drawing with %s: other versions may round differently, so the image is the seed's but "
-                        "perhaps not pixel for pixel the run's", "; ".join(others))
+    models = models_for_seed(seed.metadata, cfg.model, device, cfg.runtime.dtype)
+    if warning := redraw_warning(models, seed.metadata):
+        log.warning("%s", warning)
+    write_image(draw(models, seed, cfg.tensor, cfg.seed_file), out, seed.metadata, cfg.tensor, f"out={cfg.out}")
+    return out
 
-    z_T = seed.optimized if cfg.tensor == "optimized" else seed.initial
+
+def generate_folder(cfg: GenerateConfig) -> Path:
+    """Every seed file under the folder `cfg.seed_file` drawn into the folder `cfg.out`, at the same relative path
+    (`seed_file=RUN/seeds`: OUT/<class>/<index>.png, as RUN/images), one at a time as a run draws them, the models
+    loaded once; images already in `out` are kept, so the same command goes on after a stop. Where the seeds are a
+    run's, says how many images came out pixel for pixel the run's."""
+    source, out = Path(cfg.seed_file).expanduser(), check_generate(cfg)
+    seeds = [p for p in sorted(source.rglob("*.safetensors"))
+             if not any(part.startswith(".") for part in p.relative_to(source).parts)]
+    if not seeds:
+        raise UserError(f"seed_file={cfg.seed_file} is a folder without seed files (.safetensors); pass a run's "
+                        f"seeds folder (RUN/seeds) or one seed file")
+    out.mkdir(exist_ok=True)
+    todo = [p for p in seeds if not (out / p.relative_to(source)).with_suffix(".png").exists()]
+    if not todo:
+        log.info("nothing to draw: every image is already in %s (%d)", out, len(seeds))
+        return out
+    if len(todo) < len(seeds):
+        log.info("%d of the %d images are already in %s; drawing the other %d", len(seeds) - len(todo), len(seeds),
+                 out, len(todo))
+    run_images = source.parent / "images" if source.name == "seeds" else None
+    device = resolve_device(cfg.runtime.device)
+    loaded: dict[tuple, FrozenModels] = {}
+    warned: set[str] = set()
+    same = compared = 0
+    for path in tqdm(todo, desc="seed files", unit="image", disable=None):
+        relative = path.relative_to(source)
+        try:
+            seed = load_seed_file(path)
+        except UserError as exc:
+            raise UserError(f"{exc} (the images drawn before it stay in {out}: remove or replace it, and the same "
+                            f"command goes on)") from None
+        meta = seed.metadata
+        key = (meta["model"], meta.get("model_commit"), meta.get("model_revision"), meta.get("model_variant"),
+               meta["dtype"])
+        if key not in loaded:
+            loaded[key] = models_for_seed(meta, cfg.model, device, cfg.runtime.dtype)
+        models = loaded[key]
+        models.scheduler = scheduler_from_json(meta["scheduler_config"])
+        if (warning := redraw_warning(models, meta)) and warning not in warned:
+            log.warning("%s", warning)
+            warned.add(warning)
+        image = draw(models, seed, cfg.tensor, str(path))
+        target = (out / relative).with_suffix(".png")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_image(image, target, meta, cfg.tensor, f"out={cfg.out}")
+        original = run_images / relative.with_suffix(".png") if run_images is not None else None
+        if cfg.tensor == "optimized" and original is not None and original.is_file():
+            compared += 1
+            same += identical_pixels(target, original)
+    log.info("drew %d images into %s%s", len(todo), out,
+             f"; {same} of {compared} are pixel for pixel the run's images in {run_images}" if compared else "")
+    return out
+
+
+def check_output_folder(out_arg: str) -> Path:
+    """`out=` for a folder of seed files: a folder that takes new files, or a new one in a folder that exists."""
+    out = Path(out_arg).expanduser()
+    if out.suffix.lower() in SUFFIXES or out.is_file():
+        raise UserError(f"out={out_arg} names a file, but seed_file is a folder: name a folder for the images, e.g. "
+                        f"out={out.with_suffix('')}")
+    if not out.parent.is_dir():
+        raise UserError(f"out={out_arg}: the folder {out.parent} does not exist; create it or choose another")
+    try:
+        probe = (out if out.is_dir() else out.parent) / f".probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"out={out_arg} cannot be written ({exc.strerror or exc}); choose another place") from None
+    return out
+
+
+def identical_pixels(first: Path, second: Path) -> bool:
+    with Image.open(first) as a, Image.open(second) as b:
+        return a.size == b.size and np.array_equal(np.asarray(a.convert("RGB")), np.asarray(b.convert("RGB")))
+
+
+def redraw_warning(models: FrozenModels, meta: dict[str, str]) -> str | None:
+    """Why an image drawn here from a seed file may not be pixel for pixel its run's: another dtype or device, or
+    other versions of torch and diffusers."""
+    here = f"{str(models.dtype).removeprefix('torch.')} on {models.device.type}"
+    there = f"{meta['dtype']} on {meta.get('device') or models.device.type}"  # device is optional in a seed file
+    if here != there:
+        return (f"drawing in {here}; the seed's run drew in {there}, so the image is the seed's but not pixel for "
+                f"pixel the run's")
+    others = [f"{name} {ours} here, {meta[key]} in the seed's run" for key, ours in library_versions().items()
+              if meta.get(key, ours) != ours for name in [key.removesuffix("_version")]]
+    if others:
+        return (f"drawing with {'; '.join(others)}: other versions may round differently, so the image is the seed's "
+                f"but perhaps not pixel for pixel the run's")
+    return None
+
+
+def draw(models: FrozenModels, seed: SeedFile, tensor: str, where: str) -> Image.Image:
+    """The image of a seed file's `tensor` (optimized or initial), drawn as its run drew it."""
+    meta = seed.metadata
+    z_T = seed.optimized if tensor == "optimized" else seed.initial
     expected = models.latent_shape(seed.height, seed.width)
     if tuple(z_T.shape) != expected:
-        raise UserError(f"seed_file={cfg.seed_file}: seed shape {tuple(z_T.shape)} does not fit model "
+        raise UserError(f"seed_file={where}: seed shape {tuple(z_T.shape)} does not fit model "
                         f"{models.name} at {seed.width}x{seed.height} (expected {expected})")
     text_embeds = encode_prompt(models, meta["prompt"], meta.get("negative_prompt", ""))
     noise = step_noise(seed.sampler, [int(meta.get("init_seed", "0"))], tuple(z_T.shape), seed.steps)
-    image = sample_images(models, z_T[None], text_embeds, seed.steps, seed.guidance_scale, seed.sampler, noise)[0]
+    return sample_images(models, z_T[None], text_embeds, seed.steps, seed.guidance_scale, seed.sampler, noise)[0]
 
+
+def write_image(image: Image.Image, out: Path, meta: dict[str, str], tensor: str, key: str) -> None:
+    """`image` to `out` atomically, with the seed file's metadata in a PNG's text chunks; `key` names `out` in an
+    error."""
     fmt = SUFFIXES[out.suffix.lower()]
     info = PngImagePlugin.PngInfo()
-    for key, text in png_text({**meta, "tensor": cfg.tensor}).items():
-        info.add_text(key, text)
+    for name, text in png_text({**meta, "tensor": tensor}).items():
+        info.add_text(name, text)
     save_kwargs = {"pnginfo": info} if fmt == "PNG" else {"quality": 95}
     try:
         atomic_write(out, lambda tmp: image.save(tmp, format=fmt, **save_kwargs))
     except OSError as exc:
-        raise UserError(f"out={cfg.out} cannot be written ({exc.strerror or exc}); choose another place") from None
-    return out
+        raise UserError(f"{key} cannot be written ({exc.strerror or exc}); choose another place") from None

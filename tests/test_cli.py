@@ -151,6 +151,42 @@ def test_user_errors_exit_2_with_one_line(args, message, capsys, tmp_path, monke
     assert err.startswith("error:") and message in err and len(err.splitlines()) == 1, err
 
 
+@pytest.mark.slow
+def test_generate_redraws_a_folder_of_seeds_as_the_runs_images_and_goes_on_after_a_stop(demo_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(demo_run[0], run_dir)
+    entries = read_manifest(run_dir)
+    done = seedselect("generate", f"seed_file={run_dir / 'seeds'}", "out=again", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    for entry in entries:  # OUT mirrors RUN/images
+        drawn = tmp_path / "again" / Path(entry["image"]).relative_to("images")
+        assert np.array_equal(np.asarray(Image.open(drawn)), np.asarray(Image.open(run_dir / entry["image"])))
+    n = len(entries)
+    assert f"drew {n} images into again; {n} of {n} are pixel for pixel the run's images" in done.stdout
+    # a stop half-way, then the same command: only what is missing is drawn; a damaged seed file stops it, one line
+    (tmp_path / "again" / Path(entries[0]["image"]).relative_to("images")).unlink()
+    (run_dir / "seeds" / "red_disc" / "zzzzz.safetensors").write_bytes(b"not a seed file")
+    done = seedselect("generate", f"seed_file={run_dir / 'seeds'}", "out=again", cwd=tmp_path)
+    assert done.returncode == 2
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith("error: seed_file=") and "zzzzz.safetensors" in line and "stay in again" in line
+    assert f"{n - 1} of the {n + 1} images are already in again; drawing the other 2" in done.stdout
+    assert len(list((tmp_path / "again").rglob("*.png"))) == n
+    (run_dir / "seeds" / "red_disc" / "zzzzz.safetensors").unlink()
+    done = seedselect("generate", f"seed_file={run_dir / 'seeds'}", "out=again", cwd=tmp_path)
+    assert done.returncode == 0 and f"every image is already in again ({n})" in done.stdout
+
+
+def test_generate_of_a_folder_wants_a_folder_with_seeds(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "seeds").mkdir()
+    assert main(["generate", "seed_file=seeds", "out=images"]) == 2
+    assert capsys.readouterr().err.startswith("error: seed_file=seeds is a folder without seed files (.safetensors)")
+    assert not (tmp_path / "images").exists()
+    assert main(["generate", "seed_file=seeds", "out=image.png"]) == 2
+    assert capsys.readouterr().err.startswith("error: out=image.png names a file, but seed_file is a folder")
+
+
 def test_generate_rejects_a_file_that_is_not_a_seed_file(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "fake.safetensors").write_bytes(b"not safetensors at all")
