@@ -22,6 +22,7 @@ from seedselect_cli.devices import check_redraw_dtype, resolve_device, seed_dtyp
 from seedselect_cli.errors import UserError
 from seedselect_cli.files.assets import resolve_location
 from seedselect_cli.files.atomic import atomic_write
+from seedselect_cli.files.run_directory import CONFIG
 from seedselect_cli.files.seed_files import SeedFile, library_versions, load_seed_file, png_text
 from seedselect_cli.models import load_models, scheduler_from_json
 
@@ -71,7 +72,9 @@ def check_generate(cfg: GenerateConfig) -> Path:
         raise UserError(f"tensor={cfg.tensor!r} is invalid: choose optimized or initial")
     check_redraw_dtype(cfg.runtime.dtype)
     check_device(cfg.runtime.device)
-    return check_output_folder(cfg.out) if Path(cfg.seed_file).expanduser().is_dir() else check_output(cfg.out)
+    if Path(cfg.seed_file).expanduser().is_dir():
+        return check_output_folder(cfg.out, cfg.seed_file)
+    return check_output(cfg.out)
 
 
 def models_for_seed(metadata: dict[str, str], model: str | None, device: torch.device, dtype: str | None
@@ -113,6 +116,8 @@ def generate_folder(cfg: GenerateConfig) -> Path:
     loaded once; images already in `out` are kept, so the same command goes on after a stop. Where the seeds are a
     run's, says how many images came out pixel for pixel the run's."""
     source, out = Path(cfg.seed_file).expanduser(), check_generate(cfg)
+    if (source / CONFIG).is_file() and (source / "seeds").is_dir():  # a run directory: its images' seeds
+        source = source / "seeds"
     seeds = [p for p in sorted(source.rglob("*.safetensors"))
              if not any(part.startswith(".") for part in p.relative_to(source).parts)]
     if not seeds:
@@ -161,12 +166,13 @@ def generate_folder(cfg: GenerateConfig) -> Path:
     return out
 
 
-def check_output_folder(out_arg: str) -> Path:
-    """`out=` for a folder of seed files: a folder that takes new files, or a new one in a folder that exists."""
+def check_output_folder(out_arg: str, seed_folder: str) -> Path:
+    """`out=` for the folder of seed files `seed_folder`: a folder that takes new files, or a new one in a folder
+    that exists."""
     out = Path(out_arg).expanduser()
     if out.suffix.lower() in SUFFIXES or out.is_file():
-        raise UserError(f"out={out_arg} names a file, but seed_file is a folder: name a folder for the images, e.g. "
-                        f"out={out.with_suffix('')}")
+        raise UserError(f"out={out_arg} names a file, but seed_file={seed_folder} is a folder: name a folder for its "
+                        f"images (e.g. out={out.with_suffix('')}), or pass one seed file")
     if not out.parent.is_dir():
         raise UserError(f"out={out_arg}: the folder {out.parent} does not exist; create it or choose another")
     try:

@@ -98,7 +98,8 @@ CASES = {
         ["generate", "seed_file={inputs}/small.safetensors", "out=x.png"], "does not fit model tiny"),
     "seed file that does not exist": (["generate", "seed_file=nope.safetensors", "out=x.png"], "does not exist"),
     "seed file that is a folder": (["generate", "seed_file={inputs}", "out=x.png"],
-                                   "seed_file={inputs} is a folder; pass one seed file, e.g. seed_file={inputs}/"),
+                                   ("out=x.png names a file, but seed_file={inputs} is a folder: name a folder for "
+                                   "its images (e.g. out=x), or pass one seed file")),
     "an image for a seed file": (["generate", "seed_file={inputs}/good.png", "out=x.png"],
                                  "is an image; pass its seed file"),
     "output that is not an image": (["generate", "seed_file={inputs}/small.safetensors", "out=x.txt"], "out=x.txt"),

@@ -173,7 +173,7 @@ def test_generate_redraws_a_folder_of_seeds_as_the_runs_images_and_goes_on_after
     assert f"{n - 1} of the {n + 1} images are already in again; drawing the other 2" in done.stdout
     assert len(list((tmp_path / "again").rglob("*.png"))) == n
     (run_dir / "seeds" / "red_disc" / "zzzzz.safetensors").unlink()
-    done = seedselect("generate", f"seed_file={run_dir / 'seeds'}", "out=again", cwd=tmp_path)
+    done = seedselect("generate", f"seed_file={run_dir}", "out=again", cwd=tmp_path)  # the run directory: its seeds
     assert done.returncode == 0 and f"every image is already in again ({n})" in done.stdout
 
 
@@ -184,7 +184,7 @@ def test_generate_of_a_folder_wants_a_folder_with_seeds(tmp_path, capsys, monkey
     assert capsys.readouterr().err.startswith("error: seed_file=seeds is a folder without seed files (.safetensors)")
     assert not (tmp_path / "images").exists()
     assert main(["generate", "seed_file=seeds", "out=image.png"]) == 2
-    assert capsys.readouterr().err.startswith("error: out=image.png names a file, but seed_file is a folder")
+    assert capsys.readouterr().err.startswith("error: out=image.png names a file, but seed_file=seeds is a folder")
 
 
 def test_generate_rejects_a_file_that_is_not_a_seed_file(tmp_path, capsys, monkeypatch):
