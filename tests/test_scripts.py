@@ -331,8 +331,9 @@ def test_toyworld_encoder_check_draws_off_model_shapes_in_the_concepts_colour_an
     assert script.generator.COLOURS == colours  # the generator's palette is put back
 
     rows = {r["set"]: r for r in script.check(*_encoder_and_judge(), "snow wren", 16, np.random.default_rng(1))}
-    assert set(rows) == {"real", *script.OFF_KINDS, "marsh wren (yellow cross)", "snow finch (yellow square)",
-                         "rock gull (yellow circle)"}
+    assert set(rows) == {"real", *script.OFF_KINDS, "holed", "marsh wren (yellow cross)",
+                         "snow finch (yellow square)", "rock gull (yellow circle)"}
+    assert rows["holed"]["auc"] > 0.8  # a hole moves a drawing away from the references (the judge: measured only)
     assert np.isnan(rows["real"]["auc"]) and rows["real"]["judge_right"] >= 0.9
     # in the shipped world the encoder tells a yellow triangle from every other yellow concept; the judge
     # rejects every off-model drawing
