@@ -131,11 +131,12 @@ def generate_folder(cfg: GenerateConfig) -> Path:
     if len(todo) < len(seeds):
         log.info("%d of the %d images are already in %s; drawing the other %d", len(seeds) - len(todo), len(seeds),
                  out, len(todo))
-    run_images = source.parent / "images" if source.name == "seeds" else None
+    run_images = images_of_seeds(source)
     device = resolve_device(cfg.runtime.device)
     loaded: dict[tuple, FrozenModels] = {}
     warned: set[str] = set()
-    same = compared = 0
+    compared = 0
+    differing: list[str] = []
     for path in tqdm(todo, desc="seed files", unit="image", disable=None):
         relative = path.relative_to(source)
         try:
@@ -160,9 +161,14 @@ def generate_folder(cfg: GenerateConfig) -> Path:
         original = run_images / relative.with_suffix(".png") if run_images is not None else None
         if cfg.tensor == "optimized" and original is not None and original.is_file():
             compared += 1
-            same += identical_pixels(target, original)
+            if not identical_pixels(target, original):
+                differing.append(relative.with_suffix(".png").as_posix())
     log.info("drew %d images into %s%s", len(todo), out,
-             f"; {same} of {compared} are pixel for pixel the run's images in {run_images}" if compared else "")
+             f"; {compared - len(differing)} of {compared} are pixel for pixel the run's images in {run_images}"
+             if compared else "")
+    if differing:
+        log.warning("not pixel for pixel the run's: %s%s", ", ".join(differing[:5]),
+                    f" and {len(differing) - 5} more" if len(differing) > 5 else "")
     return out
 
 
@@ -182,6 +188,15 @@ def check_output_folder(out_arg: str, seed_folder: str) -> Path:
     except OSError as exc:
         raise UserError(f"out={out_arg} cannot be written ({exc.strerror or exc}); choose another place") from None
     return out
+
+
+def images_of_seeds(folder: Path) -> Path | None:
+    """Where a run keeps the images of the seeds in `folder` (RUN/seeds or a class's folder in it): RUN/images/...;
+    None for seeds outside a run."""
+    for seeds in (folder, folder.parent):
+        if seeds.name == "seeds" and (seeds.parent / "images").is_dir():
+            return seeds.parent / "images" / folder.relative_to(seeds)
+    return None
 
 
 def identical_pixels(first: Path, second: Path) -> bool:

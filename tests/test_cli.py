@@ -175,6 +175,12 @@ def test_generate_redraws_a_folder_of_seeds_as_the_runs_images_and_goes_on_after
     (run_dir / "seeds" / "red_disc" / "zzzzz.safetensors").unlink()
     done = seedselect("generate", f"seed_file={run_dir}", "out=again", cwd=tmp_path)  # the run directory: its seeds
     assert done.returncode == 0 and f"every image is already in again ({n})" in done.stdout
+    # one class's seeds in another dtype: compared with that class's images, and the ones that differ named
+    done = seedselect("generate", f"seed_file={run_dir / 'seeds' / 'red_disc'}", "out=half", "runtime.dtype=bfloat16",
+                      cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert f"0 of {n} are pixel for pixel the run's images in {run_dir / 'images' / 'red_disc'}" in done.stdout
+    assert "not pixel for pixel the run's: 00000.png, 00001.png" in done.stdout
 
 
 def test_generate_of_a_folder_wants_a_folder_with_seeds(tmp_path, capsys, monkeypatch):
