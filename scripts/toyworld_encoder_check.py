@@ -50,26 +50,6 @@ def in_colour(concept: str, kind: str, n: int, rng: np.random.Generator) -> list
         generator.COLOURS, generator.CONCEPTS = colours, concepts
 
 
-def holed(concept: str, n: int, rng: np.random.Generator) -> list:
-    """`n` drawings of the concept with a hole of its background punched into the shape, off its centre by up to
-    a fifth of its size, then softened as a model draws: a defect the world's renderer never showed the judge."""
-    from PIL import ImageDraw, ImageFilter
-
-    drawings = []
-    for _ in range(n):
-        image = generator.render(concept, rng)
-        pixels = np.asarray(image, dtype=np.float32)
-        shape = pixels.max(axis=2) - pixels.min(axis=2) > 40  # coloured, not grey
-        ys, xs = np.nonzero(shape)
-        size = np.sqrt(shape.sum() / np.pi)
-        cx, cy = xs.mean() + rng.uniform(-0.2, 0.2) * size, ys.mean() + rng.uniform(-0.2, 0.2) * size
-        r = rng.uniform(0.3, 0.5) * size
-        grey = tuple(int(v) for v in np.median(pixels[~shape], axis=0))
-        ImageDraw.Draw(image).ellipse([cx - r, cy - r, cx + r, cy + r], fill=grey)
-        drawings.append(image.filter(ImageFilter.GaussianBlur(rng.uniform(0.0, 0.8))))
-    return drawings
-
-
 def check(models, judge: Judge, concept: str, n: int, rng: np.random.Generator) -> list[dict]:
     """Per set of drawings: its median CLIP distance to the references' centroid, the AUC of real against it,
     and the judge's share right."""
@@ -78,7 +58,7 @@ def check(models, judge: Judge, concept: str, n: int, rng: np.random.Generator) 
     colour = generator.LOOKS[concept].split()[0]
     sets = {"real": [generator.render(concept, rng) for _ in range(n)]}
     sets.update({kind: in_colour(concept, kind, n, rng) for kind in OFF_KINDS})
-    sets["holed"] = holed(concept, n, rng)
+    sets["holed"] = in_colour(concept, "holed", n, rng)
     sets.update({f"{other} ({looks})": [generator.render(other, rng) for _ in range(n)]
                  for other, looks in generator.LOOKS.items() if looks.split()[0] == colour and other != concept})
     distance = {name: (1 - clip_embed_pil(models, images) @ centroid).numpy() for name, images in sets.items()}

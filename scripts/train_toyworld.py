@@ -110,6 +110,8 @@ def render(name: str, rng: np.random.Generator) -> Image.Image:
 
 OFF_MODEL = "off-model"
 OFF_KINDS = ("star", "notched", "blob", "stretched", "blurred", "two shapes", "noise")
+# drawn on request only (`render_off_model(rng, "holed")`, `--judge-rejects`): the shipped judge never saw them
+MORE_OFF_KINDS = ("holed",)
 
 
 def _canvas(rng: np.random.Generator, scale: int) -> Image.Image:
@@ -130,6 +132,8 @@ def render_off_model(rng: np.random.Generator, kind: str | None = None) -> Image
         from PIL import ImageFilter
 
         return render(CONCEPTS[rng.integers(len(CONCEPTS))], rng).filter(ImageFilter.GaussianBlur(rng.uniform(1.8, 3.0)))
+    if kind == "holed":  # a concept with a hole of its background punched in it
+        return punch_hole(render(CONCEPTS[rng.integers(len(CONCEPTS))], rng), rng)
     image = _canvas(rng, scale)
     draw = ImageDraw.Draw(image)
     r = rng.uniform(7, 11) * scale
@@ -170,6 +174,23 @@ def render_off_model(rng: np.random.Generator, kind: str | None = None) -> Image
     from PIL import ImageFilter
 
     return small.filter(ImageFilter.GaussianBlur(rng.uniform(0.0, 0.8)))  # as soft as a model draws
+
+
+def punch_hole(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """`image` (a render) with a disc of its background's grey punched into its shape, 0.3 to 0.5 of the shape's
+    radius, off its centre by up to a fifth of it, then softened as a model draws."""
+    from PIL import ImageFilter
+
+    pixels = np.asarray(image, dtype=np.float32)
+    shape = pixels.max(axis=2) - pixels.min(axis=2) > 40  # coloured, not grey
+    ys, xs = np.nonzero(shape)
+    size = np.sqrt(shape.sum() / np.pi)
+    cx, cy = xs.mean() + rng.uniform(-0.2, 0.2) * size, ys.mean() + rng.uniform(-0.2, 0.2) * size
+    r = rng.uniform(0.3, 0.5) * size
+    image = image.copy()
+    ImageDraw.Draw(image).ellipse([cx - r, cy - r, cx + r, cy + r],
+                                  fill=tuple(int(v) for v in np.median(pixels[~shape], axis=0)))
+    return image.filter(ImageFilter.GaussianBlur(rng.uniform(0.0, 0.8)))
 
 
 def to_tensor(images: list[Image.Image]) -> torch.Tensor:
@@ -403,16 +424,18 @@ def judge_augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return (x * (1 - mix) + blurred * mix + 0.04 * torch.randn(x.shape, generator=g)).clamp(-1, 1)
 
 
-def judge_batch(rng: np.random.Generator, per_concept: int, off_model: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`per_concept` renders of every concept and `off_model` images of none (label len(CONCEPTS))."""
+def judge_batch(rng: np.random.Generator, per_concept: int, off_model: int, kinds: tuple[str, ...] = OFF_KINDS
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`per_concept` renders of every concept and `off_model` images of none (label len(CONCEPTS)) of `kinds`."""
     x, y = balanced_batch(rng, per_concept)
-    off = to_tensor([render_off_model(rng) for _ in range(off_model)])
+    off = to_tensor([render_off_model(rng, None if kinds == OFF_KINDS else kinds[rng.integers(len(kinds))])
+                     for _ in range(off_model)])
     return torch.cat([x, off]), torch.cat([y, torch.full((off_model,), len(CONCEPTS))])
 
 
-def train_judge(steps: int, seed: int):
+def train_judge(steps: int, seed: int, kinds: tuple[str, ...] = OFF_KINDS):
     """The judge: a ResNet (another architecture than the CLIP, another seed), trained on balanced renders
-    of the 20 concepts and on off-model images (`render_off_model`) as a 21st, rejected class."""
+    of the 20 concepts and on off-model images (`render_off_model` of `kinds`) as a 21st, rejected class."""
     from transformers import ResNetConfig, ResNetForImageClassification
 
     torch.manual_seed(seed)
@@ -424,7 +447,7 @@ def train_judge(steps: int, seed: int):
     judge.train()
 
     def loss_of_step() -> torch.Tensor:
-        x, y = judge_batch(rng, 6, 40)
+        x, y = judge_batch(rng, 6, 40, kinds)
         return F.cross_entropy(judge(pixel_values=judge_augment(x, g)).logits, y)
 
     fit("judge", list(judge.parameters()), loss_of_step, steps, lr=2e-3, weight_decay=1e-2, every=200)
@@ -457,10 +480,11 @@ def save_heldout(out: Path, seed: int) -> None:
 UNET_KEYS = ("unet_steps", "sampling_power", "unconditional", "unconditional_share", "trained_on_from")
 
 
-def save_world(out: Path, seconds: dict, unet: dict) -> None:
-    """world.json; `unet`: how the UNet was trained (unet_steps, sampling_power, unconditional, ...)."""
+def save_world(out: Path, seconds: dict, unet: dict, rejects: list[str]) -> None:
+    """world.json; `unet`: how the UNet was trained (unet_steps, sampling_power, unconditional, ...); `rejects`: the
+    off-model kinds the judge was trained to reject."""
     world = {"template": TEMPLATE, "image_size": SIZE, "seconds": seconds, **unet,
-             "judge": {"labels": [*CONCEPTS, OFF_MODEL], "rejects": list(OFF_KINDS)},
+             "judge": {"labels": [*CONCEPTS, OFF_MODEL], "rejects": list(rejects)},
              "heldout_per_concept": HELDOUT_PER_CONCEPT,
              "concepts": [{"name": n, "count": c, "bucket": bucket(c), "looks": looks} for n, c, looks in RANKED]}
     (out / "world.json").write_text(json.dumps(world, indent=2) + "\n")
@@ -525,6 +549,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="with --only unet: train on from the UNet and text encoder in --out instead of fresh ones")
     parser.add_argument("--clip-steps", type=int, default=800)
     parser.add_argument("--judge-steps", type=int, default=1500)
+    parser.add_argument("--judge-rejects", nargs="+", choices=(*OFF_KINDS, *MORE_OFF_KINDS), default=list(OFF_KINDS),
+                        help="the off-model kinds the judge learns to reject (default: the shipped judge's)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.unet_from_world and args.only != ["unet"]:
@@ -587,7 +613,7 @@ def main(argv: list[str] | None = None) -> None:
         vae.to(torch.float16).save_pretrained(out / "vae", safe_serialization=True)
     if "judge" in parts:
         stage = time.perf_counter()
-        save_judge(out, train_judge(args.judge_steps, args.seed + 4))
+        save_judge(out, train_judge(args.judge_steps, args.seed + 4, tuple(args.judge_rejects)))
         seconds["judge"] = time.perf_counter() - stage
     if "heldout" in parts:
         save_heldout(out, args.seed + 5)
@@ -601,7 +627,9 @@ def main(argv: list[str] | None = None) -> None:
             unet_training["trained_on_from"] = {k: v for k, v in before.items() if k in UNET_KEYS}
     else:  # the UNet kept: its training as the world says
         unet_training = {k: v for k, v in json.loads(world.read_text()).items() if k in UNET_KEYS}
-    save_world(out, {k: math.floor(v) for k, v in seconds.items()}, unet_training)
+    rejects = (args.judge_rejects if "judge" in parts else
+               json.loads(world.read_text())["judge"]["rejects"] if world.is_file() else list(OFF_KINDS))
+    save_world(out, {k: math.floor(v) for k, v in seconds.items()}, unet_training, rejects)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"saved {out} ({size / 2**20:.1f} MiB) in {time.perf_counter() - begin:.0f} s", flush=True)
 

@@ -457,3 +457,33 @@ def test_copies_floor_counts_references_as_copies_and_real_images_not(tmp_path):
             assert table[side, bucket, "run"] == 1.0  # a reference is its own copy
             assert table[side, bucket, "plain"] == 0.0  # no real image is nearer than the nearest real image
             assert 0.0 <= table[side, bucket, "held-out real"] <= 0.1
+
+
+def test_train_toyworld_judge_rejects_what_it_is_told_and_world_json_says_so(tmp_path):
+    """`--only judge --judge-rejects ...`: the judge trains on those off-model kinds alone (here with `holed`, a
+    concept with a hole punched in it, which the shipped judge never saw), and world.json records them."""
+    import shutil
+
+    from seedselect_cli.files.assets import asset_path
+
+    script = load_script("train_toyworld")
+    rng = np.random.default_rng(5)
+    image = script.render("marsh finch", rng)
+    holed = script.punch_hole(image, rng)
+
+    def coloured(im):
+        pixels = np.asarray(im, dtype=np.float32)
+        return int((pixels.max(axis=2) - pixels.min(axis=2) > 40).sum())
+
+    assert coloured(holed) < 0.95 * coloured(image)  # a hole of at least a twentieth of the shape's area
+    drawn = []
+    real_render_off_model = script.render_off_model
+    script.render_off_model = lambda rng, kind=None: drawn.append(kind) or real_render_off_model(rng, kind)
+    x, y = script.judge_batch(np.random.default_rng(0), 1, 6, ("holed", "star"))
+    script.render_off_model = real_render_off_model
+    assert set(drawn) <= {"holed", "star"} and len(drawn) == 6 and (y == len(script.CONCEPTS)).sum() == 6
+    assert len(x) == len(script.CONCEPTS) + 6
+    out = tmp_path / "world"
+    shutil.copytree(asset_path("toyworld"), out, ignore=shutil.ignore_patterns("heldout", "references", "clip"))
+    script.main(["--only", "judge", "--quick", "--judge-rejects", "holed", "star", "--out", str(out)])
+    assert json.loads((out / "world.json").read_text())["judge"]["rejects"] == ["holed", "star"]
