@@ -32,6 +32,7 @@ from transformers.utils import logging as transformers_logging
 from seedselect_cli.config import ModelConfig
 from seedselect_cli.core.frozen import FrozenModels, HubCommits, is_sdxl_unet
 from seedselect_cli.errors import UserError
+from seedselect_cli.limits import is_commit
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +181,11 @@ def load_models(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, with
                                    (cfg.image_encoder, loaded.image_encoder, commits.image_encoder)):
         if commit:
             log.info("%s: Hub commit %s%s", source, commit, ", as the run's earlier images" if commit == pinned else "")
+        if pinned and commit != pinned:  # a folder: it holds what it holds
+            log.warning("%s: the run's earlier images were drawn with the weights of Hub commit %s, and %s: this "
+                        "run's images would come from other weights than theirs; put those back, or start a new run "
+                        "directory", source, pinned, f"these are commit {commit}'s" if commit else
+                        "these files cannot be told to be that commit's (changed since they were downloaded?)")
     for key in ("vae", "unet", "text_encoder", "text_encoder_2", "image_encoder"):
         if parts.get(key) is not None:
             parts[key] = _freeze(parts[key], device, component_dtype(key, parts, dtype))
@@ -240,14 +246,41 @@ def offline_for(source: str, what: str, key: str, file: str, local_files_only: b
 
 def hub_commit(source: str, file: str, revision: str | None) -> str | None:
     """The commit of the Hub snapshot that `source` at `revision` (None: the default branch) was read from, found
-    by where its `file` lies in the local cache; None for a folder."""
-    if os.path.isdir(source):
-        return None
+    by where its `file` lies in the local cache; for a folder, `folder_commit`."""
     from diffusers.utils.hub_utils import extract_commit_hash
     from huggingface_hub import try_to_load_from_cache
 
+    if os.path.isdir(source):
+        return folder_commit(Path(source), file)
     path = try_to_load_from_cache(source, file, revision=revision)
     return extract_commit_hash(path) if isinstance(path, str) else None
+
+
+def folder_commit(folder: Path, file: str) -> str | None:
+    """The Hub commit a folder's files came from, where the folder itself says so: a snapshot of the Hugging Face
+    cache (.../snapshots/<commit>/), or a folder of `hf download --local-dir` whose download records
+    (.cache/huggingface/download/) name one commit for `file` and for every weights file, none changed since.
+    None where it cannot be told (a folder saved by hand, a file changed after its download)."""
+    from diffusers.utils.hub_utils import extract_commit_hash
+
+    for path in (folder, folder.resolve()):
+        if commit := extract_commit_hash((path / file).as_posix()):
+            return commit
+    records = folder / ".cache" / "huggingface" / "download"
+    if not records.is_dir():
+        return None
+    weights = [p.relative_to(folder) for p in folder.rglob("*.safetensors")]
+    commits = set()
+    for relative in [Path(file), *(p for p in weights if p.parts[0] != ".cache")]:
+        try:
+            commit, _etag, stamp = (records / f"{relative.as_posix()}.metadata").read_text().splitlines()[:3]
+            if (folder / relative).stat().st_mtime - 1 > float(stamp):  # changed since it was downloaded
+                return None
+        except (OSError, ValueError):
+            return None
+        commits.add(commit.strip())
+    commit = commits.pop() if len(commits) == 1 else None
+    return commit if is_commit(commit) else None
 
 
 def _pipeline_index(source: str, kwargs: dict[str, Any]) -> dict[str, Any]:

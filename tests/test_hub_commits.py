@@ -6,7 +6,9 @@ line that says how to get it. The cache is built here from the toy world's files
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -118,3 +120,51 @@ def load_seed_file_metadata_for(commit: str) -> dict[str, str]:
             "model_commit": commit, "steps": "10", "guidance_scale": "2.0", "height": "32", "width": "32",
             "sampler": "ddim", "scheduler_config": json.dumps(scheduler), "dtype": "float32", "device": "cpu",
             "init_seed": "5"}
+
+
+def local_dir_download(folder: Path, commit: str) -> None:
+    """The records `hf download --local-dir` leaves beside the files (commit, etag and time of each download),
+    written by huggingface_hub's own function."""
+    from huggingface_hub._local_folder import write_download_metadata
+
+    for path in [folder / "model_index.json", *folder.rglob("*.safetensors")]:
+        write_download_metadata(folder, path.relative_to(folder).as_posix(), commit, "etag")
+
+
+def test_a_folder_says_its_commit_when_it_is_a_snapshot_or_a_download_none_changed_since(tmp_path):
+    from seedselect_cli.models import folder_commit
+
+    build_cache(tmp_path / "hub")
+    assert folder_commit(tmp_path / "hub" / "models--seedselect--toyworld" / "snapshots" / SECOND,
+                         "model_index.json") == SECOND
+    folder = tmp_path / "sd"
+    snapshot(tmp_path, "x/y", FIRST, Path(asset_path("toyworld")), PARTS).rename(folder)
+    assert folder_commit(folder, "model_index.json") is None  # saved by hand: nothing says
+    local_dir_download(folder, FIRST)
+    assert folder_commit(folder, "model_index.json") == FIRST
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    before, later = weights.stat().st_mtime, time.time() + 60
+    os.utime(weights, (later, later))  # written again after its download
+    assert folder_commit(folder, "model_index.json") is None
+    os.utime(weights, (before, before))
+    assert folder_commit(folder, "model_index.json") == FIRST
+    (folder / ".cache" / "huggingface" / "download" / "vae" / "diffusion_pytorch_model.safetensors.metadata"
+     ).write_text(f"{SECOND}\n\"etag\"\n{later + 60}\n")  # two commits mixed in one folder
+    assert folder_commit(folder, "model_index.json") is None
+
+
+def test_a_resumed_run_whose_folder_holds_other_weights_is_warned(tmp_path, caplog):
+    from seedselect_cli.config import ModelConfig
+    from seedselect_cli.core.frozen import HubCommits
+    from seedselect_cli.models import load_models
+
+    folder = snapshot(tmp_path, "x/y", FIRST, Path(asset_path("toyworld")), PARTS)
+    folder = folder.rename(tmp_path / "sd")
+    local_dir_download(folder, SECOND)
+    config = ModelConfig(pretrained=str(folder), image_encoder="tiny")
+    models = load_models(config, torch.device("cpu"), torch.float32, commits=HubCommits(model=SECOND))
+    assert models.commits.model == SECOND and "earlier images were drawn" not in caplog.text
+    models = load_models(config, torch.device("cpu"), torch.float32, commits=HubCommits(model=FIRST))
+    assert models.commits.model == SECOND
+    assert f"the run's earlier images were drawn with the weights of Hub commit {FIRST}, and these are commit " \
+           f"{SECOND}'s" in caplog.text
