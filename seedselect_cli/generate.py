@@ -22,7 +22,7 @@ from seedselect_cli.devices import check_redraw_dtype, resolve_device, seed_dtyp
 from seedselect_cli.errors import UserError
 from seedselect_cli.files.assets import resolve_location
 from seedselect_cli.files.atomic import atomic_write
-from seedselect_cli.files.run_directory import CONFIG
+from seedselect_cli.files.run_directory import CONFIG, run_folder_holding
 from seedselect_cli.files.seed_files import SeedFile, library_versions, load_seed_file, png_text
 from seedselect_cli.models import load_models, scheduler_from_json
 
@@ -47,9 +47,20 @@ class GenerateConfig:
     runtime: GenerateRuntime = field(default_factory=GenerateRuntime)
 
 
+def not_a_runs_own(out_arg: str, out: Path) -> None:
+    """`out` is not among a run directory's own files: a redrawn image there (with `tensor=initial`, or in another
+    dtype) would stand in for the run's, which its manifest describes."""
+    folder = run_folder_holding(out)
+    if folder is not None:
+        raise UserError(f"out={out_arg} is in {folder}, which holds the run's own files and is written by its "
+                        f"commands alone: choose a place outside it, e.g. out={folder.parent / 'redrawn'}")
+
+
 def check_output(out_arg: str) -> Path:
-    """`out=`: an image file name with a known suffix, in a folder that exists and takes a new file."""
+    """`out=`: an image file name with a known suffix, in a folder that exists and takes a new file, not among a
+    run's own files."""
     out = Path(out_arg).expanduser()
+    not_a_runs_own(out_arg, out)
     if out.suffix.lower() not in SUFFIXES:
         raise UserError(f"out={out_arg}: name an image file ending in {', '.join(SUFFIXES)}")
     if out.is_dir():
@@ -176,6 +187,7 @@ def check_output_folder(out_arg: str, seed_folder: str) -> Path:
     """`out=` for the folder of seed files `seed_folder`: a folder that takes new files, or a new one in a folder
     that exists."""
     out = Path(out_arg).expanduser()
+    not_a_runs_own(out_arg, out)
     if out.suffix.lower() in SUFFIXES or out.is_file():
         raise UserError(f"out={out_arg} names a file, but seed_file={seed_folder} is a folder: name a folder for its "
                         f"images (e.g. out={out.with_suffix('')}), or pass one seed file")

@@ -173,6 +173,14 @@ def test_generate_redraws_a_folder_of_seeds_as_the_runs_images_and_goes_on_after
     assert f"{n - 1} of the {n + 1} images are already in again; drawing the other 2" in done.stdout
     assert len(list((tmp_path / "again").rglob("*.png"))) == n
     (run_dir / "seeds" / "red_disc" / "zzzzz.safetensors").unlink()
+    # into the run's own folders: refused, for one seed as for a folder of them, and nothing there is touched
+    image = run_dir / entries[0]["image"]
+    before = image.read_bytes()
+    for seed_file, out in ((run_dir / entries[0]["seed_file"], image), (run_dir / "seeds", run_dir / "images")):
+        done = seedselect("generate", f"seed_file={seed_file}", f"out={out}", "tensor=initial", cwd=tmp_path)
+        assert done.returncode == 2
+        assert done.stderr.startswith(f"error: out={out} is in {run_dir / 'images'}, which holds the run's own files")
+    assert image.read_bytes() == before
     done = seedselect("generate", f"seed_file={run_dir}", "out=again", cwd=tmp_path)  # the run directory: its seeds
     assert done.returncode == 0 and f"every image is already in again ({n})" in done.stdout
     # one class's seeds in another dtype: compared with that class's images, and the ones that differ named

@@ -46,6 +46,20 @@ RESUMABLE_KEYS = ("runtime", "sampler.checkpointing", "n_images", "bootstrap.n_i
                   "dataset.classes", "dataset.max_images", "dataset.heldout")
 
 
+# the folders of a run directory that its commands write and read back: another writer there corrupts the run
+RUN_FOLDERS = ("images", "seeds", "bootstrap", "references", "baseline", "report")
+
+
+def run_folder_holding(path: Path) -> Path | None:
+    """The folder of a run directory's own files (`RUN_FOLDERS`) that `path` is or lies in, or None: a run
+    directory is a folder holding its config and manifest."""
+    path = Path(path).expanduser().absolute()
+    for folder in (path, *path.parents):
+        if folder.name in RUN_FOLDERS and (folder.parent / CONFIG).is_file() and (folder.parent / MANIFEST).is_file():
+            return folder
+    return None
+
+
 class RunDirectory:
     """Writes one run's images, seeds and manifest; knows what a previous run already finished.
 
