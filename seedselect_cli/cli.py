@@ -345,7 +345,9 @@ def main(argv: list[str] | None = None) -> int:
         except StopNow as stop:
             name = signal.Signals(stop.signum).name
             kept = getattr(stop, "nothing_kept", True)  # unset: stopped before the command's job started
-            if command not in ("optimize", "bootstrap"):
+            if command == "generate":  # every image is written whole or not at all; a folder's are skipped next time
+                said = "; the images drawn are kept: run the same command again to go on"
+            elif command not in ("optimize", "bootstrap"):
                 said = ""
             elif kept:
                 said = "; nothing was written"

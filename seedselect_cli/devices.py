@@ -5,6 +5,7 @@ take (`runtime.memory_budget`)."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 
@@ -13,6 +14,8 @@ import torch
 from seedselect_cli.config import check_device
 from seedselect_cli.errors import UserError
 from seedselect_cli.limits import DTYPE_NAMES
+
+log = logging.getLogger(__name__)
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}  # the names, as torch dtypes
 
@@ -47,6 +50,33 @@ def fit_cpu_threads() -> None:
     free = max(1, len(cores) - round(busy_cores(cores)))
     if torch.get_num_threads() != free:
         torch.set_num_threads(free)
+
+
+_threads_said: set[int] = set()
+
+
+def match_cpu_threads(recorded: str | None) -> str | None:
+    """Redraw a seed on the CPU with the threads its run drew with (`recorded`, from the seed file): another count
+    sums in another order, and a pixel can differ by one. Not where the user set OMP_NUM_THREADS (kept), nor beyond
+    the cores this process may use. Returns why the count is another, or None."""
+    if not (recorded or "").isdigit() or int(recorded) < 1:
+        return None
+    wanted = int(recorded)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if os.environ.get("OMP_NUM_THREADS", "").strip():
+        why = "OMP_NUM_THREADS"
+    elif wanted > cores:
+        why = f"{cores} cores here"
+    else:
+        torch.set_num_threads(wanted)
+        if wanted not in _threads_said:
+            _threads_said.add(wanted)
+            log.info("drawing with %d CPU threads, as the seed's run did (the same sums in the same order)", wanted)
+        return None
+    if torch.get_num_threads() == wanted:
+        return None
+    return (f"drawing with {torch.get_num_threads()} CPU threads ({why}); the seed's run drew with {wanted}, so the "
+            f"image is the seed's but perhaps not pixel for pixel the run's")
 
 
 def busy_cores(cores: list[int], seconds: float = 0.2) -> float:

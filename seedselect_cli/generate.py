@@ -18,7 +18,7 @@ from seedselect_cli.core.frozen import FrozenModels, HubCommits
 from seedselect_cli.core.prompts import encode_prompt
 from seedselect_cli.core.samplers import step_noise
 from seedselect_cli.core.sampling import sample_images
-from seedselect_cli.devices import check_redraw_dtype, resolve_device, seed_dtype
+from seedselect_cli.devices import check_redraw_dtype, match_cpu_threads, resolve_device, seed_dtype
 from seedselect_cli.errors import UserError
 from seedselect_cli.files.assets import resolve_location
 from seedselect_cli.files.atomic import atomic_write
@@ -115,7 +115,7 @@ def run_generate(cfg: GenerateConfig) -> Path:
     seed = load_seed_file(cfg.seed_file)
     device = resolve_device(cfg.runtime.device)
     models = models_for_seed(seed.metadata, cfg.model, device, cfg.runtime.dtype)
-    if warning := redraw_warning(models, seed.metadata):
+    for warning in redraw_warnings(models, seed.metadata):
         log.warning("%s", warning)
     write_image(draw(models, seed, cfg.tensor, cfg.seed_file), out, seed.metadata, cfg.tensor, f"out={cfg.out}")
     return out
@@ -162,9 +162,10 @@ def generate_folder(cfg: GenerateConfig) -> Path:
             loaded[key] = models_for_seed(meta, cfg.model, device, cfg.runtime.dtype)
         models = loaded[key]
         models.scheduler = scheduler_from_json(meta["scheduler_config"])
-        if (warning := redraw_warning(models, meta)) and warning not in warned:
-            log.warning("%s", warning)
-            warned.add(warning)
+        for warning in redraw_warnings(models, meta):
+            if warning not in warned:
+                log.warning("%s", warning)
+                warned.add(warning)
         image = draw(models, seed, cfg.tensor, str(path))
         target = (out / relative).with_suffix(".png")
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -216,20 +217,24 @@ def identical_pixels(first: Path, second: Path) -> bool:
         return a.size == b.size and np.array_equal(np.asarray(a.convert("RGB")), np.asarray(b.convert("RGB")))
 
 
-def redraw_warning(models: FrozenModels, meta: dict[str, str]) -> str | None:
+def redraw_warnings(models: FrozenModels, meta: dict[str, str]) -> list[str]:
     """Why an image drawn here from a seed file may not be pixel for pixel its run's: another dtype or device, or
-    other versions of torch and diffusers."""
+    other versions of torch and diffusers, or (on a CPU) other thread counts, which are matched where they can be
+    (`match_cpu_threads`)."""
     here = f"{str(models.dtype).removeprefix('torch.')} on {models.device.type}"
     there = f"{meta['dtype']} on {meta.get('device') or models.device.type}"  # device is optional in a seed file
     if here != there:
-        return (f"drawing in {here}; the seed's run drew in {there}, so the image is the seed's but not pixel for "
-                f"pixel the run's")
+        return [(f"drawing in {here}; the seed's run drew in {there}, so the image is the seed's but not pixel for "
+                "pixel the run's")]
+    warnings = []
     others = [f"{name} {ours} here, {meta[key]} in the seed's run" for key, ours in library_versions().items()
               if meta.get(key, ours) != ours for name in [key.removesuffix("_version")]]
     if others:
-        return (f"drawing with {'; '.join(others)}: other versions may round differently, so the image is the seed's "
-                f"but perhaps not pixel for pixel the run's")
-    return None
+        warnings.append(f"drawing with {'; '.join(others)}: other versions may round differently, so the image is "
+                        "the seed's but perhaps not pixel for pixel the run's")
+    if models.device.type == "cpu" and (threads := match_cpu_threads(meta.get("cpu_threads"))):
+        warnings.append(threads)
+    return warnings
 
 
 def draw(models: FrozenModels, seed: SeedFile, tensor: str, where: str) -> Image.Image:

@@ -87,7 +87,8 @@ def metadata_for(models: FrozenModels, config: Config, record: ClassRecord, inde
         model_commit=models.commits.model, model_variant=config.model.variant, steps=sampler.steps, guidance_scale=sampler.guidance_scale,
         height=sampler.height, width=sampler.width, sampler=sampler.name,
         scheduler_config=models.scheduler_json(), dtype=str(models.dtype).removeprefix("torch."),
-        device=models.device.type, version=__version__)
+        device=models.device.type, version=__version__,
+        cpu_threads=torch.get_num_threads() if models.device.type == "cpu" else None)
 
 
 def seed_starts(models: FrozenModels, config: Config, cache_root: Path | None,

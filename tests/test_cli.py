@@ -8,6 +8,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -189,6 +190,30 @@ def test_generate_redraws_a_folder_of_seeds_as_the_runs_images_and_goes_on_after
     assert done.returncode == 0, done.stderr
     assert f"0 of {n} are pixel for pixel the run's images in {run_dir / 'images' / 'red_disc'}" in done.stdout
     assert "not pixel for pixel the run's: 00000.png, 00001.png" in done.stdout
+
+
+@pytest.mark.slow
+def test_generate_on_a_cpu_draws_with_the_threads_the_seeds_run_drew_with(tmp_path):
+    """Another thread count sums in another order: with the tiny components 1 and 2 threads differ in a pixel or
+    two. A seed file drawn on a CPU records its threads, and `generate` takes them unless OMP_NUM_THREADS says."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"} | {"HF_HUB_OFFLINE": "1"}
+    run = [sys.executable, "-m", "seedselect_cli", "optimize", TINY, "hydra.run.dir=run", "n_images=1", *FAST]
+    done = subprocess.run(run, cwd=tmp_path, env=env | {"OMP_NUM_THREADS": "2"}, capture_output=True, text=True,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    [entry] = read_manifest(tmp_path / "run")
+    assert load_seed_file(tmp_path / "run" / entry["seed_file"]).metadata["cpu_threads"] == "2"
+    generate = [sys.executable, "-m", "seedselect_cli", "generate", f"seed_file=run/{entry['seed_file']}"]
+    done = subprocess.run([*generate, "out=again.png"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    assert "drawing with 2 CPU threads, as the seed's run did" in done.stdout
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "again.png")),
+                          np.asarray(Image.open(tmp_path / "run" / entry["image"])))
+    done = subprocess.run([*generate, "out=one.png"], cwd=tmp_path, env=env | {"OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "drawing with 1 CPU threads (OMP_NUM_THREADS); the seed's run drew with 2" in done.stdout
 
 
 def test_generate_of_a_folder_wants_a_folder_with_seeds(tmp_path, capsys, monkeypatch):

@@ -10,10 +10,12 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from tests.layouts import make_cub
-from tests.runs import bootstrap_command, read_manifest, start
+from tests.runs import bootstrap_command, read_manifest, seedselect, start
 
 pytestmark = pytest.mark.slow  # minutes together: the quick loop (`pytest -m "not slow"`) leaves it out
 
@@ -100,3 +102,28 @@ def test_ctrl_c_during_start_up_is_one_line_and_leaves_nothing(tmp_path):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("seedselect: stopped by SIGINT") and "Traceback" not in err, err
     assert not run_dir.exists(), sorted(p.name for p in run_dir.iterdir())
+
+
+def test_ctrl_c_while_a_folder_of_seeds_is_drawn_keeps_whole_images_and_the_same_command_goes_on(cub, tmp_path):
+    run_dir = tmp_path / "run"
+    made = subprocess.run(bootstrap_command(cub, run_dir, 8), check=False, cwd=tmp_path, capture_output=True,
+                          text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert made.returncode == 0, made.stderr
+    out = tmp_path / "redrawn"
+    command = [sys.executable, "-m", "seedselect_cli", "generate", f"seed_file={run_dir / 'seeds'}", f"out={out}"]
+    process = start(command, tmp_path)
+    wait_for(lambda: len(list(out.rglob("*.png"))) >= 1, process)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    lines = err.strip().splitlines()
+    assert lines == ["seedselect: stopped by SIGINT; the images drawn are kept: run the same command again to go on"]
+    drawn = len(list(out.rglob("*.png")))
+    assert 1 <= drawn < 16 and not [p for p in out.rglob(".*") if p.is_file()]  # no temporaries left
+    done = seedselect(*command[3:], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert f"{drawn} of the 16 images are already in {out}; drawing the other {16 - drawn}" in done.stdout
+    assert f"{16 - drawn} of {16 - drawn} are pixel for pixel the run's images" in done.stdout
+    for image in (run_dir / "images").rglob("*.png"):  # those kept at the stop too: whole, and the run's
+        with Image.open(out / image.relative_to(run_dir / "images")) as again, Image.open(image) as original:
+            assert np.array_equal(np.asarray(again), np.asarray(original))

@@ -42,12 +42,13 @@ def seed_metadata(*, prompt: str, negative_prompt: str, class_name: str, index: 
                   model_revision: str | None, model_commit: str | None, model_variant: str | None, steps: int,
                   guidance_scale: float,
                   height: int, width: int, sampler: str, scheduler_config: str, dtype: str, device: str,
-                  version: str) -> dict[str, str]:
+                  version: str, cpu_threads: int | None = None) -> dict[str, str]:
     """What a seed file records so that `generate` can redraw its image without the run's config: every
     value a string, as safetensors metadata holds them (`index` -1 is a class's bootstrap seed z_T^G).
     `scheduler_config` is the model's own scheduler config, from which `sampler` (a `sampler.name`) is built;
-    `model_commit` the Hub commit its weights came from (None: a folder). The versions of torch and diffusers that
-    drew it are added (`library_versions`)."""
+    `model_commit` the Hub commit its weights came from (None: a folder); `cpu_threads` the threads it was drawn
+    with on a CPU (None: on a GPU). The versions of torch and diffusers that drew it are added
+    (`library_versions`)."""
     return {
         "prompt": prompt, "negative_prompt": negative_prompt, "class": class_name, "index": str(index),
         "init_seed": str(init_seed), "model": model, "model_revision": model_revision or "",
@@ -56,6 +57,7 @@ def seed_metadata(*, prompt: str, negative_prompt: str, class_name: str, index: 
         "height": str(height), "width": str(width), "sampler": sampler, "scheduler": SAMPLER_CLASSES[sampler],
         "scheduler_config": scheduler_config,
         "dtype": dtype, "device": device, "seedselect_version": version, **library_versions(),
+        **({"cpu_threads": str(cpu_threads)} if cpu_threads else {}),
     }
 
 
