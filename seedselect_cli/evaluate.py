@@ -403,6 +403,9 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     real_counts = {c: len(s.clip) if s is not None else 0 for c, s in heldout_seen.items()}
     metrics = {
         "run_dir": str(run_dir), "made_by": made_by(entries), "n_images": len(entries),
+        # the weights the images were drawn with: Hub id or folder, and the commits the images record
+        "model": config.model.pretrained,
+        "model_commits": sorted({e["model_commit"] for e in entries if isinstance(e.get("model_commit"), str)}),
         "clip": cfg.clip or config.model.image_encoder,
         "judge": cfg.judge.model, "classified_among": len(candidates), "top_k": cfg.top_k,
         "baseline": BASELINE if cfg.baseline else None,

@@ -128,6 +128,7 @@ def test_report_with_the_baseline_beside_the_result(demo_run, monkeypatch):
     again = run_evaluate(EvaluateConfig(run_dir=str(demo_run)))
     assert calls == [] and again["classes"] == metrics["classes"]  # the baseline is cached
     assert metrics["made_by"] == "optimize" and "SeedSelect bootstrap" not in page
+    assert metrics["model"] == "tiny" and metrics["model_commits"] == []  # built in code: no Hub commit
 
 
 @pytest.mark.slow

@@ -92,6 +92,10 @@ def test_a_run_keeps_the_hub_commit_it_began_with_and_generate_redraws_from_it(t
     assert resumed.returncode == 0, resumed.stderr
     assert f"{MODEL}: Hub commit {FIRST}, as the run's earlier images" in resumed.stdout + resumed.stderr
     assert [e["model_commit"] for e in read_manifest(tmp_path / "run")] == [FIRST, FIRST]
+    scored = seedselect("evaluate", "run_dir=run", "baseline=false", cwd=tmp_path, env=env)
+    assert scored.returncode == 0, scored.stderr
+    metrics = json.loads((tmp_path / "run" / "report" / "metrics.json").read_text())
+    assert (metrics["model"], metrics["model_commits"]) == (MODEL, [FIRST])
 
     fresh = seedselect(*run, "n_images=1", "hydra.run.dir=fresh", cwd=tmp_path, env=env)
     assert fresh.returncode == 0, fresh.stderr
