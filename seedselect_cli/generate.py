@@ -78,7 +78,7 @@ def check_output(out_arg: str) -> Path:
 
 def check_generate(cfg: GenerateConfig) -> Path:
     """Every value of `seedselect generate`, before anything is read or loaded; returns the output path (a folder
-    where `seed_file` is one: made if missing)."""
+    where `seed_file` is one)."""
     if cfg.tensor not in ("optimized", "initial"):
         raise UserError(f"tensor={cfg.tensor!r} is invalid: choose optimized or initial")
     check_redraw_dtype(cfg.runtime.dtype)

@@ -156,7 +156,7 @@ def load_models(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, with
     """Load frozen Stable Diffusion components and the CLIP image encoder named by `cfg`. `weights_key`: the
     command's key for where the Stable Diffusion weights are, named in an error that they are not there. `commits`:
     the Hub commits to load (those a run's earlier images were drawn with), before `cfg.revision`; what was loaded
-    is in the models' `commits` (None for a folder)."""
+    is in the models' `commits` (None where it cannot be told: `hub_commit`)."""
     commits = commits or HubCommits()
     if cfg.pretrained in (TINY, TINY_SDXL):
         from seedselect_cli.tiny import build_tiny_models, build_tiny_sdxl_models
@@ -298,7 +298,7 @@ def _load_diffusers(cfg: ModelConfig, dtype: torch.dtype, key: str, revision: st
                     ) -> tuple[dict[str, Any], str | None]:
     """The components of a diffusers Stable Diffusion or SDXL folder or Hub id at `revision` (SDXL: it has a second
     text encoder), weights in `dtype` (the text encoders and SDXL's VAE: see `component_dtype`), and the Hub commit
-    they came from (None for a folder)."""
+    they came from (`hub_commit`)."""
     source = os.path.expanduser(cfg.pretrained)
     offline = offline_for(source, "Stable Diffusion model", key, "model_index.json", cfg.local_files_only, revision)
     kwargs = {"revision": revision, "local_files_only": offline}
@@ -357,7 +357,7 @@ def quiet_libraries() -> Iterator[None]:
 def _load_image_encoder(cfg: ModelConfig, dtype: torch.dtype, revision: str | None
                         ) -> tuple[CLIPVisionModelWithProjection, Any, str | None]:
     """The CLIP image encoder at `revision` (None: the default branch), its processor, and the Hub commit it came
-    from (None for a folder)."""
+    from (`hub_commit`)."""
     source = os.path.expanduser(cfg.image_encoder)
     kwargs = {"revision": revision,
               "local_files_only": offline_for(source, "CLIP image encoder", "model.image_encoder", "config.json",

@@ -84,8 +84,8 @@ def metadata_for(models: FrozenModels, config: Config, record: ClassRecord, inde
     return seed_metadata(
         prompt=record.prompt, negative_prompt=sampler.negative_prompt, class_name=record.name, index=index,
         init_seed=init_seed, model=portable(models.name), model_revision=config.model.revision,
-        model_commit=models.commits.model, model_variant=config.model.variant, steps=sampler.steps, guidance_scale=sampler.guidance_scale,
-        height=sampler.height, width=sampler.width, sampler=sampler.name,
+        model_commit=models.commits.model, model_variant=config.model.variant, steps=sampler.steps,
+        guidance_scale=sampler.guidance_scale, height=sampler.height, width=sampler.width, sampler=sampler.name,
         scheduler_config=models.scheduler_json(), dtype=str(models.dtype).removeprefix("torch."),
         device=models.device.type, version=__version__,
         cpu_threads=torch.get_num_threads() if models.device.type == "cpu" else None)

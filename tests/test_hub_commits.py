@@ -109,7 +109,8 @@ def test_a_recorded_commit_missing_from_the_cache_says_how_to_download_it(tmp_pa
     metadata = load_seed_file_metadata_for(FIRST)
     save_file(seed, tmp_path / "seed.safetensors", metadata=metadata)
     shutil.rmtree(cache / "models--seedselect--toyworld" / "snapshots" / FIRST)
-    done = seedselect("generate", "seed_file=seed.safetensors", "out=x.png", cwd=tmp_path, env={"HF_HUB_CACHE": str(cache)})
+    done = seedselect("generate", "seed_file=seed.safetensors", "out=x.png", cwd=tmp_path,
+                      env={"HF_HUB_CACHE": str(cache)})
     assert done.returncode == 2
     [line] = done.stderr.strip().splitlines()
     assert line.startswith(f"error: the Stable Diffusion model '{MODEL}' at revision {FIRST} is not (wholly) in the "

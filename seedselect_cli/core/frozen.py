@@ -25,8 +25,9 @@ def is_sdxl_unet(unet: UNet2DConditionModel) -> bool:
 
 @dataclass(frozen=True)
 class HubCommits:
-    """The Hugging Face Hub commits the weights came from (None: a folder, the tiny components, or not loaded): what
-    a seed file records and a resumed run loads again, so that one run's images come from one set of weights."""
+    """The Hugging Face Hub commits the weights came from (None: a folder that does not say, the tiny components,
+    or not loaded): what a seed file records and a resumed run loads again, so that one run's images come from one
+    set of weights."""
 
     model: str | None = None  # model.pretrained's
     image_encoder: str | None = None  # model.image_encoder's

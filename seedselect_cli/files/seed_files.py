@@ -40,9 +40,8 @@ def library_versions() -> dict[str, str]:
 
 def seed_metadata(*, prompt: str, negative_prompt: str, class_name: str, index: int, init_seed: int, model: str,
                   model_revision: str | None, model_commit: str | None, model_variant: str | None, steps: int,
-                  guidance_scale: float,
-                  height: int, width: int, sampler: str, scheduler_config: str, dtype: str, device: str,
-                  version: str, cpu_threads: int | None = None) -> dict[str, str]:
+                  guidance_scale: float, height: int, width: int, sampler: str, scheduler_config: str, dtype: str,
+                  device: str, version: str, cpu_threads: int | None = None) -> dict[str, str]:
     """What a seed file records so that `generate` can redraw its image without the run's config: every
     value a string, as safetensors metadata holds them (`index` -1 is a class's bootstrap seed z_T^G).
     `scheduler_config` is the model's own scheduler config, from which `sampler` (a `sampler.name`) is built;
