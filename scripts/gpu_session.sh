@@ -73,6 +73,10 @@ measure "paper setting, default path beside the plain one" 150 \
 #     runtime.memory_budget=auto) beside CUDA-graphed decodes and CLIP calls, a path no CPU test takes.
 measure "the demo on $device" 40 python3 -m seedselect_cli optimize runtime.device="$device" runtime.progress=false \
   hydra.run.dir=/tmp/gpu_session/demo
+# 1c. Are its images redrawn pixel for pixel from their seeds on CUDA (cuDNN may choose other kernels)? The last
+#     line says how many of the 4.
+measure "the demo redrawn from its seeds" 30 python3 -m seedselect_cli generate runtime.device="$device" \
+  seed_file=/tmp/gpu_session/demo/seeds out=/tmp/gpu_session/redrawn
 # 2. Part 1 on CUDA: does float16 (the GPU default) find float32's seeds? 8 seeds, the default's 24 iterations (and
 #    its backtracking, optim.backtrack=0.5), the toy world.
 if [ -n "$tiny" ]; then
