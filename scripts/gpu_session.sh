@@ -71,6 +71,7 @@ measure "paper setting, default path beside the plain one" 150 \
   "${bench[@]}" --modes graphed plain --batch 1 --json /tmp/gpu_session/paper.json
 # 1b. The demo as a GPU user runs it first: the toy world on CUDA with its steps kept (its configs set
 #     runtime.memory_budget=auto) beside CUDA-graphed decodes and CLIP calls, a path no CPU test takes.
+rm -rf /tmp/gpu_session/demo /tmp/gpu_session/redrawn  # a run left by an earlier call would be resumed, or refused
 measure "the demo on $device" 40 python3 -m seedselect_cli optimize runtime.device="$device" runtime.progress=false \
   hydra.run.dir=/tmp/gpu_session/demo
 # 1c. Are its images redrawn pixel for pixel from their seeds on CUDA (cuDNN may choose other kernels)? The last
