@@ -47,20 +47,31 @@ class GenerateConfig:
     runtime: GenerateRuntime = field(default_factory=GenerateRuntime)
 
 
-def not_a_runs_own(out_arg: str, out: Path) -> None:
-    """`out` is not among a run directory's own files: a redrawn image there (with `tensor=initial`, or in another
-    dtype) would stand in for the run's, which its manifest describes."""
+def not_a_runs_own(cfg: GenerateConfig, out: Path) -> None:
+    """`out` is not among a run directory's own files, unless it is the run's own image of `seed_file` (or its
+    images, of a folder of its seeds) drawn as the run drew them: the repair `evaluate` prints for a damaged image.
+    Anything else there (`tensor=initial`, another dtype or model) would stand in for the run's image, which its
+    manifest describes."""
     folder = run_folder_holding(out)
-    if folder is not None:
-        raise UserError(f"out={out_arg} is in {folder}, which holds the run's own files and is written by its "
-                        f"commands alone: choose a place outside it, e.g. out={folder.parent / 'redrawn'}")
+    if folder is None:
+        return
+    seeds = seed_folder(Path(cfg.seed_file).expanduser())
+    own = images_of_seeds(seeds) if seeds.is_dir() else (
+        None if (images := images_of_seeds(seeds.parent)) is None else images / f"{seeds.stem}.png")
+    if (own is not None and out.absolute() == own.absolute() and cfg.tensor == "optimized"
+            and cfg.runtime.dtype is None and cfg.model is None):
+        return
+    raise UserError(f"out={cfg.out} is in {folder}, which holds the run's own files and is written by its commands "
+                    f"alone (and by generate only as the run drew them, at their own places): choose a place outside "
+                    f"it, e.g. out={folder.parent / 'redrawn'}")
 
 
-def check_output(out_arg: str) -> Path:
+def check_output(cfg: GenerateConfig) -> Path:
     """`out=`: an image file name with a known suffix, in a folder that exists and takes a new file, not among a
-    run's own files."""
+    run's own files (`not_a_runs_own`)."""
+    out_arg = cfg.out
     out = Path(out_arg).expanduser()
-    not_a_runs_own(out_arg, out)
+    not_a_runs_own(cfg, out)
     if out.suffix.lower() not in SUFFIXES:
         raise UserError(f"out={out_arg}: name an image file ending in {', '.join(SUFFIXES)}")
     if out.is_dir():
@@ -84,8 +95,8 @@ def check_generate(cfg: GenerateConfig) -> Path:
     check_redraw_dtype(cfg.runtime.dtype)
     check_device(cfg.runtime.device)
     if Path(cfg.seed_file).expanduser().is_dir():
-        return check_output_folder(cfg.out, cfg.seed_file)
-    return check_output(cfg.out)
+        return check_output_folder(cfg)
+    return check_output(cfg)
 
 
 def models_for_seed(metadata: dict[str, str], model: str | None, device: torch.device, dtype: str | None
@@ -126,9 +137,7 @@ def generate_folder(cfg: GenerateConfig) -> Path:
     (`seed_file=RUN/seeds`: OUT/<class>/<index>.png, as RUN/images), one at a time as a run draws them, the models
     loaded once; images already in `out` are kept, so the same command goes on after a stop. Where the seeds are a
     run's, says how many images came out pixel for pixel the run's."""
-    source, out = Path(cfg.seed_file).expanduser(), check_generate(cfg)
-    if (source / CONFIG).is_file() and (source / "seeds").is_dir():  # a run directory: its images' seeds
-        source = source / "seeds"
+    source, out = seed_folder(Path(cfg.seed_file).expanduser()), check_generate(cfg)
     seeds = [p for p in sorted(source.rglob("*.safetensors"))
              if not any(part.startswith(".") for part in p.relative_to(source).parts)]
     if not seeds:
@@ -184,13 +193,14 @@ def generate_folder(cfg: GenerateConfig) -> Path:
     return out
 
 
-def check_output_folder(out_arg: str, seed_folder: str) -> Path:
-    """`out=` for the folder of seed files `seed_folder`: a folder that takes new files, or a new one in a folder
-    that exists."""
+def check_output_folder(cfg: GenerateConfig) -> Path:
+    """`out=` for a folder of seed files: a folder that takes new files, or a new one in a folder that exists, not
+    among a run's own files (`not_a_runs_own`)."""
+    out_arg = cfg.out
     out = Path(out_arg).expanduser()
-    not_a_runs_own(out_arg, out)
+    not_a_runs_own(cfg, out)
     if out.suffix.lower() in SUFFIXES or out.is_file():
-        raise UserError(f"out={out_arg} names a file, but seed_file={seed_folder} is a folder: name a folder for its "
+        raise UserError(f"out={out_arg} names a file, but seed_file={cfg.seed_file} is a folder: name a folder for its "
                         f"images (e.g. out={out.with_suffix('')}), or pass one seed file")
     if not out.parent.is_dir():
         raise UserError(f"out={out_arg}: the folder {out.parent} does not exist; create it or choose another")
@@ -201,6 +211,11 @@ def check_output_folder(out_arg: str, seed_folder: str) -> Path:
     except OSError as exc:
         raise UserError(f"out={out_arg} cannot be written ({exc.strerror or exc}); choose another place") from None
     return out
+
+
+def seed_folder(path: Path) -> Path:
+    """`seed_file` as given, but RUN/seeds for a run directory: its images' seeds (not its bootstrap z_T^G)."""
+    return path / "seeds" if (path / CONFIG).is_file() and (path / "seeds").is_dir() else path
 
 
 def images_of_seeds(folder: Path) -> Path | None:

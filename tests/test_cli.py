@@ -182,6 +182,9 @@ def test_generate_redraws_a_folder_of_seeds_as_the_runs_images_and_goes_on_after
         assert done.returncode == 2
         assert done.stderr.startswith(f"error: out={out} is in {run_dir / 'images'}, which holds the run's own files")
     assert image.read_bytes() == before
+    # ... but the run's own images of its own seeds, drawn as the run drew them, are a repair: allowed
+    done = seedselect("generate", f"seed_file={run_dir / 'seeds'}", f"out={run_dir / 'images'}", cwd=tmp_path)
+    assert done.returncode == 0 and f"every image is already in {run_dir / 'images'} ({n})" in done.stdout
     done = seedselect("generate", f"seed_file={run_dir}", "out=again", cwd=tmp_path)  # the run directory: its seeds
     assert done.returncode == 0 and f"every image is already in again ({n})" in done.stdout
     # one class's seeds in another dtype: compared with that class's images, and the ones that differ named
