@@ -76,15 +76,20 @@ def check_output(cfg: GenerateConfig) -> Path:
         raise UserError(f"out={out_arg}: name an image file ending in {', '.join(SUFFIXES)}")
     if out.is_dir():
         raise UserError(f"out={out_arg} is a folder; name an image file in it, e.g. out={out / 'image.png'}")
-    if not out.parent.is_dir():
-        raise UserError(f"out={out_arg}: the folder {out.parent} does not exist; create it or choose another")
-    probe = out.parent / f".{out.name}.probe-{os.getpid()}"
+    takes_new_files(out_arg, out.parent)
+    return out
+
+
+def takes_new_files(out_arg: str, folder: Path) -> None:
+    """`folder`, where `out=` writes, exists and takes a new file (a probe is written and removed): else one line."""
+    if not folder.is_dir():
+        raise UserError(f"out={out_arg}: the folder {folder} does not exist; create it or choose another")
+    probe = folder / f".probe-{os.getpid()}"
     try:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
         raise UserError(f"out={out_arg} cannot be written ({exc.strerror or exc}); choose another place") from None
-    return out
 
 
 def check_generate(cfg: GenerateConfig) -> Path:
@@ -202,14 +207,7 @@ def check_output_folder(cfg: GenerateConfig) -> Path:
     if out.suffix.lower() in SUFFIXES or out.is_file():
         raise UserError(f"out={out_arg} names a file, but seed_file={cfg.seed_file} is a folder: name a folder for its "
                         f"images (e.g. out={out.with_suffix('')}), or pass one seed file")
-    if not out.parent.is_dir():
-        raise UserError(f"out={out_arg}: the folder {out.parent} does not exist; create it or choose another")
-    try:
-        probe = (out if out.is_dir() else out.parent) / f".probe-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise UserError(f"out={out_arg} cannot be written ({exc.strerror or exc}); choose another place") from None
+    takes_new_files(out_arg, out if out.is_dir() else out.parent)
     return out
 
 
