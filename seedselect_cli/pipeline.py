@@ -180,7 +180,14 @@ def _run(config: Config, run_dir: Path, method: str, stop: GracefulStop) -> list
 
     # 4. The frozen models (from the Hub: the commits the run's earlier images were drawn with), and the cache of
     #    reference encodings. A signal stops this at once.
-    models = load_models(config.model, device, dtype, commits=earlier_commits(done.values()))
+    pinned = earlier_commits(done.values())
+    try:
+        models = load_models(config.model, device, dtype, commits=pinned)
+    except UserError as exc:
+        if not any(commit and commit in str(exc) for commit in (pinned.model, pinned.image_encoder)):
+            raise
+        raise UserError(f"{exc} (the commit the run's earlier images were drawn with, which a resumed run loads "
+                        f"again; a new run directory takes the branch's)") from None
     check_steps(models.scheduler, config.sampler.steps, "sampler.steps")
     if config.init.inversion_steps:
         check_steps(models.scheduler, config.init.inversion_steps, "init.inversion_steps")

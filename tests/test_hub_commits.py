@@ -100,6 +100,15 @@ def test_a_run_keeps_the_hub_commit_it_began_with_and_generate_redraws_from_it(t
     fresh = seedselect(*run, "n_images=1", "hydra.run.dir=fresh", cwd=tmp_path, env=env)
     assert fresh.returncode == 0, fresh.stderr
     assert [e["model_commit"] for e in read_manifest(tmp_path / "fresh")] == [SECOND]
+    # the first commit gone from the cache: the resume says which commit it wants, and why
+    shutil.rmtree(cache / "models--seedselect--toyworld" / "snapshots" / FIRST)
+    gone = seedselect(*run, "n_images=3", cwd=tmp_path, env=env)
+    assert gone.returncode == 2
+    [line] = gone.stderr.strip().splitlines()
+    assert f"`hf download {MODEL} --revision {FIRST}`" in line
+    assert line.endswith("(the commit the run's earlier images were drawn with, which a resumed run loads again; a "
+                         "new run directory takes the branch's)")
+    assert len(read_manifest(tmp_path / "run")) == 2  # nothing written
 
 
 def test_a_recorded_commit_missing_from_the_cache_says_how_to_download_it(tmp_path):
