@@ -55,9 +55,7 @@ def not_a_runs_own(cfg: GenerateConfig, out: Path) -> None:
     folder = run_folder_holding(out)
     if folder is None:
         return
-    seeds = seed_folder(Path(cfg.seed_file).expanduser())
-    own = images_of_seeds(seeds) if seeds.is_dir() else (
-        None if (images := images_of_seeds(seeds.parent)) is None else images / f"{seeds.stem}.png")
+    own = run_images_of(seed_folder(Path(cfg.seed_file).expanduser()))
     if (own is not None and out.absolute() == own.absolute() and cfg.tensor == "optimized"
             and cfg.runtime.dtype is None and cfg.model is None):
         return
@@ -156,7 +154,7 @@ def generate_folder(cfg: GenerateConfig) -> Path:
     if len(todo) < len(seeds):
         log.info("%d of the %d images are already in %s; drawing the other %d", len(seeds) - len(todo), len(seeds),
                  out, len(todo))
-    run_images = images_of_seeds(source)
+    run_images = run_images_of(source)
     device = resolve_device(cfg.runtime.device)
     loaded: dict[tuple, FrozenModels] = {}
     warned: set[str] = set()
@@ -216,12 +214,14 @@ def seed_folder(path: Path) -> Path:
     return path / "seeds" if (path / CONFIG).is_file() and (path / "seeds").is_dir() else path
 
 
-def images_of_seeds(folder: Path) -> Path | None:
-    """Where a run keeps the images of the seeds in `folder` (RUN/seeds or a class's folder in it): RUN/images/...;
-    None for seeds outside a run."""
+def run_images_of(path: Path) -> Path | None:
+    """Where a run keeps the image of the seed file `path` (RUN/images/<class>/<index>.png), or the images of a folder
+    of its seeds (RUN/seeds or a class's folder in it); None for seeds outside a run."""
+    folder = path if path.is_dir() else path.parent
     for seeds in (folder, folder.parent):
         if seeds.name == "seeds" and (seeds.parent / "images").is_dir():
-            return seeds.parent / "images" / folder.relative_to(seeds)
+            images = seeds.parent / "images" / folder.relative_to(seeds)
+            return images if path.is_dir() else images / f"{path.stem}.png"
     return None
 
 
