@@ -338,6 +338,9 @@ def check_config(c: Config) -> None:
     if c.bootstrap.candidates > 1 and c.bootstrap.noise == 0:
         raise _bad("bootstrap.candidates", c.bootstrap.candidates, "needs bootstrap.noise above 0: without noise "
                    "every start is z_T^G (for the paper's scheme set bootstrap.candidates=1 too, or method=paper)")
+    if c.bootstrap.keep_drawn and (c.bootstrap.candidates < 2 or c.loss.lam <= 0):
+        raise _bad("bootstrap.keep_drawn", True, "tests each image's candidate starts by L_sem: it needs "
+                   "bootstrap.candidates of 2 or more and loss.lam > 0 (or bootstrap.keep_drawn=false)")
     if not (math.isfinite(c.bootstrap.noise) and 0.0 <= c.bootstrap.noise <= 1.0):
         raise _bad("bootstrap.noise", c.bootstrap.noise, "must be between 0 (every image from z_T^G) and 1 (fresh noise "
                    "alone)")

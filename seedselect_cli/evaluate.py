@@ -389,8 +389,10 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     for method, paths in sets.items():
         rows = image_rows(seen[method], names, text, centroids, class_index, candidates, ref_seen, heldout_seen)
         for entry, path, row in zip(entries, paths, rows):
-            own = {"loss": entry.get("loss"), "unrefined": bool(never_improved([entry["loss_history"]]))} \
-                if method == "seedselect" else {}
+            own = {}
+            if method == "seedselect":  # kept as drawn (bootstrap.keep_drawn): its start on purpose, not unrefined
+                own = {"loss": entry.get("loss"), "unrefined": bool(never_improved([entry])),
+                       **({"drawn": True} if entry.get("drawn") else {})}
             per_image.append({"set": method, "class": entry["class"], "index": entry["index"],
                               "image": path.relative_to(run_dir).as_posix(), **own, **row})
 

@@ -79,9 +79,10 @@ class RunProgress:
         first = sum(e["loss_history"][0] for e in entries) / len(entries)
         best = sum(e["loss"] for e in entries) / len(entries)
         seconds = sum(e["seconds"] for e in entries) / len(entries)
-        unrefined = never_improved([e["loss_history"] for e in entries])
-        log.info("%s: %d/%d images (%d new), %.2f s/image, loss %.4f -> %.4f%s", name, already + len(entries),
+        unrefined, drawn = never_improved(entries), kept_drawn(entries)
+        log.info("%s: %d/%d images (%d new), %.2f s/image, loss %.4f -> %.4f%s%s", name, already + len(entries),
                  wanted, len(entries), seconds, first, best,
+                 f"; kept as drawn (bootstrap.keep_drawn): {drawn}" if drawn else "",
                  f"; unrefined (loss never below the start's): {unrefined}" if unrefined else "")
 
     def close(self, failed: bool = False) -> None:
@@ -112,22 +113,29 @@ def run_progress(n_classes: int, n_images: int, enabled: bool) -> Iterator[RunPr
         progress.close(failed)
 
 
-def never_improved(histories: list[list[float]]) -> int:
-    """How many of these loss curves never got below their start: those images are their start, unrefined (AdamW's
-    first step at the authors' lr often throws a seed out of its basin; RESULTS.md)."""
-    return sum(min(h) >= h[0] for h in histories)
+def never_improved(entries: list[dict]) -> int:
+    """How many of these manifest entries' loss curves never got below their start: those images are their start,
+    unrefined (AdamW's first step at the authors' lr often throws a seed out of its basin; RESULTS.md). An image
+    kept as drawn (`bootstrap.keep_drawn`) was not meant to be refined and is not counted."""
+    return sum(min(e["loss_history"]) >= e["loss_history"][0] and not e.get("drawn") for e in entries)
+
+
+def kept_drawn(entries: list[dict]) -> int:
+    """How many of these manifest entries are their start kept as drawn (`bootstrap.keep_drawn`)."""
+    return sum(bool(e.get("drawn")) for e in entries)
 
 
 NEXT = "next, the metrics and contact sheets:"  # before the evaluate command a finished run prints
 
 
-def summary_cells(rows: list[dict]) -> list[str]:
-    """A summary row's figures for these manifest entries: count, mean first and best loss, unrefined, s / image."""
+def summary_cells(rows: list[dict], drawn: bool = False) -> list[str]:
+    """A summary row's figures for these manifest entries: count, mean first and best loss, (with `drawn`) how many
+    were kept as drawn, unrefined, s / image."""
     first = sum(r["loss_history"][0] for r in rows) / len(rows)
     best = sum(r["loss"] for r in rows) / len(rows)
     seconds = sum(r["seconds"] for r in rows) / len(rows)
-    unrefined = never_improved([r["loss_history"] for r in rows])
-    return [str(len(rows)), f"{first:.4f}", f"{best:.4f}", str(unrefined), f"{seconds:.2f}"]
+    kept = [str(kept_drawn(rows))] if drawn else []
+    return [str(len(rows)), f"{first:.4f}", f"{best:.4f}", *kept, str(never_improved(rows)), f"{seconds:.2f}"]
 
 
 def print_summary(entries: list[dict], run_dir: Path, next_command: str | None = None) -> None:
@@ -135,19 +143,23 @@ def print_summary(entries: list[dict], run_dir: Path, next_command: str | None =
     start's loss, seconds per image, the first `SHOWN_CLASSES` classes one by one and, for more than one, all of them
     together; below it, `next_command` (what to run next), if given."""
     table = Table(title=f"seedselect: {count_of(len(entries), 'new image')} in {run_dir}")
-    for column in ("class", "images", "first loss", "best loss", "unrefined", "s / image"):
+    drawn = any("drawn" in e for e in entries)  # bootstrap.keep_drawn: how many were kept as drawn
+    columns = ("class", "images", "first loss", "best loss", *(["kept as drawn"] if drawn else []), "unrefined",
+               "s / image")
+    for column in columns:
         table.add_column(column, justify="left" if column == "class" else "right")
     by_class: dict[str, list[dict]] = {}
     for entry in entries:
         by_class.setdefault(entry["class"], []).append(entry)
     for name, rows in list(by_class.items())[:SHOWN_CLASSES]:
-        table.add_row(name, *summary_cells(rows))
+        table.add_row(name, *summary_cells(rows, drawn))
     if len(by_class) > SHOWN_CLASSES:
         table.add_row(f"... {count_of(len(by_class) - SHOWN_CLASSES, 'more class', 'more classes')}",
-                      str(sum(len(rows) for rows in list(by_class.values())[SHOWN_CLASSES:])), "", "", "", "")
+                      str(sum(len(rows) for rows in list(by_class.values())[SHOWN_CLASSES:])),
+                      *[""] * (len(columns) - 2))
     if len(by_class) > 1:
         table.add_section()
-        table.add_row(f"all {len(by_class)} classes", *summary_cells(entries))
+        table.add_row(f"all {len(by_class)} classes", *summary_cells(entries, drawn))
     console = Console(width=None if sys.stdout.isatty() else 160)  # a log or pipe: long class names unwrapped
     console.print(table)
     if next_command:

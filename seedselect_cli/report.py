@@ -97,15 +97,15 @@ def loss_plot(entries: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    by_class: dict[str, list[list[float]]] = {}
+    by_class: dict[str, list[dict]] = {}
     for entry in entries:
-        by_class.setdefault(entry["class"], []).append(entry["loss_history"])
+        by_class.setdefault(entry["class"], []).append(entry)
     figure, axes = plt.subplots(figsize=(7, 4), dpi=100)
-    for name, curves in list(by_class.items())[:20]:
-        kept, current = loss_curves(curves)
-        stuck = never_improved(curves)
+    for name, of_class in list(by_class.items())[:20]:
+        kept, current = loss_curves([e["loss_history"] for e in of_class])
+        stuck = never_improved(of_class)
         line, = axes.plot(range(len(kept)), kept, marker="o", markersize=3,
-                          label=f"{name} ({len(curves)}" + (f", {stuck} never below start)" if stuck else ")"))
+                          label=f"{name} ({len(of_class)}" + (f", {stuck} never below start)" if stuck else ")"))
         axes.plot(range(len(current)), current, linestyle="--", alpha=0.5, color=line.get_color())
     axes.set_xlabel("iteration")
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -168,7 +168,8 @@ Numbers: <a href="metrics.json">metrics.json</a>.</p>
 <h2>Images (references | plain Stable Diffusion | {names["seedselect"]})</h2>
 <p>Marks on an image: <i>judge: X</i>, the judge's label where it is not the image's class; <i>copy</i>, nearer a
 reference than any held-out real image (or two references to each other); <i>unrefined</i>, its seed never got below
-its start's loss. Every image, with what each measure says of it: <a href="images.jsonl">images.jsonl</a>.</p>
+its start's loss (an image kept as drawn, <code>bootstrap.keep_drawn</code>, is its start on purpose and not marked).
+Every image, with what each measure says of it: <a href="images.jsonl">images.jsonl</a>.</p>
 {figures}
 </body></html>
 """

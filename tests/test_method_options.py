@@ -64,7 +64,8 @@ def test_best_candidates_keeps_the_start_of_lowest_score(tiny_models, score):
     target = random_target(5)
     candidates = torch.stack([seeds(3, k) for k in range(4)], dim=1)  # (B=3, N=4, C, h, w)
     text = encode_prompt(tiny_models, "a red disc")
-    starts, chosen = best_candidates(tiny_models, candidates, target, text, config.objective(), score=score)
+    choice = best_candidates(tiny_models, candidates, target, text, config.objective(), score=score)
+    starts, chosen = choice.starts, choice.chosen
     timesteps = ddim_schedule(tiny_models, 3)
     with torch.no_grad():
         terms = [seed_objective(tiny_models, candidates[:, k], target, text, timesteps, config.objective())
@@ -74,8 +75,8 @@ def test_best_candidates_keeps_the_start_of_lowest_score(tiny_models, score):
     assert torch.equal(starts, candidates[torch.arange(3), losses.argmin(dim=1)])
     assert candidate_seed(11, 0) == 11 and candidate_seed(11, 1) != candidate_seed(11, 2)
     asked = []  # a stop (SIGTERM, Ctrl-C) during scoring: the choice is made among the candidates scored so far
-    _, chosen = best_candidates(tiny_models, candidates, target, text, config.objective(), score=score,
-                                should_stop=lambda: asked.append(1) or len(asked) == 2)
+    chosen = best_candidates(tiny_models, candidates, target, text, config.objective(), score=score,
+                             should_stop=lambda: asked.append(1) or len(asked) == 2).chosen
     assert len(asked) == 2 and chosen == losses[:, :2].argmin(dim=1).tolist()
 
 
@@ -91,13 +92,13 @@ def test_near_enough_keeps_the_first_candidate_within_the_spacing_not_the_neares
                                              config.objective()).semantic for k in range(5)], dim=1)
     middle = losses.median(dim=1).values  # a spacing half the candidates are within
     spacing = torch.stack([middle[0], middle[1], losses[2].min() - 1.0])  # image 2: none within it
-    _, chosen = best_candidates(tiny_models, candidates, dataclasses.replace(target, spacing=spacing), text,
-                                config.objective(), near_enough=True)
+    chosen = best_candidates(tiny_models, candidates, dataclasses.replace(target, spacing=spacing), text,
+                             config.objective(), near_enough=True).chosen
     first_within = [int((losses[i] <= spacing[i]).nonzero()[0]) for i in range(2)]
     assert first_within != losses[:2].argmin(dim=1).tolist()  # these draws tell the two rules apart
     assert chosen == [*first_within, int(losses[2].argmin())]
-    _, nearest = best_candidates(tiny_models, candidates, dataclasses.replace(target, spacing=spacing), text,
-                                 config.objective())
+    nearest = best_candidates(tiny_models, candidates, dataclasses.replace(target, spacing=spacing), text,
+                              config.objective()).chosen
     assert nearest == losses.argmin(dim=1).tolist()  # without near_enough the spacing is not used
 
 

@@ -37,6 +37,24 @@ def test_a_sweep_over_many_classes_shows_the_first_and_the_total(capsys):
     assert out.rstrip().endswith("seedselect evaluate run_dir=RUN")
 
 
+def test_images_kept_as_drawn_have_a_column_and_are_not_counted_unrefined(capsys):
+    """bootstrap.keep_drawn: an image kept as drawn is its start on purpose (one loss), not an unrefined seed."""
+    entries = entries_of(SHOWN_CLASSES + 2, 4, random.Random(44))
+    for i, entry in enumerate(entries):
+        entry["drawn"] = i % 2 == 0
+        if entry["drawn"]:
+            entry["loss_history"] = entry["loss_history"][:1]
+            entry["loss"] = entry["loss_history"][0]
+    print_summary(entries, Path("RUN"))
+    out = capsys.readouterr().out
+    assert "kept as drawn" in out and "... 2 more classes" in out
+    total = [cell.strip() for cell in next(line for line in out.splitlines() if "all " in line).split("│")]
+    unrefined = sum(min(e["loss_history"]) >= e["loss_history"][0] for e in entries if not e["drawn"])
+    assert total[5:7] == [str(len(entries) // 2), str(unrefined)] and 0 < unrefined < len(entries) // 2
+    print_summary(entries_of(2, 3, random.Random(45)), Path("RUN"))
+    assert "kept as drawn" not in capsys.readouterr().out  # a run without the option shows no such column
+
+
 def test_one_class_has_no_total_row(capsys):
     print_summary(entries_of(1, 4, random.Random(42)), Path("RUN"))
     out = capsys.readouterr().out

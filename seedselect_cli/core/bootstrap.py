@@ -45,6 +45,7 @@ class Batch:
     iterations: int
     extra: list[dict] = field(default_factory=list)  # per seed: what the manifest records besides
     backtrack: float | None = None  # `OptimSpec.backtrack` for this batch; None: the authors' plain AdamW
+    keep_drawn: bool = False  # `bootstrap.keep_drawn`: a chosen start that already draws the concept is not refined
 
 
 def draw_subset(seed: int, class_name: str, index: int, n_references: int, size: int) -> list[int]:
@@ -82,4 +83,5 @@ def bootstrap_batches(bootstrap: BootstrapSpec, appearance: str, seed: int, clas
             iterations=bootstrap.iterations,
             extra=[{"subset": [encodings.paths[j].name for j in s]} for s in subsets],  # file names, as `reference`
             backtrack=bootstrap.backtrack,
+            keep_drawn=bootstrap.keep_drawn,
         )

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -122,6 +123,14 @@ class Engine:
         text_embeds = encode_prompt(self.models, prompt, self.objective.sampler.negative_prompt)
         return ClassTarget(name, prompt, text_embeds, encodings, contrast)
 
+    def drawn_within(self, target: ClassTarget) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """`bootstrap.keep_drawn`'s test of a start: the class's mu_v and its references' spread (None with fewer
+        than two references: nothing to measure a spread by, so every start is optimised)."""
+        spread = target.encodings.spread(self.objective.loss.distance)
+        if spread is None:
+            return None
+        return target.encodings.centroids().semantic, spread
+
     def centre(self, target: ClassTarget) -> torch.Tensor | None:
         """Where the class's seeds start (`init`): None for fresh noise, else a centroid of its inverted references
         (or, for init=reference, every reference's inversion)."""
@@ -178,22 +187,45 @@ class Engine:
                   should_stop: Callable[[], bool] | None = None,
                   on_iteration: Callable[[int, torch.Tensor], None] | None = None) -> list[SeedResult]:
         """Optimise one batch: with `init.candidates` > 1 first keep each image's best start (recorded in
-        `batch.extra` as `candidate`), then `batch.iterations` of gradient descent, backtracking by `batch.backtrack`
-        (`progress`, `should_stop`, `on_iteration`: as `optimize_seeds`)."""
+        `batch.extra` as `candidate`; with `batch.keep_drawn`, a start that already draws the concept is kept
+        as it is, `drawn` in `batch.extra`), then `batch.iterations` of gradient descent, backtracking by
+        `batch.backtrack` (`progress`, `should_stop`, `on_iteration`: as `optimize_seeds`). Each result's
+        `seconds` includes its share of the scoring."""
+        start = time.perf_counter()
         centroids = target.targets(batch.centroids)
         sampler = self.objective.sampler
         noise = step_noise(sampler.name, batch.init_seeds, tuple(batch.z_init.shape[-3:]), sampler.steps)
+        drawn = [False] * len(batch.indices)
+        choice = None
         if batch.z_init.ndim == 5:
-            batch.z_init, chosen = best_candidates(self.models, batch.z_init, centroids, target.text_embeds,
-                                                   self.objective, noise, self.init.candidate_score, should_stop,
-                                                   near_enough=self.optim.stop_near_reference)
-            for extra, k in zip(batch.extra, chosen):
+            within = self.drawn_within(target) if batch.keep_drawn else None
+            choice = best_candidates(self.models, batch.z_init, centroids, target.text_embeds, self.objective, noise,
+                                     self.init.candidate_score, should_stop,
+                                     near_enough=self.optim.stop_near_reference, drawn_within=within)
+            batch.z_init, drawn = choice.starts, choice.drawn
+            for extra, k, kept in zip(batch.extra, choice.chosen, drawn):
                 extra["candidate"] = k
-        unchecked = self.unchecked_steps(target, batch.z_init, noise)
-        optim = dataclasses.replace(self.optim, backtrack=batch.backtrack)
-        return optimize_seeds(self.models, batch.z_init, centroids, target.text_embeds, self.objective, optim,
-                              iterations=batch.iterations, progress=progress, should_stop=should_stop,
-                              on_iteration=on_iteration, noise=noise, unchecked_steps=unchecked, graphs=self.graphs)
+                if within is not None:
+                    extra["drawn"] = kept
+        scoring = (time.perf_counter() - start) / len(batch.indices)
+        refine = [i for i, kept in enumerate(drawn) if not kept]
+        results: list[SeedResult | None] = [None] * len(batch.indices)
+        if refine:
+            z, rows = batch.z_init[refine], centroids.rows(refine) if len(refine) < len(drawn) else centroids
+            step = noise[:, refine] if noise is not None else None
+            optim = dataclasses.replace(self.optim, backtrack=batch.backtrack)
+            refined = optimize_seeds(self.models, z, rows, target.text_embeds, self.objective, optim,
+                                     iterations=batch.iterations, progress=progress, should_stop=should_stop,
+                                     on_iteration=on_iteration, noise=step,
+                                     unchecked_steps=self.unchecked_steps(target, z, step), graphs=self.graphs)
+            for i, result in zip(refine, refined):
+                results[i] = result
+        for i, kept in enumerate(drawn):
+            if kept:  # drawn as the start is: its loss is the scoring pass's, towards its own targets
+                results[i] = SeedResult.of_start(batch.z_init[i], choice.terms, i, seconds=0.0)
+        for result in results:
+            result.seconds += scoring
+        return results
 
     def render(self, target: ClassTarget, init_seed: int, z_T: torch.Tensor) -> Image.Image:
         """The image the seed `z_T` (C, h, w) of the image whose init seed is `init_seed` (its sampler noise) gives:

@@ -59,6 +59,15 @@ class SeedResult:
     seconds: float  # wall time of the batch, divided by the batch size
     stopped: str | None = None  # why this seed stopped early (a non-finite loss or gradient), if it did
 
+    @classmethod
+    def of_start(cls, start: torch.Tensor, terms: LossTerms, row: int, seconds: float) -> SeedResult:
+        """A start kept as it is, never stepped: its losses are those of row `row` of `terms`, its one iterate."""
+        z = start.detach().float().cpu().clone()
+        loss = float(terms.total[row])
+        return cls(initial=z, optimized=z.clone(), loss=loss, semantic_loss=float(terms.semantic[row]),
+                   appearance_loss=float(terms.appearance[row]), loss_history=[loss], best_iteration=0,
+                   seconds=seconds)
+
     @property
     def usable(self) -> bool:
         """Whether some iterate had a finite loss (the one kept)."""
@@ -83,65 +92,117 @@ def semantic_embedding(models: FrozenModels, latents: torch.Tensor) -> torch.Ten
     return clip_embed(models, clip_pixels(vae_decode(models, latents), models.image_processor))
 
 
-def seed_objective(models: FrozenModels, z_T: torch.Tensor, centroids: Centroids, text_embeds: PromptEmbeds,
-                   schedule: Schedule, objective: Objective, noise: torch.Tensor | None = None,
-                   unchecked_steps: int = 0, graphs: GraphCache | None = None) -> LossTerms:
-    """Roll out the sampler from z_T and evaluate the SeedSelect loss for each seed of the batch (`noise`: what
-    the sampler adds between steps, `step_noise`; `graphs`: the CUDA graphs of the checkpointed calls, if any)."""
+@dataclass
+class RolledOut:
+    """What one pass of the sampler gives the loss: the latents after the last k steps (the last is z_0), and, with
+    lam > 0, the unit CLIP embedding of each decoded (B, D) (None with lam = 0: no decode, no CLIP)."""
+
+    latents: list[torch.Tensor]
+    embeds: list[torch.Tensor] | None
+
+
+def roll_out(models: FrozenModels, z_T: torch.Tensor, text_embeds: PromptEmbeds, schedule: Schedule,
+             objective: Objective, noise: torch.Tensor | None = None, unchecked_steps: int = 0,
+             graphs: GraphCache | None = None) -> RolledOut:
+    """Roll out the sampler from z_T and embed the images the loss looks at (arguments as `seed_objective`)."""
     loss, kstep, sampler = objective.loss, objective.kstep, objective.sampler
-    lam, checkpoint = loss.lam, sampler.checkpointing
-    keep = kstep.k if lam > 0 else 1
+    checkpoint = sampler.checkpointing
+    keep = kstep.k if loss.lam > 0 else 1
     latents = rollout(models, z_T, text_embeds, schedule, sampler.guidance_scale,
                       keep_last=keep, checkpoint=checkpoint, noise=noise, unchecked_steps=unchecked_steps, graphs=graphs)
-    if lam > 0:
-        if checkpoint and torch.is_grad_enabled():  # keep only the embedding of each decoded image
-            embed = functools.partial(semantic_embedding, models)
-            embeds = [checkpointed(graphs, ("the decodes and CLIP embeddings",), embed, z) for z in latents]
-        else:
-            embeds = [semantic_embedding(models, z) for z in latents]
+    if loss.lam <= 0:
+        return RolledOut(latents, None)
+    if checkpoint and torch.is_grad_enabled():  # keep only the embedding of each decoded image
+        embed = functools.partial(semantic_embedding, models)
+        return RolledOut(latents, [checkpointed(graphs, ("the decodes and CLIP embeddings",), embed, z) for z in latents])
+    return RolledOut(latents, [semantic_embedding(models, z) for z in latents])
+
+
+def loss_terms(rolled: RolledOut, z_T: torch.Tensor, centroids: Centroids, objective: Objective) -> LossTerms:
+    """The SeedSelect loss of each seed of the batch from its rolled-out latents and embeddings."""
+    loss, kstep = objective.loss, objective.kstep
+    if rolled.embeds is not None:
         contrast = None
         if loss.semantic == "contrastive":
             if centroids.classes is None:
                 raise ValueError("the contrastive loss needs the centroids of every class (Centroids.classes)")
             contrast = (centroids.classes, centroids.class_index, loss.temperature)
-        semantic = kstep_semantic_loss(embeds, centroids.semantic, kstep.weights, loss.distance,
-                                       contrast)
+        semantic = kstep_semantic_loss(rolled.embeds, centroids.semantic, kstep.weights, loss.distance, contrast)
     else:  # lam = 0: no decode, no CLIP
         semantic = torch.zeros(z_T.shape[0], device=z_T.device)
+    z_0 = rolled.latents[-1]
     if centroids.references is not None:
-        appearance = nearest_appearance_loss(latents[-1], centroids.references.to(z_T.device))
+        appearance = nearest_appearance_loss(z_0, centroids.references.to(z_T.device))
     else:
-        appearance = appearance_loss(latents[-1], centroids.appearance.to(z_T.device))
+        appearance = appearance_loss(z_0, centroids.appearance.to(z_T.device))
     norm = seed_norm_prior(z_T) if loss.norm_weight > 0 else None
-    return combine(semantic, appearance, lam, norm, loss.norm_weight)
+    return combine(semantic, appearance, loss.lam, norm, loss.norm_weight)
+
+
+def seed_objective(models: FrozenModels, z_T: torch.Tensor, centroids: Centroids, text_embeds: PromptEmbeds,
+                   schedule: Schedule, objective: Objective, noise: torch.Tensor | None = None,
+                   unchecked_steps: int = 0, graphs: GraphCache | None = None) -> LossTerms:
+    """Roll out the sampler from z_T and evaluate the SeedSelect loss for each seed of the batch (`noise`: what
+    the sampler adds between steps, `step_noise`; `unchecked_steps`: the steps the memory budget keeps; `graphs`:
+    the CUDA graphs of the checkpointed calls, if any)."""
+    rolled = roll_out(models, z_T, text_embeds, schedule, objective, noise, unchecked_steps, graphs)
+    return loss_terms(rolled, z_T, centroids, objective)
+
+
+@dataclass
+class Choice:
+    """What selection kept of each image's candidate starts: the start (B, C, h, w), which candidate it is, whether
+    it already draws the concept (`drawn_within`), and its loss terms from the scoring pass (CPU, float32)."""
+
+    starts: torch.Tensor
+    chosen: list[int]
+    drawn: list[bool]
+    terms: LossTerms
 
 
 @torch.no_grad()
 def best_candidates(models: FrozenModels, candidates: torch.Tensor, centroids: Centroids, text_embeds: PromptEmbeds,
                     objective: Objective, noise: torch.Tensor | None = None, score: str = "semantic",
-                    should_stop: Callable[[], bool] | None = None, near_enough: bool = False
-                    ) -> tuple[torch.Tensor, list[int]]:
+                    should_stop: Callable[[], bool] | None = None, near_enough: bool = False,
+                    drawn_within: tuple[torch.Tensor, torch.Tensor] | None = None) -> Choice:
     """Selection in the literal sense: of each image's N candidate starts (B, N, C, h, w), the one of lowest
     `score` ("semantic": L_sem, whether it draws the concept; "loss": the whole loss), scored by one forward pass
-    each without gradients (about a third of an iteration's arithmetic). Returns the starts (B, C, h, w) and which
-    candidate each is. When `should_stop()` turns true the choice is made among the candidates scored so far, so a
-    stop waits for one forward pass, not N. With `near_enough` (`optim.stop_near_reference`) every candidate whose
-    L_sem is within its target's spacing counts as good as the nearest, and the first of them is kept: the nearest
-    of all is the one that copies its reference."""
+    each without gradients (about a third of an iteration's arithmetic). When `should_stop()` turns true the
+    choice is made among the candidates scored so far, so a stop waits for one forward pass, not N. With
+    `near_enough` (`optim.stop_near_reference`) every candidate whose L_sem is within its target's spacing counts as
+    good as the nearest, and the first of them is kept: the nearest of all is the one that copies its reference.
+    With `drawn_within=(mu_v, radius)` (`bootstrap.keep_drawn`: the class's centroid and its references' spread) the
+    first candidate whose k-step distance to mu_v is within the radius already draws the concept as a reference
+    does: it is kept, and marked drawn; an image with none such keeps its lowest-scored, as without."""
     schedule = make_schedule(models, objective.sampler.steps, objective.sampler.name)
     targets = centroids.to(models.device)
-    losses = []
+    loss, kstep = objective.loss, objective.kstep
+    scored: list[LossTerms] = []
+    within = []
     for k in range(candidates.shape[1]):
-        terms = seed_objective(models, candidates[:, k].to(models.device, torch.float32), targets, text_embeds,
-                               schedule, objective, noise)
-        losses.append((terms.semantic if score == "semantic" else terms.total).float().cpu())
+        z = candidates[:, k].to(models.device, torch.float32)
+        rolled = roll_out(models, z, text_embeds, schedule, objective, noise)
+        terms = loss_terms(rolled, z, targets, objective)
+        scored.append(LossTerms(*(t.float().cpu() for t in (terms.total, terms.semantic, terms.appearance))))
+        if drawn_within is not None:
+            centroid, radius = (t.to(models.device) for t in drawn_within)
+            distance = kstep_semantic_loss(rolled.embeds, centroid, kstep.weights, loss.distance)
+            within.append((distance <= radius).cpu())
         if should_stop is not None and should_stop():
             break
-    losses = torch.stack(losses, dim=1)
+    losses = torch.stack([t.semantic if score == "semantic" else t.total for t in scored], dim=1)
     if near_enough and score == "semantic" and centroids.spacing is not None:
         losses = losses.clamp_min(centroids.spacing.float().cpu().expand(len(losses))[:, None])
     best = losses.nan_to_num(nan=float("inf")).argmin(dim=1)  # the first of equals
-    return candidates[torch.arange(len(best)), best], best.tolist()
+    drawn = torch.zeros(len(best), dtype=torch.bool)
+    if within:
+        within = torch.stack(within, dim=1)  # (B, scored)
+        drawn = within.any(dim=1)
+        best = torch.where(drawn, within.int().argmax(dim=1), best)  # argmax: the first True
+    rows = torch.arange(len(best))
+    kept = LossTerms(*(torch.stack([getattr(t, name) for t in scored], dim=1)[rows, best]
+                       for name in ("total", "semantic", "appearance")))
+    return Choice(candidates[rows, best], best.tolist(), drawn.tolist(), kept)
 
 
 def backtracking_step(optimizer: torch.optim.Optimizer, z: torch.Tensor, best_z: torch.Tensor,

@@ -87,6 +87,10 @@ class BootstrapSpec:
     # bootstrap's `optim.backtrack` (its own, as its iteration counts are): None, the authors' plain AdamW, in
     # every method; backtracking cost bootstrap's images precision where it cost optimize's none (RESULTS.md)
     backtrack: float | None = None
+    # with candidates: the first start that already draws the concept (its L_sem to the class's mu_v within the
+    # references' spread, `ReferenceEncodings.spread`) is kept as it is drawn, unrefined: where the model draws the
+    # concept unaided, the images vary as plain sampling's do (README, "Bulk image sets")
+    keep_drawn: bool = False
 
 
 def adamw(params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:

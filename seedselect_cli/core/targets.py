@@ -21,6 +21,7 @@ from PIL import Image
 
 from seedselect_cli.core.encoders import clip_embed_pil, vae_encode
 from seedselect_cli.core.frozen import FrozenModels
+from seedselect_cli.core.losses import semantic_distance
 
 
 @dataclass
@@ -44,6 +45,17 @@ class Centroids:
         move = (lambda t: t.to(device) if t is not None else None)
         return Centroids(move(self.semantic), move(self.appearance), self.count, move(self.classes),
                          self.class_index, move(self.references), move(self.spacing))
+
+    def rows(self, indices: Sequence[int]) -> Centroids:
+        """The centroids of these seeds of a batch: per-seed targets indexed, shared ones as they are."""
+        rows = torch.as_tensor(list(indices), dtype=torch.long)
+        per_seed = self.appearance.ndim == 4  # (B, C, h, w), against (C, h, w) shared
+
+        def pick(t: torch.Tensor | None, shared_ndim: int) -> torch.Tensor | None:
+            return t[rows.to(t.device)] if t is not None and per_seed and t.ndim > shared_ndim else t
+
+        return Centroids(pick(self.semantic, 1), pick(self.appearance, 3), self.count, self.classes, self.class_index,
+                         pick(self.references, 4), pick(self.spacing, 0))
 
 
 def stack_centroids(items: Sequence[Centroids]) -> Centroids:
@@ -77,6 +89,16 @@ class ReferenceEncodings:
         references = self.appearance[rows] if appearance == "nearest" else None  # repeats keep subsets stackable
         return Centroids(semantic=semantic, appearance=self.appearance[rows].mean(dim=0), count=len(rows),
                          references=references, spacing=spacing)
+
+    def spread(self, distance: str = "cosine") -> torch.Tensor | None:
+        """How far the farthest reference lies from the centroid of the others, max_i dist(mean_{j != i} v_j, v_i)
+        (`bootstrap.keep_drawn`: an image at most this far from the class's mu_v draws the concept as a reference
+        does); None with fewer than two references or no image encoder."""
+        n = len(self.paths)
+        if self.semantic is None or n < 2:
+            return None
+        others = (self.semantic.sum(dim=0, keepdim=True) - self.semantic) / (n - 1)  # row i: the mean without i
+        return semantic_distance(self.semantic, others, distance).max()
 
     def spacing(self, semantic: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:
         """The cosine distance from the target `semantic` (the mean of `rows`' embeddings) to the nearest reference
