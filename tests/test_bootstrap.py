@@ -399,3 +399,28 @@ def test_an_images_seconds_include_its_share_of_the_scoring_of_its_starts(tiny_m
     target = ClassTarget("red disc", "a red disc", encode_prompt(tiny_models, "a red disc"), random_encodings(3, 34))
     [batch] = engine.bootstrap_batches(target, [[0, 1]], None, 0)
     assert all(r.seconds >= 0.3 for r in engine.run_batch(target, batch))
+
+
+@pytest.mark.slow
+def test_a_keep_drawn_run_on_the_toy_world_resumes_its_drawn_and_refined_images_as_they_were(tmp_path):
+    """bootstrap.keep_drawn on the trained toy world, where a batch holds both kinds (marsh finch, 2 starts an image):
+    an image kept as drawn is its start; a lost image of either kind is redone to the same seed."""
+    config = make_config(["bootstrap.keep_drawn=true", "bootstrap.candidates=2", "bootstrap.n_images=4",
+                          "runtime.batch_size=4", "dataset.classes=[marsh finch]", "runtime.cache=false"],
+                         name="toyworld")
+    run_bootstrap(config, tmp_path)
+    entries = sorted(read_manifest(tmp_path), key=lambda e: e["index"])
+    drawn = [e["index"] for e in entries if e["drawn"]]
+    assert 0 < len(drawn) < 4  # both kinds in one batch
+    for entry in entries:
+        seed = load_file(tmp_path / entry["seed_file"])
+        assert torch.equal(seed["initial"], seed["optimized"]) == entry["drawn"]
+        assert (len(entry["loss_history"]) == 1) == entry["drawn"]
+    before = seeds_of(tmp_path)
+    refined = next(e["index"] for e in entries if not e["drawn"])
+    for index in (drawn[0], refined):
+        (tmp_path / "images" / "marsh_finch" / f"{index:05d}.png").unlink()
+    again = run_bootstrap(config, tmp_path)
+    assert sorted(e["index"] for e in again) == sorted([drawn[0], refined])
+    after = seeds_of(tmp_path)
+    assert all(torch.equal(after[k], v) for k, v in before.items())

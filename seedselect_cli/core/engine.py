@@ -189,8 +189,8 @@ class Engine:
         """Optimise one batch: with `init.candidates` > 1 first keep each image's best start (recorded in
         `batch.extra` as `candidate`; with `batch.keep_drawn`, a start that already draws the concept is kept
         as it is, `drawn` in `batch.extra`), then `batch.iterations` of gradient descent, backtracking by
-        `batch.backtrack` (`progress`, `should_stop`, `on_iteration`: as `optimize_seeds`). Each result's
-        `seconds` includes its share of the scoring."""
+        `batch.backtrack` (`progress`, `should_stop`, `on_iteration`: as `optimize_seeds`, over the seeds that are
+        refined). Each result's `seconds` includes its share of the scoring."""
         start = time.perf_counter()
         centroids = target.targets(batch.centroids)
         sampler = self.objective.sampler
