@@ -179,13 +179,14 @@ def best_candidates(models: FrozenModels, candidates: torch.Tensor, centroids: C
     loss, kstep = objective.loss, objective.kstep
     scored: list[LossTerms] = []
     within = []
+    if drawn_within is not None:
+        centroid, radius = (t.to(models.device) for t in drawn_within)
     for k in range(candidates.shape[1]):
         z = candidates[:, k].to(models.device, torch.float32)
         rolled = roll_out(models, z, text_embeds, schedule, objective, noise)
         terms = loss_terms(rolled, z, targets, objective)
         scored.append(LossTerms(*(t.float().cpu() for t in (terms.total, terms.semantic, terms.appearance))))
         if drawn_within is not None:
-            centroid, radius = (t.to(models.device) for t in drawn_within)
             distance = kstep_semantic_loss(rolled.embeds, centroid, kstep.weights, loss.distance)
             within.append((distance <= radius).cpu())
         if should_stop is not None and should_stop():
