@@ -19,6 +19,12 @@ start, in float32 itself (a chaotic seed ends elsewhere from 1e-4) and in the lo
 
     python scripts/precision_check.py --dtypes float32 float16 --concepts "marsh finch" --moved-starts 1e-4 3
 
+`--gpu-convolutions`: a CPU without float16 convolution kernels (no AVX512-FP16) runs float16 convolutions through
+PyTorch's reference `_slow_conv2d`; with this flag they take float16 operands, accumulate in float32 and round
+their output (backward: the input's gradient) to float16, as a GPU's float16 convolutions do, at under half the
+time. Both accumulate in float32; their outputs differ in the last bit now and then (1.4e-5 relative), which a
+chaotic seed turns into another end (BENCHMARKS.md, "Two float16 arithmetics").
+
 `--where`: float32 optimises the seeds; at its iterates (the start, and iterations 10 and the last), the loss and
 its gradient are computed again with one network at a time in the low dtype (the UNet, the VAE, the text encoder,
 CLIP's image encoder), then all of them, and compared with float32's: the loss's relative error and the gradient's
@@ -28,6 +34,7 @@ cosine, per network and iterate.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import tempfile
@@ -49,6 +56,26 @@ from seedselect_cli.judges import Judge, JudgeConfig
 from seedselect_cli.models import cast, component_dtype, load_models
 from seedselect_cli.pipeline import run_optimize
 from seedselect_cli.references import load_encodings
+
+
+@contextlib.contextmanager
+def gpu_convolutions():
+    """float16 convolutions on the CPU as a GPU computes them: float16 operands, float32 accumulation, the output
+    (and backward, the input's gradient) rounded to float16 (`--gpu-convolutions`, above). Other dtypes and devices
+    as they are."""
+    conv2d = torch.nn.functional.conv2d
+
+    def float32_accumulated(x, weight, bias=None, *args, **kwargs):
+        if x.dtype != torch.float16 or x.device.type != "cpu":
+            return conv2d(x, weight, bias, *args, **kwargs)
+        bias = None if bias is None else bias.float()
+        return conv2d(x.float(), weight.float(), bias, *args, **kwargs).to(torch.float16)
+
+    torch.nn.functional.conv2d = float32_accumulated
+    try:
+        yield
+    finally:
+        torch.nn.functional.conv2d = conv2d
 
 
 def config_for(concepts: list[str], dtype: str, device: str, n: int, iterations: int, method: str | None = None,
@@ -138,7 +165,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--where", action="store_true", help="which network loses the precision (see above)")
     parser.add_argument("--moved-starts", nargs=2, type=float, metavar=("EPS", "N"), default=None,
                         help="optimise again from starts moved by EPS of their spread, N draws (see above)")
+    parser.add_argument("--gpu-convolutions", action="store_true",
+                        help="float16 convolutions accumulated in float32 as on a GPU, not the CPU's (see above)")
     args = parser.parse_args(argv)
+    with gpu_convolutions() if args.gpu_convolutions else contextlib.nullcontext():
+        return measure(args)
+
+
+def measure(args) -> list[dict]:
     if args.where:
         print(f"| {args.dtypes[-1]} network | iteration | float32 loss | loss error, mean | largest | "
               "grad cos, mean | lowest |\n|---|---|---|---|---|---|---|")
