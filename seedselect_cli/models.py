@@ -195,9 +195,10 @@ def load_models(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, with
 def component_dtype(key: str, parts: dict[str, Any], dtype: torch.dtype) -> torch.dtype:
     """The dtype of component `key` in a run in `dtype`. The text encoders run in float32 in every run: they
     encode each prompt once, without gradients, so float32 costs no time to speak of (their weights: 0.7 GB more
-    for SD 2.1's at float16), while their float16 rounding changes the conditioning enough to move the seed the
-    optimisation finds (one toy-world seed of 8 to 1.086 of float32's loss; 1.020 with them in float32:
-    BENCHMARKS.md). Their output is cast to the UNet's dtype (`prompts.encode_prompt`). The VAE: `vae_dtype`."""
+    for SD 2.1's at float16), and in float16 the toy world's prompt embedding is off by twice what rounding
+    float32's to float16 costs (4.4e-4 against 2.0e-4, relative): the UNet is conditioned on that at every step.
+    (The one seed whose end this seemed to fix was chance: BENCHMARKS.md, "Two float16 arithmetics".) Their output
+    is cast to the UNet's dtype (`prompts.encode_prompt`). The VAE: `vae_dtype`."""
     if key in ("text_encoder", "text_encoder_2"):
         return torch.float32
     return vae_dtype(parts, dtype) if key == "vae" else dtype
