@@ -47,6 +47,7 @@ from seedselect_cli.files.datasets import (
     fill_template,
     heldout_images,
     load_classes,
+    read_class_list,
 )
 from seedselect_cli.files.images import UnreadableImage, load_rgb
 from seedselect_cli.files.run_directory import CONFIG, RunDirectory
@@ -78,6 +79,7 @@ class EvaluateRuntime:
 class EvaluateConfig:
     run_dir: str = "???"
     classes: list[str] | None = None  # zero-shot among these class names; None: the run's classes
+    classes_file: str | None = None  # the same, one name a line (blank lines and # comments passed over)
     dataset_classes: bool = False  # zero-shot among every class of the run's data set (e.g. all 200 of CUB)
     prompt_template: str | None = None  # None: the run's dataset.prompt_template
     heldout: str | None = None  # real images as <heldout>/<class>/<image>; None: the run's dataset.heldout
@@ -103,6 +105,8 @@ def check_evaluate(cfg: EvaluateConfig) -> None:
         raise UserError(f"images_per_class={cfg.images_per_class} is invalid: must be at least 1 (null: every image)")
     if not 1 <= cfg.batch_size <= 1024:
         raise UserError(f"batch_size={cfg.batch_size} is invalid: must be between 1 and 1024")
+    if cfg.classes and cfg.classes_file is not None:
+        raise UserError("classes and classes_file both name the classes to classify among: pass one of them")
     if cfg.prompt_template is not None:
         check_template("prompt_template", cfg.prompt_template)
     check_redraw_dtype(cfg.runtime.dtype)
@@ -334,7 +338,8 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         every = dataclasses.replace(config.dataset, classes=None, shots=1, max_images=None)
         candidates = list(dict.fromkeys([*run_classes, *(r.name for r in load_classes(every, config.seed, quiet=True))]))
     else:
-        candidates = list(cfg.classes) if cfg.classes else run_classes
+        named = read_class_list(cfg.classes_file, "classes_file") if cfg.classes_file is not None else cfg.classes
+        candidates = list(named) if named else run_classes
         # the run's classes as the list spells them ("Black-footed Albatross" for the run's "Black footed Albatross")
         listed = NameLookup(candidates)
         as_listed = {listed.find(c): c for c in run_classes}

@@ -374,6 +374,24 @@ def test_bad_run_directories_are_user_errors(tmp_path, demo_run):
     assert spelled["classified_among"] == 2 and spelled["classes"]["red_disc"]["seedselect"]["top1"] is not None
 
 
+def test_classes_file_names_the_classes_to_classify_among_as_classes_does(tmp_path, demo_run):
+    """`classes_file=FILE`, for a list of hundreds: one name a line, blank lines and # comments passed over, the same
+    metrics as the list typed; with `classes` too, or a file that is not there or names none, one line."""
+    listed = tmp_path / "among.txt"
+    listed.write_text("# the demo's class and a distractor\nRed-Disc\n\n  dog  \n", encoding="utf-8")
+    typed = run_evaluate(EvaluateConfig(run_dir=str(demo_run), classes=["Red-Disc", "dog"], baseline=False))
+    read = run_evaluate(EvaluateConfig(run_dir=str(demo_run), classes_file=str(listed), baseline=False))
+    assert read["classified_among"] == 2
+    assert read["classes"]["red_disc"]["seedselect"] == typed["classes"]["red_disc"]["seedselect"]
+    with pytest.raises(UserError, match="^classes and classes_file both name the classes"):
+        run_evaluate(EvaluateConfig(run_dir=str(demo_run), classes=["dog"], classes_file=str(listed)))
+    with pytest.raises(UserError, match=r"^classes_file=.*missing.txt cannot be read"):
+        run_evaluate(EvaluateConfig(run_dir=str(demo_run), classes_file=str(tmp_path / "missing.txt")))
+    (tmp_path / "empty.txt").write_text("# nothing\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"^classes_file=.*empty.txt names no class"):
+        run_evaluate(EvaluateConfig(run_dir=str(demo_run), classes_file=str(tmp_path / "empty.txt")))
+
+
 def test_a_held_out_folder_that_is_not_there_is_a_user_error(tmp_path, demo_run):
     """A mistyped heldout=DIR, or a run whose dataset.heldout is not on this machine, would otherwise give a report
     with every measure against real images blank."""

@@ -186,20 +186,20 @@ def rare_classes(cfg: DatasetConfig, chosen: list[str], images: Mapping[str, Seq
     return rare
 
 
-def read_class_list(path: str) -> list[str]:
-    """The class names of `dataset.classes_file`, one a line; blank lines and lines that begin with `#` are passed
-    over. `UserError` where the file cannot be read or names none."""
+def read_class_list(path: str, key: str = "dataset.classes_file") -> list[str]:
+    """The class names of `dataset.classes_file` (or evaluate's `classes_file`: `key`), one a line; blank lines and
+    lines that begin with `#` are passed over. `UserError` where the file cannot be read or names none."""
     file = Path(path).expanduser()
     try:
         text = file.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
-        raise UserError(f"dataset.classes_file={path} is not UTF-8 text; save it as UTF-8") from None
+        raise UserError(f"{key}={path} is not UTF-8 text; save it as UTF-8") from None
     except OSError as exc:
-        raise UserError(f"dataset.classes_file={path} cannot be read ({exc.strerror or exc}); write the class "
+        raise UserError(f"{key}={path} cannot be read ({exc.strerror or exc}); write the class "
                         f"names there, one a line") from None
     names = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     if not names:
-        raise UserError(f"dataset.classes_file={path} names no class: write one name a line (# begins a comment)")
+        raise UserError(f"{key}={path} names no class: write one name a line (# begins a comment)")
     return names
 
 
