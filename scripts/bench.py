@@ -28,15 +28,12 @@ process's high-water mark of resident memory.
     python scripts/bench.py --model sdxl --batch 1   # SDXL at 1024 px, 20 DDIM steps, CFG 5: memory and speed
     python scripts/bench.py --model sdxl_turbo       # SDXL-Turbo: Euler, 1 step, no guidance, 512 px
     python scripts/bench.py --memory-budget auto     # runtime.memory_budget: keep the steps that fit, recompute the rest
-    python scripts/bench.py --modes graphed --batch 1 --float32-start   # runtime.float32_iterations' cost: one
-                                                     # iteration on the networks' float32 copies, eagerly, beside
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import os
 import resource
@@ -354,10 +351,8 @@ def prepare(models: FrozenModels, mode: str, args, accelerate: bool = True) -> F
     return models
 
 
-def measure(models: FrozenModels, mode: str, config, batch: int, args,
-            float32_copies: FrozenModels | None = None) -> dict:
-    """One mode at one batch size: s/iteration, peak memory, FLOPs per iteration, s per bootstrap image; with
-    `float32_copies` (`--float32-start`), also s per iteration on them, and the peak memory holds them."""
+def measure(models: FrozenModels, mode: str, config, batch: int, args) -> dict:
+    """One mode at one batch size: s/iteration, peak memory, FLOPs per iteration, s per bootstrap image."""
     device = models.device
     z, target, text = iteration_inputs(models, batch, args)
     timesteps = make_schedule(models, args.steps, args.sampler)
@@ -369,7 +364,7 @@ def measure(models: FrozenModels, mode: str, config, batch: int, args,
         kept = steps_within_budget(budget, step_activation_bytes(models, z.detach(), text, timesteps,
                                                                  config.sampler.guidance_scale), args.steps)
 
-    def iteration(models: FrozenModels = models, text: PromptEmbeds = text, kept: int = kept, graphs=graphs) -> None:
+    def iteration() -> None:
         optimizer.zero_grad(set_to_none=True)
         scaled_backward(seed_objective(models, z, target, text, timesteps, config.objective(), unchecked_steps=kept,
                                        graphs=graphs).total, z)
@@ -384,11 +379,6 @@ def measure(models: FrozenModels, mode: str, config, batch: int, args,
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     seconds = statistics.median(timed(device, iteration) for _ in range(args.iterations))
-    float32_s = None
-    if float32_copies is not None:  # runtime.float32_iterations: as `optimize_seeds` runs them, eagerly
-        float32_iteration = functools.partial(iteration, float32_copies, text.to(torch.float32), 0, None)
-        float32_iteration()  # untimed: cuDNN and cuBLAS pick their float32 kernels
-        float32_s = statistics.median(timed(device, float32_iteration) for _ in range(args.iterations))
     # What the process holds on the device: PyTorch's reserved memory, which includes the graphs' pools
     # (a replayed graph allocates nothing, so their working memory never shows as allocated).
     peak = (torch.cuda.max_memory_reserved(device) if device.type == "cuda"
@@ -423,8 +413,7 @@ def measure(models: FrozenModels, mode: str, config, batch: int, args,
             "peak_allocated_gb": allocated / 2**30, "tflop_per_iteration":
             flops / 1e12, "tflops": flops / 1e12 / seconds,
             "s_per_bootstrap_image": (max(args.bootstrap_iterations - 1, 0) * seconds + forward_only * score_s) / batch
-            + render_s, "warmup_s": warmup, "render_s": render_s, "score_s": score_s, "kept_steps": kept,
-            "s_per_float32_iteration": float32_s}
+            + render_s, "warmup_s": warmup, "render_s": render_s, "score_s": score_s, "kept_steps": kept}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -465,9 +454,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="torch.backends.cudnn.benchmark: time the convolution algorithms, pick among those that fit")
     parser.add_argument("--cudnn-workspace-mb", type=int, default=None,
                         help="cap cuDNN's workspace per convolution (CUDNN_CONV_WSCAP_DBG)")
-    parser.add_argument("--float32-start", action="store_true",
-                        help="also time one iteration on the networks' float32 copies (runtime.float32_iterations), "
-                             "which stay in memory beside them")
     parser.add_argument("--memory-budget", default="0",
                         help="runtime.memory_budget for our modes: GB for the activations of kept denoising steps "
                              "(auto: half the device's free memory); 0 recomputes every step, as by default")
@@ -516,13 +502,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
                   else real_models(device, dtype, args.model))
         mode_config = dataclasses.replace(config, sampler=dataclasses.replace(
             config.sampler, checkpointing=mode != "plain"))
-        copies = models.in_float32() if args.float32_start and dtype != torch.float32 and mode != "plain" else None
-        prepare(models, mode, args)  # after the copies, as the engine makes them: they run eagerly
+        prepare(models, mode, args)
         for batch in args.batch:
             row = {"mode": mode, "dtype": str(dtype).removeprefix("torch."), "batch": batch}
             try:
                 with attention_backends(args.sdpa):
-                    row |= measure(models, mode, mode_config, batch, args, copies)
+                    row |= measure(models, mode, mode_config, batch, args)
                 row["fraction_of_peak"] = row["tflops"] / args.peak_tflops
             except torch.OutOfMemoryError as exc:  # a large batch may not fit: say where, go on
                 frames = [f for f in traceback.extract_tb(exc.__traceback__) if "seedselect" in f.filename]
@@ -534,7 +519,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     largest_blocks()
                 torch.cuda.empty_cache()
             rows.append(row)
-        del models, copies
+        del models
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -544,7 +529,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         + (f", channels-last: {args.channels_last}" if args.channels_last else "")
                         + (f", {args.group_norm} group norm" if args.group_norm != "native" else ""))
     for column in ("mode", "dtype", "batch", "kept steps", "s/it", "peak GB", "TFLOP/it", "TFLOP/s", "of peak",
-                   "s/img boot", "plain/best", "warm-up s", *(["fp32-start s/it"] if args.float32_start else [])):
+                   "s/img boot", "plain/best", "warm-up s"):
         table.add_column(column, justify="left" if column in ("mode", "dtype") else "right")
     best: dict[int, float] = {}  # the fastest of our modes, per batch size: plain's ratio is against it
     for r in rows:
@@ -553,17 +538,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     short = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
     for r in rows:
         if r.get("out_of_memory"):
-            table.add_row(r["mode"], short[r["dtype"]], str(r["batch"]), "", "out of memory",
-                          *[""] * (len(table.columns) - 5))
+            table.add_row(r["mode"], short[r["dtype"]], str(r["batch"]), "", "out of memory", *[""] * 7)
             continue
         ratio = r["s_per_iteration"] / best[r["batch"]] if r["mode"] == "plain" and r["batch"] in best else None
         table.add_row(r["mode"], short[r["dtype"]], str(r["batch"]), f"{r['kept_steps']}/{args.steps}",
                       f"{r['s_per_iteration']:.3f}",
                       f"{r['peak_memory_gb']:.2f}", f"{r['tflop_per_iteration']:.3f}", f"{r['tflops']:.2f}",
                       f"{r['fraction_of_peak']:.1%}", f"{r['s_per_bootstrap_image']:.3f}",
-                      f"{ratio:.1f}x" if ratio else "", f"{r['warmup_s']:.1f}",
-                      *([f"{r['s_per_float32_iteration']:.3f}" if r["s_per_float32_iteration"] else ""]
-                        if args.float32_start else []))
+                      f"{ratio:.1f}x" if ratio else "", f"{r['warmup_s']:.1f}")
     print_table(table)
     if args.json:
         with open(args.json, "w") as handle:

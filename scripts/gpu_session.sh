@@ -87,16 +87,6 @@ else
   measure "precision on the toy world" 150 python3 scripts/precision_check.py --device "$device" \
     --n-images 4 --iterations 24 --dtypes float32 float16 bfloat16
 fi
-# 2b. The same with runtime.float32_iterations=1 (the first iteration on the networks' float32 copies): does float16
-#     then end where float32 does on every seed (on the CPU with a GPU's rounding it held the one seed of 40 that
-#     missed)? float32 runs again: the ratio is to a float32 run of the same call.
-if [ -n "$tiny" ]; then
-  measure "precision, float32 start" 120 python3 scripts/precision_check.py --device "$device" \
-    --concepts "marsh finch" --n-images 1 --iterations 2 --dtypes float32 float16 --set runtime.float32_iterations=1
-else
-  measure "precision, float32 start" 120 python3 scripts/precision_check.py --device "$device" \
-    --n-images 4 --iterations 24 --dtypes float32 float16 --set runtime.float32_iterations=1
-fi
 # 3. runtime.memory_budget: keep the steps that fit instead of recomputing them.
 measure "memory budget auto" 90 "${bench[@]}" --modes graphed --batch 1 --memory-budget auto \
   --json /tmp/gpu_session/budget.json
@@ -118,10 +108,10 @@ measure "compiled, warm cache" 120 "${bench[@]}" --modes compiled-graphed --batc
   --json /tmp/gpu_session/compiled_warm.json
 # 8. The samplers' open figures: SDXL at 1024 px, batch 1 (peak within 40 GB), beside the plain path.
 measure "SDXL 1024 px" 150 "${bench[@]}" --model sdxl --modes graphed plain --batch 1 --json /tmp/gpu_session/sdxl.json
-# 9. What runtime.float32_iterations costs: one iteration on the networks' float32 copies, eagerly (TF32
-#    convolutions, PyTorch's default), beside the default's; the peak memory holds the copies.
-measure "float32 start" 70 "${bench[@]}" --modes graphed --batch 1 --float32-start \
-  --json /tmp/gpu_session/float32_start.json
+# 9. What the lead for float16's chaotic seeds would cost (BENCHMARKS.md, "Two float16 arithmetics": the lr-0.1
+#    iterations in float32): one iteration in float32 (TF32 convolutions, PyTorch's default) beside float16's of 1.
+measure "float32 iteration" 60 "${bench[@]}" --dtype float32 --modes graphed --batch 1 \
+  --json /tmp/gpu_session/float32.json
 # 10. Part 1 again without the default's backtracking (optim.backtrack=null; BENCHMARKS.md, "The default backtracks
 #    in optimize"): does float16 on CUDA end elsewhere then, as it did on the CPU? Last: it matters least.
 if [ -n "$tiny" ]; then

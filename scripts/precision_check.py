@@ -12,7 +12,6 @@ whose verdict matches float32's.
     python scripts/precision_check.py --device cuda --dtypes float32 bfloat16 float16
     python scripts/precision_check.py --where --concepts "marsh finch"   # which network loses the precision
     python scripts/precision_check.py --dtypes float32 float16 --set optim.backtrack=0.5   # with a config override
-    python scripts/precision_check.py --dtypes float32 float16 --set runtime.float32_iterations=1
 
 `--moved-starts EPS N`: afterwards, each dtype optimises every seed again from its start moved by EPS of the
 starts' spread (N draws), each scored by float32 against float32's own run: how far a seed's end moves with the
@@ -47,7 +46,7 @@ from safetensors.torch import load_file
 
 from seedselect_cli.config import compose_config
 from seedselect_cli.core.engine import image_centroids
-from seedselect_cli.core.optimize import Float32Start, optimize_seeds, scaled_backward, seed_objective
+from seedselect_cli.core.optimize import optimize_seeds, scaled_backward, seed_objective
 from seedselect_cli.core.prompts import encode_prompt
 from seedselect_cli.core.samplers import ddim_schedule
 from seedselect_cli.files.assets import asset_path
@@ -247,8 +246,6 @@ def moved_starts(rows: dict, args, config, full) -> None:
           f"end:\n\n| dtype | concept | seed | ends |\n|---|---|---|---|")
     for d in args.dtypes:
         models = load_models(config.model, torch.device(args.device), getattr(torch, d))  # as a run loads them
-        iterations = config.runtime.float32_iterations
-        start = Float32Start(models.in_float32(), iterations) if iterations and d != "float32" else None
         for concept in args.concepts:
             keys = sorted(k for k in rows if k[0] == concept)
             starts = torch.stack([rows[k]["start"] for k in keys])
@@ -260,8 +257,7 @@ def moved_starts(rows: dict, args, config, full) -> None:
             for _ in range(draws):
                 moved = starts + eps * starts.std() * torch.randn(starts.shape, generator=generator)
                 found = torch.stack([r.optimized for r in optimize_seeds(models, moved, targets, text,
-                                                                         config.objective(), config.optim_spec(),
-                                                                         float32_start=start)])
+                                                                         config.objective(), config.optim_spec())])
                 ends.append(loss_and_gradient(full, found, *exact, config)[0])
             for i, key in enumerate(keys):
                 own = rows[key][args.dtypes[0]]["rescored"]

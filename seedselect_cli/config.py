@@ -113,10 +113,6 @@ class RuntimeConfig:
     # GB for the activations of denoising steps kept instead of recomputed in the backward pass; auto: half of what
     # the device has free once the models are loaded; 0: recompute every step (memory flat in sampler.steps)
     memory_budget: str = "0"
-    # a float16 or bfloat16 run computes the first this many iterations of each optimisation with its networks'
-    # float32 copies (their weights upcast, eagerly): the iterations at the full learning rate, where low precision
-    # can send a seed elsewhere; 0: none
-    float32_iterations: int = 0
 
 
 @dataclass
@@ -377,7 +373,6 @@ def check_config(c: Config) -> None:
     if graphs == "true" and not c.sampler.checkpointing:
         raise _bad("runtime.cuda_graphs", True, "the graphs are the checkpointed denoising steps: keep "
                                                 "sampler.checkpointing=true")
-    _check_range("runtime.float32_iterations", c.runtime.float32_iterations, 0, 10_000)
     resolve_shard(c.runtime.shard)
     budget = str(c.runtime.memory_budget).strip().lower()
     if budget != "auto" and not (re.fullmatch(r"\d+(\.\d*)?", budget) and math.isfinite(float(budget))):

@@ -25,7 +25,7 @@ from seedselect_cli.core.cuda_graphs import graph_cache, resolve_cuda_graphs
 from seedselect_cli.core.engine import ClassTarget, Engine, batch_blocks
 from seedselect_cli.core.frozen import FrozenModels, HubCommits
 from seedselect_cli.core.initial_seeds import SeedStarts, inversion_fingerprint
-from seedselect_cli.core.optimize import Float32Start, SeedResult
+from seedselect_cli.core.optimize import SeedResult
 from seedselect_cli.core.targets import ReferenceEncodings, encoder_fingerprint
 from seedselect_cli.devices import memory_budget_bytes, resolve_device, resolve_dtype
 from seedselect_cli.errors import Interrupted, UserError, count_of
@@ -106,16 +106,12 @@ def seed_starts(models: FrozenModels, config: Config, cache_root: Path | None,
 def engine_for(models: FrozenModels, config: Config, cache_root: Path | None = None,
                should_stop: Callable[[str], None] | None = None) -> Engine:
     """The method's engine for this config: its specs, its starts with the inversions cached under `cache_root`
-    (None: not kept), its memory budget, its CUDA graphs and its float32 iterations (their networks' copies made
-    here: call it before `compile_models`). What the commands, the scripts and the tests run."""
+    (None: not kept), its memory budget and its CUDA graphs. What the commands, the scripts and the tests run."""
     use_graphs = resolve_cuda_graphs(config.runtime.cuda_graphs, models.device, config.sampler.checkpointing)
-    float32_start = None
-    if config.runtime.float32_iterations and models.dtype != torch.float32:
-        float32_start = Float32Start(models.in_float32(), config.runtime.float32_iterations)
     return Engine(models, config.objective(), config.optim_spec(), config.init, config.bootstrap, config.seed,
                   seed_starts(models, config, cache_root, should_stop),
                   memory_budget_bytes(config.runtime.memory_budget, models.device),
-                  graph_cache(models.device) if use_graphs else None, float32_start)
+                  graph_cache(models.device) if use_graphs else None)
 
 
 def run_optimize(config: Config, run_dir: Path) -> list[dict]:
@@ -195,13 +191,13 @@ def _run(config: Config, run_dir: Path, method: str, stop: GracefulStop) -> list
     check_steps(models.scheduler, config.sampler.steps, "sampler.steps")
     if config.init.inversion_steps:
         check_steps(models.scheduler, config.init.inversion_steps, "init.inversion_steps")
+    if config.runtime.compile:
+        compile_models(models)
     h, w, mode = config.sampler.height, config.sampler.width, config.dataset.resize_mode
     cache_dir = (Path(config.runtime.cache_dir).expanduser() if config.runtime.cache_dir else default_cache_dir())
     cache_root = cache_dir if config.runtime.cache else None
     cache = TensorCache(cache_root, encoder_fingerprint(models, h, w, mode))
     engine = engine_for(models, config, cache_root, stop.check)
-    if config.runtime.compile:  # after the engine's float32 copies: they run eagerly
-        compile_models(models)
 
     def encode(record: ClassRecord) -> ReferenceEncodings:
         return load_encodings(models, record.images, h, w, mode, cache, f"class {record.name!r}",
@@ -265,8 +261,6 @@ def memory_advice(config: Config, dtype: torch.dtype) -> str:
     budget = str(config.runtime.memory_budget).strip().lower()
     if budget == "auto" or float(budget) > 0:
         fixes.append(f"lower runtime.memory_budget (now {config.runtime.memory_budget}; 0 recomputes every step)")
-    if config.runtime.float32_iterations and dtype != torch.float32:
-        fixes.append("set runtime.float32_iterations=0 (the networks' float32 copies: twice their float16 weights)")
     if not config.sampler.checkpointing:
         fixes.append("set sampler.checkpointing=true")
     if config.runtime.batch_size > 1:

@@ -92,7 +92,6 @@ def test_required_root_is_named(tmp_path):
     ("sampler.guidance_scale=-1", "sampler.guidance_scale"), ("runtime.device=tpu", "runtime.device"),
     ("runtime.dtype=int8", "runtime.dtype"), ("runtime.shard=4/4", "runtime.shard"),
     ("runtime.batch_size=0", "runtime.batch_size"), ("dataset.prompt_template=bird", "dataset.prompt_template"),
-    ("runtime.float32_iterations=-1", "runtime.float32_iterations"),
     ("optim.lr=fast", "optim.lr"), ("loss.semantic=triplet", "loss.semantic"),
     ("loss.temperature=0", "loss.temperature"), ("loss.norm_weight=-1", "loss.norm_weight"), ("bootstrap.n_images=0", "bootstrap.n_images"),
     ("bootstrap.subset_size=0", "bootstrap.subset_size"), ("bootstrap.iterations=0", "bootstrap.iterations"),

@@ -117,10 +117,6 @@ def test_out_of_memory_advice_names_only_what_the_run_can_still_change():
 
     lean = make_config(["runtime.batch_size=1", "runtime.dtype=float16", "runtime.memory_budget=0.00"])
     assert memory_advice(lean, torch.float16).startswith("every setting that saves memory is on already")
-    float32_start = make_config(["runtime.batch_size=1", "runtime.dtype=float16", "runtime.float32_iterations=1"])
-    assert memory_advice(float32_start, torch.float16) == (
-        "set runtime.float32_iterations=0 (the networks' float32 copies: twice their float16 weights)")
-    assert memory_advice(float32_start, torch.float32) == "use runtime.dtype=float16"  # a float32 run copies nothing
     heavy = make_config(["runtime.batch_size=4", "runtime.memory_budget=auto", "sampler.checkpointing=false"])
     assert memory_advice(heavy, torch.float32) == (
         "lower runtime.memory_budget (now auto; 0 recomputes every step), or set sampler.checkpointing=true, or "

@@ -3,26 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import pytest
 import torch
 
 import seedselect_cli.core.optimize as optimize_module
-from seedselect_cli.config import ModelConfig
 from seedselect_cli.core.losses import semantic_distance
-from seedselect_cli.core.optimize import (
-    Float32Start,
-    backtracking_step,
-    optimize_seeds,
-    seed_objective,
-    semantic_embedding,
-)
+from seedselect_cli.core.optimize import backtracking_step, optimize_seeds, seed_objective, semantic_embedding
 from seedselect_cli.core.prompts import encode_prompt
 from seedselect_cli.core.samplers import ddim_schedule
 from seedselect_cli.core.sampling import rollout
 from seedselect_cli.core.targets import Centroids
-from seedselect_cli.models import load_models
 from tests.conftest import make_config
 
 
@@ -192,70 +183,3 @@ def test_backtracking_steps_each_seed_by_its_share_and_sends_a_risen_seed_halfwa
     for key, value in moments.items():
         torch.testing.assert_close(ours_opt.state[z][key][2], value[2], rtol=0, atol=0)
         torch.testing.assert_close(ours_opt.state[z][key][:2], plain_opt.state[plain][key][:2], rtol=0, atol=0)
-
-
-def test_the_float32_start_runs_its_iterations_on_float32_copies_then_the_runs_own_networks():
-    """`runtime.float32_iterations`: the first iterations of a float16 optimisation are, bit for bit, those of a
-    float32 optimisation on the networks' upcast copies; from then on the float16 networks compute the loss. The
-    copies hold the float16 weights exactly, and the float16 networks are left as they were."""
-    low = load_models(ModelConfig(pretrained="tiny", image_encoder="tiny"), torch.device("cpu"), torch.float16)
-    exact = low.in_float32()
-    assert exact.dtype == torch.float32 and exact.text_encoder is low.text_encoder  # float32 already: shared
-    for name in ("unet", "vae", "image_encoder"):
-        half, full = getattr(low, name), getattr(exact, name)
-        assert half is not full and half.dtype == torch.float16 and full.dtype == torch.float32
-        for (key, a), (_, b) in zip(half.state_dict().items(), full.state_dict().items(), strict=True):
-            assert torch.equal(a.float(), b) and a.dtype in (torch.float16, torch.int64), key
-    config = make_config(["optim.iterations=4"])
-    target, z = random_target(43), seeds(2, 44)
-    embeds = encode_prompt(low, "a red disc")
-    assert embeds.hidden.dtype == torch.float16
-    run = functools.partial(optimize_seeds, z_init=z, centroids=target, objective=config.objective(),
-                            optim=config.optim_spec())
-    in_float32 = run(exact, text_embeds=embeds.to(torch.float32))
-    in_float16 = run(low, text_embeds=embeds)
-    started = run(low, text_embeds=embeds, float32_start=Float32Start(exact, 2))
-    throughout = run(low, text_embeds=embeds, float32_start=Float32Start(exact, 4))
-    for full, half, mixed, every in zip(in_float32, in_float16, started, throughout):
-        assert mixed.loss_history[:2] == full.loss_history[:2] != half.loss_history[:2]
-        assert all(a != b for a, b in zip(mixed.loss_history[2:], full.loss_history[2:]))  # float16 from then on
-        assert every.loss_history == full.loss_history and torch.equal(every.optimized, full.optimized)
-
-
-def test_a_float16_run_makes_its_float32_copies_before_compiling_and_its_graphs_leave_them_alone(tmp_path,
-                                                                                                 monkeypatch):
-    """`runtime.float32_iterations` through the command's path: the engine of a float16 run holds the float32
-    copies (none in a float32 run: nothing to copy), made before `torch.compile` wraps the networks (a copy of a
-    compiled network would call the original); with the checkpointed calls as graphs (run eagerly off CUDA) the
-    float32 iteration stays out of them and the batch finds the seeds it finds without."""
-    from seedselect_cli import pipeline
-    from seedselect_cli.core.bootstrap import Batch
-    from seedselect_cli.core.cuda_graphs import graph_cache
-    from tests.test_cuda_graphs import random_centroids
-
-    config = make_config(["runtime.dtype=float16", "runtime.float32_iterations=1", "optim.iterations=3",
-                          "runtime.compile=true", "n_images=1"])
-    order = []
-    original_engine_for = pipeline.engine_for
-    monkeypatch.setattr(pipeline, "engine_for", lambda *a, **k: order.append("engine") or original_engine_for(*a, **k))
-    monkeypatch.setattr(pipeline, "compile_models", lambda models: order.append("compile") or models)
-    [entry] = pipeline.run_optimize(config, tmp_path / "run")
-    assert order == ["engine", "compile"] and (tmp_path / "run" / entry["image"]).is_file()
-
-    low = load_models(ModelConfig(pretrained="tiny", image_encoder="tiny"), torch.device("cpu"), torch.float16)
-    assert pipeline.engine_for(low.in_float32(), config).float32_start is None
-    engine = pipeline.engine_for(low, config)
-    assert engine.float32_start.iterations == 1 and engine.float32_start.models.unet.dtype == torch.float32
-    target = engine.class_target("red_disc", "a red disc", None)
-    g = torch.Generator().manual_seed(45)
-    z0, centroids = torch.randn(2, 4, 16, 16, generator=g), random_centroids(low, g)
-    runs = []
-    for graphs in (None, graph_cache(low.device)):
-        engine.graphs = graphs
-        runs.append(engine.run_batch(target, Batch([0, 1], [5, 6], z0.clone(), centroids, 3, [{}, {}])))
-    (cached,) = engine.graphs.batches.values()  # the float16 calls alone, each once: the steps with float16 text
-    assert sorted(key[0][0] for key in cached) == ["the decodes and CLIP embeddings"] + ["the denoising steps"] * 4
-    assert {call.context[0].dtype for key, call in cached.items() if key[0][0] == "the denoising steps"} == {
-        torch.float16}
-    for a, b in zip(*runs):
-        assert a.loss_history == b.loss_history

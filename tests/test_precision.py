@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from seedselect_cli.config import ModelConfig
-from seedselect_cli.core.optimize import Float32Start, optimize_seeds, scaled_backward, seed_objective
+from seedselect_cli.core.optimize import optimize_seeds, scaled_backward, seed_objective
 from seedselect_cli.core.prompts import encode_prompt
 from seedselect_cli.core.samplers import ddim_schedule
 from seedselect_cli.core.sampling import sample_images
@@ -184,13 +184,10 @@ def test_the_default_float16_draws_what_float32_draws_from_a_chaotic_seed(tmp_pa
     prompt = fill_template(config.dataset.prompt_template, concept)
     text = encode_prompt(exact, prompt)
     moved = start + 1e-4 * start.std() * torch.randn(start.shape, generator=torch.Generator().manual_seed(1))
-    float32_start = Float32Start(low.in_float32(), 1)
     scored, verdicts = {}, {}
-    for name, models, z0, first in (("float32", exact, start, None), ("float16", low, start, None),
-                                    ("float32, moved", exact, moved, None),
-                                    ("float16, float32 start", low, start, float32_start)):
+    for name, models, z0 in (("float32", exact, start), ("float16", low, start), ("float32, moved", exact, moved)):
         z = optimize_seeds(models, z0, targets, encode_prompt(models, prompt), config.objective(),
-                           config.optim_spec(), float32_start=first)[0].optimized[None]
+                           config.optim_spec())[0].optimized[None]
         with torch.no_grad():
             scored[name] = seed_objective(exact, z, targets, text, ddim_schedule(exact, config.sampler.steps),
                                           config.objective()).total.item()
@@ -199,8 +196,7 @@ def test_the_default_float16_draws_what_float32_draws_from_a_chaotic_seed(tmp_pa
     ratios = {name: value / scored["float32"] for name, value in scored.items()}
     print(f"float32's loss {scored['float32']:.5f}; ratios {ratios}; verdicts {verdicts}")
     assert 0.99 < ratios["float32, moved"] < 1.01, ratios
-    assert 0.99 < ratios["float16, float32 start"] < 1.01, ratios
-    assert len({str(v) for v in verdicts.values()}) == 1 and verdicts["float32"] == [concept], verdicts
+    assert verdicts["float16"] == verdicts["float32"] == verdicts["float32, moved"] == [concept], verdicts
     if not 0.95 < ratios["float16"] < 1.05:
         pytest.xfail(f"float16 ends at {ratios['float16']:.3f} of float32's loss on this chaotic seed: the issue's 5 % "
                      "is not met on every seed (issue 22, part 1; BENCHMARKS.md, 'Two float16 arithmetics')")

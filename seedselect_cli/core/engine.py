@@ -30,7 +30,7 @@ from seedselect_cli.core.bootstrap import Batch, bootstrap_batches
 from seedselect_cli.core.cuda_graphs import GraphCache
 from seedselect_cli.core.frozen import FrozenModels
 from seedselect_cli.core.initial_seeds import SeedStarts, assigned_reference, init_seed_for, own_references
-from seedselect_cli.core.optimize import Float32Start, SeedResult, best_candidates, optimize_seeds
+from seedselect_cli.core.optimize import SeedResult, best_candidates, optimize_seeds
 from seedselect_cli.core.prompts import PromptEmbeds, encode_prompt
 from seedselect_cli.core.samplers import make_schedule, step_noise
 from seedselect_cli.core.sampling import sample_images, step_activation_bytes, steps_within_budget
@@ -96,7 +96,6 @@ class Engine:
     # `runtime.memory_budget` in bytes for the kept activations of denoising steps; None or 0: recompute them all
     memory_budget: float | None = None
     graphs: GraphCache | None = None  # the checkpointed calls as CUDA graphs (`runtime.cuda_graphs`), else None
-    float32_start: Float32Start | None = None  # `runtime.float32_iterations` of a float16 or bfloat16 run, else None
     _step_bytes: dict = dataclasses.field(default_factory=dict)  # batch size -> bytes one kept step takes
 
     def unchecked_steps(self, target: ClassTarget, z: torch.Tensor, noise: torch.Tensor | None) -> int:
@@ -218,8 +217,7 @@ class Engine:
             refined = optimize_seeds(self.models, z, rows, target.text_embeds, self.objective, optim,
                                      iterations=batch.iterations, progress=progress, should_stop=should_stop,
                                      on_iteration=on_iteration, noise=step,
-                                     unchecked_steps=self.unchecked_steps(target, z, step), graphs=self.graphs,
-                                     float32_start=self.float32_start)
+                                     unchecked_steps=self.unchecked_steps(target, z, step), graphs=self.graphs)
             for i, result in zip(refine, refined):
                 results[i] = result
         for i, kept in enumerate(drawn):

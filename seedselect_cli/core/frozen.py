@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -70,15 +68,6 @@ class FrozenModels:
         if height % f or width % f:
             raise UserError(f"sampler size {height}x{width} must be a multiple of the VAE factor {f}")
         return (self.unet.config.in_channels, height // f, width // f)
-
-    def in_float32(self) -> FrozenModels:
-        """These models with float32 copies of the networks that are not float32 (their weights as they are, upcast:
-        the same function computed in float32 arithmetic); the float32 networks, tokenizers and scheduler shared.
-        Make it before `models.compile_models`: a copy of a compiled network would call the original."""
-        networks = ("unet", "vae", "text_encoder", "text_encoder_2", "image_encoder")
-        copies = {name: copy.deepcopy(module).float() for name in networks
-                  if (module := getattr(self, name)) is not None and module.dtype != torch.float32}
-        return dataclasses.replace(self, **copies, dtype=torch.float32)
 
     def scheduler_json(self) -> str:
         """The DDIM scheduler's config, enough to rebuild the exact same schedule."""

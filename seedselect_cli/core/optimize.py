@@ -8,10 +8,9 @@ stops being finite is frozen at its best iterate and the others go on; so is, wi
 than that to its reference, an image copies it). With `optim.backtrack`, a seed whose loss rises above its best
 by that share goes halfway back to its best iterate instead of stepping, and steps half as far from then on: the
 authors' AdamW at lr 0.1 often leaps out of a seed's basin at the first step, and where the seed then ends is
-chaotic (RESULTS.md); with `runtime.float32_iterations` (`Float32Start`) a float16 run computes those first
-iterations in float32, where float16's rounding would send some seeds elsewhere. `should_stop` ends the loop after
-the current step (Ctrl-C, SIGTERM). The last iteration evaluates its iterate without a backward pass: the step it
-would take is never evaluated (bootstrap's 5 iterations, about 15 % less time an image on the demo).
+chaotic (RESULTS.md). `should_stop` ends the loop after the current step (Ctrl-C, SIGTERM). The last iteration
+evaluates its iterate without a backward pass: the step it would take is never evaluated (bootstrap's 5 iterations,
+about 15 % less time an image on the demo).
 """
 
 from __future__ import annotations
@@ -225,32 +224,19 @@ def backtracking_step(optimizer: torch.optim.Optimizer, z: torch.Tensor, best_z:
                 state[key][back] = value[back]
 
 
-@dataclass
-class Float32Start:
-    """`runtime.float32_iterations`: a float16 or bfloat16 run computes the loss and gradient of each optimisation's
-    first `iterations` iterations on `models`, its networks' float32 copies (`FrozenModels.in_float32`), eagerly
-    (no CUDA graphs, no kept steps). Those are the iterations at the full learning rate, where AdamW moves every
-    element of a seed by about lr whatever its gradient's size, so that an element whose gradient's sign the low
-    precision flips sends the seed to another basin (BENCHMARKS.md, "Two float16 arithmetics")."""
-
-    models: FrozenModels
-    iterations: int
-
-
 def optimize_seeds(models: FrozenModels, z_init: torch.Tensor, centroids: Centroids, text_embeds: PromptEmbeds,
                    objective: Objective, optim: OptimSpec, iterations: int | None = None, progress=None,
                    should_stop: Callable[[], bool] | None = None,
                    on_iteration: Callable[[int, torch.Tensor], None] | None = None,
-                   noise: torch.Tensor | None = None, unchecked_steps: int = 0, graphs: GraphCache | None = None,
-                   float32_start: Float32Start | None = None) -> list[SeedResult]:
+                   noise: torch.Tensor | None = None, unchecked_steps: int = 0, graphs: GraphCache | None = None
+                   ) -> list[SeedResult]:
     """Optimise a batch of seeds `z_init` (B, C, h, w) on `objective` for `iterations` (default
     `optim.iterations`).
 
     `centroids` are shared by the batch ((D,), (C, h, w)) or per seed ((B, D), (B, C, h, w)).
     `on_iteration(it, best)` sees the best iterates (B, C, h, w) after each iteration's loss. `noise`, the
     sampler's between steps; `unchecked_steps`, the steps whose activations the memory budget keeps; `graphs`,
-    the CUDA graphs of the checkpointed calls (`runtime.cuda_graphs`), if any; `float32_start`, the first
-    iterations' networks in float32, if any.
+    the CUDA graphs of the checkpointed calls (`runtime.cuda_graphs`), if any.
     """
     start = time.perf_counter()
     iterations = optim.iterations if iterations is None else iterations
@@ -281,12 +267,8 @@ def optimize_seeds(models: FrozenModels, z_init: torch.Tensor, centroids: Centro
         optimizer.zero_grad(set_to_none=True)
         last = it == iterations - 1  # its step would never be evaluated: its loss is all it gives, so no backward
         with torch.set_grad_enabled(not last):
-            if float32_start is not None and it < float32_start.iterations:
-                terms = seed_objective(float32_start.models, z, centroids, text_embeds.to(torch.float32), schedule,
-                                       objective, noise)
-            else:
-                terms = seed_objective(models, z, centroids, text_embeds, schedule, objective, noise,
-                                       unchecked_steps, graphs)
+            terms = seed_objective(models, z, centroids, text_embeds, schedule, objective, noise, unchecked_steps,
+                                   graphs)
         total = terms.total.detach().float().cpu()
         frozen = torch.tensor([reason is not None for reason in stopped]) | near
         # A seed already stopped, or whose loss is not finite, takes no part in the backward pass.

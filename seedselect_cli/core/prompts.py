@@ -20,10 +20,6 @@ class PromptEmbeds:
     hidden: torch.Tensor
     pooled: torch.Tensor | None = None
 
-    def to(self, dtype: torch.dtype) -> PromptEmbeds:
-        """The same embeddings in `dtype` (a UNet in another dtype takes them so)."""
-        return PromptEmbeds(self.hidden.to(dtype), None if self.pooled is None else self.pooled.to(dtype))
-
 
 @torch.no_grad()
 def encode_prompt(models: FrozenModels, prompt: str, negative_prompt: str = "") -> PromptEmbeds:
