@@ -108,11 +108,7 @@ measure "compiled, warm cache" 120 "${bench[@]}" --modes compiled-graphed --batc
   --json /tmp/gpu_session/compiled_warm.json
 # 8. The samplers' open figures: SDXL at 1024 px, batch 1 (peak within 40 GB), beside the plain path.
 measure "SDXL 1024 px" 150 "${bench[@]}" --model sdxl --modes graphed plain --batch 1 --json /tmp/gpu_session/sdxl.json
-# 9. What the lead for float16's chaotic seeds would cost (BENCHMARKS.md, "Two float16 arithmetics": the lr-0.1
-#    iterations in float32): one iteration in float32 (TF32 convolutions, PyTorch's default) beside float16's of 1.
-measure "float32 iteration" 60 "${bench[@]}" --dtype float32 --modes graphed --batch 1 \
-  --json /tmp/gpu_session/float32.json
-# 10. Part 1 again without the default's backtracking (optim.backtrack=null; BENCHMARKS.md, "The default backtracks
+# 9. Part 1 again without the default's backtracking (optim.backtrack=null; BENCHMARKS.md, "The default backtracks
 #    in optimize"): does float16 on CUDA end elsewhere then, as it did on the CPU? Last: it matters least.
 if [ -n "$tiny" ]; then
   measure "precision without backtracking" 120 python3 scripts/precision_check.py --device "$device" \

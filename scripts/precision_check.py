@@ -6,7 +6,9 @@ fast path keeps them) for a head-or-middle and a tail concept, N seeds each, and
 final loss, its ratio to float32's, and the judge's verdict on the image; and, before optimising, the
 cosine between each dtype's gradient of the loss at the seed's start and float32's. Prints a table
 (markdown) and the summary the issue asks for: the largest loss ratio, and the share of images
-whose verdict matches float32's.
+whose verdict matches float32's; and for how many images the low dtype kept another of the
+`init.candidates` starts than float32 did (its scores of two near-equal starts rounded the other way:
+then the two optimise different starts, BENCHMARKS.md, "Fresh seeds").
 
     python scripts/precision_check.py                              # 8 seeds, 30 iterations: ~10 min on 2 CPU cores
     python scripts/precision_check.py --device cuda --dtypes float32 bfloat16 float16
@@ -192,7 +194,8 @@ def measure(args) -> list[dict]:
             verdicts, _ = judge.classify(images, k=1)
             for entry, verdict in zip(entries, verdicts):
                 row = rows.setdefault((entry["class"], entry["index"]), {})
-                row[dtype] = {"loss": entry["loss"], "verdict": verdict[0] or "off-model"}
+                row[dtype] = {"loss": entry["loss"], "verdict": verdict[0] or "off-model",
+                              "candidate": entry.get("candidate")}
                 tensors = load_file(Path(folder) / entry["seed_file"])
                 row[dtype]["seed"] = tensors["optimized"]
                 row.setdefault("start", tensors["initial"])
@@ -231,8 +234,10 @@ def measure(args) -> list[dict]:
         worst_rescored = max(row[d]["rescored"] / row[base]["rescored"] for row in rows.values())
         same = sum(row[d]["verdict"] == row[base]["verdict"] for row in rows.values()) / len(rows)
         cosines = [row[d]["cosine"] for row in rows.values()]
+        other_start = sum(row[d]["candidate"] != row[base]["candidate"] for row in rows.values())
         print(f"{d}: largest loss ratio to {base} {worst:.3f} (scored by float32: {worst_rescored:.3f}); verdicts as {base}'s {same:.2f}; "
-              f"start-gradient cosine min {min(cosines):.4f}, mean {sum(cosines) / len(cosines):.4f}")
+              f"start-gradient cosine min {min(cosines):.4f}, mean {sum(cosines) / len(cosines):.4f}; "
+              f"another candidate start than {base}'s kept for {other_start} of {len(rows)} images")
     if args.moved_starts:
         moved_starts(rows, args, config, full)
     return list(rows.values())
