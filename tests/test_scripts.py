@@ -88,17 +88,20 @@ def test_precision_check_says_which_network_loses_the_precision():
 def test_precision_check_scores_each_seed_on_the_loss_it_was_optimised_on():
     """`precision_check.py`'s table: float32's loss at the seed a run found, scored again, is the loss the run
     recorded, under the default's per-image targets (`method=select`), not the class centroid's; and
-    `--moved-starts 0` gives back float32's own end. With a config override (`--set`) for every run."""
+    `--moved-starts 0` gives back float32's own end; each row says which candidate start the run kept. With a config
+    override (`--set`) for every run."""
     rows = load_script("precision_check").main(["--concepts", "marsh finch", "--n-images", "2", "--iterations", "2",
                                                 "--dtypes", "float32", "--moved-starts", "0", "1",
                                                 "--set", "optim.backtrack=0.5"])
+    config = load_script("precision_check").config_for(["marsh finch"], "float32", "cpu", 2, 2, None,
+                                                         ("optim.backtrack=0.5",))
+    assert config.optim.backtrack == 0.5 and config.runtime.dtype == "float32"
     assert len(rows) == 2
     for row in rows:
         assert row["float32"]["rescored"] == pytest.approx(row["float32"]["loss"], rel=1e-3), row["float32"]
         assert row["float32"]["moved"] == pytest.approx([1.0], rel=1e-4)  # starts not moved: float32's own end
-    config = load_script("precision_check").config_for(["marsh finch"], "float32", "cpu", 2, 2, None,
-                                                         ("optim.backtrack=0.5",))
-    assert config.optim.backtrack == 0.5 and config.runtime.dtype == "float32"
+        assert row["float32"]["candidate"] in range(config.init.candidates)  # which start selection kept
+    assert config.init.candidates > 1
 
 
 def fresh_tiny_models():
