@@ -88,11 +88,11 @@ def test_precision_check_says_which_network_loses_the_precision():
 def test_precision_check_scores_each_seed_on_the_loss_it_was_optimised_on():
     """`precision_check.py`'s table: float32's loss at the seed a run found, scored again, is the loss the run
     recorded, under the default's per-image targets (`method=select`), not the class centroid's; and
-    `--moved-starts 0` gives back float32's own end; each row says which candidate start the run kept. With a config
+    `--moved-starts 0` and `--gradient-noise 0` give back float32's own end; each row says which candidate start the run kept. With a config
     override (`--set`) for every run."""
     rows = load_script("precision_check").main(["--concepts", "marsh finch", "--n-images", "2", "--iterations", "2",
                                                 "--dtypes", "float32", "--moved-starts", "0", "1",
-                                                "--set", "optim.backtrack=0.5"])
+                                                "--gradient-noise", "0", "1", "--set", "optim.backtrack=0.5"])
     config = load_script("precision_check").config_for(["marsh finch"], "float32", "cpu", 2, 2, None,
                                                          ("optim.backtrack=0.5",))
     assert config.optim.backtrack == 0.5 and config.runtime.dtype == "float32"
@@ -100,8 +100,31 @@ def test_precision_check_scores_each_seed_on_the_loss_it_was_optimised_on():
     for row in rows:
         assert row["float32"]["rescored"] == pytest.approx(row["float32"]["loss"], rel=1e-3), row["float32"]
         assert row["float32"]["moved"] == pytest.approx([1.0], rel=1e-4)  # starts not moved: float32's own end
+        assert row["float32"]["noisy"] == pytest.approx([1.0], rel=1e-4)  # no noise: float32's own end
         assert row["float32"]["candidate"] in range(config.init.candidates)  # which start selection kept
     assert config.init.candidates > 1
+
+
+def test_precision_checks_gradient_noise_adds_an_error_of_its_share_of_each_seeds_gradient_norm():
+    """`--gradient-noise`: each seed's gradient, as `scaled_backward` computes it, plus noise whose norm is REL times
+    that gradient's, drawn fresh; without the context the gradient is exact again."""
+    from seedselect_cli.core import optimize
+
+    g = torch.Generator().manual_seed(71)
+    z = (torch.randn(3, 4, 8, 8, generator=g) * torch.tensor([0.1, 1.0, 10.0]).view(3, 1, 1, 1)).requires_grad_(True)
+    weights = torch.randn(4, 8, 8, generator=g)
+
+    def gradient() -> torch.Tensor:
+        z.grad = None
+        optimize.scaled_backward((weights * z ** 3).flatten(1).sum(dim=1), z)
+        return z.grad.clone()
+
+    exact = gradient()
+    with load_script("precision_check").gradient_noise(0.05, torch.Generator().manual_seed(72)):
+        noisy, again = gradient(), gradient()
+    errors = (noisy - exact).flatten(1).norm(dim=1) / exact.flatten(1).norm(dim=1)
+    assert errors.tolist() == pytest.approx([0.05] * 3, rel=0.2) and not torch.equal(noisy, again)
+    assert torch.equal(gradient(), exact)
 
 
 def fresh_tiny_models():
