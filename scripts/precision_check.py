@@ -279,21 +279,36 @@ def noisy_gradients(rows: dict, args, config, full) -> None:
     kept in each row's float32 entry as `noisy`."""
     rel, draws = args.gradient_noise[0], int(args.gradient_noise[1])
     print(f"\nfloat32 with noise of {rel:g} times the gradient's norm in every iteration ({draws} draws), over "
-          f"float32's own end:\n\n| concept | seed | ends |\n|---|---|---|")
+          f"float32's own end:" + ENDS_TABLE)
     for concept in args.concepts:
-        keys = sorted(k for k in rows if k[0] == concept)
-        starts = torch.stack([rows[k]["start"] for k in keys])
-        targets, text = concept_targets(full, config, concept, [index for _, index in keys])
+        keys, starts, indices = concept_starts(rows, concept)
+        targets, text = concept_targets(full, config, concept, indices)
         ends = []
         with gradient_noise(rel, torch.Generator().manual_seed(99)):
             for _ in range(draws):
                 found = torch.stack([r.optimized for r in optimize_seeds(full, starts, targets, text,
                                                                          config.objective(), config.optim_spec())])
                 ends.append(loss_and_gradient(full, found, targets, text, config)[0])
-        for i, key in enumerate(keys):
-            own = rows[key]["float32"]["rescored"]
-            rows[key]["float32"]["noisy"] = [e[i].item() / own for e in ends]
-            print(f"| {concept} | {key[1]} | " + ", ".join(f"{e[i].item() / own:.3f}" for e in ends) + " |", flush=True)
+        report_ends(rows, keys, args.dtypes[0], "float32", "noisy", ends)
+
+
+ENDS_TABLE = "\n\n| dtype | concept | seed | ends |\n|---|---|---|---|"  # the head of `report_ends`'s rows
+
+
+def concept_starts(rows: dict, concept: str) -> tuple[list, torch.Tensor, list[int]]:
+    """The rows of `concept` in index order: their keys, float32's starts (N, C, h, w) and the image indices."""
+    keys = sorted(k for k in rows if k[0] == concept)
+    return keys, torch.stack([rows[k]["start"] for k in keys]), [index for _, index in keys]
+
+
+def report_ends(rows: dict, keys: list, base: str, dtype: str, name: str, ends: list[torch.Tensor]) -> None:
+    """Each draw's ends (float32's loss at each seed found) over the `base` run's own end (float32's, scored alike),
+    kept in each row's `dtype` entry as `name` and printed as a table row per image."""
+    for i, key in enumerate(keys):
+        own = rows[key][base]["rescored"]
+        rows[key][dtype][name] = [e[i].item() / own for e in ends]
+        print(f"| {dtype} | {key[0]} | {key[1]} | " + ", ".join(f"{e[i].item() / own:.3f}" for e in ends) + " |",
+              flush=True)
 
 
 def moved_starts(rows: dict, args, config, full) -> None:
@@ -301,13 +316,11 @@ def moved_starts(rows: dict, args, config, full) -> None:
     kept in each row's dtype entry as `moved`."""
     eps, draws = args.moved_starts[0], int(args.moved_starts[1])
     print(f"\nFrom starts moved by {eps:g} of their spread ({draws} draws), each scored by float32 over float32's own "
-          f"end:\n\n| dtype | concept | seed | ends |\n|---|---|---|---|")
+          f"end:" + ENDS_TABLE)
     for d in args.dtypes:
         models = load_models(config.model, torch.device(args.device), getattr(torch, d))  # as a run loads them
         for concept in args.concepts:
-            keys = sorted(k for k in rows if k[0] == concept)
-            starts = torch.stack([rows[k]["start"] for k in keys])
-            indices = [index for _, index in keys]
+            keys, starts, indices = concept_starts(rows, concept)
             targets, text = concept_targets(models, config, concept, indices)
             exact = concept_targets(full, config, concept, indices)
             generator = torch.Generator().manual_seed(1234)
@@ -317,11 +330,7 @@ def moved_starts(rows: dict, args, config, full) -> None:
                 found = torch.stack([r.optimized for r in optimize_seeds(models, moved, targets, text,
                                                                          config.objective(), config.optim_spec())])
                 ends.append(loss_and_gradient(full, found, *exact, config)[0])
-            for i, key in enumerate(keys):
-                own = rows[key][args.dtypes[0]]["rescored"]
-                rows[key][d]["moved"] = [e[i].item() / own for e in ends]
-                print(f"| {d} | {concept} | {key[1]} | " + ", ".join(f"{e[i].item() / own:.3f}" for e in ends) + " |",
-                      flush=True)
+            report_ends(rows, keys, args.dtypes[0], d, "moved", ends)
 
 
 if __name__ == "__main__":
