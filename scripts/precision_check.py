@@ -180,6 +180,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--gpu-convolutions", action="store_true",
                         help="float16 convolutions accumulated in float32 as on a GPU, not the CPU's (see above)")
     args = parser.parse_args(argv)
+    if args.gradient_noise and args.dtypes[0] != "float32":
+        parser.error("--gradient-noise moves float32's own end: put float32 first in --dtypes")
     # float32 is the reference: on CUDA without TF32 convolutions (PyTorch's default allows them, 10-bit operands)
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=False), \
             gpu_convolutions() if args.gpu_convolutions else contextlib.nullcontext():
