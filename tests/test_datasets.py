@@ -49,6 +49,8 @@ def test_cub_layout(tmp_path):
     assert warbler.name == "Pine Warbler" and len(warbler.images) == 3
     with pytest.raises(UserError, match="no class named 'Pine Warblr'"):
         load_classes(DatasetConfig(name="cub", root=str(root), classes=["Pine Warblr"]), 0)
+    with pytest.raises(UserError, match=r"no class named 'Zebra' in this dataset\. Its classes: Black footed"):
+        load_classes(DatasetConfig(name="cub", root=str(root), classes=["Zebra"]), 0)  # nothing close: a sentence
     for typed in ("pine-warbler", "PINE_WARBLER", " Pine  Warbler "):  # spellings that name one class
         assert load_classes(DatasetConfig(name="cub", root=str(root), classes=[typed]), 0) == [warbler], typed
     one_level_up = load_classes(DatasetConfig(name="cub", root=str(root.parent), classes=["Pine Warbler"]), 0)
