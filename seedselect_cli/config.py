@@ -29,7 +29,13 @@ from seedselect_cli.core.specs import (
 from seedselect_cli.errors import UserError, first_line
 from seedselect_cli.files import assets
 from seedselect_cli.files.assets import ASSET, portable
-from seedselect_cli.files.datasets import DATASETS, DatasetConfig, read_class_list
+from seedselect_cli.files.datasets import (
+    DATASETS,
+    EVERY_CLASS_HINT,
+    EVERY_CLASS_WORDS,
+    DatasetConfig,
+    read_class_list,
+)
 from seedselect_cli.limits import (
     DTYPE_NAMES,
     MAX_BATCH,
@@ -164,6 +170,8 @@ def load_structured(schema: type, cfg: DictConfig | dict):
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), cfg))
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None)
+        if key == "dataset.classes" and str(exc.value).strip().lower() in EVERY_CLASS_WORDS:  # dataset.classes=all
+            raise UserError(f"{key}={exc.value!r} is invalid: {EVERY_CLASS_HINT}") from None
         if key and "is not a ListConfig, list or tuple" in str(exc):  # dataset.classes=Pine Warbler
             raise UserError(f"{key}={exc.value!r} is invalid: it takes a list, e.g. '{key}=[{exc.value}]' (with the "
                             f"quotes for the shell)") from None

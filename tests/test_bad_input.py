@@ -106,6 +106,9 @@ CASES = {
     "unknown command": (["optimise"], "unknown command 'optimise'"),
     "one class not in a list": (["optimize", "dataset.classes=Pine Warbler"],
                                 "it takes a list, e.g. 'dataset.classes=[Pine Warbler]'"),
+    "every class as a word": (["optimize", "dataset.classes=all"],
+                              ("dataset.classes='all' is invalid: for every class of the data set's split, pass "
+                               "dataset.classes=null")),
     "generate without out": (["generate", "seed_file={inputs}/small.safetensors"], "out is required: pass out=IMAGE.png"),
     "evaluate without a run": (["evaluate"], "run_dir is required: pass run_dir=RUN (the folder"),
     "a run's key given to generate": (["generate", "seed_file={inputs}/small.safetensors", "out=x.png", "sampler.steps=5"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import pytest
@@ -51,6 +52,10 @@ def test_cub_layout(tmp_path):
         load_classes(DatasetConfig(name="cub", root=str(root), classes=["Pine Warblr"]), 0)
     with pytest.raises(UserError, match=r"no class named 'Zebra' in this dataset\. Its classes: Black footed"):
         load_classes(DatasetConfig(name="cub", root=str(root), classes=["Zebra"]), 0)  # nothing close: a sentence
+    for every in ("all", "*", "All"):  # what people type for every class
+        with pytest.raises(UserError, match=rf"no class named '{re.escape(every)}' in this dataset \(for every class of the "
+                                            r"data set's split, pass dataset\.classes=null\)\. Its classes:"):
+            load_classes(DatasetConfig(name="cub", root=str(root), classes=[every]), 0)
     for typed in ("pine-warbler", "PINE_WARBLER", " Pine  Warbler "):  # spellings that name one class
         assert load_classes(DatasetConfig(name="cub", root=str(root), classes=[typed]), 0) == [warbler], typed
     one_level_up = load_classes(DatasetConfig(name="cub", root=str(root.parent), classes=["Pine Warbler"]), 0)

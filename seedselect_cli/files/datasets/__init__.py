@@ -21,6 +21,9 @@ from seedselect_cli.errors import UserError, count_of
 
 log = logging.getLogger(__name__)
 DATASETS = ("folder", "imagefolder", "cub", "mini_imagenet", "cifar_fs", "imagenet_lt")  # one module each, here
+# What people type for "every class" in `dataset.classes`, which is null (the default of every layout; the demo names one)
+EVERY_CLASS_WORDS = ("all", "*", "every", "everything")
+EVERY_CLASS_HINT = "for every class of the data set's split, pass dataset.classes=null"
 
 
 @dataclass
@@ -117,6 +120,8 @@ def select_classes(available: list[str], wanted: list[str] | None, aliases: dict
             close = list(dict.fromkeys([a for a in available if str(name).lower() in a.lower()]
                                        + difflib.get_close_matches(str(name), available, n=3, cutoff=0.6)))[:3]
             hint = f"; did you mean {', '.join(close)}?" if close else "."
+            if str(name).strip().lower() in EVERY_CLASS_WORDS:
+                hint = f" ({EVERY_CLASS_HINT})."
             shown = ", ".join(available[:8]) + (f", ... ({len(available)} in all)" if len(available) > 8 else "")
             raise UserError(f"dataset.classes: no class named {name!r} in this dataset{hint} Its classes: {shown}")
         chosen.append(found)
