@@ -127,6 +127,22 @@ def test_precision_checks_gradient_noise_adds_an_error_of_its_share_of_each_seed
     assert torch.equal(gradient(), exact)
 
 
+def test_precision_check_counts_ends_within_float32s_own_spread(capsys):
+    """`--gradient-noise` with a low dtype: an image counts when the low dtype's end, scored by float32, is at most
+    1.05 times the worst of float32's own ends (its run, 1.0, and its noisy draws), and the line names the others."""
+    def row(float16: float, noisy: list[float]) -> dict:
+        return {"float32": {"rescored": 0.2, "noisy": noisy}, "float16": {"rescored": 0.2 * float16}}
+
+    rows = {("marsh finch", 0): row(1.04, [0.97, 0.99]),  # within 5 % of float32's own run
+            ("marsh finch", 1): row(1.124, [0.628, 0.788, 1.222]),  # beyond its run, inside its spread (seed 33)
+            ("sea finch", 2): row(1.703, [0.98, 1.01]),  # another candidate start: beyond its spread (seed 36)
+            ("sea finch", 3): row(0.9, [1.3])}  # below float32's end
+    load_script("precision_check").within_spread(rows, ["float32", "float16"])
+    assert [r["float16"]["within_spread"] for _, r in sorted(rows.items())] == [True, True, False, True]
+    assert capsys.readouterr().out == ("float16: end within 1.05 times the worst of float32's own ends for 3 of 4 "
+                                       "images; outside: sea finch 2 at 1.703 (float32's worst 1.010)\n")
+
+
 def fresh_tiny_models():
     """New tiny components: `bench.prepare` changes them in place, so not conftest's shared fixture."""
     return load_models(ModelConfig(pretrained="tiny", image_encoder="tiny"), torch.device("cpu"), torch.float32)
