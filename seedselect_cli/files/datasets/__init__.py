@@ -117,11 +117,12 @@ def select_classes(available: list[str], wanted: list[str] | None, aliases: dict
         if found is None:
             import difflib
 
-            close = list(dict.fromkeys([a for a in available if str(name).lower() in a.lower()]
-                                       + difflib.get_close_matches(str(name), available, n=3, cutoff=0.6)))[:3]
-            hint = f"; did you mean {', '.join(close)}?" if close else "."
             if str(name).strip().lower() in EVERY_CLASS_WORDS:
                 hint = f" ({EVERY_CLASS_HINT})."
+            else:
+                close = list(dict.fromkeys([a for a in available if str(name).lower() in a.lower()]
+                                           + difflib.get_close_matches(str(name), available, n=3, cutoff=0.6)))[:3]
+                hint = f"; did you mean {', '.join(close)}?" if close else "."
             shown = ", ".join(available[:8]) + (f", ... ({len(available)} in all)" if len(available) > 8 else "")
             raise UserError(f"dataset.classes: no class named {name!r} in this dataset{hint} Its classes: {shown}")
         chosen.append(found)
