@@ -79,13 +79,15 @@ measure "the demo on $device" 40 python3 -m seedselect_cli optimize runtime.devi
 measure "the demo redrawn from its seeds" 30 python3 -m seedselect_cli generate runtime.device="$device" \
   seed_file=/tmp/gpu_session/demo/seeds out=/tmp/gpu_session/redrawn
 # 2. Part 1 on CUDA: does float16 (the GPU default) find float32's seeds? 8 seeds, the default's 24 iterations (and
-#    its backtracking, optim.backtrack=0.5), the toy world.
+#    its backtracking, optim.backtrack=0.5), the toy world; then float32 again with float16-sized gradient noise (3
+#    draws): how many low-dtype ends lie within 5 % of float32's worst own end (BENCHMARKS.md, "float16 against
+#    float32's own spread").
 if [ -n "$tiny" ]; then
   measure "precision on the toy world" 120 python3 scripts/precision_check.py --device "$device" \
-    --concepts "marsh finch" --n-images 1 --iterations 2 --dtypes float32 float16
+    --concepts "marsh finch" --n-images 1 --iterations 2 --dtypes float32 float16 --gradient-noise 0.015 1
 else
   measure "precision on the toy world" 150 python3 scripts/precision_check.py --device "$device" \
-    --n-images 4 --iterations 24 --dtypes float32 float16 bfloat16
+    --n-images 4 --iterations 24 --dtypes float32 float16 bfloat16 --gradient-noise 0.015 3
 fi
 # 3. runtime.memory_budget: keep the steps that fit instead of recomputing them.
 measure "memory budget auto" 90 "${bench[@]}" --modes graphed --batch 1 --memory-budget auto \
