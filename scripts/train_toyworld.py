@@ -589,11 +589,11 @@ def main(argv: list[str] | None = None) -> None:
         from transformers import CLIPTextModel
 
         images, labels = long_tailed_set(args.seed)
-        vae = AutoencoderKL.from_pretrained(out / "vae", torch_dtype=torch.float32).eval()
+        vae = AutoencoderKL.from_pretrained(out / "vae", dtype=torch.float32).eval()
         mean, std = encode_set(vae, to_tensor(images))
         unconditional = unconditional_latents(vae, args)
-        start = ((UNet2DConditionModel.from_pretrained(out / "unet", torch_dtype=torch.float32),
-                  CLIPTextModel.from_pretrained(out / "text_encoder", torch_dtype=torch.float32))
+        start = ((UNet2DConditionModel.from_pretrained(out / "unet", dtype=torch.float32),
+                  CLIPTextModel.from_pretrained(out / "text_encoder", dtype=torch.float32))
                  if args.unet_from_world else None)
         stage = time.perf_counter()
         unet, text_encoder = train_diffusion(build_tokenizer(), mean, std, labels, vae.config.scaling_factor,
@@ -607,7 +607,7 @@ def main(argv: list[str] | None = None) -> None:
         from diffusers import AutoencoderKL
 
         stage = time.perf_counter()
-        vae = finetune_decoder(AutoencoderKL.from_pretrained(out / "vae", torch_dtype=torch.float32),
+        vae = finetune_decoder(AutoencoderKL.from_pretrained(out / "vae", dtype=torch.float32),
                                args.decoder_steps, args.seed + 6)
         seconds["decoder"] = time.perf_counter() - stage
         vae.to(torch.float16).save_pretrained(out / "vae", safe_serialization=True)

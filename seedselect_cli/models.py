@@ -315,7 +315,7 @@ def _load_diffusers(cfg: ModelConfig, dtype: torch.dtype, key: str, revision: st
             weights = {"variant": cfg.variant, "use_safetensors": True, **kwargs}
             xl = (index.get("text_encoder_2") or [None])[0] is not None
             parts = {
-                "unet": UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **weights),
+                "unet": UNet2DConditionModel.from_pretrained(source, subfolder="unet", dtype=dtype, **weights),
                 "text_encoder": CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=torch.float32,
                                                               **weights),
                 "tokenizer": CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kwargs),

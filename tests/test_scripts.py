@@ -443,8 +443,8 @@ def test_train_toyworld_trains_a_worlds_unet_on_with_the_empty_prompt_on_balance
 
     script = load_script("train_toyworld")
     world = Path(asset_path("toyworld"))
-    unet = UNet2DConditionModel.from_pretrained(world / "unet", torch_dtype=torch.float32)
-    text_encoder = CLIPTextModel.from_pretrained(world / "text_encoder", torch_dtype=torch.float32)
+    unet = UNet2DConditionModel.from_pretrained(world / "unet", dtype=torch.float32)
+    text_encoder = CLIPTextModel.from_pretrained(world / "text_encoder", dtype=torch.float32)
     tokenizer = script.build_tokenizer()
     empty = script.tokens(tokenizer, [""])[0]
     seen = []
@@ -477,8 +477,8 @@ def test_train_toyworld_trains_a_worlds_unet_on_with_the_empty_prompt_on_balance
                                                                                  before["unet_steps"])
     assert written["seconds"]["unet"] >= before["seconds"]["unet"]  # the time before counts too
     assert json.loads((out / "unet" / "config.json").read_text())["_name_or_path"] == "world"  # not this machine's path
-    trained = UNet2DConditionModel.from_pretrained(out / "unet", torch_dtype=torch.float32).state_dict()
-    shipped = UNet2DConditionModel.from_pretrained(world / "unet", torch_dtype=torch.float32).state_dict()
+    trained = UNet2DConditionModel.from_pretrained(out / "unet", dtype=torch.float32).state_dict()
+    shipped = UNet2DConditionModel.from_pretrained(world / "unet", dtype=torch.float32).state_dict()
     assert any(not torch.equal(trained[k], shipped[k]) for k in shipped)  # trained on from the world's, and saved
     assert max((trained[k] - shipped[k]).abs().max().item() for k in shipped) < 0.05  # not from scratch
 

@@ -83,7 +83,7 @@ def test_diffusers_and_transformers_load_it_as_they_load_a_real_checkpoint():
     for weights in ROOT.glob("*/*.safetensors"):  # stored in float16
         with safe_open(weights, "pt") as f:
             assert {f.get_slice(k).get_dtype() for k in f.keys()} <= {"F16", "I64"}, weights  # noqa: SIM118 (I64: BatchNorm counts)
-    pipe = StableDiffusionPipeline.from_pretrained(ROOT, torch_dtype=torch.float32, use_safetensors=True,
+    pipe = StableDiffusionPipeline.from_pretrained(ROOT, dtype=torch.float32, use_safetensors=True,
                                                    local_files_only=True)
     image = pipe("a photo of a red circle", num_inference_steps=5, height=32, width=32, output_type="pil",
                  generator=torch.Generator().manual_seed(0)).images[0]
@@ -150,7 +150,7 @@ def test_the_decoder_gives_back_what_it_is_given_tail_shapes_and_off_model_ones_
     import train_toyworld
 
     judge = Judge(JudgeConfig(model=str(ROOT / "judge")), [c["name"] for c in WORLD["concepts"]], torch.device("cpu"))
-    vae = AutoencoderKL.from_pretrained(ROOT / "vae", torch_dtype=torch.float32)
+    vae = AutoencoderKL.from_pretrained(ROOT / "vae", dtype=torch.float32)
     rng = np.random.default_rng(4321)
     precisions = []
     with torch.no_grad():
