@@ -36,6 +36,7 @@ from seedselect_cli.config import (
 from seedselect_cli.errors import Interrupted, UserError
 from seedselect_cli.interrupt import StopNow, catching_signals
 from seedselect_cli.job_dir import ActiveMark, JobDirSnapshot, take_snapshot, undo_failed_start
+from seedselect_cli.requirements import check_requirements
 
 log = logging.getLogger(__name__)
 
@@ -362,6 +363,7 @@ def _main(command: str, args: list[str]) -> int:
     global _before
     register_resolvers()
     try:
+        check_requirements()  # an environment changed since `pip install` may load weights wrong without a word
         run_dir = preflight(command, args)
     except UserError as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
