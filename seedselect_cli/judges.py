@@ -16,7 +16,7 @@ from PIL import Image
 from seedselect_cli.errors import UserError
 from seedselect_cli.files.datasets import NameLookup
 from seedselect_cli.files.datasets.imagenet_names import imagenet_label_names
-from seedselect_cli.models import offline_for, quiet_libraries, weights_not_available, why_offline
+from seedselect_cli.models import offline_for, quiet_libraries, weights_not_available, whole, why_offline
 
 
 @dataclass
@@ -62,8 +62,9 @@ def load_clip(name: str, device: torch.device) -> EvalClip:
         offline = offline_for(source, "CLIP model", "clip", "config.json")
         try:
             with quiet_libraries():
-                model = CLIPModel.from_pretrained(source, use_safetensors=True, dtype=torch.float32,
-                                                  local_files_only=offline)
+                model = whole(CLIPModel.from_pretrained(source, use_safetensors=True, dtype=torch.float32,
+                                                        local_files_only=offline, output_loading_info=True),
+                              "CLIP", "clip", name)
                 tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=offline)
                 processor = AutoImageProcessor.from_pretrained(source, backend="pil", local_files_only=offline)
         except (OSError, ValueError) as exc:
@@ -82,8 +83,9 @@ class Judge:
         offline = offline_for(source, "judge", "judge.model", "config.json")
         try:
             with quiet_libraries():
-                self.model = AutoModelForImageClassification.from_pretrained(
-                    source, use_safetensors=True, dtype=torch.float32, local_files_only=offline).to(device).eval()
+                self.model = whole(AutoModelForImageClassification.from_pretrained(
+                    source, use_safetensors=True, dtype=torch.float32, local_files_only=offline,
+                    output_loading_info=True), "judge", "judge.model", cfg.model).to(device).eval()
                 self.processor = AutoImageProcessor.from_pretrained(source, local_files_only=offline)
         except (OSError, ValueError) as exc:
             raise weights_not_available("judge (an image-classification model)", "judge.model", cfg.model, exc,

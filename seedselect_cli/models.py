@@ -31,7 +31,7 @@ from transformers.utils import logging as transformers_logging
 
 from seedselect_cli.config import ModelConfig
 from seedselect_cli.core.frozen import FrozenModels, HubCommits, is_sdxl_unet
-from seedselect_cli.errors import UserError
+from seedselect_cli.errors import UserError, count_of
 from seedselect_cli.limits import is_commit
 
 log = logging.getLogger(__name__)
@@ -312,21 +312,23 @@ def _load_diffusers(cfg: ModelConfig, dtype: torch.dtype, key: str, revision: st
             commit = hub_commit(source, "model_index.json", revision)
             kwargs["revision"] = commit or revision
             # Weights only ever from safetensors files: a pickled checkpoint can run code when loaded.
-            weights = {"variant": cfg.variant, "use_safetensors": True, **kwargs}
+            weights = {"variant": cfg.variant, "use_safetensors": True, "output_loading_info": True, **kwargs}
+
+            def network(cls, part: str, **extra):
+                return whole(cls.from_pretrained(source, subfolder=part, **weights, **extra), part, key, cfg.pretrained)
+
             xl = (index.get("text_encoder_2") or [None])[0] is not None
             parts = {
-                "unet": UNet2DConditionModel.from_pretrained(source, subfolder="unet", dtype=dtype, **weights),
-                "text_encoder": CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=torch.float32,
-                                                              **weights),
+                "unet": network(UNet2DConditionModel, "unet", dtype=dtype),
+                "text_encoder": network(CLIPTextModel, "text_encoder", dtype=torch.float32),
                 "tokenizer": CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kwargs),
                 # the checkpoint's noise schedule; each sampler builds its own scheduler on it (samplers.py)
                 "scheduler": DDIMScheduler.from_pretrained(source, subfolder="scheduler", **kwargs),
             }
-            parts["vae"] = AutoencoderKL.from_pretrained(source, subfolder="vae", **weights)
+            parts["vae"] = network(AutoencoderKL, "vae")
             parts["vae"] = parts["vae"].to(vae_dtype(parts, dtype))
             if xl:
-                parts["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
-                    source, subfolder="text_encoder_2", dtype=torch.float32, **weights)
+                parts["text_encoder_2"] = network(CLIPTextModelWithProjection, "text_encoder_2", dtype=torch.float32)
                 parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **kwargs)
                 parts["force_zeros_for_empty_prompt"] = bool(index.get("force_zeros_for_empty_prompt", True))
             return parts, commit
@@ -339,7 +341,7 @@ def _load_diffusers(cfg: ModelConfig, dtype: torch.dtype, key: str, revision: st
 def quiet_libraries() -> Iterator[None]:
     """diffusers and transformers log only critical messages and show no "Loading weights" bars inside:
     what they would say about a failed load comes back as the exception this module turns into one
-    `error:` line."""
+    `error:` line, and weights they would start at random as `whole`'s."""
     libraries = (diffusers_logging, transformers_logging)
     levels = [lib.get_verbosity() for lib in libraries]
     bars = [lib.is_progress_bar_enabled() for lib in libraries]
@@ -355,6 +357,21 @@ def quiet_libraries() -> Iterator[None]:
                 lib.enable_progress_bar()
 
 
+def whole(loaded: tuple[Any, dict[str, Any]], part: str, key: str, source: str) -> Any:
+    """The network of `from_pretrained(..., output_loading_info=True)` if its checkpoint held every weight it needs.
+    diffusers and transformers start a missing weight at random and say so only in their logs (silenced here,
+    `quiet_libraries`): a checkpoint of another layout would draw noise without a word, as transformers 5.0 did with
+    a text encoder that a later 5.x saved (its keys without `text_model.`)."""
+    network, info = loaded
+    missing = sorted(str(k) for k in info.get("missing_keys") or ())
+    missing += sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys") or ())
+    if missing:
+        raise UserError(f"cannot use {key}={source}: its {part} weights lack {count_of(len(missing), 'tensor')} of "
+                        f"the {type(network).__name__} it describes (e.g. {missing[0]!r}), which would start at "
+                        f"random; the checkpoint is incomplete or in another layout (or for another library version)")
+    return network
+
+
 def _load_image_encoder(cfg: ModelConfig, dtype: torch.dtype, revision: str | None
                         ) -> tuple[CLIPVisionModelWithProjection, Any, str | None]:
     """The CLIP image encoder at `revision` (None: the default branch), its processor, and the Hub commit it came
@@ -365,7 +382,9 @@ def _load_image_encoder(cfg: ModelConfig, dtype: torch.dtype, revision: str | No
                                               cfg.local_files_only, revision)}
     try:
         with quiet_libraries():  # a two-tower checkpoint's text weights go unused: no report
-            encoder = CLIPVisionModelWithProjection.from_pretrained(source, dtype=dtype, use_safetensors=True, **kwargs)
+            encoder = whole(CLIPVisionModelWithProjection.from_pretrained(
+                source, dtype=dtype, use_safetensors=True, output_loading_info=True, **kwargs),
+                "image encoder", "model.image_encoder", cfg.image_encoder)
             processor = AutoImageProcessor.from_pretrained(source, backend="pil", **kwargs)
     except (OSError, ValueError) as exc:
         raise weights_not_available("CLIP image encoder", "model.image_encoder", cfg.image_encoder, exc,

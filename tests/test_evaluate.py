@@ -325,6 +325,32 @@ def test_a_judge_with_mapped_labels(demo_run, tmp_path):
     assert metrics["classes"]["red_disc"]["seedselect"]["judge_top1"] is not None
 
 
+def test_a_judge_without_some_of_its_weights_is_refused_rather_than_started_at_random(tmp_path):
+    """A classifier folder that lacks a tensor (its head, say: a backbone saved as a classifier) would judge with random
+    weights, said only in transformers' silenced log; it is refused, naming the tensor (by the name transformers 5
+    gives it in the model, which may differ from the file's: `query` is `q_proj`)."""
+    import random
+
+    from safetensors.torch import load_file, save_file
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    from seedselect_cli.judges import Judge
+
+    ViTForImageClassification(ViTConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37, image_size=32, patch_size=8,
+        num_labels=2, id2label={0: "disc", 1: "square"}, label2id={"disc": 0, "square": 1})).save_pretrained(
+        tmp_path / "judge")
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "judge")
+    [weights] = (tmp_path / "judge").glob("*.safetensors")
+    tensors = load_file(weights)
+    del tensors[random.choice(sorted(tensors))]
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(UserError, match=f"^cannot use judge.model={tmp_path / 'judge'}: its judge weights lack 1 "
+                                        "tensor of the ViTForImageClassification it describes "
+                                        "\\(e.g. '[a-z0-9_.]+'\\), which would start at random"):
+        Judge(JudgeConfig(model=str(tmp_path / "judge")), ["disc", "square"], torch.device("cpu"))
+
+
 def test_an_imagenet_classifier_judges_imagenet_classes_without_a_label_map(tmp_path):
     """transformers' ImageNet-1k classifiers name their labels by synonym lists ("house finch, linnet, Carpodacus
     mexicanus", 999 "toilet tissue, toilet paper, bathroom tissue"), where a run of ImageNet-LT or miniImageNet

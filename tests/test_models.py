@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from seedselect_cli.config import ModelConfig
 from seedselect_cli.core.prompts import encode_prompt
@@ -31,6 +34,28 @@ def test_loads_a_local_folder_saved_in_the_diffusers_layout(tmp_path, tiny_model
     pixels = torch.randn(1, 3, 32, 32)
     torch.testing.assert_close(loaded.image_encoder(pixels).image_embeds, tiny_models.image_encoder(pixels).image_embeds)
     assert loaded.image_processor.crop_size == tiny_models.image_processor.crop_size
+
+
+@pytest.mark.parametrize("part", ["unet", "text_encoder", "vae", "image encoder"])
+def test_a_checkpoint_without_some_weights_is_refused_rather_than_started_at_random(tmp_path, tiny_models, part):
+    """diffusers and transformers load a checkpoint that lacks weights, start those at random and say so only in a log
+    (which the loaders silence): transformers 5.0 read a later 5.x's text encoder that way, and the demo drew from
+    noise without a word. One tensor, drawn at random, is taken out of one network's file."""
+    sd, clip = tmp_path / "sd", tmp_path / "clip"
+    for name in ("vae", "unet", "text_encoder", "tokenizer", "scheduler"):
+        getattr(tiny_models, name).save_pretrained(sd / name)
+    tiny_models.image_encoder.save_pretrained(clip)
+    tiny_models.image_processor.save_pretrained(clip)
+    [weights] = (clip if part == "image encoder" else sd / part).glob("*.safetensors")
+    tensors = load_file(weights)
+    dropped = random.choice(sorted(tensors))
+    del tensors[dropped]
+    save_file(tensors, weights, metadata={"format": "pt"})
+    key, source = ("model.image_encoder", clip) if part == "image encoder" else ("model.pretrained", sd)
+    with pytest.raises(UserError) as raised:
+        load_models(ModelConfig(pretrained=str(sd), image_encoder=str(clip)), torch.device("cpu"), torch.float32)
+    assert str(raised.value).startswith(f"cannot use {key}={source}: its {part} weights lack 1 tensor of the ")
+    assert repr(dropped) in str(raised.value) and "would start at random" in str(raised.value)
 
 
 def test_pickled_weights_are_refused(tmp_path, tiny_models):
