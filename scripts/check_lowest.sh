@@ -4,7 +4,7 @@
 # installed here (so no CUDA build is downloaded), then runs the demo and the quick loop there (`--all`: every test).
 # Run it after raising a bound or using a newer library API. Needs uv (`pip install uv`) and the package registry.
 #
-#   bash scripts/check_lowest.sh [--all]     # about 3 min (--all: 13 min) on 2 cores
+#   bash scripts/check_lowest.sh [--all]     # about 2 min with uv's cache warm (--all: 13 min), 2 cores
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v uv >/dev/null || { echo "check_lowest.sh needs uv: pip install uv" >&2; exit 2; }
