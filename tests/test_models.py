@@ -70,6 +70,41 @@ def test_pickled_weights_are_refused(tmp_path, tiny_models):
         load_models(ModelConfig(pretrained=str(sd), image_encoder="tiny"), torch.device("cpu"), torch.float32)
 
 
+def test_a_single_checkpoint_file_is_answered_with_the_command_that_converts_it(monkeypatch, tmp_path):
+    """A Stable Diffusion release as one `.safetensors` file (the original layout) is not a folder seedselect loads:
+    the line gives diffusers' `from_single_file` command, valid shell and Python for any file name, converting that
+    file into the folder it then says to pass. (Run by hand on an SD-1-shaped pipeline written in the original layout
+    by diffusers' reverse script: the folder it made loaded the same weights, tensor for tensor.) The file is
+    answered without asking the Hub, even where its name reads like a Hub id."""
+    import ast
+    import shlex
+
+    from seedselect_cli import models
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(models, "hub_reachable", lambda *a, **k: pytest.fail("asked the Hub about a local file"))
+    rng = random.Random()
+    name = "".join(rng.choice("ab $'\"()é-_") for _ in range(8)) + "v1.safetensors"
+    folder = tmp_path / "sub dir"
+    folder.mkdir()
+    save_file({"model.diffusion_model.out.2.bias": torch.randn(4)}, folder / name)
+    monkeypatch.chdir(folder)
+    for given in (str(folder / name), name):
+        with pytest.raises(UserError) as caught:
+            load_models(ModelConfig(pretrained=given, image_encoder="tiny"), torch.device("cpu"), torch.float32)
+        line = str(caught.value)
+        assert line.startswith(f"model.pretrained={given} is a single checkpoint file; ")
+        command = shlex.split(line.split("`")[1])
+        assert command[:2] == ["python", "-c"]
+        calls = {node.func.attr: node for node in ast.walk(ast.parse(command[2])) if isinstance(node, ast.Call)}
+        convert, save = calls["from_single_file"], calls["save_pretrained"]
+        assert ast.literal_eval(convert.args[0]) == given
+        assert [k.arg for k in convert.keywords] == ["config"]
+        passed = shlex.split(line.rsplit("then pass ", 1)[1])
+        assert passed == [f"model.pretrained={ast.literal_eval(save.args[0])}"]
+        assert ast.literal_eval(save.args[0]) == given.removesuffix(".safetensors")
+
+
 def test_missing_weights_offline_say_how_to_get_them(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserError, match=r"^the Stable Diffusion model 'no-such-org/no-such-model' is not \(wholly\) in "
