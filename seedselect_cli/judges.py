@@ -16,7 +16,8 @@ from PIL import Image
 from seedselect_cli.errors import UserError
 from seedselect_cli.files.datasets import NameLookup
 from seedselect_cli.files.datasets.imagenet_names import imagenet_label_names
-from seedselect_cli.models import offline_for, quiet_libraries, weights_not_available, whole, why_offline
+from seedselect_cli.hub import TRANSFORMERS, offline_for, weights_not_available, why_offline
+from seedselect_cli.models import quiet_libraries, whole
 
 
 @dataclass
@@ -59,7 +60,7 @@ def load_clip(name: str, device: torch.device) -> EvalClip:
         from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
         source = os.path.expanduser(name)
-        offline = offline_for(source, "CLIP model", "clip", "config.json")
+        offline = offline_for(source, "CLIP model", "clip", TRANSFORMERS)
         try:
             with quiet_libraries():
                 model = whole(CLIPModel.from_pretrained(source, use_safetensors=True, dtype=torch.float32,
@@ -69,7 +70,7 @@ def load_clip(name: str, device: torch.device) -> EvalClip:
                 processor = AutoImageProcessor.from_pretrained(source, backend="pil", local_files_only=offline)
         except (OSError, ValueError) as exc:
             raise weights_not_available("two-tower CLIP model", "clip", name, exc, why_offline(offline, False),
-                                        "the transformers layout") from None
+                                        TRANSFORMERS) from None
     return EvalClip(model.to(device).eval(), tokenizer, processor, device)
 
 
@@ -80,7 +81,7 @@ class Judge:
         from transformers import AutoImageProcessor, AutoModelForImageClassification
 
         source = os.path.expanduser(cfg.model)
-        offline = offline_for(source, "judge", "judge.model", "config.json")
+        offline = offline_for(source, "judge", "judge.model", TRANSFORMERS)
         try:
             with quiet_libraries():
                 self.model = whole(AutoModelForImageClassification.from_pretrained(
@@ -89,7 +90,7 @@ class Judge:
                 self.processor = AutoImageProcessor.from_pretrained(source, local_files_only=offline)
         except (OSError, ValueError) as exc:
             raise weights_not_available("judge (an image-classification model)", "judge.model", cfg.model, exc,
-                                        why_offline(offline, False), "the transformers layout") from None
+                                        why_offline(offline, False), TRANSFORMERS) from None
         # a label is its class by judge.label_map, else by name as `dataset.classes` finds one: a CUB classifier's
         # "094.Pine_Warbler" or "Pine-Warbler" is the run's "Pine Warbler", an ImageNet classifier's label 12
         # ("house finch, linnet, Carpodacus mexicanus") the run's "house finch"

@@ -105,7 +105,7 @@ def test_a_run_keeps_the_hub_commit_it_began_with_and_generate_redraws_from_it(t
     gone = seedselect(*run, "n_images=3", cwd=tmp_path, env=env)
     assert gone.returncode == 2
     [line] = gone.stderr.strip().splitlines()
-    assert f"`hf download {MODEL} --revision {FIRST}`" in line
+    assert f"`hf download {MODEL} --revision {FIRST} --include '*.json' " in line
     assert line.endswith("(the commit the run's earlier images were drawn with, which a resumed run loads again; a "
                          "new run directory takes the branch's)")
     assert len(read_manifest(tmp_path / "run")) == 2  # nothing written
@@ -124,7 +124,7 @@ def test_a_recorded_commit_missing_from_the_cache_says_how_to_download_it(tmp_pa
     [line] = done.stderr.strip().splitlines()
     assert line.startswith(f"error: the Stable Diffusion model '{MODEL}' at revision {FIRST} is not (wholly) in the "
                            f"Hugging Face cache")
-    assert f"`hf download {MODEL} --revision {FIRST}`" in line
+    assert f"`hf download {MODEL} --revision {FIRST} --include '*.json' " in line
 
 
 def load_seed_file_metadata_for(commit: str) -> dict[str, str]:
@@ -146,7 +146,7 @@ def local_dir_download(folder: Path, commit: str) -> None:
 
 
 def test_a_folder_says_its_commit_when_it_is_a_snapshot_or_a_download_none_changed_since(tmp_path):
-    from seedselect_cli.models import folder_commit
+    from seedselect_cli.hub import folder_commit
 
     build_cache(tmp_path / "hub")
     assert folder_commit(tmp_path / "hub" / "models--seedselect--toyworld" / "snapshots" / SECOND,

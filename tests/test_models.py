@@ -79,10 +79,10 @@ def test_a_single_checkpoint_file_is_answered_with_the_command_that_converts_it(
     import ast
     import shlex
 
-    from seedselect_cli import models
+    from seedselect_cli import hub
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(models, "hub_reachable", lambda *a, **k: pytest.fail("asked the Hub about a local file"))
+    monkeypatch.setattr(hub, "hub_reachable", lambda *a, **k: pytest.fail("asked the Hub about a local file"))
     rng = random.Random()
     name = "".join(rng.choice("ab $'\"()é-_") for _ in range(8)) + "v1.safetensors"
     folder = tmp_path / "sub dir"
@@ -109,7 +109,8 @@ def test_missing_weights_offline_say_how_to_get_them(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserError, match=r"^the Stable Diffusion model 'no-such-org/no-such-model' is not \(wholly\) in "
                                         r"the Hugging Face cache \(.+\), and HF_HUB_OFFLINE is set: download it once "
-                                        r"with `hf download no-such-org/no-such-model`.*local folder"):
+                                        r"with `hf download no-such-org/no-such-model --include .*` where there is "
+                                        r"internet, or pass a local folder"):
         load_models(ModelConfig(pretrained="no-such-org/no-such-model", image_encoder="tiny"),
                     torch.device("cpu"), torch.float32)
     with pytest.raises(UserError, match=r"^the CLIP image encoder 'no-such-org/clip' is not \(wholly\) in the"):
