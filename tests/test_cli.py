@@ -153,7 +153,9 @@ def test_user_errors_exit_2_with_one_line(args, message, capsys, tmp_path, monke
 
 
 @pytest.mark.slow
-def test_generate_redraws_a_folder_of_seeds_as_the_runs_images_and_goes_on_after_a_stop(demo_run, tmp_path):
+def test_generate_redraws_a_folder_of_seeds_as_the_runs_images_and_goes_on_after_a_stop(demo_run, tmp_path, capsys,
+                                                                                          monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the commands that draw nothing run in this process (`main`), the others in their own
     run_dir = tmp_path / "run"
     shutil.copytree(demo_run[0], run_dir)
     entries = read_manifest(run_dir)
@@ -177,16 +179,17 @@ def test_generate_redraws_a_folder_of_seeds_as_the_runs_images_and_goes_on_after
     # into the run's own folders: refused, for one seed as for a folder of them, and nothing there is touched
     image = run_dir / entries[0]["image"]
     before = image.read_bytes()
+    capsys.readouterr()
     for seed_file, out in ((run_dir / entries[0]["seed_file"], image), (run_dir / "seeds", run_dir / "images")):
-        done = seedselect("generate", f"seed_file={seed_file}", f"out={out}", "tensor=initial", cwd=tmp_path)
-        assert done.returncode == 2
-        assert done.stderr.startswith(f"error: out={out} is in {run_dir / 'images'}, which holds the run's own files")
+        assert main(["generate", f"seed_file={seed_file}", f"out={out}", "tensor=initial"]) == 2
+        assert capsys.readouterr().err.startswith(f"error: out={out} is in {run_dir / 'images'}, which holds the "
+                                                  f"run's own files")
     assert image.read_bytes() == before
     # ... but the run's own images of its own seeds, drawn as the run drew them, are a repair: allowed
-    done = seedselect("generate", f"seed_file={run_dir / 'seeds'}", f"out={run_dir / 'images'}", cwd=tmp_path)
-    assert done.returncode == 0 and f"every image is already in {run_dir / 'images'} ({n})" in done.stdout
-    done = seedselect("generate", f"seed_file={run_dir}", "out=again", cwd=tmp_path)  # the run directory: its seeds
-    assert done.returncode == 0 and f"every image is already in again ({n})" in done.stdout
+    assert main(["generate", f"seed_file={run_dir / 'seeds'}", f"out={run_dir / 'images'}"]) == 0
+    assert f"every image is already in {run_dir / 'images'} ({n})" in capsys.readouterr().out
+    assert main(["generate", f"seed_file={run_dir}", "out=again"]) == 0  # the run directory: its seeds
+    assert f"every image is already in again ({n})" in capsys.readouterr().out
     # one class's seeds in another dtype: compared with that class's images, and the ones that differ named
     done = seedselect("generate", f"seed_file={run_dir / 'seeds' / 'red_disc'}", "out=half", "runtime.dtype=bfloat16",
                       cwd=tmp_path)
