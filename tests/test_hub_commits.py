@@ -70,7 +70,7 @@ def test_a_run_keeps_the_hub_commit_it_began_with_and_generate_redraws_from_it(t
     build_cache(cache)
     env = {"HF_HUB_CACHE": str(cache)}
     run = ["optimize", f"model.pretrained={MODEL}", f"model.image_encoder={ENCODER}", "optim.iterations=2",
-           "runtime.batch_size=1", "runtime.progress=false", "hydra.run.dir=run"]
+           "init.candidates=2", "runtime.batch_size=1", "runtime.progress=false", "hydra.run.dir=run"]
     first = seedselect(*run, "n_images=1", cwd=tmp_path, env=env)
     assert first.returncode == 0, first.stderr
     assert f"{MODEL}: Hub commit {FIRST}" in first.stdout + first.stderr
