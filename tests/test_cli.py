@@ -65,7 +65,7 @@ def test_optimize_writes_the_run_directory_of_the_contract(demo_run):
 
 
 @pytest.mark.slow
-def test_generate_reproduces_the_image_pixel_for_pixel(demo_run):
+def test_generate_reproduces_the_image_pixel_for_pixel(demo_run, capsys, monkeypatch):
     run_dir, elsewhere = demo_run
     entry = read_manifest(run_dir)[1]
     done = seedselect("generate", f"seed_file={run_dir / entry['seed_file']}", "out=again.png", cwd=elsewhere)
@@ -75,20 +75,21 @@ def test_generate_reproduces_the_image_pixel_for_pixel(demo_run):
     assert "drawing in" not in done.stdout and "drawing with" not in done.stdout  # the run's own: nothing to warn of
     with Image.open(elsewhere / "again.png") as image:  # the text chunks a run's image has, but the loss
         assert image.info["parameters"].startswith(entry["prompt"]) and "SeedSelect loss" not in image.info["parameters"]
-    done = seedselect("generate", f"seed_file={run_dir / entry['seed_file']}", "out=half.png", "runtime.dtype=bfloat16",
-                      cwd=elsewhere)
-    assert done.returncode == 0 and "drawing in bfloat16 on cpu; the seed's run drew in float32 on cpu" in done.stdout
-    done = seedselect("generate", f"seed_file={run_dir / entry['seed_file']}", "out=plain.png", "tensor=initial",
-                      cwd=elsewhere)
-    assert done.returncode == 0, done.stderr
+    # the rest in this process (`main`): a process of its own is checked above
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert main(["generate", f"seed_file={run_dir / entry['seed_file']}", "out=half.png", "runtime.dtype=bfloat16"]) == 0
+    assert "drawing in bfloat16 on cpu; the seed's run drew in float32 on cpu" in capsys.readouterr().out
+    assert main(["generate", f"seed_file={run_dir / entry['seed_file']}", "out=plain.png", "tensor=initial"]) == 0
     assert not np.array_equal(np.asarray(Image.open(elsewhere / "plain.png")), again)
     # a seed drawn with another torch: said, since kernels may round differently (here they do not: same pixels)
     seed = load_seed_file(run_dir / entry["seed_file"])
     assert seed.metadata["torch_version"] == torch.__version__ and seed.metadata["diffusers_version"]
     save_seed_file(elsewhere / "old.safetensors", seed.initial, seed.optimized,
                    {**seed.metadata, "torch_version": "2.1.0"})
-    done = seedselect("generate", "seed_file=old.safetensors", "out=old.png", cwd=elsewhere)
-    assert done.returncode == 0 and f"drawing with torch {torch.__version__} here, 2.1.0 in the seed's run" in done.stdout
+    capsys.readouterr()
+    assert main(["generate", "seed_file=old.safetensors", "out=old.png"]) == 0
+    assert f"drawing with torch {torch.__version__} here, 2.1.0 in the seed's run" in capsys.readouterr().out
     assert np.array_equal(np.asarray(Image.open(elsewhere / "old.png")), again)
     assert not (elsewhere / ".hydra").exists()
 
