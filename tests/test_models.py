@@ -95,7 +95,7 @@ def test_a_single_checkpoint_file_is_answered_with_the_command_that_converts_it(
         line = str(caught.value)
         assert line.startswith(f"model.pretrained={given} is a single checkpoint file; ")
         command = shlex.split(line.split("`")[1])
-        assert command[:2] == ["python", "-c"]
+        assert command[:2] == ["python3", "-c"]
         calls = {node.func.attr: node for node in ast.walk(ast.parse(command[2])) if isinstance(node, ast.Call)}
         convert, save = calls["from_single_file"], calls["save_pretrained"]
         assert ast.literal_eval(convert.args[0]) == given
