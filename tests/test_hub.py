@@ -78,6 +78,23 @@ def as_released(tokenizer: Path) -> None:
     (tokenizer / "tokenizer.json").unlink()
 
 
+def variant_folder(world: Path, folder: Path) -> Path:
+    """`world` with its weights as the fp16 variant (names, not dtype), its UNet and text encoder in shards, as
+    diffusers and transformers save a network larger than their shard size."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    shutil.copytree(world, folder, ignore=shutil.ignore_patterns("*.safetensors"))
+    shutil.copy(world / "vae" / "diffusion_pytorch_model.safetensors",
+                folder / "vae" / "diffusion_pytorch_model.fp16.safetensors")
+    UNet2DConditionModel.from_pretrained(world / "unet").save_pretrained(folder / "unet", variant="fp16",
+                                                                        max_shard_size="300KB")
+    CLIPTextModel.from_pretrained(world / "text_encoder").save_pretrained(folder / "text_encoder", variant="fp16",
+                                                                          max_shard_size="100KB")
+    assert len(list(folder.glob("unet/*-of-*.safetensors"))) > 1 < len(list(folder.glob("text_encoder/*-of-*")))
+    return folder
+
+
 def sdxl_folder(folder: Path) -> None:
     """The tiny SDXL components as `StableDiffusionXLPipeline.save_pretrained` writes them (two text encoders)."""
     from diffusers import StableDiffusionXLPipeline
@@ -120,10 +137,9 @@ def test_the_printed_download_fetches_what_the_loaders_read_and_they_load_from_i
 
     command = printed_command(ModelConfig(pretrained=sd16, image_encoder="tiny", variant="fp16"))
     assert command == download_command(sd16, DIFFUSERS, variant="fp16")
+    variant = variant_folder(world, tmp_path / "world-fp16")
     plain = [p.relative_to(world).as_posix() for p in world.rglob("*.safetensors")]
-    for path in world.rglob("*.safetensors"):  # its weights under the variant's names, the others beside them
-        path.rename(path.with_suffix(".fp16.safetensors"))
-    cached_snapshot(cache, sd16, world, fetched(command, world, (*DIFFUSERS_EXTRAS, *plain), monkeypatch))
+    cached_snapshot(cache, sd16, variant, fetched(command, variant, (*DIFFUSERS_EXTRAS, *plain), monkeypatch))
 
     command = printed_command(ModelConfig(pretrained=xl, image_encoder="tiny"))
     assert command == download_command(xl, DIFFUSERS)
