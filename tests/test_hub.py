@@ -43,9 +43,9 @@ def files_of(folder: Path) -> list[str]:
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
 
 
-def hf_download_patterns(command: str, monkeypatch) -> list[str]:
-    """The files patterns `hf download` gives `snapshot_download` for `command`, parsed by huggingface_hub's own
-    command line (a pattern after one `--include` without its own would be a file name, and the rest ignored)."""
+def hf_download(command: str, monkeypatch) -> dict:
+    """What `hf download` asks `snapshot_download` for on `command`, parsed by huggingface_hub's own command line (a
+    pattern after one `--include` without its own would be a file name, and the patterns then ignored)."""
     import huggingface_hub.cli.download as cli_download
     from huggingface_hub.cli.hf import app
 
@@ -55,7 +55,11 @@ def hf_download_patterns(command: str, monkeypatch) -> list[str]:
     assert args[:2] == ["hf", "download"]
     app(args[1:], standalone_mode=False)
     assert asked["ignore_patterns"] is None
-    return asked["allow_patterns"]
+    return asked
+
+
+def hf_download_patterns(command: str, monkeypatch) -> list[str]:
+    return hf_download(command, monkeypatch)["allow_patterns"]
 
 
 def cached_snapshot(cache: Path, repo: str, source: Path, files: list[str]) -> None:
@@ -167,10 +171,11 @@ def test_the_printed_download_fetches_what_the_loaders_read_and_they_load_from_i
     assert lines[:2] == [f"{COMMIT} {COMMIT} {ids}"] * 2 and lines[2].startswith(f"{COMMIT} {COMMIT} [")
 
 
-def test_a_revision_is_downloaded_as_asked():
-    command = shlex.split(download_command("org/model", DIFFUSERS, revision="v1.0", variant="fp16"))
-    assert command[:5] == ["hf", "download", "org/model", "--revision", "v1.0"]
-    assert "*/diffusion_pytorch_model.fp16.safetensors" in command
+def test_a_revision_and_a_variant_are_downloaded_as_asked(monkeypatch):
+    asked = hf_download(download_command("org/model", DIFFUSERS, revision="v1.0", variant="fp16"), monkeypatch)
+    assert (asked["repo_id"], asked["revision"]) == ("org/model", "v1.0")
+    assert "*/diffusion_pytorch_model.fp16.safetensors" in asked["allow_patterns"]
+    assert "text_encoder*/model.fp16-*-of-*.safetensors" in asked["allow_patterns"]
 
 
 def test_a_hub_that_cannot_be_reached_is_said_at_once_with_the_same_download(monkeypatch):
