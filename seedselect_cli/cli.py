@@ -28,6 +28,10 @@ from omegaconf import DictConfig, open_dict
 from seedselect_cli import __version__
 from seedselect_cli.config import (
     Config,
+    EvaluateConfig,
+    GenerateConfig,
+    check_evaluate,
+    check_generate,
     load_config,
     load_structured,
     other_commands_keys,
@@ -134,7 +138,7 @@ def bootstrap_main(cfg: DictConfig) -> None:
 # their key, not a group option
 @hydra.main(version_base="1.3", config_path="tool_configs", config_name="generate")
 def generate_main(cfg: DictConfig) -> None:
-    from seedselect_cli.generate import GenerateConfig, run_generate
+    from seedselect_cli.generate import run_generate
 
     with user_errors():
         out = run_generate(load_structured(GenerateConfig, cfg))
@@ -144,7 +148,7 @@ def generate_main(cfg: DictConfig) -> None:
 
 @hydra.main(version_base="1.3", config_path="tool_configs", config_name="evaluate")
 def evaluate_main(cfg: DictConfig) -> None:
-    from seedselect_cli.evaluate import EvaluateConfig, run_evaluate
+    from seedselect_cli.evaluate import run_evaluate
 
     with user_errors():
         run_evaluate(load_structured(EvaluateConfig, cfg))
@@ -188,13 +192,9 @@ def preflight(command: str, args: list[str]) -> Path | None:
         del cfg["hydra"]
     # One check per command, the one its job runs too: every bad value is the exit-2 line before anything loads.
     if command == "generate":
-        from seedselect_cli.generate import GenerateConfig, check_generate
-
         check_generate(load_structured(GenerateConfig, cfg))
         return None
     if command == "evaluate":
-        from seedselect_cli.evaluate import EvaluateConfig, check_evaluate
-
         check_evaluate(load_structured(EvaluateConfig, cfg))
         return None
     config = load_config(cfg)  # optimize and bootstrap: config.check_config

@@ -11,8 +11,7 @@ import time
 
 import torch
 
-from seedselect_cli.config import check_device
-from seedselect_cli.errors import UserError
+from seedselect_cli.config import check_device, check_redraw_dtype
 from seedselect_cli.limits import DTYPE_NAMES
 
 log = logging.getLogger(__name__)
@@ -114,13 +113,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.float32 if device.type == "cpu" else torch.float16
     return DTYPES[name]
-
-
-def check_redraw_dtype(name: str | None) -> None:
-    """`runtime.dtype` of generate and evaluate: a dtype's name, auto, or null (unset) for the seeds' own."""
-    if name is not None and name not in ("auto", *DTYPES):
-        raise UserError(f"runtime.dtype={name!r} is invalid: choose one of auto, {', '.join(DTYPES)} (or leave it "
-                        f"unset for the dtype the seeds were made in)")
 
 
 def seed_dtype(name: str | None, recorded: str, device: torch.device) -> torch.dtype:

@@ -21,7 +21,6 @@ import os
 import shlex
 import sys
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -32,13 +31,13 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from seedselect_cli import quality
-from seedselect_cli.config import Config, check_config, check_device, check_template, load_structured
+from seedselect_cli.config import Config, EvaluateConfig, check_config, check_evaluate, load_structured
 from seedselect_cli.core.encoders import to_pil, vae_decode, vae_encode
 from seedselect_cli.core.frozen import FrozenModels
 from seedselect_cli.core.prompts import encode_prompt
 from seedselect_cli.core.samplers import step_noise
 from seedselect_cli.core.sampling import sample_images
-from seedselect_cli.devices import check_redraw_dtype, resolve_device
+from seedselect_cli.devices import resolve_device
 from seedselect_cli.errors import UserError, first_line
 from seedselect_cli.files.atomic import atomic_write, slugify
 from seedselect_cli.files.datasets import (
@@ -54,7 +53,7 @@ from seedselect_cli.files.run_directory import CONFIG, RunDirectory
 from seedselect_cli.files.seed_files import load_seed_file
 from seedselect_cli.generate import models_for_seed
 from seedselect_cli.job_dir import others_active
-from seedselect_cli.judges import EvalClip, Judge, JudgeConfig, load_clip
+from seedselect_cli.judges import EvalClip, Judge, load_clip
 from seedselect_cli.progress import never_improved
 from seedselect_cli.report import row_names
 from seedselect_cli.report_notes import (
@@ -67,53 +66,6 @@ from seedselect_cli.report_notes import (
 from seedselect_cli.scoring import Embedded, embed, image_rows, mean_pairwise_distance, overall, score
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class EvaluateRuntime:
-    device: str = "auto"
-    dtype: str | None = None  # for rendering the baseline; None: the dtype the run's seeds were made in
-
-
-@dataclass
-class EvaluateConfig:
-    run_dir: str = "???"
-    classes: list[str] | None = None  # zero-shot among these class names; None: the run's classes
-    classes_file: str | None = None  # the same, one name a line (blank lines and # comments passed over)
-    dataset_classes: bool = False  # zero-shot among every class of the run's data set (e.g. all 200 of CUB)
-    prompt_template: str | None = None  # None: the run's dataset.prompt_template
-    heldout: str | None = None  # real images as <heldout>/<class>/<image>; None: the run's dataset.heldout
-    dataset_root: str | None = None  # where the run's data set is here; None: the run's dataset.root
-    model: str | None = None  # the Stable Diffusion weights for the baseline (folder or Hub id); None: the run's
-    clip: str | None = None  # the two-tower CLIP that judges; None: the run's model.image_encoder
-    judge: JudgeConfig = field(default_factory=JudgeConfig)
-    baseline: bool = True  # render plain Stable Diffusion from the seeds before optimisation
-    # score the first N images of each class (of both sets, which stay comparable); None: every image. Of a bulk set
-    # of 500 images a class, 50 cost a tenth of the rendering, CLIP and judge calls
-    images_per_class: int | None = None
-    decoder_ceiling: bool = False  # score the held-out images' VAE round trips: the precision the decoder allows
-    top_k: int = 5
-    batch_size: int = 16  # images per CLIP, judge, VAE and baseline batch
-    runtime: EvaluateRuntime = field(default_factory=EvaluateRuntime)
-
-
-def check_evaluate(cfg: EvaluateConfig) -> None:
-    """Every value of `seedselect evaluate`, before anything is read or loaded."""
-    if cfg.top_k < 1:
-        raise UserError(f"top_k={cfg.top_k} is invalid: must be at least 1")
-    if cfg.images_per_class is not None and cfg.images_per_class < 1:
-        raise UserError(f"images_per_class={cfg.images_per_class} is invalid: must be at least 1 (null: every image)")
-    if not 1 <= cfg.batch_size <= 1024:
-        raise UserError(f"batch_size={cfg.batch_size} is invalid: must be between 1 and 1024")
-    if cfg.classes and cfg.classes_file is not None:
-        raise UserError("classes and classes_file both name the classes to classify among: pass one of them")
-    if cfg.prompt_template is not None:
-        check_template("prompt_template", cfg.prompt_template)
-    check_redraw_dtype(cfg.runtime.dtype)
-    check_device(cfg.runtime.device)
-    if cfg.heldout is not None and not Path(cfg.heldout).expanduser().is_dir():
-        raise UserError(f"heldout={cfg.heldout} is not an existing folder: pass a folder of DIR/<class>/<image>, "
-                        f"or leave heldout out for the data set's own held-out images")
 
 
 def read_run(run_dir: Path) -> tuple[Config, list[dict]]:

@@ -4,8 +4,6 @@ pixel on the same device and dtype."""
 from __future__ import annotations
 
 import logging
-import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -13,94 +11,21 @@ import torch
 from PIL import Image, PngImagePlugin
 from tqdm.auto import tqdm
 
-from seedselect_cli.config import ModelConfig, check_device
+from seedselect_cli.config import GenerateConfig, ModelConfig, check_generate
 from seedselect_cli.core.frozen import FrozenModels, HubCommits
 from seedselect_cli.core.prompts import encode_prompt
 from seedselect_cli.core.samplers import step_noise
 from seedselect_cli.core.sampling import sample_images
-from seedselect_cli.devices import check_redraw_dtype, match_cpu_threads, resolve_device, seed_dtype
+from seedselect_cli.devices import match_cpu_threads, resolve_device, seed_dtype
 from seedselect_cli.errors import UserError
 from seedselect_cli.files.assets import resolve_location
 from seedselect_cli.files.atomic import atomic_write
-from seedselect_cli.files.run_directory import CONFIG, run_folder_holding
+from seedselect_cli.files.images import WRITTEN_FORMATS
+from seedselect_cli.files.run_directory import run_images_of, seed_folder
 from seedselect_cli.files.seed_files import SeedFile, library_versions, load_seed_file, png_text
 from seedselect_cli.models import load_models, scheduler_from_json
 
 log = logging.getLogger(__name__)
-
-SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
-
-
-@dataclass
-class GenerateRuntime:
-    device: str = "auto"
-    dtype: str | None = None  # None: the dtype the seed was optimised in
-
-
-@dataclass
-class GenerateConfig:
-    seed_file: str = "???"
-    out: str = "???"
-    tensor: str = "optimized"  # or "initial": plain Stable Diffusion from the seed before optimisation
-    model: str | None = None  # None: the model recorded in the seed file; else where its weights are here (a
-    # folder or Hub id): a seed file records a local folder's path on the machine it was made on
-    runtime: GenerateRuntime = field(default_factory=GenerateRuntime)
-
-
-def not_a_runs_own(cfg: GenerateConfig, out: Path) -> None:
-    """`out` is not among a run directory's own files, unless it is the run's own image of `seed_file` (or its
-    images, of a folder of its seeds) drawn as the run drew them: the repair `evaluate` prints for a damaged image.
-    Anything else there (`tensor=initial`, another dtype or model) would stand in for the run's image, which its
-    manifest describes."""
-    folder = run_folder_holding(out)
-    if folder is None:
-        return
-    own = run_images_of(seed_folder(Path(cfg.seed_file).expanduser()))
-    if (own is not None and out.absolute() == own.absolute() and cfg.tensor == "optimized"
-            and cfg.runtime.dtype is None and cfg.model is None):
-        return
-    raise UserError(f"out={cfg.out} is in {folder}, which holds the run's own files and is written by its commands "
-                    f"alone (and by generate only as the run drew them, at their own places): choose a place outside "
-                    f"it, e.g. out={folder.parent / 'redrawn'}")
-
-
-def check_output(cfg: GenerateConfig) -> Path:
-    """`out=`: an image file name with a known suffix, in a folder that exists and takes a new file, not among a
-    run's own files (`not_a_runs_own`)."""
-    out_arg = cfg.out
-    out = Path(out_arg).expanduser()
-    not_a_runs_own(cfg, out)
-    if out.suffix.lower() not in SUFFIXES:
-        raise UserError(f"out={out_arg}: name an image file ending in {', '.join(SUFFIXES)}")
-    if out.is_dir():
-        raise UserError(f"out={out_arg} is a folder; name an image file in it, e.g. out={out / 'image.png'}")
-    takes_new_files(out_arg, out.parent)
-    return out
-
-
-def takes_new_files(out_arg: str, folder: Path) -> None:
-    """`folder`, where `out=` writes, exists and takes a new file (a probe is written and removed): else one line."""
-    if not folder.is_dir():
-        raise UserError(f"out={out_arg}: the folder {folder} does not exist; create it or choose another")
-    probe = folder / f".probe-{os.getpid()}"
-    try:
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise UserError(f"out={out_arg} cannot be written ({exc.strerror or exc}); choose another place") from None
-
-
-def check_generate(cfg: GenerateConfig) -> Path:
-    """Every value of `seedselect generate`, before anything is read or loaded; returns the output path (a folder
-    where `seed_file` is one)."""
-    if cfg.tensor not in ("optimized", "initial"):
-        raise UserError(f"tensor={cfg.tensor!r} is invalid: choose optimized or initial")
-    check_redraw_dtype(cfg.runtime.dtype)
-    check_device(cfg.runtime.device)
-    if Path(cfg.seed_file).expanduser().is_dir():
-        return check_output_folder(cfg)
-    return check_output(cfg)
-
 
 def models_for_seed(metadata: dict[str, str], model: str | None, device: torch.device, dtype: str | None
                     ) -> FrozenModels:
@@ -196,35 +121,6 @@ def generate_folder(cfg: GenerateConfig) -> Path:
     return out
 
 
-def check_output_folder(cfg: GenerateConfig) -> Path:
-    """`out=` for a folder of seed files: a folder that takes new files, or a new one in a folder that exists, not
-    among a run's own files (`not_a_runs_own`)."""
-    out_arg = cfg.out
-    out = Path(out_arg).expanduser()
-    not_a_runs_own(cfg, out)
-    if out.suffix.lower() in SUFFIXES or out.is_file():
-        raise UserError(f"out={out_arg} names a file, but seed_file={cfg.seed_file} is a folder: name a folder for its "
-                        f"images (e.g. out={out.with_suffix('')}), or pass one seed file")
-    takes_new_files(out_arg, out if out.is_dir() else out.parent)
-    return out
-
-
-def seed_folder(path: Path) -> Path:
-    """`seed_file` as given, but RUN/seeds for a run directory: its images' seeds (not its bootstrap z_T^G)."""
-    return path / "seeds" if (path / CONFIG).is_file() and (path / "seeds").is_dir() else path
-
-
-def run_images_of(path: Path) -> Path | None:
-    """Where a run keeps the image of the seed file `path` (RUN/images/<class>/<index>.png), or the images of a folder
-    of its seeds (RUN/seeds or a class's folder in it); None for seeds outside a run."""
-    folder = path if path.is_dir() else path.parent
-    for seeds in (folder, folder.parent):
-        if seeds.name == "seeds" and (seeds.parent / "images").is_dir():
-            images = seeds.parent / "images" / folder.relative_to(seeds)
-            return images if path.is_dir() else images / f"{path.stem}.png"
-    return None
-
-
 def identical_pixels(first: Path, second: Path) -> bool:
     with Image.open(first) as a, Image.open(second) as b:
         return a.size == b.size and np.array_equal(np.asarray(a.convert("RGB")), np.asarray(b.convert("RGB")))
@@ -266,7 +162,7 @@ def draw(models: FrozenModels, seed: SeedFile, tensor: str, where: str) -> Image
 def write_image(image: Image.Image, out: Path, meta: dict[str, str], tensor: str, key: str) -> None:
     """`image` to `out` atomically, with the seed file's metadata in a PNG's text chunks; `key` names `out` in an
     error."""
-    fmt = SUFFIXES[out.suffix.lower()]
+    fmt = WRITTEN_FORMATS[out.suffix.lower()]
     info = PngImagePlugin.PngInfo()
     for name, text in png_text({**meta, "tensor": tensor}).items():
         info.add_text(name, text)

@@ -13,17 +13,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from seedselect_cli.config import JudgeConfig
 from seedselect_cli.errors import UserError
 from seedselect_cli.files.datasets import NameLookup
 from seedselect_cli.files.datasets.imagenet_names import imagenet_label_names
 from seedselect_cli.hub import TRANSFORMERS, offline_for, weights_not_available, why_offline
 from seedselect_cli.models import quiet_libraries, whole
-
-
-@dataclass
-class JudgeConfig:
-    model: str | None = None  # a transformers image-classification model: Hub id or folder
-    label_map: dict[str, str] | None = None  # judge label -> run class; else a label names its class (`NameLookup`)
 
 
 @dataclass

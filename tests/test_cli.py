@@ -146,12 +146,28 @@ def test_help_names_every_named_config():
     (["optimize", "--config-name", "folder"], "dataset.root is required"),
     (["optimize", "dataset.root=/no/such/folder"], "/no/such/folder"),
     (["generate", "out=x.png"], "seed_file is required"),
+    (["generate"], ("seed_file and out are required: pass seed_file=RUN/seeds/<class>/<index>.safetensors "
+                    "out=IMAGE.png")),  # in the order `--help` lists them
 ])
 def test_user_errors_exit_2_with_one_line(args, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(args + ["runtime.progress=false"] * (args[0] == "optimize")) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and message in err and len(err.splitlines()) == 1, err
+
+
+def test_every_commands_bad_values_are_answered_before_diffusers_loads(tmp_path):
+    """The one-line errors of each command come from its config checks alone: diffusers (with torch._dynamo and
+    every model class it imports, about 4.5 s of a command's start here) is not imported before them."""
+    script = ("import sys; from seedselect_cli.cli import main\n"
+              "for args in (['generate', 'seed_file=s.safetensors', 'out=x.gif'], ['evaluate', 'run_dir=r', 'top_k=0'],"
+              " ['optimize', 'n_images=0'], ['bootstrap', 'bootstrap.n_images=0']):\n"
+              "    assert main(args) == 2, args\n"
+              "    assert not [m for m in sys.modules if m.split('.')[0] in ('diffusers', 'transformers')], args\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, check=False, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("error:") == 4, done.stderr
 
 
 @pytest.mark.slow

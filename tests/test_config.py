@@ -6,10 +6,8 @@ from importlib.resources import files
 
 import pytest
 
-from seedselect_cli.config import load_config, load_structured
+from seedselect_cli.config import EvaluateConfig, GenerateConfig, load_config, load_structured
 from seedselect_cli.errors import UserError
-from seedselect_cli.evaluate import EvaluateConfig
-from seedselect_cli.generate import GenerateConfig
 from tests.conftest import compose_raw, make_config
 
 NAMED = sorted(p.name.removesuffix(".yaml") for folder in ("configs", "tool_configs")

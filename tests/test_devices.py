@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from seedselect_cli import devices
-from seedselect_cli.devices import busy_cores, check_redraw_dtype, resolve_device, seed_dtype
+from seedselect_cli.config import check_redraw_dtype
+from seedselect_cli.devices import busy_cores, resolve_device, seed_dtype
 from seedselect_cli.errors import UserError
 
 

@@ -15,8 +15,9 @@ import torch
 from PIL import Image
 
 import seedselect_cli.evaluate as evaluate_module
+from seedselect_cli.config import EvaluateConfig, JudgeConfig
 from seedselect_cli.errors import UserError
-from seedselect_cli.evaluate import EvaluateConfig, JudgeConfig, run_evaluate
+from seedselect_cli.evaluate import run_evaluate
 from seedselect_cli.files.assets import asset_path
 from seedselect_cli.pipeline import run_bootstrap, run_optimize
 from seedselect_cli.progress import never_improved

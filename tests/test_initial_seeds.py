@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 
-from seedselect_cli.config import ModelConfig
+from seedselect_cli.config import EvaluateConfig, ModelConfig
 from seedselect_cli.core import initial_seeds
 from seedselect_cli.core.initial_seeds import init_seed_for, initial_noise, mix
 from seedselect_cli.core.nao import chi_mode, nao_centroid, rescaled_centroid
@@ -22,7 +22,7 @@ from seedselect_cli.core.prompts import encode_prompt
 from seedselect_cli.core.samplers import ddim_schedule
 from seedselect_cli.core.sampling import ddim_invert, rollout, sample_images
 from seedselect_cli.core.targets import ReferenceEncodings
-from seedselect_cli.evaluate import EvaluateConfig, read_run, render_baseline
+from seedselect_cli.evaluate import read_run, render_baseline
 from seedselect_cli.files.assets import asset_path
 from seedselect_cli.files.tensor_cache import TensorCache
 from seedselect_cli.models import load_models

@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from seedselect_cli.config import load_config
-from seedselect_cli.evaluate import EvaluateConfig, JudgeConfig, run_evaluate
+from seedselect_cli.config import EvaluateConfig, JudgeConfig, load_config
+from seedselect_cli.evaluate import run_evaluate
 from seedselect_cli.files.assets import asset_path
 from seedselect_cli.files.atomic import slugify
 from seedselect_cli.pipeline import run

@@ -22,8 +22,8 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".ti
 MIN_SIDE = 8  # pixels; smaller images carry nothing a model can use
 MAX_BYTES = 1 << 30  # a reference image file larger than 1 GiB is refused before it is read
 CHUNK = 1 << 20
-
-
+# The formats `generate` writes, by `out=`'s suffix (PNG with the seed file's metadata in its text chunks).
+WRITTEN_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 VECTOR_SUFFIXES = {".svg", ".svgz", ".eps", ".pdf", ".ai"}
 
 

@@ -411,3 +411,19 @@ def _comparable(config_yaml: str, skip: Sequence[str]) -> dict:
 
     walk("", data)
     return {k: v for k, v in flat.items() if not any(k == s or k.startswith(f"{s}.") for s in skip)}
+
+
+def seed_folder(path: Path) -> Path:
+    """`seed_file` as given, but RUN/seeds for a run directory: its images' seeds (not its bootstrap z_T^G)."""
+    return path / "seeds" if (path / CONFIG).is_file() and (path / "seeds").is_dir() else path
+
+
+def run_images_of(path: Path) -> Path | None:
+    """Where a run keeps the image of the seed file `path` (RUN/images/<class>/<index>.png), or the images of a folder
+    of its seeds (RUN/seeds or a class's folder in it); None for seeds outside a run."""
+    folder = path if path.is_dir() else path.parent
+    for seeds in (folder, folder.parent):
+        if seeds.name == "seeds" and (seeds.parent / "images").is_dir():
+            images = seeds.parent / "images" / folder.relative_to(seeds)
+            return images if path.is_dir() else images / f"{path.stem}.png"
+    return None
