@@ -40,7 +40,8 @@ from seedselect_cli.files.datasets import (
     read_class_list,
 )
 from seedselect_cli.files.images import WRITTEN_FORMATS
-from seedselect_cli.files.run_directory import run_folder_holding, run_images_of, seed_folder
+from seedselect_cli.files.run_directory import check_run_path, run_folder_holding, run_images_of, seed_folder
+from seedselect_cli.files.seed_files import check_seed_path, seed_files_in
 from seedselect_cli.limits import (
     DTYPE_NAMES,
     MAX_BATCH,
@@ -535,7 +536,11 @@ def check_generate(cfg: GenerateConfig) -> Path:
     check_redraw_dtype(cfg.runtime.dtype)
     check_device(cfg.runtime.device)
     if Path(cfg.seed_file).expanduser().is_dir():
+        if not seed_files_in(seed_folder(Path(cfg.seed_file).expanduser())):
+            raise UserError(f"seed_file={cfg.seed_file} is a folder without seed files (.safetensors); pass a run's "
+                            f"seeds folder (RUN/seeds) or one seed file")
         return check_output_folder(cfg)
+    check_seed_path(Path(cfg.seed_file).expanduser())
     return check_output(cfg)
 
 
@@ -581,7 +586,7 @@ class EvaluateConfig:
 
 
 def check_evaluate(cfg: EvaluateConfig) -> None:
-    """Every value of `seedselect evaluate`, before anything is read or loaded."""
+    """Every value of `seedselect evaluate`, before anything is read or loaded; `run_dir` names a run directory."""
     if cfg.top_k < 1:
         raise UserError(f"top_k={cfg.top_k} is invalid: must be at least 1")
     if cfg.images_per_class is not None and cfg.images_per_class < 1:
@@ -594,6 +599,7 @@ def check_evaluate(cfg: EvaluateConfig) -> None:
         check_template("prompt_template", cfg.prompt_template)
     check_redraw_dtype(cfg.runtime.dtype)
     check_device(cfg.runtime.device)
+    check_run_path(Path(cfg.run_dir).expanduser())
     if cfg.heldout is not None and not Path(cfg.heldout).expanduser().is_dir():
         raise UserError(f"heldout={cfg.heldout} is not an existing folder: pass a folder of DIR/<class>/<image>, "
                         f"or leave heldout out for the data set's own held-out images")

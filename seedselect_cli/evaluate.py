@@ -49,7 +49,7 @@ from seedselect_cli.files.datasets import (
     read_class_list,
 )
 from seedselect_cli.files.images import UnreadableImage, load_rgb
-from seedselect_cli.files.run_directory import CONFIG, RunDirectory
+from seedselect_cli.files.run_directory import CONFIG, RunDirectory, check_run_path
 from seedselect_cli.files.seed_files import load_seed_file
 from seedselect_cli.generate import models_for_seed
 from seedselect_cli.job_dir import others_active
@@ -70,19 +70,7 @@ log = logging.getLogger(__name__)
 
 def read_run(run_dir: Path) -> tuple[Config, list[dict]]:
     """The run's config and finished manifest entries, in manifest order (both read back: checked)."""
-    if run_dir.is_file():
-        raise UserError(f"run_dir={run_dir} is a file; pass the run's folder (the one holding {CONFIG} and images/)")
-    if not (run_dir / CONFIG).is_file():
-        if (run_dir.parent / CONFIG).is_file():  # RUN/images, RUN/seeds, RUN/report
-            raise UserError(f"run_dir={run_dir} is a folder inside a run; pass the run directory, "
-                            f"run_dir={shlex.quote(str(run_dir.parent))}")
-        runs = sorted(p.parent.name for p in run_dir.glob(f"*/{CONFIG}")) if run_dir.is_dir() else []
-        if runs:  # a sweep's folder (-m): one run directory per job
-            shown = ", ".join(runs[:3]) + (f", ... ({len(runs)} in all)" if len(runs) > 3 else "")
-            raise UserError(f"run_dir={run_dir} holds run directories, not a run ({shown}): evaluate each, e.g. "
-                            f"run_dir={shlex.quote(str(run_dir / runs[0]))}")
-        raise UserError(f"run_dir={run_dir} is not a seedselect run directory (no {CONFIG}); pass the folder a "
-                        f"`seedselect optimize` or `bootstrap` run wrote")
+    check_run_path(run_dir)
     try:
         config = load_structured(Config, OmegaConf.load(run_dir / CONFIG))
         check_config(config)

@@ -22,7 +22,13 @@ from seedselect_cli.files.assets import resolve_location
 from seedselect_cli.files.atomic import atomic_write
 from seedselect_cli.files.images import WRITTEN_FORMATS
 from seedselect_cli.files.run_directory import run_images_of, seed_folder
-from seedselect_cli.files.seed_files import SeedFile, library_versions, load_seed_file, png_text
+from seedselect_cli.files.seed_files import (
+    SeedFile,
+    library_versions,
+    load_seed_file,
+    png_text,
+    seed_files_in,
+)
 from seedselect_cli.models import load_models, scheduler_from_json
 
 log = logging.getLogger(__name__)
@@ -66,11 +72,7 @@ def generate_folder(cfg: GenerateConfig) -> Path:
     loaded once; images already in `out` are kept, so the same command goes on after a stop. Where the seeds are a
     run's, says how many images came out pixel for pixel the run's."""
     source, out = seed_folder(Path(cfg.seed_file).expanduser()), check_generate(cfg)
-    seeds = [p for p in sorted(source.rglob("*.safetensors"))
-             if not any(part.startswith(".") for part in p.relative_to(source).parts)]
-    if not seeds:
-        raise UserError(f"seed_file={cfg.seed_file} is a folder without seed files (.safetensors); pass a run's "
-                        f"seeds folder (RUN/seeds) or one seed file")
+    seeds = seed_files_in(source)
     out.mkdir(exist_ok=True)
     todo = [p for p in seeds if not (out / p.relative_to(source)).with_suffix(".png").exists()]
     if not todo:

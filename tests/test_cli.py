@@ -157,17 +157,24 @@ def test_user_errors_exit_2_with_one_line(args, message, capsys, tmp_path, monke
 
 
 def test_every_commands_bad_values_are_answered_before_diffusers_loads(tmp_path):
-    """The one-line errors of each command come from its config checks alone: diffusers (with torch._dynamo and
-    every model class it imports, about 4.5 s of a command's start here) is not imported before them."""
+    """The one-line errors of each command's values, and of the seed file or run it names, come from its config
+    checks alone: diffusers (with torch._dynamo and every model class it imports, about 4.5 s of a command's start
+    here) is not imported before them."""
+    cases = {("generate", "seed_file=s.safetensors", "out=x.png"): "seed_file=s.safetensors does not exist",
+             ("generate", "seed_file=.", "out=x.png"): "seed_file=. is a folder without seed files",
+             ("evaluate", "run_dir=r"): "run_dir=r is not a seedselect run directory",
+             ("evaluate", "run_dir=r", "top_k=0"): "top_k=0 is invalid",
+             ("optimize", "n_images=0"): "n_images=0 is invalid",
+             ("bootstrap", "bootstrap.n_images=0"): "bootstrap.n_images=0 is invalid"}
     script = ("import sys; from seedselect_cli.cli import main\n"
-              "for args in (['generate', 'seed_file=s.safetensors', 'out=x.gif'], ['evaluate', 'run_dir=r', 'top_k=0'],"
-              " ['optimize', 'n_images=0'], ['bootstrap', 'bootstrap.n_images=0']):\n"
+              f"for args in {list(map(list, cases))!r}:\n"
               "    assert main(args) == 2, args\n"
               "    assert not [m for m in sys.modules if m.split('.')[0] in ('diffusers', 'transformers')], args\n")
     done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, check=False, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stderr.count("error:") == 4, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == len(cases) and all(m in line for m, line in zip(cases.values(), lines)), lines
 
 
 @pytest.mark.slow
@@ -246,6 +253,7 @@ def test_generate_of_a_folder_wants_a_folder_with_seeds(tmp_path, capsys, monkey
     assert main(["generate", "seed_file=seeds", "out=images"]) == 2
     assert capsys.readouterr().err.startswith("error: seed_file=seeds is a folder without seed files (.safetensors)")
     assert not (tmp_path / "images").exists()
+    (tmp_path / "seeds" / "a.safetensors").write_bytes(b"")  # a seed file, to the check of out= (not read)
     assert main(["generate", "seed_file=seeds", "out=image.png"]) == 2
     assert capsys.readouterr().err.startswith("error: out=image.png names a file, but seed_file=seeds is a folder")
 

@@ -20,6 +20,7 @@ import fcntl
 import json
 import logging
 import os
+import shlex
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -427,3 +428,24 @@ def run_images_of(path: Path) -> Path | None:
             images = seeds.parent / "images" / folder.relative_to(seeds)
             return images if path.is_dir() else images / f"{path.stem}.png"
     return None
+
+
+def check_run_path(run_dir: Path) -> None:
+    """`run_dir=` names a run directory (the folder holding its config.yaml): else one line saying what it names
+    (a file, a folder inside a run, a sweep's folder of runs) and what to pass instead."""
+    if run_dir.is_file():
+        raise UserError(f"run_dir={run_dir} is a file; pass the run's folder (the one holding {CONFIG} and images/)")
+    if not (run_dir / CONFIG).is_file():
+        if (run_dir.parent / CONFIG).is_file():  # RUN/images, RUN/seeds, RUN/report
+            raise UserError(f"run_dir={run_dir} is a folder inside a run; pass the run directory, "
+                            f"run_dir={shlex.quote(str(run_dir.parent))}")
+        # a sweep's folder (-m), one run directory per job; or Hydra's outputs/ (outputs/<config>/<time>)
+        runs = next((found for pattern in (f"*/{CONFIG}", f"*/*/{CONFIG}")
+                     if (found := sorted(p.parent.relative_to(run_dir).as_posix() for p in run_dir.glob(pattern)))),
+                    []) if run_dir.is_dir() else []
+        if runs:
+            shown = ", ".join(runs[:3]) + (f", ... ({len(runs)} in all)" if len(runs) > 3 else "")
+            raise UserError(f"run_dir={run_dir} holds run directories, not a run ({shown}): evaluate each, e.g. "
+                            f"run_dir={shlex.quote(str(run_dir / runs[0]))}")
+        raise UserError(f"run_dir={run_dir} is not a seedselect run directory (no {CONFIG}); pass the folder a "
+                        f"`seedselect optimize` or `bootstrap` run wrote")

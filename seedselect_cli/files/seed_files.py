@@ -112,10 +112,9 @@ def save_seed_file(path: Path, initial: torch.Tensor, optimized: torch.Tensor, m
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
-def load_seed_file(path: str | Path) -> SeedFile:
-    """Read and check a seed file; `UserError` if it is missing, not safetensors, or malformed: tensors
-    of another dtype or shape or with values that are not finite, metadata out of range."""
-    path = Path(path).expanduser()
+def check_seed_path(path: Path) -> None:
+    """`seed_file=` names a file that may be a seed file, before it is read: `UserError` for a folder, a missing
+    file or an image (naming its seed file where there is one)."""
     if path.is_dir():  # a run directory, its seeds/ or a class's folder there
         files = sorted(path.glob("*.safetensors")) or sorted(path.glob("seeds/*/*.safetensors")) or \
             sorted(path.glob("*/*.safetensors"))
@@ -127,6 +126,19 @@ def load_seed_file(path: str | Path) -> SeedFile:
         seed = path.parent.parent.parent / "seeds" / path.parent.name / f"{path.stem}.safetensors"
         raise UserError(f"seed_file={path} is an image; its seed file is {seed}" if seed.is_file() else
                         f"seed_file={path} is an image; pass its seed file, RUN/seeds/<class>/<index>.safetensors")
+
+
+def seed_files_in(folder: Path) -> list[Path]:
+    """The seed files under `folder` (at any depth, hidden ones passed over), sorted."""
+    return [p for p in sorted(folder.rglob("*.safetensors"))
+            if not any(part.startswith(".") for part in p.relative_to(folder).parts)]
+
+
+def load_seed_file(path: str | Path) -> SeedFile:
+    """Read and check a seed file; `UserError` if it is missing, not safetensors, or malformed: tensors
+    of another dtype or shape or with values that are not finite, metadata out of range."""
+    path = Path(path).expanduser()
+    check_seed_path(path)
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
