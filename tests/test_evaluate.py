@@ -395,6 +395,10 @@ def test_bad_run_directories_are_user_errors(tmp_path, demo_run):
     with pytest.raises(UserError, match=r"holds run directories, not a run \(seed-0, seed-1\): evaluate each, e.g. "
                                         r"run_dir=.*/sweep/seed-0$"):
         run_evaluate(EvaluateConfig(run_dir=str(tmp_path / "sweep")))
+    shutil.copytree(demo_run, tmp_path / "outputs" / "demo" / "2026-12-06_10-53-01")  # Hydra's outputs/<config>/<time>
+    with pytest.raises(UserError, match=r"holds run directories, not a run \(demo/2026-12-06_10-53-01\): evaluate "
+                                        r"each, e.g. run_dir=.*/outputs/demo/2026-12-06_10-53-01$"):
+        run_evaluate(EvaluateConfig(run_dir=str(tmp_path / "outputs")))
     with pytest.raises(UserError, match="not in the list to classify among"):
         run_evaluate(EvaluateConfig(run_dir=str(demo_run), classes=["cat", "dog"], baseline=False))
     spelled = run_evaluate(EvaluateConfig(run_dir=str(demo_run), classes=["Red-Disc", "dog"], baseline=False))
