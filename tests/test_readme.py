@@ -21,14 +21,20 @@ def python_block(after: str) -> str:
 
 
 @pytest.mark.slow
-def test_the_from_python_block_draws_the_images_that_optimize_writes(tmp_path):
-    from seedselect_cli.config import compose_config
+def test_the_from_python_block_draws_the_images_that_optimize_writes(tmp_path, monkeypatch):
+    """The block as written, its config shortened to 3 iterations from 3 candidate starts (the block's
+    `compose_config` is the module's, patched), against `seedselect optimize`'s run of the same config."""
+    from seedselect_cli import config as config_module
     from seedselect_cli.pipeline import run_optimize
 
+    composed = config_module.compose_config
+    monkeypatch.setattr(config_module, "compose_config", lambda name, overrides=(): composed(
+        name, [*overrides, "optim.iterations=3", "init.candidates=3"]))
     namespace: dict = {}
     exec(compile(python_block("**From Python**"), "README.md", "exec"), namespace)  # noqa: S102 (our own README)
     config = namespace["config"]
-    run_optimize(compose_config("demo", ["n_images=2", "runtime.batch_size=2"]), tmp_path / "run")
+    assert (config.optim.iterations, config.init.candidates) == (3, 3)
+    run_optimize(config_module.compose_config("demo", ["n_images=2", "runtime.batch_size=2"]), tmp_path / "run")
     written = sorted((tmp_path / "run" / "images").rglob("*.png"))
     assert config.n_images == 2 and len(namespace["images"]) == len(written) == 2
     for image, path in zip(namespace["images"], written):
