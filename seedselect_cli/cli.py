@@ -32,6 +32,7 @@ from seedselect_cli.config import (
     GenerateConfig,
     check_evaluate,
     check_generate,
+    check_weights,
     load_config,
     load_structured,
     other_commands_keys,
@@ -198,6 +199,7 @@ def preflight(command: str, args: list[str]) -> Path | None:
         check_evaluate(load_structured(EvaluateConfig, cfg))
         return None
     config = load_config(cfg)  # optimize and bootstrap: config.check_config
+    check_weights(config.model)
     path = Path(os.path.abspath(os.path.expanduser(run_dir)))
     check_run_dir(path)
     from seedselect_cli.files.datasets import load_classes

@@ -42,6 +42,15 @@ from seedselect_cli.files.datasets import (
 from seedselect_cli.files.images import WRITTEN_FORMATS
 from seedselect_cli.files.run_directory import check_run_path, run_folder_holding, run_images_of, seed_folder
 from seedselect_cli.files.seed_files import check_seed_path, seed_files_in
+from seedselect_cli.hub import (
+    DIFFUSERS,
+    IMAGE_ENCODER,
+    JUDGE,
+    SD_MODEL,
+    TRANSFORMERS,
+    TWO_TOWER_CLIP,
+    check_location,
+)
 from seedselect_cli.limits import (
     DTYPE_NAMES,
     MAX_BATCH,
@@ -410,6 +419,13 @@ def check_config(c: Config) -> None:
                                                                      "step, or auto")
 
 
+def check_weights(model: ModelConfig) -> None:
+    """`model.pretrained` and `model.image_encoder` written as paths name folders (`hub.check_location`). Not part
+    of `check_config`: a run's config read back elsewhere (by evaluate) names the folders of the machine it ran on."""
+    check_location(SD_MODEL, "model.pretrained", model.pretrained, DIFFUSERS, convertible=True)
+    check_location(IMAGE_ENCODER, "model.image_encoder", model.image_encoder, TRANSFORMERS)
+
+
 def check_device(name: str) -> None:
     """`runtime.device` against this machine: `UserError` for an accelerator it does not have. Called before
     anything loads, and again when the device is resolved."""
@@ -535,6 +551,7 @@ def check_generate(cfg: GenerateConfig) -> Path:
         raise UserError(f"tensor={cfg.tensor!r} is invalid: choose optimized or initial")
     check_redraw_dtype(cfg.runtime.dtype)
     check_device(cfg.runtime.device)
+    check_location(SD_MODEL, "model", cfg.model, DIFFUSERS, convertible=True)
     if Path(cfg.seed_file).expanduser().is_dir():
         if not seed_files_in(seed_folder(Path(cfg.seed_file).expanduser())):
             raise UserError(f"seed_file={cfg.seed_file} is a folder without seed files (.safetensors); pass a run's "
@@ -600,6 +617,9 @@ def check_evaluate(cfg: EvaluateConfig) -> None:
     check_redraw_dtype(cfg.runtime.dtype)
     check_device(cfg.runtime.device)
     check_run_path(Path(cfg.run_dir).expanduser())
+    check_location(SD_MODEL, "model", cfg.model, DIFFUSERS, convertible=True)
+    check_location(TWO_TOWER_CLIP, "clip", cfg.clip, TRANSFORMERS)
+    check_location(JUDGE, "judge.model", cfg.judge.model, TRANSFORMERS)
     if cfg.heldout is not None and not Path(cfg.heldout).expanduser().is_dir():
         raise UserError(f"heldout={cfg.heldout} is not an existing folder: pass a folder of DIR/<class>/<image>, "
                         f"or leave heldout out for the data set's own held-out images")

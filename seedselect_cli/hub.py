@@ -59,6 +59,33 @@ def why_offline(offline: bool, local_files_only: bool) -> str | None:
         "model.local_files_only=true" if local_files_only else "the Hub cannot be reached"
 
 
+# What each model is called in the lines about its weights, at its load and before it (`check_location`).
+SD_MODEL = "Stable Diffusion model"
+IMAGE_ENCODER = "CLIP image encoder"
+TWO_TOWER_CLIP = "two-tower CLIP model"
+JUDGE = "judge (an image-classification model)"
+
+
+def is_path(source: str) -> bool:
+    """Whether a weights location is written as a path (./x, /x, ~/x, a/b/c), not as a Hub id (org/name)."""
+    return source.startswith((".", "/", "~")) or source.count("/") > 1
+
+
+def check_location(what: str, key: str, source: str | None, layout: Layout = DIFFUSERS,
+                   convertible: bool = False) -> None:
+    """Before anything loads (each command's checks): `key`=`source` written as a path to no folder, or naming a
+    file where a folder belongs (`convertible`: a single-file Stable Diffusion checkpoint, with how to convert it),
+    is the line `weights_not_available` says when the load fails, without the seconds diffusers takes to import.
+    Folders and Hub ids pass: loading them says the rest."""
+    if source is None:
+        return
+    path = os.path.expanduser(source)
+    if os.path.isdir(path) or not (os.path.isfile(path) or is_path(source)):
+        return
+    raise weights_not_available(what, key, source, FileNotFoundError(source), layout=layout,
+                                single_file=conversion(path, key) if convertible else "")
+
+
 def weights_not_available(what: str, key: str, source: str, exc: Exception, offline: str | None = None,
                           layout: Layout = DIFFUSERS, revision: str | None = None, variant: str | None = None,
                           single_file: str = "") -> UserError:
@@ -81,7 +108,7 @@ def weights_not_available(what: str, key: str, source: str, exc: Exception, offl
                              f"(save_pretrained(..., safe_serialization=True)) or pass another")
         return UserError(f"cannot load the {what} from folder {source}: {str(exc).splitlines()[0]}; pass a folder in "
                          f"{layout.name} with .safetensors weights")
-    if source.startswith((".", "/", "~")) or source.count("/") > 1:  # a path, not an "org/name" id
+    if is_path(source):
         return UserError(f"the {what} folder {source} does not exist; pass an existing folder ({key}=/path)")
     hint = (f"download it once with `{download_command(source, layout, revision, variant)}` where there is internet, "
             f"or pass a local folder ({key}=/path)")

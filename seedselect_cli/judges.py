@@ -17,7 +17,14 @@ from seedselect_cli.config import JudgeConfig
 from seedselect_cli.errors import UserError
 from seedselect_cli.files.datasets import NameLookup
 from seedselect_cli.files.datasets.imagenet_names import imagenet_label_names
-from seedselect_cli.hub import TRANSFORMERS, offline_for, weights_not_available, why_offline
+from seedselect_cli.hub import (
+    JUDGE,
+    TRANSFORMERS,
+    TWO_TOWER_CLIP,
+    offline_for,
+    weights_not_available,
+    why_offline,
+)
 from seedselect_cli.models import quiet_libraries, whole
 
 
@@ -64,7 +71,7 @@ def load_clip(name: str, device: torch.device) -> EvalClip:
                 tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=offline)
                 processor = AutoImageProcessor.from_pretrained(source, backend="pil", local_files_only=offline)
         except (OSError, ValueError) as exc:
-            raise weights_not_available("two-tower CLIP model", "clip", name, exc, why_offline(offline, False),
+            raise weights_not_available(TWO_TOWER_CLIP, "clip", name, exc, why_offline(offline, False),
                                         TRANSFORMERS) from None
     return EvalClip(model.to(device).eval(), tokenizer, processor, device)
 
@@ -84,7 +91,7 @@ class Judge:
                     output_loading_info=True), "judge", "judge.model", cfg.model).to(device).eval()
                 self.processor = AutoImageProcessor.from_pretrained(source, local_files_only=offline)
         except (OSError, ValueError) as exc:
-            raise weights_not_available("judge (an image-classification model)", "judge.model", cfg.model, exc,
+            raise weights_not_available(JUDGE, "judge.model", cfg.model, exc,
                                         why_offline(offline, False), TRANSFORMERS) from None
         # a label is its class by judge.label_map, else by name as `dataset.classes` finds one: a CUB classifier's
         # "094.Pine_Warbler" or "Pine-Warbler" is the run's "Pine Warbler", an ImageNet classifier's label 12

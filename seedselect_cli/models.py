@@ -31,6 +31,8 @@ from seedselect_cli.core.frozen import FrozenModels, HubCommits, is_sdxl_unet
 from seedselect_cli.errors import UserError, count_of
 from seedselect_cli.hub import (
     DIFFUSERS,
+    IMAGE_ENCODER,
+    SD_MODEL,
     TRANSFORMERS,
     conversion,
     hub_commit,
@@ -156,7 +158,7 @@ def _load_diffusers(cfg: ModelConfig, dtype: torch.dtype, key: str, revision: st
     text encoder), weights in `dtype` (the text encoders and SDXL's VAE: see `component_dtype`), and the Hub commit
     they came from (`hub_commit`)."""
     source = os.path.expanduser(cfg.pretrained)
-    offline = offline_for(source, "Stable Diffusion model", key, DIFFUSERS, cfg.local_files_only, revision,
+    offline = offline_for(source, SD_MODEL, key, DIFFUSERS, cfg.local_files_only, revision,
                           cfg.variant)
     kwargs = {"revision": revision, "local_files_only": offline}
     commit = None
@@ -189,7 +191,7 @@ def _load_diffusers(cfg: ModelConfig, dtype: torch.dtype, key: str, revision: st
                 parts["force_zeros_for_empty_prompt"] = bool(index.get("force_zeros_for_empty_prompt", True))
             return parts, commit
     except (OSError, ValueError) as exc:
-        raise weights_not_available("Stable Diffusion model", key, cfg.pretrained, exc,
+        raise weights_not_available(SD_MODEL, key, cfg.pretrained, exc,
                                     why_offline(offline, cfg.local_files_only), revision=commit or revision,
                                     variant=cfg.variant, single_file=conversion(source, key)) from None
 
@@ -235,7 +237,7 @@ def _load_image_encoder(cfg: ModelConfig, dtype: torch.dtype, revision: str | No
     from (`hub_commit`)."""
     source = os.path.expanduser(cfg.image_encoder)
     kwargs = {"revision": revision,
-              "local_files_only": offline_for(source, "CLIP image encoder", "model.image_encoder", TRANSFORMERS,
+              "local_files_only": offline_for(source, IMAGE_ENCODER, "model.image_encoder", TRANSFORMERS,
                                               cfg.local_files_only, revision)}
     try:
         with quiet_libraries():  # a two-tower checkpoint's text weights go unused: no report
@@ -244,7 +246,7 @@ def _load_image_encoder(cfg: ModelConfig, dtype: torch.dtype, revision: str | No
                 "image encoder", "model.image_encoder", cfg.image_encoder)
             processor = AutoImageProcessor.from_pretrained(source, backend="pil", **kwargs)
     except (OSError, ValueError) as exc:
-        raise weights_not_available("CLIP image encoder", "model.image_encoder", cfg.image_encoder, exc,
+        raise weights_not_available(IMAGE_ENCODER, "model.image_encoder", cfg.image_encoder, exc,
                                     why_offline(kwargs["local_files_only"], cfg.local_files_only),
                                     TRANSFORMERS, revision) from None
     return encoder, processor, hub_commit(source, "config.json", revision)

@@ -157,15 +157,21 @@ def test_user_errors_exit_2_with_one_line(args, message, capsys, tmp_path, monke
 
 
 def test_every_commands_bad_values_are_answered_before_diffusers_loads(tmp_path):
-    """The one-line errors of each command's values, and of the seed file or run it names, come from its config
-    checks alone: diffusers (with torch._dynamo and every model class it imports, about 4.5 s of a command's start
+    """The one-line errors of each command's values, and of the seed file, run and weights folders it names, come
+    from its config checks alone: diffusers (with torch._dynamo and every model class it imports, about 4.5 s of a command's start
     here) is not imported before them."""
     cases = {("generate", "seed_file=s.safetensors", "out=x.png"): "seed_file=s.safetensors does not exist",
              ("generate", "seed_file=.", "out=x.png"): "seed_file=. is a folder without seed files",
              ("evaluate", "run_dir=r"): "run_dir=r is not a seedselect run directory",
              ("evaluate", "run_dir=r", "top_k=0"): "top_k=0 is invalid",
              ("optimize", "n_images=0"): "n_images=0 is invalid",
-             ("bootstrap", "bootstrap.n_images=0"): "bootstrap.n_images=0 is invalid"}
+             ("bootstrap", "bootstrap.n_images=0"): "bootstrap.n_images=0 is invalid",
+             ("optimize", "model.image_encoder=./no/clip"): "the CLIP image encoder folder ./no/clip does not exist",
+             ("generate", "seed_file=s.safetensors", "out=x.png", "model=./no/sd"): "model folder ./no/sd does not",
+             ("evaluate", "run_dir=run", "judge.model=./no/judge"): "the judge (an image-classification model) "
+                                                                     "folder ./no/judge does not exist"}
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("seed: 0\n")  # a run directory, to the check of judge.model=
     script = ("import sys; from seedselect_cli.cli import main\n"
               f"for args in {list(map(list, cases))!r}:\n"
               "    assert main(args) == 2, args\n"
