@@ -183,6 +183,22 @@ def test_imagefolder_layout(tmp_path):
         load_classes(DatasetConfig(name="imagefolder", root=str(root)), 0)
 
 
+def test_numbered_and_wordnet_folders_are_read_as_the_names_a_prompt_needs(tmp_path):
+    """CUB's `images/` and ImageNet's `train/` are ImageFolders whose folder names are no words: `094.Pine_Warbler`
+    and `n01532829`. Their classes, prompts and what `evaluate`'s CLIP reads are `Pine Warbler` and `house finch`;
+    `dataset.classes` takes the folder's name too. A name that only starts with a number stays whole."""
+    root = make_imagefolder(tmp_path / "images", classes=("094.Pine_Warbler", "n01532829", "3.5_inch_floppy",
+                                                          "n99999999"))
+    records = load_classes(DatasetConfig(name="imagefolder", root=str(root)), 0)
+    assert [(r.name, r.prompt, r.label) for r in records] == [
+        ("Pine Warbler", "a photo of a Pine Warbler", 0), ("3.5 inch floppy", "a photo of a 3.5 inch floppy", 1),
+        ("house finch", "a photo of a house finch", 2), ("n99999999", "a photo of a n99999999", 3)]  # ImageFolder's
+    [picked] = load_classes(DatasetConfig(name="imagefolder", root=str(root), classes=["n01532829"]), 0)
+    assert picked.name == "house finch"
+    [one] = load_classes(DatasetConfig(name="folder", root=str(root / "094.Pine_Warbler")), 0)
+    assert (one.name, one.prompt) == ("Pine_Warbler", "a photo of a Pine Warbler")  # folder keeps its underscores
+
+
 def test_every_adapter_is_known_to_the_config_check():
     from seedselect_cli.files import datasets
     from seedselect_cli.files.datasets import DATASETS

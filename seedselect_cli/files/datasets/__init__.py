@@ -89,6 +89,17 @@ def name_key(name: str) -> str:
     return " ".join(re.split(r"[\s_-]+", re.sub("['\u2019]", "", name))).strip()
 
 
+def folder_class_name(folder: str) -> str:
+    """A class folder's name read as the class's: a numbered folder's `094.` dropped (CUB's `images/094.Pine_Warbler`)
+    and an ImageNet-1k WordNet id read as its name (ImageNet's `train/n01532829`: `house finch`), which is what a
+    prompt and the zero-shot CLIP of `evaluate` need; `_` left to the layout. Any other name is itself."""
+    from seedselect_cli.files.datasets.imagenet_names import name_of_wnid
+
+    if re.fullmatch(r"n\d{8}", folder):
+        return name_of_wnid(folder)
+    return re.sub(r"^\d+\.(?=[^\W\d])", "", folder)  # 094.Pine_Warbler, not 3.5_inch_floppy
+
+
 class NameLookup:
     """Class names found as typed: exactly in any case (an alias too), else spelled loosely (`name_key`) where that
     spelling names one class."""
