@@ -177,6 +177,7 @@ def preflight(command: str, args: list[str]) -> Path | None:
     parser.error = usage_error
     parsed = parser.parse_args(args)
     check_override_syntax(parsed.overrides)
+    check_launcher(parsed.overrides)
     if (parsed.help or parsed.hydra_help or parsed.multirun or parsed.cfg or parsed.info
             or parsed.shell_completion or parsed.config_path or parsed.config_dir or parsed.experimental_rerun):
         return None
@@ -279,6 +280,28 @@ def check_override_syntax(overrides: list[str]) -> None:
             raise UserError(f"cannot read the override {override!r}: values with spaces, non-ASCII letters, ~ or "
                             f"other special characters must be quoted, e.g. {for_the_shell(quoted)} (the outer "
                             f"quotes for the shell)") from None
+
+
+# hydra/launcher options that run through hydra-submitit-launcher: ours (configs/hydra/launcher/) and its own
+SUBMITIT_LAUNCHERS = ("slurm", "local", "submitit_slurm", "submitit_local")
+
+
+def submitit_launcher_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is not None
+
+
+def check_launcher(overrides: list[str]) -> None:
+    """A sweep on `hydra/launcher=slurm` or `local` needs hydra-submitit-launcher (the `cluster` extra), which the
+    plain install leaves out: without it Hydra ends in a page of its config search path."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for override in OverridesParser.create().parse_overrides(overrides):
+        launcher = override.value() if override.key_or_group.lstrip("+~") == "hydra/launcher" else None
+        if launcher in SUBMITIT_LAUNCHERS and not submitit_launcher_installed():
+            raise UserError(f"hydra/launcher={launcher} runs through Hydra's submitit launcher, which is not installed "
+                            f"here: pip install hydra-submitit-launcher (seedselect's cluster extra)")
 
 
 def for_the_shell(argument: str) -> str:

@@ -156,6 +156,22 @@ def test_user_errors_exit_2_with_one_line(args, message, capsys, tmp_path, monke
     assert err.startswith("error:") and message in err and len(err.splitlines()) == 1, err
 
 
+@pytest.mark.parametrize("launcher", ["hydra/launcher=slurm", "hydra/launcher=local", "+hydra/launcher=submitit_slurm"])
+def test_a_cluster_sweep_without_the_submitit_launcher_says_what_to_install(launcher, capsys, tmp_path, monkeypatch):
+    """The plain install leaves out hydra-submitit-launcher (the cluster extra); a sweep on its launchers said
+    Hydra's "Could not load 'hydra/launcher/submitit_slurm'" and its config search path, exit 1."""
+    from seedselect_cli import cli
+
+    assert cli.submitit_launcher_installed()  # the test extra has it: what the check looks for is there
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli, "submitit_launcher_installed", lambda: False)
+    assert main(["bootstrap", "-m", launcher, "runtime.shard=0/2,1/2"]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.endswith("runs through Hydra's submitit launcher, which is not installed here: pip install "
+                         "hydra-submitit-launcher (seedselect's cluster extra)")
+    assert not list(tmp_path.iterdir())
+
+
 def test_every_commands_bad_values_are_answered_before_diffusers_loads(tmp_path):
     """The one-line errors of each command's values, and of the seed file, run and weights folders it names, come
     from its config checks alone: diffusers (with torch._dynamo and every model class it imports, about 4.5 s of a command's start
