@@ -161,12 +161,9 @@ MAINS = {"optimize": optimize_main, "bootstrap": bootstrap_main, "generate": gen
 
 def preflight(command: str, args: list[str]) -> Path | None:
     """Compose and validate the config as Hydra will, so that composition errors follow the error
-    contract. Skipped where Hydra does something else than run one job (help, multirun, --cfg, ...).
-    Returns the run directory of `optimize` and `bootstrap` (absolute), else None."""
-    from hydra import compose, initialize_config_module
+    contract: of the job, or of each job of a sweep (-m). Skipped where Hydra does something else than run
+    jobs (help, --cfg, ...). Returns the run directory of `optimize` and `bootstrap` (absolute), else None."""
     from hydra._internal.utils import get_args_parser
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
 
     parser = get_args_parser()
 
@@ -178,13 +175,55 @@ def preflight(command: str, args: list[str]) -> Path | None:
     parsed = parser.parse_args(args)
     check_override_syntax(parsed.overrides)
     check_launcher(parsed.overrides)
-    if (parsed.help or parsed.hydra_help or parsed.multirun or parsed.cfg or parsed.info
-            or parsed.shell_completion or parsed.config_path or parsed.config_dir or parsed.experimental_rerun):
+    if (parsed.help or parsed.hydra_help or parsed.cfg or parsed.info or parsed.shell_completion
+            or parsed.config_path or parsed.config_dir or parsed.experimental_rerun):
         return None
     config_name = parsed.config_name or COMMANDS[command][1]
+    if parsed.multirun:  # the jobs' configs, as the jobs will check them: a slip in the last value of a sweep (or
+        seen: set = set()  # in any job of a Slurm array) is the exit-2 line now, not after the jobs before it ran
+        jobs, every = sweep_jobs(parsed.overrides)
+        if len(jobs) > 20:  # about 0.1 s a job
+            print(f"seedselect: checking the sweep's values in {len(jobs)} of its {every} jobs", file=sys.stderr)
+        for job in jobs:
+            check_job(command, config_name, job, seen, in_sweep=True)
+        return None
+    return check_job(command, config_name, parsed.overrides, set())
+
+
+def sweep_jobs(overrides: list[str]) -> tuple[list[list[str]], int]:
+    """The overrides of the jobs of a sweep that hold each swept value at least once, in the order Hydra's basic
+    sweeper makes them (`-m seed=0,1,2 loss.lam=0.5,0.9`: 3 + 2 - 1 = 4 of its 6 jobs; 200 classes on 4 shards: 203
+    of 800, so that a large sweep is checked in seconds), and how many jobs it has; none where another sweeper is
+    chosen (it makes its own)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    if any(o.key_or_group.lstrip("+~") == "hydra/sweeper" for o in parsed):
+        return [], 0
+    every = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+    covered: set[str] = set()
+    jobs = []
+    for job in every:
+        if not covered.issuperset(job):
+            jobs.append(job)
+            covered.update(job)
+    return jobs, len(every)
+
+
+def check_job(command: str, config_name: str, overrides: list[str], seen: set, in_sweep: bool = False
+              ) -> Path | None:
+    """Compose and check one job's config as Hydra and the job will: every bad value is the exit-2 line before
+    anything loads. Returns the run directory of `optimize` and `bootstrap` (absolute), else None; a sweep's
+    job (`in_sweep`) has Hydra's sweep directory instead, not checked here. `seen`: the data sets already listed
+    by this preflight (a sweep lists each once)."""
+    from hydra import compose, initialize_config_module
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
     try:
         with initialize_config_module(config_module(command), version_base="1.3"):
-            cfg = compose(config_name=config_name, overrides=parsed.overrides, return_hydra_config=True)
+            cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
             run_dir = str(cfg.hydra.run.dir)
     except (HydraException, OmegaConfBaseException, ValueError) as exc:
         message = " ".join(str(exc).split("\n")[0].split()).replace(" Check that it's in your config search path.", "")
@@ -192,7 +231,7 @@ def preflight(command: str, args: list[str]) -> Path | None:
                         f"{command} --help`)") from None
     with open_dict(cfg):
         del cfg["hydra"]
-    # One check per command, the one its job runs too: every bad value is the exit-2 line before anything loads.
+    # One check per command, the one its job runs too.
     if command == "generate":
         check_generate(load_structured(GenerateConfig, cfg))
         return None
@@ -202,12 +241,15 @@ def preflight(command: str, args: list[str]) -> Path | None:
     config = load_config(cfg)  # optimize and bootstrap: config.check_config
     check_weights(config.model)
     path = Path(os.path.abspath(os.path.expanduser(run_dir)))
-    check_run_dir(path)
+    if not in_sweep:
+        check_run_dir(path)
     from seedselect_cli.files.datasets import load_classes
 
     # The references exist and the classes are known: before any model loads. Its warnings are said
     # once, by the job, which loads the classes again with its log set up.
-    load_classes(config.dataset, config.seed, quiet=True)
+    if (key := (repr(config.dataset), config.seed)) not in seen:
+        load_classes(config.dataset, config.seed, quiet=True)
+        seen.add(key)
     return path
 
 

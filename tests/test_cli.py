@@ -156,6 +156,34 @@ def test_user_errors_exit_2_with_one_line(args, message, capsys, tmp_path, monke
     assert err.startswith("error:") and message in err and len(err.splitlines()) == 1, err
 
 
+@pytest.mark.parametrize("args, message", [
+    (["optimize", "-m", "seed=0,1", "loss.lam=0.5,0.9,9"], "loss.lam=9.0 is invalid: must be between 0 and 1"),
+    (["optimize", "-m", "dataset.classes=[marsh finch],[nope]"], "dataset.classes: no class named 'nope'"),
+    (["bootstrap", "-m", "runtime.shard=0/2,1/2,2/2"], "runtime.shard='2/2' is invalid"),
+    (["generate", "-m", "seed_file=a.safetensors,b.safetensors", "out=x.png"], "seed_file=a.safetensors does not"),
+])
+def test_a_sweeps_bad_value_is_one_line_before_any_job_runs(args, message, capsys, tmp_path, monkeypatch):
+    """A sweep ran its jobs one after another until one met its slip (the third value of loss.lam after two whole
+    runs; on Slurm, every job of the array queued and failing). Each value is now checked first."""
+    monkeypatch.chdir(tmp_path)
+    assert main(args) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: ") and message in line, line
+    assert not list(tmp_path.iterdir())  # no multirun/ folder: no job started
+
+
+def test_a_sweep_is_checked_in_one_job_per_value_not_in_every_job():
+    from seedselect_cli.cli import sweep_jobs
+
+    assert sweep_jobs(["seed=0,1,2", "loss.lam=0.5,0.9", "n_images=2"]) == ([
+        ["seed=0", "loss.lam=0.5", "n_images=2"], ["seed=0", "loss.lam=0.9", "n_images=2"],
+        ["seed=1", "loss.lam=0.5", "n_images=2"], ["seed=2", "loss.lam=0.5", "n_images=2"]], 6)
+    classes = ",".join(f"[class {i}]" for i in range(200))
+    jobs, every = sweep_jobs([f"dataset.classes={classes}", "runtime.shard=0/4,1/4,2/4,3/4"])
+    assert (len(jobs), every) == (203, 800)
+    assert sweep_jobs(["hydra/sweeper=optuna", "seed=0,1"]) == ([], 0)  # another sweeper makes its own jobs
+
+
 @pytest.mark.parametrize("launcher", ["hydra/launcher=slurm", "hydra/launcher=local", "+hydra/launcher=submitit_slurm"])
 def test_a_cluster_sweep_without_the_submitit_launcher_says_what_to_install(launcher, capsys, tmp_path, monkeypatch):
     """The plain install leaves out hydra-submitit-launcher (the cluster extra); a sweep on its launchers said
