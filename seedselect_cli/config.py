@@ -39,7 +39,7 @@ from seedselect_cli.files.datasets import (
     DatasetConfig,
     read_class_list,
 )
-from seedselect_cli.files.images import WRITTEN_FORMATS
+from seedselect_cli.files.images import IMAGE_SUFFIXES, WRITTEN_FORMATS
 from seedselect_cli.files.run_directory import check_run_path, run_folder_holding, run_images_of, seed_folder
 from seedselect_cli.files.seed_files import check_seed_path, seed_files_in
 from seedselect_cli.hub import (
@@ -567,7 +567,7 @@ def check_output_folder(cfg: GenerateConfig) -> Path:
     out_arg = cfg.out
     out = Path(out_arg).expanduser()
     not_a_runs_own(cfg, out)
-    if out.suffix.lower() in WRITTEN_FORMATS or out.is_file():
+    if out.suffix.lower() in IMAGE_SUFFIXES | WRITTEN_FORMATS.keys() or out.is_file():
         raise UserError(f"out={out_arg} names a file, but seed_file={cfg.seed_file} is a folder: name a folder for its "
                         f"images (e.g. out={out.with_suffix('')}), or pass one seed file")
     takes_new_files(out_arg, out if out.is_dir() else out.parent)

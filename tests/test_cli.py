@@ -304,8 +304,10 @@ def test_generate_of_a_folder_wants_a_folder_with_seeds(tmp_path, capsys, monkey
     assert capsys.readouterr().err.startswith("error: seed_file=seeds is a folder without seed files (.safetensors)")
     assert not (tmp_path / "images").exists()
     (tmp_path / "seeds" / "a.safetensors").write_bytes(b"")  # a seed file, to the check of out= (not read)
-    assert main(["generate", "seed_file=seeds", "out=image.png"]) == 2
-    assert capsys.readouterr().err.startswith("error: out=image.png names a file, but seed_file=seeds is a folder")
+    for name in ("image.png", "image.GIF"):  # any image's name, not only the ones generate writes
+        assert main(["generate", "seed_file=seeds", f"out={name}"]) == 2
+        assert capsys.readouterr().err.startswith(f"error: out={name} names a file, but seed_file=seeds is a folder")
+    assert not list(tmp_path.glob("image*"))
 
 
 def test_generate_rejects_a_file_that_is_not_a_seed_file(tmp_path, capsys, monkeypatch):
