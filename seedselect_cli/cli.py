@@ -32,6 +32,7 @@ from seedselect_cli.config import (
     GenerateConfig,
     check_evaluate,
     check_generate,
+    check_resume,
     check_weights,
     load_config,
     load_structured,
@@ -243,6 +244,7 @@ def check_job(command: str, config_name: str, overrides: list[str], seen: set, i
     path = Path(os.path.abspath(os.path.expanduser(run_dir)))
     if not in_sweep:
         check_run_dir(path)
+        check_resume(path, config, command)
     from seedselect_cli.files.datasets import load_classes
 
     # The references exist and the classes are known: before any model loads. Its warnings are said

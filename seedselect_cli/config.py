@@ -40,7 +40,13 @@ from seedselect_cli.files.datasets import (
     read_class_list,
 )
 from seedselect_cli.files.images import IMAGE_SUFFIXES, WRITTEN_FORMATS
-from seedselect_cli.files.run_directory import check_run_path, run_folder_holding, run_images_of, seed_folder
+from seedselect_cli.files.run_directory import (
+    RunDirectory,
+    check_run_path,
+    run_folder_holding,
+    run_images_of,
+    seed_folder,
+)
 from seedselect_cli.files.seed_files import check_seed_path, seed_files_in
 from seedselect_cli.hub import (
     DIFFUSERS,
@@ -417,6 +423,24 @@ def check_config(c: Config) -> None:
     if budget != "auto" and not (re.fullmatch(r"\d+(\.\d*)?", budget) and math.isfinite(float(budget))):
         raise _bad("runtime.memory_budget", c.runtime.memory_budget, "give GB (e.g. 12 or 0.5), 0 to recompute every "
                                                                      "step, or auto")
+
+
+# What the other command reads and this one does not may differ in a run directory that both fill: bootstrap reads
+# its own iterations and share, optimize the `optim` ones.
+NOT_READ_BY = {"optimize": ("bootstrap",), "bootstrap": ("optim.iterations", "optim.backtrack")}
+
+
+def resume_terms(method: str) -> dict:
+    """How `RunDirectory.start` and `check_resumable` compare an earlier run's config with this one of `method`: the
+    keys it does not read, the defaults of keys an older version did not write, the check of the config read back."""
+    return {"ignored": NOT_READ_BY[method], "defaults_yaml": to_yaml(Config()),
+            "check_config": lambda text: load_config(OmegaConf.create(text))}
+
+
+def check_resume(run_dir: Path, config: Config, method: str) -> None:
+    """An earlier run in `run_dir` was made with this config, but for what a run may change (before anything loads;
+    the run checks again when it starts)."""
+    RunDirectory(run_dir).check_resumable(to_yaml(config), **resume_terms(method))
 
 
 def check_weights(model: ModelConfig) -> None:

@@ -17,10 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 from seedselect_cli import __version__
-from seedselect_cli.config import Config, load_config, resolve_shard, to_yaml
+from seedselect_cli.config import Config, resolve_shard, resume_terms, to_yaml
 from seedselect_cli.core.cuda_graphs import graph_cache, resolve_cuda_graphs
 from seedselect_cli.core.engine import ClassTarget, Engine, batch_blocks
 from seedselect_cli.core.frozen import FrozenModels, HubCommits
@@ -158,11 +157,8 @@ def _run(config: Config, run_dir: Path, method: str, stop: GracefulStop) -> list
     # 3. The run directory: its config, and what an earlier run of it already finished.
     wanted = images_wanted(config, method, all_records)
     out = RunDirectory(run_dir)
-    # what the other command reads and this one does not may differ (bootstrap reads its own iterations and share)
-    unread = ("bootstrap",) if method == "optimize" else ("optim.iterations", "optim.backtrack")
-    out.start(to_yaml(config), method, ignored=unread,
-              defaults_yaml=to_yaml(Config()), check_config=lambda text: load_config(OmegaConf.create(text)),
-              labels={r.name: r.label for r in all_records if r.label is not None})
+    out.start(to_yaml(config), method, labels={r.name: r.label for r in all_records if r.label is not None},
+              **resume_terms(method))
     done = out.finished()
     records = not_yet_full(config, records, wanted)
     todo = {r.name: [i for i in range(wanted[r.name]) if (r.name, i) not in done] for r in records}

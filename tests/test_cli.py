@@ -201,9 +201,9 @@ def test_a_cluster_sweep_without_the_submitit_launcher_says_what_to_install(laun
 
 
 def test_every_commands_bad_values_are_answered_before_diffusers_loads(tmp_path):
-    """The one-line errors of each command's values, and of the seed file, run and weights folders it names, come
-    from its config checks alone: diffusers (with torch._dynamo and every model class it imports, about 4.5 s of a command's start
-    here) is not imported before them."""
+    """The one-line errors of each command's values, and of the seed file, run and weights folders it names (and of
+    a run directory holding another config), come from its checks alone: diffusers (with torch._dynamo and every
+    model class it imports, about 4.5 s of a command's start here) is not imported before them."""
     cases = {("generate", "seed_file=s.safetensors", "out=x.png"): "seed_file=s.safetensors does not exist",
              ("generate", "seed_file=.", "out=x.png"): "seed_file=. is a folder without seed files",
              ("evaluate", "run_dir=r"): "run_dir=r is not a seedselect run directory",
@@ -216,6 +216,11 @@ def test_every_commands_bad_values_are_answered_before_diffusers_loads(tmp_path)
                                                                      "folder ./no/judge does not exist"}
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.yaml").write_text("seed: 0\n")  # a run directory, to the check of judge.model=
+    from seedselect_cli.config import compose_config, to_yaml
+
+    (tmp_path / "old").mkdir()  # an earlier run of the demo with 1 iteration
+    (tmp_path / "old" / "config.yaml").write_text(to_yaml(compose_config("demo", ["optim.iterations=1"])))
+    cases[("optimize", "hydra.run.dir=old")] = "old holds a run made with another config (optim.iterations: 1 there"
     script = ("import sys; from seedselect_cli.cli import main\n"
               f"for args in {list(map(list, cases))!r}:\n"
               "    assert main(args) == 2, args\n"

@@ -134,34 +134,12 @@ class RunDirectory:
     def start(self, config_yaml: str, method: str = "optimize", ignored: Sequence[str] = (),
               defaults_yaml: str | None = None, check_config: Callable[[str], object] | None = None,
               labels: Mapping[str, int] | None = None) -> None:
-        """Create the directory, check it is writable and holds no run of another config or method, save
-        the config. Keys in `ignored` (besides the resumable ones) may differ from the earlier run's; a
-        key the earlier run's config lacks (made by an older version) counts as its `defaults_yaml` value.
-        `check_config(text)` checks the earlier run's config (read back: untrusted) and raises if it is bad.
-        `labels`: each class's `dataset_label`, for the metadata of images made before entries carried it."""
+        """Create the directory, check it is writable and holds no run of another config (`check_resumable`) or
+        method, save the config. `labels`: each class's `dataset_label`, for the metadata of images made before
+        entries carried it."""
         self.check_writable()
         old = self.root / CONFIG
-        if old.exists():
-            skip = (*RESUMABLE_KEYS, *ignored)
-            text = self._read_config(old)
-            if check_config is not None:
-                try:
-                    check_config(text)
-                except UserError as exc:
-                    raise UserError(f"{old} is damaged ({exc}); restore it or pass a new hydra.run.dir") from None
-            before, after = _comparable(text, skip), _comparable(config_yaml, skip)
-            if defaults_yaml is not None:
-                before = _comparable(defaults_yaml, skip) | before
-            if before != after:
-                keys = [k for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)]
-                differ = "; ".join(f"{k}: {_as_typed(before.get(k))} there, {_as_typed(after.get(k))} now"
-                                   for k in keys[:3])
-                more = f"; {len(keys) - 3} more" if len(keys) > 3 else ""
-                same = " ".join(f"{k}={_as_typed(before[k])}" for k in keys if k in before) if len(keys) <= 3 else ""
-                raise UserError(
-                    f"{self.root} holds a run made with another config ({differ}{more}); resume with the same "
-                    f"settings{f' ({same})' if same else ''} or pass a new hydra.run.dir"
-                )
+        self.check_resumable(config_yaml, ignored, defaults_yaml, check_config)
         with self.locked():
             others = {e.get("method", "optimize") for e in self._read_manifest()} - {method}
             if others:
@@ -171,6 +149,36 @@ class RunDirectory:
                 atomic_write(old, lambda tmp: tmp.write_text(config_yaml))
                 self._repair_manifest(labels or {})
             self._remove_abandoned_temporaries()
+
+    def check_resumable(self, config_yaml: str, ignored: Sequence[str] = (), defaults_yaml: str | None = None,
+                        check_config: Callable[[str], object] | None = None) -> None:
+        """The directory holds no earlier run, or one of this config: keys in `ignored` (besides the resumable ones)
+        may differ from the earlier run's; a key the earlier run's config lacks (made by an older version) counts as
+        its `defaults_yaml` value. `check_config(text)` checks the earlier run's config (read back: untrusted) and
+        raises if it is bad. Reads only: `start` calls it, and the commands' checks before anything loads."""
+        old = self.root / CONFIG
+        if not old.exists():
+            return
+        skip = (*RESUMABLE_KEYS, *ignored)
+        text = self._read_config(old)
+        if check_config is not None:
+            try:
+                check_config(text)
+            except UserError as exc:
+                raise UserError(f"{old} is damaged ({exc}); restore it or pass a new hydra.run.dir") from None
+        before, after = _comparable(text, skip), _comparable(config_yaml, skip)
+        if defaults_yaml is not None:
+            before = _comparable(defaults_yaml, skip) | before
+        if before != after:
+            keys = [k for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)]
+            differ = "; ".join(f"{k}: {_as_typed(before.get(k))} there, {_as_typed(after.get(k))} now"
+                               for k in keys[:3])
+            more = f"; {len(keys) - 3} more" if len(keys) > 3 else ""
+            same = " ".join(f"{k}={_as_typed(before[k])}" for k in keys if k in before) if len(keys) <= 3 else ""
+            raise UserError(
+                f"{self.root} holds a run made with another config ({differ}{more}); resume with the same "
+                f"settings{f' ({same})' if same else ''} or pass a new hydra.run.dir"
+            )
 
     def check_writable(self) -> None:
         """Before any work: the directory, its folders and its append-only files take writes."""
