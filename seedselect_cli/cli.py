@@ -30,6 +30,7 @@ from seedselect_cli.config import (
     Config,
     EvaluateConfig,
     GenerateConfig,
+    check_config,
     check_evaluate,
     check_generate,
     check_resume,
@@ -191,6 +192,12 @@ def preflight(command: str, args: list[str]) -> Path | None:
     return check_job(command, config_name, parsed.overrides, set())
 
 
+# Hydra's launchers whose jobs run on this machine, where the files a job reads can be checked before it starts.
+LOCAL_LAUNCHERS = ("hydra._internal.core_plugins.basic_launcher.BasicLauncher",
+                   "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher",
+                   "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher")
+
+
 def sweep_jobs(overrides: list[str]) -> tuple[list[list[str]], int]:
     """The overrides of the jobs of a sweep that hold each swept value at least once, in the order Hydra's basic
     sweeper makes them (`-m seed=0,1,2 loss.lam=0.5,0.9`: 3 + 2 - 1 = 4 of its 6 jobs; 200 classes on 4 shards: 203
@@ -216,8 +223,9 @@ def check_job(command: str, config_name: str, overrides: list[str], seen: set, i
               ) -> Path | None:
     """Compose and check one job's config as Hydra and the job will: every bad value is the exit-2 line before
     anything loads. Returns the run directory of `optimize` and `bootstrap` (absolute), else None; a sweep's
-    job (`in_sweep`) has Hydra's sweep directory instead, not checked here. `seen`: the data sets already listed
-    by this preflight (a sweep lists each once)."""
+    job (`in_sweep`) has Hydra's sweep directory instead, not checked here, and where its launcher runs it on
+    another machine, only its values are. `seen`: the data sets already listed by this preflight (a sweep lists
+    each once)."""
     from hydra import compose, initialize_config_module
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -230,8 +238,17 @@ def check_job(command: str, config_name: str, overrides: list[str], seen: set, i
         message = " ".join(str(exc).split("\n")[0].split()).replace(" Check that it's in your config search path.", "")
         raise UserError(f"{message.rstrip('.')}{suggestion(message, command, config_name)} (see `seedselect "
                         f"{command} --help`)") from None
+    launcher = cfg.hydra.launcher.get("_target_")
     with open_dict(cfg):
         del cfg["hydra"]
+    if in_sweep and launcher not in LOCAL_LAUNCHERS:  # jobs on other machines (a Slurm array), whose files this one
+        # may not see (a data set or weights on the nodes' scratch): their values alone
+        schema = {"generate": GenerateConfig, "evaluate": EvaluateConfig}.get(command)
+        if schema is None:
+            check_config(load_structured(Config, cfg))
+        else:
+            load_structured(schema, cfg)
+        return None
     # One check per command, the one its job runs too.
     if command == "generate":
         check_generate(load_structured(GenerateConfig, cfg))

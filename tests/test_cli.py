@@ -20,6 +20,7 @@ from safetensors import safe_open
 
 import seedselect_cli
 from seedselect_cli.cli import main
+from seedselect_cli.errors import UserError
 from seedselect_cli.files.seed_files import load_seed_file, save_seed_file
 from seedselect_cli.pipeline import evaluate_command
 from tests.conftest import make_config
@@ -170,6 +171,22 @@ def test_a_sweeps_bad_value_is_one_line_before_any_job_runs(args, message, capsy
     [line] = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("error: ") and message in line, line
     assert not list(tmp_path.iterdir())  # no multirun/ folder: no job started
+
+
+def test_a_slurm_sweep_is_checked_for_its_values_not_for_the_files_of_its_nodes(tmp_path):
+    """A Slurm array is submitted from a login node that may not see the nodes' scratch, where its data set and
+    weights are: there only the values are checked; on this machine (Hydra's own launcher, submitit's local one)
+    the files too."""
+    from seedselect_cli.cli import preflight
+
+    sweep = ["-m", "--config-name", "cub_tail", f"dataset.root={tmp_path / 'scratch'}", "model.pretrained=/scratch/sd",
+             "runtime.shard=0/2,1/2"]
+    assert preflight("bootstrap", [*sweep, "hydra/launcher=slurm"]) is None
+    with pytest.raises(UserError, match=r"loss.lam=9.0 is invalid"):
+        preflight("bootstrap", [*sweep, "hydra/launcher=slurm", "loss.lam=0.5,9"])
+    for local in ([], ["hydra/launcher=local"]):
+        with pytest.raises(UserError, match=r"/scratch/sd does not exist|scratch is not an existing folder"):
+            preflight("bootstrap", [*sweep, *local])
 
 
 def test_a_sweep_is_checked_in_one_job_per_value_not_in_every_job():
