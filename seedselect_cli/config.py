@@ -39,7 +39,7 @@ from seedselect_cli.files.datasets import (
     DatasetConfig,
     read_class_list,
 )
-from seedselect_cli.files.images import IMAGE_SUFFIXES, WRITTEN_FORMATS
+from seedselect_cli.files.images import IMAGE_SUFFIXES, WRITTEN_FORMATS, seedselect_metadata
 from seedselect_cli.files.run_directory import (
     RunDirectory,
     check_run_path,
@@ -533,18 +533,23 @@ def not_a_runs_own(cfg: GenerateConfig, out: Path) -> None:
     folder = run_folder_holding(out)
     if folder is None:
         return
-    own = run_images_of(seed_folder(Path(cfg.seed_file).expanduser()))
-    if (own is not None and out.absolute() == own.absolute() and cfg.tensor == "optimized"
-            and cfg.runtime.dtype is None and cfg.model is None):
+    if runs_own(cfg, out) and cfg.tensor == "optimized" and cfg.runtime.dtype is None and cfg.model is None:
         return
     raise UserError(f"out={cfg.out} is in {folder}, which holds the run's own files and is written by its commands "
                     f"alone (and by generate only as the run drew them, at their own places): choose a place outside "
                     f"it, e.g. out={folder.parent / 'redrawn'}")
 
 
+def runs_own(cfg: GenerateConfig, out: Path) -> bool:
+    """Whether `out` is where the run keeps the image of `seed_file` (or the images of a folder of its seeds)."""
+    own = run_images_of(seed_folder(Path(cfg.seed_file).expanduser()))
+    return own is not None and out.absolute() == own.absolute()
+
+
 def check_output(cfg: GenerateConfig) -> Path:
     """`out=`: an image file name with a known suffix, in a folder that exists and takes a new file, not among a
-    run's own files (`not_a_runs_own`)."""
+    run's own files (`not_a_runs_own`), and not a file that is not an image seedselect drew (a reference, a photo):
+    generate replaces its own images only (and a run's damaged image, redrawn as its run drew it)."""
     out_arg = cfg.out
     out = Path(out_arg).expanduser()
     not_a_runs_own(cfg, out)
@@ -552,6 +557,9 @@ def check_output(cfg: GenerateConfig) -> Path:
         raise UserError(f"out={out_arg}: name an image file ending in {', '.join(WRITTEN_FORMATS)}")
     if out.is_dir():
         raise UserError(f"out={out_arg} is a folder; name an image file in it, e.g. out={out / 'image.png'}")
+    if (out.exists() or out.is_symlink()) and not runs_own(cfg, out) and seedselect_metadata(out) is None:
+        raise UserError(f"out={out_arg} exists and is not an image seedselect drew; generate replaces only its own: "
+                        f"choose another name, or move the file away")
     takes_new_files(out_arg, out.parent)
     return out
 

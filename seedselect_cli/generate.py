@@ -20,7 +20,7 @@ from seedselect_cli.devices import match_cpu_threads, resolve_device, seed_dtype
 from seedselect_cli.errors import UserError
 from seedselect_cli.files.assets import resolve_location
 from seedselect_cli.files.atomic import atomic_write
-from seedselect_cli.files.images import WRITTEN_FORMATS
+from seedselect_cli.files.images import EXIF_DESCRIPTION, WRITTEN_FORMATS
 from seedselect_cli.files.run_directory import run_images_of, seed_folder
 from seedselect_cli.files.seed_files import (
     SeedFile,
@@ -162,13 +162,19 @@ def draw(models: FrozenModels, seed: SeedFile, tensor: str, where: str) -> Image
 
 
 def write_image(image: Image.Image, out: Path, meta: dict[str, str], tensor: str, key: str) -> None:
-    """`image` to `out` atomically, with the seed file's metadata in a PNG's text chunks; `key` names `out` in an
-    error."""
+    """`image` to `out` atomically, with the seed file's metadata (a PNG's text chunks, a JPEG's or WebP's EXIF
+    ImageDescription); `key` names `out` in an error."""
     fmt = WRITTEN_FORMATS[out.suffix.lower()]
-    info = PngImagePlugin.PngInfo()
-    for name, text in png_text({**meta, "tensor": tensor}).items():
-        info.add_text(name, text)
-    save_kwargs = {"pnginfo": info} if fmt == "PNG" else {"quality": 95}
+    text = png_text({**meta, "tensor": tensor})
+    if fmt == "PNG":
+        info = PngImagePlugin.PngInfo()
+        for name, value in text.items():
+            info.add_text(name, value)
+        save_kwargs = {"pnginfo": info}
+    else:  # JPEG, WebP: the seed's metadata in EXIF ImageDescription, by which generate knows its own images again
+        exif = Image.Exif()
+        exif[EXIF_DESCRIPTION] = text["seedselect"]
+        save_kwargs = {"quality": 95, "exif": exif.tobytes()}
     try:
         atomic_write(out, lambda tmp: image.save(tmp, format=fmt, **save_kwargs))
     except OSError as exc:

@@ -319,6 +319,34 @@ def test_generate_on_a_cpu_draws_with_the_threads_the_seeds_run_drew_with(tmp_pa
     assert "drawing with 1 CPU threads (OMP_NUM_THREADS); the seed's run drew with 2" in done.stdout
 
 
+@pytest.mark.slow
+def test_generate_replaces_only_images_seedselect_drew(demo_run, tmp_path, capsys, monkeypatch):
+    """`out=` naming a file that is not seedselect's (a reference, a photo) is refused, and the file kept; an image
+    generate drew, in any format (JPEG and WebP keep the seed's metadata in EXIF), is replaced, as is a run's damaged
+    image redrawn as its run drew it (the repair evaluate prints)."""
+    from seedselect_cli.files.images import seedselect_metadata
+
+    monkeypatch.chdir(tmp_path)
+    run_dir = tmp_path / "run"
+    shutil.copytree(demo_run[0], run_dir)
+    [entry, *_] = read_manifest(run_dir)
+    seed = f"seed_file={run_dir / entry['seed_file']}"
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "photo.png")
+    photo = (tmp_path / "photo.png").read_bytes()
+    assert main(["generate", seed, "out=photo.png"]) == 2
+    assert "error: out=photo.png exists and is not an image seedselect drew" in capsys.readouterr().err
+    assert (tmp_path / "photo.png").read_bytes() == photo
+    for name in ("a.png", "a.jpg", "a.webp"):
+        assert main(["generate", seed, f"out={name}"]) == 0
+        assert json.loads(seedselect_metadata(tmp_path / name))["prompt"] == entry["prompt"]
+        assert main(["generate", seed, f"out={name}", "tensor=initial"]) == 0  # its own: replaced
+        assert json.loads(seedselect_metadata(tmp_path / name))["tensor"] == "initial"
+    damaged = run_dir / entry["image"]
+    damaged.write_bytes(damaged.read_bytes()[:50])
+    assert main(["generate", seed, f"out={damaged}"]) == 0
+    assert np.array_equal(np.asarray(Image.open(damaged)), np.asarray(Image.open(demo_run[0] / entry["image"])))
+
+
 def test_generate_of_a_folder_wants_a_folder_with_seeds(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "seeds").mkdir()

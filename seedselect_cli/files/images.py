@@ -24,6 +24,7 @@ MAX_BYTES = 1 << 30  # a reference image file larger than 1 GiB is refused befor
 CHUNK = 1 << 20
 # The formats `generate` writes, by `out=`'s suffix (PNG with the seed file's metadata in its text chunks).
 WRITTEN_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+EXIF_DESCRIPTION = 0x010E  # ImageDescription: where a JPEG or WebP that generate writes keeps its seed's metadata
 VECTOR_SUFFIXES = {".svg", ".svgz", ".eps", ".pdf", ".ai"}
 
 
@@ -112,3 +113,14 @@ def load_rgb(path: Path) -> Image.Image:
         raise UserError(f"{path}: image is only {rgb.size[0]}x{rgb.size[1]} pixels (at least {MIN_SIDE} needed); use a "
                         f"larger reference")
     return rgb
+
+
+def seedselect_metadata(path: Path) -> str | None:
+    """The seed metadata (JSON) that an image seedselect wrote carries, a PNG's `seedselect` text chunk or a JPEG's or
+    WebP's EXIF ImageDescription; None for any other file, readable or not."""
+    try:
+        with Image.open(path) as image:
+            text = image.info.get("seedselect") or image.getexif().get(EXIF_DESCRIPTION)
+    except Exception:  # noqa: BLE001 (not an image, or a broken one: not seedselect's)
+        return None
+    return text if isinstance(text, str) and text.startswith("{") else None
