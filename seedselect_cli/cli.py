@@ -35,6 +35,7 @@ from seedselect_cli.config import (
     check_generate,
     check_resume,
     check_weights,
+    flat_keys,
     load_config,
     load_structured,
     other_commands_keys,
@@ -180,16 +181,21 @@ def preflight(command: str, args: list[str]) -> Path | None:
     if (parsed.help or parsed.hydra_help or parsed.cfg or parsed.info or parsed.shell_completion
             or parsed.config_path or parsed.config_dir or parsed.experimental_rerun):
         return None
+    from hydra import initialize_config_module
+
     config_name = parsed.config_name or COMMANDS[command][1]
-    if parsed.multirun:  # the jobs' configs, as the jobs will check them: a slip in the last value of a sweep (or
-        seen: set = set()  # in any job of a Slurm array) is the exit-2 line now, not after the jobs before it ran
+    with initialize_config_module(config_module(command), version_base="1.3"):
+        if not parsed.multirun:
+            return check_job(command, config_name, parsed.overrides, set())
+        # the jobs' configs, as the jobs will check them: a slip in the last value of a sweep (or in any job of a
+        # Slurm array) is the exit-2 line now, not after the jobs before it ran
         jobs, every = sweep_jobs(parsed.overrides)
         if len(jobs) > 20:  # about 0.1 s a job
             print(f"seedselect: checking the sweep's values in {len(jobs)} of its {every} jobs", file=sys.stderr)
+        seen: set = set()
         for job in jobs:
             check_job(command, config_name, job, seen, in_sweep=True)
-        return None
-    return check_job(command, config_name, parsed.overrides, set())
+    return None
 
 
 # Hydra's launchers whose jobs run on this machine, where the files a job reads can be checked before it starts.
@@ -226,14 +232,13 @@ def check_job(command: str, config_name: str, overrides: list[str], seen: set, i
     job (`in_sweep`) has Hydra's sweep directory instead, not checked here, and where its launcher runs it on
     another machine, only its values are. `seen`: the data sets already listed by this preflight (a sweep lists
     each once)."""
-    from hydra import compose, initialize_config_module
+    from hydra import compose
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    try:
-        with initialize_config_module(config_module(command), version_base="1.3"):
-            cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
-            run_dir = str(cfg.hydra.run.dir)
+    try:  # in preflight's initialize_config_module
+        cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+        run_dir = str(cfg.hydra.run.dir)
     except (HydraException, OmegaConfBaseException, ValueError) as exc:
         message = " ".join(str(exc).split("\n")[0].split()).replace(" Check that it's in your config search path.", "")
         raise UserError(f"{message.rstrip('.')}{suggestion(message, command, config_name)} (see `seedselect "
@@ -295,11 +300,10 @@ def suggestion(message: str, command: str, config_name: str) -> str:
             if group.is_dir() else []
         return f"; {found[1]} options: {', '.join(options)}" if options else ""
     if found := re.search(r"Could not override '([^']+)'|Key '([^']+)' (?:is )?not in", message):
-        from hydra import compose, initialize_config_module
+        from hydra import compose
 
         key = found[1] or found[2]
-        with initialize_config_module(config_module(command), version_base="1.3"):
-            known = _flat_keys(compose(config_name=config_name))
+        known = flat_keys(compose(config_name=config_name))  # in preflight's initialize_config_module
         close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
         if close:
             return f"; did you mean {close[0]}?"
@@ -309,16 +313,6 @@ def suggestion(message: str, command: str, config_name: str) -> str:
             return f"; evaluate takes {', '.join(known)}"
         return ""
     return ""
-
-
-def _flat_keys(cfg, prefix: str = "") -> list[str]:
-    from omegaconf import DictConfig
-
-    keys = []
-    for key in cfg:
-        value = cfg._get_node(key)
-        keys += _flat_keys(value, f"{prefix}{key}.") if isinstance(value, DictConfig) else [f"{prefix}{key}"]
-    return keys
 
 
 def check_override_syntax(overrides: list[str]) -> None:

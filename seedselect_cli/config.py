@@ -201,17 +201,18 @@ def load_structured(schema: type, cfg: DictConfig | dict):
         raise UserError(f"invalid config{f' key {key}' if key else ''}: {first_line(exc)}") from None
 
 
+def flat_keys(cfg: DictConfig) -> list[str]:
+    """The config's keys, dotted (`runtime.device`), in the order it lists them, as `--help` shows them."""
+    def walk(node: dict, prefix: str) -> list[str]:
+        return [name for key, value in node.items() for name in
+                (walk(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}"])]
+
+    return walk(OmegaConf.to_container(cfg, resolve=False), "")
+
+
 def in_config_order(cfg: DictConfig, keys: set[str]) -> list[str]:
-    """The dotted `keys` in the order the config lists them (`seed_file` before `out`, as `--help` shows them)."""
-    order: list[str] = []
-
-    def walk(node: dict, prefix: str) -> None:
-        for key, value in node.items():
-            order.append(f"{prefix}{key}")
-            if isinstance(value, dict):
-                walk(value, f"{prefix}{key}.")
-
-    walk(OmegaConf.to_container(cfg, resolve=False), "")
+    """The dotted `keys` in the order the config lists them (`seed_file` before `out`)."""
+    order = flat_keys(cfg)
     return sorted(keys, key=lambda k: order.index(k) if k in order else len(order))
 
 
