@@ -316,25 +316,48 @@ def suggestion(message: str, command: str, config_name: str) -> str:
 
 
 def check_override_syntax(overrides: list[str]) -> None:
-    """Each override parses in Hydra's grammar; if not, say how to write it (quoting is the usual fix)."""
+    """Each override parses in Hydra's grammar; if not, say how to write it (quoting is the usual fix, and where the
+    shell split a value at its spaces, the words it made are named)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
     parser = OverridesParser.create()
-    for override in overrides:
+    for i, override in enumerate(overrides):
         try:
             parser.parse_override(override)
         except HydraException:
-            key, _, value = override.partition("=")
+            start, end = split_by_the_shell(overrides, i)
+            key, _, value = " ".join(overrides[start:end]).partition("=")
             if value.startswith("[") and value.endswith("]"):
                 items = ",".join('"' + v.strip().strip("'\"").replace('"', '\\"') + '"'
                                  for v in value[1:-1].split(","))
                 quoted = f"{key}=[{items}]"
             else:
                 quoted = key + '="' + value.replace('"', '\\"') + '"'
+            if end - start > 1:
+                raise UserError(f"cannot read the overrides {' '.join(map(repr, overrides[start:end]))}: the shell split "
+                                f"{key}={value} at its spaces into {end - start} words; quote it, e.g. "
+                                f"{for_the_shell(quoted)} (the outer quotes for the shell)") from None
             raise UserError(f"cannot read the override {override!r}: values with spaces, non-ASCII letters, ~ or "
                             f"other special characters must be quoted, e.g. {for_the_shell(quoted)} (the outer "
                             f"quotes for the shell)") from None
+
+
+def split_by_the_shell(overrides: list[str], i: int) -> tuple[int, int]:
+    """The overrides [start, end) around the unreadable `overrides[i]` that are the words of one `key=value` the shell
+    split at its spaces (`dataset.classes=[sea gull]` typed unquoted: `dataset.classes=[sea` and `gull]`): from the
+    last override with a key up to the next one, or on while a `[` is open; (i, i + 1) where it was no split."""
+    start = i
+    while start > 0 and "=" not in overrides[start]:
+        start -= 1
+    if "=" not in overrides[start] or overrides[start].startswith("-"):
+        return i, i + 1
+    end = i + 1
+    while end < len(overrides) and not overrides[end].startswith("-") and (
+            "=" not in overrides[end] or " ".join(overrides[start:end]).count("[") > " ".join(
+                overrides[start:end]).count("]")):
+        end += 1
+    return start, end
 
 
 # hydra/launcher options that run through hydra-submitit-launcher: ours (configs/hydra/launcher/) and its own

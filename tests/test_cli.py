@@ -516,3 +516,25 @@ def test_the_quoting_an_unreadable_override_is_shown_with_reads_back_in_a_shell(
     assert main(["optimize", "dataset.classes=[Black-footed Albatross,Brewer's Blackbird]"]) == 2
     hint = re.search(r"e\.g\. (.*) \(the outer quotes", capsys.readouterr().err).group(1)
     assert OverridesParser.create().parse_override(shell_echo(hint)).value() == ["Black-footed Albatross", "Brewer's Blackbird"]
+
+
+def test_a_value_the_shell_split_at_its_spaces_is_named_and_quoted_whole(capsys, tmp_path, monkeypatch):
+    """`dataset.classes=[sea gull]` typed unquoted reaches seedselect as two words; the hint quotes the value the
+    user typed, not its first word, and the quoted hint reads back as that value; nothing is written."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    monkeypatch.chdir(tmp_path)
+    typed = {"dataset.classes=[Pine Warbler,sea gull]": ["Pine Warbler", "sea gull"],
+             "dataset.prompt_template=a photo of {}": "a photo of {}",
+             "hydra.run.dir=my run": "my run"}
+    for line, value in typed.items():
+        words = line.split(" ")
+        assert main(["optimize", "n_images=2", *words, "seed=3"]) == 2
+        [error] = capsys.readouterr().err.strip().splitlines()
+        assert error.startswith(f"error: cannot read the overrides {' '.join(map(repr, words))}: the shell split "
+                                f"{line} at its spaces into {len(words)} words; quote it, e.g. "), error
+        hint = re.search(r"e\.g\. (.*) \(the outer quotes", error).group(1)
+        assert OverridesParser.create().parse_override(shlex.split(hint)[0]).value() == value
+    assert main(["optimize", "dataset.classes=[Café]"]) == 2  # one word: no split to speak of
+    assert "cannot read the override 'dataset.classes=[Café]': values with spaces" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
