@@ -16,6 +16,7 @@ import contextlib
 import logging
 import os
 import re
+import shlex
 import signal
 import sys
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
 from seedselect_cli import __version__
@@ -41,7 +43,7 @@ from seedselect_cli.config import (
     other_commands_keys,
     register_resolvers,
 )
-from seedselect_cli.errors import Interrupted, UserError
+from seedselect_cli.errors import SAME_COMMAND, Interrupted, UserError
 from seedselect_cli.interrupt import StopNow, catching_signals
 from seedselect_cli.job_dir import ActiveMark, JobDirSnapshot, take_snapshot, undo_failed_start
 from seedselect_cli.requirements import check_requirements
@@ -83,11 +85,22 @@ def user_errors():
     try:
         yield
     except UserError as exc:
-        print(f"error: {one_line(exc)}", file=sys.stderr)
+        print(f"error: {resumable(one_line(exc))}", file=sys.stderr)
         raise SystemExit(2) from None
     except Interrupted as exc:
-        print(f"seedselect: {one_line(exc)}", file=sys.stderr)
+        print(f"seedselect: {resumable(one_line(exc))}", file=sys.stderr)
         raise SystemExit(128 + exc.signum) from None
+
+
+# What "the same command" needs to resume this command's run where the user left its directory to Hydra's default
+# (`outputs/<config>/<time>`, `multirun/<config>/<time>`: a new folder at each start): its directory, as an override
+_resume_with: str | None = None
+
+
+def resumable(message: str) -> str:
+    """`message` with the run's directory added where it asks to run the same command again and that command alone
+    would start a new run directory."""
+    return message.replace(SAME_COMMAND, f"{SAME_COMMAND} with {_resume_with}") if _resume_with else message
 
 
 def one_line(exc: BaseException) -> str:
@@ -103,8 +116,15 @@ _active = ActiveMark()
 
 def run_in_job_dir(run: Callable[[Config, Path], object], cfg: DictConfig) -> None:
     """Run `optimize` or `bootstrap` in Hydra's job directory, marked as worked in by this process."""
+    global _resume_with
     hydra_config = HydraConfig.get()
     _active.hold(Path(hydra_config.runtime.output_dir))
+    if hydra_config.mode == RunMode.MULTIRUN and not any(o.startswith("hydra.sweep.dir=")
+                                                        for o in hydra_config.overrides.hydra):
+        sweep_dir = Path(hydra_config.runtime.output_dir)  # SWEEP_DIR/SUBDIR
+        for _ in Path(str(hydra_config.sweep.subdir)).parts:
+            sweep_dir = sweep_dir.parent
+        _resume_with = f"hydra.sweep.dir={shlex.quote(str(sweep_dir))}"
     with user_errors():
         config = load_config(cfg, start_dir=hydra_config.runtime.cwd)  # where the command was started
         for said in other_commands_keys(hydra_config.job.name, list(hydra_config.overrides.task), config):
@@ -458,12 +478,13 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 said = "; finished images are kept: run the same command again to resume"
             message = getattr(stop, "message", None) if not kept else None
-            print(f"seedselect: {one_line(message) if message else f'stopped by {name}{said}'}", file=sys.stderr)
+            print(f"seedselect: {resumable(one_line(message)) if message else f'stopped by {name}{said}'}",
+                  file=sys.stderr)
             return 128 + stop.signum
 
 
 def _main(command: str, args: list[str]) -> int:
-    global _before
+    global _before, _resume_with
     register_resolvers()
     try:
         check_requirements()  # an environment changed since `pip install` may load weights wrong without a word
@@ -471,8 +492,10 @@ def _main(command: str, args: list[str]) -> int:
     except UserError as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
-    _before = None
+    _before = _resume_with = None
     if run_dir is not None:
+        if not any(a.startswith("hydra.run.dir=") for a in args):
+            _resume_with = f"hydra.run.dir={shlex.quote(str(run_dir))}"
         args = pin_run_dir(args, run_dir)
         if any(a.startswith("hydra.run.dir=") and str(run_dir) in a for a in args):
             _before = take_snapshot(run_dir)

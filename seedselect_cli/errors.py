@@ -6,6 +6,11 @@ the current step. Every other exception is a bug and keeps its traceback.
 """
 
 
+# How a message asks to run the command again; the command line adds the run directory to it where the user left
+# that to Hydra's default (a new folder at each start: the same command alone would start over, not resume)
+SAME_COMMAND = "the same command"
+
+
 def first_line(exc: BaseException) -> str:
     """An exception's message cut to its first line (its type's name if it has none): for `error:` lines."""
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

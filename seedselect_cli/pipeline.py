@@ -27,7 +27,7 @@ from seedselect_cli.core.initial_seeds import SeedStarts, inversion_fingerprint
 from seedselect_cli.core.optimize import SeedResult
 from seedselect_cli.core.targets import ReferenceEncodings, encoder_fingerprint
 from seedselect_cli.devices import memory_budget_bytes, resolve_device, resolve_dtype
-from seedselect_cli.errors import Interrupted, UserError, count_of
+from seedselect_cli.errors import SAME_COMMAND, Interrupted, UserError, count_of
 from seedselect_cli.files.assets import portable
 from seedselect_cli.files.atomic import slugify
 from seedselect_cli.files.datasets import ClassRecord, load_classes, split_of
@@ -234,13 +234,13 @@ def _run(config: Config, run_dir: Path, method: str, stop: GracefulStop) -> list
         except torch.OutOfMemoryError:
             raise UserError(f"out of GPU memory with runtime.batch_size={config.runtime.batch_size} at "
                             f"{config.sampler.width}x{config.sampler.height}: {memory_advice(config, dtype)}; the "
-                            f"{count_of(len(out.finished()), 'image')} finished in {run_dir} stay, and the same "
-                            f"command with the change resumes") from None
+                            f"{count_of(len(out.finished()), 'image')} finished in {run_dir} stay, and {SAME_COMMAND} "
+                            f"resumes with the change") from None
     print_summary(entries, run_dir, None if stop.requested or not entries else evaluate_command(config, run_dir))
     if stop.requested:
         name = signal.Signals(stop.signum).name
         raise Interrupted(stop.signum, f"stopped by {name}: {count_of(len(entries), 'new image')} kept in {run_dir}; "
-                                       f"run the same command again to resume")
+                                       f"run {SAME_COMMAND} again to resume")
     if busy:
         log.warning("%s left to the other process working in %s (%s); run the command again when it has ended to "
                     "check that nothing is missing", count_of(len(busy), "class was", "classes were"), run_dir,

@@ -338,6 +338,32 @@ def test_an_immutable_manifest_is_refused_before_optimising(inputs, tmp_path, mo
         subprocess.run(["chattr", "-i", str(run / "manifest.jsonl")], check=True)
 
 
+def test_a_sweep_stopped_by_a_full_disk_is_told_the_sweep_directory_its_resume_needs(tmp_path, monkeypatch, capsys):
+    """A sweep left to Hydra's `multirun/<config>/<time>`: the same command alone would start a new sweep folder, so
+    the line names the one to go on in, and the command with it finishes the sweep there."""
+    import errno
+
+    from seedselect_cli import pipeline
+
+    real = pipeline.save_seed_file
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(pipeline, "save_seed_file", no_space)
+    sweep = ["optimize", "-m", *TINY, "seed=0,1"]
+    assert main(sweep) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    [sweep_dir] = (tmp_path / "multirun" / "tiny").iterdir()
+    assert "No space left on device" in line and \
+        f"run the same command with hydra.sweep.dir={sweep_dir} again to resume" in line, line
+    monkeypatch.setattr(pipeline, "save_seed_file", real)
+    assert main([*sweep, f"hydra.sweep.dir={sweep_dir}"]) == 0
+    assert len(list(sweep_dir.glob("*/images/red_disc/00000.png"))) == 2
+    assert list((tmp_path / "multirun" / "tiny").iterdir()) == [sweep_dir]
+
+
 def test_a_disk_that_fills_up_mid_run_ends_in_one_line_and_the_resume_works(tmp_path, monkeypatch, capsys, mount):
     disk = mount("disk")
     monkeypatch.chdir(disk)
@@ -358,15 +384,19 @@ def test_a_disk_that_fills_up_mid_run_ends_in_one_line_and_the_resume_works(tmp_
         real(path, *args, **kwargs)
 
     monkeypatch.setattr(pipeline, "save_seed_file", fill_the_disk_after_the_first)
-    args = ["optimize", *TINY, "n_images=3", "runtime.batch_size=1", "hydra.run.dir=run"]
+    args = ["optimize", *TINY, "n_images=3", "runtime.batch_size=1"]  # into Hydra's outputs/tiny/<time>
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "No space left on device" in err[0] and "run the same command again" in err[0], err
+    [run_dir] = (disk / "outputs" / "tiny").iterdir()
+    # the same command alone would start a new folder: the line names the one to resume
+    assert len(err) == 1 and "No space left on device" in err[0], err
+    assert f"run the same command with hydra.run.dir={run_dir} again to resume" in err[0], err
     filler.unlink()  # space freed
     monkeypatch.setattr(pipeline, "save_seed_file", real)
-    assert main(args) == 0
-    assert sorted(p.name for p in (disk / "run" / "images" / "red_disc").glob("*.png")) == [
+    assert main([*args, f"hydra.run.dir={run_dir}"]) == 0
+    assert sorted(p.name for p in (run_dir / "images" / "red_disc").glob("*.png")) == [
         "00000.png", "00001.png", "00002.png"]
+    assert written[0].parent.parent.parent == run_dir and len(list((disk / "outputs" / "tiny").iterdir())) == 1
 
 
 def test_evaluate_skips_a_broken_reference_that_optimize_skipped(tmp_path, monkeypatch, capsys):

@@ -31,7 +31,7 @@ from omegaconf.errors import OmegaConfBaseException
 from PIL import Image, PngImagePlugin
 from safetensors import SafetensorError
 
-from seedselect_cli.errors import UserError, first_line
+from seedselect_cli.errors import SAME_COMMAND, UserError, first_line
 from seedselect_cli.files.atomic import abandoned, atomic_write, slugify
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ class RunDirectory:
             if isinstance(exc, SafetensorError):  # safetensors reports its writes' I/O errors as its own
                 exc = OSError(str(exc).rsplit("I/O error: ", 1)[-1].split(" (os error")[0])
             raise UserError(f"cannot write {path} ({exc.strerror or exc}); what is finished is kept: free space "
-                            f"or make the folder writable, then run the same command again to resume") from None
+                            f"or make the folder writable, then run {SAME_COMMAND} again to resume") from None
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
