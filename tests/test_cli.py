@@ -177,20 +177,20 @@ def test_a_slurm_sweep_is_checked_for_its_values_not_for_the_files_of_its_nodes(
     """A Slurm array is submitted from a login node that may not see the nodes' scratch, where its data set and
     weights are: there only the values are checked; on this machine (Hydra's own launcher, submitit's local one)
     the files too."""
-    from seedselect_cli.cli import preflight
+    from seedselect_cli.preflight import preflight
 
     sweep = ["-m", "--config-name", "cub_tail", f"dataset.root={tmp_path / 'scratch'}", "model.pretrained=/scratch/sd",
              "runtime.shard=0/2,1/2"]
-    assert preflight("bootstrap", [*sweep, "hydra/launcher=slurm"]) is None
+    assert preflight("bootstrap", [*sweep, "hydra/launcher=slurm"], "demo") is None
     with pytest.raises(UserError, match=r"loss.lam=9.0 is invalid"):
-        preflight("bootstrap", [*sweep, "hydra/launcher=slurm", "loss.lam=0.5,9"])
+        preflight("bootstrap", [*sweep, "hydra/launcher=slurm", "loss.lam=0.5,9"], "demo")
     for local in ([], ["hydra/launcher=local"]):
         with pytest.raises(UserError, match=r"/scratch/sd does not exist|scratch is not an existing folder"):
-            preflight("bootstrap", [*sweep, *local])
+            preflight("bootstrap", [*sweep, *local], "demo")
 
 
 def test_a_sweep_is_checked_in_one_job_per_value_not_in_every_job():
-    from seedselect_cli.cli import sweep_jobs
+    from seedselect_cli.preflight import sweep_jobs
 
     assert sweep_jobs(["seed=0,1,2", "loss.lam=0.5,0.9", "n_images=2"]) == ([
         ["seed=0", "loss.lam=0.5", "n_images=2"], ["seed=0", "loss.lam=0.9", "n_images=2"],
@@ -205,11 +205,11 @@ def test_a_sweep_is_checked_in_one_job_per_value_not_in_every_job():
 def test_a_cluster_sweep_without_the_submitit_launcher_says_what_to_install(launcher, capsys, tmp_path, monkeypatch):
     """The plain install leaves out hydra-submitit-launcher (the cluster extra); a sweep on its launchers said
     Hydra's "Could not load 'hydra/launcher/submitit_slurm'" and its config search path, exit 1."""
-    from seedselect_cli import cli
+    from seedselect_cli import preflight
 
-    assert cli.submitit_launcher_installed()  # the test extra has it: what the check looks for is there
+    assert preflight.submitit_launcher_installed()  # the test extra has it: what the check looks for is there
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(cli, "submitit_launcher_installed", lambda: False)
+    monkeypatch.setattr(preflight, "submitit_launcher_installed", lambda: False)
     assert main(["bootstrap", "-m", launcher, "runtime.shard=0/2,1/2"]) == 2
     [line] = capsys.readouterr().err.strip().splitlines()
     assert line.endswith("runs through Hydra's submitit launcher, which is not installed here: pip install "
@@ -505,7 +505,7 @@ def test_the_quoting_an_unreadable_override_is_shown_with_reads_back_in_a_shell(
     with apostrophes ("Brewer's Blackbird"), double quotes, `$`, backslashes and backquotes as typed."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from seedselect_cli.cli import for_the_shell
+    from seedselect_cli.preflight import for_the_shell
 
     def shell_echo(words: str) -> str:  # what a POSIX shell makes of `words` typed as one argument
         return subprocess.run(["sh", "-c", f"printf %s {words}"], check=True, capture_output=True, text=True).stdout

@@ -1,0 +1,274 @@
+"""The command line checked before Hydra runs it, so that a slip is one `error:` line (exit code 2) in about two
+seconds, before any model loads and before anything is written: the overrides' syntax (with how to quote them),
+the launcher's plugin, and each job's config as Hydra will compose it and the job will check it (every job of a
+sweep that holds a value of it), with the data set, weights and run directory it names."""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import sys
+from pathlib import Path
+
+from omegaconf import open_dict
+
+from seedselect_cli.config import (
+    Config,
+    EvaluateConfig,
+    GenerateConfig,
+    check_config,
+    check_evaluate,
+    check_generate,
+    check_resume,
+    check_weights,
+    flat_keys,
+    load_config,
+    load_structured,
+)
+from seedselect_cli.errors import UserError
+
+
+def preflight(command: str, args: list[str], default_config: str) -> Path | None:
+    """Compose and validate the config as Hydra will, so that composition errors follow the error
+    contract: of the job, or of each job of a sweep (-m). Skipped where Hydra does something else than run
+    jobs (help, --cfg, ...). Returns the run directory of `optimize` and `bootstrap` (absolute), else None."""
+    from hydra._internal.utils import get_args_parser
+
+    parser = get_args_parser()
+
+    def usage_error(message: str):
+        raise UserError(f"{message}: put Hydra's options (--config-name, --cfg, -m, ...) before or after all "
+                        f"key=value overrides, not between them (see `seedselect {command} --help`)")
+
+    parser.error = usage_error
+    parsed = parser.parse_args(args)
+    check_override_syntax(parsed.overrides)
+    check_launcher(parsed.overrides)
+    if (parsed.help or parsed.hydra_help or parsed.cfg or parsed.info or parsed.shell_completion
+            or parsed.config_path or parsed.config_dir or parsed.experimental_rerun):
+        return None
+    from hydra import initialize_config_module
+
+    config_name = parsed.config_name or default_config
+    with initialize_config_module(config_module(command), version_base="1.3"):
+        if not parsed.multirun:
+            return check_job(command, config_name, parsed.overrides, set())
+        # the jobs' configs, as the jobs will check them: a slip in the last value of a sweep (or in any job of a
+        # Slurm array) is the exit-2 line now, not after the jobs before it ran
+        jobs, every = sweep_jobs(parsed.overrides)
+        if len(jobs) > 20:  # about 0.1 s a job
+            print(f"seedselect: checking the sweep's values in {len(jobs)} of its {every} jobs", file=sys.stderr)
+        seen: set = set()
+        for job in jobs:
+            check_job(command, config_name, job, seen, in_sweep=True)
+    return None
+
+
+# Hydra's launchers whose jobs run on this machine, where the files a job reads can be checked before it starts.
+LOCAL_LAUNCHERS = ("hydra._internal.core_plugins.basic_launcher.BasicLauncher",
+                   "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher",
+                   "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher")
+
+
+def sweep_jobs(overrides: list[str]) -> tuple[list[list[str]], int]:
+    """The overrides of the jobs of a sweep that hold each swept value at least once, in the order Hydra's basic
+    sweeper makes them (`-m seed=0,1,2 loss.lam=0.5,0.9`: 3 + 2 - 1 = 4 of its 6 jobs; 200 classes on 4 shards: 203
+    of 800, so that a large sweep is checked in seconds), and how many jobs it has; none where another sweeper is
+    chosen (it makes its own)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    if any(o.key_or_group.lstrip("+~") == "hydra/sweeper" for o in parsed):
+        return [], 0
+    every = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+    covered: set[str] = set()
+    jobs = []
+    for job in every:
+        if not covered.issuperset(job):
+            jobs.append(job)
+            covered.update(job)
+    return jobs, len(every)
+
+
+def check_job(command: str, config_name: str, overrides: list[str], seen: set, in_sweep: bool = False
+              ) -> Path | None:
+    """Compose and check one job's config as Hydra and the job will: every bad value is the exit-2 line before
+    anything loads. Returns the run directory of `optimize` and `bootstrap` (absolute), else None; a sweep's
+    job (`in_sweep`) has Hydra's sweep directory instead, not checked here, and where its launcher runs it on
+    another machine, only its values are. `seen`: the data sets already listed by this preflight (a sweep lists
+    each once)."""
+    from hydra import compose
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:  # in preflight's initialize_config_module
+        cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+        run_dir = str(cfg.hydra.run.dir)
+    except (HydraException, OmegaConfBaseException, ValueError) as exc:
+        message = " ".join(str(exc).split("\n")[0].split()).replace(" Check that it's in your config search path.", "")
+        raise UserError(f"{message.rstrip('.')}{suggestion(message, command, config_name)} (see `seedselect "
+                        f"{command} --help`)") from None
+    launcher = cfg.hydra.launcher.get("_target_")
+    with open_dict(cfg):
+        del cfg["hydra"]
+    if in_sweep and launcher not in LOCAL_LAUNCHERS:  # jobs on other machines (a Slurm array), whose files this one
+        # may not see (a data set or weights on the nodes' scratch): their values alone
+        schema = {"generate": GenerateConfig, "evaluate": EvaluateConfig}.get(command)
+        if schema is None:
+            check_config(load_structured(Config, cfg))
+        else:
+            load_structured(schema, cfg)
+        return None
+    # One check per command, the one its job runs too.
+    if command == "generate":
+        check_generate(load_structured(GenerateConfig, cfg))
+        return None
+    if command == "evaluate":
+        check_evaluate(load_structured(EvaluateConfig, cfg))
+        return None
+    config = load_config(cfg)  # optimize and bootstrap: config.check_config
+    check_weights(config.model)
+    path = Path(os.path.abspath(os.path.expanduser(run_dir)))
+    if not in_sweep:
+        check_run_dir(path)
+        check_resume(path, config, command)
+    from seedselect_cli.files.datasets import load_classes
+
+    # The references exist and the classes are known: before any model loads. Its warnings are said
+    # once, by the job, which loads the classes again with its log set up.
+    if (key := (repr(config.dataset), config.seed)) not in seen:
+        load_classes(config.dataset, config.seed, quiet=True)
+        seen.add(key)
+    return path
+
+
+def config_module(command: str) -> str:
+    """The package folder of a command's configs."""
+    return "seedselect_cli.tool_configs" if command in ("generate", "evaluate") else "seedselect_cli.configs"
+
+
+def suggestion(message: str, command: str, config_name: str) -> str:
+    """What the user may have meant by the key, group option or config name Hydra could not find."""
+    from importlib.resources import files
+
+    configs = files("seedselect_cli") / config_module(command).rsplit(".", 1)[1]
+    if found := re.search(r"Cannot find primary config '([^']+)'", message):
+        names = sorted(p.name.removesuffix(".yaml") for p in configs.iterdir() if p.name.endswith(".yaml")
+                       and not p.name.startswith("_") and p.name not in ("evaluate.yaml", "generate.yaml"))
+        close = difflib.get_close_matches(found[1], names, n=1, cutoff=0.5)
+        return (f"; did you mean --config-name {close[0]}?" if close else "") + f" (named configs: {', '.join(names)})"
+    if found := re.search(r"Could not find '([^'/]+)/([^']+)'", message):
+        group = configs / found[1]
+        options = sorted(p.name.removesuffix(".yaml") for p in group.iterdir() if p.name.endswith(".yaml")) \
+            if group.is_dir() else []
+        return f"; {found[1]} options: {', '.join(options)}" if options else ""
+    if found := re.search(r"Could not override '([^']+)'|Key '([^']+)' (?:is )?not in", message):
+        from hydra import compose
+
+        key = found[1] or found[2]
+        known = flat_keys(compose(config_name=config_name))  # in preflight's initialize_config_module
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        if close:
+            return f"; did you mean {close[0]}?"
+        if command == "generate":  # a handful of keys; the rest of what draws the image is in the seed file
+            return f"; generate takes {', '.join(known)}, and draws with the sampler, steps and size the seed file records"
+        if command == "evaluate":
+            return f"; evaluate takes {', '.join(known)}"
+        return ""
+    return ""
+
+
+def check_override_syntax(overrides: list[str]) -> None:
+    """Each override parses in Hydra's grammar; if not, say how to write it (quoting is the usual fix, and where the
+    shell split a value at its spaces, the words it made are named)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    for i, override in enumerate(overrides):
+        try:
+            parser.parse_override(override)
+        except HydraException:
+            start, end = split_by_the_shell(overrides, i)
+            key, _, value = " ".join(overrides[start:end]).partition("=")
+            if value.startswith("[") and value.endswith("]"):
+                items = ",".join('"' + v.strip().strip("'\"").replace('"', '\\"') + '"'
+                                 for v in value[1:-1].split(","))
+                quoted = f"{key}=[{items}]"
+            else:
+                quoted = key + '="' + value.replace('"', '\\"') + '"'
+            if end - start > 1:
+                raise UserError(f"cannot read the overrides {' '.join(map(repr, overrides[start:end]))}: the shell split "
+                                f"{key}={value} at its spaces into {end - start} words; quote it, e.g. "
+                                f"{for_the_shell(quoted)} (the outer quotes for the shell)") from None
+            raise UserError(f"cannot read the override {override!r}: values with spaces, non-ASCII letters, ~ or "
+                            f"other special characters must be quoted, e.g. {for_the_shell(quoted)} (the outer "
+                            f"quotes for the shell)") from None
+
+
+def split_by_the_shell(overrides: list[str], i: int) -> tuple[int, int]:
+    """The overrides [start, end) around the unreadable `overrides[i]` that are the words of one `key=value` the shell
+    split at its spaces (`dataset.classes=[sea gull]` typed unquoted: `dataset.classes=[sea` and `gull]`): from the
+    last override with a key up to the next one, or on while a `[` is open; (i, i + 1) where it was no split."""
+    start = i
+    while start > 0 and "=" not in overrides[start]:
+        start -= 1
+    if "=" not in overrides[start] or overrides[start].startswith("-"):
+        return i, i + 1
+    end = i + 1
+    while end < len(overrides) and not overrides[end].startswith("-") and (
+            "=" not in overrides[end] or " ".join(overrides[start:end]).count("[") > " ".join(
+                overrides[start:end]).count("]")):
+        end += 1
+    return start, end
+
+
+# hydra/launcher options that run through hydra-submitit-launcher: ours (configs/hydra/launcher/) and its own
+SUBMITIT_LAUNCHERS = ("slurm", "local", "submitit_slurm", "submitit_local")
+
+
+def submitit_launcher_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is not None
+
+
+def check_launcher(overrides: list[str]) -> None:
+    """A sweep on `hydra/launcher=slurm` or `local` needs hydra-submitit-launcher (the `cluster` extra), which the
+    plain install leaves out: without it Hydra ends in a page of its config search path."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for override in OverridesParser.create().parse_overrides(overrides):
+        launcher = override.value() if override.key_or_group.lstrip("+~") == "hydra/launcher" else None
+        if launcher in SUBMITIT_LAUNCHERS and not submitit_launcher_installed():
+            raise UserError(f"hydra/launcher={launcher} runs through Hydra's submitit launcher, which is not installed "
+                            f"here: pip install hydra-submitit-launcher (seedselect's cluster extra)")
+
+
+def for_the_shell(argument: str) -> str:
+    """`argument` quoted for a POSIX shell as a person would write it: in single quotes, or in double quotes where
+    it holds an apostrophe ("Brewer's Blackbird")."""
+    if "'" not in argument:
+        return f"'{argument}'"
+    return '"' + re.sub(r'([\\"$`])', r"\\\1", argument) + '"'
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """The run directory can be made and written to (Hydra makes it before the job runs)."""
+    for part in run_dir.parts:
+        if len(part.encode()) > 255:
+            raise UserError(f"hydra.run.dir={run_dir}: the folder name {part[:40]}... is {len(part.encode())} bytes "
+                            f"long, over the 255 a file system allows; choose a shorter one")
+    existing = run_dir
+    while not existing.exists() and existing != existing.parent:
+        if existing.is_symlink():
+            raise UserError(f"hydra.run.dir={run_dir}: {existing} is a symbolic link to {os.readlink(existing)}, which "
+                            f"does not exist; create its target or choose another directory")
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"hydra.run.dir={run_dir} cannot be made: {existing} is a file; choose another directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"hydra.run.dir={run_dir} is not writable ({existing}); choose another with "
+                        f"hydra.run.dir=DIR")
