@@ -35,6 +35,24 @@ def test_folder_errors(tmp_path):
         load_classes(DatasetConfig(name="folder", root=str(tmp_path / "empty")), 0)
 
 
+def test_photos_in_a_format_not_read_are_said_not_silently_passed_over(reference_folder, caplog):
+    """A phone's HEIC photos beside JPEGs: the references are the readable ones, and the log says which were
+    passed over and what to do; a quiet second reading (the job after preflight, evaluate) does not say it again."""
+    for name in ("IMG_0042.HEIC", "IMG_0043.avif"):
+        (reference_folder / name).write_bytes(b"\0\0\0\x18ftypheic")
+    (reference_folder / "notes.txt").write_text("where I took them")  # not a photo: nothing to say
+    with caplog.at_level("WARNING"):
+        [record] = load_classes(DatasetConfig(name="folder", root=str(reference_folder)), seed=0)
+    assert len(record.images) == 4 and all(p.suffix == ".png" for p in record.images)
+    [said] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert said.startswith(f"{reference_folder}: 2 photos passed over (IMG_0042.HEIC, IMG_0043.avif): seedselect "
+                           f"reads bmp, gif, jpeg, jpg,") and said.endswith("convert them to JPEG or PNG to use them")
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        load_classes(DatasetConfig(name="folder", root=str(reference_folder)), seed=0, quiet=True)
+    assert not caplog.records
+
+
 def test_cub_layout(tmp_path):
     root = make_cub(tmp_path / "CUB_200_2011")
     cfg = DatasetConfig(name="cub", root=str(root), shots=2, prompt_template="a photo of a {}, a type of bird.")

@@ -176,6 +176,9 @@ CASES = {
         ["optimize", *TINY, "dataset.root={tmp}/refs"], "remove it or convert it to PNG", _refs({"a.png": "->", "b.jpg": "->"})),
     "a folder holding an SVG": Case(
         ["optimize", *TINY, "dataset.root={tmp}/refs"], "render vector images", _refs({"shape.svg": "<svg/>"})),
+    "a folder of a phone's HEIC photos": Case(
+        ["optimize", *TINY, "dataset.root={tmp}/refs"], "convert its photos (IMG_0001.HEIC, IMG_0002.heic) to JPEG or",
+        _refs({"IMG_0001.HEIC": b"\0\0\0\x18ftypheic", "IMG_0002.heic": b"\0\0\0\x18ftypheic"})),
     "an imagefolder without class folders": Case(
         ["optimize", *TINY, "dataset.name=imagefolder", "dataset.root={tmp}/refs"], "use --config-name folder",
         _refs({"a.png": None})),

@@ -26,6 +26,9 @@ CHUNK = 1 << 20
 WRITTEN_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 EXIF_DESCRIPTION = 0x010E  # ImageDescription: where a JPEG or WebP that generate writes keeps its seed's metadata
 VECTOR_SUFFIXES = {".svg", ".svgz", ".eps", ".pdf", ".ai"}
+# Photos in formats not read as references (a phone's HEIC, AVIF, JPEG XL, camera raw): said, not silently passed over
+UNREAD_PHOTO_SUFFIXES = {".heic", ".heif", ".avif", ".jxl", ".jfif", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf",
+                         ".orf", ".rw2"}
 
 
 class UnreadableImage(UserError):
@@ -45,17 +48,28 @@ def no_images_hint(folder: Path) -> str:
         names = []
     if any(p.suffix.lower() in VECTOR_SUFFIXES for p in names):
         return "render vector images (SVG, EPS, PDF) to PNG first"
+    if photos := unread_photos(names):
+        return f"convert its photos ({', '.join(p.name for p in photos[:3])}{', ...' if len(photos) > 3 else ''}) to JPEG or PNG first"
     if names and all(p.is_dir() for p in names):
         return "it holds only folders: for one folder per class use --config-name imagefolder"
     return f"add reference images ({', '.join(sorted(s.lstrip('.') for s in IMAGE_SUFFIXES)[:6])}, ...) to it"
 
 
+def unread_photos(paths: list[Path]) -> list[Path]:
+    """The photos among `paths` in a format that is not read as a reference (HEIC, AVIF, camera raw, ...), sorted."""
+    return sorted(p for p in paths if p.suffix.lower() in UNREAD_PHOTO_SUFFIXES and not p.name.startswith("."))
+
+
 def list_images(folder: Path) -> list[Path]:
-    """Image files directly inside `folder`, sorted by name (hidden files skipped)."""
-    return sorted(
-        p for p in folder.iterdir()
-        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
-    )
+    """Image files directly inside `folder`, sorted by name (hidden files skipped); photos in formats not read (a
+    phone's HEIC) are passed over with a warning."""
+    files = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
+    if photos := unread_photos(files):
+        log.warning("%s: %d photo%s passed over (%s%s): seedselect reads %s; convert %s to JPEG or PNG to use %s",
+                    folder, len(photos), "s" if len(photos) > 1 else "", ", ".join(p.name for p in photos[:3]),
+                    ", ..." if len(photos) > 3 else "", ", ".join(sorted(s.lstrip(".") for s in IMAGE_SUFFIXES)),
+                    "them" if len(photos) > 1 else "it", "them" if len(photos) > 1 else "it")
+    return sorted(p for p in files if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def file_sha256(path: Path) -> str:
