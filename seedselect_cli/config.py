@@ -258,7 +258,9 @@ def load_config(cfg: DictConfig | dict, start_dir: str | None = None) -> Config:
                                                                                      for p in paths)
     if dataset.classes_file is not None:  # the list itself is the run's config (RUN/config.yaml), not the file
         if dataset.classes is not None:
-            raise UserError("dataset.classes and dataset.classes_file both name the classes: pass one of them")
+            raise UserError(f"dataset.classes={list(dataset.classes)} and dataset.classes_file both name the classes: "
+                            f"pass one of them (to read the file with a config that names classes, as the demo "
+                            f"does, add dataset.classes=null)")
         dataset.classes, dataset.classes_file = read_class_list(dataset.classes_file), None
     return config
 

@@ -278,8 +278,13 @@ def test_classes_can_be_listed_in_a_file(tmp_path):
     assert config.dataset.classes == ["Black-footed Albatross", "094.Pine_Warbler"]
     assert config.dataset.classes_file is None
     assert [r.name for r in load_classes(config.dataset, 0)] == ["Black footed Albatross", "Pine Warbler"]
-    with pytest.raises(UserError, match="dataset.classes and dataset.classes_file both name the classes"):
+    with pytest.raises(UserError, match=r"dataset.classes=\['Pine Warbler'\] and dataset.classes_file both name"):
         make_config([f"dataset.root={root}", f"dataset.classes_file={listed}", "dataset.classes=[Pine Warbler]"])
+    with pytest.raises(UserError, match=r"classes_file both name the classes: pass one of them .* as the demo does, "
+                                        r"add dataset.classes=null\)"):  # the demo names its class
+        make_config([f"dataset.classes_file={listed}"], name="demo")
+    assert make_config([f"dataset.classes_file={listed}", "dataset.classes=null", f"dataset.root={root}"],
+                       name="cub_tail").dataset.classes == ["Black-footed Albatross", "094.Pine_Warbler"]
     with pytest.raises(UserError, match=r"dataset.classes_file=.*nope.txt cannot be read \(No such file"):
         make_config([f"dataset.classes_file={tmp_path / 'nope.txt'}"])
     listed.write_text("# nothing but comments\n\n")
