@@ -142,7 +142,7 @@ def print_summary(entries: list[dict], run_dir: Path, next_command: str | None =
     """A table of the new images per class: count, mean loss before and after, how many never got below their
     start's loss, seconds per image, the first `SHOWN_CLASSES` classes one by one and, for more than one, all of them
     together; below it, `next_command` (what to run next), if given."""
-    table = Table(title=f"seedselect: {count_of(len(entries), 'new image')} in {run_dir}")
+    table = Table()
     drawn = any("drawn" in e for e in entries)  # bootstrap.keep_drawn: how many were kept as drawn
     columns = ("class", "images", "first loss", "best loss", *(["kept as drawn"] if drawn else []), "unrefined",
                "s / image")
@@ -161,6 +161,10 @@ def print_summary(entries: list[dict], run_dir: Path, next_command: str | None =
         table.add_section()
         table.add_row(f"all {len(by_class)} classes", *summary_cells(entries, drawn))
     console = Console(width=None if sys.stdout.isatty() else 160)  # a log or pipe: long class names unwrapped
+    # the run directory on a line of its own, never wrapped (as a table's title it was broken wherever the table's
+    # width fell, a sweep job's folder in the middle of a key)
+    console.print(f"seedselect: {count_of(len(entries), 'new image')} in {run_dir}", markup=False, highlight=False,
+                  soft_wrap=True)
     console.print(table)
     if next_command:
         console.print(f"{NEXT} {next_command}", markup=False, highlight=False, soft_wrap=True)

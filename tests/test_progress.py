@@ -61,6 +61,14 @@ def test_one_class_has_no_total_row(capsys):
     assert "class 000" in out and "all " not in out and "more class" not in out
 
 
+def test_the_run_directory_is_printed_whole_on_one_line(capsys):
+    """A sweep job's folder is long; as the table's title it was broken at the table's width, mid-key, and a path
+    copied from it did not exist."""
+    run_dir = Path("/scratch/me/multirun/cub_tail/2026-12-06_14-06-17/loss.lam-0.5+optim.iterations-30+sampler.steps-3")
+    print_summary(entries_of(1, 2, random.Random(46)), run_dir)
+    assert f"seedselect: 2 new images in {run_dir}\n" in capsys.readouterr().out
+
+
 def test_evaluate_of_many_classes_prints_the_first_and_overall(capsys):
     """`seedselect evaluate`'s tables, as the end-of-run one: the first classes, a count of the rest, overall."""
     from seedselect_cli.report import print_table
