@@ -457,6 +457,9 @@ def check_device(name: str) -> None:
     """`runtime.device` against this machine: `UserError` for an accelerator it does not have. Called before
     anything loads, and again when the device is resolved."""
     if name not in DEVICES:
+        if found := re.fullmatch(r"cuda:(\d+)", str(name).strip()):  # one GPU of several: chosen outside, as CUDA does
+            raise _bad("runtime.device", name, f"choose one of {', '.join(DEVICES)}; for GPU {found[1]} run "
+                                               f"`CUDA_VISIBLE_DEVICES={found[1]} seedselect ...` with runtime.device=cuda")
         raise _bad("runtime.device", name, f"choose one of {', '.join(DEVICES)}")
     if name not in ("cuda", "mps"):
         return

@@ -96,6 +96,8 @@ CASES = {
     "image encoder file": (["optimize", "model.image_encoder={inputs}/sd-v1.safetensors"],
                            "the CLIP image encoder loads from a folder in the transformers layout"),
     "cuda without cuda": (["optimize", "runtime.device=cuda"], "no CUDA device is available; use runtime.device=cpu"),
+    "one GPU of several": (["optimize", "runtime.device=cuda:1"],
+                           "for GPU 1 run `CUDA_VISIBLE_DEVICES=1 seedselect ...` with runtime.device=cuda"),
     "generate on cuda without cuda": (["generate", "seed_file={inputs}/pickle.safetensors", "out=x.png",
                                        "runtime.device=cuda"], "no CUDA device is available; use runtime.device=cpu"),
     "evaluate on cuda without cuda": (["evaluate", "run_dir={inputs}", "runtime.device=cuda"],
