@@ -49,7 +49,8 @@ def no_images_hint(folder: Path) -> str:
     if any(p.suffix.lower() in VECTOR_SUFFIXES for p in names):
         return "render vector images (SVG, EPS, PDF) to PNG first"
     if photos := unread_photos(names):
-        return f"convert its photos ({', '.join(p.name for p in photos[:3])}{', ...' if len(photos) > 3 else ''}) to JPEG or PNG first"
+        named = ", ".join(p.name for p in photos[:3]) + (", ..." if len(photos) > 3 else "")
+        return f"convert its photos ({named}) to JPEG or PNG first"
     if names and all(p.is_dir() for p in names):
         return "it holds only folders: for one folder per class use --config-name imagefolder"
     return f"add reference images ({', '.join(sorted(s.lstrip('.') for s in IMAGE_SUFFIXES)[:6])}, ...) to it"
