@@ -12,6 +12,7 @@ import time
 import torch
 
 from seedselect_cli.config import check_device, check_redraw_dtype
+from seedselect_cli.errors import count_of
 from seedselect_cli.limits import DTYPE_NAMES
 
 log = logging.getLogger(__name__)
@@ -70,11 +71,12 @@ def match_cpu_threads(recorded: str | None) -> str | None:
         torch.set_num_threads(wanted)
         if wanted not in _threads_said:
             _threads_said.add(wanted)
-            log.info("drawing with %d CPU threads, as the seed's run did (the same sums in the same order)", wanted)
+            log.info("drawing with %s, as the seed's run did (the same sums in the same order)",
+                     count_of(wanted, "CPU thread"))
         return None
     if torch.get_num_threads() == wanted:
         return None
-    return (f"drawing with {torch.get_num_threads()} CPU threads ({why}); the seed's run drew with {wanted}, so the "
+    return (f"drawing with {count_of(torch.get_num_threads(), 'CPU thread')} ({why}); the seed's run drew with {wanted}, so the "
             f"image is the seed's but perhaps not pixel for pixel the run's")
 
 

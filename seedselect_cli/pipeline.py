@@ -138,7 +138,7 @@ def _run(config: Config, run_dir: Path, method: str, stop: GracefulStop) -> list
     # 1. Device and precision.
     device = resolve_device(config.runtime.device)
     dtype = resolve_dtype(config.runtime.dtype, device)
-    log.info("device %s, %s, %d CPU threads", device, str(dtype).removeprefix("torch."), torch.get_num_threads())
+    log.info("device %s, %s, %s", device, str(dtype).removeprefix("torch."), count_of(torch.get_num_threads(), "CPU thread"))
     resolve_cuda_graphs(config.runtime.cuda_graphs, device, config.sampler.checkpointing)  # a bad setting fails here
 
     # 2. The classes of the run with their prompts and reference image paths, and those this process takes.

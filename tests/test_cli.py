@@ -316,7 +316,7 @@ def test_generate_on_a_cpu_draws_with_the_threads_the_seeds_run_drew_with(tmp_pa
     done = subprocess.run([*generate, "out=one.png"], cwd=tmp_path, env=env | {"OMP_NUM_THREADS": "1"},
                           capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
-    assert "drawing with 1 CPU threads (OMP_NUM_THREADS); the seed's run drew with 2" in done.stdout
+    assert "drawing with 1 CPU thread (OMP_NUM_THREADS); the seed's run drew with 2" in done.stdout
 
 
 @pytest.mark.slow
