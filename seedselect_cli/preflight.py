@@ -5,10 +5,12 @@ sweep that holds a value of it), with the data set, weights and run directory it
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from omegaconf import open_dict
@@ -45,13 +47,22 @@ def preflight(command: str, args: list[str], default_config: str) -> Path | None
     parsed = parser.parse_args(args)
     check_override_syntax(parsed.overrides)
     check_launcher(parsed.overrides)
+    if parsed.config_path is not None and not os.path.isabs(parsed.config_path):
+        raise UserError(f"--config-path {parsed.config_path} is read inside seedselect's package, not from here "
+                        f"(Hydra's rule for a relative --config-path); for a folder of your own configs pass "
+                        f"--config-dir {parsed.config_path} (a config there may build on a named one: `defaults: "
+                        f"[cub_tail, _self_]`)")
     if (parsed.help or parsed.hydra_help or parsed.cfg or parsed.info or parsed.shell_completion
-            or parsed.config_path or parsed.config_dir or parsed.experimental_rerun):
+            or parsed.config_path or parsed.experimental_rerun):
         return None
-    from hydra import initialize_config_module
-
+    config_dir = None  # --config-dir: the user's folder of configs, searched before the package's, as Hydra's run does
+    if parsed.config_dir is not None:
+        config_dir = os.path.abspath(os.path.expanduser(parsed.config_dir))
+        if not os.path.isdir(config_dir):
+            raise UserError(f"--config-dir {parsed.config_dir} is not an existing folder; pass the folder that holds "
+                            f"your config files")
     config_name = parsed.config_name or default_config
-    with initialize_config_module(config_module(command), version_base="1.3"):
+    with configs_of(command, config_dir):
         if not parsed.multirun:
             return check_job(command, config_name, parsed.overrides, set())
         # the jobs' configs, as the jobs will check them: a slip in the last value of a sweep (or in any job of a
@@ -63,6 +74,30 @@ def preflight(command: str, args: list[str], default_config: str) -> Path | None
         for job in jobs:
             check_job(command, config_name, job, seen, in_sweep=True)
     return None
+
+
+@contextlib.contextmanager
+def configs_of(command: str, config_dir: str | None) -> Iterator[None]:
+    """Hydra initialised with the command's config search path, as its run will have it: the package's configs,
+    and `--config-dir`'s folder (absolute) before them where given (`hydra.initialize_config_module` has no place
+    for it)."""
+    from hydra import version
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_automatic_config_search_path
+    from hydra.core.config_search_path import SearchPathQuery
+    from hydra.initialize import get_gh_backup, restore_gh_from_backup
+
+    backup = get_gh_backup()
+    version.setbase("1.3")  # as @hydra.main(version_base="1.3")
+    search_path = create_automatic_config_search_path(None, f"{config_module(command)}.app", None)
+    if config_dir is not None:
+        search_path.prepend(provider="command-line", path=f"file://{config_dir}",
+                            anchor=SearchPathQuery(provider="schema"))
+    Hydra.create_main_hydra2(task_name="app", config_search_path=search_path)
+    try:
+        yield
+    finally:
+        restore_gh_from_backup(backup)
 
 
 # Hydra's launchers whose jobs run on this machine, where the files a job reads can be checked before it starts.
@@ -103,7 +138,7 @@ def check_job(command: str, config_name: str, overrides: list[str], seen: set, i
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    try:  # in preflight's initialize_config_module
+    try:  # in preflight's configs_of
         cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
         run_dir = str(cfg.hydra.run.dir)
     except (HydraException, OmegaConfBaseException, ValueError) as exc:
@@ -150,25 +185,26 @@ def config_module(command: str) -> str:
 
 
 def suggestion(message: str, command: str, config_name: str) -> str:
-    """What the user may have meant by the key, group option or config name Hydra could not find."""
-    from importlib.resources import files
+    """What the user may have meant by the key, group option or config name Hydra could not find, among the
+    configs on the search path (the package's, and `--config-dir`'s)."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.object_type import ObjectType
 
-    configs = files("seedselect_cli") / config_module(command).rsplit(".", 1)[1]
+    loader = GlobalHydra.instance().config_loader()  # in preflight's configs_of
     if found := re.search(r"Cannot find primary config '([^']+)'", message):
-        names = sorted(p.name.removesuffix(".yaml") for p in configs.iterdir() if p.name.endswith(".yaml")
-                       and not p.name.startswith("_") and p.name not in ("evaluate.yaml", "generate.yaml"))
+        names = [n for n in loader.get_group_options("", results_filter=ObjectType.CONFIG)
+                 if not n.startswith("_") and n not in ("evaluate", "generate")]
         close = difflib.get_close_matches(found[1], names, n=1, cutoff=0.5)
-        return (f"; did you mean --config-name {close[0]}?" if close else "") + f" (named configs: {', '.join(names)})"
+        return (f"; did you mean --config-name {close[0]}?" if close else "") + (
+            f" (named configs: {', '.join(names)})" if names else "")
     if found := re.search(r"Could not find '([^'/]+)/([^']+)'", message):
-        group = configs / found[1]
-        options = sorted(p.name.removesuffix(".yaml") for p in group.iterdir() if p.name.endswith(".yaml")) \
-            if group.is_dir() else []
+        options = loader.get_group_options(found[1], results_filter=ObjectType.CONFIG)
         return f"; {found[1]} options: {', '.join(options)}" if options else ""
     if found := re.search(r"Could not override '([^']+)'|Key '([^']+)' (?:is )?not in", message):
         from hydra import compose
 
         key = found[1] or found[2]
-        known = flat_keys(compose(config_name=config_name))  # in preflight's initialize_config_module
+        known = flat_keys(compose(config_name=config_name))  # in preflight's configs_of
         close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
         if close:
             return f"; did you mean {close[0]}?"

@@ -538,3 +538,29 @@ def test_a_value_the_shell_split_at_its_spaces_is_named_and_quoted_whole(capsys,
     assert main(["optimize", "dataset.classes=[Café]"]) == 2  # one word: no split to speak of
     assert "cannot read the override 'dataset.classes=[Café]': values with spaces" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_a_folder_of_ones_own_configs_is_checked_as_the_package_s(tmp_path, capsys, monkeypatch):
+    """`--config-dir DIR`: the user's configs (building on a named one) are checked before anything runs, as the
+    package's are (they were not checked at all), and a near miss of their names is suggested; a relative
+    `--config-path`, which Hydra reads inside the package, says to use --config-dir."""
+    monkeypatch.chdir(tmp_path)
+    mine = tmp_path / "my_configs"
+    mine.mkdir()
+    (mine / "exp1.yaml").write_text("defaults:\n  - tiny\n  - _self_\nn_images: 1\nsampler:\n  steps: 3\n"
+                                    "optim:\n  iterations: 2\nruntime:\n  progress: false\n")
+    (mine / "bad.yaml").write_text("defaults:\n  - tiny\n  - _self_\nloss:\n  lam: 7\n")
+    for args, said in ((["--config-dir", "my_configs", "--config-name", "bad"], "loss.lam=7.0 is invalid"),
+                       (["--config-dir", "my_configs", "--config-name", "exp"], "did you mean --config-name exp1?"),
+                       (["--config-dir", "my_configs", "--config-name", "exp1", "dataset.root=nowhere"],
+                        "dataset.root=" + str(tmp_path / "nowhere") + " is not an existing folder"),
+                       (["--config-dir", "nope", "--config-name", "exp1"], "--config-dir nope is not an existing"),
+                       (["--config-path", "my_configs", "--config-name", "exp1"],
+                        "for a folder of your own configs pass --config-dir my_configs")):
+        assert main(["optimize", *args]) == 2, args
+        [line] = capsys.readouterr().err.strip().splitlines()
+        assert said in line, (args, line)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["my_configs"], args  # nothing written
+    assert main(["optimize", "--config-dir", "my_configs", "--config-name", "exp1"]) == 0
+    [run_dir] = (tmp_path / "outputs" / "exp1").iterdir()
+    assert len(read_manifest(run_dir)) == 1
