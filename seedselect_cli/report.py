@@ -224,11 +224,13 @@ def print_table(metrics: dict, per_image: list[dict] | None = None) -> None:
     groups = {"accuracy": [k for k in keys if k not in QUALITY_KEYS],
               f"beside real images ({metrics.get('quality_space', 'CLIP')})": [k for k in keys if k in QUALITY_KEYS]}
     console = Console(width=None if sys.stdout.isatty() else 160)
+    # the report's folder on a line of its own, never wrapped (in a table's title it broke at the table's width)
+    console.print(f"seedselect evaluate: {count_of(metrics['n_images'], 'image')}; report in "
+                  f"{Path(metrics['run_dir']) / 'report'}", markup=False, highlight=False, soft_wrap=True)
     for title, columns in groups.items():
         if not columns:
             continue
-        table = Table(title=f"seedselect evaluate, {title}: {count_of(metrics['n_images'], 'image')}; report in "
-                            f"{metrics['run_dir']}/report")
+        table = Table(title=title)
         for column in ("class", "images", "n", *columns):
             table.add_column(column, justify="left" if column in ("class", "images") else "right")
         classes = list(metrics["classes"].items())
@@ -243,11 +245,14 @@ def print_table(metrics: dict, per_image: list[dict] | None = None) -> None:
                               and r < len(rows) - 1)
         console.print(table)
     if len(metrics["classes"]) > SHOWN_CLASSES:
-        console.print(f"every class: {Path(metrics['run_dir']) / 'report' / 'index.html'} and metrics.json there")
+        console.print(f"every class: {Path(metrics['run_dir']) / 'report' / 'index.html'} and metrics.json there",
+                      markup=False, highlight=False, soft_wrap=True)
     for note in metrics.get("notes", []):
-        console.print(f"note: {note}")
+        console.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
     if per_image:
-        console.print(marks_line(per_image, Path(metrics["run_dir"]) / "report"))
+        # the lines below the tables unwrapped: a path in them is never broken (a terminal wraps them itself)
+        console.print(marks_line(per_image, Path(metrics["run_dir"]) / "report"), markup=False, highlight=False,
+                      soft_wrap=True)
 
 
 def training_table(results: dict) -> str:

@@ -87,3 +87,18 @@ def test_evaluate_of_many_classes_prints_the_first_and_overall(capsys):
     assert out.count("... 4 more classes") == 2 and out.count("overall") == 2  # both tables
     assert f"{metrics['overall']['plain']['precision']:.3f}" in out
     assert "every class: RUN/report/index.html" in out
+
+
+def test_evaluate_names_the_report_folder_whole_on_one_line(capsys):
+    """As the end-of-run table: a sweep job's long folder, in the tables' titles, was broken at their width."""
+    from seedselect_cli.report import print_table
+
+    run_dir = "/scratch/me/multirun/cub_tail/2026-12-06_14-06-17/loss.lam-0.5+optim.iterations-30+sampler.steps-3"
+    cells = {m: {"n_images": 2, "top1": 0.5, "precision": 0.25} for m in ("seedselect", "plain")}
+    per_image = [{"set": "seedselect", "copy": False, "unrefined": False, "judge_label": None, "class": "a"}] * 2
+    print_table({"classes": {"a": cells}, "overall": cells, "n_images": 2, "run_dir": run_dir, "made_by": "optimize",
+                 "notes": [f"a note naming {run_dir}/report/sheets, longer than any table here is wide"]}, per_image)
+    lines = capsys.readouterr().out.splitlines()
+    assert f"seedselect evaluate: 2 images; report in {run_dir}/report" in lines
+    assert f"note: a note naming {run_dir}/report/sheets, longer than any table here is wide" in lines
+    assert any(line.endswith(f"every image's measures in {run_dir}/report/images.jsonl") for line in lines)
