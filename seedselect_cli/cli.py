@@ -223,9 +223,9 @@ def main(argv: list[str] | None = None) -> int:
             elif kept:
                 said = "; nothing was written"
             else:
-                said = "; finished images are kept: run the same command again to resume"
+                said = f"; finished images are kept: run {SAME_COMMAND} again to resume"
             message = getattr(stop, "message", None) if not kept else None
-            print(f"seedselect: {resumable(one_line(message)) if message else f'stopped by {name}{said}'}",
+            print(f"seedselect: {resumable(one_line(message) if message else f'stopped by {name}{said}')}",
                   file=sys.stderr)
             return 128 + stop.signum
 

@@ -76,8 +76,8 @@ def match_cpu_threads(recorded: str | None) -> str | None:
         return None
     if torch.get_num_threads() == wanted:
         return None
-    return (f"drawing with {count_of(torch.get_num_threads(), 'CPU thread')} ({why}); the seed's run drew with {wanted}, so the "
-            f"image is the seed's but perhaps not pixel for pixel the run's")
+    return (f"drawing with {count_of(torch.get_num_threads(), 'CPU thread')} ({why}); the seed's run drew with "
+            f"{wanted}, so the image is the seed's but perhaps not pixel for pixel the run's")
 
 
 def busy_cores(cores: list[int], seconds: float = 0.2) -> float:

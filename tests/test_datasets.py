@@ -46,7 +46,7 @@ def test_photos_in_a_format_not_read_are_said_not_silently_passed_over(reference
     assert len(record.images) == 4 and all(p.suffix == ".png" for p in record.images)
     [said] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert said.startswith(f"{reference_folder}: 2 photos passed over (IMG_0042.HEIC, IMG_0043.avif): seedselect "
-                           f"reads bmp, gif, jpeg, jpg,") and said.endswith("convert them to JPEG or PNG to use them")
+                           f"reads bmp, gif, jpeg, jpg,") and said.endswith("to use them as references, convert to JPEG or PNG")
     caplog.clear()
     with caplog.at_level("WARNING"):
         load_classes(DatasetConfig(name="folder", root=str(reference_folder)), seed=0, quiet=True)

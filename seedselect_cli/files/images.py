@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from seedselect_cli.errors import UserError
+from seedselect_cli.errors import UserError, count_of
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +49,7 @@ def no_images_hint(folder: Path) -> str:
     if any(p.suffix.lower() in VECTOR_SUFFIXES for p in names):
         return "render vector images (SVG, EPS, PDF) to PNG first"
     if photos := unread_photos(names):
-        named = ", ".join(p.name for p in photos[:3]) + (", ..." if len(photos) > 3 else "")
-        return f"convert its photos ({named}) to JPEG or PNG first"
+        return f"convert its photos ({first_names(photos)}) to JPEG or PNG first"
     if names and all(p.is_dir() for p in names):
         return "it holds only folders: for one folder per class use --config-name imagefolder"
     return f"add reference images ({', '.join(sorted(s.lstrip('.') for s in IMAGE_SUFFIXES)[:6])}, ...) to it"
@@ -61,15 +60,19 @@ def unread_photos(paths: list[Path]) -> list[Path]:
     return sorted(p for p in paths if p.suffix.lower() in UNREAD_PHOTO_SUFFIXES and not p.name.startswith("."))
 
 
+def first_names(paths: list[Path]) -> str:
+    """The first three names of `paths`, and `...` for more."""
+    return ", ".join(p.name for p in paths[:3]) + (", ..." if len(paths) > 3 else "")
+
+
 def list_images(folder: Path) -> list[Path]:
     """Image files directly inside `folder`, sorted by name (hidden files skipped); photos in formats not read (a
     phone's HEIC) are passed over with a warning."""
     files = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
     if photos := unread_photos(files):
-        log.warning("%s: %d photo%s passed over (%s%s): seedselect reads %s; convert %s to JPEG or PNG to use %s",
-                    folder, len(photos), "s" if len(photos) > 1 else "", ", ".join(p.name for p in photos[:3]),
-                    ", ..." if len(photos) > 3 else "", ", ".join(sorted(s.lstrip(".") for s in IMAGE_SUFFIXES)),
-                    "them" if len(photos) > 1 else "it", "them" if len(photos) > 1 else "it")
+        log.warning("%s: %s passed over (%s): seedselect reads %s; to use them as references, convert to JPEG or PNG",
+                    folder, count_of(len(photos), "photo"), first_names(photos),
+                    ", ".join(sorted(s.lstrip(".") for s in IMAGE_SUFFIXES)))
     return sorted(p for p in files if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
