@@ -38,7 +38,13 @@ from seedselect_cli.config import (
 )
 from seedselect_cli.errors import SAME_COMMAND, Interrupted, UserError
 from seedselect_cli.interrupt import StopNow, catching_signals
-from seedselect_cli.job_dir import ActiveMark, JobDirSnapshot, take_snapshot, undo_failed_start
+from seedselect_cli.job_dir import (
+    ActiveMark,
+    JobDirSnapshot,
+    claim_new_folder,
+    take_snapshot,
+    undo_failed_start,
+)
 from seedselect_cli.preflight import preflight
 from seedselect_cli.requirements import check_requirements
 
@@ -176,12 +182,13 @@ MAINS = {"optimize": optimize_main, "bootstrap": bootstrap_main, "generate": gen
          "evaluate": evaluate_main}
 
 
-def pin_run_dir(args: list[str], run_dir: Path) -> list[str]:
+def pin_run_dir(args: list[str], run_dir: Path) -> list[str] | None:
     """`args` with `hydra.run.dir` set to the directory preflight resolved, so that Hydra uses the very
-    directory whose state was recorded (a `${now:...}` in it would otherwise be read again)."""
+    directory whose state was recorded (a `${now:...}` in it would otherwise be read again); None where it cannot
+    be said as an override."""
     text = str(run_dir)
     if "\\" in text or "${" in text:  # beyond what a quoted override can say plainly: leave Hydra's own
-        return args
+        return None
     quoted = "'" + text.replace("'", "\\'") + "'"
     return add_override([a for a in args if not a.startswith("hydra.run.dir=")], f"hydra.run.dir={quoted}")
 
@@ -235,17 +242,28 @@ def _main(command: str, args: list[str]) -> int:
     register_resolvers()
     try:
         check_requirements()  # an environment changed since `pip install` may load weights wrong without a word
-        run_dir = preflight(command, args, COMMANDS[command][1])
+        job_dir = preflight(command, args, COMMANDS[command][1])
     except UserError as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     _before = _resume_with = None
-    if run_dir is not None:
+    if job_dir is not None:
+        run_dir = job_dir.path
+        pinned = pin_run_dir(args, run_dir)
+        if pinned is not None and job_dir.new_each_start:  # Hydra's `outputs/<config>/<time>`: a folder of this
+            # command's own, even beside another command started in the same second (a Slurm array's jobs)
+            try:
+                run_dir, _before = claim_new_folder(run_dir)
+            except OSError as exc:
+                print(f"error: run directory {run_dir} cannot be made ({exc.strerror or exc}); choose another with "
+                      f"hydra.run.dir=DIR", file=sys.stderr)
+                return 2
+            pinned = pin_run_dir(args, run_dir)
         if not any(a.startswith("hydra.run.dir=") for a in args):
             _resume_with = f"hydra.run.dir={shlex.quote(str(run_dir))}"
-        args = pin_run_dir(args, run_dir)
+        args = pinned or args
         if any(a.startswith("hydra.run.dir=") and str(run_dir) in a for a in args):
-            _before = take_snapshot(run_dir)
+            _before = _before or take_snapshot(run_dir)
             _active.hold(run_dir)
     if not any(a.startswith("hydra.job.name=") for a in args):
         args = add_override(args, f"hydra.job.name={command}")

@@ -77,6 +77,26 @@ def take_snapshot(root: Path) -> JobDirSnapshot:
     return JobDirSnapshot(root, True, [], entries, hydra_files, log_sizes, inner, size)
 
 
+def claim_new_folder(root: Path) -> tuple[Path, JobDirSnapshot]:
+    """Make a folder of this process's own at `root`, or where another process has just made that one (two commands
+    started in the same second, whose default folders are named after it) at `root_2`, `root_3`, ...: made with
+    `mkdir`, which one process alone wins. Returns the folder and its snapshot from before it was made, so that a
+    failed start takes it back. `OSError` where it cannot be made."""
+    root = Path(os.path.abspath(os.path.expanduser(root)))
+    for number in range(1, 1000):
+        path = root if number == 1 else root.with_name(f"{root.name}_{number}")
+        if path.exists() or path.is_symlink():
+            continue
+        snapshot = take_snapshot(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return path, snapshot
+    raise FileExistsError(f"{root} and 998 folders beside it named after it exist")
+
+
 def _listdir(folder: Path) -> list[str]:
     try:
         return os.listdir(folder)

@@ -11,9 +11,10 @@ import os
 import re
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 
 from seedselect_cli.config import (
     Config,
@@ -31,10 +32,26 @@ from seedselect_cli.config import (
 from seedselect_cli.errors import UserError
 
 
-def preflight(command: str, args: list[str], default_config: str) -> Path | None:
+@dataclass(frozen=True)
+class JobDir:
+    """The run directory of one `optimize` or `bootstrap` job, absolute. `new_each_start`: its name says when the
+    command started, to the second (Hydra's default, `outputs/<config>/<time>`), so each start is meant to have a
+    folder of its own, and one that exists already is another command's, started in the same second."""
+
+    path: Path
+    new_each_start: bool
+
+
+def names_start_time(template: str) -> bool:
+    """Whether a `hydra.run.dir` as written (`outputs/${now:%Y-%m-%d_%H-%M-%S}`) names the start time to the second
+    or finer; a folder a day (`${now:%Y-%m-%d}`) is meant to be shared by that day's runs."""
+    return any(re.search(r"%[STsf]", fmt) for fmt in re.findall(r"\$\{now:([^}]*)\}", template))
+
+
+def preflight(command: str, args: list[str], default_config: str) -> JobDir | None:
     """Compose and validate the config as Hydra will, so that composition errors follow the error
     contract: of the job, or of each job of a sweep (-m). Skipped where Hydra does something else than run
-    jobs (help, --cfg, ...). Returns the run directory of `optimize` and `bootstrap` (absolute), else None."""
+    jobs (help, --cfg, ...). Returns the run directory of `optimize` and `bootstrap`, else None."""
     from hydra._internal.utils import get_args_parser
 
     parser = get_args_parser()
@@ -128,9 +145,9 @@ def sweep_jobs(overrides: list[str]) -> tuple[list[list[str]], int]:
 
 
 def check_job(command: str, config_name: str, overrides: list[str], seen: set, in_sweep: bool = False
-              ) -> Path | None:
+              ) -> JobDir | None:
     """Compose and check one job's config as Hydra and the job will: every bad value is the exit-2 line before
-    anything loads. Returns the run directory of `optimize` and `bootstrap` (absolute), else None; a sweep's
+    anything loads. Returns the run directory of `optimize` and `bootstrap`, else None; a sweep's
     job (`in_sweep`) has Hydra's sweep directory instead, not checked here, and where its launcher runs it on
     another machine, only its values are. `seen`: the data sets already listed by this preflight (a sweep lists
     each once)."""
@@ -141,6 +158,7 @@ def check_job(command: str, config_name: str, overrides: list[str], seen: set, i
     try:  # in preflight's configs_of
         cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
         run_dir = str(cfg.hydra.run.dir)
+        new_each_start = names_start_time(str(OmegaConf.to_container(cfg.hydra.run, resolve=False)["dir"]))
     except (HydraException, OmegaConfBaseException, ValueError) as exc:
         message = " ".join(str(exc).split("\n")[0].split()).replace(" Check that it's in your config search path.", "")
         raise UserError(f"{message.rstrip('.')}{suggestion(message, command, config_name)} (see `seedselect "
@@ -168,7 +186,8 @@ def check_job(command: str, config_name: str, overrides: list[str], seen: set, i
     path = Path(os.path.abspath(os.path.expanduser(run_dir)))
     if not in_sweep:
         check_run_dir(path)
-        check_resume(path, config, command)
+        if not new_each_start:  # there, a folder that exists is another command's: this one takes a new one
+            check_resume(path, config, command)
     from seedselect_cli.files.datasets import load_classes
 
     # The references exist and the classes are known: before any model loads. Its warnings are said
@@ -176,7 +195,7 @@ def check_job(command: str, config_name: str, overrides: list[str], seen: set, i
     if (key := (repr(config.dataset), config.seed)) not in seen:
         load_classes(config.dataset, config.seed, quiet=True)
         seen.add(key)
-    return path
+    return JobDir(path, new_each_start)
 
 
 def config_module(command: str) -> str:

@@ -564,3 +564,42 @@ def test_a_folder_of_ones_own_configs_is_checked_as_the_package_s(tmp_path, caps
     assert main(["optimize", "--config-dir", "my_configs", "--config-name", "exp1"]) == 0
     [run_dir] = (tmp_path / "outputs" / "exp1").iterdir()
     assert len(read_manifest(run_dir)) == 1
+
+
+def test_commands_started_in_the_same_second_each_get_a_run_directory_of_their_own(tmp_path, monkeypatch, capsys):
+    """A Slurm array's jobs start together, and Hydra's default folder is named after the second: each command gets
+    a folder of its own (`<time>`, `<time>_2`, ...), made by it alone, and a failed start takes back its own and no
+    other. Before, they shared one, and a job of another config was refused as a resume of a run it never began.
+    A folder named after the day (`${now:%Y-%m-%d}`) is still shared: it is chosen to be."""
+    import datetime
+
+    import hydra.core.utils
+
+    from seedselect_cli.core import initial_seeds
+
+    class OneSecond(datetime.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return cls(2026, 12, 6, 15, 40, 37)
+
+    monkeypatch.setattr(hydra.core.utils, "datetime", OneSecond)  # Hydra's `${now:...}`
+    monkeypatch.chdir(tmp_path)
+    second = tmp_path / "outputs" / "tiny" / "2026-12-06_15-40-37"
+    assert main(["optimize", TINY, *FAST, "loss.lam=0.5"]) == 0
+    assert main(["optimize", TINY, *FAST, "loss.lam=0.9"]) == 0, capsys.readouterr().err
+    real = initial_seeds.initial_noise
+    monkeypatch.setattr(initial_seeds, "initial_noise", lambda shape, seed: real(shape, seed) * float("nan"))
+    assert main(["optimize", TINY, *FAST, "loss.lam=0.7"]) == 2  # fails after its folder was made
+    assert "could not be made" in capsys.readouterr().err
+    monkeypatch.setattr(initial_seeds, "initial_noise", real)
+    assert main(["optimize", TINY, *FAST, "loss.lam=0.5"]) == 0
+    out = capsys.readouterr().out
+    assert f"{second}_3" in out and f"{second}_4" not in out  # the failed start's folder was taken back
+    folders = sorted((tmp_path / "outputs" / "tiny").iterdir())
+    assert [p.name for p in folders] == [second.name, f"{second.name}_2", f"{second.name}_3"]
+    lams = [yaml.safe_load((p / "config.yaml").read_text())["loss"]["lam"] for p in folders]
+    assert lams == [0.5, 0.9, 0.5] and len({len(read_manifest(p)) for p in folders} - {0}) == 1
+    for _ in range(2):  # one folder a day: the second command resumes the first's run
+        assert main(["optimize", TINY, *FAST, "hydra.run.dir=day/${now:%Y-%m-%d}"]) == 0
+    assert [p.name for p in (tmp_path / "day").iterdir()] == ["2026-12-06"]
+    assert len(read_manifest(tmp_path / "day" / "2026-12-06")) == len(read_manifest(second))
