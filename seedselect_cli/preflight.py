@@ -28,6 +28,7 @@ from seedselect_cli.config import (
     flat_keys,
     load_config,
     load_structured,
+    resolve_shard,
 )
 from seedselect_cli.errors import UserError
 
@@ -188,6 +189,11 @@ def check_job(command: str, config_name: str, overrides: list[str], seen: set, i
         check_run_dir(path)
         if not new_each_start:  # there, a folder that exists is another command's: this one takes a new one
             check_resume(path, config, command)
+        elif (shards := resolve_shard(config.runtime.shard)[1]) > 1:
+            given = f"runtime.shard={config.runtime.shard}" if config.runtime.shard.strip() != "0/1" else f"torchrun (WORLD_SIZE={shards})"
+            raise UserError(f"{given} splits the run among {shards} processes, which write one run directory "
+                            f"together: pass each the same hydra.run.dir=DIR (the default, {path.parent}/<time>, "
+                            f"is a new folder for each process)")
     from seedselect_cli.files.datasets import load_classes
 
     # The references exist and the classes are known: before any model loads. Its warnings are said

@@ -603,3 +603,21 @@ def test_commands_started_in_the_same_second_each_get_a_run_directory_of_their_o
         assert main(["optimize", TINY, *FAST, "hydra.run.dir=day/${now:%Y-%m-%d}"]) == 0
     assert [p.name for p in (tmp_path / "day").iterdir()] == ["2026-12-06"]
     assert len(read_manifest(tmp_path / "day" / "2026-12-06")) == len(read_manifest(second))
+
+
+@pytest.mark.parametrize("args, environ, said", [
+    (["runtime.shard=1/4"], {}, "runtime.shard=1/4 splits the run among 4 processes"),
+    ([], {"WORLD_SIZE": "2", "RANK": "1"}, "torchrun (WORLD_SIZE=2) splits the run among 2 processes"),
+])
+def test_shards_in_the_default_folder_are_told_to_share_one(args, environ, said, tmp_path, monkeypatch, capsys):
+    """Shards write one run directory together; the default folder is another for each process (each start's own), so
+    shards left to it would split the set among folders: the line says to pass the same hydra.run.dir, nothing made."""
+    monkeypatch.chdir(tmp_path)
+    for key, value in environ.items():
+        monkeypatch.setenv(key, value)
+    assert main(["bootstrap", TINY, *args]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: {said}, which write one run directory together: pass each the same "
+                           f"hydra.run.dir=DIR (the default, {tmp_path}/outputs/tiny/<time>, is a new folder"), line
+    assert not list(tmp_path.iterdir())
+    assert main(["bootstrap", TINY, *args, *FAST, "hydra.run.dir=run"]) == 0  # with it, the shard's classes (or none)
