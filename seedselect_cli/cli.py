@@ -24,7 +24,7 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from seedselect_cli import __version__
 from seedselect_cli.config import (
@@ -45,7 +45,7 @@ from seedselect_cli.job_dir import (
     take_snapshot,
     undo_failed_start,
 )
-from seedselect_cli.preflight import preflight
+from seedselect_cli.preflight import names_start_time, preflight
 from seedselect_cli.requirements import check_requirements
 
 log = logging.getLogger(__name__)
@@ -119,8 +119,9 @@ def run_in_job_dir(run: Callable[[Config, Path], object], cfg: DictConfig) -> No
     global _resume_with
     hydra_config = HydraConfig.get()
     _active.hold(Path(hydra_config.runtime.output_dir))
-    if hydra_config.mode == RunMode.MULTIRUN and not any(o.startswith("hydra.sweep.dir=")
-                                                        for o in hydra_config.overrides.hydra):
+    given = [o.split("=", 1)[1] for o in OmegaConf.to_container(hydra_config.overrides.hydra, resolve=False)
+             if o.startswith("hydra.sweep.dir=")]  # as typed: reading them would resolve a `${now:...}` in them
+    if hydra_config.mode == RunMode.MULTIRUN and (not given or names_start_time(given[-1])):
         sweep_dir = Path(hydra_config.runtime.output_dir)  # SWEEP_DIR/SUBDIR
         for _ in Path(str(hydra_config.sweep.subdir)).parts:
             sweep_dir = sweep_dir.parent
@@ -259,7 +260,7 @@ def _main(command: str, args: list[str]) -> int:
                       f"hydra.run.dir=DIR", file=sys.stderr)
                 return 2
             pinned = pin_run_dir(args, run_dir)
-        if not any(a.startswith("hydra.run.dir=") for a in args):
+        if job_dir.new_each_start or not any(a.startswith("hydra.run.dir=") for a in args):
             _resume_with = f"hydra.run.dir={shlex.quote(str(run_dir))}"
         args = pinned or args
         if any(a.startswith("hydra.run.dir=") and str(run_dir) in a for a in args):

@@ -566,23 +566,28 @@ def test_a_folder_of_ones_own_configs_is_checked_as_the_package_s(tmp_path, caps
     assert len(read_manifest(run_dir)) == 1
 
 
-def test_commands_started_in_the_same_second_each_get_a_run_directory_of_their_own(tmp_path, monkeypatch, capsys):
-    """A Slurm array's jobs start together, and Hydra's default folder is named after the second: each command gets
-    a folder of its own (`<time>`, `<time>_2`, ...), made by it alone, and a failed start takes back its own and no
-    other. Before, they shared one, and a job of another config was refused as a resume of a run it never began.
-    A folder named after the day (`${now:%Y-%m-%d}`) is still shared: it is chosen to be."""
+def stop_the_clock(monkeypatch) -> None:
+    """Hydra's `${now:...}` at 2026-12-06 15:40:37, however long a test takes."""
     import datetime
 
     import hydra.core.utils
-
-    from seedselect_cli.core import initial_seeds
 
     class OneSecond(datetime.datetime):
         @classmethod
         def now(cls, tz=None):
             return cls(2026, 12, 6, 15, 40, 37)
 
-    monkeypatch.setattr(hydra.core.utils, "datetime", OneSecond)  # Hydra's `${now:...}`
+    monkeypatch.setattr(hydra.core.utils, "datetime", OneSecond)
+
+
+def test_commands_started_in_the_same_second_each_get_a_run_directory_of_their_own(tmp_path, monkeypatch, capsys):
+    """A Slurm array's jobs start together, and Hydra's default folder is named after the second: each command gets
+    a folder of its own (`<time>`, `<time>_2`, ...), made by it alone, and a failed start takes back its own and no
+    other. Before, they shared one, and a job of another config was refused as a resume of a run it never began.
+    A folder named after the day (`${now:%Y-%m-%d}`) is still shared: it is chosen to be."""
+    from seedselect_cli.core import initial_seeds
+
+    stop_the_clock(monkeypatch)
     monkeypatch.chdir(tmp_path)
     second = tmp_path / "outputs" / "tiny" / "2026-12-06_15-40-37"
     assert main(["optimize", TINY, *FAST, "loss.lam=0.5"]) == 0
@@ -621,3 +626,29 @@ def test_shards_in_the_default_folder_are_told_to_share_one(args, environ, said,
                            f"hydra.run.dir=DIR (the default, {tmp_path}/outputs/tiny/<time>, is a new folder"), line
     assert not list(tmp_path.iterdir())
     assert main(["bootstrap", TINY, *args, *FAST, "hydra.run.dir=run"]) == 0  # with it, the shard's classes (or none)
+
+
+def test_a_stopped_run_in_a_folder_named_after_its_start_says_that_folder(tmp_path, monkeypatch, capsys):
+    """`hydra.run.dir=runs/${now:%H-%M-%S}` given on the command line is, like the default, a new folder at each start:
+    the stop line names the folder to resume in, which the same command alone would not."""
+    import signal
+
+    from seedselect_cli.files.run_directory import RunDirectory
+
+    stop_the_clock(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    real = RunDirectory.append_manifest
+
+    def preempted(self, entry):
+        real(self, entry)
+        os.kill(os.getpid(), signal.SIGTERM)  # as Slurm does when it preempts the job
+
+    monkeypatch.setattr(RunDirectory, "append_manifest", preempted)
+    args = ["optimize", TINY, *FAST, "runtime.batch_size=1", "hydra.run.dir=runs/${now:%H-%M-%S}"]
+    assert main(args) == 143
+    [line] = capsys.readouterr().err.strip().splitlines()
+    folder = tmp_path / "runs" / "15-40-37"
+    assert line.endswith(f"run the same command with hydra.run.dir={folder} again to resume"), line
+    monkeypatch.setattr(RunDirectory, "append_manifest", real)
+    assert main([*args, f"hydra.run.dir={folder}"]) == 0
+    assert len(read_manifest(folder)) == 2 and [p.name for p in (tmp_path / "runs").iterdir()] == [folder.name]

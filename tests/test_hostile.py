@@ -341,9 +341,12 @@ def test_an_immutable_manifest_is_refused_before_optimising(inputs, tmp_path, mo
         subprocess.run(["chattr", "-i", str(run / "manifest.jsonl")], check=True)
 
 
-def test_a_sweep_stopped_by_a_full_disk_is_told_the_sweep_directory_its_resume_needs(tmp_path, monkeypatch, capsys):
-    """A sweep left to Hydra's `multirun/<config>/<time>`: the same command alone would start a new sweep folder, so
-    the line names the one to go on in, and the command with it finishes the sweep there."""
+@pytest.mark.parametrize("sweep_dir", [None, "sweeps/${now:%Y-%m-%d_%H-%M-%S}"])
+def test_a_sweep_stopped_by_a_full_disk_is_told_the_sweep_directory_its_resume_needs(sweep_dir, tmp_path, monkeypatch,
+                                                                                    capsys):
+    """A sweep left to Hydra's `multirun/<config>/<time>`, or given a folder named after its start: the same command
+    alone would start a new sweep folder, so the line names the one to go on in, and the command with it finishes the
+    sweep there."""
     import errno
 
     from seedselect_cli import pipeline
@@ -355,16 +358,17 @@ def test_a_sweep_stopped_by_a_full_disk_is_told_the_sweep_directory_its_resume_n
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(pipeline, "save_seed_file", no_space)
-    sweep = ["optimize", "-m", *TINY, "seed=0,1"]
+    sweep = ["optimize", "-m", *TINY, "seed=0,1", *([f"hydra.sweep.dir={sweep_dir}"] if sweep_dir else [])]
+    parent = tmp_path / ("sweeps" if sweep_dir else "multirun/tiny")
     assert main(sweep) == 2
     [line] = capsys.readouterr().err.strip().splitlines()
-    [sweep_dir] = (tmp_path / "multirun" / "tiny").iterdir()
+    [sweep_dir] = parent.iterdir()
     assert "No space left on device" in line and \
         f"run the same command with hydra.sweep.dir={sweep_dir} again to resume" in line, line
     monkeypatch.setattr(pipeline, "save_seed_file", real)
     assert main([*sweep, f"hydra.sweep.dir={sweep_dir}"]) == 0
     assert len(list(sweep_dir.glob("*/images/red_disc/00000.png"))) == 2
-    assert list((tmp_path / "multirun" / "tiny").iterdir()) == [sweep_dir]
+    assert list(parent.iterdir()) == [sweep_dir]
 
 
 def test_a_disk_that_fills_up_mid_run_ends_in_one_line_and_the_resume_works(tmp_path, monkeypatch, capsys, mount):
