@@ -190,7 +190,8 @@ def check_job(command: str, config_name: str, overrides: list[str], seen: set, i
         if not new_each_start:  # there, a folder that exists is another command's: this one takes a new one
             check_resume(path, config, command)
         elif (shards := resolve_shard(config.runtime.shard)[1]) > 1:
-            given = f"runtime.shard={config.runtime.shard}" if config.runtime.shard.strip() != "0/1" else f"torchrun (WORLD_SIZE={shards})"
+            given = (f"runtime.shard={config.runtime.shard}" if config.runtime.shard.strip() != "0/1"
+                     else f"torchrun (WORLD_SIZE={shards})")
             raise UserError(f"{given} splits the run among {shards} processes, which write one run directory "
                             f"together: pass each the same hydra.run.dir=DIR (the default, {path.parent}/<time>, "
                             f"is a new folder for each process)")
