@@ -34,6 +34,24 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+# Images from this many pixels up are Stable Diffusion's own sizes (256 px and more): on a CPU each network pass takes
+# seconds (SD 2.1-base's UNet at 512 px and guidance: 10 s on 2 cores), an optimised seed hours
+LARGE_IMAGE_PIXELS = 256 * 256
+
+
+def no_gpu_warning(requested: str, device: torch.device, height: int, width: int) -> str | None:
+    """What to say where `runtime.device=auto` found no GPU for images of Stable Diffusion's size: a cluster job
+    that was not given one would otherwise run for days. None where the CPU was asked for, or the images are small
+    (the toy world, the tiny components)."""
+    if requested != "auto" or device.type != "cpu" or height * width < LARGE_IMAGE_PIXELS:
+        return None
+    mps = getattr(torch.backends, "mps", None)
+    where = ("this Mac's GPU is runtime.device=mps" if mps is not None and mps.is_available()
+             else "on a cluster, ask the job for a GPU (Slurm: --gpus=1)")
+    return (f"no GPU found (runtime.device=auto), so the {width}x{height} images are made on the CPU: minutes to "
+            f"hours an image; {where}; runtime.device=cpu says the CPU is meant")
+
+
 _threads_fitted: list[bool] = []
 
 

@@ -26,7 +26,7 @@ from seedselect_cli.core.frozen import FrozenModels, HubCommits
 from seedselect_cli.core.initial_seeds import SeedStarts, inversion_fingerprint
 from seedselect_cli.core.optimize import SeedResult
 from seedselect_cli.core.targets import ReferenceEncodings, encoder_fingerprint
-from seedselect_cli.devices import memory_budget_bytes, resolve_device, resolve_dtype
+from seedselect_cli.devices import memory_budget_bytes, no_gpu_warning, resolve_device, resolve_dtype
 from seedselect_cli.errors import SAME_COMMAND, Interrupted, UserError, count_of
 from seedselect_cli.files.assets import portable
 from seedselect_cli.files.atomic import slugify
@@ -139,6 +139,8 @@ def _run(config: Config, run_dir: Path, method: str, stop: GracefulStop) -> list
     device = resolve_device(config.runtime.device)
     dtype = resolve_dtype(config.runtime.dtype, device)
     log.info("device %s, %s, %s", device, str(dtype).removeprefix("torch."), count_of(torch.get_num_threads(), "CPU thread"))
+    if said := no_gpu_warning(config.runtime.device, device, config.sampler.height, config.sampler.width):
+        log.warning(said)
     resolve_cuda_graphs(config.runtime.cuda_graphs, device, config.sampler.checkpointing)  # a bad setting fails here
 
     # 2. The classes of the run with their prompts and reference image paths, and those this process takes.

@@ -69,3 +69,30 @@ def test_threads_fit_the_free_cores_unless_the_user_set_them(monkeypatch):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
+
+
+def test_a_run_of_stable_diffusions_size_left_to_the_cpu_by_auto_says_so(tmp_path, monkeypatch, caplog):
+    """A cluster job not given a GPU runs on the CPU for days: where `auto` found none for 256 px or more, the run's
+    log says how to get one. Not where the CPU was asked for, nor for the toy world's and tiny components' sizes."""
+    import logging
+
+    from seedselect_cli.pipeline import run_optimize
+    from tests.conftest import make_config
+
+    cpu = torch.device("cpu")
+    said = devices.no_gpu_warning("auto", cpu, 512, 512)
+    assert said.startswith("no GPU found (runtime.device=auto), so the 512x512 images are made on the CPU")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert "this Mac's GPU is runtime.device=mps" in devices.no_gpu_warning("auto", cpu, 1024, 1024)
+    assert devices.no_gpu_warning("cpu", cpu, 512, 512) is None
+    assert devices.no_gpu_warning("auto", cpu, 64, 64) is None
+    assert devices.no_gpu_warning("auto", torch.device("cuda"), 512, 512) is None
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(devices, "LARGE_IMAGE_PIXELS", 32 * 32)  # the tiny components' images count as large
+    with caplog.at_level(logging.WARNING):
+        run_optimize(make_config(["runtime.device=auto", "n_images=1"]), tmp_path / "auto")
+        assert "no GPU found (runtime.device=auto), so the 32x32 images are made on the CPU" in caplog.text
+        caplog.clear()
+        run_optimize(make_config(["runtime.device=cpu", "n_images=1"]), tmp_path / "cpu")
+        assert "no GPU found" not in caplog.text
