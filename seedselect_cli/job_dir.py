@@ -22,6 +22,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from seedselect_cli.errors import UserError
+from seedselect_cli.files.locks import lock
+
 log = logging.getLogger(__name__)
 
 ACTIVE = ".active"
@@ -119,7 +122,11 @@ class ActiveMark:
             fd = os.open(root / ACTIVE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         except OSError:
             return  # an unwritable directory is reported by the run itself, with what to do
-        fcntl.flock(fd, fcntl.LOCK_SH)
+        try:
+            lock(fd, fcntl.LOCK_SH, root / ACTIVE)
+        except UserError:  # a file system without locks: the run itself says so, with what to do
+            os.close(fd)
+            return
         self._fd, self.root = fd, root
 
     def release(self) -> None:
@@ -137,10 +144,9 @@ def others_active(root: Path) -> bool:
     except OSError:
         return True  # cannot tell: assume someone is there
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return not lock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, root / ACTIVE)
+    except UserError:  # a file system without locks, where no process holds one
         return False
-    except OSError:
-        return True
     finally:
         os.close(fd)
 

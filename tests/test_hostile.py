@@ -444,3 +444,29 @@ def test_a_first_start_that_makes_no_image_takes_back_its_list_of_references(tmp
     assert main(["optimize", *TINY, "method=paper", "hydra.run.dir=run"]) == 0
     [listed] = (tmp_path / "run" / "references").iterdir()
     assert listed.name == "red_disc.sha256" and len(listed.read_text().splitlines()) >= 1
+
+
+def test_a_file_system_without_locks_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    """Lustre mounted without `-o flock` (or NFS without its lock service) answers flock with ENOSYS: before, the
+    command ended in a traceback; a class's claim would have failed as if another process made it."""
+    import errno
+    import fcntl
+
+    real = fcntl.flock
+    lustre = tmp_path / "lustre"
+
+    def no_locks_on_lustre(fd, operation):
+        if os.readlink(f"/proc/self/fd/{fd}").startswith(str(lustre)):
+            raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+        return real(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", no_locks_on_lustre)
+    monkeypatch.chdir(tmp_path)
+    lustre.mkdir()
+    assert main(["optimize", *TINY, f"hydra.run.dir={lustre / 'run'}"]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line == (f"error: cannot lock {lustre / 'run' / '.lock'} (Function not implemented): its file system gives "
+                    f"no file locks, by which processes share a run directory; pass a hydra.run.dir on a local disk "
+                    f"or on a file system mounted with locks (Lustre: -o flock)"), line
+    assert list(lustre.iterdir()) == []  # what the command made, taken back
+    assert main(["optimize", *TINY, "hydra.run.dir=local"]) == 0  # and on a disk with locks it runs

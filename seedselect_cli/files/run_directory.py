@@ -33,6 +33,7 @@ from safetensors import SafetensorError
 
 from seedselect_cli.errors import SAME_COMMAND, UserError, first_line
 from seedselect_cli.files.atomic import abandoned, atomic_write, slugify
+from seedselect_cli.files.locks import lock
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.jsonl"
@@ -107,7 +108,7 @@ class RunDirectory:
             raise UserError(f"cannot open the run directory's lock {path} ({exc.strerror}); remove it if it is "
                             f"not a file, or pass a new hydra.run.dir") from None
         with handle:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            lock(handle.fileno(), fcntl.LOCK_EX, path)
             try:
                 yield
             finally:
@@ -122,12 +123,7 @@ class RunDirectory:
             path.parent.mkdir(exist_ok=True)
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                yield False
-                return
-            yield True
+            yield lock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, path)
         finally:
             os.close(fd)
 
