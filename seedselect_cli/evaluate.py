@@ -38,7 +38,7 @@ from seedselect_cli.core.prompts import encode_prompt
 from seedselect_cli.core.samplers import step_noise
 from seedselect_cli.core.sampling import sample_images
 from seedselect_cli.devices import resolve_device
-from seedselect_cli.errors import UserError, first_line
+from seedselect_cli.errors import UserError, count_of, first_line
 from seedselect_cli.files.atomic import atomic_write, slugify
 from seedselect_cli.files.datasets import (
     DatasetConfig,
@@ -213,6 +213,9 @@ def render_baseline(run_dir: Path, config: Config, entries: list[dict], cfg: Eva
     missing = [e for e in entries if not _usable_image(paths[(e["class"], e["index"])], size)]
     if not missing:
         return paths
+    log.info("drawing %s of plain Stable Diffusion from the run's seeds into %s, kept for the next evaluate (%s "
+             "already there; images_per_class=N scores N a class, baseline=false none)",
+             count_of(len(missing), "image"), run_dir / "baseline", len(entries) - len(missing))
     models = run_models(run_dir, missing, cfg)
     shape = models.latent_shape(config.sampler.height, config.sampler.width)
     by_prompt: dict[str, list[dict]] = {}

@@ -108,8 +108,13 @@ def test_loss_curves_keep_each_images_best_so_far_and_end_at_the_runs_kept_losse
     assert all(b <= a for a, b in itertools.pairwise(kept)) and kept[0] == pytest.approx(current[0])
 
 
-def test_report_with_the_baseline_beside_the_result(demo_run, monkeypatch):
-    metrics = run_evaluate(EvaluateConfig(run_dir=str(demo_run)))
+def test_report_with_the_baseline_beside_the_result(demo_run, monkeypatch, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="seedselect_cli.evaluate"):  # how many, where: hours on a large run
+        metrics = run_evaluate(EvaluateConfig(run_dir=str(demo_run)))
+    assert (f"drawing 3 images of plain Stable Diffusion from the run's seeds into {demo_run / 'baseline'}, kept for "
+            f"the next evaluate (0 already there; ") in caplog.text
     report = demo_run / "report"
     assert json.loads((report / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
     red = metrics["classes"]["red_disc"]
@@ -128,8 +133,11 @@ def test_report_with_the_baseline_beside_the_result(demo_run, monkeypatch):
 
     calls = []
     monkeypatch.setattr(evaluate_module, "sample_images", lambda *a, **k: calls.append(1))
-    again = run_evaluate(EvaluateConfig(run_dir=str(demo_run)))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="seedselect_cli.evaluate"):
+        again = run_evaluate(EvaluateConfig(run_dir=str(demo_run)))
     assert calls == [] and again["classes"] == metrics["classes"]  # the baseline is cached
+    assert "drawing" not in caplog.text  # (the first call shows the level catches it)
     assert metrics["made_by"] == "optimize" and "SeedSelect bootstrap" not in page
     assert metrics["model"] == "tiny" and metrics["model_commits"] == []  # built in code: no Hub commit
 
