@@ -81,6 +81,8 @@ def generate_folder(cfg: GenerateConfig) -> Path:
     if len(todo) < len(seeds):
         log.info("%d of the %d images are already in %s; drawing the other %d", len(seeds) - len(todo), len(seeds),
                  out, len(todo))
+    else:  # said before the models load: a cluster job's log has no bar
+        log.info("drawing %d images into %s", len(todo), out)
     run_images = run_images_of(source)
     device = resolve_device(cfg.runtime.device)
     loaded: dict[tuple, FrozenModels] = {}

@@ -262,6 +262,7 @@ def test_generate_redraws_a_folder_of_seeds_as_the_runs_images_and_goes_on_after
         drawn = tmp_path / "again" / Path(entry["image"]).relative_to("images")
         assert np.array_equal(np.asarray(Image.open(drawn)), np.asarray(Image.open(run_dir / entry["image"])))
     n = len(entries)
+    assert f"drawing {n} images into again\n" in done.stdout  # said before the models load
     assert f"drew {n} images into again; {n} of {n} are pixel for pixel the run's images" in done.stdout
     # a stop half-way, then the same command: only what is missing is drawn; a damaged seed file stops it, one line
     (tmp_path / "again" / Path(entries[0]["image"]).relative_to("images")).unlink()
