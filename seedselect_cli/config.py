@@ -198,7 +198,24 @@ def load_structured(schema: type, cfg: DictConfig | dict):
         if key and "is not a ListConfig, list or tuple" in str(exc):  # dataset.classes=Pine Warbler
             raise UserError(f"{key}={exc.value!r} is invalid: it takes a list, e.g. '{key}=[{exc.value}]' (with the "
                             f"quotes for the shell)") from None
+        if said := unset_variable(key, exc):
+            raise UnsetVariable(said) from None
         raise UserError(f"invalid config{f' key {key}' if key else ''}: {first_line(exc)}") from None
+
+
+class UnsetVariable(UserError):
+    """A value reads an environment variable (`${oc.env:NAME}`) that this environment lacks."""
+
+
+def unset_variable(key: str | None, exc: Exception) -> str | None:
+    """What to say where `${oc.env:NAME}` in `key`'s value names a variable this environment lacks (a Slurm job's
+    `SLURM_ARRAY_TASK_ID` on the login node, `DATA` not exported); None for any other error."""
+    found = re.search(r"Environment variable '([^']+)' not found", str(exc))
+    if not found:
+        return None
+    name = found[1]
+    return (f"{key or 'the config'} reads the environment variable {name}, which is not set here: set it (export "
+            f"{name}=...) or give it a default, '${{oc.env:{name},DEFAULT}}'")
 
 
 def flat_keys(cfg: DictConfig) -> list[str]:

@@ -9,6 +9,7 @@ import contextlib
 import difflib
 import os
 import re
+import shutil
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from seedselect_cli.config import (
     Config,
     EvaluateConfig,
     GenerateConfig,
+    UnsetVariable,
     check_config,
     check_evaluate,
     check_generate,
@@ -29,6 +31,7 @@ from seedselect_cli.config import (
     load_config,
     load_structured,
     resolve_shard,
+    unset_variable,
 )
 from seedselect_cli.errors import UserError
 
@@ -64,7 +67,7 @@ def preflight(command: str, args: list[str], default_config: str) -> JobDir | No
     parser.error = usage_error
     parsed = parser.parse_args(args)
     check_override_syntax(parsed.overrides)
-    check_launcher(parsed.overrides)
+    check_launcher(parsed.overrides, parsed.multirun)
     if parsed.config_path is not None and not os.path.isabs(parsed.config_path):
         raise UserError(f"--config-path {parsed.config_path} is read inside seedselect's package, not from here "
                         f"(Hydra's rule for a relative --config-path); for a folder of your own configs pass "
@@ -161,6 +164,8 @@ def check_job(command: str, config_name: str, overrides: list[str], seen: set, i
         run_dir = str(cfg.hydra.run.dir)
         new_each_start = names_start_time(str(OmegaConf.to_container(cfg.hydra.run, resolve=False)["dir"]))
     except (HydraException, OmegaConfBaseException, ValueError) as exc:
+        if said := unset_variable(getattr(exc, "full_key", None), exc):
+            raise UnsetVariable(said) from None
         message = " ".join(str(exc).split("\n")[0].split()).replace(" Check that it's in your config search path.", "")
         raise UserError(f"{message.rstrip('.')}{suggestion(message, command, config_name)} (see `seedselect "
                         f"{command} --help`)") from None
@@ -168,12 +173,14 @@ def check_job(command: str, config_name: str, overrides: list[str], seen: set, i
     with open_dict(cfg):
         del cfg["hydra"]
     if in_sweep and launcher not in LOCAL_LAUNCHERS:  # jobs on other machines (a Slurm array), whose files this one
-        # may not see (a data set or weights on the nodes' scratch): their values alone
+        # may not see (a data set or weights on the nodes' scratch): their values alone, where they do not read the
+        # nodes' environment (`${oc.env:SLURM_TMPDIR}`, set in a job alone)
         schema = {"generate": GenerateConfig, "evaluate": EvaluateConfig}.get(command)
-        if schema is None:
-            check_config(load_structured(Config, cfg))
-        else:
-            load_structured(schema, cfg)
+        with contextlib.suppress(UnsetVariable):
+            if schema is None:
+                check_config(load_structured(Config, cfg))
+            else:
+                load_structured(schema, cfg)
         return None
     # One check per command, the one its job runs too.
     if command == "generate":
@@ -297,9 +304,10 @@ def submitit_launcher_installed() -> bool:
     return importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is not None
 
 
-def check_launcher(overrides: list[str]) -> None:
+def check_launcher(overrides: list[str], multirun: bool) -> None:
     """A sweep on `hydra/launcher=slurm` or `local` needs hydra-submitit-launcher (the `cluster` extra), which the
-    plain install leaves out: without it Hydra ends in a page of its config search path."""
+    plain install leaves out: without it Hydra ends in a page of its config search path. A Slurm sweep (`-m`) is
+    submitted with Slurm's `sbatch`: without it, submitit's traceback."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     for override in OverridesParser.create().parse_overrides(overrides):
@@ -307,6 +315,10 @@ def check_launcher(overrides: list[str]) -> None:
         if launcher in SUBMITIT_LAUNCHERS and not submitit_launcher_installed():
             raise UserError(f"hydra/launcher={launcher} runs through Hydra's submitit launcher, which is not installed "
                             f"here: pip install hydra-submitit-launcher (seedselect's cluster extra)")
+        if multirun and launcher in ("slurm", "submitit_slurm") and shutil.which("sbatch") is None:
+            raise UserError(f"hydra/launcher={launcher} submits the sweep's jobs with Slurm's sbatch, which is not on "
+                            f"this machine's PATH: run the command on the cluster's login node, or use "
+                            f"hydra/launcher=local to run the jobs here")
 
 
 def for_the_shell(argument: str) -> str:

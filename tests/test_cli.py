@@ -173,15 +173,30 @@ def test_a_sweeps_bad_value_is_one_line_before_any_job_runs(args, message, capsy
     assert not list(tmp_path.iterdir())  # no multirun/ folder: no job started
 
 
-def test_a_slurm_sweep_is_checked_for_its_values_not_for_the_files_of_its_nodes(tmp_path):
+def test_a_slurm_sweep_is_checked_for_its_values_not_for_the_files_of_its_nodes(tmp_path, monkeypatch):
     """A Slurm array is submitted from a login node that may not see the nodes' scratch, where its data set and
-    weights are: there only the values are checked; on this machine (Hydra's own launcher, submitit's local one)
-    the files too."""
+    weights are, nor has the environment of a job (SLURM_TMPDIR): there only the values are checked, those that do
+    not read the nodes' environment; on this machine (Hydra's own launcher, submitit's local one) the files too.
+    Without Slurm's sbatch on the PATH a Slurm sweep is one line (before: submitit's traceback)."""
     from seedselect_cli.preflight import preflight
 
     sweep = ["-m", "--config-name", "cub_tail", f"dataset.root={tmp_path / 'scratch'}", "model.pretrained=/scratch/sd",
              "runtime.shard=0/2,1/2"]
+    with pytest.raises(UserError, match=r"^hydra/launcher=slurm submits the sweep's jobs with Slurm's sbatch, which "
+                                        r"is not on this machine's PATH: run the command on the cluster's login node"):
+        preflight("bootstrap", [*sweep, "hydra/launcher=slurm"], "demo")
+    login_node = tmp_path / "bin"
+    login_node.mkdir()
+    (login_node / "sbatch").write_text("#!/bin/sh\nexit 1\n")
+    (login_node / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{login_node}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv("SLURM_TMPDIR", raising=False)
     assert preflight("bootstrap", [*sweep, "hydra/launcher=slurm"], "demo") is None
+    assert preflight("bootstrap", [*sweep, "hydra/launcher=slurm", "runtime.cache_dir=${oc.env:SLURM_TMPDIR}/c"],
+                     "demo") is None  # a job's own environment
+    with pytest.raises(UserError, match=r"^runtime.cache_dir reads the environment variable SLURM_TMPDIR, which is "
+                                        r"not set here: set it \(export SLURM_TMPDIR=...\) or give it a default"):
+        preflight("bootstrap", ["--config-name", "tiny", "runtime.cache_dir=${oc.env:SLURM_TMPDIR}/c"], "demo")
     with pytest.raises(UserError, match=r"loss.lam=9.0 is invalid"):
         preflight("bootstrap", [*sweep, "hydra/launcher=slurm", "loss.lam=0.5,9"], "demo")
     for local in ([], ["hydra/launcher=local"]):
