@@ -46,8 +46,12 @@ def no_gpu_warning(requested: str, device: torch.device, height: int, width: int
     if requested != "auto" or device.type != "cpu" or height * width < LARGE_IMAGE_PIXELS:
         return None
     mps = getattr(torch.backends, "mps", None)
-    where = ("this Mac's GPU is runtime.device=mps" if mps is not None and mps.is_available()
-             else "on a cluster, ask the job for a GPU (Slurm: --gpus=1)")
+    if mps is not None and mps.is_available():
+        where = "this Mac's GPU is runtime.device=mps"
+    elif torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
+        where = f"this torch ({torch.__version__}) is built without CUDA: with a GPU, install a CUDA build of torch"
+    else:
+        where = "on a cluster, ask the job for a GPU (Slurm: --gpus=1)"
     return (f"no GPU found (runtime.device=auto), so the {width}x{height} images are made on the CPU: minutes to "
             f"hours an image; {where}; runtime.device=cpu says the CPU is meant")
 

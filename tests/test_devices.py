@@ -82,6 +82,13 @@ def test_a_run_of_stable_diffusions_size_left_to_the_cpu_by_auto_says_so(tmp_pat
     cpu = torch.device("cpu")
     said = devices.no_gpu_warning("auto", cpu, 512, 512)
     assert said.startswith("no GPU found (runtime.device=auto), so the 512x512 images are made on the CPU")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", None)  # a CPU build of torch, as pip may give on a GPU node
+    assert f"this torch ({torch.__version__}) is built without CUDA: with a GPU, install a CUDA build of torch" in \
+        devices.no_gpu_warning("auto", cpu, 512, 512)
+    monkeypatch.setattr(torch.version, "cuda", "12.8")  # a CUDA build on a node without a GPU for this job
+    assert devices.no_gpu_warning("auto", cpu, 512, 512).endswith(
+        "hours an image; on a cluster, ask the job for a GPU (Slurm: --gpus=1); runtime.device=cpu says the CPU is meant")
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
     assert "this Mac's GPU is runtime.device=mps" in devices.no_gpu_warning("auto", cpu, 1024, 1024)
     assert devices.no_gpu_warning("cpu", cpu, 512, 512) is None
