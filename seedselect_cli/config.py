@@ -483,6 +483,10 @@ def check_device(name: str) -> None:
     import torch
 
     if name == "cuda" and not torch.cuda.is_available():
+        if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
+            raise UserError(f"runtime.device=cuda but this torch ({torch.__version__}) is built without CUDA: install "
+                            f"a CUDA build of torch (pytorch.org's install command for your CUDA), or use "
+                            f"runtime.device=cpu")
         raise UserError("runtime.device=cuda but no CUDA device is available; use runtime.device=cpu")
     if name == "mps" and not torch.backends.mps.is_available():
         raise UserError("runtime.device=mps but MPS is not available; use runtime.device=cpu")

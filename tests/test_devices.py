@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -12,8 +14,14 @@ from seedselect_cli.errors import UserError
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_cuda_requested_without_cuda_is_a_user_error():
-    with pytest.raises(UserError, match="runtime.device=cpu"):
+def test_cuda_requested_without_cuda_is_a_user_error(monkeypatch):
+    """Why there is none: a torch built without CUDA (pip's default on some indexes, on a GPU node too) is named."""
+    monkeypatch.setattr(torch.version, "cuda", None)
+    with pytest.raises(UserError, match=rf"^runtime.device=cuda but this torch \({re.escape(torch.__version__)}\) is "
+                                        r"built without CUDA: install a CUDA build of torch .*, or use runtime.device=cpu$"):
+        resolve_device("cuda")
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    with pytest.raises(UserError, match=r"^runtime.device=cuda but no CUDA device is available; use runtime.device=cpu$"):
         resolve_device("cuda")
 
 
