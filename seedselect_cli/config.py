@@ -483,13 +483,22 @@ def check_device(name: str) -> None:
     import torch
 
     if name == "cuda" and not torch.cuda.is_available():
-        if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
-            raise UserError(f"runtime.device=cuda but this torch ({torch.__version__}) is built without CUDA: install "
-                            f"a CUDA build of torch (pytorch.org's install command for your CUDA), or use "
-                            f"runtime.device=cpu")
+        if cpu_build := torch_without_cuda():
+            raise UserError(f"runtime.device=cuda but {cpu_build}: install a CUDA build of torch (pytorch.org's "
+                            f"install command for your CUDA), or use runtime.device=cpu")
         raise UserError("runtime.device=cuda but no CUDA device is available; use runtime.device=cpu")
     if name == "mps" and not torch.backends.mps.is_available():
         raise UserError("runtime.device=mps but MPS is not available; use runtime.device=cpu")
+
+
+def torch_without_cuda() -> str | None:
+    """`this torch (2.13.0+cpu) is built without CUDA` where it is (a CPU build, as pip may install on a GPU node
+    too), else None: why a machine with a GPU finds none."""
+    import torch
+
+    if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
+        return f"this torch ({torch.__version__}) is built without CUDA"
+    return None
 
 
 def check_template(key: str, template: str) -> None:

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from seedselect_cli.config import check_device, check_redraw_dtype
+from seedselect_cli.config import check_device, check_redraw_dtype, torch_without_cuda
 from seedselect_cli.errors import count_of
 from seedselect_cli.limits import DTYPE_NAMES
 
@@ -48,8 +48,8 @@ def no_gpu_warning(requested: str, device: torch.device, height: int, width: int
     mps = getattr(torch.backends, "mps", None)
     if mps is not None and mps.is_available():
         where = "this Mac's GPU is runtime.device=mps"
-    elif torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
-        where = f"this torch ({torch.__version__}) is built without CUDA: with a GPU, install a CUDA build of torch"
+    elif cpu_build := torch_without_cuda():
+        where = f"{cpu_build}: with a GPU, install a CUDA build of torch"
     else:
         where = "on a cluster, ask the job for a GPU (Slurm: --gpus=1)"
     return (f"no GPU found (runtime.device=auto), so the {width}x{height} images are made on the CPU: minutes to "
