@@ -29,8 +29,6 @@ from omegaconf import DictConfig, OmegaConf
 from seedselect_cli import __version__
 from seedselect_cli.config import (
     Config,
-    EvaluateConfig,
-    GenerateConfig,
     load_config,
     load_structured,
     other_commands_keys,
@@ -47,6 +45,7 @@ from seedselect_cli.job_dir import (
 )
 from seedselect_cli.preflight import names_start_time, preflight
 from seedselect_cli.requirements import check_requirements
+from seedselect_cli.tool_config import EvaluateConfig, GenerateConfig
 
 log = logging.getLogger(__name__)
 

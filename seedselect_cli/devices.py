@@ -11,9 +11,10 @@ import time
 
 import torch
 
-from seedselect_cli.config import check_device, check_redraw_dtype, torch_without_cuda
+from seedselect_cli.config import check_device, torch_without_cuda
 from seedselect_cli.errors import count_of
 from seedselect_cli.limits import DTYPE_NAMES
+from seedselect_cli.tool_config import check_redraw_dtype
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from seedselect_cli import quality
-from seedselect_cli.config import Config, EvaluateConfig, check_config, check_evaluate, load_structured
+from seedselect_cli.config import Config, check_config, load_structured
 from seedselect_cli.core.encoders import to_pil, vae_decode, vae_encode
 from seedselect_cli.core.frozen import FrozenModels
 from seedselect_cli.core.prompts import encode_prompt
@@ -64,6 +64,7 @@ from seedselect_cli.report_notes import (
     unfinished_note,
 )
 from seedselect_cli.scoring import Embedded, embed, image_rows, mean_pairwise_distance, overall, score
+from seedselect_cli.tool_config import EvaluateConfig, check_evaluate
 
 log = logging.getLogger(__name__)
 

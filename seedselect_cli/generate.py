@@ -11,7 +11,7 @@ import torch
 from PIL import Image, PngImagePlugin
 from tqdm.auto import tqdm
 
-from seedselect_cli.config import GenerateConfig, ModelConfig, check_generate
+from seedselect_cli.config import ModelConfig
 from seedselect_cli.core.frozen import FrozenModels, HubCommits
 from seedselect_cli.core.prompts import encode_prompt
 from seedselect_cli.core.samplers import step_noise
@@ -30,6 +30,7 @@ from seedselect_cli.files.seed_files import (
     seed_files_in,
 )
 from seedselect_cli.models import load_models, scheduler_from_json
+from seedselect_cli.tool_config import GenerateConfig, check_generate
 
 log = logging.getLogger(__name__)
 

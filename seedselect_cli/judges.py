@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from seedselect_cli.config import JudgeConfig
 from seedselect_cli.errors import UserError
 from seedselect_cli.files.datasets import NameLookup
 from seedselect_cli.files.datasets.imagenet_names import imagenet_label_names
@@ -26,6 +25,7 @@ from seedselect_cli.hub import (
     why_offline,
 )
 from seedselect_cli.models import quiet_libraries, whole
+from seedselect_cli.tool_config import JudgeConfig
 
 
 @dataclass

@@ -19,12 +19,8 @@ from omegaconf import OmegaConf, open_dict
 
 from seedselect_cli.config import (
     Config,
-    EvaluateConfig,
-    GenerateConfig,
     UnsetVariable,
     check_config,
-    check_evaluate,
-    check_generate,
     check_resume,
     check_weights,
     flat_keys,
@@ -34,6 +30,7 @@ from seedselect_cli.config import (
     unset_variable,
 )
 from seedselect_cli.errors import UserError
+from seedselect_cli.tool_config import EvaluateConfig, GenerateConfig, check_evaluate, check_generate
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,9 @@ from importlib.resources import files
 
 import pytest
 
-from seedselect_cli.config import EvaluateConfig, GenerateConfig, load_config, load_structured
+from seedselect_cli.config import load_config, load_structured
 from seedselect_cli.errors import UserError
+from seedselect_cli.tool_config import EvaluateConfig, GenerateConfig
 from tests.conftest import compose_raw, make_config
 
 NAMED = sorted(p.name.removesuffix(".yaml") for folder in ("configs", "tool_configs")

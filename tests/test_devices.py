@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from seedselect_cli import devices
-from seedselect_cli.config import check_redraw_dtype
 from seedselect_cli.devices import busy_cores, resolve_device, seed_dtype
 from seedselect_cli.errors import UserError
+from seedselect_cli.tool_config import check_redraw_dtype
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

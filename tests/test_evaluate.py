@@ -15,7 +15,6 @@ import torch
 from PIL import Image
 
 import seedselect_cli.evaluate as evaluate_module
-from seedselect_cli.config import EvaluateConfig, JudgeConfig
 from seedselect_cli.errors import UserError
 from seedselect_cli.evaluate import run_evaluate
 from seedselect_cli.files.assets import asset_path
@@ -30,6 +29,7 @@ from seedselect_cli.report import (
     marks_line,
     write_report,
 )
+from seedselect_cli.tool_config import EvaluateConfig, JudgeConfig
 from tests.conftest import make_config, random_image
 from tests.runs import read_manifest
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 
-from seedselect_cli.config import EvaluateConfig, ModelConfig
+from seedselect_cli.config import ModelConfig
 from seedselect_cli.core import initial_seeds
 from seedselect_cli.core.initial_seeds import init_seed_for, initial_noise, mix
 from seedselect_cli.core.nao import chi_mode, nao_centroid, rescaled_centroid
@@ -28,6 +28,7 @@ from seedselect_cli.files.tensor_cache import TensorCache
 from seedselect_cli.models import load_models
 from seedselect_cli.pipeline import run_bootstrap, run_optimize, seed_starts
 from seedselect_cli.references import load_encodings
+from seedselect_cli.tool_config import EvaluateConfig
 from tests.conftest import make_config
 from tests.runs import read_manifest
 

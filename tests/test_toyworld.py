@@ -14,11 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
-from seedselect_cli.config import EvaluateConfig, JudgeConfig, load_config
+from seedselect_cli.config import load_config
 from seedselect_cli.evaluate import run_evaluate
 from seedselect_cli.files.assets import asset_path
 from seedselect_cli.files.atomic import slugify
 from seedselect_cli.pipeline import run
+from seedselect_cli.tool_config import EvaluateConfig, JudgeConfig
 from tests.conftest import compose_raw, make_config
 
 pytestmark = pytest.mark.slow  # minutes together: the quick loop (`pytest -m "not slow"`) leaves it out
