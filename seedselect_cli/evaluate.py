@@ -60,6 +60,7 @@ from seedselect_cli.report_notes import (
     first_images_note,
     heldout_folder_note,
     heldout_notes,
+    one_reference_notes,
     set_notes,
     unfinished_note,
 )
@@ -366,7 +367,8 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
                              capped=len(entries) < len(every_entry), fill_to=config.bootstrap.fill_to),
                   *([folder_note] if folder_note else []),
                   *first_images_note(cfg.images_per_class, len(entries), len(every_entry)),
-                  *heldout_notes(real_counts, {c: h.source for c, h in heldout_of.items()})],
+                  *heldout_notes(real_counts, {c: h.source for c, h in heldout_of.items()}),
+                  *one_reference_notes({c: len(references[c]) for c in run_classes}, real_counts)],
         "quality_space": "judge features" if judge is not None else "CLIP image embeddings",
         "overall": {method: overall(per_class) for method, per_class in scores.items()},
         "classes": {c: {"references": {"n_images": len(references[c]),

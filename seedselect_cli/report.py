@@ -207,8 +207,11 @@ QUALITY_KEYS = ("precision", "recall", "density", "coverage", "kid", "diversity_
 def marks_line(per_image: list[dict], report: Path) -> str:
     """How many of the run's own images the contact sheets mark, and where to look."""
     ours = [r for r in per_image if r["set"] == "seedselect"]
-    counts = [count_of(sum(bool(r['copy']) for r in ours), "copy of a reference", "copies of a reference"),
-              f"{sum(r['unrefined'] for r in ours)} unrefined"]
+    measured = [r for r in ours if r["copy"] is not None]  # not where a class has one reference and no real images
+    copies = count_of(sum(r["copy"] for r in measured), "copy of a reference", "copies of a reference")
+    if len(measured) < len(ours):
+        copies = (f"{copies} among {len(measured)}" if measured else "copies") + " (not measured for one reference)"
+    counts = [copies, f"{sum(r['unrefined'] for r in ours)} unrefined"]
     if any(r["judge_label"] is not None for r in ours):
         counts.insert(0, f"{sum(r['judge_top1'] != r['class'] for r in ours)} rejected by the judge")
     return (f"marked on the contact sheets ({report / 'sheets'}), of the run's {count_of(len(ours), 'image')}: "

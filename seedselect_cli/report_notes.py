@@ -65,6 +65,24 @@ def heldout_notes(real_images: dict[str, int], sources: dict[str, str]) -> list[
     return out
 
 
+def one_reference_notes(reference_counts: dict[str, int], real_images: dict[str, int]) -> list[str]:
+    """Why diversity_ratio and copies are blank for the classes with one reference (a 1-shot run): the references'
+    own variety, which diversity_ratio divides by, needs two; `copies` needs two references, or held-out real images
+    (`real_images`, per class), to say how near a reference is too near."""
+    alone = [c for c, n in reference_counts.items() if n < 2]
+    if not alone:
+        return []
+    of = f"{count_of(len(alone), 'class', 'classes')} of {len(reference_counts)} with one reference"
+    ratio = (f"diversity_ratio is left out for {of}: it divides the images' diversity by the references' own, which "
+             f"needs two; diversity, the images' own, is there (two references or more give the ratio)")
+    out = [ratio]
+    if no_real := [c for c in alone if real_images.get(c, 0) == 0]:
+        out.append(f"copies is left out for {count_of(len(no_real), 'class', 'classes')} with one reference and no "
+                   f"held-out real images: how near a reference is too near is measured against a second reference "
+                   f"or a real image; point heldout=DIR at real images (DIR/<class>/<image>)")
+    return out
+
+
 def heldout_folder_note(root: Path, classes: list[str]) -> str | None:
     """The classes that a `heldout=DIR` holds no folder for (a typo, or another naming), and the folders it does
     hold, with the nearest to the first such class; None where every class has its folder."""

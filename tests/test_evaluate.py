@@ -64,6 +64,39 @@ def test_copies_of_the_references_score_fidelity_one_and_diversity_zero(tmp_path
     assert "plain" not in result and metrics["baseline"] is None
 
 
+
+@pytest.mark.slow
+def test_a_one_shot_run_says_why_its_ratio_and_copies_are_blank_and_counts_no_copies(tmp_path):
+    """One reference (dataset.shots=1, a 1-shot set): diversity_ratio has no references' variety to divide by and
+    copies no second reference or real image to say how near is too near; the notes say so, and the marks line
+    does not count the unmeasured images as 0 copies. Real held-out images give copies back."""
+    refs = tmp_path / "refs" / "lone_cat"
+    refs.mkdir(parents=True)
+    random_image(np.random.default_rng(31), (48, 40)).save(refs / "a.png")
+    run_dir = tmp_path / "run"
+    run_optimize(make_config([f"dataset.root={refs}", "n_images=2", "runtime.batch_size=2"]), run_dir)
+    metrics = run_evaluate(EvaluateConfig(run_dir=str(run_dir), baseline=False))
+    ours = metrics["classes"]["lone_cat"]["seedselect"]
+    assert ours["diversity_ratio"] is None and ours["copies"] is None and ours["diversity"] is not None
+    ratio, copies = (next(n for n in metrics["notes"] if n.startswith(f"{key} is left out"))
+                     for key in ("diversity_ratio", "copies"))
+    assert "for 1 class of 1 with one reference" in ratio and "two references or more" in ratio
+    assert "no held-out real images" in copies and "heldout=DIR" in copies
+    rows = [json.loads(line) for line in (run_dir / "report" / "images.jsonl").read_text().splitlines()]
+    assert [r["copy"] for r in rows] == [None, None]
+    assert "of the run's 2 images: copies (not measured for one reference), " in marks_line(rows, Path("R"))
+
+    heldout = tmp_path / "heldout" / "lone_cat"
+    heldout.mkdir(parents=True)
+    for i in range(4):
+        random_image(np.random.default_rng(40 + i), (48, 40)).save(heldout / f"{i}.png")
+    metrics = run_evaluate(EvaluateConfig(run_dir=str(run_dir), baseline=False, heldout=str(heldout.parent)))
+    assert metrics["classes"]["lone_cat"]["seedselect"]["copies"] is not None
+    assert [n for n in metrics["notes"] if n.startswith("copies")] == []
+    assert any(n.startswith("diversity_ratio is left out") for n in metrics["notes"])
+    mixed = rows[:1] + [{**rows[1], "copy": True}]
+    assert "1 copy of a reference among 1 (not measured for one reference)" in marks_line(mixed, Path("R"))
+
 def test_a_run_not_finished_says_whose_images_the_figures_are(demo_run, tmp_path):
     """A run stopped early, or still being made by another process, is reported with how many of its images the
     figures cover, and what to do; a finished run is not."""
