@@ -270,6 +270,19 @@ def memory_advice(config: Config, dtype: torch.dtype) -> str:
     return ", or ".join(fixes)
 
 
+def one_reference_warning(config: Config, method: str) -> str | None:
+    """What the settings that measure against the references' spacing do for a class with one reference (a 1-shot
+    set): nothing, which the run says rather than leaving it to be found in the images; None where none is on."""
+    said = []
+    if method == "bootstrap" and config.bootstrap.keep_drawn:
+        said.append("bootstrap.keep_drawn measures a start against the references' spread, which needs two, so each of "
+                    "its images is refined as without it")
+    if config.optim.stop_near_reference:
+        said.append("optim.stop_near_reference stops a seed at the distance between two references, so its seeds "
+                    "run every iteration, as without it")
+    return "; ".join(said) or None
+
+
 def evaluate_command(config: Config, run_dir: Path) -> str:
     """The command that scores this run: with the toy world's judge for a toy-world run (its image encoder is the
     world's CLIP), whose classes no public classifier knows, and zero-shot among all of the world's concepts where
@@ -304,6 +317,8 @@ class ClassRun:
         self.out.record_references(slug, target.encodings.paths, target.encodings.hashes, config.dataset.root)
         log.info("class %r: %s, prompt %r, %s to make", record.name, count_of(len(target.encodings.paths), "reference"),
                  record.prompt, count_of(len(indices), "image"))
+        if len(target.encodings.paths) < 2 and (unmeasured := one_reference_warning(config, self.method)):
+            log.warning("class %r has one reference: %s", record.name, unmeasured)
         blocks = batch_blocks(indices, n_images, config.runtime.batch_size)
         if self.method == "optimize":
             batches = engine.optimize_batches(target, blocks, engine.centre(target))

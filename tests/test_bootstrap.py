@@ -325,6 +325,31 @@ def test_the_spread_is_the_farthest_reference_from_the_centroid_of_the_others():
     assert random_encodings(1, 31).spread() is None
 
 
+
+def test_a_one_reference_class_says_that_keep_drawn_and_stop_near_reference_do_nothing_for_it(tmp_path, caplog):
+    """A class with one reference (1-shot) has no spread and no spacing to measure a start by: a run with
+    bootstrap.keep_drawn or optim.stop_near_reference says so for that class (its images are made as without them),
+    and not for a class with two."""
+    import numpy as np
+
+    from tests.conftest import random_image
+
+    for name, n in (("lone", 1), ("pair", 2)):
+        (tmp_path / "refs" / name).mkdir(parents=True)
+        for i in range(n):
+            random_image(np.random.default_rng(60 + i), (40, 40)).save(tmp_path / "refs" / name / f"{i}.png")
+    fast = ["bootstrap.n_images=1", "bootstrap.iterations=1", "bootstrap.candidates=2", "runtime.batch_size=1"]
+    with caplog.at_level("WARNING", logger="seedselect_cli.pipeline"):
+        for name in ("lone", "pair"):
+            run_bootstrap(make_config([f"dataset.root={tmp_path / 'refs' / name}", *fast, "bootstrap.keep_drawn=true",
+                                       "optim.stop_near_reference=true"]), tmp_path / f"run_{name}")
+    said = [r.getMessage() for r in caplog.records if "one reference" in r.getMessage()]
+    assert said == ["class 'lone' has one reference: bootstrap.keep_drawn measures a start against the references' "
+                    "spread, which needs two, so each of its images is refined as without it; "
+                    "optim.stop_near_reference stops a seed at the distance between two references, so its seeds run "
+                    "every iteration, as without it"]
+    assert len(read_manifest(tmp_path / "run_lone")) == 1
+
 def test_the_centroids_of_some_seeds_of_a_batch():
     encodings = random_encodings(5, 32)
     per_seed = stack_centroids([encodings.centroids(s) for s in ([0, 1], [2, 3], [4, 4], [1, 3])])
