@@ -9,7 +9,7 @@ accuracy on held-out real images of the same classes, in the table of
     python scripts/linear_probe.py --dataset cub --root /data/CUB_200_2011 --run runs/cub \\
         --shots 5 --test-split test
 
-Real images come from the dataset adapters (`seedselect_cli/datasets/`): `--shots` per class from
+Real images come from the dataset adapters (`seedselect_cli/files/datasets/`): `--shots` per class from
 `--train-split`, drawn as `seedselect` draws its references (same `--seed`), and every image of
 `--test-split` that is not one of those shots for testing. For few-shot benchmarks whose splits
 are class splits (miniImageNet, CIFAR-FS) pass the same split twice: the held-out images are the
