@@ -17,7 +17,7 @@ from seedselect_cli.core.prompts import encode_prompt
 from seedselect_cli.core.samplers import step_noise
 from seedselect_cli.core.sampling import sample_images
 from seedselect_cli.devices import match_cpu_threads, resolve_device, seed_dtype
-from seedselect_cli.errors import UserError
+from seedselect_cli.errors import UserError, count_of
 from seedselect_cli.files.assets import resolve_location
 from seedselect_cli.files.atomic import atomic_write
 from seedselect_cli.files.images import EXIF_DESCRIPTION, WRITTEN_FORMATS
@@ -83,7 +83,7 @@ def generate_folder(cfg: GenerateConfig) -> Path:
         log.info("%d of the %d images are already in %s; drawing the other %d", len(seeds) - len(todo), len(seeds),
                  out, len(todo))
     else:  # said before the models load: a cluster job's log has no bar
-        log.info("drawing %d images into %s", len(todo), out)
+        log.info("drawing %s into %s", count_of(len(todo), "image"), out)
     run_images = run_images_of(source)
     device = resolve_device(cfg.runtime.device)
     loaded: dict[tuple, FrozenModels] = {}
@@ -117,7 +117,7 @@ def generate_folder(cfg: GenerateConfig) -> Path:
             compared += 1
             if not identical_pixels(target, original):
                 differing.append(relative.with_suffix(".png").as_posix())
-    log.info("drew %d images into %s%s", len(todo), out,
+    log.info("drew %s into %s%s", count_of(len(todo), "image"), out,
              f"; {compared - len(differing)} of {compared} are pixel for pixel the run's images in {run_images}"
              if compared else "")
     if differing:
