@@ -344,10 +344,11 @@ def test_a_one_reference_class_says_that_keep_drawn_and_stop_near_reference_do_n
             run_bootstrap(make_config([f"dataset.root={tmp_path / 'refs' / name}", *fast, "bootstrap.keep_drawn=true",
                                        "optim.stop_near_reference=true"]), tmp_path / f"run_{name}")
     said = [r.getMessage() for r in caplog.records if "one reference" in r.getMessage()]
-    assert said == ["class 'lone' has one reference: bootstrap.keep_drawn measures a start against the references' "
-                    "spread, which needs two, so each of its images is refined as without it; "
-                    "optim.stop_near_reference stops a seed at the distance between two references, so its seeds run "
-                    "every iteration, as without it"]
+    expected = ("class 'lone' has one reference: bootstrap.keep_drawn measures a start against the references' "
+                "spread, which needs two, so each of its images is refined as without it; "
+                "optim.stop_near_reference stops a seed at the distance between two references, so its seeds run "
+                "every iteration, as without it")
+    assert said == [expected]
     assert len(read_manifest(tmp_path / "run_lone")) == 1
 
 def test_the_centroids_of_some_seeds_of_a_batch():
