@@ -241,6 +241,12 @@ def test_prompts_say_an_before_a_vowel_and_fewer_images_than_shots_are_said(tmp_
         records = load_classes(DatasetConfig(name="cub", root=str(root), shots=50), seed=0)
     assert all(len(r.images) == 3 for r in records)
     assert "has 3 images, fewer than dataset.shots=50: using all of them" in caplog.text
+    caplog.clear()
+    folder = root / "images" / "094.Pine_Warbler"  # one folder of one concept says it too
+    with caplog.at_level("WARNING"):
+        [record] = load_classes(DatasetConfig(name="folder", root=str(folder), shots=50), seed=0)
+    assert len(record.images) == len(list(folder.iterdir())) < 50
+    assert f"folder class 'Pine_Warbler' has {len(record.images)} images, fewer than dataset.shots=50" in caplog.text
 
 
 def test_a_held_out_class_folder_is_found_however_it_is_named(tmp_path):

@@ -161,6 +161,15 @@ def require_files(root: Path, names: Sequence[str], dataset: str) -> None:
         raise UserError(f"dataset.root={root} is not a {dataset} folder: {', '.join(missing)} missing")
 
 
+def class_shots(cfg: DatasetConfig, seed: int, dataset: str, name: str, paths: Sequence[Path]) -> list[Path]:
+    """The class's references, `dataset.shots` of its `paths` (`draw_shots`); a class with fewer is said, as its
+    set is then a smaller-shot one than asked for."""
+    if cfg.shots is not None and cfg.shots > len(paths):
+        log.warning("%s class %r has %s, fewer than dataset.shots=%d: using all of them", dataset, name,
+                    count_of(len(paths), "image"), cfg.shots)
+    return draw_shots(list(paths), cfg.shots, seed, name)
+
+
 def build_records(cfg: DatasetConfig, seed: int, images: Mapping[str, Sequence[Path]], names: Sequence[str],
                   aliases: Mapping[str, str] | None = None, dataset: str = "dataset",
                   labels: Mapping[str, int] | None = None) -> list[ClassRecord]:
@@ -176,10 +185,7 @@ def build_records(cfg: DatasetConfig, seed: int, images: Mapping[str, Sequence[P
                 log.warning("%s class %r has no images (%s); skipping it", dataset, name, split_of(cfg))
                 continue
             raise UserError(f"{dataset} class {name!r} has no images ({split_of(cfg)})")
-        if cfg.shots is not None and cfg.shots > len(images[name]):
-            log.warning("%s class %r has %s, fewer than dataset.shots=%d: using all of them", dataset, name,
-                        count_of(len(images[name]), "image"), cfg.shots)
-        paths = draw_shots(list(images[name]), cfg.shots, seed, name)
+        paths = class_shots(cfg, seed, dataset, name, images[name])
         records.append(ClassRecord(name=name, prompt=fill_template(cfg.prompt_template, name), images=tuple(paths),
                                    split_images=len(images[name]), label=(labels or {}).get(name)))
     return records

@@ -11,7 +11,7 @@ from seedselect_cli.errors import UserError
 from seedselect_cli.files.datasets import (
     ClassRecord,
     DatasetConfig,
-    draw_shots,
+    class_shots,
     fill_template,
     folder_class_name,
     require_root,
@@ -28,5 +28,5 @@ def load(cfg: DatasetConfig, seed: int) -> list[ClassRecord]:
     if not paths:
         raise UserError(f"dataset.root={cfg.root} holds no image files (png, jpg, webp, ...); {no_images_hint(root)}")
     prompt = fill_template(cfg.prompt_template, name.replace("_", " "))
-    return [ClassRecord(name=name, prompt=prompt, images=tuple(draw_shots(paths, cfg.shots, seed, name)),
+    return [ClassRecord(name=name, prompt=prompt, images=tuple(class_shots(cfg, seed, "folder", name, paths)),
                         split_images=len(paths))]
