@@ -271,14 +271,9 @@ def memory_advice(config: Config, dtype: torch.dtype) -> str:
 
 
 def one_reference_warning(config: Config, method: str) -> str | None:
-    """What a class with one reference (a 1-shot set) does to the run, said rather than left to be found in the
-    images: optimize's refinement pulls all its images to one target, and the settings that measure against the
-    references' spacing do nothing; None where nothing applies."""
+    """What the settings that measure against the references' spacing do for a class with one reference (a 1-shot
+    set): nothing, which the run says rather than leaving it to be found in the images; None where none is on."""
     said = []
-    if method == "optimize" and config.optim.iterations > 1:
-        said.append("every image is refined towards that reference's CLIP embedding, so they come out alike (on the "
-                    "toy world half the variety of selection alone, optim.iterations=1, and no more of them right: "
-                    "README, 'One reference')")
     if method == "bootstrap" and config.bootstrap.keep_drawn:
         said.append("bootstrap.keep_drawn measures a start against the references' spread, which needs two, so each of "
                     "its images is refined as without it")
