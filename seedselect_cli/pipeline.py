@@ -60,9 +60,14 @@ def images_wanted(config: Config, method: str, records: list[ClassRecord]) -> di
     to make of any class."""
     wanted = {r.name: config.images_asked(method, r.split_images) for r in records}
     if records and not any(wanted.values()):
-        fill_to = config.bootstrap.fill_to
+        fill_to, shots = config.bootstrap.fill_to, config.dataset.shots
+        # a few-shot set's real images are its shots, but fill_to counts the split's, as a long tail's are
+        instead = (f", or, to fill each class up to {fill_to} with its dataset.shots={shots} references, "
+                   f"bootstrap.n_images={fill_to - shots} (fill_to counts the real images in the split, not the shots)"
+                   if shots is not None and shots < fill_to else "")
         raise UserError(f"bootstrap.fill_to={fill_to}: every class of the run already has {fill_to} or more images in "
-                        f"{split_of(config.dataset)} (the fewest: {min(r.split_images for r in records)}); raise it")
+                        f"{split_of(config.dataset)} (the fewest: {min(r.split_images for r in records)}); raise it"
+                        f"{instead}")
     return wanted
 
 

@@ -291,6 +291,11 @@ def test_fill_to_makes_each_class_up_to_a_count_with_its_real_images(tmp_path, c
                                         r"in dataset.split=train \(the fewest: 1\); raise it"):
         run_bootstrap(fill(1), tmp_path / "none")
     assert not (tmp_path / "none").exists()
+    # a few-shot set's real images are its shots, which fill_to does not count: the error says the key that does it
+    root = make_imagenet_lt(tmp_path / "few", counts={0: 5, 12: 4})
+    with pytest.raises(UserError, match=r"the fewest: 4\); raise it, or, to fill each class up to 3 with its "
+                                        r"dataset.shots=1 references, bootstrap.n_images=2 \(fill_to counts"):
+        run_bootstrap(fill(3, "dataset.shots=1"), tmp_path / "none")
     with pytest.raises(UserError, match="bootstrap.fill_to=0 is invalid"):
         fill(0)
 
