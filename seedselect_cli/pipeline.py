@@ -285,6 +285,9 @@ def one_reference_warning(config: Config, method: str) -> str | None:
     if config.optim.stop_near_reference:
         said.append("optim.stop_near_reference stops a seed at the distance between two references, so its seeds "
                     "run every iteration, as without it")
+    if method == "optimize" and config.loss.appearance == "assigned" and config.loss.semantic_references > 1:
+        said.append(f"loss.semantic_references={config.loss.semantic_references} averages each image's reference with "
+                    f"the next ones, of which there are none, so each image's target is that reference alone")
     return "; ".join(said) or None
 
 

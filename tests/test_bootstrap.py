@@ -358,6 +358,11 @@ def test_a_one_reference_class_says_that_keep_drawn_and_stop_near_reference_do_n
     from seedselect_cli.pipeline import one_reference_warning
 
     assert one_reference_warning(make_config([]), "optimize") is None  # nothing on that does nothing
+    several = make_config(["loss.semantic_references=3", "loss.appearance=assigned"])
+    assert one_reference_warning(several, "optimize") == (
+        "loss.semantic_references=3 averages each image's reference with the next ones, of which there are none, so "
+        "each image's target is that reference alone")
+    assert one_reference_warning(several, "bootstrap") is None  # optimize's key alone
 
 def test_the_centroids_of_some_seeds_of_a_batch():
     encodings = random_encodings(5, 32)
