@@ -209,8 +209,10 @@ def marks_line(per_image: list[dict], report: Path) -> str:
     ours = [r for r in per_image if r["set"] == "seedselect"]
     measured = [r for r in ours if r["copy"] is not None]  # not where a class has one reference and no real images
     copies = count_of(sum(r["copy"] for r in measured), "copy of a reference", "copies of a reference")
-    if len(measured) < len(ours):
-        copies = (f"{copies} among {len(measured)}" if measured else "copies") + " (not measured for one reference)"
+    if not measured:
+        copies = "copies not measured (one reference)"
+    elif len(measured) < len(ours):
+        copies += f" of {len(measured)} measured ({len(ours) - len(measured)} not: one reference)"
     counts = [copies, f"{sum(r['unrefined'] for r in ours)} unrefined"]
     if any(r["judge_label"] is not None for r in ours):
         counts.insert(0, f"{sum(r['judge_top1'] != r['class'] for r in ours)} rejected by the judge")

@@ -73,9 +73,8 @@ def one_reference_notes(reference_counts: dict[str, int], real_images: dict[str,
     if not alone:
         return []
     of = f"{count_of(len(alone), 'class', 'classes')} of {len(reference_counts)} with one reference"
-    ratio = (f"diversity_ratio is left out for {of}: it divides the images' diversity by the references' own, which "
-             f"needs two; diversity, the images' own, is there (two references or more give the ratio)")
-    out = [ratio]
+    out = [f"diversity_ratio is left out for {of}: it divides the images' diversity by the references' own, which "
+           + "needs two; diversity, the images' own, is there (two references or more give the ratio)"]
     if no_real := [c for c in alone if real_images.get(c, 0) == 0]:
         out.append(f"copies is left out for {count_of(len(no_real), 'class', 'classes')} with one reference and no "
                    f"held-out real images: how near a reference is too near is measured against a second reference "

@@ -84,7 +84,7 @@ def test_a_one_shot_run_says_why_its_ratio_and_copies_are_blank_and_counts_no_co
     assert "no held-out real images" in copies and "heldout=DIR" in copies
     rows = [json.loads(line) for line in (run_dir / "report" / "images.jsonl").read_text().splitlines()]
     assert [r["copy"] for r in rows] == [None, None]
-    assert "of the run's 2 images: copies (not measured for one reference), " in marks_line(rows, Path("R"))
+    assert "of the run's 2 images: copies not measured (one reference), " in marks_line(rows, Path("R"))
 
     heldout = tmp_path / "heldout" / "lone_cat"
     heldout.mkdir(parents=True)
@@ -95,7 +95,7 @@ def test_a_one_shot_run_says_why_its_ratio_and_copies_are_blank_and_counts_no_co
     assert [n for n in metrics["notes"] if n.startswith("copies")] == []
     assert any(n.startswith("diversity_ratio is left out") for n in metrics["notes"])
     mixed = rows[:1] + [{**rows[1], "copy": True}]
-    assert "1 copy of a reference among 1 (not measured for one reference)" in marks_line(mixed, Path("R"))
+    assert "1 copy of a reference of 1 measured (1 not: one reference)" in marks_line(mixed, Path("R"))
 
 def test_a_run_not_finished_says_whose_images_the_figures_are(demo_run, tmp_path):
     """A run stopped early, or still being made by another process, is reported with how many of its images the
