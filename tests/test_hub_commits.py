@@ -64,14 +64,17 @@ def pixels(path: Path) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
-@pytest.mark.slow  # five commands, each loading the models: 40 s
-def test_a_run_keeps_the_hub_commit_it_began_with_and_generate_redraws_from_it(tmp_path):
+@pytest.mark.slow  # seven commands, each loading the models: 35 s
+def test_a_run_keeps_the_hub_commit_it_began_with_and_generate_redraws_from_it(tmp_path, monkeypatch, capsys, caplog):
+    import huggingface_hub.constants
+
+    from seedselect_cli.cli import main
+
     cache = tmp_path / "hub"
     build_cache(cache)
-    env = {"HF_HUB_CACHE": str(cache)}
     run = ["optimize", f"model.pretrained={MODEL}", f"model.image_encoder={ENCODER}", "optim.iterations=2",
            "init.candidates=2", "runtime.batch_size=1", "runtime.progress=false", "hydra.run.dir=run"]
-    first = seedselect(*run, "n_images=1", cwd=tmp_path, env=env)
+    first = seedselect(*run, "n_images=1", cwd=tmp_path, env={"HF_HUB_CACHE": str(cache)})  # as a user starts it
     assert first.returncode == 0, first.stderr
     assert f"{MODEL}: Hub commit {FIRST}" in first.stdout + first.stderr
     [entry] = read_manifest(tmp_path / "run")
@@ -79,32 +82,39 @@ def test_a_run_keeps_the_hub_commit_it_began_with_and_generate_redraws_from_it(t
     seed_file = tmp_path / "run" / entry["seed_file"]
     assert load_seed_file(seed_file).metadata["model_commit"] == FIRST
 
+    # the rest in this process (`main`), its Hub cache where HF_HUB_CACHE put the first command's: a process's
+    # imports cost 5 s a command
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.chdir(tmp_path)
+
+    def said() -> str:
+        out = capsys.readouterr()
+        text = out.out + out.err + caplog.text
+        caplog.clear()
+        return text
+
     point_main(cache, MODEL, SECOND)  # the repository moved on: new UNet weights on main
-    again = seedselect("generate", f"seed_file={seed_file}", "out=again.png", cwd=tmp_path, env=env)
-    assert again.returncode == 0, again.stderr
+    assert main(["generate", f"seed_file={seed_file}", "out=again.png"]) == 0, said()
     assert np.array_equal(pixels(tmp_path / "again.png"), pixels(tmp_path / "run" / entry["image"]))
-    moved = seedselect("generate", f"seed_file={seed_file}", "out=moved.png", f"model={MODEL}", cwd=tmp_path, env=env)
-    assert moved.returncode == 0, moved.stderr
-    assert f"Hub commit {FIRST}, these are Hub commit {SECOND}'s" in moved.stdout + moved.stderr
+    assert main(["generate", f"seed_file={seed_file}", "out=moved.png", f"model={MODEL}"]) == 0
+    assert f"Hub commit {FIRST}, these are Hub commit {SECOND}'s" in said()
     assert not np.array_equal(pixels(tmp_path / "moved.png"), pixels(tmp_path / "again.png"))  # SECOND is another model
 
-    resumed = seedselect(*run, "n_images=2", cwd=tmp_path, env=env)
-    assert resumed.returncode == 0, resumed.stderr
-    assert f"{MODEL}: Hub commit {FIRST}, as the run's earlier images" in resumed.stdout + resumed.stderr
+    said()
+    assert main([*run, "n_images=2"]) == 0
+    assert f"{MODEL}: Hub commit {FIRST}, as the run's earlier images" in said()
     assert [e["model_commit"] for e in read_manifest(tmp_path / "run")] == [FIRST, FIRST]
-    scored = seedselect("evaluate", "run_dir=run", "baseline=false", cwd=tmp_path, env=env)
-    assert scored.returncode == 0, scored.stderr
+    assert main(["evaluate", "run_dir=run", "baseline=false"]) == 0, said()
     metrics = json.loads((tmp_path / "run" / "report" / "metrics.json").read_text())
     assert (metrics["model"], metrics["model_commits"]) == (MODEL, [FIRST])
 
-    fresh = seedselect(*run, "n_images=1", "hydra.run.dir=fresh", cwd=tmp_path, env=env)
-    assert fresh.returncode == 0, fresh.stderr
+    assert main([*run, "n_images=1", "hydra.run.dir=fresh"]) == 0, said()
     assert [e["model_commit"] for e in read_manifest(tmp_path / "fresh")] == [SECOND]
     # the first commit gone from the cache: the resume says which commit it wants, and why
     shutil.rmtree(cache / "models--seedselect--toyworld" / "snapshots" / FIRST)
-    gone = seedselect(*run, "n_images=3", cwd=tmp_path, env=env)
-    assert gone.returncode == 2
-    [line] = gone.stderr.strip().splitlines()
+    said()
+    assert main([*run, "n_images=3"]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
     assert f"`hf download {MODEL} --revision {FIRST} --include '*.json' " in line
     assert line.endswith("(the commit the run's earlier images were drawn with, which a resumed run loads again; a "
                          "new run directory takes the branch's)")
