@@ -312,27 +312,37 @@ def test_generate_redraws_a_folder_of_seeds_as_the_runs_images_and_goes_on_after
 
 
 @pytest.mark.slow
-def test_generate_on_a_cpu_draws_with_the_threads_the_seeds_run_drew_with(tmp_path):
-    """Another thread count sums in another order: with the tiny components 1 and 2 threads differ in a pixel or
-    two. A seed file drawn on a CPU records its threads, and `generate` takes them unless OMP_NUM_THREADS says."""
-    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"} | {"HF_HUB_OFFLINE": "1"}
-    run = [sys.executable, "-m", "seedselect_cli", "optimize", TINY, "hydra.run.dir=run", "n_images=1", *FAST]
-    done = subprocess.run(run, cwd=tmp_path, env=env | {"OMP_NUM_THREADS": "2"}, capture_output=True, text=True,
-                          check=False)
-    assert done.returncode == 0, done.stderr
-    [entry] = read_manifest(tmp_path / "run")
-    assert load_seed_file(tmp_path / "run" / entry["seed_file"]).metadata["cpu_threads"] == "2"
-    generate = [sys.executable, "-m", "seedselect_cli", "generate", f"seed_file=run/{entry['seed_file']}"]
-    done = subprocess.run([*generate, "out=again.png"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          check=False)
-    assert done.returncode == 0, done.stderr
-    assert "drawing with 2 CPU threads, as the seed's run did" in done.stdout
-    assert np.array_equal(np.asarray(Image.open(tmp_path / "again.png")),
-                          np.asarray(Image.open(tmp_path / "run" / entry["image"])))
-    done = subprocess.run([*generate, "out=one.png"], cwd=tmp_path, env=env | {"OMP_NUM_THREADS": "1"},
-                          capture_output=True, text=True, check=False)
-    assert done.returncode == 0, done.stderr
-    assert "drawing with 1 CPU thread (OMP_NUM_THREADS); the seed's run drew with 2" in done.stdout
+def test_generate_on_a_cpu_draws_with_the_threads_the_seeds_run_drew_with(tmp_path, monkeypatch, capsys):
+    """Another thread count sums in another order, and a pixel can differ by one. A seed file drawn on a CPU records its threads, and `generate` takes them unless OMP_NUM_THREADS says.
+    In this process (`main`), each command's OMP_NUM_THREADS and the threads torch starts with set as a new
+    process's would be: three processes cost 30 s."""
+    from seedselect_cli import devices
+
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(devices, "_threads_fitted", [True])  # as where OMP_NUM_THREADS is set, or cores are free
+    monkeypatch.setattr(devices, "_threads_said", set())
+    monkeypatch.chdir(tmp_path)
+    try:
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        torch.set_num_threads(2)
+        assert main(["optimize", TINY, "hydra.run.dir=run", "n_images=1", *FAST]) == 0
+        [entry] = read_manifest(tmp_path / "run")
+        assert load_seed_file(tmp_path / "run" / entry["seed_file"]).metadata["cpu_threads"] == "2"
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        torch.set_num_threads(1)  # the generating process's own count, not the run's
+        capsys.readouterr()
+        assert main(["generate", f"seed_file=run/{entry['seed_file']}", "out=again.png"]) == 0
+        assert "drawing with 2 CPU threads, as the seed's run did" in capsys.readouterr().out
+        assert torch.get_num_threads() == 2  # (here 1 and 2 threads happen to draw the same pixels)
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "again.png")),
+                              np.asarray(Image.open(tmp_path / "run" / entry["image"])))
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(1)
+        capsys.readouterr()
+        assert main(["generate", f"seed_file=run/{entry['seed_file']}", "out=one.png"]) == 0
+        assert "drawing with 1 CPU thread (OMP_NUM_THREADS); the seed's run drew with 2" in capsys.readouterr().out
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.slow
