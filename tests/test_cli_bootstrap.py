@@ -26,6 +26,15 @@ def command(root, run_dir, *extra):
     return [*bootstrap_command(root, run_dir, 3, iterations=3), *extra]
 
 
+def in_process(args, cwd, monkeypatch) -> None:
+    """`args` (a `bootstrap_command`) through `main` in this process: the killed run and the sweep are processes of
+    their own, as they must be, and one process's imports cost 5 s."""
+    from seedselect_cli.cli import main
+
+    monkeypatch.chdir(cwd)
+    assert main(args[args.index("-m") + 2:]) == 0
+
+
 def run(args, cwd, **env):
     done = subprocess.run(args, cwd=cwd, env={**os.environ, "HF_HUB_OFFLINE": "1", **env}, capture_output=True,
                           text=True, timeout=300, check=False)
@@ -41,11 +50,12 @@ def cub(tmp_path_factory):
 @pytest.fixture(scope="module")
 def uninterrupted(cub, tmp_path_factory):
     cwd = tmp_path_factory.mktemp("whole")
-    run(command(cub, cwd / "run"), cwd)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        in_process(command(cub, cwd / "run"), cwd, monkeypatch)
     return cwd / "run"
 
 
-def test_a_killed_run_resumes_to_exactly_n_images_per_class(cub, uninterrupted, tmp_path):
+def test_a_killed_run_resumes_to_exactly_n_images_per_class(cub, uninterrupted, tmp_path, monkeypatch, capsys):
     run_dir = tmp_path / "run"
     process = subprocess.Popen(command(cub, run_dir), cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"},
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -57,11 +67,12 @@ def test_a_killed_run_resumes_to_exactly_n_images_per_class(cub, uninterrupted, 
     killed_with = len(read_manifest(run_dir))
     assert 2 <= killed_with < 6, "the run should be killed part-way"
 
-    done = run(command(cub, run_dir), tmp_path)
+    capsys.readouterr()
+    in_process(command(cub, run_dir), tmp_path, monkeypatch)
     entries = read_manifest(run_dir)
     assert sorted((e["class"], e["index"]) for e in entries) == [(c, i) for c in ("Black footed Albatross",
                                                                                   "Pine Warbler") for i in range(3)]
-    assert f"{6 - killed_with} new images" in done.stdout
+    assert f"{6 - killed_with} new images" in capsys.readouterr().out
     for slug in SLUGS:
         assert sorted(p.name for p in (run_dir / "images" / slug).glob("*.png")) == [f"{i:05d}.png" for i in range(3)]
     # What the resumed run made is what the run would have made had it not been killed.
@@ -72,10 +83,10 @@ def test_a_killed_run_resumes_to_exactly_n_images_per_class(cub, uninterrupted, 
     assert len(metadata) == 6 and len(set(metadata)) == 6
 
 
-def test_generate_redraws_a_bootstrap_image(uninterrupted, tmp_path):
+def test_generate_redraws_a_bootstrap_image(uninterrupted, tmp_path, monkeypatch):
     entry = read_manifest(uninterrupted)[-1]
-    run([sys.executable, "-m", "seedselect_cli", "generate", f"seed_file={uninterrupted / entry['seed_file']}",
-         "out=again.png"], tmp_path)
+    in_process([sys.executable, "-m", "seedselect_cli", "generate", f"seed_file={uninterrupted / entry['seed_file']}",
+                "out=again.png"], tmp_path, monkeypatch)
     assert np.array_equal(np.asarray(Image.open(tmp_path / "again.png")),
                           np.asarray(Image.open(uninterrupted / entry["image"])))
 
