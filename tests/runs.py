@@ -19,6 +19,20 @@ def seedselect(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subp
                           timeout=300)
 
 
+def in_process(args: list[str], cwd: Path, monkeypatch, capsys=None) -> tuple[int, str, str]:
+    """A command line of `start` or `bootstrap_command` (`python -m seedselect_cli ...`) through `main` in the
+    test's own process, from `cwd`: for the commands around the one a test kills or runs side by side, as each
+    process's imports cost 5 s. Its exit code, and its stdout and stderr where `capsys` captures them."""
+    from seedselect_cli.cli import main
+
+    monkeypatch.chdir(cwd)
+    if capsys is not None:
+        capsys.readouterr()
+    code = main(args[args.index("seedselect_cli") + 1:])
+    out, err = capsys.readouterr() if capsys is not None else ("", "")
+    return code, out, err
+
+
 def start(args: list[str], cwd: Path) -> subprocess.Popen:
     """A command line started in the background, offline, on one thread (several run side by side)."""
     return subprocess.Popen(args, cwd=cwd, env={**os.environ, **OFFLINE, "OMP_NUM_THREADS": "1"},

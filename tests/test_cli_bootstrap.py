@@ -14,7 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from tests.layouts import make_cub
-from tests.runs import bootstrap_command, read_manifest
+from tests.runs import bootstrap_command, in_process, read_manifest
 
 pytestmark = pytest.mark.slow  # minutes together: the quick loop (`pytest -m "not slow"`) leaves it out
 
@@ -24,15 +24,6 @@ SLUGS = ("Black_footed_Albatross", "Pine_Warbler")
 
 def command(root, run_dir, *extra):
     return [*bootstrap_command(root, run_dir, 3, iterations=3), *extra]
-
-
-def in_process(args, cwd, monkeypatch) -> None:
-    """`args` (a `bootstrap_command`) through `main` in this process: the killed run and the sweep are processes of
-    their own, as they must be, and one process's imports cost 5 s."""
-    from seedselect_cli.cli import main
-
-    monkeypatch.chdir(cwd)
-    assert main(args[args.index("-m") + 2:]) == 0
 
 
 def run(args, cwd, **env):
@@ -51,7 +42,7 @@ def cub(tmp_path_factory):
 def uninterrupted(cub, tmp_path_factory):
     cwd = tmp_path_factory.mktemp("whole")
     with pytest.MonkeyPatch.context() as monkeypatch:
-        in_process(command(cub, cwd / "run"), cwd, monkeypatch)
+        assert in_process(command(cub, cwd / "run"), cwd, monkeypatch)[0] == 0
     return cwd / "run"
 
 
@@ -67,12 +58,12 @@ def test_a_killed_run_resumes_to_exactly_n_images_per_class(cub, uninterrupted, 
     killed_with = len(read_manifest(run_dir))
     assert 2 <= killed_with < 6, "the run should be killed part-way"
 
-    capsys.readouterr()
-    in_process(command(cub, run_dir), tmp_path, monkeypatch)
+    code, out, err = in_process(command(cub, run_dir), tmp_path, monkeypatch, capsys)
+    assert code == 0, err
     entries = read_manifest(run_dir)
     assert sorted((e["class"], e["index"]) for e in entries) == [(c, i) for c in ("Black footed Albatross",
                                                                                   "Pine Warbler") for i in range(3)]
-    assert f"{6 - killed_with} new images" in capsys.readouterr().out
+    assert f"{6 - killed_with} new images" in out
     for slug in SLUGS:
         assert sorted(p.name for p in (run_dir / "images" / slug).glob("*.png")) == [f"{i:05d}.png" for i in range(3)]
     # What the resumed run made is what the run would have made had it not been killed.
@@ -85,8 +76,8 @@ def test_a_killed_run_resumes_to_exactly_n_images_per_class(cub, uninterrupted, 
 
 def test_generate_redraws_a_bootstrap_image(uninterrupted, tmp_path, monkeypatch):
     entry = read_manifest(uninterrupted)[-1]
-    in_process([sys.executable, "-m", "seedselect_cli", "generate", f"seed_file={uninterrupted / entry['seed_file']}",
-                "out=again.png"], tmp_path, monkeypatch)
+    assert in_process([sys.executable, "-m", "seedselect_cli", "generate",
+                       f"seed_file={uninterrupted / entry['seed_file']}", "out=again.png"], tmp_path, monkeypatch)[0] == 0
     assert np.array_equal(np.asarray(Image.open(tmp_path / "again.png")),
                           np.asarray(Image.open(uninterrupted / entry["image"])))
 

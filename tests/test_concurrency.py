@@ -4,7 +4,6 @@ two copies of one command, SIGTERM during bootstrap's z_T^G, Ctrl-C during start
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import pytest
 from PIL import Image
 
 from tests.layouts import make_cub
-from tests.runs import bootstrap_command, read_manifest, seedselect, start
+from tests.runs import bootstrap_command, in_process, read_manifest, start
 
 pytestmark = pytest.mark.slow  # minutes together: the quick loop (`pytest -m "not slow"`) leaves it out
 
@@ -34,7 +33,7 @@ def cub(tmp_path):
     return make_cub(tmp_path / "CUB_200_2011", classes=("001.Black_footed_Albatross", "094.Pine_Warbler"))
 
 
-def test_a_failing_shard_leaves_the_run_directory_of_a_working_one_alone(cub, tmp_path):
+def test_a_failing_shard_leaves_the_run_directory_of_a_working_one_alone(cub, tmp_path, monkeypatch, capsys):
     broken = tmp_path / "broken"
     broken.mkdir()
     for i in range(3):  # shard 1's class: every reference unreadable
@@ -45,18 +44,16 @@ def test_a_failing_shard_leaves_the_run_directory_of_a_working_one_alone(cub, tm
     real = cub / "images" / "094.Pine_Warbler"
     real.rename(tmp_path / "kept")
     real.symlink_to(broken)
-    shard1 = subprocess.run([*bootstrap_command(cub, run_dir, 6), "runtime.shard=1/2", "bootstrap.global_iterations=20"],
-                            cwd=tmp_path, check=False,
-                            capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert shard1.returncode == 2 and "0 readable images" in shard1.stderr, shard1.stderr
+    code, _, err = in_process([*bootstrap_command(cub, run_dir, 6), "runtime.shard=1/2",
+                               "bootstrap.global_iterations=20"], tmp_path, monkeypatch, capsys)
+    assert code == 2 and "0 readable images" in err, err
     assert (run_dir / "config.yaml").is_file() and (run_dir / ".hydra").is_dir()  # shard 0's run is intact
     _, err = shard0.communicate(timeout=300)
     assert shard0.returncode == 0, err
     assert len(read_manifest(run_dir)) == 6
-    other = subprocess.run([*bootstrap_command(cub, run_dir, 6), "runtime.shard=0/2", "bootstrap.global_iterations=20",
-                            "loss.lam=0.5"], cwd=tmp_path, check=False,
-                           capture_output=True, text=True)
-    assert other.returncode == 2 and "holds a run made with another config (loss.lam" in other.stderr, other.stderr
+    code, _, err = in_process([*bootstrap_command(cub, run_dir, 6), "runtime.shard=0/2",
+                               "bootstrap.global_iterations=20", "loss.lam=0.5"], tmp_path, monkeypatch, capsys)
+    assert code == 2 and "holds a run made with another config (loss.lam" in err, err
 
 
 def test_two_copies_of_one_bootstrap_make_each_image_once(cub, tmp_path):
@@ -104,11 +101,11 @@ def test_ctrl_c_during_start_up_is_one_line_and_leaves_nothing(tmp_path):
     assert not run_dir.exists(), sorted(p.name for p in run_dir.iterdir())
 
 
-def test_ctrl_c_while_a_folder_of_seeds_is_drawn_keeps_whole_images_and_the_same_command_goes_on(cub, tmp_path):
+def test_ctrl_c_while_a_folder_of_seeds_is_drawn_keeps_whole_images_and_the_same_command_goes_on(cub, tmp_path,
+                                                                                                   monkeypatch, capsys):
     run_dir = tmp_path / "run"
-    made = subprocess.run(bootstrap_command(cub, run_dir, 8), check=False, cwd=tmp_path, capture_output=True,
-                          text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}, timeout=300)
-    assert made.returncode == 0, made.stderr
+    code, _, err = in_process(bootstrap_command(cub, run_dir, 8), tmp_path, monkeypatch, capsys)
+    assert code == 0, err
     out = tmp_path / "redrawn"
     command = [sys.executable, "-m", "seedselect_cli", "generate", f"seed_file={run_dir / 'seeds'}", f"out={out}"]
     process = start(command, tmp_path)
@@ -120,10 +117,10 @@ def test_ctrl_c_while_a_folder_of_seeds_is_drawn_keeps_whole_images_and_the_same
     assert lines == ["seedselect: stopped by SIGINT; the images drawn are kept: run the same command again to go on"]
     drawn = len(list(out.rglob("*.png")))
     assert 1 <= drawn < 16 and not [p for p in out.rglob(".*") if p.is_file()]  # no temporaries left
-    done = seedselect(*command[3:], cwd=tmp_path)
-    assert done.returncode == 0, done.stderr
-    assert f"{drawn} of the 16 images are already in {out}; drawing the other {16 - drawn}" in done.stdout
-    assert f"{16 - drawn} of {16 - drawn} are pixel for pixel the run's images" in done.stdout
+    code, said, err = in_process(command, tmp_path, monkeypatch, capsys)
+    assert code == 0, err
+    assert f"{drawn} of the 16 images are already in {out}; drawing the other {16 - drawn}" in said
+    assert f"{16 - drawn} of {16 - drawn} are pixel for pixel the run's images" in said
     for image in (run_dir / "images").rglob("*.png"):  # those kept at the stop too: whole, and the run's
         with Image.open(out / image.relative_to(run_dir / "images")) as again, Image.open(image) as original:
             assert np.array_equal(np.asarray(again), np.asarray(original))
