@@ -227,12 +227,14 @@ def test_another_batch_size_makes_the_same_images(tmp_path):
     before the backward pass) and AdamW's state is element-wise, so a batch of 3 and batches of 2 and 1 differ only
     in the kernels' rounding, and on the trained world that stays in the last digits. Measured on the demo at batch
     1, 2 and 4 (24 iterations): the same losses to 4 digits, pixels within 1 of 255, with and without backtracking.
-    Here seed 26, 12 iterations (fails when one seed's rise makes the whole batch backtrack: checked)."""
+    Here seed 26, 8 iterations from the best of 4 starts (fails when one seed's rise makes the whole batch backtrack:
+    checked)."""
     from seedselect_cli.config import compose_config
 
     made = {}
     for batch_size in (3, 2):
-        config = compose_config("demo", ["seed=26", "n_images=3", "optim.iterations=12", "runtime.progress=false",
+        config = compose_config("demo", ["seed=26", "n_images=3", "optim.iterations=8", "init.candidates=4",
+                                         "runtime.progress=false",
                                          f"runtime.batch_size={batch_size}"])
         entries = run(config, tmp_path / f"b{batch_size}", "optimize")
         made[batch_size] = {e["index"]: e for e in entries}
