@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="a few steps and samples: checks the script")
     args = parser.parse_args(argv)
     if args.quick:
-        args.per_prompt, args.steps = 8, 3
+        args.per_prompt, args.steps = 2, 3
     torch.manual_seed(args.seed)
     source = Path(asset_path("toyworld"))
     world = json.loads((source / "world.json").read_text())
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
     z_T, rows, z_0 = teacher_pairs(teacher, prompts, args.per_prompt, args.seed)
     print(f"teacher: {len(z_T)} pairs in {time.perf_counter() - begin:.0f} s", flush=True)
     student = distil(teacher, prompts, z_T, rows, z_0, args.steps, args.batch, args.lr, args.seed + 1)
-    errors = held_out_error(teacher, student, prompts, args.seed + 2, 4 if args.quick else 16)
+    errors = held_out_error(teacher, student, prompts, args.seed + 2, 2 if args.quick else 16)
     info = {"teacher": {"sampler": TEACHER[0], "steps": TEACHER[1], "guidance_scale": TEACHER[2]},
             "student": {"sampler": "euler", "steps": list(STUDENT_STEPS), "guidance_scale": 0.0},
             "pairs": len(z_T), "train_steps": args.steps, "batch": args.batch, "lr": args.lr, "seed": args.seed,
