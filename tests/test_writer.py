@@ -23,6 +23,11 @@ def test_slugs_are_safe_single_path_components(name, tmp_path):
 def test_slugs_stay_readable_and_distinct():
     assert slugify("Pine Warbler") == "Pine_Warbler"
     assert slugify("a/b") != slugify("a_b") and slugify("鳥") != slugify("猫")
+    # names longer than a slug may be, alike but for their ends (a long caption as a class name): distinct too
+    stem = "a photo of a small grey bird with a short bill " * 3
+    for ends in (("perched", "flying"), ("perched/", "flying/")):
+        slugs = {slugify(stem + end) for end in ends}
+        assert len(slugs) == 2 and all(len(slug) <= 120 and slug.startswith("a_photo_of") for slug in slugs)
 
 
 def test_atomic_write_leaves_nothing_behind_on_failure(tmp_path):

@@ -49,11 +49,12 @@ def abandoned(tmp: Path, now: float) -> bool:
 
 
 def slugify(name: str) -> str:
-    """A file-system-safe folder name for a class: ASCII letters, digits, `-`, `_`, `.`; never `..`."""
+    """A file-system-safe folder name for a class: ASCII letters, digits, `-`, `_`, `.`; never `..`; at most 120
+    characters, distinct names distinct (a hash of the name where it was changed or cut)."""
     ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", ascii_name).strip("._")
     if not slug:
         slug = "class"
-    if slug != name.replace(" ", "_"):  # something was dropped or replaced: keep distinct names distinct
-        slug = f"{slug}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
-    return slug[:120]
+    if slug != name.replace(" ", "_") or len(slug) > 120:  # something dropped, replaced or cut: keep names distinct
+        slug = f"{slug[:111]}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+    return slug
