@@ -113,7 +113,7 @@ class Engine:
                                                             noise)
         kept = steps_within_budget(self.memory_budget, self._step_bytes[batch], sampler.steps)
         if not measured:
-            log.info("memory budget %.1f GB: %d of %d denoising steps keep their activations (%.0f MB each at "
+            log.info("memory budget %.3g GB: %d of %d denoising steps keep their activations (%.0f MB each at "
                      "batch %d), %d recomputed", self.memory_budget / 2**30, kept, sampler.steps,
                      self._step_bytes[batch] / 2**20, batch, sampler.steps - kept)
         return kept
