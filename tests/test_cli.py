@@ -423,13 +423,15 @@ def test_paths_are_read_from_where_the_command_was_started_also_when_hydra_chang
     assert Path.cwd() == tmp_path and len(read_manifest(tmp_path / "run")) == 1
 
 
-def test_real_model_offline_without_weights_is_one_line(tmp_path, reference_folder):
-    done = seedselect("optimize", "--config-name", "folder", f"dataset.root={reference_folder}",
-                      "model.pretrained=no-such-org/no-such-model", "runtime.progress=false", cwd=tmp_path)
-    assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == [done.stderr.strip()], done.stderr
-    assert done.stderr.startswith("error: the Stable Diffusion model 'no-such-org/no-such-model' is not (wholly) in "
-                                  "the Hugging Face cache")
+def test_real_model_offline_without_weights_is_one_line(tmp_path, reference_folder, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["optimize", "--config-name", "folder", f"dataset.root={reference_folder}",
+                 "model.pretrained=no-such-org/no-such-model", "runtime.progress=false"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [err.strip()], err
+    assert err.startswith("error: the Stable Diffusion model 'no-such-org/no-such-model' is not (wholly) in "
+                          "the Hugging Face cache")
+    assert not (tmp_path / "outputs").exists()  # the run's folder taken back
 
 
 @pytest.mark.slow
@@ -607,6 +609,7 @@ def stop_the_clock(monkeypatch) -> None:
     monkeypatch.setattr(hydra.core.utils, "datetime", OneSecond)
 
 
+@pytest.mark.slow  # seven commands, five of them end to end
 def test_commands_started_in_the_same_second_each_get_a_run_directory_of_their_own(tmp_path, monkeypatch, capsys):
     """A Slurm array's jobs start together, and Hydra's default folder is named after the second: each command gets
     a folder of its own (`<time>`, `<time>_2`, ...), made by it alone, and a failed start takes back its own and no

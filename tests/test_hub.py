@@ -6,12 +6,9 @@ cache holding only what it fetched."""
 from __future__ import annotations
 
 import json
-import os
 import random
 import shlex
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -154,20 +151,18 @@ def test_the_printed_download_fetches_what_the_loaders_read_and_they_load_from_i
     assert command == download_command(clip, TRANSFORMERS)
     cached_snapshot(cache, clip, toy / "clip", fetched(command, toy / "clip", TRANSFORMERS_EXTRAS, monkeypatch))
 
-    # the loaders, offline, from a cache that holds just what was fetched (a process of its own: the libraries read
-    # HF_HUB_CACHE when imported)
-    code = (f"import torch; from seedselect_cli.config import ModelConfig; from seedselect_cli.models import load_models\n"
-            f"for sd, variant in (({sd!r}, None), ({sd16!r}, 'fp16'), ({xl!r}, None)):\n"
-            f"    m = load_models(ModelConfig(pretrained=sd, image_encoder={clip!r}, variant=variant), "
-            f"torch.device('cpu'), torch.float32)\n"
-            f"    print(m.commits.model, m.commits.image_encoder, m.tokenizer('a photo of a marsh finch').input_ids)")
-    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "HF_HUB_CACHE": str(cache)},
-                          capture_output=True, text=True, check=False)
-    assert done.returncode == 0, done.stderr
+    # the loaders, offline, from a cache that holds just what was fetched (HF_HUB_CACHE as the libraries read it: the
+    # constant huggingface_hub made of it when imported)
+    import huggingface_hub.constants
     from transformers import CLIPTokenizer
 
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    lines = []
+    for pretrained, variant in ((sd, None), (sd16, "fp16"), (xl, None)):
+        m = load_models(ModelConfig(pretrained=pretrained, image_encoder=clip, variant=variant), torch.device("cpu"),
+                        torch.float32)
+        lines.append(f"{m.commits.model} {m.commits.image_encoder} {m.tokenizer('a photo of a marsh finch').input_ids}")
     ids = CLIPTokenizer.from_pretrained(toy / "tokenizer")("a photo of a marsh finch").input_ids
-    lines = done.stdout.splitlines()
     assert lines[:2] == [f"{COMMIT} {COMMIT} {ids}"] * 2 and lines[2].startswith(f"{COMMIT} {COMMIT} [")
 
 

@@ -119,17 +119,21 @@ def test_a_run_keeps_the_hub_commit_it_began_with_and_generate_redraws_from_it(t
     assert len(read_manifest(tmp_path / "run")) == 2  # nothing written
 
 
-def test_a_recorded_commit_missing_from_the_cache_says_how_to_download_it(tmp_path):
+def test_a_recorded_commit_missing_from_the_cache_says_how_to_download_it(tmp_path, monkeypatch, capsys):
+    import huggingface_hub.constants
+
+    from seedselect_cli.cli import main
+
     cache = tmp_path / "hub"
     build_cache(cache)
     seed = {"initial": torch.randn(4, 8, 8), "optimized": torch.randn(4, 8, 8)}
     metadata = load_seed_file_metadata_for(FIRST)
     save_file(seed, tmp_path / "seed.safetensors", metadata=metadata)
     shutil.rmtree(cache / "models--seedselect--toyworld" / "snapshots" / FIRST)
-    done = seedselect("generate", "seed_file=seed.safetensors", "out=x.png", cwd=tmp_path,
-                      env={"HF_HUB_CACHE": str(cache)})
-    assert done.returncode == 2
-    [line] = done.stderr.strip().splitlines()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))  # as HF_HUB_CACHE sets it
+    monkeypatch.chdir(tmp_path)
+    assert main(["generate", "seed_file=seed.safetensors", "out=x.png"]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
     assert line.startswith(f"error: the Stable Diffusion model '{MODEL}' at revision {FIRST} is not (wholly) in the "
                            f"Hugging Face cache")
     assert f"`hf download {MODEL} --revision {FIRST} --include '*.json' " in line
