@@ -21,14 +21,23 @@ def seedselect(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subp
 
 def in_process(args: list[str], cwd: Path, monkeypatch, capsys=None) -> tuple[int, str, str]:
     """A command line of `start` or `bootstrap_command` (`python -m seedselect_cli ...`) through `main` in the
-    test's own process, from `cwd`: for the commands around the one a test kills or runs side by side, as each
-    process's imports cost 5 s. Its exit code, and its stdout and stderr where `capsys` captures them."""
+    test's own process, from `cwd`, on one thread as `start` runs its commands (another count can round a pixel
+    otherwise): for the commands around the one a test kills or runs side by side, as each process's imports cost
+    5 s. Its exit code, and its stdout and stderr where `capsys` captures them."""
+    import torch
+
     from seedselect_cli.cli import main
 
     monkeypatch.chdir(cwd)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     if capsys is not None:
         capsys.readouterr()
-    code = main(args[args.index("seedselect_cli") + 1:])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        code = main(args[args.index("seedselect_cli") + 1:])
+    finally:
+        torch.set_num_threads(threads)
     out, err = capsys.readouterr() if capsys is not None else ("", "")
     return code, out, err
 

@@ -14,7 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from tests.layouts import make_cub
-from tests.runs import bootstrap_command, in_process, read_manifest
+from tests.runs import bootstrap_command, in_process, read_manifest, start
 
 pytestmark = pytest.mark.slow  # minutes together: the quick loop (`pytest -m "not slow"`) leaves it out
 
@@ -48,8 +48,7 @@ def uninterrupted(cub, tmp_path_factory):
 
 def test_a_killed_run_resumes_to_exactly_n_images_per_class(cub, uninterrupted, tmp_path, monkeypatch, capsys):
     run_dir = tmp_path / "run"
-    process = subprocess.Popen(command(cub, run_dir), cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = start(command(cub, run_dir), tmp_path)  # one thread, as in_process runs the others
     deadline = time.monotonic() + 120
     while len(read_manifest(run_dir)) < 2 and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
