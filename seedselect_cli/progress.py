@@ -115,9 +115,10 @@ def run_progress(n_classes: int, n_images: int, enabled: bool) -> Iterator[RunPr
 
 def never_improved(entries: list[dict]) -> int:
     """How many of these manifest entries' loss curves never got below their start: those images are their start,
-    unrefined (AdamW's first step at the authors' lr often throws a seed out of its basin; RESULTS.md). An image
-    kept as drawn (`bootstrap.keep_drawn`) was not meant to be refined and is not counted."""
-    return sum(min(e["loss_history"]) >= e["loss_history"][0] and not e.get("drawn") for e in entries)
+    unrefined (AdamW's first step at the authors' lr often throws a seed out of its basin; RESULTS.md). A curve of
+    one loss took no step, so its image is its start on purpose and is not counted: kept as drawn
+    (`bootstrap.keep_drawn`), or a run of one iteration (`optim.iterations=1`, selection alone)."""
+    return sum(len(e["loss_history"]) > 1 and min(e["loss_history"]) >= e["loss_history"][0] for e in entries)
 
 
 def kept_drawn(entries: list[dict]) -> int:

@@ -134,7 +134,8 @@ def test_loss_curves_keep_each_images_best_so_far_and_end_at_the_runs_kept_losse
         assert current[i] == pytest.approx(np.mean([h[i] for h in histories if len(h) > i]))
     curves = [[0.3, 0.5, 0.4], [0.3, 0.2], [0.1], [0.2]]
     entries = [{"loss_history": h} for h in curves] + [{"loss_history": [0.2], "drawn": True}]
-    assert never_improved(entries) == 3  # a curve of one iterate is its start, unless kept as drawn on purpose
+    assert never_improved(entries) == 1  # a curve of one loss took no step: its start on purpose (selection alone,
+    # or kept as drawn)
     entries = [json.loads(line) for line in (demo_run / "manifest.jsonl").read_text().splitlines()]
     kept, current = loss_curves([e["loss_history"] for e in entries])
     assert kept[-1] == pytest.approx(np.mean([e["loss"] for e in entries]))

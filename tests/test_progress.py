@@ -6,7 +6,7 @@ import random
 from pathlib import Path
 
 from seedselect_cli.limits import SHOWN_CLASSES
-from seedselect_cli.progress import print_summary
+from seedselect_cli.progress import never_improved, print_summary
 
 
 def entries_of(n_classes: int, per_class: int, rng: random.Random) -> list[dict]:
@@ -53,6 +53,22 @@ def test_images_kept_as_drawn_have_a_column_and_are_not_counted_unrefined(capsys
     assert total[5:7] == [str(len(entries) // 2), str(unrefined)] and 0 < unrefined < len(entries) // 2
     print_summary(entries_of(2, 3, random.Random(45)), Path("RUN"))
     assert "kept as drawn" not in capsys.readouterr().out  # a run without the option shows no such column
+
+
+def test_a_run_of_one_iteration_took_no_step_and_is_not_counted_unrefined(capsys):
+    """optim.iterations=1 (selection alone): each curve is its start's loss alone; no step was taken, so none of
+    its images is an unrefined seed (the table said all of them were, and the sheets marked every image)."""
+    entries = entries_of(3, 4, random.Random(46))
+    for entry in entries:
+        entry["loss_history"] = entry["loss_history"][:1]
+        entry["loss"], entry["iterations"] = entry["loss_history"][0], 1
+    assert never_improved(entries) == 0
+    print_summary(entries, Path("RUN"))
+    total = [cell.strip() for cell in next(line for line in capsys.readouterr().out.splitlines()
+                                           if "all " in line).split("│")]
+    assert total[5] == "0"
+    entries[0]["loss_history"] = [entries[0]["loss"], entries[0]["loss"] + 0.1]  # a step, and no gain: counted
+    assert never_improved(entries) == 1
 
 
 def test_one_class_has_no_total_row(capsys):
