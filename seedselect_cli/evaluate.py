@@ -340,7 +340,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         rows = image_rows(seen[method], names, text, centroids, class_index, candidates, ref_seen, heldout_seen)
         for entry, path, row in zip(entries, paths, rows):
             own = {}
-            if method == "seedselect":  # kept as drawn (bootstrap.keep_drawn): its start on purpose, not unrefined
+            if method == "seedselect":  # an image that took no step (kept as drawn, selection alone): not unrefined
                 own = {"loss": entry.get("loss"), "unrefined": bool(never_improved([entry])),
                        **({"drawn": True} if entry.get("drawn") else {})}
             per_image.append({"set": method, "class": entry["class"], "index": entry["index"],
