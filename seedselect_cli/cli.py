@@ -26,7 +26,6 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from seedselect_cli import __version__
 from seedselect_cli.config import (
     Config,
     load_config,
@@ -34,6 +33,7 @@ from seedselect_cli.config import (
     other_commands_keys,
     register_resolvers,
 )
+from seedselect_cli.entry import COMMANDS, answer_at_once
 from seedselect_cli.errors import SAME_COMMAND, Interrupted, UserError
 from seedselect_cli.interrupt import StopNow, catching_signals
 from seedselect_cli.job_dir import (
@@ -48,34 +48,6 @@ from seedselect_cli.requirements import check_requirements
 from seedselect_cli.tool_config import EvaluateConfig, GenerateConfig
 
 log = logging.getLogger(__name__)
-
-COMMANDS = {
-    "optimize": ("SeedSelect: n_images fully optimised seeds per class", "demo"),
-    "bootstrap": ("bulk image sets, seconds an image: bootstrap.n_images a class, or up to bootstrap.fill_to", "demo"),
-    "generate": ("redraw the image of a saved seed file, pixel for pixel", "generate"),
-    "evaluate": ("metrics of a run beside plain Stable Diffusion, and a report in RUN/report", "evaluate"),
-}
-
-USAGE = f"""usage: seedselect COMMAND [--config-name NAME] [key=value ...] [hydra options]
-
-seedselect {__version__}: make Stable Diffusion draw rare concepts by optimising the starting noise
-(SeedSelect, Samuel et al., AAAI 2024).
-
-commands:
-""" + "".join(f"  {name:<10} {text}\n" for name, (text, _) in COMMANDS.items()) + """
-examples:
-  seedselect optimize                                   the demo: the toy world, CPU, offline, under a minute
-  seedselect optimize --config-name folder dataset.root=imgs/tiger_cat
-  seedselect optimize --config-name cub_tail dataset.root=CUB_200_2011 dataset.classes="[Pine Warbler]"
-  seedselect bootstrap --config-name cub_tail dataset.root=CUB_200_2011 bootstrap.n_images=100
-  seedselect bootstrap --config-name imagenet_lt dataset.root=imagenet dataset.max_images=19 bootstrap.fill_to=100
-  seedselect generate seed_file=outputs/demo/<time>/seeds/marsh_finch/00000.safetensors out=finch.png
-  seedselect evaluate run_dir=outputs/demo/<time>
-
-`seedselect COMMAND --help` lists a command's config groups and keys; Hydra's options
-(-m/--multirun, hydra.run.dir=DIR, --cfg job, --hydra-help) work after the command.
-"""
-
 
 @contextlib.contextmanager
 def user_errors():
@@ -203,17 +175,9 @@ def add_override(args: list[str], override: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help", "help"):
-        print(USAGE, end="")
-        return 0
-    if argv[0] in ("-V", "--version"):
-        print(f"seedselect {__version__}")
-        return 0
+    if (code := answer_at_once(argv)) is not None:  # help, version, an unknown command
+        return code
     command, args = argv[0], argv[1:]
-    if command not in MAINS:
-        print(f"error: unknown command {command!r}: choose one of {', '.join(MAINS)} "
-              f"(see `seedselect --help`)", file=sys.stderr)
-        return 2
     with catching_signals():  # from here on a signal ends the command with one line, never a traceback
         try:
             return _main(command, args)

@@ -123,6 +123,19 @@ def test_help(capsys):
     assert done.returncode == 0 and "seedselect optimize" in done.stdout and "dataset: cifar_fs, cub, folder, imagefolder, imagenet_lt, mini_imagenet" in done.stdout
 
 
+def test_help_version_and_an_unknown_command_are_answered_without_importing_torch_or_hydra():
+    """The console script's entry answers them in a tenth of a second: importing torch and Hydra took 2 s."""
+    script = ("import sys; from seedselect_cli.entry import main\n"
+              "codes = [main(['--help']), main(['--version']), main([]), main(['optimise'])]\n"
+              "heavy = sorted(m for m in ('torch', 'hydra', 'diffusers', 'transformers') if m in sys.modules)\n"
+              "print(codes, heavy)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "[0, 0, 0, 2] []"
+    assert done.stdout.startswith("usage: seedselect COMMAND") and f"seedselect {seedselect_cli.__version__}\n" in done.stdout
+    assert done.stderr.startswith("error: unknown command 'optimise': choose one of optimize, bootstrap, generate, evaluate")
+
+
 @pytest.mark.parametrize("command, line", [
     ("evaluate", "seedselect evaluate run_dir=RUN 'judge.model=${asset:toyworld/judge}'"),
     ("generate", "seedselect generate seed_file="),
