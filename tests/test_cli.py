@@ -326,9 +326,9 @@ def test_generate_redraws_a_folder_of_seeds_as_the_runs_images_and_goes_on_after
 
 @pytest.mark.slow
 def test_generate_on_a_cpu_draws_with_the_threads_the_seeds_run_drew_with(tmp_path, monkeypatch, capsys):
-    """Another thread count sums in another order, and a pixel can differ by one. A seed file drawn on a CPU records its threads, and `generate` takes them unless OMP_NUM_THREADS says.
-    In this process (`main`), each command's OMP_NUM_THREADS and the threads torch starts with set as a new
-    process's would be: three processes cost 30 s."""
+    """Another thread count sums in another order, and a pixel can differ by one. A seed file drawn on a CPU records
+    its threads, and `generate` takes them unless OMP_NUM_THREADS says. In this process (`main`), each command's
+    OMP_NUM_THREADS and the threads torch starts with set as a new process's would be: three processes cost 30 s."""
     from seedselect_cli import devices
 
     threads = torch.get_num_threads()
