@@ -189,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
             kept = getattr(stop, "nothing_kept", True)  # unset: stopped before the command's job started
             if command == "generate":  # every image is written whole or not at all; a folder's are skipped next time
                 said = "; the images drawn are kept: run the same command again to go on"
+            elif command == "evaluate":  # plain images are drawn into RUN/baseline, each whole, and kept for the next
+                said = "; the plain images drawn are kept for the next evaluate: run the same command again to go on"
             elif command not in ("optimize", "bootstrap"):
                 said = ""
             elif kept:

@@ -436,6 +436,36 @@ def test_paths_are_read_from_where_the_command_was_started_also_when_hydra_chang
     assert Path.cwd() == tmp_path and len(read_manifest(tmp_path / "run")) == 1
 
 
+@pytest.mark.slow
+def test_a_stopped_evaluate_keeps_its_plain_images_and_the_same_command_goes_on(demo_run, tmp_path, monkeypatch,
+                                                                                   capsys):
+    """Drawing plain Stable Diffusion for a bulk run's images takes long; Ctrl-C keeps the ones drawn (RUN/baseline)
+    and says so, and the same command draws the rest."""
+    import signal
+
+    import seedselect_cli.evaluate as evaluate_module
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(demo_run[0], run_dir, ignore=shutil.ignore_patterns("baseline", "report"))
+    monkeypatch.chdir(tmp_path)
+    real = evaluate_module.atomic_write
+
+    def interrupted(path, write):
+        real(path, write)
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C after the first plain image
+
+    monkeypatch.setattr(evaluate_module, "atomic_write", interrupted)
+    assert main(["evaluate", "run_dir=run", "batch_size=1"]) == 130
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line == ("seedselect: stopped by SIGINT; the plain images drawn are kept for the next evaluate: run the "
+                    "same command again to go on")
+    assert len(list((run_dir / "baseline").rglob("*.png"))) == 1 and not (run_dir / "report").exists()
+    monkeypatch.setattr(evaluate_module, "atomic_write", real)
+    n = len(read_manifest(run_dir))
+    assert main(["evaluate", "run_dir=run", "batch_size=1"]) == 0
+    assert "kept for the next evaluate (1 already there;" in capsys.readouterr().out
+    assert len(list((run_dir / "baseline").rglob("*.png"))) == n
+
 def test_real_model_offline_without_weights_is_one_line(tmp_path, reference_folder, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["optimize", "--config-name", "folder", f"dataset.root={reference_folder}",
