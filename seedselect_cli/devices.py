@@ -12,7 +12,7 @@ import time
 import torch
 
 from seedselect_cli.config import check_device, torch_without_cuda
-from seedselect_cli.errors import count_of
+from seedselect_cli.errors import UserError, count_of
 from seedselect_cli.limits import DTYPE_NAMES
 from seedselect_cli.tool_config import check_redraw_dtype
 
@@ -55,6 +55,17 @@ def no_gpu_warning(requested: str, device: torch.device, height: int, width: int
         where = "on a cluster, ask the job for a GPU (Slurm: --gpus=1)"
     return (f"no GPU found (runtime.device=auto), so the {width}x{height} images are made on the CPU: minutes to "
             f"hours an image; {where}; runtime.device=cpu says the CPU is meant")
+
+
+def check_tiny_size(device: torch.device, height: int, width: int) -> None:
+    """The tiny random components (`model=tiny`) are for dry runs at their own 32 px. At Stable Diffusion's size on a
+    CPU (`model=tiny` without `sampler=tiny`, a dry run's slip) their attention over every latent pixel makes one
+    20-step sample at 512 px take about 10 minutes on 2 cores, and an image of the default method most of a day, for
+    images that mean nothing: `UserError`. On a GPU they run."""
+    if device.type == "cpu" and height * width >= LARGE_IMAGE_PIXELS:
+        raise UserError(f"model=tiny draws {width}x{height} images here (the sampler's size): the tiny random "
+                        f"components at that size take hours an image on a CPU, for images that mean nothing; for a "
+                        f"dry run add sampler=tiny (32x32, 10 steps)")
 
 
 _threads_fitted: list[bool] = []

@@ -26,7 +26,13 @@ from seedselect_cli.core.frozen import FrozenModels, HubCommits
 from seedselect_cli.core.initial_seeds import SeedStarts, inversion_fingerprint
 from seedselect_cli.core.optimize import SeedResult
 from seedselect_cli.core.targets import ReferenceEncodings, encoder_fingerprint
-from seedselect_cli.devices import memory_budget_bytes, no_gpu_warning, resolve_device, resolve_dtype
+from seedselect_cli.devices import (
+    check_tiny_size,
+    memory_budget_bytes,
+    no_gpu_warning,
+    resolve_device,
+    resolve_dtype,
+)
 from seedselect_cli.errors import SAME_COMMAND, Interrupted, UserError, count_of
 from seedselect_cli.files.assets import portable
 from seedselect_cli.files.atomic import slugify
@@ -36,7 +42,7 @@ from seedselect_cli.files.seed_files import load_seed_file, png_text, save_seed_
 from seedselect_cli.files.tensor_cache import TensorCache, default_cache_dir
 from seedselect_cli.interrupt import GracefulStop, catching_signals
 from seedselect_cli.limits import is_commit
-from seedselect_cli.models import check_steps, compile_models, load_models
+from seedselect_cli.models import TINY, TINY_SDXL, check_steps, compile_models, load_models
 from seedselect_cli.progress import NEXT, RunProgress, print_summary, run_progress
 from seedselect_cli.references import load_encodings
 
@@ -143,6 +149,8 @@ def _run(config: Config, run_dir: Path, method: str, stop: GracefulStop) -> list
     # 1. Device and precision.
     device = resolve_device(config.runtime.device)
     dtype = resolve_dtype(config.runtime.dtype, device)
+    if config.model.pretrained in (TINY, TINY_SDXL):
+        check_tiny_size(device, config.sampler.height, config.sampler.width)
     log.info("device %s, %s, %s", device, str(dtype).removeprefix("torch."), count_of(torch.get_num_threads(), "CPU thread"))
     if said := no_gpu_warning(config.runtime.device, device, config.sampler.height, config.sampler.width):
         log.warning(said)

@@ -157,6 +157,12 @@ CASES = {
     "bootstrap.n_images=10**12": Case(["bootstrap", *TINY, "bootstrap.n_images=1000000000000"],
                                       "bootstrap.n_images=1000000000000 is invalid"),
     "sampler.height=65536": Case(["optimize", *TINY, "sampler.height=65536"], "sampler.height=65536 is invalid"),
+    "model=tiny at the folder config's 512 px on the CPU (a dry run without sampler=tiny)": Case(
+        ["optimize", "--config-name=folder", "dataset.root={tmp}/refs", "model=tiny"],
+        "model=tiny draws 512x512 images here (the sampler's size): the tiny random components at that size take "
+        "hours an image on a CPU", _refs({"a.png": None})),
+    "bootstrap of the same": Case(["bootstrap", "--config-name=folder", "dataset.root={tmp}/refs", "model=tiny"],
+                                  "add sampler=tiny", _refs({"a.png": None})),
     "a sparse 2 GiB big.png as the only reference": Case(
         ["optimize", *TINY, "dataset.root={tmp}/refs"], "over the 1 GiB", _refs({"big.png": "sparse"})),
     # --- data-set index files ---
