@@ -30,7 +30,7 @@ def set_notes(n_classes: int, top_k: int, fewest_images: int, dataset_classes: b
     verb = "score" if capped else "draw"
     out = []
     if n_classes == 1:
-        out.append("top1 and topk are left out: classifying among one class is right by construction; pass "
+        out.append(f"top1 and top{top_k} are left out: classifying among one class is right by construction; pass "
                    + ("classes=[...] (the run's data set has this class alone)" if dataset_classes or one_concept
                       else "classes=[...] or dataset_classes=true") + " to classify among more")
     elif n_classes <= top_k:

@@ -20,6 +20,7 @@ def test_notes_say_what_the_figures_cannot():
     # evaluate's images_per_class left images out: scoring more of them is the way, not drawing more
     assert f"; score at least {SMALL_SET} (images_per_class={SMALL_SET}) to compare sets" in \
         set_notes(20, 5, 2, False, "bootstrap", capped=True)[0]
+    assert set_notes(1, 5, 16, False)[0].startswith("top1 and top5 are left out:")  # the names of the table's columns
     assert "dataset_classes=true" in set_notes(1, 5, 16, False)[0]
     assert "dataset_classes=true" not in set_notes(1, 5, 16, True)[0]
     assert "dataset_classes=true" not in set_notes(1, 5, 16, False, one_concept=True)[0]  # a folder of one concept
