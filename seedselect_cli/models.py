@@ -265,6 +265,19 @@ def scheduler_from_json(text: str) -> DDIMScheduler:
     return scheduler
 
 
+def size_warning(models: FrozenModels, height: int, width: int) -> str | None:
+    """What to say where the sampler's size is far from the one the model's UNet is made for (its `sample_size` in
+    pixels, diffusers' pipelines' default size): under half or over twice it on a side, where Stable Diffusion
+    draws noise or repeated parts (`--config-name toyworld model=sd15` keeps the toy world's 32 px; `sampler=tiny`
+    with real weights draws 32 px). Half is no slip: SDXL-Turbo draws 512 px with SDXL's UNet of 1024."""
+    native = models.unet.config.sample_size * models.vae_scale_factor
+    if all(native / 2 <= side <= native * 2 for side in (height, width)):
+        return None
+    return (f"sampler.height={height} and sampler.width={width} are far from the {native}x{native} px the model's "
+            f"UNet is made for (its sample_size): its images at this size are noise or repeated parts; set them "
+            f"near {native}, or choose the model's own sampler option (sampler=NAME)")
+
+
 def check_steps(scheduler: DDIMScheduler, steps: int, key: str) -> None:
     """`steps` sampling steps fit the scheduler's training timesteps."""
     trained = scheduler.config.num_train_timesteps

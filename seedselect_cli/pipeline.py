@@ -42,7 +42,7 @@ from seedselect_cli.files.seed_files import load_seed_file, png_text, save_seed_
 from seedselect_cli.files.tensor_cache import TensorCache, default_cache_dir
 from seedselect_cli.interrupt import GracefulStop, catching_signals
 from seedselect_cli.limits import is_commit
-from seedselect_cli.models import TINY, TINY_SDXL, check_steps, compile_models, load_models
+from seedselect_cli.models import TINY, TINY_SDXL, check_steps, compile_models, load_models, size_warning
 from seedselect_cli.progress import NEXT, RunProgress, print_summary, run_progress
 from seedselect_cli.references import load_encodings
 
@@ -200,6 +200,8 @@ def _run(config: Config, run_dir: Path, method: str, stop: GracefulStop) -> list
         raise UserError(f"{exc} (the commit the run's earlier images were drawn with, which a resumed run loads "
                         f"again; a new run directory takes the branch's)") from None
     check_steps(models.scheduler, config.sampler.steps, "sampler.steps")
+    if said := size_warning(models, config.sampler.height, config.sampler.width):
+        log.warning(said)
     if config.init.inversion_steps:
         check_steps(models.scheduler, config.init.inversion_steps, "init.inversion_steps")
     if config.runtime.compile:

@@ -217,3 +217,33 @@ def test_the_hubs_own_refusal_is_said(monkeypatch, hub_error, said):
     monkeypatch.setattr(DiffusionPipeline, "load_config", load_config)
     with pytest.raises(UserError, match=said):
         load_models(ModelConfig(pretrained="org/model", image_encoder="tiny"), torch.device("cpu"), torch.float32)
+
+
+def test_a_sampler_size_far_from_the_one_the_unet_is_made_for_is_said(tiny_models, tmp_path, caplog):
+    """Stable Diffusion draws noise or repeated parts far from its own size: `--config-name toyworld model=sd15`
+    keeps the toy world's 32 px, `sampler=tiny` with real weights draws 32 px. The run's log says so where a side is
+    under half or over twice the UNet's `sample_size` in pixels; SDXL-Turbo's 512 px with SDXL's UNet (1024) is
+    its own setting, not a slip."""
+    import logging
+    from types import SimpleNamespace
+
+    from seedselect_cli.models import size_warning
+    from seedselect_cli.pipeline import run_optimize
+    from tests.conftest import make_config
+
+    assert tiny_models.unet.config.sample_size * tiny_models.vae_scale_factor == 32
+    assert size_warning(tiny_models, 32, 32) is None and size_warning(tiny_models, 16, 64) is None
+    assert size_warning(tiny_models, 8, 32).startswith(
+        "sampler.height=8 and sampler.width=32 are far from the 32x32 px the model's UNet is made for")
+    assert size_warning(tiny_models, 32, 72) is not None
+
+    def unet(sample_size: int) -> SimpleNamespace:  # SD 2.1-base's and SDXL's UNets, VAE factor 8
+        return SimpleNamespace(unet=SimpleNamespace(config=SimpleNamespace(sample_size=sample_size)), vae_scale_factor=8)
+
+    assert size_warning(unet(128), 512, 512) is None and size_warning(unet(128), 1024, 1024) is None
+    assert size_warning(unet(64), 512, 768) is None
+    assert "far from the 512x512 px" in size_warning(unet(64), 32, 32)
+    with caplog.at_level(logging.WARNING):
+        run_optimize(make_config(["sampler.height=8", "sampler.width=8", "n_images=1", "init.candidates=1",
+                                  "optim.iterations=1"]), tmp_path / "run")
+    assert "sampler.height=8 and sampler.width=8 are far from the 32x32 px" in caplog.text
