@@ -167,9 +167,10 @@ def pin_run_dir(args: list[str], run_dir: Path) -> list[str] | None:
 
 def add_override(args: list[str], override: str) -> list[str]:
     """`args` with one more override, beside the user's: Hydra's parser takes them as one group, before
-    or after its options."""
+    or after its options. Without overrides of the user's it goes first: after `--info`, whose value is optional,
+    it would be read as that value."""
     overrides = [i for i, a in enumerate(args) if "=" in a and not a.startswith("-")]
-    at = overrides[0] + 1 if overrides else len(args)
+    at = overrides[0] + 1 if overrides else 0
     return [*args[:at], override, *args[at:]]
 
 

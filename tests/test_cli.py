@@ -526,6 +526,18 @@ def test_hydra_options_before_or_after_the_overrides(args, capsys):
     assert "lam: 0.5" in out or "run_dir: x" in out
 
 
+@pytest.mark.parametrize("args", [["optimize", "--info"], ["bootstrap", "--config-name", "tiny", "--info"],
+                                  ["optimize", "--info", "defaults"], ["optimize", "loss.lam=0.5", "--info"]])
+def test_hydras_info_answers_alone_and_beside_overrides(args, tmp_path, monkeypatch, capsys):
+    """`--info` takes an optional value: the command's own `hydra.job.name=...` put after it was read as that
+    value (`invalid choice: 'hydra.job.name=optimize'`, exit 2). It answers, and writes nothing."""
+    monkeypatch.chdir(tmp_path)
+    assert main(args) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert ("Defaults List" if "defaults" in args else "Installed Hydra Plugins") in out
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.slow
 def test_seeds_and_runs_travel_to_another_folder_and_install(tmp_path, monkeypatch):
     """A toy-world run records the package's assets as asset:..., not as this install's path: moved to
