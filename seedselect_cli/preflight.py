@@ -70,7 +70,12 @@ def preflight(command: str, args: list[str], default_config: str) -> JobDir | No
                         f"(Hydra's rule for a relative --config-path); for a folder of your own configs pass "
                         f"--config-dir {parsed.config_path} (a config there may build on a named one: `defaults: "
                         f"[cub_tail, _self_]`)")
-    if (parsed.help or parsed.hydra_help or parsed.cfg or parsed.info or parsed.shell_completion
+    if parsed.shell_completion:  # Hydra's script completes `seedselect` and `optimize` as two programs, asking
+        # `seedselect -sc query=bash`, which is no command; without `install=...` Hydra ends in a traceback
+        raise UserError(f"shell completion (--shell-completion, -sc) is not available for seedselect's commands: "
+                        f"Hydra's completes a program of one command; every key, group and option is in "
+                        f"`seedselect {command} --help`")
+    if (parsed.help or parsed.hydra_help or parsed.cfg or parsed.info
             or parsed.config_path or parsed.experimental_rerun):
         return None
     config_dir = None  # --config-dir: the user's folder of configs, searched before the package's, as Hydra's run does

@@ -238,6 +238,10 @@ CASES = {
                                               env={"RANK": "5", "WORLD_SIZE": "2"}),
     "an unquoted non-ASCII class under --cfg job": Case(
         ["optimize", *TINY, "dataset.classes=[Café]", "--cfg", "job"], "'dataset.classes=[\"Café\"]'"),
+    "Hydra's shell completion, which completes programs of one command": Case(
+        ["optimize", "--shell-completion", "install=bash"], "shell completion (--shell-completion, -sc) is not "
+        "available for seedselect's commands"),
+    "-sc without its subcommand (a traceback in Hydra)": Case(["bootstrap", "-sc"], "seedselect bootstrap --help"),
     "Hydra's options between the overrides": Case(
         ["optimize", "n_images=1", "--config-name=tiny", "sampler.steps=3"], "not between them"),
 }
