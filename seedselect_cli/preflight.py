@@ -75,8 +75,11 @@ def preflight(command: str, args: list[str], default_config: str) -> JobDir | No
         raise UserError(f"shell completion (--shell-completion, -sc) is not available for seedselect's commands: "
                         f"Hydra's completes a program of one command; every key, group and option is in "
                         f"`seedselect {command} --help`")
-    if (parsed.help or parsed.hydra_help or parsed.cfg or parsed.info
-            or parsed.config_path or parsed.experimental_rerun):
+    if parsed.experimental_rerun:  # Hydra unpickles the file it names: code from a file, which seedselect never runs
+        raise UserError(f"--experimental-rerun is not available: it unpickles {parsed.experimental_rerun}, and "
+                        f"seedselect reads no pickles; to go on with a run, run its command again with its "
+                        f"hydra.run.dir (its config is in RUN/config.yaml)")
+    if parsed.help or parsed.hydra_help or parsed.cfg or parsed.info or parsed.config_path:
         return None
     config_dir = None  # --config-dir: the user's folder of configs, searched before the package's, as Hydra's run does
     if parsed.config_dir is not None:

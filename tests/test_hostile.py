@@ -242,6 +242,9 @@ CASES = {
         ["optimize", "--shell-completion", "install=bash"], "shell completion (--shell-completion, -sc) is not "
         "available for seedselect's commands"),
     "-sc without its subcommand (a traceback in Hydra)": Case(["bootstrap", "-sc"], "seedselect bootstrap --help"),
+    "Hydra's --experimental-rerun, which unpickles a file": Case(
+        ["optimize", "--experimental-rerun", "{tmp}/config.pickle"], "--experimental-rerun is not available: it "
+        "unpickles", _files({"config.pickle": "not read"})),
     "Hydra's options between the overrides": Case(
         ["optimize", "n_images=1", "--config-name=tiny", "sampler.steps=3"], "not between them"),
 }
