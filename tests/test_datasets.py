@@ -78,6 +78,13 @@ def test_cub_layout(tmp_path):
         assert load_classes(DatasetConfig(name="cub", root=str(root), classes=[typed]), 0) == [warbler], typed
     one_level_up = load_classes(DatasetConfig(name="cub", root=str(root.parent), classes=["Pine Warbler"]), 0)
     assert one_level_up[0].images == warbler.images
+    for inside in (root / "images", root / "images" / "094.Pine_Warbler"):  # the images folder given for the root
+        with pytest.raises(UserError, match=f"is not a CUB_200_2011 folder: .* missing; it lies inside one: pass "
+                                            f"dataset.root={re.escape(str(root.resolve()))}$"):
+            load_classes(DatasetConfig(name="cub", root=str(inside)), 0)
+    with pytest.raises(UserError, match="train_test_split.txt missing$"):  # no data set above: nothing more said
+        (tmp_path / "elsewhere").mkdir()
+        load_classes(DatasetConfig(name="cub", root=str(tmp_path / "elsewhere")), 0)
     (root / "classes.txt").unlink()
     with pytest.raises(UserError, match="classes.txt missing"):
         load_classes(DatasetConfig(name="cub", root=str(root)), 0)

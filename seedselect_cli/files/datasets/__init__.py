@@ -156,9 +156,13 @@ def require_split(cfg: DatasetConfig, splits: Sequence[str], dataset: str) -> st
 
 
 def require_files(root: Path, names: Sequence[str], dataset: str) -> None:
+    """`root` holds the data set's index files `names`. Where it is a folder inside such a folder (CUB's `images/`
+    or a class folder in it, given for the data set's root), the error names the folder to pass."""
     missing = [name for name in names if not (root / name).exists()]
     if missing:
-        raise UserError(f"dataset.root={root} is not a {dataset} folder: {', '.join(missing)} missing")
+        above = next((p for p in list(root.resolve().parents)[:2] if all((p / name).exists() for name in names)), None)
+        hint = f"; it lies inside one: pass dataset.root={above}" if above else ""
+        raise UserError(f"dataset.root={root} is not a {dataset} folder: {', '.join(missing)} missing{hint}")
 
 
 def class_shots(cfg: DatasetConfig, seed: int, dataset: str, name: str, paths: Sequence[Path]) -> list[Path]:
