@@ -531,8 +531,15 @@ def test_hydra_options_before_or_after_the_overrides(args, capsys):
 def test_hydras_info_answers_alone_and_beside_overrides(args, tmp_path, monkeypatch, capsys):
     """`--info` takes an optional value: the command's own `hydra.job.name=...` put after it was read as that
     value (`invalid choice: 'hydra.job.name=optimize'`, exit 2). It answers, and writes nothing."""
+    import logging
+
     monkeypatch.chdir(tmp_path)
-    assert main(args) == 0, capsys.readouterr().err
+    handlers, level = list(logging.root.handlers), logging.root.level
+    try:
+        assert main(args) == 0, capsys.readouterr().err
+    finally:  # Hydra's --info leaves the root logger at DEBUG, printing to this test's stderr: the process ends there
+        logging.root.handlers[:] = handlers
+        logging.root.setLevel(level)
     out = capsys.readouterr().out
     assert ("Defaults List" if "defaults" in args else "Installed Hydra Plugins") in out
     assert list(tmp_path.iterdir()) == []

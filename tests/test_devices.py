@@ -104,12 +104,14 @@ def test_a_run_of_stable_diffusions_size_left_to_the_cpu_by_auto_says_so(tmp_pat
     assert devices.no_gpu_warning("auto", torch.device("cuda"), 512, 512) is None
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(devices, "LARGE_IMAGE_PIXELS", 32 * 32)  # the tiny components' images count as large
+    monkeypatch.setattr(devices, "LARGE_IMAGE_PIXELS", 32 * 32)  # the toy world's images count as large (the tiny
+    # components' would be refused at such a size: test_the_tiny_components_are_refused_...)
+    quick = ["n_images=1", "dataset.classes=[marsh finch]", "init.candidates=1", "optim.iterations=1"]
     with caplog.at_level(logging.WARNING):
-        run_optimize(make_config(["runtime.device=auto", "n_images=1"]), tmp_path / "auto")
+        run_optimize(make_config(["runtime.device=auto", *quick], name="toyworld"), tmp_path / "auto")
         assert "no GPU found (runtime.device=auto), so the 32x32 images are made on the CPU" in caplog.text
         caplog.clear()
-        run_optimize(make_config(["runtime.device=cpu", "n_images=1"]), tmp_path / "cpu")
+        run_optimize(make_config(["runtime.device=cpu", *quick], name="toyworld"), tmp_path / "cpu")
         assert "no GPU found" not in caplog.text
 
 
