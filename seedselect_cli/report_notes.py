@@ -13,6 +13,7 @@ from seedselect_cli.config import Config
 from seedselect_cli.errors import UserError, count_of
 from seedselect_cli.files.atomic import slugify
 from seedselect_cli.files.datasets import class_folder, load_classes, name_key, subfolders
+from seedselect_cli.files.images import list_images
 
 SMALL_SET = 8  # images of a class below which the set measures are one or two images' worth of noise
 
@@ -89,7 +90,10 @@ def heldout_folder_note(root: Path, classes: list[str]) -> str | None:
     if not missing:
         return None
     folders = [child.name for child in subfolders(root)]
-    if not folders:
+    if not folders and (images := list_images(root)):  # a one-concept set laid out as the `folder` config's references
+        has = (f"it has no sub-folders but {count_of(len(images), 'image')}: move them into "
+               f"{root / slugify(missing[0])}/" + (" (and each other class's into its own)" if len(classes) > 1 else ""))
+    elif not folders:
         has = "it has no sub-folders"
     else:
         near = difflib.get_close_matches(name_key(missing[0]), [name_key(f) for f in folders], n=1, cutoff=0.6)

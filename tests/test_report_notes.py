@@ -46,7 +46,14 @@ def test_heldout_notes_name_the_classes_short_of_real_images_and_where_they_were
 def test_a_heldout_folder_without_a_class_s_folder_is_said_with_the_folders_it_has(tmp_path):
     from seedselect_cli.report_notes import heldout_folder_note
 
-    assert "it has no sub-folders" in heldout_folder_note(tmp_path, ["marsh finch"])
+    assert heldout_folder_note(tmp_path, ["marsh finch"]).endswith("it has no sub-folders")
+    for name in ("a.png", "b.jpg"):  # held-out images of one concept laid out as the folder config's references
+        (tmp_path / name).write_bytes(b"")
+    assert heldout_folder_note(tmp_path, ["marsh finch"]).endswith(
+        f"it has no sub-folders but 2 images: move them into {tmp_path / 'marsh_finch'}/")
+    assert "(and each other class's into its own)" in heldout_folder_note(tmp_path, ["marsh finch", "sea gull"])
+    for name in ("a.png", "b.jpg"):
+        (tmp_path / name).unlink()
     (tmp_path / "marsh_fnch").mkdir()
     (tmp_path / "Sea-Gull").mkdir()
     note = heldout_folder_note(tmp_path, ["marsh finch", "sea gull", "snow wren"])
