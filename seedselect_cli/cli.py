@@ -179,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     if (code := answer_at_once(argv)) is not None:  # help, version, an unknown command
         return code
     command, args = argv[0], argv[1:]
+    # A log line written to a reader that has gone (`seedselect optimize --info | head`: Hydra's --info is logged) is
+    # dropped, as a print's BrokenPipeError below is, not said with a traceback of its own for each line
+    logging.raiseExceptions = False
     with catching_signals():  # from here on a signal ends the command with one line, never a traceback
         try:
             return _main(command, args)

@@ -526,6 +526,20 @@ def test_hydra_options_before_or_after_the_overrides(args, capsys):
     assert "lam: 0.5" in out or "run_dir: x" in out
 
 
+@pytest.mark.slow
+def test_a_reader_that_goes_away_ends_hydras_answers_quietly(tmp_path):
+    """`seedselect optimize --info | head -2`: Hydra logs its --info, and each line logged after the reader had gone
+    was said with a traceback of its own on stderr (2,642 lines); `--help | head` and `--cfg job | head` print, and
+    end quietly too. Exit 0, nothing on stderr."""
+    for args in (["optimize", "--info"], ["optimize", "--help"], ["optimize", "--cfg", "job"]):
+        proc = subprocess.Popen([sys.executable, "-m", "seedselect_cli", *args], cwd=tmp_path, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        assert proc.stdout.readline()  # the first line, then the reader goes, as `head -1` does
+        proc.stdout.close()
+        err = proc.stderr.read()
+        assert proc.wait(timeout=120) == 0 and err == "", (args, err[:2000])
+
+
 @pytest.mark.parametrize("args", [["optimize", "--info"], ["bootstrap", "--config-name", "tiny", "--info"],
                                   ["optimize", "--info", "defaults"], ["optimize", "loss.lam=0.5", "--info"]])
 def test_hydras_info_answers_alone_and_beside_overrides(args, tmp_path, monkeypatch, capsys):
