@@ -368,7 +368,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
                   *([folder_note] if folder_note else []),
                   *first_images_note(cfg.images_per_class, len(entries), len(every_entry)),
                   *heldout_notes(real_counts, {c: h.source for c, h in heldout_of.items()}),
-                  *one_reference_notes({c: len(references[c]) for c in run_classes}, real_counts)],
+                  *one_reference_notes({c: len(references[c]) for c in run_classes})],
         "quality_space": "judge features" if judge is not None else "CLIP image embeddings",
         "overall": {method: overall(per_class) for method, per_class in scores.items()},
         "classes": {c: {"references": {"n_images": len(references[c]),

@@ -45,8 +45,8 @@ def set_notes(n_classes: int, top_k: int, fewest_images: int, dataset_classes: b
 
 
 def heldout_notes(real_images: dict[str, int], sources: dict[str, str]) -> list[str]:
-    """Why measures against held-out real images are blank for some classes: too few real images of them
-    (`real_images`, per class; `sources`, where each class's were looked for), and where to point for more."""
+    """Why measures against held-out real images are blank for some classes: too few real images of them (copies:
+    none), per class in `real_images`; `sources`, where each class's were looked for; and where to point for more."""
     blank = {c: n for c, n in real_images.items() if n <= quality.K}
     no_kid = {c: n for c, n in real_images.items() if quality.K < n < quality.KID_MINIMUM}
     out = []
@@ -63,24 +63,23 @@ def heldout_notes(real_images: dict[str, int], sources: dict[str, str]) -> list[
                        f"{need} {needed} held-out real images of a class or more, "
                        f"{'it has' if len(short_of) == 1 else 'they have'} {have} ({where}); "
                        f"point heldout=DIR at more (DIR/<class>/<image>)")
+    if none := [c for c, n in real_images.items() if n == 0]:
+        out.append(f"copies is left out for {count_of(len(none), 'class', 'classes')} of {len(real_images)} with no "
+                   f"held-out real images: an image is a copy where it lies nearer a reference than every real image "
+                   f"of its class does, and the references' spacing alone calls about a third of fresh real images "
+                   f"copies; point heldout=DIR at real images (DIR/<class>/<image>)")
     return out
 
 
-def one_reference_notes(reference_counts: dict[str, int], real_images: dict[str, int]) -> list[str]:
-    """Why diversity_ratio and copies are blank for the classes with one reference (a 1-shot run): the references'
-    own variety, which diversity_ratio divides by, needs two; `copies` needs two references, or held-out real images
-    (`real_images`, per class), to say how near a reference is too near."""
+def one_reference_notes(reference_counts: dict[str, int]) -> list[str]:
+    """Why diversity_ratio is blank for the classes with one reference (a 1-shot run): it divides by the
+    references' own variety, which needs two."""
     alone = [c for c, n in reference_counts.items() if n < 2]
     if not alone:
         return []
     of = f"{count_of(len(alone), 'class', 'classes')} of {len(reference_counts)} with one reference"
-    out = [f"diversity_ratio is left out for {of}: it divides the images' diversity by the references' own, which "
-           + "needs two; diversity, the images' own, is there (two references or more give the ratio)"]
-    if no_real := [c for c in alone if real_images.get(c, 0) == 0]:
-        out.append(f"copies is left out for {count_of(len(no_real), 'class', 'classes')} with one reference and no "
-                   f"held-out real images: how near a reference is too near is measured against a second reference "
-                   f"or a real image; point heldout=DIR at real images (DIR/<class>/<image>)")
-    return out
+    return [f"diversity_ratio is left out for {of}: it divides the images' diversity by the references' own, which "
+            + "needs two; diversity, the images' own, is there (two references or more give the ratio)"]
 
 
 def heldout_folder_note(root: Path, classes: list[str]) -> str | None:
