@@ -57,13 +57,14 @@ def no_gpu_warning(requested: str, device: torch.device, height: int, width: int
             f"hours an image; {where}; runtime.device=cpu says the CPU is meant")
 
 
-def check_tiny_size(device: torch.device, height: int, width: int) -> None:
+def check_tiny_size(device: torch.device, height: int, width: int, pretrained: str) -> None:
     """The tiny random components (`model=tiny`) are for dry runs at their own 32 px. At Stable Diffusion's size on a
     CPU (`model=tiny` without `sampler=tiny`, a dry run's slip) their attention over every latent pixel makes one
     20-step sample at 512 px take about 10 minutes on 2 cores, and an image of the default method most of a day, for
-    images that mean nothing: `UserError`. On a GPU they run."""
+    images that mean nothing: `UserError`. On a GPU they run. `pretrained`: which of them (`tiny`, `tiny_sdxl`)."""
     if device.type == "cpu" and height * width >= LARGE_IMAGE_PIXELS:
-        raise UserError(f"model=tiny draws {width}x{height} images here (the sampler's size): the tiny random "
+        chosen = "model=tiny" if pretrained == "tiny" else f"model.pretrained={pretrained}"
+        raise UserError(f"{chosen} draws {width}x{height} images here (the sampler's size): the tiny random "
                         f"components at that size take hours an image on a CPU, for images that mean nothing; for a "
                         f"dry run add sampler=tiny (32x32, 10 steps)")
 

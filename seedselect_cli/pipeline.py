@@ -150,7 +150,7 @@ def _run(config: Config, run_dir: Path, method: str, stop: GracefulStop) -> list
     device = resolve_device(config.runtime.device)
     dtype = resolve_dtype(config.runtime.dtype, device)
     if config.model.pretrained in (TINY, TINY_SDXL):
-        check_tiny_size(device, config.sampler.height, config.sampler.width)
+        check_tiny_size(device, config.sampler.height, config.sampler.width, config.model.pretrained)
     log.info("device %s, %s, %s", device, str(dtype).removeprefix("torch."), count_of(torch.get_num_threads(), "CPU thread"))
     if said := no_gpu_warning(config.runtime.device, device, config.sampler.height, config.sampler.width):
         log.warning(said)

@@ -121,7 +121,9 @@ def test_the_tiny_components_are_refused_at_stable_diffusions_size_on_a_cpu_only
     and 128 px run, and on a GPU any size does."""
     cpu = torch.device("cpu")
     for side in (32, 128):
-        devices.check_tiny_size(cpu, side, side)
-    devices.check_tiny_size(torch.device("cuda"), 512, 512)
+        devices.check_tiny_size(cpu, side, side, "tiny")
+    devices.check_tiny_size(torch.device("cuda"), 512, 512, "tiny")
     with pytest.raises(UserError, match=r"model=tiny draws 256x256 images here .*add sampler=tiny"):
-        devices.check_tiny_size(cpu, 256, 256)
+        devices.check_tiny_size(cpu, 256, 256, "tiny")
+    with pytest.raises(UserError, match=r"^model.pretrained=tiny_sdxl draws 1024x1024 images"):  # SDXL's shape, as given
+        devices.check_tiny_size(cpu, 1024, 1024, "tiny_sdxl")
