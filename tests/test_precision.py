@@ -149,44 +149,40 @@ def test_the_gpu_default_finds_the_seeds_float32_finds_on_the_toy_world(float16_
 
 
 @pytest.mark.slow
-def test_the_default_float16_draws_what_float32_draws_from_a_chaotic_seed(tmp_path,
-                                                                         float16_convolutions_as_a_gpu_does_them):
+def test_the_default_float16_draws_what_float32_draws_from_a_chaotic_seed(float16_convolutions_as_a_gpu_does_them):
     """The default `method=select` (which backtracks, `optim.backtrack=0.5`, in optimize) on marsh finch's image 1
-    (seed 0), its 24 iterations at batch 1, each end scored by float32. Backtracking holds float32 to its end: from
-    the start moved by 1e-4 of its spread, 1.000 of float32's loss (without backtracking 1.027). float16 with a GPU's
+    (seed 0; the start its selection keeps, candidate 2), its 24 iterations at batch 1, each end scored by float32.
+    Backtracking holds float32 to its end: from the start moved by 1e-4 of its spread, 1.000 of float32's loss
+    (without backtracking 1.027; a run this test made until it was cut for time). float16 with a GPU's
     rounding does not always end there: from this start 1.368 on two threads and 1.002 on one (its float32 sums
     in another order), where the CPU's float16 kernel ended at 1.001; from three starts moved by 1e-4, 1.006, 1.000
     and 1.000 (BENCHMARKS.md, "Two float16 arithmetics"). Its first steps at lr 0.1 move every element of the
     seed by about 0.1 whatever the size of its gradient, and one element of 256 starts with the other sign in
-    float16. The judge sees a marsh finch in the images of all three ends (drawn in float32). The issue's 5 % on
+    float16. The judge sees a marsh finch in the images of both ends (drawn in float32). The issue's 5 % on
     every seed is missed here (issue 22, part 1): where float16 ends beyond it (two threads, as on this machine
     outside the tests) the test says so as an expected failure; where it ends within (one thread, as each of the
     suite's processes has on 2 cores) it passes."""
     from seedselect_cli.core.engine import image_centroids
-    from seedselect_cli.files.seed_files import load_seed_file
-    from seedselect_cli.pipeline import run_optimize
+    from seedselect_cli.core.initial_seeds import candidate_seed, init_seed_for, initial_noise
     from tests.test_toyworld import judge_verdicts
 
-    concept, index = "marsh finch", 1
-    shipped = ["method=select", "sampler.steps=10", "runtime.cache=false", f"dataset.classes=[{concept}]"]
-    config = make_config([*shipped, f"n_images={index + 1}", f"runtime.batch_size={index + 1}", "optim.iterations=1"],
-                         name="toyworld")
-    entry = next(e for e in run_optimize(config, tmp_path / "run") if e["index"] == index)
-    start = load_seed_file(tmp_path / "run" / entry["seed_file"]).initial[None]
-    config = make_config([*shipped, "optim.iterations=24"], name="toyworld")  # the default's 24 iterations
+    concept, index, candidate = "marsh finch", 1, 2
+    config = make_config(["method=select", "sampler.steps=10", "runtime.cache=false", f"dataset.classes=[{concept}]",
+                          "optim.iterations=24"], name="toyworld")  # the default's 24 iterations
     assert config.optim.backtrack == 0.5  # method=select's default, not set here
     exact = load_models(config.model, torch.device("cpu"), torch.float32)
     low = load_models(config.model, torch.device("cpu"), resolve_dtype("auto", torch.device("cuda")))
+    start = initial_noise(exact.latent_shape(config.sampler.height, config.sampler.width),
+                          candidate_seed(init_seed_for(config.seed, concept, index), candidate))[None]
     paths = sorted(Path(asset_path(f"toyworld/references/{concept}")).glob("*.png"))
     encodings = load_encodings(exact, paths, config.sampler.height, config.sampler.width, config.dataset.resize_mode,
                                TensorCache(None, "none"), concept)
     targets = image_centroids(encodings, config.seed, concept, [index], config.loss)
     prompt = fill_template(config.dataset.prompt_template, concept)
     text = encode_prompt(exact, prompt)
-    moved = start + 1e-4 * start.std() * torch.randn(start.shape, generator=torch.Generator().manual_seed(1))
     scored, verdicts = {}, {}
-    for name, models, z0 in (("float32", exact, start), ("float16", low, start), ("float32, moved", exact, moved)):
-        z = optimize_seeds(models, z0, targets, encode_prompt(models, prompt), config.objective(),
+    for name, models in (("float32", exact), ("float16", low)):
+        z = optimize_seeds(models, start, targets, encode_prompt(models, prompt), config.objective(),
                            config.optim_spec())[0].optimized[None]
         with torch.no_grad():
             scored[name] = seed_objective(exact, z, targets, text, ddim_schedule(exact, config.sampler.steps),
@@ -195,8 +191,7 @@ def test_the_default_float16_draws_what_float32_draws_from_a_chaotic_seed(tmp_pa
                                                       config.sampler.guidance_scale))
     ratios = {name: value / scored["float32"] for name, value in scored.items()}
     print(f"float32's loss {scored['float32']:.5f}; ratios {ratios}; verdicts {verdicts}")
-    assert 0.99 < ratios["float32, moved"] < 1.01, ratios
-    assert verdicts["float16"] == verdicts["float32"] == verdicts["float32, moved"] == [concept], verdicts
+    assert verdicts["float16"] == verdicts["float32"] == [concept], verdicts
     if not 0.95 < ratios["float16"] < 1.05:
         pytest.xfail(f"float16 ends at {ratios['float16']:.3f} of float32's loss on this chaotic seed: the issue's 5 % "
                      "is not met on every seed (issue 22, part 1; BENCHMARKS.md, 'Two float16 arithmetics')")
