@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shlex
 import signal
 import sys
 from collections.abc import Callable
@@ -45,6 +44,7 @@ from seedselect_cli.job_dir import (
 )
 from seedselect_cli.preflight import names_start_time, preflight
 from seedselect_cli.requirements import check_requirements
+from seedselect_cli.shell import override_arg
 from seedselect_cli.tool_config import EvaluateConfig, GenerateConfig
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ def run_in_job_dir(run: Callable[[Config, Path], object], cfg: DictConfig) -> No
         sweep_dir = Path(hydra_config.runtime.output_dir)  # SWEEP_DIR/SUBDIR
         for _ in Path(str(hydra_config.sweep.subdir)).parts:
             sweep_dir = sweep_dir.parent
-        _resume_with = f"hydra.sweep.dir={shlex.quote(str(sweep_dir))}"
+        _resume_with = override_arg("hydra.sweep.dir", str(sweep_dir))
     with user_errors():
         config = load_config(cfg, start_dir=hydra_config.runtime.cwd)  # where the command was started
         for said in other_commands_keys(hydra_config.job.name, list(hydra_config.overrides.task), config):
@@ -230,7 +230,7 @@ def _main(command: str, args: list[str]) -> int:
                 return 2
             pinned = pin_run_dir(args, run_dir)
         if job_dir.new_each_start or not any(a.startswith("hydra.run.dir=") for a in args):
-            _resume_with = f"hydra.run.dir={shlex.quote(str(run_dir))}"
+            _resume_with = override_arg("hydra.run.dir", str(run_dir))
         args = pinned or args
         if any(a.startswith("hydra.run.dir=") and str(run_dir) in a for a in args):
             _before = _before or take_snapshot(run_dir)

@@ -18,7 +18,6 @@ import dataclasses
 import logging
 import math
 import os
-import shlex
 import sys
 from collections import Counter
 from pathlib import Path
@@ -65,6 +64,7 @@ from seedselect_cli.report_notes import (
     unfinished_note,
 )
 from seedselect_cli.scoring import Embedded, embed, image_rows, mean_pairwise_distance, overall, score
+from seedselect_cli.shell import override_arg
 from seedselect_cli.tool_config import EvaluateConfig, check_evaluate
 
 log = logging.getLogger(__name__)
@@ -244,9 +244,9 @@ def damaged_run_image(exc: UnreadableImage, run_dir: Path, entries: list[dict]) 
     """A run's own image that no longer reads: its seed file draws it again, pixel for pixel."""
     for entry in entries:
         if run_dir / entry["image"] == exc.path:
-            seed_file, out = shlex.quote(str(run_dir / entry["seed_file"])), shlex.quote(str(exc.path))
+            seed_file, out = override_arg("seed_file", str(run_dir / entry["seed_file"])), override_arg("out", str(exc.path))
             return UserError(f"{exc.path}, one of the run's images, is damaged ({exc.reason}); draw it again from its "
-                             f"seed: seedselect generate seed_file={seed_file} out={out}")
+                             f"seed: seedselect generate {seed_file} {out}")
     return exc
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from seedselect_cli.errors import UserError
 from seedselect_cli.limits import is_commit
+from seedselect_cli.shell import override_arg
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ def conversion(file: str, key: str) -> str:
     program = (f"from diffusers import {pipeline} as P; P.from_single_file({json.dumps(file)}, "  # json: "...",
                f"config={json.dumps(config)}).save_pretrained({json.dumps(folder)})")  # a Python string literal
     return (f": convert it once, with config= the diffusers repository or folder of the model it was trained from"
-            f"{family}, e.g. `python3 -c {shlex.quote(program)}`, then pass {key}={shlex.quote(folder)}")
+            f"{family}, e.g. `python3 -c {shlex.quote(program)}`, then pass {override_arg(key, folder)}")
 
 
 def hub_refusal(exc: BaseException, what: str, key: str, source: str) -> UserError | None:

@@ -10,7 +10,6 @@ resumption, and the image is rendered from the best seed exactly as `generate` d
 from __future__ import annotations
 
 import logging
-import shlex
 import signal
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -45,6 +44,7 @@ from seedselect_cli.limits import is_commit
 from seedselect_cli.models import TINY, TINY_SDXL, check_steps, compile_models, load_models, size_warning
 from seedselect_cli.progress import NEXT, RunProgress, print_summary, run_progress
 from seedselect_cli.references import load_encodings
+from seedselect_cli.shell import override_arg
 
 log = logging.getLogger(__name__)
 
@@ -308,7 +308,7 @@ def evaluate_command(config: Config, run_dir: Path) -> str:
     toy_world = portable(config.model.image_encoder) == "asset:toyworld/clip"
     judge = " 'judge.model=${asset:toyworld/judge}'" if toy_world else ""
     among = " dataset_classes=true" if toy_world and config.dataset.name == "imagefolder" else ""
-    return f"seedselect evaluate run_dir={shlex.quote(str(run_dir))}{judge}{among}"
+    return f"seedselect evaluate {override_arg('run_dir', str(run_dir))}{judge}{among}"
 
 
 @dataclass

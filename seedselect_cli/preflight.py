@@ -30,6 +30,7 @@ from seedselect_cli.config import (
     unset_variable,
 )
 from seedselect_cli.errors import UserError
+from seedselect_cli.shell import for_the_shell
 from seedselect_cli.tool_config import EvaluateConfig, GenerateConfig, check_evaluate, check_generate
 
 
@@ -324,14 +325,6 @@ def check_launcher(overrides: list[str], multirun: bool) -> None:
             raise UserError(f"hydra/launcher={launcher} submits the sweep's jobs with Slurm's sbatch, which is not on "
                             f"this machine's PATH: run the command on the cluster's login node, or use "
                             f"hydra/launcher=local to run the jobs here")
-
-
-def for_the_shell(argument: str) -> str:
-    """`argument` quoted for a POSIX shell as a person would write it: in single quotes, or in double quotes where
-    it holds an apostrophe ("Brewer's Blackbird")."""
-    if "'" not in argument:
-        return f"'{argument}'"
-    return '"' + re.sub(r'([\\"$`])', r"\\\1", argument) + '"'
 
 
 def check_run_dir(run_dir: Path) -> None:

@@ -493,15 +493,16 @@ def test_evaluate_writes_the_report_of_a_demo_run(demo_run, monkeypatch, capsys)
 
 @pytest.mark.slow
 def test_the_next_command_a_run_prints_runs_as_printed(tmp_path, monkeypatch, capsys):
-    """The last line of `optimize` is the `evaluate` command for its run, quoted for a shell (a folder with a space)."""
+    """The last line of `optimize` is the `evaluate` command for its run, quoted for a shell and for Hydra (a folder
+    with a space, an apostrophe and parentheses, which Hydra reads only in its own quotes)."""
     monkeypatch.chdir(tmp_path)  # in this process (`main`): commands in processes of their own are checked above
-    assert main(["optimize", TINY, *FAST, "n_images=1", "hydra.run.dir='my run'"]) == 0
+    assert main(["optimize", TINY, *FAST, "n_images=1", "hydra.run.dir=\"my run's (1)\""]) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
-    assert line.startswith("next, the metrics and contact sheets: seedselect evaluate run_dir=")
+    assert line.startswith("next, the metrics and contact sheets: seedselect evaluate ")
     program, command, *args = shlex.split(line.split(": ", 1)[1])
-    assert (program, command) == ("seedselect", "evaluate") and args == [f"run_dir={tmp_path / 'my run'}"]
+    assert (program, command) == ("seedselect", "evaluate")
     assert main([command, *args, "baseline=false"]) == 0
-    assert (tmp_path / "my run" / "report" / "metrics.json").is_file()
+    assert (tmp_path / "my run's (1)" / "report" / "metrics.json").is_file()
 
 
 def test_a_toy_world_run_is_told_to_evaluate_with_the_toy_judge():
@@ -607,10 +608,11 @@ def test_progress_written_to_a_file_is_lines_not_bars(tmp_path):
 
 def test_the_quoting_an_unreadable_override_is_shown_with_reads_back_in_a_shell(capsys):
     """The hint of an unreadable override is pasted into a shell: the shell must hand Hydra an override it reads,
-    with apostrophes ("Brewer's Blackbird"), double quotes, `$`, backslashes and backquotes as typed."""
+    with apostrophes ("Brewer's Blackbird"), double quotes, `$`, backslashes and backquotes as typed; and so must
+    every `key=value` of the commands the tool prints (`override_arg`)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from seedselect_cli.preflight import for_the_shell
+    from seedselect_cli.shell import for_the_shell, override_arg
 
     def shell_echo(words: str) -> str:  # what a POSIX shell makes of `words` typed as one argument
         return subprocess.run(["sh", "-c", f"printf %s {words}"], check=True, capture_output=True, text=True).stdout
@@ -618,6 +620,10 @@ def test_the_quoting_an_unreadable_override_is_shown_with_reads_back_in_a_shell(
     for text in ['dataset.classes=["Café"]', 'dataset.classes=["Black-footed Albatross","Brewer\'s Blackbird"]',
                  'sampler.negative_prompt="it\'s \\"bad\\" $HOME `x` \\\\"']:
         assert shell_echo(for_the_shell(text)) == text, (text, for_the_shell(text))
+    for value in ("/runs/a", "/runs/my run", "/runs/my run's (1)", "/runs/[a],b", 'a"b\\', "/runs/Café~", "x=y"):
+        word = override_arg("run_dir", value)  # the commands the tool prints: one word, read back as typed
+        assert OverridesParser.create().parse_override(shell_echo(word)).value() == value, (value, word)
+    assert override_arg("run_dir", "/runs/my run") == "run_dir='/runs/my run'"  # Hydra reads it as it is
     assert main(["optimize", "dataset.classes=[Black-footed Albatross,Brewer's Blackbird]"]) == 2
     hint = re.search(r"e\.g\. (.*) \(the outer quotes", capsys.readouterr().err).group(1)
     assert OverridesParser.create().parse_override(shell_echo(hint)).value() == ["Black-footed Albatross", "Brewer's Blackbird"]

@@ -20,7 +20,6 @@ import fcntl
 import json
 import logging
 import os
-import shlex
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -34,6 +33,7 @@ from safetensors import SafetensorError
 from seedselect_cli.errors import SAME_COMMAND, UserError, first_line
 from seedselect_cli.files.atomic import abandoned, atomic_write, slugify
 from seedselect_cli.files.locks import lock
+from seedselect_cli.shell import override_arg
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.jsonl"
@@ -442,7 +442,7 @@ def check_run_path(run_dir: Path) -> None:
     if not (run_dir / CONFIG).is_file():
         if (run_dir.parent / CONFIG).is_file():  # RUN/images, RUN/seeds, RUN/report
             raise UserError(f"run_dir={run_dir} is a folder inside a run; pass the run directory, "
-                            f"run_dir={shlex.quote(str(run_dir.parent))}")
+                            f"{override_arg('run_dir', str(run_dir.parent))}")
         # a sweep's folder (-m), one run directory per job; or Hydra's outputs/ (outputs/<config>/<time>)
         runs = next((found for pattern in (f"*/{CONFIG}", f"*/*/{CONFIG}")
                      if (found := sorted(p.parent.relative_to(run_dir).as_posix() for p in run_dir.glob(pattern)))),
@@ -450,6 +450,6 @@ def check_run_path(run_dir: Path) -> None:
         if runs:
             shown = ", ".join(runs[:3]) + (f", ... ({len(runs)} in all)" if len(runs) > 3 else "")
             raise UserError(f"run_dir={run_dir} holds run directories, not a run ({shown}): evaluate each, e.g. "
-                            f"run_dir={shlex.quote(str(run_dir / runs[0]))}")
+                            f"{override_arg('run_dir', str(run_dir / runs[0]))}")
         raise UserError(f"run_dir={run_dir} is not a seedselect run directory (no {CONFIG}); pass the folder a "
                         f"`seedselect optimize` or `bootstrap` run wrote")
