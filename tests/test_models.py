@@ -87,6 +87,9 @@ def test_a_single_checkpoint_file_is_answered_with_the_command_that_converts_it(
     file is answered without asking the Hub, even where its name reads like a Hub id."""
     import ast
     import shlex
+    import subprocess
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from seedselect_cli import hub
 
@@ -112,8 +115,10 @@ def test_a_single_checkpoint_file_is_answered_with_the_command_that_converts_it(
         convert, save = calls["from_single_file"], calls["save_pretrained"]
         assert ast.literal_eval(convert.args[0]) == given
         assert [(k.arg, ast.literal_eval(k.value)) for k in convert.keywords] == [("config", config)]
-        passed = shlex.split(line.rsplit("then pass ", 1)[1])
-        assert passed == [f"model.pretrained={ast.literal_eval(save.args[0])}"]
+        word = line.rsplit("then pass ", 1)[1]  # one word, which the shell hands Hydra as the folder's override
+        passed = subprocess.run(["sh", "-c", f"printf %s {word}"], check=True, capture_output=True, text=True).stdout
+        override = OverridesParser.create().parse_override(passed)
+        assert (override.key_or_group, override.value()) == ("model.pretrained", ast.literal_eval(save.args[0]))
         assert ast.literal_eval(save.args[0]) == given.removesuffix(".safetensors")
 
 
