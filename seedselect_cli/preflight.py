@@ -196,6 +196,7 @@ def check_job(command: str, config_name: str, overrides: list[str], seen: set, i
         check_evaluate(load_structured(EvaluateConfig, cfg))
         return None
     config = load_config(cfg)  # optimize and bootstrap: config.check_config
+    check_kept_classes(config_name, overrides, config)
     check_weights(config.model)
     path = Path(os.path.abspath(os.path.expanduser(run_dir)))
     if not in_sweep:
@@ -216,6 +217,21 @@ def check_job(command: str, config_name: str, overrides: list[str], seen: set, i
         load_classes(config.dataset, config.seed, quiet=True)
         seen.add(key)
     return JobDir(path, new_each_start)
+
+
+def check_kept_classes(config_name: str, overrides: list[str], config: Config) -> None:
+    """`dataset=folder` on a named config of another layout (the default, the demo) keeps that config's
+    `dataset.classes`: the folder's images would be drawn and named as the demo's marsh finch, and scored against its
+    held-out images, in silence. Refused unless the command line names the classes itself."""
+    keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o]
+    if (config.dataset.name != "folder" or not config.dataset.classes or not {"dataset", "dataset.name"} & set(keys)
+            or any(k.startswith("dataset.classes") for k in keys)):
+        return
+    classes = ",".join(config.dataset.classes)
+    raise UserError(f"dataset=folder keeps the {config_name} config's dataset.classes=[{classes}]: the images of "
+                    f"{config.dataset.root} would be drawn and named as {config.dataset.classes[0]!r}; for a folder of "
+                    f"one concept use --config-name folder dataset.root={config.dataset.root} (its class named after "
+                    f"the folder), or name the class: dataset.classes=[NAME]")
 
 
 def config_module(command: str) -> str:

@@ -764,3 +764,19 @@ def test_a_stopped_run_in_a_folder_named_after_its_start_says_that_folder(tmp_pa
     monkeypatch.setattr(RunDirectory, "append_manifest", real)
     assert main([*args, f"hydra.run.dir={folder}"]) == 0
     assert len(read_manifest(folder)) == 2 and [p.name for p in (tmp_path / "runs").iterdir()] == [folder.name]
+
+
+def test_a_folder_switched_in_under_the_demo_keeps_its_classes_only_where_the_command_names_them():
+    """`dataset=folder` on the default config would draw the folder's images as the demo's marsh finch (its
+    `dataset.classes`, kept): refused, unless the command line names the class; a folder config's own runs."""
+    from seedselect_cli.preflight import check_kept_classes
+
+    demo = make_config(["dataset=folder", "dataset.root=imgs/tiger_cat"], name="demo")
+    with pytest.raises(UserError, match=r"^dataset=folder keeps the demo config's dataset.classes=\[marsh finch\]: "
+                                        r"the images of .*imgs/tiger_cat would be drawn and named as 'marsh finch'"):
+        check_kept_classes("demo", ["dataset=folder", "dataset.root=imgs/tiger_cat"], demo)
+    named = ["dataset=folder", "dataset.root=imgs/tiger_cat", "dataset.classes=[tiger cat]"]
+    check_kept_classes("demo", named, make_config(named, name="demo"))
+    check_kept_classes("folder", ["dataset.root=imgs/tiger_cat"], make_config(["dataset.root=imgs/tiger_cat"],
+                                                                             name="folder"))
+    check_kept_classes("demo", [], make_config(name="demo"))  # the demo's own imagefolder layout

@@ -163,6 +163,13 @@ CASES = {
         "hours an image on a CPU", _refs({"a.png": None})),
     "bootstrap of the same": Case(["bootstrap", "--config-name=folder", "dataset.root={tmp}/refs", "model=tiny"],
                                   "add sampler=tiny", _refs({"a.png": None})),
+    # --- a group switched under a named config's values ---
+    "dataset=folder on the default config, whose classes are the demo's [marsh finch]": Case(
+        ["optimize", "dataset=folder", "dataset.root={tmp}/refs"], "dataset=folder keeps the demo config's "
+        "dataset.classes=[marsh finch]: the images of", _refs({"a.png": None})),
+    "dataset.name=folder on the same, in bootstrap": Case(
+        ["bootstrap", "dataset.name=folder", "dataset.root={tmp}/refs"], "use --config-name folder dataset.root=",
+        _refs({"a.png": None})),
     "a sparse 2 GiB big.png as the only reference": Case(
         ["optimize", *TINY, "dataset.root={tmp}/refs"], "over the 1 GiB", _refs({"big.png": "sparse"})),
     # --- data-set index files ---
