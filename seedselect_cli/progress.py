@@ -51,7 +51,10 @@ class RunProgress:
                     disable=self.images.disable)
 
     def start_class(self, name: str) -> None:
+        """The class's name beside the classes bar; the images bar's loss, the last class's, is cleared until this
+        class's first images are done."""
         self.classes.set_postfix_str(name[:40], refresh=False)
+        self.images.set_postfix_str("", refresh=False)
 
     def images_done(self, count: int, loss: float) -> None:
         self.images.update(count)

@@ -118,3 +118,18 @@ def test_evaluate_names_the_report_folder_whole_on_one_line(capsys):
     assert f"seedselect evaluate: 2 images; report in {run_dir}/report" in lines
     assert f"note: a note naming {run_dir}/report/sheets, longer than any table here is wide" in lines
     assert any(line.endswith(f"every image's measures in {run_dir}/report/images.jsonl") for line in lines)
+
+
+def test_the_images_bar_shows_no_loss_of_the_last_class_once_the_next_begins():
+    """The images bar's `loss=` is of the class named beside the classes bar: cleared when a class begins."""
+    from seedselect_cli.progress import RunProgress
+
+    progress = RunProgress(2, 4, enabled=False)
+    progress.start_class("sea gull")
+    progress.images_done(2, 0.4321)
+    assert progress.images.postfix == "loss=0.4321"
+    progress.start_class("marsh finch")
+    assert progress.images.postfix == "" and progress.classes.postfix == "marsh finch"
+    progress.images_done(2, 0.1234)
+    assert progress.images.postfix == "loss=0.1234"
+    progress.close()
