@@ -17,8 +17,9 @@ Measures on embeddings (rows of features, one per image), each a small pure func
                          against real images only: the rule "nearer than any two references are to each
                          other" counts 0.38 of the toy world's fresh real images as copies (5 references: a
                          fresh image's 5 distances against the references' 10), and called the demo's
-                         off-model cross a copy of a disc; without held-out images it is left out (None).
-                         Against 64 held-out images a generator as good as the data counts about 1 in 65. A
+                         off-model cross a copy of a disc; with fewer than COPIES_MINIMUM held-out images it
+                         is left out (None): against n real images a generator as good as the data counts 1 in
+                         n + 1 (against the toy world's 64 about 1 in 65, against 1 every other image). A
                          smooth generator counts more: the toy world's plain samples of head concepts (which
                          cannot have copied) 0.06
 
@@ -33,6 +34,10 @@ from PIL import Image
 
 K = 3  # neighbours: precision, recall, density and coverage need more than K images on either side they measure
 KID_MINIMUM = 50  # real images of a class below which KID is left out (its estimate is mostly noise)
+# Real images of a class below which `copies` is left out: an image drawn as the real ones are lies nearer a
+# reference than all n of them 1 time in n + 1, so with 1 real image every other such image is a "copy"; 19 keep it
+# at 5 % or less.
+COPIES_MINIMUM = 19
 COPY_SIDE = 32  # pixels: the size images are compared at for `copies`
 
 
@@ -120,9 +125,10 @@ def pixel_features(images: list[Image.Image], side: int = COPY_SIDE) -> torch.Te
 
 
 def copied(references: torch.Tensor, images: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor | None:
-    """Whether each of `images` is nearer some reference than any of the `real` held-out images is; None without
-    real images (the references' own spacing is no measure: see the module's docstring)."""
-    if real is None or not len(real):
+    """Whether each of `images` is nearer some reference than any of the `real` held-out images is; None with fewer
+    than COPIES_MINIMUM real images (1 in n + 1 images drawn as the real ones are would be called copies; without
+    real images the references' own spacing is no measure either: see the module's docstring)."""
+    if real is None or len(real) < COPIES_MINIMUM:
         return None
     threshold = torch.cdist(real, references).min()
     return torch.cdist(images, references).min(dim=1).values < threshold

@@ -26,6 +26,7 @@ from seedselect_cli.files.atomic import atomic_write, slugify
 from seedselect_cli.files.images import load_rgb
 from seedselect_cli.limits import SHOWN_CLASSES
 from seedselect_cli.progress import never_improved
+from seedselect_cli.quality import COPIES_MINIMUM
 
 THUMB = 128
 PER_ROW = 8
@@ -167,7 +168,7 @@ Numbers: <a href="metrics.json">metrics.json</a>.</p>
 <h2>Loss</h2><img src="loss.png" alt="loss curves">
 <h2>Images (references | plain Stable Diffusion | {names["seedselect"]})</h2>
 <p>Marks on an image: <i>judge: X</i>, the judge's label where it is not the image's class; <i>copy</i>, nearer a
-reference than any held-out real image (not measured without them); <i>unrefined</i>, its seed never got below
+reference than any held-out real image (not measured with fewer than {COPIES_MINIMUM}); <i>unrefined</i>, its seed never got below
 its start's loss (an image that took no step, kept as drawn by <code>bootstrap.keep_drawn</code> or of a run of one
 iteration, selection alone, is its start on purpose and not marked).
 Every image, with what each measure says of it: <a href="images.jsonl">images.jsonl</a>.</p>
@@ -208,12 +209,13 @@ QUALITY_KEYS = ("precision", "recall", "density", "coverage", "kid", "diversity_
 def marks_line(per_image: list[dict], report: Path) -> str:
     """How many of the run's own images the contact sheets mark, and where to look."""
     ours = [r for r in per_image if r["set"] == "seedselect"]
-    measured = [r for r in ours if r["copy"] is not None]  # not where a class has no held-out real images
+    measured = [r for r in ours if r["copy"] is not None]  # not where a class has too few held-out real images
     copies = count_of(sum(r["copy"] for r in measured), "copy of a reference", "copies of a reference")
+    too_few = f"under {COPIES_MINIMUM} held-out real images of the class"
     if not measured:
-        copies = "copies not measured (no held-out real images)"
+        copies = f"copies not measured ({too_few})"
     elif len(measured) < len(ours):
-        copies += f" of {len(measured)} measured ({len(ours) - len(measured)} not: no held-out real images)"
+        copies += f" of {len(measured)} measured ({len(ours) - len(measured)} not: {too_few})"
     counts = [copies, f"{sum(r['unrefined'] for r in ours)} unrefined"]
     if any(r["judge_label"] is not None for r in ours):
         counts.insert(0, f"{sum(r['judge_top1'] != r['class'] for r in ours)} rejected by the judge")

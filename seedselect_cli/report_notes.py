@@ -45,13 +45,17 @@ def set_notes(n_classes: int, top_k: int, fewest_images: int, dataset_classes: b
 
 
 def heldout_notes(real_images: dict[str, int], sources: dict[str, str]) -> list[str]:
-    """Why measures against held-out real images are blank for some classes: too few real images of them (copies:
-    none), per class in `real_images`; `sources`, where each class's were looked for; and where to point for more."""
+    """Why measures against held-out real images are blank for some classes: too few real images of them (per class
+    in `real_images`; `sources`, where each class's were looked for), and where to point for more."""
     blank = {c: n for c, n in real_images.items() if n <= quality.K}
     no_kid = {c: n for c, n in real_images.items() if quality.K < n < quality.KID_MINIMUM}
+    no_copies = {c: n for c, n in real_images.items() if n < quality.COPIES_MINIMUM}
     out = []
-    for measures, need, short_of, needed in (("precision, density, coverage and kid are", "they need", blank, quality.K + 1),
-                                             ("kid is", "it needs", no_kid, quality.KID_MINIMUM)):
+    for measures, need, short_of, needed, why in (
+            ("precision, density, coverage and kid are", "they need", blank, quality.K + 1, ""),
+            ("kid is", "it needs", no_kid, quality.KID_MINIMUM, ""),
+            ("copies is", "it needs", no_copies, quality.COPIES_MINIMUM,
+             " (against n of them, 1 in n + 1 images drawn as the real ones are counts as a copy)")):
         if short_of:
             low, high = min(short_of.values()), max(short_of.values())
             if low != high:
@@ -60,14 +64,9 @@ def heldout_notes(real_images: dict[str, int], sources: dict[str, str]) -> list[
                 have = "none" if low == 0 else count_of(low, "image") + (" each" if len(short_of) > 1 else "")
             where = "; ".join(dict.fromkeys(sources[c] for c in short_of))
             out.append(f"{measures} left out for {count_of(len(short_of), 'class', 'classes')} of {len(real_images)}: "
-                       f"{need} {needed} held-out real images of a class or more, "
+                       f"{need} {needed} held-out real images of a class or more{why}, "
                        f"{'it has' if len(short_of) == 1 else 'they have'} {have} ({where}); "
                        f"point heldout=DIR at more (DIR/<class>/<image>)")
-    if none := [c for c, n in real_images.items() if n == 0]:
-        out.append(f"copies is left out for {count_of(len(none), 'class', 'classes')} of {len(real_images)} with no "
-                   f"held-out real images: an image is a copy where it lies nearer a reference than every real image "
-                   f"of its class does, and the references' spacing alone calls about a third of fresh real images "
-                   f"copies; point heldout=DIR at real images (DIR/<class>/<image>)")
     return out
 
 

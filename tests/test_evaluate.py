@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 import seedselect_cli.evaluate as evaluate_module
+from seedselect_cli import quality
 from seedselect_cli.errors import UserError
 from seedselect_cli.evaluate import run_evaluate
 from seedselect_cli.files.assets import asset_path
@@ -69,7 +70,7 @@ def test_copies_of_the_references_score_fidelity_one_and_diversity_zero(tmp_path
 def test_a_one_shot_run_says_why_its_ratio_and_copies_are_blank_and_counts_no_copies(tmp_path):
     """One reference (dataset.shots=1, a 1-shot set): diversity_ratio has no references' variety to divide by and
     copies no real image to say how near is too near; the notes say so, and the marks line
-    does not count the unmeasured images as 0 copies. Real held-out images give copies back."""
+    does not count the unmeasured images as 0 copies. Enough real held-out images give copies back."""
     refs = tmp_path / "refs" / "lone_cat"
     refs.mkdir(parents=True)
     random_image(np.random.default_rng(31), (48, 40)).save(refs / "a.png")
@@ -81,21 +82,23 @@ def test_a_one_shot_run_says_why_its_ratio_and_copies_are_blank_and_counts_no_co
     ratio, copies = (next(n for n in metrics["notes"] if n.startswith(f"{key} is left out"))
                      for key in ("diversity_ratio", "copies"))
     assert "for 1 class of 1 with one reference" in ratio and "two references or more" in ratio
-    assert "no held-out real images" in copies and "heldout=DIR" in copies
+    assert f"it needs {quality.COPIES_MINIMUM} held-out real images" in copies and "heldout=DIR" in copies
     rows = [json.loads(line) for line in (run_dir / "report" / "images.jsonl").read_text().splitlines()]
     assert [r["copy"] for r in rows] == [None, None]
-    assert "of the run's 2 images: copies not measured (no held-out real images), " in marks_line(rows, Path("R"))
+    assert ("of the run's 2 images: copies not measured (under 19 held-out real images of the class), "
+            in marks_line(rows, Path("R")))
 
     heldout = tmp_path / "heldout" / "lone_cat"
     heldout.mkdir(parents=True)
-    for i in range(4):
+    for i in range(quality.COPIES_MINIMUM):  # as many as copies needs
         random_image(np.random.default_rng(40 + i), (48, 40)).save(heldout / f"{i}.png")
     metrics = run_evaluate(EvaluateConfig(run_dir=str(run_dir), baseline=False, heldout=str(heldout.parent)))
     assert metrics["classes"]["lone_cat"]["seedselect"]["copies"] is not None
     assert [n for n in metrics["notes"] if n.startswith("copies")] == []
     assert any(n.startswith("diversity_ratio is left out") for n in metrics["notes"])
     mixed = rows[:1] + [{**rows[1], "copy": True}]
-    assert "1 copy of a reference of 1 measured (1 not: no held-out real images)" in marks_line(mixed, Path("R"))
+    assert "1 copy of a reference of 1 measured (1 not: under 19 held-out real images of the class)" in marks_line(
+        mixed, Path("R"))
 
 def test_a_run_not_finished_says_whose_images_the_figures_are(demo_run, tmp_path):
     """A run stopped early, or still being made by another process, is reported with how many of its images the

@@ -114,3 +114,10 @@ def test_copies_counts_images_that_reproduce_a_reference():
     assert quality.copies(ref_px, fresh_px, real_px) < 0.05
     assert quality.copies(ref_px, quality.pixel_features(nudged + noise(3))) is None
     assert quality.copies(ref_px, fresh_px, real_px[:0]) is None
+    # Against n real images, 1 in n + 1 images drawn as they are lies nearer a reference than all of them: with 1,
+    # half; below COPIES_MINIMUM (19: 5 %) it is left out.
+    one_real = float((torch.cdist(fresh_px, ref_px).min(dim=1).values
+                      < torch.cdist(real_px[:1], ref_px).min()).float().mean())
+    assert one_real > 0.2  # 0.5 expected
+    assert quality.copies(ref_px, fresh_px, real_px[:quality.COPIES_MINIMUM - 1]) is None
+    assert quality.copies(ref_px, fresh_px, real_px[:quality.COPIES_MINIMUM]) is not None

@@ -27,9 +27,9 @@ def test_notes_say_what_the_figures_cannot():
 
 
 def test_heldout_notes_name_the_classes_short_of_real_images_and_where_they_were_looked_for():
-    """Precision, density and coverage need more than K real images of a class, KID at least KID_MINIMUM: a class
-    below either is counted in a note that says how many it has and where they came from; at the bounds, none.
-    Copies needs one: a class with none is counted in a note of its own."""
+    """Precision, density and coverage need more than K real images of a class, KID at least KID_MINIMUM, copies
+    COPIES_MINIMUM: a class below any is counted in a note that says how many it has and where they came from; at
+    the bounds, none."""
     sources = {"a": "dataset.split=test", "b": "dataset.split=test", "c": "/h/<class>", "d": "/h/<class>"}
     assert heldout_notes({"a": quality.KID_MINIMUM, "d": quality.KID_MINIMUM + 9}, sources) == []
     blank, no_kid, no_copies = heldout_notes({"a": 0, "b": quality.K, "c": quality.K + 1, "d": quality.KID_MINIMUM},
@@ -38,15 +38,16 @@ def test_heldout_notes_name_the_classes_short_of_real_images_and_where_they_were
     assert f"they have 0 to {quality.K} images (dataset.split=test)" in blank and "heldout=DIR" in blank
     assert no_kid.startswith("kid is left out for 1 class of 4:")
     assert f"it needs {quality.KID_MINIMUM} held-out real images" in no_kid and "they need 4" in blank and f"it has {quality.K + 1} images (/h/<class>)" in no_kid
-    [same] = heldout_notes({"a": 1, "b": 1}, sources)
-    assert "they have 1 image each (dataset.split=test);" in same
-    # copies needs one real image of the class: it is left out only where there is none, and said so apart.
-    assert no_copies.startswith("copies is left out for 1 class of 4 with no held-out real images:")
-    assert "heldout=DIR" in no_copies
+    assert no_copies.startswith(f"copies is left out for 3 classes of 4: it needs {quality.COPIES_MINIMUM} held-out "
+                                f"real images of a class or more (against n of them, 1 in n + 1 images drawn as the "
+                                f"real ones are counts as a copy), they have 0 to {quality.K + 1} images")
+    blank, no_copies = heldout_notes({"a": 1, "b": 1}, sources)
+    assert "they have 1 image each (dataset.split=test);" in blank and "they have 1 image each" in no_copies
+    _, no_copies = heldout_notes({"c": quality.COPIES_MINIMUM - 1, "d": quality.COPIES_MINIMUM}, sources)  # and kid
+    assert no_copies.startswith("copies is left out for 1 class of 2:")
     none, no_copies = heldout_notes({"c": 0, "d": 0}, sources)
     assert none.startswith("precision, density, coverage and kid are left out for 2 classes of 2:")
-    assert "they have none (/h/<class>);" in none
-    assert no_copies.startswith("copies is left out for 2 classes of 2 with no held-out real images:")
+    assert "they have none (/h/<class>);" in none and "they have none (/h/<class>);" in no_copies
 
 
 def test_a_heldout_folder_without_a_class_s_folder_is_said_with_the_folders_it_has(tmp_path):
