@@ -168,8 +168,8 @@ Numbers: <a href="metrics.json">metrics.json</a>.</p>
 <h2>Loss</h2><img src="loss.png" alt="loss curves">
 <h2>Images (references | plain Stable Diffusion | {names["seedselect"]})</h2>
 <p>Marks on an image: <i>judge: X</i>, the judge's label where it is not the image's class; <i>copy</i>, nearer a
-reference than any held-out real image (not measured with fewer than {COPIES_MINIMUM}); <i>unrefined</i>, its seed never got below
-its start's loss (an image that took no step, kept as drawn by <code>bootstrap.keep_drawn</code> or of a run of one
+reference than any held-out real image (not measured with fewer than {COPIES_MINIMUM}); <i>unrefined</i>, its seed
+never got below its start's loss (an image that took no step, kept as drawn by <code>bootstrap.keep_drawn</code> or of a run of one
 iteration, selection alone, is its start on purpose and not marked).
 Every image, with what each measure says of it: <a href="images.jsonl">images.jsonl</a>.</p>
 {figures}
