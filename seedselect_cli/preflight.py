@@ -30,7 +30,7 @@ from seedselect_cli.config import (
     unset_variable,
 )
 from seedselect_cli.errors import UserError
-from seedselect_cli.shell import for_the_shell
+from seedselect_cli.shell import for_the_shell, hydra_quoted
 from seedselect_cli.tool_config import EvaluateConfig, GenerateConfig, check_evaluate, check_generate
 
 
@@ -285,11 +285,10 @@ def check_override_syntax(overrides: list[str]) -> None:
             start, end = split_by_the_shell(overrides, i)
             key, _, value = " ".join(overrides[start:end]).partition("=")
             if value.startswith("[") and value.endswith("]"):
-                items = ",".join('"' + v.strip().strip("'\"").replace('"', '\\"') + '"'
-                                 for v in value[1:-1].split(","))
+                items = ",".join(hydra_quoted(v.strip().strip("'\"")) for v in value[1:-1].split(","))
                 quoted = f"{key}=[{items}]"
             else:
-                quoted = key + '="' + value.replace('"', '\\"') + '"'
+                quoted = f"{key}={hydra_quoted(value)}"
             if end - start > 1:
                 raise UserError(f"cannot read the overrides {' '.join(map(repr, overrides[start:end]))}: the shell split "
                                 f"{key}={value} at its spaces into {end - start} words; quote it, e.g. "

@@ -32,10 +32,16 @@ def _reads_back(override: str, value: str) -> bool:
         return False
 
 
+def hydra_quoted(value: str) -> str:
+    """`value` in Hydra's double quotes, which read back any string: `"` escaped, and the backslashes before a `"`
+    or at the end doubled (Hydra keeps every other backslash as it is)."""
+    return '"' + re.sub(r'\\+(?="|$)', lambda run: run[0] * 2, value).replace('"', '\\"') + '"'
+
+
 def override_arg(key: str, value: str) -> str:
     """`key=value` as one shell word that hands Hydra an override whose value is `value`: `key=` and the value in
     the shell's quotes where Hydra reads it as it is (`run_dir='my run'`), else the value in Hydra's double quotes
     and the whole word in the shell's (`"run_dir=\\"my run's (1)\\""`)."""
     if _reads_back(f"{key}={value}", value):
         return f"{key}={shlex.quote(value)}"
-    return for_the_shell(f'{key}="' + value.replace("\\", "\\\\").replace('"', '\\"') + '"')
+    return for_the_shell(f"{key}={hydra_quoted(value)}")

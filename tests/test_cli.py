@@ -620,7 +620,8 @@ def test_the_quoting_an_unreadable_override_is_shown_with_reads_back_in_a_shell(
     for text in ['dataset.classes=["Café"]', 'dataset.classes=["Black-footed Albatross","Brewer\'s Blackbird"]',
                  'sampler.negative_prompt="it\'s \\"bad\\" $HOME `x` \\\\"']:
         assert shell_echo(for_the_shell(text)) == text, (text, for_the_shell(text))
-    for value in ("/runs/a", "/runs/my run", "/runs/my run's (1)", "/runs/[a],b", 'a"b\\', "/runs/Café~", "x=y"):
+    for value in ("/runs/a", "/runs/my run", "/runs/my run's (1)", "/runs/[a],b", 'a"b\\', "/runs/Café~", "x=y",
+                  "C:\\runs\\my run (1)"):  # a backslash inside Hydra's quotes is kept as it is
         word = override_arg("run_dir", value)  # the commands the tool prints: one word, read back as typed
         assert OverridesParser.create().parse_override(shell_echo(word)).value() == value, (value, word)
     assert override_arg("run_dir", "/runs/my run") == "run_dir='/runs/my run'"  # Hydra reads it as it is
