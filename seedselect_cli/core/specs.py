@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where an optimiser is made: the config (a bad value's answer, `--help`)
+    import torch  # does without its 2 s of imports
 
 
 @dataclass
@@ -94,6 +96,8 @@ class BootstrapSpec:
 
 
 def adamw(params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
+    import torch
+
     return torch.optim.AdamW(params, lr=lr)
 
 

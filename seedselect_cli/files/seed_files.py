@@ -11,10 +11,12 @@ import math
 from dataclasses import dataclass
 from importlib.metadata import version as installed_version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+
+if TYPE_CHECKING:  # torch where tensors are read or written: the paths' checks answer a bad value without it
+    import torch
 
 from seedselect_cli.errors import UserError, first_line
 from seedselect_cli.files.atomic import atomic_write
@@ -106,6 +108,8 @@ class SeedFile:
 
 def save_seed_file(path: Path, initial: torch.Tensor, optimized: torch.Tensor, metadata: dict) -> None:
     """Write a seed file atomically (it appears whole or not at all)."""
+    from safetensors.torch import save_file
+
     tensors = {"initial": initial.detach().float().cpu().contiguous(),
                "optimized": optimized.detach().float().cpu().contiguous()}
     meta = {"format": FORMAT, **{k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}}
@@ -137,6 +141,9 @@ def seed_files_in(folder: Path) -> list[Path]:
 def load_seed_file(path: str | Path) -> SeedFile:
     """Read and check a seed file; `UserError` if it is missing, not safetensors, or malformed: tensors
     of another dtype or shape or with values that are not finite, metadata out of range."""
+    import torch
+    from safetensors.torch import load_file
+
     path = Path(path).expanduser()
     check_seed_path(path)
     try:
