@@ -90,6 +90,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--target", type=float, default=0.5, help="the tail accuracy to reach")
     parser.add_argument("--settings", nargs="*", default=list(SETTINGS) + list(VARIANTS))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every setting, e.g. --set init.candidates=4 (repeatable)")
     args = parser.parse_args(argv)
     concepts = args.concepts or [c["name"] for c in world()["concepts"] if c["bucket"] == "tail"]
     checkpoints = sorted(set(args.checkpoints))
@@ -100,7 +102,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     for name in args.settings:
         for weight in (0.0, args.norm_weight) if name in SETTINGS else (0.0,):
-            overrides = {**SETTINGS, **VARIANTS}[name] + [f"loss.norm_weight={weight}", f"seed={args.seed}"]
+            overrides = {**SETTINGS, **VARIANTS}[name] + [f"loss.norm_weight={weight}", f"seed={args.seed}",
+                                                          *args.overrides]
             print(f"{name}, norm prior {weight}: " + " ".join(overrides), flush=True)
             start = time.perf_counter()
             counts = run_setting(models, judge, compose_config("toyworld", overrides), concepts, args.n_images, checkpoints)

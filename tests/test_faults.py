@@ -30,7 +30,7 @@ from seedselect_cli.interrupt import GracefulStop, StopNow
 from seedselect_cli.pipeline import run_bootstrap, run_optimize
 from tests.conftest import make_config
 from tests.layouts import make_cub
-from tests.runs import bootstrap_command, read_manifest, start
+from tests.runs import bootstrap_command, in_process, read_manifest, start
 from tests.test_optimize import random_target, seeds
 
 pytestmark = pytest.mark.slow  # minutes together: the quick loop (`pytest -m "not slow"`) leaves it out
@@ -196,7 +196,8 @@ def assert_trustworthy(run_dir: Path) -> None:
         assert set(load_file(seed_file)) == {"initial", "optimized"}
 
 
-def test_sigkill_at_random_moments_then_resume_ends_with_exactly_the_wanted_images(cub, tmp_path):
+def test_sigkill_at_random_moments_then_resume_ends_with_exactly_the_wanted_images(cub, tmp_path, monkeypatch,
+                                                                                  capsys):
     run_dir, n_images = tmp_path / "run", 5
     rng = random.Random(1234)
     kills, done_at_kills = 0, []
@@ -218,9 +219,8 @@ def test_sigkill_at_random_moments_then_resume_ends_with_exactly_the_wanted_imag
         assert_trustworthy(run_dir)
         done_at_kills.append(len(read_manifest(run_dir)))
     assert kills >= 3 and any(0 < done < 3 * n_images for done in done_at_kills), done_at_kills
-    final = start(bootstrap_command(cub, run_dir, n_images), tmp_path)
-    _, err = final.communicate(timeout=300)
-    assert final.returncode == 0, err
+    code, _, err = in_process(bootstrap_command(cub, run_dir, n_images), tmp_path, monkeypatch, capsys)
+    assert code == 0, err  # the resume in this process: the killed ones were processes of their own
     entries = read_manifest(run_dir)
     keys = [(e["class"], e["index"]) for e in entries]
     assert len(keys) == len(set(keys)) == 3 * n_images  # no duplicates, nothing missing

@@ -241,22 +241,30 @@ def test_bench_counts_flops_and_operations_without_a_gpu():
     assert counts["one iteration, batch 1 (forward, backward, recomputation)"] > 2 * 3 * 1.609
 
 
-def test_init_experiment_scores_each_start_on_the_toy_world(tmp_path):
+def test_init_experiment_scores_each_start_on_the_toy_world(tmp_path, capsys):
     rows = load_script("init_experiment").main(["--out", str(tmp_path), "--concepts", "marsh finch", "--n-images", "2",
-                                                "--checkpoints", "1", "2", "--settings", "random", "nao"])
+                                                "--checkpoints", "1", "2", "--settings", "random", "nao",
+                                                "--set", "init.candidates=2"])  # not the default's 16: for time
     assert [(r["init"], r["norm_weight"]) for r in rows] == [("random", 0.0), ("random", 0.1), ("nao", 0.0),
                                                              ("nao", 0.1)]
     assert all(set(r["accuracy"]) == {1, 2} and all(0 <= a <= 1 for a in r["accuracy"].values()) for r in rows)
     assert all(0 <= r["diversity"] <= 2 for r in rows)
+    assert capsys.readouterr().out.count("init.candidates=2") == 4  # --set: in every setting's overrides
     table = (tmp_path / "init_results.md").read_text()
     assert "| nao | 0.1 |" in table and "iterations to 0.50" in table
 
 
-def test_downstream_classifier_reports_the_table_of_the_linear_probe(tmp_path):
+def test_downstream_classifier_reports_the_table_of_the_linear_probe(tmp_path, monkeypatch):
     """On a stand-in run of renders (its images, and its baseline/ for plain): every training set scored by
-    bucket, the oracle beside them, a CAS per synthetic set; few steps, so only the shape is checked."""
+    bucket, the oracle beside them, a CAS per synthetic set; few steps, so only the shape is checked (and fewer
+    test and oracle renders, the long tail rendered once: three quarters of the test's time was rendering)."""
+    import functools
+
     downstream = load_script("downstream_classifier")
     world = downstream.world
+    monkeypatch.setattr(downstream, "TEST_PER_CONCEPT", 10)
+    monkeypatch.setattr(downstream, "ORACLE_PER_CONCEPT", 20)
+    monkeypatch.setattr(world, "long_tailed_set", functools.cache(world.long_tailed_set))
     rng = np.random.default_rng(0)
     run_dir = tmp_path / "run"
     out = RunDirectory(run_dir)
