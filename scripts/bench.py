@@ -331,7 +331,7 @@ def use_reduced_group_norm(module: torch.nn.Module) -> None:
             child.__class__ = ReducedGroupNorm
 
 
-COUNTED: dict[tuple, float] = {}  # FLOPs per iteration of the real architectures, by what changes them
+COUNTED: dict[tuple, float] = {}  # FLOPs per iteration within one `main`, by what changes them
 
 
 def prepare(models: FrozenModels, mode: str, args, accelerate: bool = True) -> FrozenModels:
@@ -401,14 +401,13 @@ def measure(models: FrozenModels, mode: str, config, batch: int, args) -> dict:
     score_s = timed(device, score)
     # a single start is not scored (the engine keeps it); the last of the iterations is a forward pass alone
     forward_only = (args.bootstrap_candidates if args.bootstrap_candidates > 1 else 0) + min(args.bootstrap_iterations, 1)
-    if args.tiny:
-        flops = iteration_flops(models, config, batch, args, kept)
-    else:  # the same work in every mode of one dtype and layout: counted once (tens of seconds each)
-        key = (mode == "plain", models.dtype, args.channels_last, batch, kept)
-        if key not in COUNTED:
-            meta = prepare(real_models(torch.device("meta"), models.dtype, args.model), mode, args, accelerate=False)
-            COUNTED[key] = iteration_flops(meta, config, batch, args, kept)
-        flops = COUNTED[key]
+    key = (mode == "plain", models.dtype, args.channels_last, batch, kept)
+    if key not in COUNTED:  # the same work in every mode of one dtype and layout: counted once (tens of seconds
+        # each; the tiny components are counted as they are, the real architectures on the meta device)
+        counted = models if args.tiny else prepare(real_models(torch.device("meta"), models.dtype, args.model), mode,
+                                                   args, accelerate=False)
+        COUNTED[key] = iteration_flops(counted, config, batch, args, kept)
+    flops = COUNTED[key]
     return {"batch": batch, "s_per_iteration": seconds, "peak_memory_gb": peak / 2**30,
             "peak_allocated_gb": allocated / 2**30, "tflop_per_iteration":
             flops / 1e12, "tflops": flops / 1e12 / seconds,
@@ -464,6 +463,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--flops", action="store_true",
                         help="only count the FLOPs and operations of the paper's setting (meta device)")
     args = parser.parse_args(argv)
+    COUNTED.clear()  # another call of main may count other models, steps or sizes
     preset = PRESETS[args.model]
     args.sampler = args.sampler or preset["sampler"]
     args.steps = args.steps or preset["steps"]
