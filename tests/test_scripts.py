@@ -93,10 +93,11 @@ def test_precision_check_scores_each_seed_on_the_loss_it_was_optimised_on():
     override (`--set`) for every run."""
     rows = load_script("precision_check").main(["--concepts", "marsh finch", "--n-images", "2", "--iterations", "2",
                                                 "--dtypes", "float32", "--moved-starts", "0", "1",
-                                                "--gradient-noise", "0", "1", "--set", "optim.backtrack=0.5"])
+                                                "--gradient-noise", "0", "1", "--set", "optim.backtrack=0.5",
+                                                "--set", "init.candidates=3"])  # 3 starts, not 16: for time
     config = load_script("precision_check").config_for(["marsh finch"], "float32", "cpu", 2, 2, None,
-                                                         ("optim.backtrack=0.5",))
-    assert config.optim.backtrack == 0.5 and config.runtime.dtype == "float32"
+                                                         ("optim.backtrack=0.5", "init.candidates=3"))
+    assert config.optim.backtrack == 0.5 and config.runtime.dtype == "float32" and config.init.candidates == 3
     assert len(rows) == 2
     for row in rows:
         assert row["float32"]["rescored"] == pytest.approx(row["float32"]["loss"], rel=1e-3), row["float32"]
