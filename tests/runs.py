@@ -49,11 +49,12 @@ def start(args: list[str], cwd: Path) -> subprocess.Popen:
 
 
 def bootstrap_command(root: Path, run_dir: Path | str, n_images: int, iterations: int = 2) -> list[str]:
-    """`seedselect bootstrap` on a CUB layout with the tiny components, fast settings, batch 2."""
+    """`seedselect bootstrap` on a CUB layout with the tiny components, fast settings (2 starts an image, not 8),
+    batch 2."""
     return [sys.executable, "-m", "seedselect_cli", "bootstrap", "--config-name", "cub_tail", "model=tiny",
             "sampler=tiny", "runtime.device=cpu", f"dataset.root={root}", f"bootstrap.n_images={n_images}",
             "sampler.steps=3", "bootstrap.global_iterations=2", f"bootstrap.iterations={iterations}",
-            "runtime.batch_size=2", "runtime.progress=false", f"hydra.run.dir={run_dir}"]
+            "bootstrap.candidates=2", "runtime.batch_size=2", "runtime.progress=false", f"hydra.run.dir={run_dir}"]
 
 
 def read_manifest(run_dir: Path) -> list[dict]:

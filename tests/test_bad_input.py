@@ -18,7 +18,8 @@ from seedselect_cli.cli import main
 from tests.conftest import random_image
 
 TINY = "--config-name=tiny"  # the random tiny components: the default config is the toy world
-FAST = ["sampler.steps=3", "optim.iterations=2", "runtime.progress=false", "n_images=1", "runtime.batch_size=1"]
+FAST = ["sampler.steps=3", "optim.iterations=2", "init.candidates=2", "runtime.progress=false", "n_images=1",
+        "runtime.batch_size=1"]
 
 
 @pytest.fixture(scope="module")
