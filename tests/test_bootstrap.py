@@ -188,7 +188,8 @@ def test_bootstrap_run_writes_an_imagefolder_and_resumes(cub, tmp_path):
 def test_the_default_bootstrap_chooses_each_images_start_among_its_own_and_needs_no_global_seed(cub, tmp_path):
     """`method=select` (the default): bootstrap.noise=1, bootstrap.candidates=8: each image keeps the best of 8 fresh
     starts of its own (by L_sem to its subset), then its iterations; no z_T^G is made."""
-    config = bootstrap_config(cub, "bootstrap.n_images=3", "runtime.batch_size=2", "dataset.classes=[Pine Warbler]")
+    config = bootstrap_config(cub, "method=select", "bootstrap.n_images=3", "runtime.batch_size=2",
+                              "dataset.classes=[Pine Warbler]")  # named: make_config keeps the method's starts
     assert (config.bootstrap.noise, config.bootstrap.candidates) == (1.0, 8)
     run_bootstrap(config, tmp_path)
     assert not (tmp_path / "bootstrap").exists() or not any((tmp_path / "bootstrap").iterdir())
@@ -202,8 +203,8 @@ def test_the_default_bootstrap_chooses_each_images_start_among_its_own_and_needs
         start = initial_noise(shape, candidate_seed(entry["init_seed"], entry["candidate"]))
         assert torch.equal(load_file(tmp_path / entry["seed_file"])["initial"], start)
     # optimize's keys that bootstrap does not read may differ on resume (a run made before the default backtracked)
-    again = bootstrap_config(cub, "bootstrap.n_images=4", "runtime.batch_size=2", "dataset.classes=[Pine Warbler]",
-                             "optim.backtrack=null", "optim.iterations=7")
+    again = bootstrap_config(cub, "method=select", "bootstrap.n_images=4", "runtime.batch_size=2",
+                             "dataset.classes=[Pine Warbler]", "optim.backtrack=null", "optim.iterations=7")
     assert [e["index"] for e in run_bootstrap(again, tmp_path)] == [3]
 
 
