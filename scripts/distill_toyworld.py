@@ -131,14 +131,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="a few steps and samples: checks the script")
+    parser.add_argument("--quick", action="store_true", help="a few steps, samples and concepts: checks the script")
     args = parser.parse_args(argv)
     if args.quick:
-        args.per_prompt, args.steps = 2, 3
+        args.per_prompt, args.steps, args.batch = 2, 3, 2
     torch.manual_seed(args.seed)
     source = Path(asset_path("toyworld"))
     world = json.loads((source / "world.json").read_text())
-    prompts = [world["template"].format(c["name"]) for c in world["concepts"]]
+    prompts = [world["template"].format(c["name"]) for c in world["concepts"]][:2 if args.quick else None]
     teacher = load_models(ModelConfig(pretrained=str(source), image_encoder=asset_path("toyworld/clip")),
                           torch.device("cpu"), torch.float32, with_image_encoder=False)
     begin = time.perf_counter()
