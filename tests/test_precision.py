@@ -160,12 +160,12 @@ def test_the_default_float16_draws_what_float32_draws_from_a_chaotic_seed(float1
     rounding does not always end there: from this start 1.368 on two threads and 1.002 on one (its float32 sums
     in another order; 1.004 at 4652929), where the CPU's float16 kernel ended at 1.001; from three starts moved by
     1e-4, 1.006, 1.000 and 1.000 (BENCHMARKS.md, "Two float16 arithmetics"). Every step keeps its activations, as
-    the toy world's memory budget does (the same numbers as recomputing them: 38 s here against 72). Its first steps at lr 0.1 move every element of the
-    seed by about 0.1 whatever the size of its gradient, and one element of 256 starts with the other sign in
-    float16. The judge sees a marsh finch in the images of both ends (drawn in float32). The issue's 5 % on
-    every seed is missed here (issue 22, part 1): where float16 ends beyond it (two threads, as on this machine
-    outside the tests) the test says so as an expected failure; where it ends within (one thread, as each of the
-    suite's processes has on 2 cores) it passes."""
+    the toy world's memory budget does (the same numbers as recomputing them: 38 s here against 72). Its first
+    steps at lr 0.1 move every element of the seed by about 0.1 whatever the size of its gradient, and one element
+    of 256 starts with the other sign in float16. The judge sees a marsh finch in the images of both ends (drawn in
+    float32). The issue's 5 % on every seed is missed here (issue 22, part 1): where float16 ends beyond it (two
+    threads, as on this machine outside the tests) the test says so as an expected failure; where it ends within
+    (one thread, as each of the suite's processes has on 2 cores) it passes."""
     from seedselect_cli.core.engine import image_centroids
     from seedselect_cli.core.initial_seeds import candidate_seed, init_seed_for, initial_noise
     from tests.test_toyworld import judge_verdicts
