@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import atexit
+import copy
+import functools
 import gc
 import os
 import shutil
@@ -15,7 +17,7 @@ import torch
 from hydra import compose, initialize_config_module
 from PIL import Image
 
-from seedselect_cli.config import Config, ModelConfig, compose_config, register_resolvers
+from seedselect_cli.config import Config, ModelConfig, load_config, register_resolvers
 from seedselect_cli.core.frozen import FrozenModels
 from seedselect_cli.models import load_models
 
@@ -63,7 +65,14 @@ def make_config(overrides: list[str] | None = None, name: str = "tiny") -> Confi
             "runtime.progress=false"]
     if not any(o.startswith("method=") for o in overrides):
         fast += ["init.candidates=2", "bootstrap.candidates=2"]
-    return compose_config(name, fast + overrides)
+    return load_config(copy.deepcopy(composed(name, tuple(fast + overrides))))  # checked each time, from here
+
+
+@functools.cache
+def composed(name: str, overrides: tuple[str, ...]):
+    """Hydra's composition of a config, once per name and overrides in a test process (a third of a second each;
+    unresolved: `load_config` resolves and checks it where and when a test asks)."""
+    return compose_raw(name, list(overrides))
 
 
 @pytest.fixture(scope="session")
