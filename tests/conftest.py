@@ -10,22 +10,29 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
-import torch
 from hydra import compose, initialize_config_module
 from PIL import Image
 
 from seedselect_cli.config import Config, ModelConfig, load_config, register_resolvers
-from seedselect_cli.core.frozen import FrozenModels
-from seedselect_cli.models import load_models
+
+if TYPE_CHECKING:
+    from seedselect_cli.core.frozen import FrozenModels
+
+# torch and the models (9 s of imports) are imported by the test processes, not here at the top: pytest-xdist's
+# controller, which runs no test, loads this file too, and every second it spends importing comes before any
+# worker starts.
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never touch the network
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # one of several test processes (`-n`, pyproject.toml): the cores
     # shared out between them, as on a busy CPU (README, "On a busy CPU"), for the commands they start too
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+    import torch
+
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 # Reference encodings are cached here, not in the user's ~/.cache (subprocesses inherit it); removed at exit.
 os.environ["SEEDSELECT_CACHE_DIR"] = tempfile.mkdtemp(prefix="seedselect-test-cache-")
@@ -42,6 +49,8 @@ def pytest_collection_finish(session):
 def gradients_left_on():
     """A test, or a script's main it calls, that turns autograd off for the process breaks every later test of
     that process that optimises (it did: under `-n`, the hostile cases ran after the drawable script's main)."""
+    import torch
+
     yield
     if not torch.is_grad_enabled():
         torch.set_grad_enabled(True)
@@ -75,14 +84,23 @@ def composed(name: str, overrides: tuple[str, ...]):
     return compose_raw(name, list(overrides))
 
 
+def load_tiny_models(dtype: str) -> FrozenModels:
+    """The tiny random components on the CPU, their networks in `dtype` ("float32", "float64")."""
+    import torch
+
+    from seedselect_cli.models import load_models
+
+    return load_models(ModelConfig(pretrained="tiny", image_encoder="tiny"), torch.device("cpu"), getattr(torch, dtype))
+
+
 @pytest.fixture(scope="session")
 def tiny_models() -> FrozenModels:
-    return load_models(ModelConfig(pretrained="tiny", image_encoder="tiny"), torch.device("cpu"), torch.float32)
+    return load_tiny_models("float32")
 
 
 @pytest.fixture(scope="session")
 def tiny_models64() -> FrozenModels:
-    return load_models(ModelConfig(pretrained="tiny", image_encoder="tiny"), torch.device("cpu"), torch.float64)
+    return load_tiny_models("float64")
 
 
 def random_image(rng: np.random.Generator, size=(40, 48), mode="RGB") -> Image.Image:
