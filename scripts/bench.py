@@ -48,7 +48,7 @@ from rich.console import Console
 from rich.table import Table
 
 from seedselect_cli.config import Config, ModelConfig, compose_config
-from seedselect_cli.core.cuda_graphs import graph_cache
+from seedselect_cli.core.cuda_graphs import checkpointed, graph_cache
 from seedselect_cli.core.frozen import FrozenModels
 from seedselect_cli.core.optimize import scaled_backward, seed_objective
 from seedselect_cli.core.prompts import PromptEmbeds, conditioning
@@ -139,17 +139,30 @@ class _Replay(torch.autograd.Function):
 
 class ReplayedCalls:
     """Stands in for `runtime.cuda_graphs`' cache when counting: a replayed graph dispatches no
-    operation, so each checkpointed call counts as one and what is left is what stays eager. The first
-    iteration through it records each call's output (call it once before counting)."""
+    operation, so each checkpointed call counts as one and what is left is what stays eager. Each call's
+    output comes from an iteration through `recording()` before."""
 
     def __init__(self):
         self.outputs: dict = {}
 
+    def recording(self) -> _Recording:
+        return _Recording(self.outputs)
+
     def call(self, key, fn, x, *context):
-        if key not in self.outputs:
-            with torch.no_grad():
-                self.outputs[key] = fn(x, *context)
         return _Replay.apply(x, self.outputs[key])
+
+
+class _Recording:
+    """Runs each checkpointed call as `runtime.cuda_graphs=false` does (the same operations, so the iteration
+    through it counts as the plain one) and keeps its output for `ReplayedCalls`."""
+
+    def __init__(self, outputs: dict):
+        self.outputs = outputs
+
+    def call(self, key, fn, x, *context):
+        out = checkpointed(None, key, fn, x, *context)
+        self.outputs.setdefault(key, out.detach())
+        return out
 
 
 def iteration_inputs(models: FrozenModels, batch: int, args):
@@ -201,8 +214,7 @@ def count_flops(config, args) -> list[tuple[str, float, int]]:
         seed_objective(models, z, target, text, timesteps, config.objective(), graphs=graphs).total.sum().backward()
 
     replayed = ReplayedCalls()
-    iteration(replayed)  # records the calls' outputs
-    calls["one iteration, batch 1 (forward, backward, recomputation)"] = iteration
+    calls["one iteration, batch 1 (forward, backward, recomputation)"] = lambda: iteration(replayed.recording())
     calls["  of which eager with runtime.cuda_graphs (graph launches count 1)"] = lambda: iteration(replayed)
     out = []
     for name, call in calls.items():
