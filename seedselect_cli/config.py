@@ -189,6 +189,8 @@ def load_structured(schema: type, cfg: DictConfig | dict):
                             f"quotes for the shell)") from None
         if said := unset_variable(key, exc):
             raise UnsetVariable(said) from None
+        if said := unknown_interpolation(key, exc):
+            raise UserError(said) from None
         raise UserError(f"invalid config{f' key {key}' if key else ''}: {first_line(exc)}") from None
 
 
@@ -205,6 +207,18 @@ def unset_variable(key: str | None, exc: Exception) -> str | None:
     name = found[1]
     return (f"{key or 'the config'} reads the environment variable {name}, which is not set here: set it (export "
             f"{name}=...) or give it a default, '${{oc.env:{name},DEFAULT}}'")
+
+
+def unknown_interpolation(key: str | None, exc: Exception) -> str | None:
+    """What to say where `key`'s value holds `${NAME}` and NAME is no key of the config: an environment variable
+    written as the shell writes it (`dataset.root='/data/${USER}/cub'`), or a folder whose name holds `${`; None for
+    any other error."""
+    found = re.search(r"Interpolation key '([^']+)' not found", str(exc))
+    if not key or not found:
+        return None
+    name = found[1]
+    return (f"{key} refers to ${{{name}}}, which is no key of the config: for the environment variable write "
+            f"${{oc.env:{name}}}; for a name that holds '${{', write it as '\\${{'")
 
 
 def flat_keys(cfg: DictConfig) -> list[str]:
@@ -513,6 +527,13 @@ def to_yaml(config: Config) -> str:
             return [relocate(v) for v in node]
         if isinstance(node, str) and node.startswith("/") and portable(node) != node:
             return "${asset:" + portable(node).removeprefix(ASSET) + "}"
-        return node
+        return literal(node) if isinstance(node, str) else node
 
     return OmegaConf.to_yaml(OmegaConf.create(relocate(data)))
+
+
+def literal(value: str) -> str:
+    """`value` as OmegaConf reads it back unchanged: each `${` escaped (`\\${`), with the backslashes before it
+    doubled, so that a folder named `data ${v1}` is that folder again, not an interpolation, when a resume or
+    evaluate reads RUN/config.yaml."""
+    return re.sub(r"(\\*)\$\{", lambda m: m[1] * 2 + "\\${", value)

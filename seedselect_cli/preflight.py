@@ -27,6 +27,7 @@ from seedselect_cli.config import (
     load_config,
     load_structured,
     resolve_shard,
+    unknown_interpolation,
     unset_variable,
 )
 from seedselect_cli.errors import UserError
@@ -172,6 +173,8 @@ def check_job(command: str, config_name: str, overrides: list[str], seen: set, i
     except (HydraException, OmegaConfBaseException, ValueError) as exc:
         if said := unset_variable(getattr(exc, "full_key", None), exc):
             raise UnsetVariable(said) from None
+        if said := unknown_interpolation(getattr(exc, "full_key", None), exc):
+            raise UserError(said) from None
         message = " ".join(str(exc).split("\n")[0].split()).replace(" Check that it's in your config search path.", "")
         raise UserError(f"{message.rstrip('.')}{suggestion(message, command, config_name)} (see `seedselect "
                         f"{command} --help`)") from None

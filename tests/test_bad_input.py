@@ -132,6 +132,12 @@ CASES = {
     "a run's key given to generate": (["generate", "seed_file={inputs}/small.safetensors", "out=x.png", "sampler.steps=5"],
                                       "generate takes seed_file, out, tensor, model, runtime.device, runtime.dtype, and "),
     "a run's key given to evaluate": (["evaluate", "run_dir={inputs}", "n_images=3"], "evaluate takes run_dir, classes,"),
+    "an environment variable as the shell writes it": (
+        ["optimize", "dataset.root={inputs}/${{USER}}/refs"],
+        ("dataset.root refers to ${{USER}}, which is no key of the config: for the environment variable write "
+         "${{oc.env:USER}}; for a name that holds '${{', write it as '\\${{'")),
+    "an environment variable in the run directory": (["optimize", "hydra.run.dir=runs/${{USER}}"],
+                                                     "hydra.run.dir refers to ${{USER}}, which is no key of the config"),
 }
 
 
@@ -151,6 +157,28 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, inputs, tmp_pa
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert expected.format(inputs=inputs) in lines[0] and "Traceback" not in err
     assert os.listdir(tmp_path) == [], "a failed command left files behind"
+
+
+def test_a_folder_whose_name_holds_a_dollar_brace_is_read_as_the_error_says(tmp_path, monkeypatch, capsys):
+    """`${` in a path is an interpolation to Hydra; the error's advice, `\\${`, reads the folder as named."""
+    refs = tmp_path / "data ${v1}" / "blue_thing"
+    refs.mkdir(parents=True)
+    rng = np.random.default_rng(7)
+    for i in range(2):
+        random_image(rng).save(refs / f"{i}.png")
+    monkeypatch.chdir(tmp_path)
+    assert main(["optimize", TINY, *FAST, f"dataset.root={refs}", "hydra.run.dir=run"]) == 2
+    assert "write it as '\\${'" in capsys.readouterr().err
+    escaped = str(refs).replace("${", "\\${")
+    assert main(["optimize", TINY, *FAST, f"dataset.root={escaped}", "hydra.run.dir=run"]) == 0
+    [entry] = [json.loads(line) for line in (tmp_path / "run" / "manifest.jsonl").read_text().splitlines()]
+    assert entry["class"] == "blue_thing" and (tmp_path / "run" / entry["image"]).is_file()
+    # RUN/config.yaml reads back as that folder (it read as an interpolation, and the run as damaged): a resume
+    # and evaluate take it
+    assert main(["optimize", TINY, *FAST, f"dataset.root={escaped}", "hydra.run.dir=run", "n_images=2"]) == 0
+    assert len((tmp_path / "run" / "manifest.jsonl").read_text().splitlines()) == 2
+    assert main(["evaluate", "run_dir=run"]) == 0
+    assert (tmp_path / "run" / "report" / "metrics.json").is_file()
 
 
 def test_odd_images_work_and_broken_ones_are_skipped_by_name(inputs, tmp_path, monkeypatch, caplog):
