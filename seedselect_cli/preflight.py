@@ -170,6 +170,7 @@ def check_job(command: str, config_name: str, overrides: list[str], seen: set, i
         cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
         run_dir = str(cfg.hydra.run.dir)
         new_each_start = names_start_time(str(OmegaConf.to_container(cfg.hydra.run, resolve=False)["dir"]))
+        where = ("hydra.sweep.dir", str(cfg.hydra.sweep.dir)) if in_sweep else ("hydra.run.dir", run_dir)
     except (HydraException, OmegaConfBaseException, ValueError) as exc:
         if said := unset_variable(getattr(exc, "full_key", None), exc):
             raise UnsetVariable(said) from None
@@ -178,6 +179,9 @@ def check_job(command: str, config_name: str, overrides: list[str], seen: set, i
         message = " ".join(str(exc).split("\n")[0].split()).replace(" Check that it's in your config search path.", "")
         raise UserError(f"{message.rstrip('.')}{suggestion(message, command, config_name)} (see `seedselect "
                         f"{command} --help`)") from None
+    if command in ("optimize", "bootstrap") and "${" in where[1]:  # Hydra reads the path again, in its log file's name
+        raise UserError(f"{where[0]}={where[1]}: Hydra cannot run a job in a folder whose name holds '${{' (it reads "
+                        f"the name of the job's log file there as an interpolation): choose a folder without it")
     launcher = cfg.hydra.launcher.get("_target_")
     with open_dict(cfg):
         del cfg["hydra"]

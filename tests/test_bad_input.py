@@ -136,6 +136,11 @@ CASES = {
         ["optimize", "dataset.root={inputs}/${{USER}}/refs"],
         ("dataset.root refers to ${{USER}}, which is no key of the config: for the environment variable write "
          "${{oc.env:USER}}; for a name that holds '${{', write it as '\\${{'")),
+    "a run directory whose name holds ${": (["optimize", "hydra.run.dir=runs/a\\${{b}}"],
+                                           ("hydra.run.dir=runs/a${{b}}: Hydra cannot run a job in a folder whose "
+                                            "name holds '${{'")),  # Hydra's traceback, and the folder left behind
+    "a sweep directory whose name holds ${": (["optimize", "hydra.sweep.dir=sw/a\\${{b}}", "seed=1,2", "-m"],
+                                             "hydra.sweep.dir=sw/a${{b}}: Hydra cannot run a job in a folder"),
     "an environment variable in the run directory": (["optimize", "hydra.run.dir=runs/${{USER}}"],
                                                      "hydra.run.dir refers to ${{USER}}, which is no key of the config"),
 }
