@@ -177,6 +177,11 @@ def check_job(command: str, config_name: str, overrides: list[str], seen: set, i
         if said := unknown_interpolation(getattr(exc, "full_key", None), exc):
             raise UserError(said) from None
         message = " ".join(str(exc).split("\n")[0].split()).replace(" Check that it's in your config search path.", "")
+        if found := re.fullmatch(r"Ambiguous value for argument '([^=']+)=(.*)'", message):  # a comma, without -m
+            key, value = found[1], found[2]
+            raise UserError(f"{key}={value} is several values (a comma separates them): to run a job for each, add -m; "
+                            f"for one value that holds a comma, quote it, {for_the_shell(f'{key}={hydra_quoted(value)}')}; "
+                            f"for a list, write {key}=[{value}]") from None
         raise UserError(f"{message.rstrip('.')}{suggestion(message, command, config_name)} (see `seedselect "
                         f"{command} --help`)") from None
     if command in ("optimize", "bootstrap") and "${" in where[1]:  # Hydra reads the path again, in its log file's name

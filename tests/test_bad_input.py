@@ -141,6 +141,10 @@ CASES = {
                                             "name holds '${{'")),  # Hydra's traceback, and the folder left behind
     "a sweep directory whose name holds ${": (["optimize", "hydra.sweep.dir=sw/a\\${{b}}", "seed=1,2", "-m"],
                                              "hydra.sweep.dir=sw/a${{b}}: Hydra cannot run a job in a folder"),
+    "a comma without -m": (["optimize", "dataset.root={inputs}/birds, rare"],
+                           ("dataset.root={inputs}/birds, rare is several values (a comma separates them): to run a "
+                            "job for each, add -m; for one value that holds a comma, quote it, 'dataset.root=\"{inputs}"
+                            "/birds, rare\"'")),
     "an environment variable in the run directory": (["optimize", "hydra.run.dir=runs/${{USER}}"],
                                                      "hydra.run.dir refers to ${{USER}}, which is no key of the config"),
 }
