@@ -217,6 +217,8 @@ def unknown_interpolation(key: str | None, exc: Exception) -> str | None:
     if not key or not found:
         return None
     name = found[1]
+    if "." in name:  # a key's path, mistyped
+        return f"{key} refers to ${{{name}}}, which is no key of the config: check its spelling"
     return (f"{key} refers to ${{{name}}}, which is no key of the config: for the environment variable write "
             f"${{oc.env:{name}}}; for a name that holds '${{', write it as '\\${{'")
 

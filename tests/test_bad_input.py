@@ -145,6 +145,9 @@ CASES = {
                            ("dataset.root={inputs}/birds, rare is several values (a comma separates them): to run a "
                             "job for each, add -m; for one value that holds a comma, quote it, 'dataset.root=\"{inputs}"
                             "/birds, rare\"'")),
+    "a key's path mistyped in an interpolation": (["optimize", "dataset.root=${{dataset.rooot}}"],
+                                                  ("dataset.root refers to ${{dataset.rooot}}, which is no key of the "
+                                                   "config: check its spelling")),
     "an environment variable in the run directory": (["optimize", "hydra.run.dir=runs/${{USER}}"],
                                                      "hydra.run.dir refers to ${{USER}}, which is no key of the config"),
 }
