@@ -187,10 +187,8 @@ def load_structured(schema: type, cfg: DictConfig | dict):
         if key and "is not a ListConfig, list or tuple" in str(exc):  # dataset.classes=Pine Warbler
             raise UserError(f"{key}={exc.value!r} is invalid: it takes a list, e.g. '{key}=[{exc.value}]' (with the "
                             f"quotes for the shell)") from None
-        if said := unset_variable(key, exc):
-            raise UnsetVariable(said) from None
-        if said := unknown_interpolation(key, exc):
-            raise UserError(said) from None
+        if error := interpolation_error(key, exc):
+            raise error from None
         raise UserError(f"invalid config{f' key {key}' if key else ''}: {first_line(exc)}") from None
 
 
@@ -198,29 +196,24 @@ class UnsetVariable(UserError):
     """A value reads an environment variable (`${oc.env:NAME}`) that this environment lacks."""
 
 
-def unset_variable(key: str | None, exc: Exception) -> str | None:
-    """What to say where `${oc.env:NAME}` in `key`'s value names a variable this environment lacks (a Slurm job's
-    `SLURM_ARRAY_TASK_ID` on the login node, `DATA` not exported); None for any other error."""
-    found = re.search(r"Environment variable '([^']+)' not found", str(exc))
-    if not found:
-        return None
-    name = found[1]
-    return (f"{key or 'the config'} reads the environment variable {name}, which is not set here: set it (export "
-            f"{name}=...) or give it a default, '${{oc.env:{name},DEFAULT}}'")
-
-
-def unknown_interpolation(key: str | None, exc: Exception) -> str | None:
-    """What to say where `key`'s value holds `${NAME}` and NAME is no key of the config: an environment variable
-    written as the shell writes it (`dataset.root='/data/${USER}/cub'`), or a folder whose name holds `${`; None for
-    any other error."""
+def interpolation_error(key: str | None, exc: Exception) -> UserError | None:
+    """The error to raise where `key`'s value holds an interpolation that cannot be resolved; None for any other
+    error. `${oc.env:NAME}` naming a variable this environment lacks (a Slurm job's `SLURM_ARRAY_TASK_ID` on the login
+    node, `DATA` not exported): `UnsetVariable`. `${NAME}` where NAME is no key of the config: an environment variable
+    written as the shell writes it (`dataset.root='/data/${USER}/cub'`), a folder whose name holds `${`, or a key's
+    path mistyped (`${dataset.rooot}`)."""
+    if found := re.search(r"Environment variable '([^']+)' not found", str(exc)):
+        name = found[1]
+        return UnsetVariable(f"{key or 'the config'} reads the environment variable {name}, which is not set here: "
+                             f"set it (export {name}=...) or give it a default, '${{oc.env:{name},DEFAULT}}'")
     found = re.search(r"Interpolation key '([^']+)' not found", str(exc))
     if not key or not found:
         return None
     name = found[1]
     if "." in name:  # a key's path, mistyped
-        return f"{key} refers to ${{{name}}}, which is no key of the config: check its spelling"
-    return (f"{key} refers to ${{{name}}}, which is no key of the config: for the environment variable write "
-            f"${{oc.env:{name}}}; for a name that holds '${{', write it as '\\${{'")
+        return UserError(f"{key} refers to ${{{name}}}, which is no key of the config: check its spelling")
+    return UserError(f"{key} refers to ${{{name}}}, which is no key of the config: for the environment variable "
+                     f"write ${{oc.env:{name}}}; for a name that holds '${{', write it as '\\${{'")
 
 
 def flat_keys(cfg: DictConfig) -> list[str]:

@@ -24,11 +24,10 @@ from seedselect_cli.config import (
     check_resume,
     check_weights,
     flat_keys,
+    interpolation_error,
     load_config,
     load_structured,
     resolve_shard,
-    unknown_interpolation,
-    unset_variable,
 )
 from seedselect_cli.errors import UserError
 from seedselect_cli.shell import for_the_shell, hydra_quoted
@@ -172,10 +171,8 @@ def check_job(command: str, config_name: str, overrides: list[str], seen: set, i
         new_each_start = names_start_time(str(OmegaConf.to_container(cfg.hydra.run, resolve=False)["dir"]))
         where = ("hydra.sweep.dir", str(cfg.hydra.sweep.dir)) if in_sweep else ("hydra.run.dir", run_dir)
     except (HydraException, OmegaConfBaseException, ValueError) as exc:
-        if said := unset_variable(getattr(exc, "full_key", None), exc):
-            raise UnsetVariable(said) from None
-        if said := unknown_interpolation(getattr(exc, "full_key", None), exc):
-            raise UserError(said) from None
+        if error := interpolation_error(getattr(exc, "full_key", None), exc):
+            raise error from None
         message = " ".join(str(exc).split("\n")[0].split()).replace(" Check that it's in your config search path.", "")
         if found := re.fullmatch(r"Ambiguous value for argument '([^=']+)=(.*)'", message):  # a comma, without -m
             key, value = found[1], found[2]
