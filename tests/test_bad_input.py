@@ -16,10 +16,10 @@ from safetensors.torch import save_file
 
 from seedselect_cli.cli import main
 from tests.conftest import random_image
+from tests.runs import QUICK
 
 TINY = "--config-name=tiny"  # the random tiny components: the default config is the toy world
-FAST = ["sampler.steps=3", "optim.iterations=2", "init.candidates=2", "runtime.progress=false", "n_images=1",
-        "runtime.batch_size=1"]
+FAST = [*QUICK, "n_images=1", "runtime.batch_size=1"]
 
 
 @pytest.fixture(scope="module")

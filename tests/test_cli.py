@@ -24,10 +24,10 @@ from seedselect_cli.errors import UserError
 from seedselect_cli.files.seed_files import load_seed_file, save_seed_file
 from seedselect_cli.pipeline import evaluate_command
 from tests.conftest import make_config
-from tests.runs import read_manifest, seedselect
+from tests.runs import QUICK, read_manifest, seedselect
 
 TINY = "--config-name=tiny"  # the random tiny components: the default config is the toy world
-FAST = ["sampler.steps=3", "optim.iterations=2", "init.candidates=2", "runtime.progress=false"]  # 2 starts, not 16
+FAST = QUICK
 MANIFEST_KEYS = {"class", "prompt", "image", "seed_file", "index", "init_seed", "iterations", "loss",
                  "loss_history", "semantic_loss", "appearance_loss", "seconds"}
 

@@ -27,11 +27,11 @@ from seedselect_cli.cli import main
 from seedselect_cli.files.assets import asset_path
 from tests.conftest import random_image
 from tests.layouts import make_cub
+from tests.runs import QUICK
 
 pytestmark = pytest.mark.slow  # minutes together: the quick loop (`pytest -m "not slow"`) leaves it out
 
-TINY = ["--config-name=tiny", "sampler.steps=3", "optim.iterations=2", "init.candidates=2", "runtime.progress=false",
-        "n_images=1"]  # 2 starts, not 16: for time
+TINY = ["--config-name=tiny", *QUICK, "n_images=1"]
 SEED_META = {"prompt": "x", "model": "tiny", "steps": "2", "guidance_scale": "7.5", "height": "32", "width": "32",
              "scheduler_config": "{}", "dtype": "float32", "format": "seedselect-seed/1"}
 
