@@ -77,14 +77,39 @@ def check_location(what: str, key: str, source: str | None, layout: Layout = DIF
     """Before anything loads (each command's checks): `key`=`source` written as a path to no folder, or naming a
     file where a folder belongs (`convertible`: a single-file Stable Diffusion checkpoint, with how to convert it),
     is the line `weights_not_available` says when the load fails, without the seconds diffusers takes to import.
-    Folders and Hub ids pass: loading them says the rest."""
+    Folders pass but a folder near a model rather than the model's own (`folder_instead`); Hub ids pass: loading them
+    says the rest."""
     if source is None:
         return
     path = os.path.expanduser(source)
+    if os.path.isdir(path) and (instead := folder_instead(Path(path), layout, key)):
+        raise UserError(f"{key}={source} is {instead}")
     if os.path.isdir(path) or not (os.path.isfile(path) or is_path(source)):
         return
     raise weights_not_available(what, key, source, FileNotFoundError(source), layout=layout,
                                 single_file=conversion(path, key) if convertible else "")
+
+
+def folder_instead(path: Path, layout: Layout, key: str) -> str | None:
+    """What a folder is that is not a checkpoint in `layout` but lies next to one, and the `key` to pass: the
+    Hugging Face cache's folder of a repository (`models--org--name`, whose files are in its snapshots: the one
+    `refs/main` names, else the newest), or, in the diffusers layout, one network of a model (`.../unet`, beside
+    the model's model_index.json). None where it is neither."""
+    if (path / layout.index).is_file():
+        return None
+    snapshots = [p.parent for p in (path / "snapshots").glob(f"*/{layout.index}")]
+    if path.name.startswith("models--") and snapshots:
+        repo = path.name.removeprefix("models--").replace("--", "/")
+        main = path / "refs" / "main"
+        named = path / "snapshots" / main.read_text().strip() if main.is_file() else None
+        snapshot = named if named in snapshots else max(snapshots, key=lambda p: p.stat().st_mtime)
+        return (f"the Hugging Face cache's folder of {repo}, not a model's folder (no {layout.index}): its files are "
+                f"in its snapshots; pass {override_arg(key, str(snapshot))}, or the Hub id, {key}={repo}")
+    model = path.absolute().parent
+    if layout is DIFFUSERS and (model / layout.index).is_file() and not (path / "unet").is_dir():
+        return (f"the {path.name} of the model in {model}, not the model's folder (no {layout.index}): pass "
+                f"{override_arg(key, str(model))}")
+    return None
 
 
 def weights_not_available(what: str, key: str, source: str, exc: Exception, offline: str | None = None,
@@ -107,7 +132,7 @@ def weights_not_available(what: str, key: str, source: str, exc: Exception, offl
             return UserError(f"cannot load the {what} from folder {source}: it holds pickled weights ({pickled[0]}), "
                              f"which can run code when loaded; seedselect reads only .safetensors: convert the folder "
                              f"(save_pretrained(..., safe_serialization=True)) or pass another")
-        return UserError(f"cannot load the {what} from folder {source}: {str(exc).splitlines()[0]}; pass a folder in "
+        return UserError(f"cannot load the {what} from folder {source}: {str(exc).splitlines()[0].rstrip('.')}; pass a folder in "
                          f"{layout.name} with .safetensors weights")
     if is_path(source):
         return UserError(f"the {what} folder {source} does not exist; pass an existing folder ({key}=/path)")

@@ -53,6 +53,19 @@ def inputs(tmp_path_factory) -> Path:
     # single-file checkpoints, as Stable Diffusion's own releases ship them (a stand-in tensor of the original layout)
     save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.randn(8, 4, 3, 3)}, root / "sd-v1.safetensors")
     (root / "sd-v1.ckpt").write_bytes(b"\x80\x04\x95a pickled checkpoint")
+    # the Hugging Face cache's folders of two repositories (their files in snapshots/, refs/main naming the newer of
+    # the model's two), and a model's folder with one of its networks' below it
+    for repo, index, commits in (("models--org--sd", "model_index.json", ("c1", "c2")), ("models--org--clip",
+                                                                                          "config.json", ("c3",))):
+        for commit in commits:
+            (root / "hub" / repo / "snapshots" / commit).mkdir(parents=True)
+            (root / "hub" / repo / "snapshots" / commit / index).write_text("{}")
+        (root / "hub" / repo / "refs").mkdir()
+        (root / "hub" / repo / "refs" / "main").write_text(commits[-1])
+    os.utime(root / "hub" / "models--org--sd" / "snapshots" / "c1", (2e9, 2e9))  # the newest on disk is not main's
+    (root / "sd" / "unet").mkdir(parents=True)
+    (root / "sd" / "model_index.json").write_text("{}")
+    (root / "sd" / "unet" / "config.json").write_text("{}")
     return root
 
 
@@ -91,6 +104,22 @@ CASES = {
     "single-file checkpoint to redraw with": (
         ["generate", "seed_file={inputs}/small.safetensors", "out=x.png", "model={inputs}/sd-v1.safetensors"],
         "then pass model={inputs}/sd-v1"),
+    "the Hugging Face cache's folder of a model, not its snapshot": (
+        ["optimize", "model.pretrained={inputs}/hub/models--org--sd"],
+        ("is the Hugging Face cache's folder of org/sd, not a model's folder (no model_index.json): its files are in "
+         "its snapshots; pass model.pretrained={inputs}/hub/models--org--sd/snapshots/c2, or the Hub id, "
+         "model.pretrained=org/sd")),
+    "the cache's folder of an image encoder": (
+        ["optimize", "model.image_encoder={inputs}/hub/models--org--clip"],
+        ("(no config.json): its files are in its snapshots; pass model.image_encoder={inputs}/hub/models--org--clip/"
+         "snapshots/c3, or the Hub id, model.image_encoder=org/clip")),
+    "one network's folder of a model": (
+        ["optimize", "model.pretrained={inputs}/sd/unet"],
+        ("model.pretrained={inputs}/sd/unet is the unet of the model in {inputs}/sd, not the model's folder (no "
+         "model_index.json): pass model.pretrained={inputs}/sd")),
+    "one network's folder to redraw with": (
+        ["generate", "seed_file={inputs}/small.safetensors", "out=x.png", "model={inputs}/sd/unet"],
+        "pass model={inputs}/sd"),
     "pickled checkpoint": (["optimize", "model.pretrained={inputs}/sd-v1.ckpt"],
                            ("is a file; the Stable Diffusion model loads from a folder in the diffusers layout with "
                             "its configs and .safetensors weights (seedselect reads no pickled checkpoints)")),
