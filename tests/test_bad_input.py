@@ -113,6 +113,15 @@ CASES = {
         ["optimize", "model.image_encoder={inputs}/hub/models--org--clip"],
         ("(no config.json): its files are in its snapshots; pass model.image_encoder={inputs}/hub/models--org--clip/"
          "snapshots/c3, or the Hub id, model.image_encoder=org/clip")),
+    "the snapshots/ folder of the cache's folder of a model": (
+        ["optimize", "model.pretrained={inputs}/hub/models--org--sd/snapshots"],
+        ("snapshots is in the Hugging Face cache's folder of org/sd, not a model's folder (no model_index.json): its "
+         "files are in its snapshots; pass model.pretrained={inputs}/hub/models--org--sd/snapshots/c2")),
+    "the Hugging Face cache itself": (
+        ["optimize", "model.pretrained={inputs}/hub"],
+        ("model.pretrained={inputs}/hub is a Hugging Face cache, not a model's folder (no model_index.json): pass one "
+         "of its models by its Hub id, model.pretrained=org/sd, with HF_HUB_CACHE={inputs}/hub where it is not the "
+         "default cache")),
     "one network's folder of a model": (
         ["optimize", "model.pretrained={inputs}/sd/unet"],
         ("model.pretrained={inputs}/sd/unet is the unet of the model in {inputs}/sd, not the model's folder (no "
