@@ -90,40 +90,41 @@ def check_location(what: str, key: str, source: str | None, layout: Layout = DIF
                                 single_file=conversion(path, key) if convertible else "")
 
 
-def hub_id(repository: Path) -> str:
-    """The Hub id of a repository's folder in the Hugging Face cache: `models--org--name` -> `org/name`."""
-    return repository.name.removeprefix("models--").replace("--", "/")
-
-
 def folder_instead(path: Path, layout: Layout, key: str) -> str | None:
-    """What a folder is that is not a checkpoint in `layout` but lies next to one, and the `key` to pass: the
-    Hugging Face cache's folder of a repository (`models--org--name` or its `snapshots/`; the files are in a
-    snapshot: the one `refs/main` names, else the newest), a Hugging Face cache itself (its models' Hub ids), or, in
-    the diffusers layout, one network of a model (`.../unet`, beside the model's model_index.json). None where it is
-    none of these."""
+    """What a folder is that is not a checkpoint in `layout` but lies next to one, and the `key` to pass: a Hugging
+    Face cache's folder of a model (`models--org--name` or its `snapshots/`; the files are in a snapshot: the one the
+    branch main names, else the newest), a Hugging Face cache itself (its models' Hub ids), or, in the diffusers
+    layout, one network of a model (`.../unet`, beside the model's model_index.json). None where it is none of these.
+    The cache is read by huggingface_hub's `scan_cache_dir`."""
     if (path / layout.index).is_file():
         return None
     repository = path.parent if path.name == "snapshots" else path
-    snapshots = [p.parent for p in (repository / "snapshots").glob(f"*/{layout.index}")]
-    if repository.name.startswith("models--") and snapshots:
-        repo = hub_id(repository)
-        main = repository / "refs" / "main"
-        named = repository / "snapshots" / main.read_text().strip() if main.is_file() else None
-        snapshot = named if named in snapshots else max(snapshots, key=lambda p: p.stat().st_mtime)
-        return (f"{'' if repository == path else 'in '}the Hugging Face cache's folder of {repo}, not a model's folder "
-                f"(no {layout.index}): its files are in its snapshots; pass {override_arg(key, str(snapshot))}, or the "
-                f"Hub id, {key}={repo}")
-    cached = sorted(hub_id(p) for p in path.glob("models--*") if any((p / "snapshots").glob(f"*/{layout.index}")))
-    if cached:
-        holds = f" (it holds {', '.join(cached[:4])}{', ...' if len(cached) > 4 else ''})" if len(cached) > 1 else ""
+    cache = repository.parent if repository.name.startswith("models--") else path
+    if cache is path and not any(path.glob("models--*")):
+        model = path.absolute().parent
+        if layout is DIFFUSERS and (model / layout.index).is_file() and not (path / "unet").is_dir():
+            return (f"the {path.name} of the model in {model}, not the model's folder (no {layout.index}): pass "
+                    f"{override_arg(key, str(model))}")
+        return None
+    from huggingface_hub import scan_cache_dir
+
+    models = {repo.repo_path: (repo.repo_id, [r for r in repo.revisions if (r.snapshot_path / layout.index).is_file()])
+              for repo in scan_cache_dir(cache).repos if repo.repo_type == "model"}
+    if cache is path:
+        ids = sorted(repo_id for repo_id, revisions in models.values() if revisions)
+        if not ids:
+            return None
+        holds = f" (it holds {', '.join(ids[:4])}{', ...' if len(ids) > 4 else ''})" if len(ids) > 1 else ""
         return (f"a Hugging Face cache, not a model's folder (no {layout.index}): pass one of its models by its Hub "
-                f"id, {key}={cached[0]}{holds}, with HF_HUB_CACHE={shlex.quote(str(path))} where it is not the "
+                f"id, {key}={ids[0]}{holds}, with HF_HUB_CACHE={shlex.quote(str(path))} where it is not the "
                 f"default cache, or the model's snapshot folder")
-    model = path.absolute().parent
-    if layout is DIFFUSERS and (model / layout.index).is_file() and not (path / "unet").is_dir():
-        return (f"the {path.name} of the model in {model}, not the model's folder (no {layout.index}): pass "
-                f"{override_arg(key, str(model))}")
-    return None
+    repo_id, revisions = models.get(repository.resolve(), (None, []))
+    if not revisions:
+        return None
+    snapshot = max(revisions, key=lambda r: ("main" in r.refs, r.last_modified)).snapshot_path
+    return (f"{'' if repository == path else 'in '}the Hugging Face cache's folder of {repo_id}, not a model's folder "
+            f"(no {layout.index}): its files are in its snapshots; pass {override_arg(key, str(snapshot))}, or the Hub "
+            f"id, {key}={repo_id}")
 
 
 def weights_not_available(what: str, key: str, source: str, exc: Exception, offline: str | None = None,
