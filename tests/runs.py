@@ -3,6 +3,7 @@ command line, and reading a run's manifest."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -45,10 +46,116 @@ def in_process(args: list[str], cwd: Path, monkeypatch, capsys=None) -> tuple[in
     return code, out, err
 
 
-def start(args: list[str], cwd: Path) -> subprocess.Popen:
-    """A command line started in the background, offline, on one thread (several run side by side)."""
-    return subprocess.Popen(args, cwd=cwd, env={**os.environ, **OFFLINE, "OMP_NUM_THREADS": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def start(args: list[str], cwd: Path, **env: str) -> Forked:
+    """A command line (`python -m seedselect_cli ...`) started in the background as a process of its own, offline,
+    on one thread (several run side by side), with `env` set beside: forked from the test's process, see `Forked`."""
+    return Forked(args[args.index("seedselect_cli") + 1:], cwd, {**OFFLINE, "OMP_NUM_THREADS": "1", **env})
+
+
+class Forked:
+    """`python -m seedselect_cli ARGV` run by a child of the test's process: a process of its own, with its own
+    signals, exit code, stdout and stderr (piped, read as text as `subprocess.Popen(text=True)` reads them), through
+    the console script's entry (`entry.main`), but without the 10 s of imports a new Python spends (torch, diffusers
+    and transformers are the test process's already): those were a sixth of the suite's time. The Popen methods the
+    tests use: `poll`, `wait`, `send_signal`, `communicate`, `returncode`, `pid`. The commands whose process must
+    start from nothing (the console script itself, the environment read at import) run through `seedselect`."""
+
+    def __init__(self, argv: list[str], cwd: Path, env: dict[str, str]):
+        import threading
+
+        self.returncode: int | None = None
+        self._output: dict[int, bytearray] = {}
+        pipes = [os.pipe(), os.pipe()]  # stdout, stderr
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.pid = os.fork()
+        if self.pid == 0:  # the child: never returns into pytest
+            self._child(argv, cwd, env, [write for _, write in pipes])
+        self._readers = []
+        for read, write in pipes:
+            os.close(write)
+            self._output[read] = bytearray()
+            reader = threading.Thread(target=self._drain, args=(read,), daemon=True)
+            reader.start()
+            self._readers.append(reader)
+
+    @staticmethod
+    def _child(argv: list[str], cwd: Path, env: dict[str, str], writes: list[int]) -> None:
+        import io
+        import signal
+        import traceback
+
+        code = 1
+        try:
+            os.dup2(writes[0], 1)
+            os.dup2(writes[1], 2)
+            os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+            sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8", line_buffering=True)
+            sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding="utf-8",
+                                          errors="backslashreplace", line_buffering=True)
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # as a new Python has them
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.chdir(cwd)
+            os.environ.update(env)
+            import torch
+
+            torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+            from seedselect_cli.entry import main
+
+            code = main(argv)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        except BaseException:  # noqa: BLE001 (whatever it is, the child ends here and never runs pytest on)
+            traceback.print_exc()
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(OSError, ValueError):
+                    stream.flush()
+            os._exit(code)
+
+    def _drain(self, fd: int) -> None:
+        while chunk := os.read(fd, 65536):
+            self._output[fd] += chunk
+        os.close(fd)
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        import time
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"seedselect (pid {self.pid})", timeout)
+            time.sleep(0.01)
+        return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, signum)
+
+    def kill(self) -> None:
+        import signal
+
+        self.send_signal(signal.SIGKILL)
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        self.wait(timeout)
+        for reader in self._readers:
+            reader.join(timeout)
+        return tuple(bytes(out).decode("utf-8", "replace").replace("\r\n", "\n").replace("\r", "\n")
+                     for out in self._output.values())
+
+    def __del__(self):  # a test that failed before its process ended: the process goes with it
+        if self.returncode is None:
+            with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+                self.kill()
+                self.wait(10)
 
 
 def bootstrap_command(root: Path, run_dir: Path | str, n_images: int, iterations: int = 2) -> list[str]:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
 import sys
 import time
 
@@ -27,10 +25,9 @@ def command(root, run_dir, *extra):
 
 
 def run(args, cwd, **env):
-    done = subprocess.run(args, cwd=cwd, env={**os.environ, "HF_HUB_OFFLINE": "1", **env}, capture_output=True,
-                          text=True, timeout=300, check=False)
-    assert done.returncode == 0, done.stderr
-    return done
+    process = start(args, cwd, **env)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err
 
 
 @pytest.fixture(scope="module")

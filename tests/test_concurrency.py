@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 import sys
 import time
 
@@ -14,12 +13,12 @@ import pytest
 from PIL import Image
 
 from tests.layouts import make_cub
-from tests.runs import bootstrap_command, in_process, read_manifest, start
+from tests.runs import Forked, bootstrap_command, in_process, read_manifest, start
 
 pytestmark = pytest.mark.slow  # minutes together: the quick loop (`pytest -m "not slow"`) leaves it out
 
 
-def wait_for(condition, process: subprocess.Popen | None = None, timeout: float = 120) -> None:
+def wait_for(condition, process: Forked | None = None, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, "timed out"
