@@ -35,11 +35,11 @@ from PIL import Image, ImageDraw
 
 from seedselect_cli import quality
 from seedselect_cli.config import compose_config
+from seedselect_cli.core.encoders import to_pil, vae_decode
 from seedselect_cli.core.initial_seeds import candidate_seed, init_seed_for, initial_noise, own_references
-from seedselect_cli.core.optimize import seed_objective
+from seedselect_cli.core.optimize import RolledOut, loss_terms, roll_out
 from seedselect_cli.core.prompts import encode_prompt
 from seedselect_cli.core.samplers import ddim_schedule, make_schedule
-from seedselect_cli.core.sampling import sample_images
 from seedselect_cli.core.targets import Centroids
 from seedselect_cli.files.assets import asset_path
 from seedselect_cli.files.datasets import fill_template, load_classes
@@ -98,21 +98,29 @@ def score_concept(models, judge: Judge, clip: EvalClip, names: list[str], classe
     schedule = ddim_schedule(models, config.sampler.steps)
     h, w = config.sampler.height, config.sampler.width
     seeds = torch.randn((n, *models.latent_shape(h, w)), generator=torch.Generator().manual_seed(seed_base))
+    objective, against_objective = config.objective(), contrastive.objective()
+    assert (against_objective.sampler, against_objective.kstep) == (objective.sampler, objective.kstep)
     scores, images = {"L_sem": [], "L_app nearest": [], "contrastive L_sem": []}, []
     for start in range(0, n, 16):
         z = seeds[start:start + 16]
-        terms = seed_objective(models, z, centroids, text, schedule, config.objective())
+        rolled = roll_out(models, z, text, schedule, objective)  # one pass of the sampler: every score, and the image
+        terms = loss_terms(rolled, z, centroids, objective)
         scores["L_sem"].append(terms.semantic.float())
         scores["L_app nearest"].append(terms.appearance.float())
-        scores["contrastive L_sem"].append(
-            seed_objective(models, z, against_all, text, schedule, contrastive.objective()).semantic.float())
-        images += sample_images(models, z, text, config.sampler.steps, config.sampler.guidance_scale)
+        scores["contrastive L_sem"].append(loss_terms(rolled, z, against_all, against_objective).semantic.float())
+        images += drawn_image(models, rolled)
     prompts = clip.texts([fill_template(config.dataset.prompt_template, name) for name in names])
     logits = clip.images(images) @ prompts.T * clip.model.logit_scale.exp().item()
     verdicts, features = judge.classify(images, k=1)
     return {"scores": {**{k: torch.cat(v).numpy() for k, v in scores.items()},
                        "CLIP zero-shot": -torch.log_softmax(logits, dim=1)[:, names.index(concept)].numpy()},
             "verdicts": [v[0] for v in verdicts], "features": features, "images": images}
+
+
+def drawn_image(models, rolled: RolledOut) -> list[Image.Image]:
+    """The images of the seeds the sampler rolled out for their scores: what `sample_images` draws from them, pixel
+    for pixel (the same pass of the sampler), without running it again."""
+    return to_pil(models, vae_decode(models, rolled.latents[-1]))
 
 
 def on_real_manifold(judge: Judge, concept: str, features: torch.Tensor) -> np.ndarray:
@@ -156,10 +164,11 @@ def demo_sheet(models, judge: Judge, path: Path, cell: int = 64) -> None:
         reference = own_references(config.seed, concept, i, len(paths), 1)[0]
         init_seed = init_seed_for(config.seed, concept, i)
         z = torch.cat([initial_noise(shape, candidate_seed(init_seed, k)) for k in range(candidates)])
-        semantic = seed_objective(models, z, encodings.centroids([reference], appearance="nearest"), text, schedule,
+        with torch.no_grad():
+            rolled = roll_out(models, z, text, schedule, config.objective())
+            semantic = loss_terms(rolled, z, encodings.centroids([reference], appearance="nearest"),
                                   config.objective()).semantic.float()
-        drawn = sample_images(models, z, text, config.sampler.steps, config.sampler.guidance_scale,
-                              config.sampler.name)
+            drawn = drawn_image(models, rolled)
         verdicts = [v[0] for v in judge.classify(drawn, k=1)[0]]
         y = i * (cell + 14)
         image.paste(load_rgb(paths[reference]).resize((cell, cell), Image.NEAREST), (0, y))
