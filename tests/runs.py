@@ -82,6 +82,7 @@ class Forked:
     @staticmethod
     def _child(argv: list[str], cwd: Path, env: dict[str, str], writes: list[int]) -> None:
         import io
+        import logging
         import signal
         import traceback
 
@@ -95,6 +96,8 @@ class Forked:
                                           errors="backslashreplace", line_buffering=True)
             signal.signal(signal.SIGINT, signal.default_int_handler)  # as a new Python has them
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            logging.root.handlers.clear()  # not the test's, nor an earlier command's log file (Hydra sets its own)
+            logging.root.setLevel(logging.WARNING)
             os.chdir(cwd)
             os.environ.update(env)
             import torch
