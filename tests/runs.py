@@ -46,6 +46,14 @@ def in_process(args: list[str], cwd: Path, monkeypatch, capsys=None) -> tuple[in
     return code, out, err
 
 
+def forked(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`seedselect ARGS` run to its end in a process of its own forked from the test's (`Forked`), offline, its output
+    captured: where the process's own output and files are tested, not a new Python's start."""
+    process = start([sys.executable, "-m", "seedselect_cli", *args], cwd)
+    out, err = process.communicate(timeout=300)
+    return subprocess.CompletedProcess(list(args), process.returncode, out, err)
+
+
 def start(args: list[str], cwd: Path, **env: str) -> Forked:
     """A command line (`python -m seedselect_cli ...`) started in the background as a process of its own, offline,
     on one thread (several run side by side), with `env` set beside: forked from the test's process, see `Forked`."""
@@ -54,11 +62,12 @@ def start(args: list[str], cwd: Path, **env: str) -> Forked:
 
 class Forked:
     """`python -m seedselect_cli ARGV` run by a child of the test's process: a process of its own, with its own
-    signals, exit code, stdout and stderr (piped, read as text as `subprocess.Popen(text=True)` reads them), through
-    the console script's entry (`entry.main`), but without the 10 s of imports a new Python spends (torch, diffusers
-    and transformers are the test process's already): those were a sixth of the suite's time. The Popen methods the
-    tests use: `poll`, `wait`, `send_signal`, `communicate`, `returncode`, `pid`. The commands whose process must
-    start from nothing (the console script itself, the environment read at import) run through `seedselect`."""
+    signals, exit code, stdout and stderr, through the console script's entry (`entry.main`), but without the 10 s
+    of imports a new Python spends (torch, diffusers and transformers are the test process's already): those were a
+    sixth of the suite's time. Its output is piped and decoded as written (a carriage return stays one, where
+    Popen's text mode makes it a newline). The Popen methods the tests use: `poll`, `wait`, `send_signal`,
+    `communicate`, `returncode`, `pid`. The commands whose process must start from nothing (the console script
+    itself, the environment read at import) run through `seedselect`."""
 
     def __init__(self, argv: list[str], cwd: Path, env: dict[str, str]):
         import threading
@@ -151,8 +160,7 @@ class Forked:
         self.wait(timeout)
         for reader in self._readers:
             reader.join(timeout)
-        return tuple(bytes(out).decode("utf-8", "replace").replace("\r\n", "\n").replace("\r", "\n")
-                     for out in self._output.values())
+        return tuple(bytes(out).decode("utf-8", "replace") for out in self._output.values())  # as written: "\r" too
 
     def __del__(self):  # a test that failed before its process ended: the process goes with it
         if self.returncode is None:

@@ -24,7 +24,7 @@ from seedselect_cli.errors import UserError
 from seedselect_cli.files.seed_files import load_seed_file, save_seed_file
 from seedselect_cli.pipeline import evaluate_command
 from tests.conftest import make_config
-from tests.runs import QUICK, read_manifest, seedselect
+from tests.runs import QUICK, forked, read_manifest, seedselect
 
 TINY = "--config-name=tiny"  # the random tiny components: the default config is the toy world
 FAST = QUICK
@@ -34,10 +34,11 @@ MANIFEST_KEYS = {"class", "prompt", "image", "seed_file", "index", "init_seed", 
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-    """`seedselect optimize` in a process of its own, its progress on, its output pipes (as a cluster job's log)."""
+    """`seedselect optimize` in a process of its own, its progress on, its output pipes (as a cluster job's log).
+    Forked: the generate below that redraws its image pixel for pixel is a new Python's, as a user starts it."""
     elsewhere = tmp_path_factory.mktemp("elsewhere")
     run_dir = elsewhere / "run"
-    done = seedselect("optimize", TINY, f"hydra.run.dir={run_dir}", "n_images=2", *FAST[:-1], "runtime.progress=true",
+    done = forked("optimize", TINY, f"hydra.run.dir={run_dir}", "n_images=2", *FAST[:-1], "runtime.progress=true",
                       cwd=elsewhere)
     assert done.returncode == 0, done.stderr
     return run_dir, elsewhere, done
