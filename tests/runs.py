@@ -26,8 +26,8 @@ def seedselect(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subp
 def in_process(args: list[str], cwd: Path, monkeypatch, capsys=None) -> tuple[int, str, str]:
     """A command line of `start` or `bootstrap_command` (`python -m seedselect_cli ...`) through `main` in the
     test's own process, from `cwd`, on one thread as `start` runs its commands (another count can round a pixel
-    otherwise): for the commands around the one a test kills or runs side by side, as each process's imports cost
-    5 s. Its exit code, and its stdout and stderr where `capsys` captures them."""
+    otherwise): for the commands around the one a test kills or runs side by side, which need no process of their
+    own. Its exit code, and its stdout and stderr where `capsys` captures them."""
     import torch
 
     from seedselect_cli.cli import main
