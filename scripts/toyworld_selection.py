@@ -108,7 +108,7 @@ def score_concept(models, judge: Judge, clip: EvalClip, names: list[str], classe
         scores["L_sem"].append(terms.semantic.float())
         scores["L_app nearest"].append(terms.appearance.float())
         scores["contrastive L_sem"].append(loss_terms(rolled, z, against_all, against_objective).semantic.float())
-        images += drawn_image(models, rolled)
+        images += drawn_images(models, rolled)
     prompts = clip.texts([fill_template(config.dataset.prompt_template, name) for name in names])
     logits = clip.images(images) @ prompts.T * clip.model.logit_scale.exp().item()
     verdicts, features = judge.classify(images, k=1)
@@ -117,7 +117,7 @@ def score_concept(models, judge: Judge, clip: EvalClip, names: list[str], classe
             "verdicts": [v[0] for v in verdicts], "features": features, "images": images}
 
 
-def drawn_image(models, rolled: RolledOut) -> list[Image.Image]:
+def drawn_images(models, rolled: RolledOut) -> list[Image.Image]:
     """The images of the seeds the sampler rolled out for their scores: what `sample_images` draws from them, pixel
     for pixel (the same pass of the sampler), without running it again."""
     return to_pil(models, vae_decode(models, rolled.latents[-1]))
@@ -158,6 +158,7 @@ def demo_sheet(models, judge: Judge, path: Path, cell: int = 64) -> None:
     text = encode_prompt(models, fill_template(config.dataset.prompt_template, concept))
     schedule = make_schedule(models, config.sampler.steps, config.sampler.name)
     shape = (1, *models.latent_shape(config.sampler.height, config.sampler.width))
+    objective = config.objective()
     image = Image.new("RGB", (cell * (candidates + 1), (cell + 14) * config.n_images), "white")
     draw = ImageDraw.Draw(image)
     for i in range(config.n_images):
@@ -165,10 +166,10 @@ def demo_sheet(models, judge: Judge, path: Path, cell: int = 64) -> None:
         init_seed = init_seed_for(config.seed, concept, i)
         z = torch.cat([initial_noise(shape, candidate_seed(init_seed, k)) for k in range(candidates)])
         with torch.no_grad():
-            rolled = roll_out(models, z, text, schedule, config.objective())
+            rolled = roll_out(models, z, text, schedule, objective)
             semantic = loss_terms(rolled, z, encodings.centroids([reference], appearance="nearest"),
-                                  config.objective()).semantic.float()
-            drawn = drawn_image(models, rolled)
+                                  objective).semantic.float()
+            drawn = drawn_images(models, rolled)
         verdicts = [v[0] for v in judge.classify(drawn, k=1)[0]]
         y = i * (cell + 14)
         image.paste(load_rgb(paths[reference]).resize((cell, cell), Image.NEAREST), (0, y))

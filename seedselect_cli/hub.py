@@ -147,8 +147,9 @@ def weights_not_available(what: str, key: str, source: str, exc: Exception, offl
             return UserError(f"cannot load the {what} from folder {source}: it holds pickled weights ({pickled[0]}), "
                              f"which can run code when loaded; seedselect reads only .safetensors: convert the folder "
                              f"(save_pretrained(..., safe_serialization=True)) or pass another")
-        return UserError(f"cannot load the {what} from folder {source}: {str(exc).splitlines()[0].rstrip('.')}; pass a folder in "
-                         f"{layout.name} with .safetensors weights")
+        said = str(exc).splitlines()[0].rstrip(".")
+        return UserError(f"cannot load the {what} from folder {source}: {said}; pass a folder in {layout.name} with "
+                         f".safetensors weights")
     if is_path(source):
         return UserError(f"the {what} folder {source} does not exist; pass an existing folder ({key}=/path)")
     hint = (f"download it once with `{download_command(source, layout, revision, variant)}` where there is internet, "

@@ -39,7 +39,7 @@ def demo_run(tmp_path_factory):
     elsewhere = tmp_path_factory.mktemp("elsewhere")
     run_dir = elsewhere / "run"
     done = forked("optimize", TINY, f"hydra.run.dir={run_dir}", "n_images=2", *FAST[:-1], "runtime.progress=true",
-                      cwd=elsewhere)
+                  cwd=elsewhere)
     assert done.returncode == 0, done.stderr
     return run_dir, elsewhere, done
 
