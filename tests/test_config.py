@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from importlib.resources import files
 
 import pytest
+from omegaconf import OmegaConf
 
-from seedselect_cli.config import load_config, load_structured
+from seedselect_cli.config import Config, empty_schema, load_config, load_structured, to_yaml
 from seedselect_cli.errors import UserError
 from seedselect_cli.tool_config import EvaluateConfig, GenerateConfig
 from tests.conftest import compose_raw, make_config
@@ -33,6 +35,14 @@ def test_every_named_config_composes_and_validates(name, tmp_path):
     overrides = [] if name in ("demo", "tiny", "toyworld") else [f"dataset.root={tmp_path}"]
     config = load_config(compose_raw(name, overrides))
     assert len(config.kstep.weights) == config.kstep.k <= config.sampler.steps
+    # `to_yaml` (RUN/config.yaml) reads the dataclasses as OmegaConf's structured config gives them (the same
+    # values of the same types), also with ints given for floats and a `${` in a path
+    typed = load_config(compose_raw(name, [*overrides, "loss.lam=1", "init.noise=1", "optim.backtrack=0.5",
+                                           f"dataset.heldout='{tmp_path}/a \\${{b}}'"]))
+    for each in (config, typed, Config()):
+        assert repr(dataclasses.asdict(each)) == repr(OmegaConf.to_container(OmegaConf.structured(each)))
+    assert "a \\${b}" in to_yaml(typed)  # read back as the folder's name, not an interpolation
+    assert empty_schema(Config) == OmegaConf.structured(Config)  # each merge into the kept schema copied it
 
 
 @pytest.mark.parametrize("name", [n for n in NAMED if n not in ("generate", "evaluate")])
