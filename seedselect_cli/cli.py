@@ -34,7 +34,7 @@ from seedselect_cli.config import (
 )
 from seedselect_cli.entry import COMMANDS, answer_at_once
 from seedselect_cli.errors import SAME_COMMAND, Interrupted, UserError
-from seedselect_cli.interrupt import StopNow, catching_signals
+from seedselect_cli.interrupt import StopNow, catching_signals, raise_the_stop_again
 from seedselect_cli.job_dir import (
     ActiveMark,
     JobDirSnapshot,
@@ -52,15 +52,20 @@ log = logging.getLogger(__name__)
 @contextlib.contextmanager
 def user_errors():
     """Turn a `UserError` into one `error:` line on stderr and exit code 2, and a stop on Ctrl-C or
-    SIGTERM into a line saying what was kept and exit code 128 + the signal's number."""
+    SIGTERM into a line saying what was kept and exit code 128 + the signal's number, also where a library made an
+    error of its own of the stop (`raise_the_stop_again`)."""
     try:
         yield
     except UserError as exc:
+        raise_the_stop_again()  # the error may be a library's of the stop itself
         print(f"error: {resumable(one_line(exc))}", file=sys.stderr)
         raise SystemExit(2) from None
     except Interrupted as exc:
         print(f"seedselect: {resumable(one_line(exc))}", file=sys.stderr)
         raise SystemExit(128 + exc.signum) from None
+    except Exception:
+        raise_the_stop_again()
+        raise
 
 
 # What "the same command" needs to resume this command's run where the user left its directory to Hydra's default
@@ -214,6 +219,7 @@ def _main(command: str, args: list[str]) -> int:
         check_requirements()  # an environment changed since `pip install` may load weights wrong without a word
         job_dir = preflight(command, args, COMMANDS[command][1])
     except UserError as exc:
+        raise_the_stop_again()  # preflight reads the references and an earlier run's files
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     _before = _resume_with = None

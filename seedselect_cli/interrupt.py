@@ -37,6 +37,7 @@ class GracefulStop:
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.stopped_now = False  # the handler raised StopNow (not only asked for a stop between steps)
         self._between_steps = 0
         self._previous: dict[int, object] = {}
 
@@ -47,6 +48,7 @@ class GracefulStop:
     def _handle(self, signum: int, _frame) -> None:
         if self.signum is not None or not self._between_steps:  # asked twice, or nothing to finish: stop now
             self.signum = signum
+            self.stopped_now = True
             raise StopNow(signum)
         self.signum = signum
         log.warning("%s: stopping after the current step; finished images are kept (again to stop now)",
@@ -96,6 +98,15 @@ def catching_signals() -> Iterator[GracefulStop]:
             yield stop
         finally:
             _current = None
+
+
+def raise_the_stop_again() -> None:
+    """Raise the command's `StopNow` again where its handler raised one. The handler runs wherever the main thread
+    is, also inside a library's native code, which may make an error of its own of it: safetensors, reading a seed file
+    at Ctrl-C, raised `ValueError: could not determine the shape of object type 'torch.storage.UntypedStorage'`, and
+    the user was told the seed file was damaged. Called where an error ends the command."""
+    if _current is not None and _current.stopped_now:
+        raise StopNow(_current.signum)
 
 
 def current_stop() -> GracefulStop:

@@ -9,6 +9,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -469,6 +470,42 @@ def test_a_stopped_evaluate_keeps_its_plain_images_and_the_same_command_goes_on(
     assert main(["evaluate", "run_dir=run", "batch_size=1"]) == 0
     assert "kept for the next evaluate (1 already there;" in capsys.readouterr().out
     assert len(list((run_dir / "baseline").rglob("*.png"))) == n
+
+
+@pytest.mark.parametrize("made", [ValueError, RuntimeError])
+def test_ctrl_c_inside_a_library_that_makes_an_error_of_it_is_said_as_the_stop(made, demo_run, tmp_path, monkeypatch,
+                                                                              capsys):
+    """Ctrl-C while safetensors read a seed file: the stop, raised by the handler inside the reader's native code,
+    came back as the reader's own ValueError ("could not determine the shape of object type
+    'torch.storage.UntypedStorage'", seen once in the suite), and generate said the user's seed file was not a seed
+    file, with exit code 2. The command now says the stop, whatever error a library made of it."""
+    import signal
+
+    import safetensors.torch
+
+    from seedselect_cli.interrupt import StopNow
+
+    monkeypatch.chdir(tmp_path)
+    real = safetensors.torch.load_file
+
+    def interrupted(*args, **kwargs):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)  # the handler raises StopNow here, inside the "library"
+            time.sleep(1)
+        except StopNow:
+            raise made("could not determine the shape of object type 'torch.storage.UntypedStorage'") from None
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "load_file", interrupted)
+    capsys.readouterr()
+    assert main(["generate", f"seed_file={demo_run[0] / 'seeds'}", "out=again"]) == 130
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "seedselect: stopped by SIGINT; the images drawn are kept: run the same command again to go on"]
+    monkeypatch.setattr(safetensors.torch, "load_file", real)  # an error of its own, without a signal: said as before
+    (tmp_path / "bad.safetensors").write_bytes(b"not a seed file")
+    assert main(["generate", "seed_file=bad.safetensors", "out=x.png"]) == 2
+    assert capsys.readouterr().err.startswith("error: seed_file=")
+
 
 def test_real_model_offline_without_weights_is_one_line(tmp_path, reference_folder, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
