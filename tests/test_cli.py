@@ -472,6 +472,7 @@ def test_a_stopped_evaluate_keeps_its_plain_images_and_the_same_command_goes_on(
     assert len(list((run_dir / "baseline").rglob("*.png"))) == n
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("made", [ValueError, RuntimeError])
 def test_ctrl_c_inside_a_library_that_makes_an_error_of_it_is_said_as_the_stop(made, demo_run, tmp_path, monkeypatch,
                                                                               capsys):
