@@ -502,7 +502,8 @@ def test_ctrl_c_inside_a_library_that_makes_an_error_of_it_is_said_as_the_stop(m
     assert main(["generate", f"seed_file={demo_run[0] / 'seeds'}", "out=again"]) == 130
     assert capsys.readouterr().err.strip().splitlines() == [
         "seedselect: stopped by SIGINT; the images drawn are kept: run the same command again to go on"]
-    monkeypatch.setattr(safetensors.torch, "load_file", real)  # an error of its own, without a signal: said as before
+    # the next command starts without that stop: a damaged seed file is its one error line again, exit code 2
+    monkeypatch.setattr(safetensors.torch, "load_file", real)
     (tmp_path / "bad.safetensors").write_bytes(b"not a seed file")
     assert main(["generate", "seed_file=bad.safetensors", "out=x.png"]) == 2
     assert capsys.readouterr().err.startswith("error: seed_file=")
