@@ -21,9 +21,13 @@ from seedselect_cli.judges import EvalClip, Judge
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
-    """Whether each row's label is among its k highest logits: (N,) bool."""
+    """Whether each row's label is among its k highest logits: (N,) bool. Equal logits rank by class index, the lower
+    first, as `argmax` picks (a report's per-image top-1): a row right at k is right at every larger k. (`topk` picks
+    among equal logits differently for each k: a class two prompts cut to the same text share was right at k = 1
+    and wrong at k = 5.)"""
     k = min(k, logits.shape[1])
-    return (logits.topk(k, dim=1).indices == labels[:, None]).any(dim=1)
+    ranked = torch.sort(logits, dim=1, descending=True, stable=True).indices
+    return (ranked[:, :k] == labels[:, None]).any(dim=1)
 
 
 def mean_pairwise_distance(embeds: torch.Tensor) -> float | None:

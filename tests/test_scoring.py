@@ -11,11 +11,17 @@ from seedselect_cli.scoring import mean_pairwise_distance, overall, topk_correct
 
 
 def test_topk_and_diversity_match_plain_loops():
-    g = torch.Generator().manual_seed(0)
-    logits, labels = torch.randn(50, 7, generator=g), torch.randint(0, 7, (50,), generator=g)
-    for k in (1, 3, 9):
-        expected = [labels[i].item() in sorted(range(7), key=lambda c: -logits[i, c].item())[:k] for i in range(50)]
-        assert topk_correct(logits, labels, k).tolist() == expected
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    # distinct logits, and logits with many equal (classes whose prompts CLIP reads as the same text)
+    for logits in (torch.randn(50, 7, generator=g), torch.randint(0, 3, (50, 7), generator=g).float()):
+        labels = torch.randint(0, 7, (50,), generator=g)
+        right = {}
+        for k in (1, 3, 5, 9):  # a plain loop: classes by logit, equal ones by index (`sorted` is stable)
+            expected = [labels[i].item() in sorted(range(7), key=lambda c: -logits[i, c].item())[:k] for i in range(50)]
+            right[k] = topk_correct(logits, labels, k)
+            assert right[k].tolist() == expected
+        assert right[1].tolist() == (logits.argmax(dim=1) == labels).tolist()  # the report's per-image top-1
+        assert all((right[a] <= right[b]).all() for a, b in ((1, 3), (3, 5), (5, 9)))
     embeds = torch.nn.functional.normalize(torch.randn(6, 16, generator=g, dtype=torch.float64), dim=-1)
     pairs = [1 - float(embeds[i] @ embeds[j]) for i in range(6) for j in range(i + 1, 6)]
     assert mean_pairwise_distance(embeds) == pytest.approx(sum(pairs) / len(pairs))
