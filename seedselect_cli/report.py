@@ -5,7 +5,8 @@
     report/sheets/<class>.png     references | plain Stable Diffusion | SeedSelect, one row each, each image marked
                                   where the judge names another class, where it copies a reference, and where its
                                   seed was never refined; then the first of the run's other marked images
-    report/loss.png               each class's loss curves: the images' kept losses and their current iterates'
+    report/loss.png               each class's loss curves (the first 20, then the mean over all): the images' kept
+                                  losses and their current iterates'
     report/index.html             all of it, offline, relative links only
 """
 
@@ -88,9 +89,22 @@ def loss_curves(histories: list[list[float]]) -> tuple[list[float], list[float]]
     return kept, current
 
 
+def plotted_classes(entries: list[dict]) -> tuple[list[tuple[str, list[dict]]], int]:
+    """The loss plot's curves, each a name and its images' manifest entries: the first `SHOWN_CLASSES` classes in
+    the run's order, then every image as "all N classes" where there are more; and the number of classes."""
+    by_class: dict[str, list[dict]] = {}
+    for entry in entries:
+        by_class.setdefault(entry["class"], []).append(entry)
+    curves = list(by_class.items())[:SHOWN_CLASSES]
+    if len(by_class) > SHOWN_CLASSES:
+        curves.append((f"all {len(by_class)} classes", entries))
+    return curves, len(by_class)
+
+
 def loss_plot(entries: list[dict], path: Path) -> None:
-    """The loss against iteration of each class (the first 20): the mean of the images' kept losses (solid) and of
-    their current iterates' (dashed), with how many images never got below their start."""
+    """The loss against iteration of each class (the first 20, and the mean over all where there are more): the mean
+    of the images' kept losses (solid) and of their current iterates' (dashed), with how many images never got below
+    their start. The legend stands beside the axes, where it hides no curve."""
     logging.getLogger("matplotlib").setLevel(logging.ERROR)  # no "building the font cache" line in a run's output
     import matplotlib
 
@@ -98,22 +112,24 @@ def loss_plot(entries: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    by_class: dict[str, list[dict]] = {}
-    for entry in entries:
-        by_class.setdefault(entry["class"], []).append(entry)
-    figure, axes = plt.subplots(figsize=(7, 4), dpi=100)
-    for name, of_class in list(by_class.items())[:20]:
+    curves, n_classes = plotted_classes(entries)
+    figure, axes = plt.subplots(figsize=(9, 4), dpi=100)
+    for name, of_class in curves:
         kept, current = loss_curves([e["loss_history"] for e in of_class])
         stuck = never_improved(of_class)
-        line, = axes.plot(range(len(kept)), kept, marker="o", markersize=3,
+        every = n_classes > SHOWN_CLASSES and of_class is entries
+        line, = axes.plot(range(len(kept)), kept, marker="o", markersize=3, linewidth=2.5 if every else 1.5,
+                          color="black" if every else None, zorder=3 if every else 2,
                           label=f"{name} ({len(of_class)}" + (f", {stuck} never below start)" if stuck else ")"))
         axes.plot(range(len(current)), current, linestyle="--", alpha=0.5, color=line.get_color())
     axes.set_xlabel("iteration")
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_ylabel("loss (mean over the class's images)")
     axes.grid(alpha=0.3)
-    axes.set_title("solid: what each image keeps (its best iterate so far); dashed: its current iterate", fontsize=8)
-    axes.legend(fontsize=7, loc="best")
+    shown = f"; the first {SHOWN_CLASSES} classes of {n_classes}" if n_classes > SHOWN_CLASSES else ""
+    axes.set_title(f"solid: what each image keeps (its best iterate so far); dashed: its current iterate{shown}",
+                   fontsize=8)
+    axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     figure.tight_layout()
     atomic_write(path, lambda tmp: figure.savefig(tmp, format="png"))
     plt.close(figure)

@@ -19,6 +19,7 @@ from seedselect_cli import quality
 from seedselect_cli.errors import UserError
 from seedselect_cli.evaluate import run_evaluate
 from seedselect_cli.files.assets import asset_path
+from seedselect_cli.limits import SHOWN_CLASSES
 from seedselect_cli.pipeline import run_bootstrap, run_optimize
 from seedselect_cli.progress import never_improved
 from seedselect_cli.report import (
@@ -28,6 +29,7 @@ from seedselect_cli.report import (
     image_marks,
     loss_curves,
     marks_line,
+    plotted_classes,
     write_report,
 )
 from seedselect_cli.tool_config import EvaluateConfig, JudgeConfig
@@ -143,6 +145,21 @@ def test_loss_curves_keep_each_images_best_so_far_and_end_at_the_runs_kept_losse
     kept, current = loss_curves([e["loss_history"] for e in entries])
     assert kept[-1] == pytest.approx(np.mean([e["loss"] for e in entries]))
     assert all(b <= a for a, b in itertools.pairwise(kept)) and kept[0] == pytest.approx(current[0])
+
+
+@pytest.mark.parametrize("n_classes", [3, SHOWN_CLASSES, SHOWN_CLASSES + 5])
+def test_the_loss_plot_shows_the_first_classes_and_the_mean_over_all_of_a_larger_run(n_classes):
+    """A run of hundreds of classes (an ImageNet-LT sweep): the plot drew its first 20 classes and said nothing of
+    the others; now the mean over every image stands for them, named as such."""
+    entries = [{"class": f"class {i % n_classes}", "loss_history": [1.0, 0.5]} for i in range(2 * n_classes + 1)]
+    curves, count = plotted_classes(entries)
+    assert count == n_classes
+    names = [f"class {i}" for i in range(min(n_classes, SHOWN_CLASSES))]
+    assert [name for name, _ in curves[:len(names)]] == names
+    assert all(of_class == [e for e in entries if e["class"] == name] for name, of_class in curves[:len(names)])
+    if n_classes > SHOWN_CLASSES:
+        assert curves[-1] == (f"all {n_classes} classes", entries)
+    assert len(curves) == len(names) + (n_classes > SHOWN_CLASSES)
 
 
 def test_report_with_the_baseline_beside_the_result(demo_run, monkeypatch, caplog):
