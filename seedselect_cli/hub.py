@@ -12,6 +12,8 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 from seedselect_cli.errors import UserError
 from seedselect_cli.limits import is_commit
 from seedselect_cli.shell import override_arg
@@ -40,12 +42,67 @@ TRANSFORMERS = Layout("the transformers layout", "config.json",
                       ("*.json", "*.txt", "model{v}.safetensors", "model{v}-*-of-*.safetensors"))
 
 
-def download_command(source: str, layout: Layout, revision: str | None = None, variant: str | None = None) -> str:
-    """The `hf download` command that fetches what seedselect reads of the Hub repository `source` into the cache."""
+# What a library's `from_pretrained` raises for weights that are not there or not whole: transformers lets a
+# .safetensors file's own error through (diffusers makes an OSError of it)
+LOAD_ERRORS = (OSError, ValueError, SafetensorError)
+
+
+def read_patterns(layout: Layout, variant: str | None = None) -> list[str]:
+    """What seedselect reads of a repository in `layout`, as huggingface_hub's file patterns (`variant`'s weights)."""
+    return [pattern.format(v=f".{variant}" if variant else "") for pattern in layout.includes]
+
+
+def download_command(source: str, layout: Layout, revision: str | None = None, variant: str | None = None,
+                     force: bool = False) -> str:
+    """The `hf download` command that fetches what seedselect reads of the Hub repository `source` into the cache;
+    `force`: over the copies the cache holds (`hf download` skips a file it holds, damaged or not)."""
     command = ["hf", "download", source, *(["--revision", revision] if revision else [])]
-    for pattern in layout.includes:
-        command += ["--include", pattern.format(v=f".{variant}" if variant else "")]
-    return shlex.join(command)
+    for pattern in read_patterns(layout, variant):
+        command += ["--include", pattern]
+    return shlex.join(command + (["--force-download"] if force else []))
+
+
+def damaged_in_cache(source: str, layout: Layout, revision: str | None = None, variant: str | None = None) -> list[str]:
+    """The files seedselect reads of the Hub repository `source` whose copy in the Hugging Face cache's snapshot (at
+    `revision`, else main) cannot be read, each as `path (why)`: a .safetensors file its header does not describe (cut
+    short, overwritten: the header alone is read), a JSON file that does not parse, a link to a blob that is gone. A
+    loader fails on these as on a missing file; `download_command` alone would skip them. Empty where the cache holds
+    no such snapshot."""
+    from huggingface_hub import try_to_load_from_cache
+
+    index = try_to_load_from_cache(source, layout.index, revision=revision)
+    if not isinstance(index, str):  # not cached (or cached as missing): nothing of it to be damaged
+        return []
+    return damaged_files(Path(index).parent, layout, variant)
+
+
+def damaged_files(folder: Path, layout: Layout, variant: str | None = None) -> list[str]:
+    """The files seedselect reads of a checkpoint folder in `layout` (`variant`'s weights) that cannot be read, each as
+    `path (why)` (`unreadable`), in path order."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    names = [p.relative_to(folder).as_posix() for p in sorted(folder.rglob("*")) if not p.is_dir()]
+    found = ((name, unreadable(folder / name))
+             for name in filter_repo_objects(names, allow_patterns=read_patterns(layout, variant)))
+    return [f"{name} ({why})" for name, why in found if why]
+
+
+def unreadable(path: Path) -> str | None:
+    """Why a cached .safetensors or JSON file cannot be read, in one line; None where it can (other files: whether
+    they are there)."""
+    from safetensors import safe_open
+
+    if not path.exists():
+        return "a link to a file that is gone"
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt"):
+                pass
+        elif path.suffix == ".json":
+            json.loads(path.read_text(encoding="utf-8"))
+    except Exception as exc:  # noqa: BLE001 (safetensors' own error, a JSON or UTF-8 error, an OSError: all damage)
+        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return None
 
 
 def _offline() -> bool:
@@ -147,17 +204,27 @@ def weights_not_available(what: str, key: str, source: str, exc: Exception, offl
             return UserError(f"cannot load the {what} from folder {source}: it holds pickled weights ({pickled[0]}), "
                              f"which can run code when loaded; seedselect reads only .safetensors: convert the folder "
                              f"(save_pretrained(..., safe_serialization=True)) or pass another")
-        said = str(exc).splitlines()[0].rstrip(".")
+        damaged = damaged_files(Path(os.path.expanduser(source)), layout, variant)
+        said = damaged[0] + (f", and {len(damaged) - 1} more damaged" if len(damaged) > 1 else "") if damaged else \
+            str(exc).splitlines()[0].rstrip(".")
         return UserError(f"cannot load the {what} from folder {source}: {said}; pass a folder in {layout.name} with "
                          f".safetensors weights")
     if is_path(source):
         return UserError(f"the {what} folder {source} does not exist; pass an existing folder ({key}=/path)")
+    which = f" at revision {revision}" if revision else ""
+    if damaged := damaged_in_cache(source, layout, revision, variant):
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        more = f", and {len(damaged) - 1} more" if len(damaged) > 1 else ""
+        return UserError(f"the {what} '{source}'{which} has a damaged file in the Hugging Face cache ({HF_HUB_CACHE}): "
+                         f"{damaged[0]}{more}; a download skips the files the cache holds, so download it again over "
+                         f"them with `{download_command(source, layout, revision, variant, force=True)}` where there "
+                         f"is internet, or pass a local folder ({key}=/path)")
     hint = (f"download it once with `{download_command(source, layout, revision, variant)}` where there is internet, "
             f"or pass a local folder ({key}=/path)")
     if offline:
         from huggingface_hub.constants import HF_HUB_CACHE
 
-        which = f" at revision {revision}" if revision else ""
         return UserError(f"the {what} '{source}'{which} is not (wholly) in the Hugging Face cache ({HF_HUB_CACHE}), "
                          f"and {offline}: {hint}")
     refusal = hub_refusal(exc, what, key, source)

@@ -18,6 +18,7 @@ from seedselect_cli.files.datasets import NameLookup
 from seedselect_cli.files.datasets.imagenet_names import imagenet_label_names
 from seedselect_cli.hub import (
     JUDGE,
+    LOAD_ERRORS,
     TRANSFORMERS,
     TWO_TOWER_CLIP,
     offline_for,
@@ -70,7 +71,7 @@ def load_clip(name: str, device: torch.device) -> EvalClip:
                               "CLIP", "clip", name)
                 tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=offline)
                 processor = AutoImageProcessor.from_pretrained(source, backend="pil", local_files_only=offline)
-        except (OSError, ValueError) as exc:
+        except LOAD_ERRORS as exc:
             raise weights_not_available(TWO_TOWER_CLIP, "clip", name, exc, why_offline(offline, False),
                                         TRANSFORMERS) from None
     return EvalClip(model.to(device).eval(), tokenizer, processor, device)
@@ -90,7 +91,7 @@ class Judge:
                     source, use_safetensors=True, dtype=torch.float32, local_files_only=offline,
                     output_loading_info=True), "judge", "judge.model", cfg.model).to(device).eval()
                 self.processor = AutoImageProcessor.from_pretrained(source, local_files_only=offline)
-        except (OSError, ValueError) as exc:
+        except LOAD_ERRORS as exc:
             raise weights_not_available(JUDGE, "judge.model", cfg.model, exc,
                                         why_offline(offline, False), TRANSFORMERS) from None
         # a label is its class by judge.label_map, else by name as `dataset.classes` finds one: a CUB classifier's

@@ -32,6 +32,7 @@ from seedselect_cli.errors import UserError, count_of
 from seedselect_cli.hub import (
     DIFFUSERS,
     IMAGE_ENCODER,
+    LOAD_ERRORS,
     SD_MODEL,
     TRANSFORMERS,
     conversion,
@@ -190,7 +191,7 @@ def _load_diffusers(cfg: ModelConfig, dtype: torch.dtype, key: str, revision: st
                 parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **kwargs)
                 parts["force_zeros_for_empty_prompt"] = bool(index.get("force_zeros_for_empty_prompt", True))
             return parts, commit
-    except (OSError, ValueError) as exc:
+    except LOAD_ERRORS as exc:
         raise weights_not_available(SD_MODEL, key, cfg.pretrained, exc,
                                     why_offline(offline, cfg.local_files_only), revision=commit or revision,
                                     variant=cfg.variant, single_file=conversion(source, key)) from None
@@ -245,7 +246,7 @@ def _load_image_encoder(cfg: ModelConfig, dtype: torch.dtype, revision: str | No
                 source, dtype=dtype, use_safetensors=True, output_loading_info=True, **kwargs),
                 "image encoder", "model.image_encoder", cfg.image_encoder)
             processor = AutoImageProcessor.from_pretrained(source, backend="pil", **kwargs)
-    except (OSError, ValueError) as exc:
+    except LOAD_ERRORS as exc:
         raise weights_not_available(IMAGE_ENCODER, "model.image_encoder", cfg.image_encoder, exc,
                                     why_offline(kwargs["local_files_only"], cfg.local_files_only),
                                     TRANSFORMERS, revision) from None

@@ -166,6 +166,67 @@ def test_the_printed_download_fetches_what_the_loaders_read_and_they_load_from_i
     assert lines[:2] == [f"{COMMIT} {COMMIT} {ids}"] * 2 and lines[2].startswith(f"{COMMIT} {COMMIT} [")
 
 
+def test_a_damaged_file_in_the_cache_is_named_with_the_download_that_replaces_it(tmp_path, monkeypatch):
+    """A cached file cut short, overwritten or linked to a blob that is gone (a copy of the cache that was cut off, a
+    full disk) fails a loader as a missing one does, but `hf download` skips every file the cache holds: the line names
+    the damaged file and gives the download with --force-download. A damaged file seedselect does not read (a pickled
+    copy) is not named."""
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    toy = Path(asset_path("toyworld"))
+    name = f"org{random.randrange(1000)}"
+    sd, clip = f"{name}/sd", f"{name}/clip"
+    cache = tmp_path / "cache"
+    world = tmp_path / "world"
+    shutil.copytree(toy, world, ignore=shutil.ignore_patterns("references", "heldout", "judge", "clip", "world.json"))
+    cached_snapshot(cache, sd, world, files_of(world))
+    cached_snapshot(cache, clip, toy / "clip", files_of(toy / "clip"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    models = ModelConfig(pretrained=sd, image_encoder=clip)
+    load_models(models, torch.device("cpu"), torch.float32)  # whole, it loads
+
+    snapshot = cache / f"models--{name}--sd" / "snapshots" / COMMIT
+    unet, vae_config = snapshot / "unet" / "diffusion_pytorch_model.safetensors", snapshot / "vae" / "config.json"
+    unet.write_bytes(unet.read_bytes()[:random.randrange(16, unet.stat().st_size)])
+    vae_config.write_text(vae_config.read_text()[:-2])
+    (snapshot / "text_encoder" / "config.json").unlink()
+    (snapshot / "text_encoder" / "config.json").symlink_to("../../../blobs/" + "e" * 64)  # the cache's layout
+    (snapshot / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"not read")
+    with pytest.raises(UserError) as caught:
+        load_models(models, torch.device("cpu"), torch.float32)
+    line = str(caught.value)
+    assert line.startswith(f"the Stable Diffusion model '{sd}' at revision {COMMIT} has a damaged file in the Hugging Face cache ({cache}): "
+                           f"text_encoder/config.json (a link to a file that is gone), and 2 more; ")
+    command = line.split("`")[1]
+    assert command == download_command(sd, DIFFUSERS, revision=COMMIT, force=True)  # the commit main named
+    asked = hf_download(command, monkeypatch)
+    assert asked["force_download"] is True and asked["allow_patterns"] == hf_download_patterns(
+        download_command(sd, DIFFUSERS), monkeypatch)
+    from seedselect_cli.hub import damaged_in_cache
+
+    assert [d.split(" (")[0] for d in damaged_in_cache(sd, DIFFUSERS)] == [
+        "text_encoder/config.json", "unet/diffusion_pytorch_model.safetensors", "vae/config.json"]
+
+    shutil.rmtree(cache / f"models--{name}--sd")
+    cached_snapshot(cache, sd, world, files_of(world))
+    weights = cache / f"models--{name}--clip" / "snapshots" / COMMIT / "model.safetensors"
+    weights.write_bytes(random.randbytes(weights.stat().st_size))
+    with pytest.raises(UserError) as caught:
+        load_models(models, torch.device("cpu"), torch.float32)
+    line = str(caught.value)
+    assert line.startswith(f"the CLIP image encoder '{clip}' has a damaged file in the Hugging Face cache ({cache}): "
+                           f"model.safetensors (")
+    assert line.split("`")[1] == download_command(clip, TRANSFORMERS, force=True)
+
+    # a local folder's: the file named too (transformers' own error of it, uncaught, was a traceback)
+    folder = shutil.copytree(toy / "clip", tmp_path / "clip")
+    (folder / "model.safetensors").write_bytes((toy / "clip" / "model.safetensors").read_bytes()[:-1])
+    with pytest.raises(UserError) as caught:
+        load_models(ModelConfig(pretrained=str(world), image_encoder=str(folder)), torch.device("cpu"), torch.float32)
+    assert str(caught.value).startswith(f"cannot load the CLIP image encoder from folder {folder}: model.safetensors (")
+
+
 def test_a_revision_and_a_variant_are_downloaded_as_asked(monkeypatch):
     asked = hf_download(download_command("org/model", DIFFUSERS, revision="v1.0", variant="fp16"), monkeypatch)
     assert (asked["repo_id"], asked["revision"]) == ("org/model", "v1.0")
