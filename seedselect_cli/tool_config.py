@@ -173,6 +173,9 @@ def check_evaluate(cfg: EvaluateConfig) -> None:
     check_location(SD_MODEL, "model", cfg.model, DIFFUSERS, convertible=True)
     check_location(TWO_TOWER_CLIP, "clip", cfg.clip, TRANSFORMERS)
     check_location(JUDGE, "judge.model", cfg.judge.model, TRANSFORMERS)
+    if cfg.judge.label_map and cfg.judge.model is None:  # else the map is dropped, and no judge scores anything
+        raise UserError("judge.label_map maps a judge's labels to classes, but judge.model names no judge: pass "
+                        "judge.model=HUB_ID_OR_FOLDER (any transformers image classifier) too, or leave the map out")
     if cfg.heldout is not None and not Path(cfg.heldout).expanduser().is_dir():
         raise UserError(f"heldout={cfg.heldout} is not an existing folder: pass a folder of DIR/<class>/<image>, "
                         f"or leave heldout out for the data set's own held-out images")

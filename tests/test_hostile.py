@@ -237,6 +237,9 @@ CASES = {
     "evaluate: a label_map onto no class of the run": Case(
         ["evaluate", "run_dir={run}", "baseline=false", f"judge.model={asset_path('toyworld/judge')}",
          "+judge.label_map={sea finch: nobody}"], "judge.label_map maps the labels", needs_run=True),
+    "evaluate: a label_map without a judge": Case(
+        ["evaluate", "run_dir={run}", "+judge.label_map={sea finch: red_disc}"], "but judge.model names no judge",
+        needs_run=True),
     "evaluate: a file": Case(["evaluate", "run_dir={tmp}/f.txt"], "is a file; pass the run's folder",
                              _files({"f.txt": "x"})),
     "evaluate: an empty run": Case(["evaluate", "run_dir={tmp}/empty"], "holds no finished images yet; run",
