@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from seedselect_cli.config import (
     Config,
+    keys_not_read,
     load_config,
     load_structured,
     other_commands_keys,
@@ -104,7 +105,8 @@ def run_in_job_dir(run: Callable[[Config, Path], object], cfg: DictConfig) -> No
         _resume_with = override_arg("hydra.sweep.dir", str(sweep_dir))
     with user_errors():
         config = load_config(cfg, start_dir=hydra_config.runtime.cwd)  # where the command was started
-        for said in other_commands_keys(hydra_config.job.name, list(hydra_config.overrides.task), config):
+        overrides = list(hydra_config.overrides.task)
+        for said in [*other_commands_keys(hydra_config.job.name, overrides, config), *keys_not_read(overrides, config)]:
             log.warning(said)
         try:
             run(config, Path(hydra_config.runtime.output_dir))

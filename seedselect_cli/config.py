@@ -265,6 +265,32 @@ def other_commands_keys(command: str, overrides: list[str], config: Config) -> l
     return said
 
 
+def keys_not_read(overrides: list[str], config: Config) -> list[str]:
+    """What the command line set that this config does not read, given the value of the key it waits on (a sweep over
+    it would make the same images at every value); each says what reads it."""
+    init, method = config.init, config.init.method
+    inverted = "for the starts from inverted references (init=inversion, nao or reference)"
+    waits = {  # key: (not read now, the value that makes it so, what reads it)
+        "loss.temperature": (config.loss.semantic != "contrastive", f"loss.semantic={config.loss.semantic}",
+                             "the contrastive loss's tau (loss=contrastive)"),
+        "init.noise": (method == "random", "init=random", inverted),
+        "init.inversion_steps": (method == "random", "init=random", inverted),
+        "init.inversion_guidance": (method == "random", "init=random", inverted),
+        "init.nao_paths": (method != "nao", f"init={method}", "for NAO's start (init=nao)"),
+        **{f"init.{key}": (method != "nao" or not init.nao_paths,
+                           f"init={method}" if method != "nao" else "init.nao_paths=false",
+                           "for NAO's paths (init=nao with init.nao_paths=true)")
+           for key in ("nao_points", "nao_length_weight", "nao_iterations")},
+    }
+    said = []
+    for override in overrides:
+        key, _, value = override.lstrip("+~").partition("=")
+        unread, because, reader = waits.get(key, (False, "", ""))
+        if unread:
+            said.append(f"{key}={value} is not read with {because}: it is {reader}")
+    return said
+
+
 # How a required key of generate and evaluate is written, for the error that says it is missing.
 REQUIRED_FORM = {"seed_file": "seed_file=RUN/seeds/<class>/<index>.safetensors", "out": "out=IMAGE.png",
                  "run_dir": "run_dir=RUN (the folder an optimize or bootstrap run wrote)"}
