@@ -27,10 +27,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from seedselect_cli.config import (
     Config,
-    keys_not_read,
     load_config,
     load_structured,
-    other_commands_keys,
     register_resolvers,
 )
 from seedselect_cli.entry import COMMANDS, answer_at_once
@@ -47,6 +45,7 @@ from seedselect_cli.preflight import names_start_time, preflight
 from seedselect_cli.requirements import check_requirements
 from seedselect_cli.shell import override_arg
 from seedselect_cli.tool_config import EvaluateConfig, GenerateConfig
+from seedselect_cli.unread_keys import unread_keys
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +104,7 @@ def run_in_job_dir(run: Callable[[Config, Path], object], cfg: DictConfig) -> No
         _resume_with = override_arg("hydra.sweep.dir", str(sweep_dir))
     with user_errors():
         config = load_config(cfg, start_dir=hydra_config.runtime.cwd)  # where the command was started
-        overrides = list(hydra_config.overrides.task)
-        for said in [*other_commands_keys(hydra_config.job.name, overrides, config), *keys_not_read(overrides, config)]:
+        for said in unread_keys(hydra_config.job.name, list(hydra_config.overrides.task), config):
             log.warning(said)
         try:
             run(config, Path(hydra_config.runtime.output_dir))

@@ -240,57 +240,6 @@ def in_config_order(cfg: DictConfig, keys: set[str]) -> list[str]:
     return sorted(keys, key=lambda k: order.index(k) if k in order else len(order))
 
 
-def other_commands_keys(command: str, overrides: list[str], config: Config) -> list[str]:
-    """What the command line set that the other of `optimize` and `bootstrap` reads and this one does not (each
-    says what this command reads instead): `seedselect bootstrap n_images=100` makes bootstrap.n_images."""
-    said = []
-    for override in overrides:
-        key, _, value = override.lstrip("+~").partition("=")
-        if command == "bootstrap" and key == "n_images":
-            said.append(f"n_images={value} is `seedselect optimize`'s: bootstrap makes bootstrap.n_images="
-                        f"{config.bootstrap.n_images} images per class; pass bootstrap.n_images={value}")
-        elif command == "bootstrap" and key == "bootstrap.n_images" and config.bootstrap.fill_to is not None:
-            said.append(f"bootstrap.n_images={value} is not read with bootstrap.fill_to={config.bootstrap.fill_to}: "
-                        f"each class gets the images that fill it up to {config.bootstrap.fill_to}")
-        elif command == "bootstrap" and key == "optim.iterations":
-            said.append(f"optim.iterations={value} is `seedselect optimize`'s: bootstrap refines each image "
-                        f"bootstrap.iterations={config.bootstrap.iterations} times")
-        elif command == "bootstrap" and key == "optim.backtrack":
-            share = "null (never)" if config.bootstrap.backtrack is None else config.bootstrap.backtrack
-            said.append(f"optim.backtrack={value} is `seedselect optimize`'s: bootstrap backtracks by "
-                        f"bootstrap.backtrack={share}; pass bootstrap.backtrack={value}")
-        elif command == "optimize" and key.startswith("bootstrap."):
-            said.append(f"{key}={value} is `seedselect bootstrap`'s: optimize makes n_images={config.n_images} "
-                        f"images per class, each refined optim.iterations={config.optim.iterations} times")
-    return said
-
-
-def keys_not_read(overrides: list[str], config: Config) -> list[str]:
-    """What the command line set that this config does not read, given the value of the key it waits on (a sweep over
-    it would make the same images at every value); each says what reads it."""
-    init, method = config.init, config.init.method
-    inverted = "for the starts from inverted references (init=inversion, nao or reference)"
-    waits = {  # key: (not read now, the value that makes it so, what reads it)
-        "loss.temperature": (config.loss.semantic != "contrastive", f"loss.semantic={config.loss.semantic}",
-                             "the contrastive loss's tau (loss=contrastive)"),
-        "init.noise": (method == "random", "init=random", inverted),
-        "init.inversion_steps": (method == "random", "init=random", inverted),
-        "init.inversion_guidance": (method == "random", "init=random", inverted),
-        "init.nao_paths": (method != "nao", f"init={method}", "for NAO's start (init=nao)"),
-        **{f"init.{key}": (method != "nao" or not init.nao_paths,
-                           f"init={method}" if method != "nao" else "init.nao_paths=false",
-                           "for NAO's paths (init=nao with init.nao_paths=true)")
-           for key in ("nao_points", "nao_length_weight", "nao_iterations")},
-    }
-    said = []
-    for override in overrides:
-        key, _, value = override.lstrip("+~").partition("=")
-        unread, because, reader = waits.get(key, (False, "", ""))
-        if unread:
-            said.append(f"{key}={value} is not read with {because}: it is {reader}")
-    return said
-
-
 # How a required key of generate and evaluate is written, for the error that says it is missing.
 REQUIRED_FORM = {"seed_file": "seed_file=RUN/seeds/<class>/<index>.safetensors", "out": "out=IMAGE.png",
                  "run_dir": "run_dir=RUN (the folder an optimize or bootstrap run wrote)"}
