@@ -161,8 +161,9 @@ def index_html(metrics: dict, sheets: dict[str, str]) -> str:
                     c.get("heldout", {}).get("n_images"), c.get("heldout", {}).get("source")]
                    for name, c in metrics["classes"].items()],
                   ["class", "references", "diversity", "held-out real images", "taken from"])
-    figures = "".join(f'<h3>{html.escape(name)}</h3><img src="{html.escape(src)}" alt="{html.escape(name)}">'
-                      for name, src in sheets.items())
+    # lazily: a run of hundreds of classes has hundreds of sheets, tens of MB a page would load at once
+    figures = "".join(f'<h3>{html.escape(name)}</h3><img src="{html.escape(src)}" alt="{html.escape(name)}" '
+                      f'loading="lazy">' for name, src in sheets.items())
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>seedselect report</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;margin:1em 0}}

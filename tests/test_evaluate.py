@@ -184,6 +184,7 @@ def test_report_with_the_baseline_beside_the_result(demo_run, monkeypatch, caplo
     links = re.findall(r'(?:src|href)="([^"]+)"', page)
     assert {"loss.png", "metrics.json", "sheets/red_disc.png"} <= set(links)
     assert all(not link.startswith(("/", "http")) and (report / link).is_file() for link in links)
+    assert '<img src="sheets/red_disc.png" alt="red_disc" loading="lazy">' in page  # hundreds of classes: as scrolled
 
     calls = []
     monkeypatch.setattr(evaluate_module, "sample_images", lambda *a, **k: calls.append(1))
