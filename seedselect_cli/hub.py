@@ -12,7 +12,7 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 
 from seedselect_cli.errors import UserError
 from seedselect_cli.limits import is_commit
@@ -90,8 +90,6 @@ def damaged_files(folder: Path, layout: Layout, variant: str | None = None) -> l
 def unreadable(path: Path) -> str | None:
     """Why a cached .safetensors or JSON file cannot be read, in one line; None where it can (other files: whether
     they are there)."""
-    from safetensors import safe_open
-
     if not path.exists():
         return "a link to a file that is gone"
     try:
@@ -204,9 +202,10 @@ def weights_not_available(what: str, key: str, source: str, exc: Exception, offl
             return UserError(f"cannot load the {what} from folder {source}: it holds pickled weights ({pickled[0]}), "
                              f"which can run code when loaded; seedselect reads only .safetensors: convert the folder "
                              f"(save_pretrained(..., safe_serialization=True)) or pass another")
-        damaged = damaged_files(Path(os.path.expanduser(source)), layout, variant)
-        said = damaged[0] + (f", and {len(damaged) - 1} more damaged" if len(damaged) > 1 else "") if damaged else \
-            str(exc).splitlines()[0].rstrip(".")
+        if damaged := damaged_files(Path(os.path.expanduser(source)), layout, variant):
+            said = damaged[0] + (f", and {len(damaged) - 1} more damaged" if len(damaged) > 1 else "")
+        else:
+            said = str(exc).splitlines()[0].rstrip(".")
         return UserError(f"cannot load the {what} from folder {source}: {said}; pass a folder in {layout.name} with "
                          f".safetensors weights")
     if is_path(source):

@@ -12,12 +12,16 @@ def unread_keys(command: str, overrides: list[str], config: Config) -> list[str]
     return [*other_commands_keys(command, overrides, config), *keys_not_read(overrides, config)]
 
 
+def keys_and_values(overrides: list[str]) -> list[tuple[str, str]]:
+    """Each override's key and value as typed (`+key=value` and `~key` name `key`)."""
+    return [override.lstrip("+~").partition("=")[::2] for override in overrides]
+
+
 def other_commands_keys(command: str, overrides: list[str], config: Config) -> list[str]:
     """What the command line set that the other of `optimize` and `bootstrap` reads and this one does not (each
     says what this command reads instead): `seedselect bootstrap n_images=100` makes bootstrap.n_images."""
     said = []
-    for override in overrides:
-        key, _, value = override.lstrip("+~").partition("=")
+    for key, value in keys_and_values(overrides):
         if command == "bootstrap" and key == "n_images":
             said.append(f"n_images={value} is `seedselect optimize`'s: bootstrap makes bootstrap.n_images="
                         f"{config.bootstrap.n_images} images per class; pass bootstrap.n_images={value}")
@@ -55,8 +59,7 @@ def keys_not_read(overrides: list[str], config: Config) -> list[str]:
            for key in ("nao_points", "nao_length_weight", "nao_iterations")},
     }
     said = []
-    for override in overrides:
-        key, _, value = override.lstrip("+~").partition("=")
+    for key, value in keys_and_values(overrides):
         unread, because, reader = waits.get(key, (False, "", ""))
         if unread:
             said.append(f"{key}={value} is not read with {because}: it is {reader}")
