@@ -102,6 +102,7 @@ class OptimConfig:
     # a seed whose loss rises above its best by this share goes halfway back to its best iterate and takes half-size
     # steps from then on; None: never (the authors' plain AdamW)
     backtrack: float | None = None
+    grad_clip: float | None = None  # each seed's gradient scaled down to at most this norm (ReNO's 0.1); None: never
 
 
 @dataclass
@@ -167,7 +168,7 @@ class Config:
         o = self.optim
         return OptimSpec(lr=o.lr, iterations=o.iterations, lr_drop_at=o.lr_drop_at, lr_drop_factor=o.lr_drop_factor,
                          shell=o.shell, patience=o.patience, stop_near_reference=o.stop_near_reference,
-                         backtrack=o.backtrack, optimizer=instantiate(o.optimizer))
+                         backtrack=o.backtrack, grad_clip=o.grad_clip, optimizer=instantiate(o.optimizer))
 
 
 def load_structured(schema: type, cfg: DictConfig | dict):
@@ -364,6 +365,8 @@ def check_config(c: Config) -> None:
     for key, share in (("optim.backtrack", c.optim.backtrack), ("bootstrap.backtrack", c.bootstrap.backtrack)):
         if share is not None and not (math.isfinite(share) and share >= 0):
             raise _bad(key, share, "must be null (off) or a share >= 0 of a seed's best loss, e.g. 0.5")
+    if c.optim.grad_clip is not None and not (math.isfinite(c.optim.grad_clip) and c.optim.grad_clip > 0):
+        raise _bad("optim.grad_clip", c.optim.grad_clip, "must be null (off) or a positive gradient norm, e.g. 0.1")
     if not c.optim.lr_drop_factor > 0:
         raise _bad("optim.lr_drop_factor", c.optim.lr_drop_factor, "must be positive")
     if "_target_" not in c.optim.optimizer:

@@ -114,7 +114,8 @@ def test_required_root_is_named(tmp_path):
     ("optim.stop_near_reference=true loss.semantic=contrastive", "optim.stop_near_reference"),  # cosine L_sem only
     ("optim.stop_near_reference=true loss.lam=0", "optim.stop_near_reference"),
     ("optim.backtrack=-0.5", "optim.backtrack"), ("optim.backtrack=nan", "optim.backtrack"),
-    ("bootstrap.backtrack=-1", "bootstrap.backtrack"),
+    ("bootstrap.backtrack=-1", "bootstrap.backtrack"), ("optim.grad_clip=0", "optim.grad_clip"),
+    ("optim.grad_clip=-0.1", "optim.grad_clip"), ("optim.grad_clip=inf", "optim.grad_clip"),
 ])
 @pytest.mark.slow
 def test_bad_values_are_rejected_naming_the_key(override, key):

@@ -9,7 +9,7 @@ import torch
 
 import seedselect_cli.core.optimize as optimize_module
 from seedselect_cli.core.losses import semantic_distance
-from seedselect_cli.core.optimize import backtracking_step, optimize_seeds, seed_objective, semantic_embedding
+from seedselect_cli.core.optimize import backtracking_step, clip_seed_gradients, optimize_seeds, seed_objective, semantic_embedding
 from seedselect_cli.core.prompts import encode_prompt
 from seedselect_cli.core.samplers import ddim_schedule
 from seedselect_cli.core.sampling import rollout
@@ -183,3 +183,55 @@ def test_backtracking_steps_each_seed_by_its_share_and_sends_a_risen_seed_halfwa
     for key, value in moments.items():
         torch.testing.assert_close(ours_opt.state[z][key][2], value[2], rtol=0, atol=0)
         torch.testing.assert_close(ours_opt.state[z][key][:2], plain_opt.state[plain][key][:2], rtol=0, atol=0)
+
+
+def test_grad_clip_scales_each_seeds_gradient_as_clip_grad_norm_scales_that_seed_alone():
+    """`optim.grad_clip` against `torch.nn.utils.clip_grad_norm_` on each seed as its own parameter (ReNO's one
+    seed), on fresh gradients of norms above and below the clip: a seed's clipped gradient does not depend on its
+    batch, and one within the clip is left as it is."""
+    g = torch.Generator().manual_seed(59)
+    grad = torch.randn(4, 4, 6, 6, generator=g, dtype=torch.float64) * torch.tensor([3.0, 0.005, 0.4, 50.0],
+                                                                                      dtype=torch.float64).view(-1, 1, 1, 1)
+    clipped = grad.clone()
+    clip_seed_gradients(clipped, 0.1)
+    for row in range(4):
+        alone = grad[row].clone().requires_grad_(True)
+        alone.grad = grad[row].clone()
+        torch.nn.utils.clip_grad_norm_([alone], 0.1)
+        torch.testing.assert_close(clipped[row], alone.grad, rtol=1e-12, atol=0)
+    assert torch.equal(clipped[1], grad[1])  # norm about 0.005 * 12: within the clip
+    assert clipped.flatten(1).norm(dim=1).max() <= 0.1 + 1e-9
+
+
+@pytest.mark.slow
+def test_renos_recipe_steps_each_seed_as_renos_loop_steps_it_alone(tiny_models):
+    """`optim.grad_clip` with SGD and Nesterov momentum (ReNO's optimiser) in a batch of two, against ReNO's trainer
+    loop written out for each seed alone: evaluate, backward, `clip_grad_norm_`, step; the last iterate is evaluated
+    and not stepped, and the best iterate is kept. The clip is ReNO's 0.1 over 10: the tiny networks' gradients
+    (norm about 0.02) would pass ReNO's own unclipped."""
+    overrides = ["optim.optimizer._target_=torch.optim.SGD", "+optim.optimizer.momentum=0.9",
+                 "+optim.optimizer.nesterov=true", "optim.lr=5", "optim.grad_clip=0.01", "optim.iterations=4", "optim.lr_drop_factor=1",
+                 "optim.backtrack=null", "loss.norm_weight=0.01"]
+    config = make_config(overrides)
+    target, z = random_target(60), seeds(2, 61)
+    embeds = encode_prompt(tiny_models, "a red disc")
+    schedule = ddim_schedule(tiny_models, config.sampler.steps)
+    together = optimize_seeds(tiny_models, z, target, embeds, config.objective(), config.optim_spec())
+    for i in range(2):
+        seed = z[i:i + 1].clone().requires_grad_(True)
+        sgd = torch.optim.SGD([seed], lr=5, momentum=0.9, nesterov=True)
+        losses, iterates, norms = [], [], []
+        for it in range(4):
+            sgd.zero_grad()
+            terms = seed_objective(tiny_models, seed, target, embeds, schedule, config.objective())
+            losses.append(terms.total.item())
+            iterates.append(seed.detach().clone())
+            if it < 3:
+                terms.total.sum().backward()
+                norms.append(float(torch.nn.utils.clip_grad_norm_([seed], 0.01)))
+                sgd.step()
+        assert min(norms) > 0.01  # every step clipped
+        best = min(range(4), key=losses.__getitem__)
+        assert together[i].loss_history == pytest.approx(losses, rel=1e-5)
+        assert together[i].best_iteration == best
+        torch.testing.assert_close(together[i].optimized, iterates[best][0], rtol=1e-5, atol=1e-6)

@@ -224,6 +224,13 @@ def backtracking_step(optimizer: torch.optim.Optimizer, z: torch.Tensor, best_z:
                 state[key][back] = value[back]
 
 
+def clip_seed_gradients(grad: torch.Tensor, max_norm: float) -> None:
+    """`optim.grad_clip`: each seed's gradient (a row of `grad`, (B, ...)) scaled in place to at most `max_norm`, as
+    `torch.nn.utils.clip_grad_norm_` scales the one seed ReNO optimises, so a seed's step does not depend on its batch."""
+    norms = grad.flatten(1).norm(dim=1)
+    grad.mul_((max_norm / (norms + 1e-6)).clamp(max=1.0).view(-1, *[1] * (grad.ndim - 1)))
+
+
 def optimize_seeds(models: FrozenModels, z_init: torch.Tensor, centroids: Centroids, text_embeds: PromptEmbeds,
                    objective: Objective, optim: OptimSpec, iterations: int | None = None, progress=None,
                    should_stop: Callable[[], bool] | None = None,
@@ -312,6 +319,8 @@ def optimize_seeds(models: FrozenModels, z_init: torch.Tensor, centroids: Centro
             break  # no seed has improved for optim.patience iterations: the rest would change nothing
         if frozen.any():
             z.grad[frozen.to(z.device)] = 0.0
+        if optim.grad_clip is not None:
+            clip_seed_gradients(z.grad, optim.grad_clip)
         if optim.backtrack is None:
             optimizer.step()
         else:

@@ -116,6 +116,9 @@ class OptimSpec:
     # a seed whose loss rises above its best by this share goes halfway back to its best iterate and steps half as
     # far from then on; None: never (the authors' plain AdamW)
     backtrack: float | None = None
+    # each seed's gradient scaled down to at most this L2 norm before the step (ReNO's `clip_grad_norm_`, which it
+    # takes at batch 1); None: never
+    grad_clip: float | None = None
     optimizer: Callable[..., torch.optim.Optimizer] = adamw
 
 
