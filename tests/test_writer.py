@@ -100,8 +100,12 @@ def test_a_run_directory_of_another_config_is_refused(tmp_path):
                                         r"same settings \(optim.backtrack=null\) or"):  # as typed, not Python's None
         RunDirectory(tmp_path).start("seed: 0\nn_images: 3\nloss:\n  lam: 0.5\noptim:\n  backtrack: 0.5\n",
                                      defaults_yaml="optim:\n  backtrack: null\n")
-    with pytest.raises(UserError, match=r"; optim.x: null there, 2 now; 2 more\); resume with the same settings or"):
+    with pytest.raises(UserError, match=r"; optim.x: not set there, 2 now; 2 more\); resume with the same settings or"):
         RunDirectory(tmp_path).start("seed: 1\nn_images: 3\nloss:\n  lam: 0.9\noptim:\n  lr: 1\n  x: 2\nz: 0\n")
+    # a key only one side has is said in Hydra's syntax, which adds (`+key=value`) or removes (`~key`) it
+    with pytest.raises(UserError, match=r"another config \(loss.lam: 0.5 there, not set now; optim.x: not set there, 2 "
+                                        r"now\); resume with the same settings \(\+loss.lam=0.5 ~optim.x\) or"):
+        RunDirectory(tmp_path).start("seed: 0\nn_images: 3\noptim:\n  x: 2\n")
 
 
 def test_a_run_of_an_older_version_resumes_when_a_new_key_keeps_its_default(tmp_path):

@@ -167,10 +167,14 @@ class RunDirectory:
             before = _comparable(defaults_yaml, skip) | before
         if before != after:
             keys = [k for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)]
-            differ = "; ".join(f"{k}: {_as_typed(before.get(k))} there, {_as_typed(after.get(k))} now"
-                               for k in keys[:3])
+            def value(config: dict, key: str) -> str:
+                return _as_typed(config[key]) if key in config else "not set"
+
+            differ = "; ".join(f"{k}: {value(before, k)} there, {value(after, k)} now" for k in keys[:3])
             more = f"; {len(keys) - 3} more" if len(keys) > 3 else ""
-            same = " ".join(f"{k}={_as_typed(before[k])}" for k in keys if k in before) if len(keys) <= 3 else ""
+            # Hydra's syntax for each: `+key=value` adds a key this command's config lacks, `~key` removes one
+            same = " ".join(f"{'' if k in after else '+'}{k}={_as_typed(before[k])}" if k in before else f"~{k}"
+                            for k in keys) if len(keys) <= 3 else ""
             raise UserError(
                 f"{self.root} holds a run made with another config ({differ}{more}); resume with the same "
                 f"settings{f' ({same})' if same else ''} or pass a new hydra.run.dir"
