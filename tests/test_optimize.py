@@ -9,7 +9,13 @@ import torch
 
 import seedselect_cli.core.optimize as optimize_module
 from seedselect_cli.core.losses import semantic_distance
-from seedselect_cli.core.optimize import backtracking_step, clip_seed_gradients, optimize_seeds, seed_objective, semantic_embedding
+from seedselect_cli.core.optimize import (
+    backtracking_step,
+    clip_seed_gradients,
+    optimize_seeds,
+    seed_objective,
+    semantic_embedding,
+)
 from seedselect_cli.core.prompts import encode_prompt
 from seedselect_cli.core.samplers import ddim_schedule
 from seedselect_cli.core.sampling import rollout
