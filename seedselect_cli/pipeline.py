@@ -180,8 +180,11 @@ def _run(config: Config, run_dir: Path, method: str, stop: GracefulStop) -> list
     if not records:
         return []
     if not any(todo.values()):
-        log.info("nothing to do: every image is already in %s (%s of %s); %s %s", run_dir,
-                 count_of(sum(wanted[r.name] for r in records), "image"), count_of(len(records), "class", "classes"),
+        asked = sum(wanted[r.name] for r in records)
+        held = sum(1 for name, _ in done if name in todo)  # an earlier command may have asked for more
+        log.info("nothing to do: every image is already in %s (%s of %s%s); %s %s", run_dir, count_of(asked, "image"),
+                 count_of(len(records), "class", "classes"),
+                 f"; it holds {held} of theirs, made by a command that asked for more" if held > asked else "",
                  NEXT, evaluate_command(config, run_dir))
         return []
     kept = sum(wanted[r.name] - len(todo[r.name]) for r in records)

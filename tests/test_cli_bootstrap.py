@@ -68,6 +68,10 @@ def test_a_killed_run_resumes_to_exactly_n_images_per_class(cub, uninterrupted, 
         assert all(np.array_equal(ours[k].numpy(), theirs[k].numpy()) for k in ("initial", "optimized"))
     metadata = (run_dir / "images" / "metadata.jsonl").read_text().splitlines()
     assert len(metadata) == 6 and len(set(metadata)) == 6
+    # asked for fewer than the run holds: nothing to make, and the line says the run holds more than was asked
+    code, out, err = in_process(command(cub, run_dir, "bootstrap.n_images=2"), tmp_path, monkeypatch, capsys)
+    assert code == 0 and len(read_manifest(run_dir)) == 6, err
+    assert "(4 images of 2 classes; it holds 6 of theirs, made by a command that asked for more)" in out + err
 
 
 def test_generate_redraws_a_bootstrap_image(uninterrupted, tmp_path, monkeypatch):
