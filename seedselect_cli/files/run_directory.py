@@ -167,10 +167,7 @@ class RunDirectory:
             before = _comparable(defaults_yaml, skip) | before
         if before != after:
             keys = [k for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)]
-            def value(config: dict, key: str) -> str:
-                return _as_typed(config[key]) if key in config else "not set"
-
-            differ = "; ".join(f"{k}: {value(before, k)} there, {value(after, k)} now" for k in keys[:3])
+            differ = "; ".join(f"{k}: {_value_in(before, k)} there, {_value_in(after, k)} now" for k in keys[:3])
             more = f"; {len(keys) - 3} more" if len(keys) > 3 else ""
             # Hydra's syntax for each: `+key=value` adds a key this command's config lacks, `~key` removes one
             same = " ".join(f"{'' if k in after else '+'}{k}={_as_typed(before[k])}" if k in before else f"~{k}"
@@ -393,6 +390,11 @@ def _append_line(path: Path, entry: dict) -> None:
         handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def _value_in(config: dict, key: str) -> str:
+    """A flattened config's value of `key` as typed, or "not set" where it has none."""
+    return _as_typed(config[key]) if key in config else "not set"
 
 
 def _as_typed(value) -> str:
