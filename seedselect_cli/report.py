@@ -64,10 +64,13 @@ def contact_sheet(rows: list[tuple[str, list[Image.Image], list[list[tuple[str, 
 
 def image_marks(row: dict, name: str) -> list[tuple[str, str]]:
     """What a person should check on an image of class `name`, from its report/images.jsonl row: the judge's class
-    where it is not `name`, a copy of a reference, a seed never refined (its start)."""
+    where it is not `name`, an image unlike every held-out real one (what precision counts against it), a copy of a
+    reference, a seed never refined (its start)."""
     marks = []
     if row.get("judge_label") is not None and row.get("judge_top1") != name:
         marks.append((f"judge: {row['judge_label']}"[:22], "red"))
+    if row.get("on_real_manifold") is False:
+        marks.append(("unlike real images", "royalblue"))
     if row.get("copy"):
         marks.append(("copy", "darkorange"))
     if row.get("unrefined"):
@@ -184,7 +187,9 @@ Numbers: <a href="metrics.json">metrics.json</a>.</p>
 <h2>References</h2>{refs}
 <h2>Loss</h2><img src="loss.png" alt="loss curves">
 <h2>Images (references | plain Stable Diffusion | {names["seedselect"]})</h2>
-<p>Marks on an image: <i>judge: X</i>, the judge's label where it is not the image's class; <i>copy</i>, nearer a
+<p>Marks on an image: <i>judge: X</i>, the judge's label where it is not the image's class; <i>unlike real
+images</i>, outside the neighbourhood of every held-out real image in the quality features (an image precision
+counts against the set); <i>copy</i>, nearer a
 reference than any held-out real image (not measured with fewer than {COPIES_MINIMUM}); <i>unrefined</i>, its seed
 never got below its start's loss (an image that took no step, kept as drawn by <code>bootstrap.keep_drawn</code> or of a run of one
 iteration, selection alone, is its start on purpose and not marked).
@@ -234,6 +239,9 @@ def marks_line(per_image: list[dict], report: Path) -> str:
     elif len(measured) < len(ours):
         copies += f" of {len(measured)} measured ({len(ours) - len(measured)} not: {too_few})"
     counts = [copies, f"{sum(r['unrefined'] for r in ours)} unrefined"]
+    placed = [r["on_real_manifold"] for r in ours if r.get("on_real_manifold") is not None]
+    if placed:  # not without held-out real images
+        counts.insert(0, f"{placed.count(False)} unlike the held-out real images")
     if any(r["judge_label"] is not None for r in ours):
         counts.insert(0, f"{sum(r['judge_top1'] != r['class'] for r in ours)} rejected by the judge")
     return (f"marked on the contact sheets ({report / 'sheets'}), of the run's {count_of(len(ours), 'image')}: "

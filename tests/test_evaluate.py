@@ -317,13 +317,18 @@ def test_images_jsonl_says_of_each_image_what_metrics_json_says_of_its_class(dem
         assert r["unrefined"] == (min(history) >= history[0]) and r["loss"] == entries[r["index"]]["loss"]
     line = marks_line(rows, Path("R"))
     n_copies = sum(r['copy'] for r in ours)
-    assert f"of the run's 3 images: 1 rejected by the judge, {n_copies} {'copy' if n_copies == 1 else 'copies'} of a " \
+    unlike = sum(not r["on_real_manifold"] for r in ours)
+    assert f"of the run's 3 images: 1 rejected by the judge, {unlike} unlike the held-out real images, {n_copies} " \
+           f"{'copy' if n_copies == 1 else 'copies'} of a " \
            f"reference, {sum(r['unrefined'] for r in ours)} unrefined" in line and str(Path("R") / "images.jsonl") in line
     one = [{"set": "seedselect", "class": "a", "copy": True, "unrefined": True, "judge_label": "b", "judge_top1": None}]
     assert "of the run's 1 image: 1 rejected by the judge, 1 copy of a reference, 1 unrefined;" in marks_line(one, Path("R"))
     assert image_marks({"judge_top1": None, "judge_label": "off-model", "copy": True, "unrefined": True}, "a") == [
         ("judge: off-model", "red"), ("copy", "darkorange"), ("unrefined", "dimgray")]
-    assert image_marks({"judge_top1": "a", "judge_label": "A", "copy": False, "unrefined": False}, "a") == []
+    assert image_marks({"judge_top1": "a", "judge_label": "A", "on_real_manifold": False, "copy": True}, "a") == [
+        ("unlike real images", "royalblue"), ("copy", "darkorange")]
+    assert image_marks({"judge_top1": "a", "judge_label": "A", "copy": False, "unrefined": False,
+                        "on_real_manifold": True}, "a") == []
     assert image_marks({"judge_top1": None, "judge_label": None, "copy": None}, "a") == []  # no judge, no measure
 
 
