@@ -78,6 +78,16 @@ def image_marks(row: dict, name: str) -> list[tuple[str, str]]:
     return marks
 
 
+def marked_first(images: list[tuple[Path, dict]], name: str) -> list[tuple[Path, dict]]:
+    """The marked ones of `images` (paths and images.jsonl rows of class `name`): those the judge rejects first, then
+    copies, then the rest (unrefined, unlike real images, which can be half a tail class), each in the run's order."""
+    def rank(row: dict) -> int:
+        rejected = row.get("judge_label") is not None and row.get("judge_top1") != name
+        return 0 if rejected else 1 if row.get("copy") else 2
+
+    return sorted(((path, row) for path, row in images if image_marks(row, name)), key=lambda image: rank(image[1]))
+
+
 def loss_curves(histories: list[list[float]]) -> tuple[list[float], list[float]]:
     """A class's loss against iteration, mean over its images: of what each image keeps (its best iterate so far,
     carried to the end once its optimisation stopped) and of where each still-running seed is. The first ends at
@@ -209,7 +219,7 @@ def write_report(run_dir: Path, metrics: dict, entries: list[dict], references: 
         of_class = {method: [(p, r) for p, r in zip(paths, (r for r in per_image if r["set"] == method))
                              if r["class"] == name] for method, paths in sets.items()}
         # the run's marked images beyond its first row, so a class of hundreds shows what its marks point at
-        later = [(p, r) for p, r in of_class["seedselect"][PER_ROW:] if image_marks(r, name)]
+        later = marked_first(of_class["seedselect"][PER_ROW:], name)
         for label, shown in (*((names[m], of_class[m][:PER_ROW]) for m in ("plain", "seedselect") if m in sets),
                              *([(f"marked ({len(later)} more)", later[:PER_ROW])] if later else [])):
             rows.append((label, [load_rgb(p) for p, _ in shown], [image_marks(r, name) for _, r in shown]))

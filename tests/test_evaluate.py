@@ -28,6 +28,7 @@ from seedselect_cli.report import (
     THUMB,
     image_marks,
     loss_curves,
+    marked_first,
     marks_line,
     plotted_classes,
     write_report,
@@ -356,6 +357,14 @@ def test_a_class_sheet_shows_the_marked_images_beyond_its_first_row(tmp_path):
             return sheet.height // THUMB, (sheet.width - LABEL_WIDTH) // THUMB
 
     assert sheet_shape({3, 9, 10}) == (3, PER_ROW)  # references, the first 8, "marked (2 more)"
+    # a class of hundreds: its last row shows the judge's rejections first, then copies, then the other marks
+    rows = [{"class": "c", "judge_top1": "c", "judge_label": "c", "copy": False, "unrefined": False,
+             "on_real_manifold": i % 2 == 0} for i in range(20)]
+    rows[17].update(judge_top1=None, judge_label="off-model")
+    rows[13]["copy"] = True
+    rows[4]["unrefined"] = True
+    order = [int(path.stem) for path, _ in marked_first([(Path(f"{i}.png"), row) for i, row in enumerate(rows)], "c")]
+    assert order == [17, 13, 1, 3, 4, 5, 7, 9, 11, 15, 19]
     assert sheet_shape({3}) == (2, PER_ROW)
     assert sheet_shape({1}, n=3) == (2, 3)  # as wide as its longest row: no empty columns
 
