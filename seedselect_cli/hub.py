@@ -210,10 +210,10 @@ def weights_not_available(what: str, key: str, source: str, exc: Exception, offl
                          f".safetensors weights")
     if is_path(source):
         return UserError(f"the {what} folder {source} does not exist; pass an existing folder ({key}=/path)")
+    from huggingface_hub.constants import HF_HUB_CACHE
+
     which = f" at revision {revision}" if revision else ""
     if damaged := damaged_in_cache(source, layout, revision, variant):
-        from huggingface_hub.constants import HF_HUB_CACHE
-
         more = f", and {len(damaged) - 1} more" if len(damaged) > 1 else ""
         return UserError(f"the {what} '{source}'{which} has a damaged file in the Hugging Face cache ({HF_HUB_CACHE}): "
                          f"{damaged[0]}{more}; a download skips the files the cache holds, so download it again over "
@@ -222,8 +222,6 @@ def weights_not_available(what: str, key: str, source: str, exc: Exception, offl
     hint = (f"download it once with `{download_command(source, layout, revision, variant)}` where there is internet, "
             f"or pass a local folder ({key}=/path)")
     if offline:
-        from huggingface_hub.constants import HF_HUB_CACHE
-
         return UserError(f"the {what} '{source}'{which} is not (wholly) in the Hugging Face cache ({HF_HUB_CACHE}), "
                          f"and {offline}: {hint}")
     refusal = hub_refusal(exc, what, key, source)

@@ -62,12 +62,17 @@ def contact_sheet(rows: list[tuple[str, list[Image.Image], list[list[tuple[str, 
     return sheet
 
 
+def judge_rejects(row: dict, name: str) -> bool:
+    """Whether a judge scored the image (its images.jsonl `row`) and named something else than its class `name`."""
+    return row.get("judge_label") is not None and row.get("judge_top1") != name
+
+
 def image_marks(row: dict, name: str) -> list[tuple[str, str]]:
     """What a person should check on an image of class `name`, from its report/images.jsonl row: the judge's class
     where it is not `name`, an image unlike every held-out real one (what precision counts against it), a copy of a
     reference, a seed never refined (its start)."""
     marks = []
-    if row.get("judge_label") is not None and row.get("judge_top1") != name:
+    if judge_rejects(row, name):
         marks.append((f"judge: {row['judge_label']}"[:22], "red"))
     if row.get("on_real_manifold") is False:
         marks.append(("unlike real images", "royalblue"))
@@ -82,8 +87,7 @@ def marked_first(images: list[tuple[Path, dict]], name: str) -> list[tuple[Path,
     """The marked ones of `images` (paths and images.jsonl rows of class `name`): those the judge rejects first, then
     copies, then the rest (unrefined, unlike real images, which can be half a tail class), each in the run's order."""
     def rank(row: dict) -> int:
-        rejected = row.get("judge_label") is not None and row.get("judge_top1") != name
-        return 0 if rejected else 1 if row.get("copy") else 2
+        return 0 if judge_rejects(row, name) else 1 if row.get("copy") else 2
 
     return sorted(((path, row) for path, row in images if image_marks(row, name)), key=lambda image: rank(image[1]))
 
@@ -253,7 +257,7 @@ def marks_line(per_image: list[dict], report: Path) -> str:
     if placed:  # not without held-out real images
         counts.insert(0, f"{placed.count(False)} unlike the held-out real images")
     if any(r["judge_label"] is not None for r in ours):
-        counts.insert(0, f"{sum(r['judge_top1'] != r['class'] for r in ours)} rejected by the judge")
+        counts.insert(0, f"{sum(judge_rejects(r, r['class']) for r in ours)} rejected by the judge")
     return (f"marked on the contact sheets ({report / 'sheets'}), of the run's {count_of(len(ours), 'image')}: "
             f"{', '.join(counts)}; every image's measures in {report / 'images.jsonl'}")
 
