@@ -341,9 +341,12 @@ def check_config(c: Config) -> None:
     if c.sampler.name == "lcm" and c.sampler.steps > 50:  # LCMScheduler's steps are a subset of 50 (its default)
         raise _bad("sampler.steps", c.sampler.steps, "the lcm sampler takes at most 50 steps (1 to 8 are its use)")
     if not 1 <= c.kstep.k <= c.sampler.steps:
-        raise _bad("kstep.k", c.kstep.k, f"must be between 1 and sampler.steps={c.sampler.steps}")
+        presets = "kstep=last (k=1)" + (" or kstep=paper (k=2)" if c.sampler.steps >= 2 else "")
+        raise _bad("kstep.k", c.kstep.k, f"must be between 1 and sampler.steps={c.sampler.steps}"
+                   + (f"; with fewer steps take {presets}" if c.kstep.k > c.sampler.steps >= 1 else ""))
     if len(c.kstep.weights) != c.kstep.k:
-        raise _bad("kstep.weights", c.kstep.weights, f"needs exactly kstep.k={c.kstep.k} weights")
+        raise _bad("kstep.weights", c.kstep.weights, f"needs exactly kstep.k={c.kstep.k} weights"
+                   + ("; kstep=last (k=1) and kstep=paper (k=2) set both" if c.kstep.k in (1, 2) else ""))
     if any(not math.isfinite(w) or w < 0 for w in c.kstep.weights) or sum(c.kstep.weights) <= 0:
         raise _bad("kstep.weights", c.kstep.weights, "weights must be finite, >= 0, and not all 0")
     if not math.isfinite(c.sampler.guidance_scale) or c.sampler.guidance_scale < 0:

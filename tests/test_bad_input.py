@@ -81,6 +81,12 @@ CASES = {
     "k": (["optimize", "kstep.k=0"], "kstep.k=0 is invalid"),
     "k above steps": (["optimize", "kstep.k=11"], "kstep.k=11 is invalid"),
     "steps": (["optimize", "sampler.steps=0"], "sampler.steps=0 is invalid"),
+    "fewer steps than k": (["optimize", "sampler.steps=2"],
+                           ("kstep.k=3 is invalid: must be between 1 and sampler.steps=2; with fewer steps take "
+                           "kstep=last (k=1) or kstep=paper (k=2)")),
+    "one step, k of 3": (["optimize", "sampler.steps=1"], "sampler.steps=1; with fewer steps take kstep=last (k=1)"),
+    "k without its weights": (["optimize", "kstep.k=1"], ("needs exactly kstep.k=1 weights; kstep=last (k=1) and "
+                                                         "kstep=paper (k=2) set both")),
     "sampler": (["optimize", "sampler.name=heun"], "sampler.name='heun' is invalid: choose one of ddim, euler"),
     "lcm steps": (["optimize", "sampler.name=lcm", "sampler.steps=60", "kstep=last"], "at most 50 steps"),
     "lr": (["optimize", "optim.lr=-1"], "optim.lr=-1.0 is invalid"),

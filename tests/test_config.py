@@ -167,3 +167,13 @@ def test_a_cluster_job_that_reaches_its_time_limit_is_requeued_to_go_on(tmp_path
     slurm = OmegaConf.load(files("seedselect_cli").joinpath("configs", "hydra", "launcher", "slurm.yaml"))
     assert slurm.max_num_timeout == 3 and slurm.timeout_min * 60 > 10 * SlurmQueueConf.signal_delay_s
     assert submitit.LocalExecutor(tmp_path).max_num_timeout == 3
+
+
+@pytest.mark.parametrize("steps, hint", [("2", "kstep=last (k=1) or kstep=paper (k=2)"), ("1", "kstep=last (k=1)")])
+def test_fewer_steps_than_k_names_the_presets_that_fit_and_each_works(steps, hint):
+    with pytest.raises(UserError) as info:
+        make_config([f"sampler.steps={steps}"])
+    message = str(info.value)
+    assert message.endswith(f"with fewer steps take {hint}"), message
+    for preset in ("last", "paper")[:int(steps)]:  # followed, each hint composes and checks
+        assert make_config([f"sampler.steps={steps}", f"kstep={preset}"]).kstep.k <= int(steps)
