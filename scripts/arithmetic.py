@@ -38,8 +38,8 @@ def count_passes(overrides: list[str], n_images: int, bootstrap: bool = False) -
     """{network: {"forward": images, "backward": images}} per image, and the per-class part apart."""
     # every denoising step recomputed in the backward pass, as `_base` does (the toy world's configs keep theirs;
     # `runtime.memory_budget=auto` among the overrides counts that)
-    config = compose_config("toyworld", ["model=tiny", "dataset.classes=[marsh finch]", "runtime.progress=false",
-                                         "runtime.cache=false", "runtime.memory_budget=0", f"n_images={n_images}",
+    config = compose_config("toyworld", ["model=tiny", "sampler=toyworld", "dataset.classes=[marsh finch]",
+                                         "runtime.progress=false", "runtime.cache=false", "runtime.memory_budget=0", f"n_images={n_images}",
                                          f"runtime.batch_size={n_images}", f"bootstrap.n_images={n_images}",
                                          *overrides])
     counts: Counter = Counter()

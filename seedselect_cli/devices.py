@@ -58,15 +58,16 @@ def no_gpu_warning(requested: str, device: torch.device, height: int, width: int
 
 
 def check_tiny_size(device: torch.device, height: int, width: int, pretrained: str) -> None:
-    """The tiny random components (`model=tiny`) are for dry runs at their own 32 px. At Stable Diffusion's size on a
-    CPU (`model=tiny` without `sampler=tiny`, a dry run's slip) their attention over every latent pixel makes one
-    20-step sample at 512 px take about 10 minutes on 2 cores, and an image of the default method most of a day, for
-    images that mean nothing: `UserError`. On a GPU they run. `pretrained`: which of them (`tiny`, `tiny_sdxl`)."""
+    """The tiny random components are for dry runs at their own 32 px (`model=tiny` brings `sampler=tiny`). At Stable
+    Diffusion's size on a CPU (`model.pretrained=tiny` on a real config's sampler, a dry run's slip) their attention
+    over every latent pixel makes one 20-step sample at 512 px take about 10 minutes on 2 cores, and an image of the
+    default method most of a day, for images that mean nothing: `UserError`. On a GPU they run. `pretrained`: which
+    of them (`tiny`, `tiny_sdxl`)."""
     if device.type == "cpu" and height * width >= LARGE_IMAGE_PIXELS:
-        chosen = "model=tiny" if pretrained == "tiny" else f"model.pretrained={pretrained}"
-        raise UserError(f"{chosen} draws {width}x{height} images here (the sampler's size): the tiny random "
-                        f"components at that size take hours an image on a CPU, for images that mean nothing; for a "
-                        f"dry run add sampler=tiny (32x32, 10 steps)")
+        raise UserError(f"model.pretrained={pretrained} draws {width}x{height} images here (the sampler's size): the "
+                        f"tiny random components at that size take hours an image on a CPU, for images that mean "
+                        f"nothing; for a dry run take model=tiny, which brings its sampler (sampler=tiny: 32x32, 10 "
+                        f"steps)")
 
 
 _threads_fitted: list[bool] = []

@@ -271,8 +271,9 @@ def scheduler_from_json(text: str) -> DDIMScheduler:
 def size_warning(models: FrozenModels, height: int, width: int) -> str | None:
     """What to say where the sampler's size is far from the one the model's UNet is made for (its `sample_size` in
     pixels, diffusers' pipelines' default size): under half or over twice it on a side, where Stable Diffusion
-    draws noise or repeated parts (`--config-name toyworld model=sd15` keeps the toy world's 32 px; `sampler=tiny`
-    with real weights draws 32 px). Half is no slip: SDXL-Turbo draws 512 px with SDXL's UNet of 1024."""
+    draws noise or repeated parts (`--config-name toyworld model.pretrained=/models/sd15` keeps the toy world's
+    32 px: a folder given as the key brings no sampler, as `model=sd15` does). Half is no slip: SDXL-Turbo draws
+    512 px with SDXL's UNet of 1024."""
     native = models.unet.config.sample_size * models.vae_scale_factor
     if all(native / 2 <= side <= native * 2 for side in (height, width)):
         return None

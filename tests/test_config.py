@@ -177,3 +177,26 @@ def test_fewer_steps_than_k_names_the_presets_that_fit_and_each_works(steps, hin
     assert message.endswith(f"with fewer steps take {hint}"), message
     for preset in ("last", "paper")[:int(steps)]:  # followed, each hint composes and checks
         assert make_config([f"sampler.steps={steps}", f"kstep={preset}"]).kstep.k <= int(steps)
+
+
+def test_a_model_option_brings_the_sampler_it_is_made_for_unless_one_is_named(tmp_path):
+    """`model=sd_turbo` on the paper's config samples as SD-Turbo does (1 Euler step, no guidance, k = 1), not 20
+    guided DDIM steps, which draw noise with a distilled model; a `sampler=` or `kstep=` given wins."""
+    def config(name, *overrides):
+        return load_config(compose_raw(name, [f"dataset.root={tmp_path}", *overrides]))
+
+    turbo, paper = config("sd_turbo"), config("cub_tail")
+    assert (turbo.sampler.name, turbo.sampler.steps, turbo.sampler.guidance_scale, turbo.kstep.k) == ("euler", 1, 0, 1)
+    assert (paper.sampler.name, paper.sampler.steps, paper.kstep.k) == ("ddim", 20, 3)
+    assert config("cub_tail", "model=sd_turbo").sampler == turbo.sampler
+    assert config("cub_tail", "model=sd_turbo").kstep == turbo.kstep
+    assert config("cub_tail", "model=sdxl").sampler == config("sdxl").sampler != paper.sampler
+    assert config("cub_tail", "model=sdxl_turbo").sampler == config("sdxl_turbo").sampler
+    assert config("cub_tail", "model=tiny").sampler == config("tiny").sampler  # not 512 px: minutes a sample
+    assert config("cub_tail", "model=sd15").sampler == paper.sampler
+    assert config("demo", "model=toyworld_turbo").sampler == config("toyworld_turbo").sampler
+    back = config("sd_turbo", "model=sd21_base")  # the other way round: the paper's sampling and k again
+    assert (back.sampler, back.kstep) == (paper.sampler, paper.kstep)
+    named = config("cub_tail", "model=sd_turbo", "sampler=sd21_base", "kstep=authors")
+    assert (named.model, named.sampler, named.kstep) == (turbo.model, paper.sampler, paper.kstep)
+    assert config("cub_tail", "model=sd_turbo", "sampler.steps=4").sampler.steps == 4

@@ -158,12 +158,13 @@ CASES = {
     "bootstrap.n_images=10**12": Case(["bootstrap", *TINY, "bootstrap.n_images=1000000000000"],
                                       "bootstrap.n_images=1000000000000 is invalid"),
     "sampler.height=65536": Case(["optimize", *TINY, "sampler.height=65536"], "sampler.height=65536 is invalid"),
-    "model=tiny at the folder config's 512 px on the CPU (a dry run without sampler=tiny)": Case(
-        ["optimize", "--config-name=folder", "dataset.root={tmp}/refs", "model=tiny"],
-        "model=tiny draws 512x512 images here (the sampler's size): the tiny random components at that size take "
-        "hours an image on a CPU", _refs({"a.png": None})),
-    "bootstrap of the same": Case(["bootstrap", "--config-name=folder", "dataset.root={tmp}/refs", "model=tiny"],
-                                  "add sampler=tiny", _refs({"a.png": None})),
+    "model.pretrained=tiny at the folder config's 512 px on the CPU (a dry run without model=tiny's sampler)": Case(
+        ["optimize", "--config-name=folder", "dataset.root={tmp}/refs", "model.pretrained=tiny"],
+        "model.pretrained=tiny draws 512x512 images here (the sampler's size): the tiny random components at that "
+        "size take hours an image on a CPU", _refs({"a.png": None})),
+    "bootstrap of the same": Case(["bootstrap", "--config-name=folder", "dataset.root={tmp}/refs",
+                                   "model.pretrained=tiny"], "take model=tiny, which brings its sampler",
+                                  _refs({"a.png": None})),
     # --- a group switched under a named config's values ---
     "dataset=folder on the default config, whose classes are the demo's [marsh finch]": Case(
         ["optimize", "dataset=folder", "dataset.root={tmp}/refs"], "dataset=folder keeps the demo config's "

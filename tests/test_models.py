@@ -225,8 +225,8 @@ def test_the_hubs_own_refusal_is_said(monkeypatch, hub_error, said):
 
 
 def test_a_sampler_size_far_from_the_one_the_unet_is_made_for_is_said(tiny_models, tmp_path, caplog):
-    """Stable Diffusion draws noise or repeated parts far from its own size: `--config-name toyworld model=sd15`
-    keeps the toy world's 32 px, `sampler=tiny` with real weights draws 32 px. The run's log says so where a side is
+    """Stable Diffusion draws noise or repeated parts far from its own size: `--config-name toyworld
+    model.pretrained=/models/sd15` keeps the toy world's 32 px, `sampler=tiny` with real weights draws 32 px. The run's log says so where a side is
     under half or over twice the UNet's `sample_size` in pixels; SDXL-Turbo's 512 px with SDXL's UNet (1024) is
     its own setting, not a slip."""
     import logging
