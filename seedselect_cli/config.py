@@ -192,15 +192,15 @@ def load_structured(schema: type, cfg: DictConfig | dict):
                             f"quotes for the shell)") from None
         if error := interpolation_error(key, exc):
             raise error from None
-        wanted = next((rule for words, rule in TYPE_RULES if any(w in str(exc) for w in words)), None)
+        wanted = next((rule for words, rule in TYPE_RULES if words in str(exc)), None)
         if key and wanted and hasattr(exc, "value"):  # optim.lr=fast: said as every other bad value is
             raise UserError(f"{key}={exc.value!r} is invalid: {wanted}") from None
         raise UserError(f"invalid config{f' key {key}' if key else ''}: {first_line(exc)}") from None
 
 
 # OmegaConf's words for a value of the wrong type, and the rule said instead
-TYPE_RULES = ((("converted to Integer",), "must be a whole number"), (("converted to Float",), "must be a number"),
-              (("not a valid bool",), "must be true or false"))
+TYPE_RULES = (("converted to Integer", "must be a whole number"), ("converted to Float", "must be a number"),
+              ("not a valid bool", "must be true or false"))
 
 
 @functools.cache
