@@ -100,12 +100,31 @@ def test_a_run_directory_of_another_config_is_refused(tmp_path):
                                         r"same settings \(optim.backtrack=null\) or"):  # as typed, not Python's None
         RunDirectory(tmp_path).start("seed: 0\nn_images: 3\nloss:\n  lam: 0.5\noptim:\n  backtrack: 0.5\n",
                                      defaults_yaml="optim:\n  backtrack: null\n")
-    with pytest.raises(UserError, match=r"; optim.x: not set there, 2 now; 2 more\); resume with the same settings or"):
+    # three described, every one set back (up to 8): a model option that brings its sampler changes five keys
+    with pytest.raises(UserError, match=r"; optim.x: not set there, 2 now; 2 more\); resume with the same settings "
+                                        r"\(loss.lam=0.5 ~optim.lr ~optim.x seed=0 ~z\) or"):
         RunDirectory(tmp_path).start("seed: 1\nn_images: 3\nloss:\n  lam: 0.9\noptim:\n  lr: 1\n  x: 2\nz: 0\n")
     # a key only one side has is said in Hydra's syntax, which adds (`+key=value`) or removes (`~key`) it
     with pytest.raises(UserError, match=r"another config \(loss.lam: 0.5 there, not set now; optim.x: not set there, 2 "
                                         r"now\); resume with the same settings \(\+loss.lam=0.5 ~optim.x\) or"):
         RunDirectory(tmp_path).start("seed: 0\nn_images: 3\noptim:\n  x: 2\n")
+
+
+def test_the_settings_that_resume_a_run_of_another_config_paste_into_a_shell_as_one_word_each(tmp_path):
+    """A list and a string with spaces, as a model option's sampler and kstep change them: pasted, each word is the
+    override that gives the earlier run's value back (read by Hydra's own parser)."""
+    import shlex
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    earlier = "kstep:\n  weights: [0.05, 0.25, 0.7]\nsampler:\n  name: ddim\n  negative_prompt: blurry, low quality\n"
+    RunDirectory(tmp_path).start(earlier)
+    with pytest.raises(UserError) as info:
+        RunDirectory(tmp_path).start("kstep:\n  weights: [1.0]\nsampler:\n  name: euler\n  negative_prompt: ''\n")
+    words = shlex.split(str(info.value).split("resume with the same settings (")[1].split(") or")[0])
+    parsed = {o.key_or_group: o.value() for o in OverridesParser.create().parse_overrides(words)}
+    assert parsed == {"kstep.weights": [0.05, 0.25, 0.7], "sampler.name": "ddim",
+                      "sampler.negative_prompt": "blurry, low quality"}, words
 
 
 def test_a_run_of_an_older_version_resumes_when_a_new_key_keeps_its_default(tmp_path):

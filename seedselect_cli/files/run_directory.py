@@ -20,6 +20,7 @@ import fcntl
 import json
 import logging
 import os
+import shlex
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -169,9 +170,7 @@ class RunDirectory:
             keys = [k for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)]
             differ = "; ".join(f"{k}: {_value_in(before, k)} there, {_value_in(after, k)} now" for k in keys[:3])
             more = f"; {len(keys) - 3} more" if len(keys) > 3 else ""
-            # Hydra's syntax for each: `+key=value` adds a key this command's config lacks, `~key` removes one
-            same = " ".join(f"{'' if k in after else '+'}{k}={_as_typed(before[k])}" if k in before else f"~{k}"
-                            for k in keys) if len(keys) <= 3 else ""
+            same = " ".join(_resume_override(k, before, after) for k in keys) if len(keys) <= MAX_RESUME_KEYS else ""
             raise UserError(
                 f"{self.root} holds a run made with another config ({differ}{more}); resume with the same "
                 f"settings{f' ({same})' if same else ''} or pass a new hydra.run.dir"
@@ -395,6 +394,20 @@ def _append_line(path: Path, entry: dict) -> None:
 def _value_in(config: dict, key: str) -> str:
     """A flattened config's value of `key` as typed, or "not set" where it has none."""
     return _as_typed(config[key]) if key in config else "not set"
+
+
+MAX_RESUME_KEYS = 8  # the overrides that would resume a run of another config, said up to this many
+
+
+def _resume_override(key: str, before: dict, after: dict) -> str:
+    """The shell word that sets `key` back to its value in the earlier run's config (`before`), in Hydra's syntax:
+    `+key=value` adds a key this command's config (`after`) lacks, `~key` removes one the earlier run did not have."""
+    if key not in before:
+        return f"~{key}"
+    name = key if key in after else f"+{key}"
+    if isinstance(before[key], str):
+        return override_arg(name, before[key])
+    return shlex.quote(f"{name}={_as_typed(before[key])}")  # 'kstep.weights=[0.05, 0.25, 0.7]': one word
 
 
 def _as_typed(value) -> str:
