@@ -13,6 +13,7 @@ same way by composing the config once before Hydra runs the job (`preflight.py`)
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -33,6 +34,7 @@ from seedselect_cli.config import (
 )
 from seedselect_cli.entry import COMMANDS, answer_at_once
 from seedselect_cli.errors import SAME_COMMAND, Interrupted, UserError
+from seedselect_cli.files.run_directory import sweep_runs
 from seedselect_cli.interrupt import StopNow, catching_signals, raise_the_stop_again
 from seedselect_cli.job_dir import (
     ActiveMark,
@@ -150,9 +152,15 @@ def generate_main(cfg: DictConfig) -> None:
 @hydra.main(version_base="1.3", config_path="tool_configs", config_name="evaluate")
 def evaluate_main(cfg: DictConfig) -> None:
     from seedselect_cli.evaluate import run_evaluate
+    from seedselect_cli.evaluate_sweep import evaluate_sweep
 
     with user_errors():
-        run_evaluate(load_structured(EvaluateConfig, cfg))
+        config = load_structured(EvaluateConfig, cfg)
+        runs = sweep_runs(Path(config.run_dir).expanduser())
+        if len(runs) > 1:  # a sweep's folder: its runs side by side
+            evaluate_sweep(config, runs)
+        else:  # a run, or a sweep's one run (of shards alone, which share one run directory)
+            run_evaluate(dataclasses.replace(config, run_dir=str(runs[0])) if runs else config)
 
 
 MAINS = {"optimize": optimize_main, "bootstrap": bootstrap_main, "generate": generate_main,

@@ -264,9 +264,10 @@ def readable_references(record) -> list[Image.Image]:
     return images
 
 
-def run_evaluate(cfg: EvaluateConfig) -> dict:
-    """Score the run in `cfg.run_dir` and its baseline; write RUN/report/. Returns metrics.json's content."""
-    from seedselect_cli.report import print_table, write_report
+def run_evaluate(cfg: EvaluateConfig, tables: bool = True) -> dict:
+    """Score the run in `cfg.run_dir` and its baseline; write RUN/report/. Returns metrics.json's content. `tables`:
+    print the tables (else only where the report is: a sweep prints one table of its runs)."""
+    from seedselect_cli.report import print_report_line, print_table, terminal, write_report
 
     check_evaluate(cfg)
     run_dir = Path(cfg.run_dir).expanduser()
@@ -382,7 +383,10 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         metrics["notes"].append(metrics["decoder_ceiling"]["note"])
     with out.writing(run_dir / "report"):
         write_report(run_dir, metrics, entries, references, sets, per_image)
-    print_table(metrics, per_image)
+    if tables:
+        print_table(metrics, per_image)
+    else:
+        print_report_line(metrics, terminal())
     return metrics
 
 

@@ -262,6 +262,17 @@ def marks_line(per_image: list[dict], report: Path) -> str:
             f"{', '.join(counts)}; every image's measures in {report / 'images.jsonl'}")
 
 
+def terminal() -> Console:
+    """rich's console, wide enough for the tables when piped."""
+    return Console(width=None if sys.stdout.isatty() else 160)
+
+
+def print_report_line(metrics: dict, console: Console) -> None:
+    """Where the report is, on a line of its own, never wrapped (in a table's title it broke at the table's width)."""
+    console.print(f"seedselect evaluate: {count_of(metrics['n_images'], 'image')}; report in "
+                  f"{Path(metrics['run_dir']) / 'report'}", markup=False, highlight=False, soft_wrap=True)
+
+
 def print_table(metrics: dict, per_image: list[dict] | None = None) -> None:
     """Two tables, one row per class and kind of image (SeedSelect, plain Stable Diffusion), the first
     `SHOWN_CLASSES` classes and overall: how often the images are the class, then how they sit among held-out real
@@ -270,10 +281,8 @@ def print_table(metrics: dict, per_image: list[dict] | None = None) -> None:
     keys, names = metric_keys(metrics), row_names(metrics.get("made_by"))
     groups = {"accuracy": [k for k in keys if k not in QUALITY_KEYS],
               f"beside real images ({metrics.get('quality_space', 'CLIP')})": [k for k in keys if k in QUALITY_KEYS]}
-    console = Console(width=None if sys.stdout.isatty() else 160)
-    # the report's folder on a line of its own, never wrapped (in a table's title it broke at the table's width)
-    console.print(f"seedselect evaluate: {count_of(metrics['n_images'], 'image')}; report in "
-                  f"{Path(metrics['run_dir']) / 'report'}", markup=False, highlight=False, soft_wrap=True)
+    console = terminal()
+    print_report_line(metrics, console)
     for title, columns in groups.items():
         if not columns:
             continue

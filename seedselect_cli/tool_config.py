@@ -11,7 +11,13 @@ from pathlib import Path
 from seedselect_cli.config import DTYPES, check_device, check_template
 from seedselect_cli.errors import UserError
 from seedselect_cli.files.images import IMAGE_SUFFIXES, WRITTEN_FORMATS, seedselect_metadata
-from seedselect_cli.files.run_directory import check_run_path, run_folder_holding, run_images_of, seed_folder
+from seedselect_cli.files.run_directory import (
+    check_run_path,
+    run_folder_holding,
+    run_images_of,
+    seed_folder,
+    sweep_runs,
+)
 from seedselect_cli.files.seed_files import check_seed_path, seed_files_in
 from seedselect_cli.hub import DIFFUSERS, JUDGE, SD_MODEL, TRANSFORMERS, TWO_TOWER_CLIP, check_location
 from seedselect_cli.limits import DTYPE_NAMES
@@ -169,7 +175,8 @@ def check_evaluate(cfg: EvaluateConfig) -> None:
         check_template("prompt_template", cfg.prompt_template)
     check_redraw_dtype(cfg.runtime.dtype)
     check_device(cfg.runtime.device)
-    check_run_path(Path(cfg.run_dir).expanduser())
+    if not sweep_runs(Path(cfg.run_dir).expanduser()):  # a sweep's folder: each of its runs, checked as it comes
+        check_run_path(Path(cfg.run_dir).expanduser())
     check_location(SD_MODEL, "model", cfg.model, DIFFUSERS, convertible=True)
     check_location(TWO_TOWER_CLIP, "clip", cfg.clip, TRANSFORMERS)
     check_location(JUDGE, "judge.model", cfg.judge.model, TRANSFORMERS)

@@ -453,6 +453,17 @@ def run_images_of(path: Path) -> Path | None:
     return None
 
 
+SWEEP_MARK = "multirun.yaml"  # Hydra writes it at the top of a sweep's folder (`-m`)
+
+
+def sweep_runs(folder: Path) -> list[Path]:
+    """The run directories of a sweep's folder (`-m`: one per swept value, `folder/<overrides>/config.yaml`), by
+    name; [] where `folder` is not a sweep's."""
+    if not (folder / SWEEP_MARK).is_file() or (folder / CONFIG).exists():
+        return []
+    return sorted(p.parent for p in folder.glob(f"*/{CONFIG}") if p.is_file())
+
+
 def check_run_path(run_dir: Path) -> None:
     """`run_dir=` names a run directory (the folder holding its config.yaml): else one line saying what it names
     (a file, a folder inside a run, a sweep's folder of runs) and what to pass instead."""
