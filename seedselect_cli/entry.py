@@ -46,8 +46,11 @@ def answer_at_once(argv: list[str]) -> int | None:
         print(f"seedselect {__version__}")
         return 0
     if argv[0] not in COMMANDS:
-        print(f"error: unknown command {argv[0]!r}: choose one of {', '.join(COMMANDS)} "
-              f"(see `seedselect --help`)", file=sys.stderr)
+        import difflib
+
+        close = difflib.get_close_matches(argv[0].lower(), COMMANDS, n=1)  # `optimise`, as the docs spell the word
+        print(f"error: unknown command {argv[0]!r}: {f'did you mean {close[0]}? ' if close else ''}choose one of "
+              f"{', '.join(COMMANDS)} (see `seedselect --help`)", file=sys.stderr)
         return 2
     return None
 

@@ -137,7 +137,8 @@ def test_help_version_and_an_unknown_command_are_answered_without_importing_torc
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1] == "[0, 0, 0, 2] []"
     assert done.stdout.startswith("usage: seedselect COMMAND") and f"seedselect {seedselect_cli.__version__}\n" in done.stdout
-    assert done.stderr.startswith("error: unknown command 'optimise': choose one of optimize, bootstrap, generate, evaluate")
+    assert done.stderr.startswith("error: unknown command 'optimise': did you mean optimize? choose one of optimize, "
+                                  "bootstrap, generate, evaluate")
 
 
 @pytest.mark.parametrize("command, line", [
