@@ -10,6 +10,7 @@ import pytest
 
 from seedselect_cli.cli import main
 from seedselect_cli.evaluate_sweep import run_labels
+from seedselect_cli.files.run_directory import sweep_runs
 from seedselect_cli.pipeline import run_optimize
 from tests.conftest import make_config
 
@@ -20,6 +21,17 @@ def test_the_run_labels_keep_what_the_sweep_varied():
     assert run_labels(["a-1+b-2", "a-1+b-3", "a-2+b-3"]) == {"a-1+b-2": "a-1+b-2", "a-1+b-3": "a-1+b-3",
                                                              "a-2+b-3": "a-2+b-3"}
     assert run_labels(["seed-0"]) == {"seed-0": "seed-0"}
+
+
+def test_a_sweeps_runs_come_in_the_order_hydra_launched_them(tmp_path):
+    for number, name in ((2, "x-10"), (1, "x-2"), (0, "x-1"), (None, "x-9"), ("zero", "x-0")):
+        (tmp_path / name / ".hydra").mkdir(parents=True)
+        (tmp_path / name / "config.yaml").write_text("seed: 0\n")
+        if number is not None:
+            (tmp_path / name / ".hydra" / "hydra.yaml").write_text(f"hydra:\n  job:\n    num: {number}\n")
+    assert sweep_runs(tmp_path) == []  # no multirun.yaml: not a sweep's folder
+    (tmp_path / "multirun.yaml").write_text("hydra: {}\n")
+    assert [run.name for run in sweep_runs(tmp_path)] == ["x-1", "x-2", "x-10", "x-0", "x-9"]  # unknown: last, by name
 
 
 @pytest.mark.slow

@@ -457,11 +457,22 @@ SWEEP_MARK = "multirun.yaml"  # Hydra writes it at the top of a sweep's folder (
 
 
 def sweep_runs(folder: Path) -> list[Path]:
-    """The run directories of a sweep's folder (`-m`: one per swept value, `folder/<overrides>/config.yaml`), by
-    name; [] where `folder` is not a sweep's."""
+    """The run directories of a sweep's folder (`-m`: one per swept value, `folder/<overrides>/config.yaml`) in the
+    order Hydra launched them (`loss.lam=0.5,1,2,10`, not 10 before 2 as by name); [] where `folder` is not a
+    sweep's."""
     if not (folder / SWEEP_MARK).is_file() or (folder / CONFIG).exists():
         return []
-    return sorted(p.parent for p in folder.glob(f"*/{CONFIG}") if p.is_file())
+    runs = [p.parent for p in folder.glob(f"*/{CONFIG}") if p.is_file()]
+    return sorted(runs, key=lambda run: (_job_number(run), run.name))
+
+
+def _job_number(run: Path) -> float:
+    """Hydra's number of the sweep's job that made `run` (`.hydra/hydra.yaml`: hydra.job.num); unknown: last."""
+    with contextlib.suppress(OSError, yaml.YAMLError, AttributeError, TypeError, KeyError):
+        number = yaml.safe_load((run / ".hydra" / "hydra.yaml").read_text())["hydra"]["job"]["num"]
+        if isinstance(number, int):
+            return number
+    return float("inf")
 
 
 def check_run_path(run_dir: Path) -> None:
