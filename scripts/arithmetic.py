@@ -39,7 +39,8 @@ def count_passes(overrides: list[str], n_images: int, bootstrap: bool = False) -
     # every denoising step recomputed in the backward pass, as `_base` does (the toy world's configs keep theirs;
     # `runtime.memory_budget=auto` among the overrides counts that)
     config = compose_config("toyworld", ["model=tiny", "sampler=toyworld", "dataset.classes=[marsh finch]",
-                                         "runtime.progress=false", "runtime.cache=false", "runtime.memory_budget=0", f"n_images={n_images}",
+                                         "runtime.progress=false", "runtime.cache=false", "runtime.memory_budget=0",
+                                         f"n_images={n_images}",
                                          f"runtime.batch_size={n_images}", f"bootstrap.n_images={n_images}",
                                          *overrides])
     counts: Counter = Counter()

@@ -46,8 +46,8 @@ def evaluate_sweep(cfg: EvaluateConfig, runs: list[Path]) -> dict:
             skipped[run.name] = first_line(exc)
             log.warning("skipping %s: %s", run.name, skipped[run.name])
     if not results:
-        raise UserError(f"run_dir={folder}: none of its {len(runs)} runs can be evaluated "
-                        f"({next(iter(skipped.items()))[0]}: {next(iter(skipped.values()))})")
+        name, why = next(iter(skipped.items()))
+        raise UserError(f"run_dir={folder}: none of its {len(runs)} runs can be evaluated ({name}: {why})")
     labels = run_labels(list(results))
     comparison = {
         "sweep_dir": str(folder),

@@ -116,14 +116,15 @@ def test_a_run_of_stable_diffusions_size_left_to_the_cpu_by_auto_says_so(tmp_pat
 
 
 def test_the_tiny_components_are_refused_at_stable_diffusions_size_on_a_cpu_only():
-    """`model.pretrained=tiny` (not `model=tiny`, which brings `sampler=tiny`) keeps the config's 512 px: one 20-step sample takes 10 minutes on 2
-    cores (their attention over 4096 latent pixels), an image hours. Refused on a CPU from 256 px; their own 32 px
-    and 128 px run, and on a GPU any size does."""
+    """`model.pretrained=tiny` (not `model=tiny`, which brings `sampler=tiny`) keeps the config's 512 px: one
+    20-step sample takes 10 minutes on 2 cores (their attention over 4096 latent pixels), an image hours. Refused on
+    a CPU from 256 px; their own 32 px and 128 px run, and on a GPU any size does."""
     cpu = torch.device("cpu")
     for side in (32, 128):
         devices.check_tiny_size(cpu, side, side, "tiny")
     devices.check_tiny_size(torch.device("cuda"), 512, 512, "tiny")
-    with pytest.raises(UserError, match=r"^model.pretrained=tiny draws 256x256 images here .*take model=tiny, which brings its sampler"):
+    with pytest.raises(UserError, match=r"^model.pretrained=tiny draws 256x256 images here .*take model=tiny, "
+                                        r"which brings its sampler"):
         devices.check_tiny_size(cpu, 256, 256, "tiny")
     with pytest.raises(UserError, match=r"^model.pretrained=tiny_sdxl draws 1024x1024 images"):  # SDXL's shape, as given
         devices.check_tiny_size(cpu, 1024, 1024, "tiny_sdxl")
